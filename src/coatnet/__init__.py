@@ -1,0 +1,10 @@
+"""coatnet: CoAtNet (Dai et al., NeurIPS 2021) in PyTorch, faithful to the paper.
+
+    >>> import coatnet
+    >>> model = coatnet.create_model("coatnet_0", num_classes=10)
+"""
+
+from .models import CoAtNet, CoAtNetConfig, StageConfig, create_model, list_models, load_weights
+
+__version__ = "0.1.0"
+__all__ = ["CoAtNet", "CoAtNetConfig", "StageConfig", "create_model", "list_models", "load_weights", "__version__"]

@@ -1,0 +1,67 @@
+"""Parameter and FLOP counts beside the paper's, built on the ``meta`` device.
+
+On ``meta`` a model has shapes but no storage, so counting CoAtNet-7 (2.4B parameters) costs no
+memory. FLOPs are multiply-adds, the paper's convention, from ``torch.utils.flop_counter``
+(convolutions, matrix products and attention; element-wise work is not counted, as in the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import create_model, model_entry
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, img_size: int | tuple[int, int]) -> int:
+    """Multiply-adds of one forward pass of one image of ``img_size``."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    param = next(model.parameters())
+    x = torch.empty(1, model.config.in_chans, height, width, device=param.device, dtype=param.dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+@dataclass(frozen=True)
+class Complexity:
+    model: str
+    layout: str
+    img_size: int
+    params: int
+    flops: int
+    paper_params: float | None
+    paper_flops: float | None
+
+    @staticmethod
+    def _diff(ours: float, paper: float | None) -> float | None:
+        return None if paper is None else 100.0 * (ours / paper - 1.0)
+
+    @property
+    def params_diff(self) -> float | None:
+        """Percent difference from the paper's parameter count (None where it reports none)."""
+        return self._diff(self.params, self.paper_params)
+
+    @property
+    def flops_diff(self) -> float | None:
+        return self._diff(self.flops, self.paper_flops)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"params_diff_pct": self.params_diff, "flops_diff_pct": self.flops_diff}
+
+
+def measure(name: str, img_size: int | None = None, **kwargs) -> Complexity:
+    """Count ``name`` at ``img_size`` (default: the model's own) on the meta device."""
+    with torch.device("meta"):
+        model = create_model(name, img_size=img_size, **kwargs).eval()
+    size = model.config.img_size[0]
+    paper = model_entry(name).paper
+    return Complexity(name, model.config.layout, size, count_parameters(model), count_flops(model, size),
+                      paper.params, paper.flops.get(size))

@@ -1,0 +1,79 @@
+"""``create_model`` and weight loading: a name from the registry, options, optional weights."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import model_entry
+
+
+def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
+                 in_chans: int | None = None, img_size: int | tuple[int, int] | None = None,
+                 drop_path_rate: float | None = None, **kwargs) -> nn.Module:
+    """Build a registered model, in timm's convention.
+
+    ``num_classes``, ``in_chans``, ``img_size`` and ``drop_path_rate`` default to the
+    configuration's own (1000 classes, 3 channels, 224x224 and the Table 10 rate for the paper's
+    models). Other keyword arguments override configuration fields, e.g.
+    ``downsample_on_depthwise=True`` for the Table 9 variant.
+
+    ``pretrained`` is a local weights file (``.safetensors``, or a ``.pt``/``.pth`` state dict
+    read with ``weights_only=True``); nothing is downloaded. Weights saved at another resolution
+    load with their relative-position tables interpolated; a classifier of another size is
+    dropped with a warning and left freshly initialised (fine-tuning on new classes).
+    """
+    model = model_entry(name).builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                                      drop_path_rate=drop_path_rate, **kwargs)
+    if pretrained is not None:
+        load_weights(model, pretrained)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a ``torch.save``d state dict, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist; give the path of a .safetensors or .pth file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a weights file at all
+        raise ValueError(f"cannot read weights from {str(path)!r} ({type(e).__name__}); "
+                         f"the file is corrupt, truncated or not a weights file") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> nn.Module:
+    """Load weights into ``model`` strictly, naming every mismatched key in a one-line ValueError."""
+    state = dict(source) if isinstance(source, dict) else read_state_dict(source)
+    own = model.state_dict()
+    head = [k for k in state if k.startswith("classifier.")]
+    if head and any(k not in own or own[k].shape != state[k].shape for k in head):
+        warnings.warn(f"classifier weights in the checkpoint do not fit {model.num_classes} classes; "
+                      f"the classifier is left freshly initialised", stacklevel=2)
+        for k in head:
+            del state[k]
+        state.update({k: v for k, v in own.items() if k.startswith("classifier.")})
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    # Relative-position tables of another size are fine (interpolated on load); other shapes are not.
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape
+                   and not (k.endswith("relative_position_table") and own[k].shape[0] == state[k].shape[0]))
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
+                         + "; ".join(parts) + "; check the model name and options the weights were saved with")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,41 @@
+"""The command line: output, JSON, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from coatnet.cli import main
+
+
+def test_info_json(capsys):
+    assert main(["info", "coatnet_0", "coatnet_pico", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["coatnet_0", "coatnet_pico"]
+    r = rows[0]
+    assert r["img_size"] == 224 and r["paper_params"] == 25e6 and r["paper_flops"] == 4.2e9
+    assert abs(r["params_diff_pct"]) < 2 and abs(r["flops_diff_pct"]) < 5
+    assert rows[1]["paper_params"] is None and rows[1]["img_size"] == 32
+
+
+def test_info_table_at_384(capsys):
+    assert main(["info", "coatnet_2", "--img-size", "384"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("coatnet_2"))
+    assert " 384 " in line and "49.80B" in line and "75.00M" in line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["info", "coatnet_99"], "unknown model 'coatnet_99'; known models: coatnet_0"),
+    (["info", "coatnet_0", "--img-size", "100"], "not a multiple of the model's stride 32; use e.g. 128x128"),
+])
+def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "coatnet", "info", "coatnet_pico"], capture_output=True, text=True)
+    assert out.returncode == 0 and "coatnet_pico" in out.stdout

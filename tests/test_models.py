@@ -1,0 +1,289 @@
+"""The building blocks and the network: shapes, Eq. 3, down-sampling, resolution changes, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
+
+import coatnet
+from coatnet.models import load_weights
+from coatnet.models.coatnet import (MBConv, RelativeAttention, TransformerBlock, max_pool_tokens,
+                                    resize_relative_table)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return coatnet.create_model("coatnet_pico", num_classes=10, **kw).eval()
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ValueError, match=r"unknown model 'coatnet_9'.*coatnet_0.*c_c_t_t"):
+        coatnet.create_model("coatnet_9")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="unknown option.*dropout"):
+        coatnet.create_model("coatnet_pico", dropout=0.1)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 64), (48, 80)])
+def test_any_multiple_of_the_stride_works(size):
+    model = tiny()
+    x = torch.randn(2, 3, *size)
+    assert model(x).shape == (2, 10)
+    assert model.forward_features(x).shape == (2, 256, size[0] // 16, size[1] // 16)
+
+
+def test_coatnet_0_full_size_forward_non_square():
+    model = coatnet.create_model("coatnet_0").eval()
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, 224, 160))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    assert model.num_features == 768 and model.config.stride == 32
+
+
+def test_head_interface():
+    model = tiny()
+    feats = model.forward_features(torch.randn(3, 3, 32, 32))
+    assert model.forward_head(feats, pre_logits=True).shape == (3, model.head_hidden_size)
+    model.reset_classifier(5)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5) and model.config.num_classes == 5
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.num_features)
+
+
+def test_pre_logits_layer_of_paper_models():
+    model = coatnet.create_model("coatnet_0", num_classes=7)
+    assert isinstance(model.pre_logits[1], torch.nn.Tanh) and model.classifier.in_features == 768
+
+
+def test_forward_intermediates_are_s1_to_s4():
+    model = tiny()
+    x = torch.randn(2, 3, 64, 32)
+    final, maps = model.forward_intermediates(x)
+    assert [m.shape[1:] for m in maps] == [(32, 32, 16), (64, 16, 8), (128, 8, 4), (256, 4, 2)]
+    assert [model.feature_info[i]["reduction"] for i in model.default_feature_indices()] == [2, 4, 8, 16]
+    torch.testing.assert_close(final, model.forward_features(x))
+    only = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    assert [m.shape[1] for m in only] == [16, 64]
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[9])
+
+
+def test_coatnet_6_intermediates_skip_the_split_stage():
+    with torch.device("meta"):
+        model = coatnet.create_model("coatnet_6")
+    reductions = [model.feature_info[i]["reduction"] for i in model.default_feature_indices()]
+    assert reductions == [4, 8, 16, 32] and model.config.layout == "C-C-C-T-T"
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.randn(3, 32, 32), "expected a 4-D batch"),
+    (torch.randn(1, 1, 3, 32, 32), "expected a 4-D batch"),
+    (torch.randn(1, 1, 32, 32), "expected 3 input channels, got 1"),
+    (torch.randn(1, 3, 40, 32), r"input size 40x32 is not a multiple of the model's stride 16.*48x32"),
+])
+def test_bad_input_raises_clear_value_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny()(bad)
+
+
+def test_bad_img_size_at_build():
+    with pytest.raises(ValueError, match="not a multiple of the model's stride 32; use e.g. 224x224"):
+        coatnet.create_model("coatnet_0", img_size=220)
+
+
+def test_in_chans():
+    model = tiny(in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def _naive_relative_attention(attn: RelativeAttention, x, height, width):
+    """Eq. 3 written out: scores_ij = q_i.k_j / sqrt(d) + P[h, r_i - r_j + H-1, c_i - c_j + W-1]."""
+    b, n, _ = x.shape
+    heads, d = attn.num_heads, attn.head_size
+    q, k, v = attn.qkv(x).view(b, n, 3, heads, d).unbind(2)
+    table = resize_relative_table(attn.relative_position_table, (2 * height - 1, 2 * width - 1))
+    bias = torch.empty(heads, n, n)
+    for i in range(n):
+        for j in range(n):
+            (ri, ci), (rj, cj) = divmod(i, width), divmod(j, width)
+            bias[:, i, j] = table[:, ri - rj + height - 1, ci - cj + width - 1]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(d) + bias
+    y = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(b, n, heads * d)
+    return attn.proj(y)
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (4, 4)])
+def test_relative_attention_matches_eq3(grid):
+    torch.manual_seed(0)
+    attn = RelativeAttention(16, 32, head_size=8, grid_size=grid)
+    torch.nn.init.normal_(attn.relative_position_table)
+    x = torch.randn(2, grid[0] * grid[1], 16)
+    torch.testing.assert_close(attn(x, *grid), _naive_relative_attention(attn, x, *grid), atol=1e-5, rtol=1e-5)
+    # Another grid: the table is interpolated to (2H'-1)x(2W'-1), then used the same way.
+    x = torch.randn(2, 30, 16)
+    torch.testing.assert_close(attn(x, 5, 6), _naive_relative_attention(attn, x, 5, 6), atol=1e-5, rtol=1e-5)
+
+
+def test_tables_are_per_layer_and_per_head():
+    model = tiny()
+    tables = [m.relative_position_table for m in model.modules() if isinstance(m, RelativeAttention)]
+    assert len(tables) == 3  # 2 blocks in S3, 1 in S4: one table each, nothing shared
+    assert len({t.data_ptr() for t in tables}) == 3
+    assert tables[0].shape == (4, 2 * 4 - 1, 2 * 4 - 1) and tables[2].shape == (8, 3, 3)
+
+
+def test_resize_relative_table():
+    table = torch.randn(2, 7, 9)
+    assert resize_relative_table(table, (7, 9)) is table
+    big = resize_relative_table(table, (13, 17))
+    assert big.shape == (2, 13, 17)
+    # align_corners: the zero offset stays at the centre and the extreme offsets at the corners.
+    torch.testing.assert_close(big[:, 6, 8], table[:, 3, 4])
+    torch.testing.assert_close(big[:, 0, 0], table[:, 0, 0])
+    assert torch.allclose(resize_relative_table(torch.full((1, 5, 5), 3.0), (9, 9)), torch.tensor(3.0))
+
+
+def test_inference_bias_is_cached_and_invalidated():
+    torch.manual_seed(0)
+    attn = RelativeAttention(16, 16, head_size=8, grid_size=(4, 4))
+    calls = []
+    original = attn.relative_position_bias
+    attn.relative_position_bias = lambda h, w: calls.append((h, w)) or original(h, w)
+    x = torch.randn(1, 16, 16)
+    with torch.inference_mode():
+        first = attn(x, 4, 4)
+        attn(x, 4, 4)
+    assert calls == [(4, 4)]  # built once, reused
+    with torch.no_grad():
+        attn.relative_position_table.add_(torch.randn(2, 7, 7))  # in place, as an optimizer step updates it
+        changed = attn(x, 4, 4)
+    assert calls == [(4, 4), (4, 4)] and not torch.allclose(first, changed)
+    torch.testing.assert_close(changed, attn(x, 4, 4))  # grad mode: no cache, same numbers
+    assert len(calls) == 3
+
+
+def test_training_after_cached_inference():
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x).sum().backward()  # the cached index must not be an inference tensor
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_forward_at_another_size_equals_model_built_there():
+    """Dynamic resolution and building at a new img_size from saved weights agree (Section 2.1)."""
+    small = tiny()
+    state = small.state_dict()
+    big = coatnet.create_model("coatnet_pico", num_classes=10, img_size=64).eval()
+    big.load_state_dict(state)
+    assert big.stages[2].blocks[0].attn.relative_position_table.shape == (4, 15, 15)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(big(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_file_at_another_resolution(tmp_path):
+    from safetensors.torch import save_file
+
+    small = tiny()
+    save_file(small.state_dict(), tmp_path / "w.safetensors")
+    torch.save(small.state_dict(), tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        big = coatnet.create_model("coatnet_pico", num_classes=10, img_size=96, pretrained=tmp_path / name).eval()
+        x = torch.randn(1, 3, 96, 96)
+        torch.testing.assert_close(big(x), small(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_with_new_classes_drops_the_classifier(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "w.pth")
+    with pytest.warns(UserWarning, match="classifier"):
+        model = coatnet.create_model("coatnet_pico", num_classes=3, pretrained=tmp_path / "w.pth")
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_weights_of_another_model_name_the_keys(tmp_path):
+    torch.save(coatnet.create_model("coatnet_nano").state_dict(), tmp_path / "nano.pth")
+    with pytest.raises(ValueError, match=r"weights do not fit coatnet_pico: .*(missing|unexpected|wrong shape)"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "nano.pth")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_corrupt_weights_file(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="corrupt, truncated or not a weights file"):
+        load_weights(tiny(), path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_weights(tiny(), tmp_path / "missing.safetensors")
+
+
+def test_drop_path_is_linear_over_blocks():
+    model = coatnet.create_model("coatnet_0")
+    rates = [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert len(rates) == 2 + 3 + 5 + 2
+    expected = [0.2 * i / 11 for i in range(12)]
+    assert rates == pytest.approx(expected)
+    assert coatnet.create_model("coatnet_0", drop_path_rate=0.0).config.drop_path_rate == 0.0
+
+
+def test_mbconv_downsampling_eq5_and_table9():
+    block = MBConv(8, 16, stride=2)
+    assert block.residual.expand[0].stride == (2, 2) and block.residual.depthwise[0].stride == (1, 1)
+    assert isinstance(block.residual.norm, torch.nn.BatchNorm2d)  # pre-activation
+    assert isinstance(block.shortcut[0], torch.nn.MaxPool2d) and block.shortcut[1].kernel_size == (1, 1)
+    assert block.residual.expand[0].out_channels == 64  # x4 expansion
+    assert block.residual.se.fc1.out_channels == 4  # SE shrink 0.25
+    dw = MBConv(8, 16, stride=2, stride_on_depthwise=True)
+    assert dw.residual.expand[0].stride == (1, 1) and dw.residual.depthwise[0].stride == (2, 2)
+    x = torch.randn(2, 8, 12, 12)
+    assert block(x).shape == dw(x).shape == (2, 16, 6, 6)
+
+
+def test_max_pool_tokens_is_a_2x2_max_pool():
+    x = torch.randn(2, 6 * 8, 5)
+    grid = x.transpose(1, 2).reshape(2, 5, 6, 8)
+    expected = F.max_pool2d(grid, 2, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(max_pool_tokens(x, 6, 8), expected)
+
+
+def test_transformer_downsampling_eq4():
+    torch.manual_seed(0)
+    block = TransformerBlock(8, 16, head_size=8, grid_size=(2, 2), downsample=True).eval()
+    x = torch.randn(2, 16, 8)
+    pooled = max_pool_tokens(x, 4, 4)
+    y = block.attn(max_pool_tokens(block.attn_norm(x), 4, 4), 2, 2)
+    expected = block.shortcut(pooled) + y
+    expected = expected + block.ffn(block.ffn_norm(expected))
+    torch.testing.assert_close(block(x, 4, 4), expected)
+
+
+def test_layout_shapes_at_224():
+    for name in ("vit_rel", "c_c_c_c", "c_t_t_t"):
+        with torch.device("meta"):
+            model = coatnet.create_model(name)
+            assert model(torch.empty(2, 3, 224, 224)).shape == (2, 1000)
+    assert coatnet.create_model("vit_rel").config.stride == 16
+
+
+def test_config_prints_and_round_trips():
+    config = coatnet.create_model("coatnet_pico").config
+    text = str(config)
+    assert "S3  transformer x2" in text and "C-C-T-T" in text
+    assert coatnet.CoAtNetConfig(**config.to_dict()) == config
+
+
+def test_training_mode_runs_and_drop_path_is_active():
+    model = coatnet.create_model("coatnet_pico", num_classes=10, drop_path_rate=0.5).train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    b = model(x)
+    assert not torch.allclose(a, b)  # stochastic depth draws differ
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
