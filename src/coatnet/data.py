@@ -1,0 +1,521 @@
+"""Data sets and transforms for training CoAtNet image classifiers.
+
+``build_datasets(name, ...)`` returns a :class:`DataBundle` (train/val datasets + class names).
+Every dataset item is ``(float32 tensor (3, img_size, img_size), ImageNet-normalized; int label)``.
+
+All randomness comes from torch's global RNG (torchvision.transforms.v2 draws from it), never from
+python's ``random`` or numpy's global RNG, so a trainer that saves and restores the torch RNG state
+resumes with exactly the same augmentations.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.transforms import v2
+
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Standard ImageNet evaluation crop: resize to img_size / 0.875, centre-crop img_size.
+EVAL_CROP_PCT = 0.875
+# Below this size the eval crop would throw away a large share of an already tiny image.
+_MIN_SIZE_FOR_CROP_PCT = 64
+_MIN_IMG_SIZE = 8
+
+
+class DataError(ValueError):
+    """Bad data input; its message is one line that says what was wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    classes: tuple[str, ...]  # class names, index = label
+    # Files that failed the header check at construction (both splits). Files that only fail when
+    # fully decoded are counted later, per dataset, in ``ImageFolderDataset.skipped_at_load``.
+    skipped_files: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+
+
+def _finish() -> list[v2.Transform]:
+    """Common tail: uint8 image -> normalized float32 plain tensor."""
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),  # plain torch.Tensor, so collate/MixUp see ordinary tensors
+    ]
+
+
+def _augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transform]:
+    ops: list[v2.Transform] = [v2.RandomHorizontalFlip()] if hflip else []
+    if randaugment is not None:
+        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+    return ops
+
+
+def eval_transform(img_size: int) -> v2.Transform:
+    """Deterministic validation transform for a PIL image or uint8 tensor of any size/channels."""
+    _check_img_size(img_size)
+    resize = int(img_size / EVAL_CROP_PCT) if img_size >= _MIN_SIZE_FOR_CROP_PCT else img_size
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),  # grayscale -> 3 channels; the models always expect RGB
+            v2.Resize(resize, antialias=True),  # shorter side; keeps aspect ratio
+            v2.CenterCrop(img_size),
+            *_finish(),
+        ]
+    )
+
+
+def _imagefolder_train_transform(
+    img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+) -> v2.Transform:
+    return v2.Compose(
+        [
+            v2.ToImage(),  # PIL -> uint8 tensor: the ops below run on tensors
+            v2.RGB(),
+            v2.RandomResizedCrop(img_size, antialias=True),
+            *_augment(hflip, randaugment),
+            *_finish(),
+        ]
+    )
+
+
+def _cifar_train_transform(
+    img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+) -> v2.Transform:
+    # The classic CIFAR recipe (pad 4 + random 32x32 crop) runs at the native 32x32, where it is
+    # cheapest; the result is then scaled to img_size, i.e. a shift of up to img_size/8 pixels.
+    resize = [v2.Resize(img_size, antialias=True)] if img_size != 32 else []
+    return v2.Compose(
+        [v2.RandomCrop(32, padding=4), *_augment(hflip, randaugment), *resize, *_finish()]
+    )
+
+
+def _digits_transform(hflip: bool, randaugment: tuple[int, int] | None) -> v2.Transform:
+    # Input is already resized (see _build_digits). 1 -> 3 channels first: RandAugment's colour
+    # ops want RGB.
+    return v2.Compose([v2.RGB(), *_augment(hflip, randaugment), *_finish()])
+
+
+def mixup_cutmix(
+    num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0
+) -> v2.Transform | None:
+    """Batch-level MixUp / CutMix (one of the two picked per batch when both alphas are > 0).
+
+    Call it on ``(images, labels)`` with images (B, C, H, W) and int64 labels (B,); it returns
+    soft labels (B, num_classes). ``None`` when both alphas are 0.
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha}/{cutmix_alpha}")
+    ops: list[v2.Transform] = []
+    if mixup_alpha > 0:
+        ops.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+# --------------------------------------------------------------------------------------------
+# Images on disk
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Fully decode an image file to RGB; any failure becomes a one-line :class:`DataError`."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"cannot read image '{p}': no such file; check the path")
+    try:
+        with Image.open(p) as im:
+            # convert() forces the full decode (so a truncated file fails here, not later in a
+            # transform) and returns a copy that no longer needs the open file handle.
+            return im.convert("RGB")
+    # Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError,
+    # "image file is truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"cannot read image '{p}': not an image file or corrupt ({_one_line(e)}); "
+            "give a JPEG/PNG/... file"
+        ) from None
+
+
+def _header_ok(path: Path) -> bool:
+    """Cheap validity check: PIL identifies the format from the header without decoding pixels."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _is_hidden(name: str) -> bool:
+    # Skip dot-entries such as .ipynb_checkpoints/ or macOS "._x.jpg" resource forks.
+    return name.startswith(".")
+
+
+def _find_classes(split_dir: Path) -> tuple[str, ...]:
+    return tuple(
+        sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+    )
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
+
+    Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning).
+    A file that passes that check but fails to decode later (e.g. a truncated JPEG) is warned
+    about, counted in ``skipped_at_load`` and replaced by the next decodable sample, so training
+    never crashes on one bad file. With DataLoader ``num_workers > 0`` each worker has its own
+    copy of this object, so ``skipped_at_load`` is only updated inside the workers and reads 0 in
+    the main process.
+    """
+
+    def __init__(self, root: Path, classes: tuple[str, ...], transform: Callable):
+        self.root = root
+        self.classes = classes
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.transform = transform
+        self.samples: list[tuple[str, int]] = []
+        self.skipped = 0
+        for cls in classes:
+            # Sorted walk, like ImageFolder, so the sample order is the same on every machine.
+            for dirpath, dirnames, filenames in sorted(os.walk(root / cls, followlinks=True)):
+                dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+                for fname in sorted(filenames):
+                    if _is_hidden(fname) or not has_file_allowed_extension(fname, IMG_EXTENSIONS):
+                        continue  # not an image by name (e.g. .txt): silently not part of the set
+                    path = Path(dirpath) / fname
+                    if _header_ok(path):
+                        self.samples.append((str(path), self.class_to_idx[cls]))
+                    else:
+                        self.skipped += 1
+                        warnings.warn(f"skipping '{path}': not an image file or corrupt", stacklevel=2)
+        self.targets = [label for _, label in self.samples]
+        self._bad_at_load: set[int] = set()
+
+    @property
+    def skipped_at_load(self) -> int:
+        return len(self._bad_at_load)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.samples)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad_at_load:
+                continue
+            path, label = self.samples[i]
+            try:
+                img = load_image(path)
+            except DataError as e:
+                self._bad_at_load.add(i)  # remembered, so each bad file is decoded/warned once
+                warnings.warn(f"skipping at load: {e}", stacklevel=2)
+                continue
+            return self.transform(img), label
+        raise DataError(f"no decodable image left in '{self.root}'; check the data directory")
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory tensor data sets (digits, CIFAR)
+# --------------------------------------------------------------------------------------------
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, C, H, W) held in memory, transformed per item as tensors (no PIL)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
+        assert images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)
+        self.images = images
+        self.labels = labels
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
+
+
+def _build_digits(img_size: int, hflip: bool, randaugment: tuple[int, int] | None) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # 0..16 intensities -> 0..255 uint8, one channel.
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    # Upsample all 1797 images once, here, instead of per sample every epoch (this is the first
+    # and only deterministic op; a whole-image bilinear resize, no crop, because the strokes touch
+    # the 8x8 border). Memory is small: 1797 x img_size^2 bytes (1.8 MB at 32, 90 MB at 224).
+    images = v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BILINEAR)(
+        tv_tensors.Image(torch.from_numpy(images))
+    ).as_subclass(torch.Tensor).numpy()
+    labels = digits.target.astype(np.int64)
+    # Fixed, stratified 80/20 split: identical on every call and machine (seeded numpy RandomState).
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        images, labels, test_size=0.2, stratify=labels, random_state=0
+    )
+    return DataBundle(
+        train=TensorImageDataset(
+            torch.from_numpy(x_tr), torch.from_numpy(y_tr), _digits_transform(hflip, randaugment)
+        ),
+        val=TensorImageDataset(
+            torch.from_numpy(x_va), torch.from_numpy(y_va), _digits_transform(False, None)
+        ),
+        classes=tuple(str(d) for d in range(10)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR (official "python version" pickles)
+# --------------------------------------------------------------------------------------------
+
+
+try:  # numpy >= 2 (and the compatibility shim in late 1.26)
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - older numpy
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays: a pickle can run any callable it names, so
+    everything except what the CIFAR files reference is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,  # files written by numpy 1.x
+        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,  # files written by numpy 2.x
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"refusing to load '{module}.{name}' from a CIFAR pickle (only numpy arrays are "
+                "allowed); use the official files from https://www.cs.toronto.edu/~kriz/cifar.html"
+            ) from None
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except DataError:
+        raise
+    except Exception as e:  # garbage input can fail inside pickle in many ways; all mean "corrupt"
+        raise DataError(
+            f"cannot read CIFAR file '{path}': corrupt or not a pickle ({_one_line(e)}); "
+            "re-download and extract the data set"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"CIFAR file '{path}' does not hold a dict; re-download the data set")
+    return obj
+
+
+_CIFAR = {
+    "cifar10": dict(
+        folder="cifar-10-batches-py",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test=("test_batch",),
+        meta="batches.meta",
+        label_key=b"labels",
+        names_key=b"label_names",
+        archive="cifar-10-python.tar.gz",
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python",
+        train=("train",),
+        test=("test",),
+        meta="meta",
+        label_key=b"fine_labels",
+        names_key=b"fine_label_names",
+        archive="cifar-100-python.tar.gz",
+    ),
+}
+
+
+def _cifar_split(
+    root: Path, files: tuple[str, ...], label_key: bytes, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    datas, labels = [], []
+    for fname in files:
+        d = _load_cifar_pickle(root / fname)
+        data, lab = d.get(b"data"), d.get(label_key)
+        if (
+            not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+            or data.shape[1] != 3 * 32 * 32 or lab is None or len(lab) != len(data)
+        ):
+            raise DataError(
+                f"CIFAR file '{root / fname}' lacks uint8 b'data' (N x 3072) with matching "
+                f"{label_key!r}; re-download the data set"
+            )
+        datas.append(data)
+        labels.append(np.asarray(lab, dtype=np.int64))
+    # concatenate copies into one fresh, writable array (torch.from_numpy needs writable memory).
+    images = np.concatenate(datas).reshape(-1, 3, 32, 32)  # rows are R(1024) G(1024) B(1024)
+    y = np.concatenate(labels)
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"CIFAR labels in '{root}' fall outside 0..{num_classes - 1}; re-download")
+    return torch.from_numpy(images), torch.from_numpy(y)
+
+
+def _build_cifar(
+    name: str, data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+) -> DataBundle:
+    spec = _CIFAR[name]
+    needed = (*spec["train"], *spec["test"], spec["meta"])
+    # Accept the extracted folder itself or its parent.
+    for root in (data_dir, data_dir / spec["folder"]):
+        if all((root / f).is_file() for f in needed):
+            break
+    else:
+        raise DataError(
+            f"{name} files not found in '{data_dir}' or '{data_dir / spec['folder']}' "
+            f"(need {', '.join(needed)}); download {spec['archive']} from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html and extract it there"
+        )
+    names = _load_cifar_pickle(root / spec["meta"]).get(spec["names_key"])
+    if not isinstance(names, (list, tuple)) or not names:
+        raise DataError(f"CIFAR meta file '{root / spec['meta']}' lacks {spec['names_key']!r}")
+    classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+    x_tr, y_tr = _cifar_split(root, spec["train"], spec["label_key"], len(classes))
+    x_va, y_va = _cifar_split(root, spec["test"], spec["label_key"], len(classes))
+    return DataBundle(
+        train=TensorImageDataset(x_tr, y_tr, _cifar_train_transform(img_size, hflip, randaugment)),
+        val=TensorImageDataset(x_va, y_va, eval_transform(img_size)),
+        classes=classes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _check_img_size(img_size: int) -> None:
+    # Divisibility constraints belong to the model; here we only refuse nonsense.
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < _MIN_IMG_SIZE:
+        raise DataError(f"img_size must be an integer >= {_MIN_IMG_SIZE}, got {img_size!r}")
+
+
+def _check_randaugment(randaugment: tuple[int, int] | None) -> None:
+    if randaugment is None:
+        return
+    ok = (
+        isinstance(randaugment, (tuple, list)) and len(randaugment) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in randaugment)
+        and randaugment[0] >= 0 and 0 <= randaugment[1] <= 30  # v2.RandAugment has 31 bins
+    )
+    if not ok:
+        raise DataError(
+            f"randaugment must be (num_ops, magnitude) with num_ops >= 0 and magnitude in 0..30, "
+            f"got {randaugment!r}"
+        )
+
+
+def _build_imagefolder(
+    data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+) -> DataBundle:
+    split_dirs = {s: data_dir / s for s in ("train", "val")}
+    for split, d in split_dirs.items():
+        if not d.is_dir():
+            raise DataError(
+                f"'{data_dir}' has no {split}/ folder; lay out images as "
+                f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg"
+            )
+    classes = _find_classes(split_dirs["train"])
+    val_classes = _find_classes(split_dirs["val"])
+    if not classes:
+        raise DataError(
+            f"empty data directory: '{split_dirs['train']}' has no class folders; "
+            f"put images in {split_dirs['train']}/<class>/"
+        )
+    if val_classes != classes:
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        raise DataError(
+            f"train/ and val/ in '{data_dir}' have different class folders "
+            f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
+        )
+    train = ImageFolderDataset(
+        split_dirs["train"], classes, _imagefolder_train_transform(img_size, hflip, randaugment)
+    )
+    val = ImageFolderDataset(split_dirs["val"], classes, eval_transform(img_size))
+    for split, ds in (("train", train), ("val", val)):
+        if len(ds) == 0:
+            raise DataError(
+                f"empty data directory: no readable images in '{split_dirs[split]}' "
+                f"(looked for {', '.join(IMG_EXTENSIONS)}); put images in "
+                f"{split_dirs[split]}/<class>/"
+            )
+    return DataBundle(train, val, classes, skipped_files=train.skipped + val.skipped)
+
+
+def build_datasets(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    img_size: int = 32,
+    randaugment: tuple[int, int] | None = None,
+    hflip: bool | None = None,
+) -> DataBundle:
+    """Build train/val datasets for ``name`` (one of :data:`DATASETS`).
+
+    ``randaugment`` is ``(num_ops, magnitude)`` for the train split only. ``hflip=None`` means the
+    data set's default: on for imagefolder/CIFAR, off for digits (a mirrored digit is another
+    symbol). ``data_dir`` is ignored for digits (it ships inside scikit-learn).
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    _check_img_size(img_size)
+    _check_randaugment(randaugment)
+    if randaugment is not None:
+        randaugment = (int(randaugment[0]), int(randaugment[1]))
+
+    if key == "digits":
+        return _build_digits(img_size, bool(hflip), randaugment)
+
+    hflip = True if hflip is None else bool(hflip)
+    if data_dir is None:
+        raise DataError(f"data set '{key}' needs a data directory; pass data_dir")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data directory '{root}' does not exist or is not a folder; check the path")
+    if key == "imagefolder":
+        return _build_imagefolder(root, img_size, hflip, randaugment)
+    return _build_cifar(key, root, img_size, hflip, randaugment)
