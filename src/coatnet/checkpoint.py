@@ -48,6 +48,13 @@ class Checkpoint:
         return self.ema_weights if self.ema_weights is not None else self.weights
 
 
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file under a temporary name and rename it: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

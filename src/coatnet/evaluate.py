@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
 from .data import build_datasets, eval_transform, load_image
 from .plots import plot_confusion
 
@@ -87,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
     report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, img_size=img_size,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
                   confusion_matrix=confusion.tolist(), classes=list(data.classes))
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out / "eval.json", json.dumps(report, indent=2))
     plot_confusion(confusion.numpy(), list(data.classes), out / "confusion_matrix.png",
                    title=f"{meta['model']} on {data_name} (top-1 {result['top1']:.2f}%)")
     if args.json:

@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import build_datasets, mixup_cutmix
 from .evaluate import evaluate
 from .models import create_model, load_weights, read_state_dict
@@ -48,6 +48,7 @@ class TrainConfig:
     """Every setting of a run. The defaults are the ``digits`` recipe: a CPU run that needs no flags."""
 
     model: str = "coatnet_pico"
+    model_config: dict | None = None  # overrides of the model's config fields (the layout study's sizes)
     data: str = "digits"
     data_dir: str | None = None
     img_size: int = 32
@@ -285,7 +286,7 @@ def train(args: argparse.Namespace) -> dict:
     # -- model -------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every run
     model = create_model(cfg.model, num_classes=data.num_classes, img_size=cfg.img_size,
-                         drop_path_rate=cfg.drop_path)
+                         drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
     if args.finetune and ckpt is None:
         _load_finetune_weights(model, args.finetune)
     model.to(d.device)
@@ -433,7 +434,7 @@ def train(args: argparse.Namespace) -> dict:
                    train_images=len(data.train), val_images=len(data.val), world_size=d.world_size,
                    device=d.device.type, output_dir=str(run_dir))
     if d.main:
-        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
         print(f"done: top-1 {summary['top1']:.2f}% (best {best_top1:.2f}%), top-5 {summary['top5']:.2f}% on "
               f"{len(data.val)} held-out {cfg.data} images in {summary['wall_seconds']:.0f} s; "
               f"skipped files: {skipped_files}; run directory {run_dir}", flush=True)
@@ -455,15 +456,9 @@ def _plain(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     """metrics.jsonl, one line per epoch, rewritten from the checkpointed history (never out of step)."""
-    _atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -1,0 +1,203 @@
+"""``coatnet study layouts``: the controlled study of Section 2.2 (Figure 1), rerun on your data.
+
+Five layouts of comparable size (VIT_REL, C-C-C-C, C-C-C-T, C-C-T-T, C-T-T-T) train with the same
+budget and no regularisation or augmentation (no stochastic depth, Mixup, label smoothing, weight
+decay or RandAugment), over several seeds. The paper reads two things off the curves: how well a
+layout generalises (eval accuracy for its training loss, in the low-data regime) and how much it
+can fit (training loss on a large data set).
+
+Each run is an ordinary ``coatnet train`` run in ``OUTPUT_DIR/runs/LAYOUT-seedN``. A finished run
+(its ``summary.json`` written) is never redone, and a run cut off half way resumes from its last
+checkpoint, so an interrupted study loses nothing. After each run, ``study.json``, ``study.md``
+and ``study.png`` are rewritten from every finished run.
+
+Sizes. At ``--size paper`` the layouts are the registered ``vit_rel``, ``c_c_c_c``, ... at
+CoAtNet-0's size (24-27M parameters). At ``--size small`` (the default for images of 64 pixels or
+less, e.g. the embedded digits) each has every width divided by 4, head size 16 and its stem stride
+halved, so a 32x32 image goes as deep as a 64x64 one would: 1.5M-1.7M parameters, within 10% of
+each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+from .complexity import count_flops, count_parameters
+from .models import CoAtNet, CoAtNetConfig, create_model
+from .plots import save_figure
+from .train import RECIPES, TrainConfig, train
+
+LAYOUTS = ("vit_rel", "c_c_c_c", "c_c_c_t", "c_c_t_t", "c_t_t_t")
+LABELS = {"vit_rel": "VIT_REL", "c_c_c_c": "C-C-C-C", "c_c_c_t": "C-C-C-T", "c_c_t_t": "C-C-T-T",
+          "c_t_t_t": "C-T-T-T"}
+# Section 2.2: generalisation on ImageNet-1K (300 epochs) and capacity on JFT.
+PAPER_GENERALISATION = "C-C-C-C ~ C-C-C-T >= C-C-T-T > C-T-T-T >> VIT_REL"
+PAPER_CAPACITY = "C-C-T-T ~ C-T-T-T > VIT_REL > C-C-C-T > C-C-C-C"
+# What the study switches off, over whatever recipe it starts from (Section 2.2: "without any
+# regularisation or augmentation").
+NO_REGULARISATION = dict(drop_path=0.0, label_smoothing=0.0, weight_decay=0.0, mixup=0.0, cutmix=0.0,
+                         randaugment=None, ema=0.0)
+
+
+def small_layout(name: str) -> dict:
+    """The config overrides that shrink a registered layout for small images (module docstring)."""
+    with torch.device("meta"):
+        config = create_model(name).config
+    return dict(stem_channels=config.stem_channels // 4, stem_stride=config.stem_stride // 2, head_size=16,
+                head_hidden_size=config.head_hidden_size // 4 if config.head_hidden_size else config.head_hidden_size,
+                stages=[dict(block=s.block, depth=s.depth, channels=s.channels // 4, stride=s.stride)
+                        for s in config.stages])
+
+
+def study_settings(args: argparse.Namespace) -> dict:
+    """The training settings every run of the study shares."""
+    # The digits recipe on the embedded data, else the paper's ImageNet-1K one (Table 10).
+    base = dataclasses.asdict(TrainConfig()) | RECIPES["digits" if args.data == "digits" else "imagenet1k-pretrain"]
+    given = dict(data=args.data, data_dir=args.data_dir, img_size=args.img_size, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, device=args.device)
+    settings = base | {k: v for k, v in given.items() if v is not None} | NO_REGULARISATION
+    if args.data == "digits" and args.epochs is None:
+        settings["epochs"] = 12  # the whole default study (15 runs) fits in 30 minutes on 2 CPU cores
+    size = args.size or ("small" if settings["img_size"] <= 64 else "paper")
+    settings.pop("model")
+    return dict(settings, size=size)
+
+
+def _layout_names(text: str | None) -> list[str]:
+    if text is None:
+        return list(LAYOUTS)
+    names = [n.strip().lower().replace("-", "_") for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown or not names:
+        raise ValueError(f"unknown layout(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(LAYOUTS)}")
+    return names
+
+
+def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
+    """Train (or finish, or read back) one layout at one seed; returns its record for study.json."""
+    overrides = small_layout(name) if settings["size"] == "small" else None
+    if not (run_dir / "summary.json").exists():
+        train_settings = {k: v for k, v in settings.items() if k != "size"}
+        args = argparse.Namespace(**{f.name: None for f in dataclasses.fields(TrainConfig)})
+        vars(args).update(train_settings, model=name, model_config=overrides, seed=seed, recipe="digits",
+                          finetune=None, output_dir=str(run_dir),
+                          resume="auto" if (run_dir / "last").exists() else None)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train(args)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with torch.device("meta"):  # the network exactly as trained, counted without its weights
+        model = CoAtNet(CoAtNetConfig(**json.loads((run_dir / "last" / "config.json").read_text())["config"])).eval()
+    return dict(layout=LABELS[name], model=name, seed=seed, params=count_parameters(model),
+                flops=count_flops(model, settings["img_size"]),
+                train_loss=summary["train_loss"], top1=summary["top1"], wall_seconds=summary["wall_seconds"],
+                curves=dict(epoch=[h["epoch"] for h in history], train_loss=[h["train_loss"] for h in history],
+                            eval_loss=[h["eval_loss"] for h in history], top1=[h["top1"] for h in history]))
+
+
+def run_layout_study(args: argparse.Namespace) -> int:
+    names = _layout_names(args.layouts)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    settings = study_settings(args)
+    out = Path(args.output_dir)
+    previous = out / "study.json"
+    if previous.exists():
+        before = json.loads(previous.read_text())["settings"]
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds a study run with other settings ({', '.join(changed)}); "
+                             f"rerun with the same flags to finish it, or choose another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, seed) for seed in range(args.seeds) for name in names]
+    records = []
+    with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True) as bar:
+        for name, seed in bar:
+            bar.set_postfix_str(f"{LABELS[name]} seed {seed}")
+            records.append(run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}"))
+            write_study(out, settings, records)
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'} and {out / 'study.png'}")
+    print((out / "study.md").read_text())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _spread(values: list[float]) -> dict:
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                min=min(values), max=max(values), n=len(values))
+
+
+def summarise(records: list[dict]) -> dict:
+    by_layout: dict[str, list[dict]] = {}
+    for r in records:
+        by_layout.setdefault(r["layout"], []).append(r)
+    return {layout: dict(params=rs[0]["params"], flops=rs[0]["flops"], top1=_spread([r["top1"] for r in rs]),
+                         train_loss=_spread([r["train_loss"] for r in rs]))
+            for layout, rs in by_layout.items()}
+
+
+def write_study(out: Path, settings: dict, records: list[dict]) -> None:
+    summary = summarise(records)
+    by_top1 = sorted(summary, key=lambda k: -summary[k]["top1"]["mean"])
+    by_loss = sorted(summary, key=lambda k: summary[k]["train_loss"]["mean"])
+    study = dict(settings=settings, paper=dict(generalisation=PAPER_GENERALISATION, capacity=PAPER_CAPACITY),
+                 ordering=dict(eval_top1=by_top1, train_loss=by_loss), summary=summary, runs=records)
+    atomic_write(out / "study.json", json.dumps(study, indent=2))
+    atomic_write(out / "study.md", study_markdown(settings, summary, by_top1, by_loss))
+    plot_study(records, out / "study.png")
+
+
+def study_markdown(settings: dict, summary: dict, by_top1: list[str], by_loss: list[str]) -> str:
+    seeds = max(s["top1"]["n"] for s in summary.values())
+    lines = [f"Layout study on {settings['data']} at {settings['img_size']} px ({settings['size']} layouts), "
+             f"{settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']}, no regularisation "
+             f"or augmentation; {seeds} seed(s). Mean ± standard deviation over seeds [min, max].", "",
+             "| layout | params | FLOPs | eval top-1 (%) | final train loss |", "|---|---:|---:|---:|---:|"]
+    for layout in by_top1:
+        s = summary[layout]
+        t, l = s["top1"], s["train_loss"]
+        lines.append(f"| {layout} | {s['params'] / 1e6:.2f}M | {s['flops'] / 1e6:.1f}M | "
+                     f"{t['mean']:.2f} ± {t['std']:.2f} [{t['min']:.2f}, {t['max']:.2f}] | "
+                     f"{l['mean']:.4f} ± {l['std']:.4f} [{l['min']:.4f}, {l['max']:.4f}] |")
+    lines += ["", "| ordering | this study | the paper (Section 2.2) |", "|---|---|---|",
+              f"| by eval top-1 (generalisation) | {' > '.join(by_top1)} | {PAPER_GENERALISATION} |",
+              f"| by train loss, lowest first (capacity) | {' > '.join(by_loss)} | {PAPER_CAPACITY} (on JFT) |", ""]
+    return "\n".join(lines)
+
+
+def plot_study(records: list[dict], path: Path) -> None:
+    """Figure 1's two panels: training loss and eval accuracy per layout over training (mean over
+    seeds, the band spans min to max)."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    layouts = [LABELS[n] for n in LAYOUTS if any(r["layout"] == LABELS[n] for r in records)]
+    for layout in layouts:
+        runs = [r["curves"] for r in records if r["layout"] == layout]
+        epochs = runs[0]["epoch"]
+        for ax, key in ((loss_ax, "train_loss"), (acc_ax, "top1")):
+            per_epoch = list(zip(*(c[key] for c in runs)))
+            line, = ax.plot(epochs, [statistics.fmean(v) for v in per_epoch], marker="o", ms=3, label=layout)
+            ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
+                            color=line.get_color(), alpha=0.15)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
+    acc_ax.set(xlabel="epoch", ylabel="eval top-1 (%)", title="eval accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+

@@ -1,0 +1,82 @@
+"""`coatnet study layouts` end to end with the small layouts, one epoch at 16x16."""
+
+import json
+
+import pytest
+
+import coatnet.study as study
+from coatnet.cli import main
+
+ARGS = ["study", "layouts", "--img-size", "16", "--epochs", "1", "--batch-size", "128", "--seeds", "1"]
+
+
+def test_small_layouts_are_comparable():
+    from coatnet.complexity import count_parameters
+    from coatnet.models import create_model
+
+    params = {name: count_parameters(create_model(name, img_size=32, num_classes=10, **study.small_layout(name)))
+              for name in study.LAYOUTS}
+    assert max(params.values()) < 1.1 * min(params.values()), params
+    assert all(1.4e6 < p < 1.8e6 for p in params.values()), params
+
+
+def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    calls = []
+    real_train = study.train
+
+    def counting_train(args):
+        calls.append((args.model, args.resume))
+        if len(calls) == 3 and not counted_only:
+            raise KeyboardInterrupt  # the user stops the study during its third run
+        return real_train(args)
+
+    monkeypatch.setattr(study, "train", counting_train)
+    counted_only = False
+    assert main([*ARGS, "--output-dir", str(out)]) == 130
+    first = json.loads((out / "study.json").read_text())
+    assert [r["model"] for r in first["runs"]] == ["vit_rel", "c_c_c_c"]  # each finished run written at once
+
+    # A run cut off after its checkpoint but before its summary is finished from the checkpoint.
+    (out / "runs" / "c_c_c_c-seed0" / "summary.json").unlink()
+    calls.clear()
+    counted_only = True
+    assert main([*ARGS, "--output-dir", str(out)]) == 0
+    assert calls == [("c_c_c_c", "auto"), ("c_c_c_t", None), ("c_c_t_t", None), ("c_t_t_t", None)]
+
+    result = json.loads((out / "study.json").read_text())
+    assert [r["layout"] for r in result["runs"]] == ["VIT_REL", "C-C-C-C", "C-C-C-T", "C-C-T-T", "C-T-T-T"]
+    assert result["runs"][0] == first["runs"][0]
+    for r in result["runs"]:
+        assert r["params"] > 1e6 and r["flops"] > 1e6 and 0 <= r["top1"] <= 100 and r["train_loss"] > 0
+        assert r["curves"]["epoch"] == [1] and len(r["curves"]["top1"]) == 1
+    s = result["settings"]
+    assert s["size"] == "small" and s["drop_path"] == s["label_smoothing"] == s["mixup"] == s["weight_decay"] == 0
+    assert s["randaugment"] is None
+    assert set(result["summary"]) == {"VIT_REL", "C-C-C-C", "C-C-C-T", "C-C-T-T", "C-T-T-T"}
+    assert sorted(result["ordering"]["eval_top1"]) == sorted(result["summary"])
+    assert result["paper"]["generalisation"] == "C-C-C-C ~ C-C-C-T >= C-C-T-T > C-T-T-T >> VIT_REL"
+    md = (out / "study.md").read_text()
+    assert "| C-T-T-T |" in md and "by eval top-1" in md and result["paper"]["capacity"] in md
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Everything done: a rerun trains nothing.
+    calls.clear()
+    assert main([*ARGS, "--output-dir", str(out)]) == 0
+    assert calls == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layouts", "c_c_c_c,t_t_t_t"], "unknown layout(s) t_t_t_t"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+])
+def test_bad_input(tmp_path, capsys, argv, message):
+    assert main([*ARGS, *argv, "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_other_settings_in_the_same_directory_are_refused(tmp_path, capsys):
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(tmp_path)]) == 0
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--lr", "0.01", "--output-dir", str(tmp_path)]) == 2
+    assert "other settings (lr)" in capsys.readouterr().err
