@@ -48,7 +48,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: each model's own)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model (no flags: coatnet_pico on the embedded digits, on the CPU)",
+                       description="Train with the paper's recipe (Table 10). Flags override the --recipe's "
+                                   "values; when resuming, they override the resumed run's settings.")
+    p.add_argument("--recipe", default="digits", choices=["digits", "imagenet1k-pretrain", "imagenet1k-finetune"],
+                   help="preset of all settings (default: digits, a CPU run on the embedded digits)")
+    p.add_argument("--model", default=None, help="model name (see `coatnet info`)")
+    p.add_argument("--data", default=None, help="digits, imagefolder, cifar10 or cifar100")
+    p.add_argument("--data-dir", default=None, help="folder of an imagefolder (train/, val/) or CIFAR data set")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay")
+    p.add_argument("--warmup-steps", type=int, default=None, help="steps of linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
+    p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M", help="RandAugment layers,magnitude")
+    p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (0: off)")
+    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--output-dir", default=None, help="run directory (default: runs/DATE-TIME-MODEL-DATA)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue a run: its checkpoint or run directory (default: --output-dir)")
+    p.add_argument("--finetune", default=None, metavar="CHECKPOINT",
+                   help="start from these weights (checkpoint directory or weights file); tables are interpolated "
+                        "to --img-size, a classifier of another size is replaced")
+    p.set_defaults(func=lambda args: _lazy("train", "run_train")(args))
+
+    p = sub.add_parser("eval", help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN_DIR/best, RUN_DIR/last) or run directory")
+    p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None, help="folder of an imagefolder or CIFAR data set")
+    p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and eval.json go "
+                                                      "(default: RUN_DIR/eval-CHECKPOINT-DATA)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=lambda args: _lazy("evaluate", "run_eval")(args))
+
+    p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=lambda args: _lazy("evaluate", "run_predict")(args))
+
+    p = sub.add_parser("bench", help="time inference and a training step, side by side with timm")
+    p.add_argument("--model", default="coatnet_0")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
+    p.add_argument("--compare", choices=["timm"], default=None, help="also time timm's matching model")
+    p.add_argument("--compile", action="store_true", help="add torch.compile lines")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=lambda args: _lazy("bench", "run_bench")(args))
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint or save_pretrained folder")
+    # Checked by coatnet.export, so that a wrong format is a one-line error like any other.
+    p.add_argument("--format", required=True, help="onnx, torchscript or exported")
+    p.add_argument("--output", required=True, help="file to write")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")
+    p.add_argument("--dynamic-batch", action="store_true", help="let the exported graph take any batch size")
+    p.set_defaults(func=lambda args: _lazy("export", "run_export")(args))
+
+    p = sub.add_parser("convert-timm", help="convert a timm CoAtNet state dict into a save_pretrained folder")
+    p.add_argument("source", metavar="SRC", help="timm weights: .safetensors or .pth")
+    p.add_argument("--model", required=True, help="our name of the matching configuration")
+    p.add_argument("--output", required=True, help="folder to write (config.json, model.safetensors)")
+    p.set_defaults(func=lambda args: _lazy("models.timm_convert", "run_convert")(args))
+
+    p = sub.add_parser("study", help="the paper's controlled studies")
+    study = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    p = study.add_parser("layouts", help="Section 2.2 / Figure 1: the five layouts, same budget, no regularisation")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--layouts", default=None, help="comma-separated subset (default: all five)")
+    p.add_argument("--size", choices=["small", "paper"], default=None,
+                   help="small: widths / 4 for small images; paper: CoAtNet-0's size (default: small up to 64 px)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output-dir", default="study-layouts")
+    p.set_defaults(func=lambda args: _lazy("study", "run_layout_study")(args))
     return parser
+
+
+def _randaugment(text: str):
+    from .train import parse_randaugment
+
+    return parse_randaugment(text)
+
+
+def _lazy(module: str, name: str):
+    """Import a subcommand's module only when it runs, so `coatnet info` starts fast."""
+    import importlib
+
+    return getattr(importlib.import_module(f"coatnet.{module}"), name)
 
 
 def main(argv: list[str] | None = None) -> int:

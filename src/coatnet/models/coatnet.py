@@ -5,23 +5,28 @@ Dai, Liu, Le, Tan. "CoAtNet: Marrying Convolution and Attention for All Data Siz
 
 The file reads top to bottom: configuration dataclasses, the building blocks (S0 stem, MBConv,
 relative attention, Transformer block), the network, then the named configurations: CoAtNet-0..7
-(Tables 3, 11, 12), the five layouts of the controlled study (Section 2.2) and two small models
-of ours for CPU work on small images.
+(Tables 3, 11, 12), the five layouts of the controlled study (Section 2.2), two small models
+of ours for CPU work on small images, and timm's "rw" variants, for the ImageNet weights timm
+publishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, SqueezeExcitation, StochasticDepth
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+from .pretrained import save_pretrained
 from .registry import PaperFigures, register_model
 
 __all__ = ["StageConfig", "CoAtNetConfig", "CoAtNet", "MBConv", "RelativeAttention", "TransformerBlock"]
@@ -70,14 +75,41 @@ class CoAtNetConfig:
     num_classes: int = 1000
     in_chans: int = 3
     img_size: tuple[int, int] = (224, 224)
+    # Where timm's "rw" variants (the coatnet_*_rw configurations below, whose ImageNet weights
+    # timm publishes) depart from the paper. Every default is the paper's.
+    stem_mid_channels: int | None = None  # width of the stem's first conv (default: stem_channels)
+    stem_bias: bool = True  # bias on the stem's second conv
+    activation: Literal["gelu", "silu"] = "gelu"  # in the stem and MBConv; the FFN keeps GELU
+    # "input": MBConv's hidden width is expand_ratio x its input width (SE squeeze: se_ratio x the
+    # hidden width) and attention runs at the input width, its output projection widening.
+    expand_from: Literal["output", "input"] = "output"
+    mbconv_pre_norm_act: bool = False  # activation after MBConv's pre-norm BatchNorm
+    downsample_by_pool: bool = False  # MBConv strides by a 2x2 average pool before the expansion
+    se_activation: Literal["gelu", "silu", "relu"] = "gelu"
+    se_before_norm: bool = False  # SE on the depthwise conv's output, before its BatchNorm
+    mbconv_output_bias: bool = True  # bias on MBConv's projection and shortcut 1x1 convs
+    pool: Literal["max", "avg", "max3x3"] = "max"  # Pool of Eq. 4, 5: 2x2 max, 2x2 average, 3x3 max
+    transformer_shortcut_bias: bool = True  # bias on the Proj of Eq. 4
+    relative_position: Literal["table", "mlp"] = "table"  # "mlp": an MLP of the offset gives w_{i-j}
+    relative_position_mlp_width: int = 512
+    layer_scale_init: float | None = None  # learnt per-channel scale on Transformer branches
+    transformer_norm: Literal["layernorm", "batchnorm"] = "layernorm"  # in Transformer blocks, head
+    norm_eps: float = 1e-5  # of the Transformer blocks' and the head's norms
+    head_norm_before_pool: bool = False  # normalise the last feature map, then pool
 
     def __post_init__(self) -> None:
         img = self.img_size
         img = (img, img) if isinstance(img, int) else tuple(img)
         object.__setattr__(self, "img_size", img)
         object.__setattr__(self, "stages", tuple(StageConfig(**s) if isinstance(s, dict) else s for s in self.stages))
-        if self.stem not in ("conv", "patch"):
-            raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
+        choices = {"stem": ("conv", "patch"), "activation": ("gelu", "silu"), "expand_from": ("output", "input"),
+                   "se_activation": ("gelu", "silu", "relu"), "pool": ("max", "avg", "max3x3"),
+                   "relative_position": ("table", "mlp"), "transformer_norm": ("layernorm", "batchnorm")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if self.downsample_on_depthwise and self.downsample_by_pool:
+            raise ValueError("downsample_on_depthwise and downsample_by_pool exclude each other: MBConv strides once")
         for s in self.stages:
             if s.block not in ("mbconv", "transformer"):
                 raise ValueError(f"stage block must be 'mbconv' or 'transformer', got {s.block!r}")
@@ -119,7 +151,9 @@ class CoAtNetConfig:
         for i, s in enumerate(self.stages, 1):
             rows.append(f"  S{i}  {s.block:<11} x{s.depth:<2} {s.channels:>5} ch  stride {s.stride}")
         head = f"pre-logits {self.head_hidden_size} + " if self.head_hidden_size else ""
-        rows.append(f"  head  avg-pool + LayerNorm + {head}linear {self.num_classes}")
+        norm = "LayerNorm" if self.transformer_norm == "layernorm" else "BatchNorm"
+        pool_norm = f"{norm} + avg-pool" if self.head_norm_before_pool else f"avg-pool + {norm}"
+        rows.append(f"  head  {pool_norm} + {head}linear {self.num_classes}")
         return "\n".join(rows)
 
 
@@ -128,21 +162,107 @@ class CoAtNetConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def conv_bn_gelu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    """Conv -> BatchNorm -> GELU, the post-activation unit inside the stem and MBConv."""
-    return Conv2dNormActivation(in_channels, out_channels, kernel_size, stride=stride, groups=groups,
-                                norm_layer=nn.BatchNorm2d, activation_layer=nn.GELU, inplace=None)
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
 
 
-def conv_stem(in_chans: int, channels: int, stride: int) -> nn.Sequential:
+# Fast paths. At inference (autograd off, eager PyTorch) some modules take shortcuts that compute
+# the same function with fewer passes over memory: BatchNorm folded into the conv before it, the
+# activation fused into that conv, squeeze-excitation scaling in place. With autograd on
+# (training, or gradients of an eval-mode model) and under tracing, torch.compile or torch.export,
+# they run their plain layers. tests/test_fast_paths.py checks that both agree to 1e-5.
+
+
+def eager_inference() -> bool:
+    """Autograd off, in plain eager execution: where the inference fast paths may run."""
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def tensor_versions(*tensors: Tensor) -> tuple:
+    """The key of a cache derived from ``tensors``: it changes when one of them is updated in place
+    (optimizer step, ``load_state_dict``: ``_version``) or moved (``.to()``: ``data_ptr``)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of the one conv that computes ``norm(conv(x))`` with the norm's running statistics.
+
+    With fixed statistics BatchNorm is a per-channel affine map, ``x * scale + shift``, so it folds
+    into the conv's weight and bias: the same function, up to float rounding.
+    """
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return conv.weight * scale.view(-1, 1, 1, 1), shift
+
+
+# oneDNN's post-op for each activation; algorithm "none" is the exact (erf) GELU, the paper's.
+_ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "silu": ("swish", ""), "relu": ("relu", "")}
+_ONEDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv -> BatchNorm -> activation (GELU in the paper), the post-activation unit inside the stem and MBConv.
+
+    Layers and state dict as torchvision's ``Conv2dNormActivation``: ``0`` the conv (no bias), ``1``
+    the norm, ``2`` the activation. At eager inference in eval mode the norm is folded into the conv
+    (the folded weights are kept until a parameter or statistic changes), and on CPU the activation
+    runs as a post-op of the same oneDNN convolution, the kernel PyTorch's own compiler emits for
+    this pattern: the output is written once instead of three times. That matters most for the
+    widest tensor, MBConv's hidden one in S1 (38 MB at batch 8 and 224x224).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 activation: str = "gelu"):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
+                                   groups=groups, bias=False),
+                         nn.BatchNorm2d(out_channels), ACTIVATIONS[activation]())
+        self.activation = activation
+        self._folded: tuple[tuple, tuple[Tensor, Tensor]] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or not eager_inference():
+            return super().forward(x)
+        conv, norm, act = self
+        key = tensor_versions(conv.weight, *norm.parameters(), *norm.buffers())
+        if self._folded is None or self._folded[0] != key:
+            self._folded = key, fold_batch_norm(conv, norm)
+        weight, bias = self._folded[1]
+        if _ONEDNN_CONV and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+            post_op, algorithm = _ONEDNN_POST_OPS[self.activation]
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, conv.dilation,
+                                                           conv.groups, post_op, [], algorithm)
+        return act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+
+class SqueezeExcite(SqueezeExcitation):
+    """torchvision's squeeze-excitation, ``x * sigmoid(fc2(act(fc1(mean(x)))))``, scaling ``x`` in
+    place at eager inference: in MBConv its input is a fresh intermediate, the block's widest
+    tensor, so the copy is saved."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mul_(self._scale(x)) if eager_inference() else super().forward(x)
+
+
+def conv_stem(in_chans: int, channels: int, stride: int, mid_channels: int | None = None,
+              activation: str = "gelu", bias: bool = True) -> nn.Sequential:
     """S0: a 2-layer convolutional stem, 3x3 with ``stride`` then 3x3 (Section 2.2).
 
     Its output enters the residual stream un-normalized: every block after it is pre-norm.
+    timm's rw variants make the first conv narrower (``mid_channels``) and drop the last bias.
     """
+    mid_channels = mid_channels or channels
     return nn.Sequential(
-        conv_bn_gelu(in_chans, channels, 3, stride=stride),
-        nn.Conv2d(channels, channels, 3, padding=1),
+        ConvBNAct(in_chans, mid_channels, 3, stride=stride, activation=activation),
+        nn.Conv2d(mid_channels, channels, 3, padding=1, bias=bias),
     )
+
+
+def pool_2d(pool: str) -> nn.Module:
+    """The Pool of Eq. 4 and 5, stride 2: "max" 2x2 (the paper), "avg" 2x2 or "max3x3" (timm's rw variants)."""
+    if pool == "max3x3":
+        return nn.MaxPool2d(3, 2, padding=1)
+    return nn.MaxPool2d(2, 2) if pool == "max" else nn.AvgPool2d(2, 2)
 
 
 class MBConv(nn.Module):
@@ -153,41 +273,74 @@ class MBConv(nn.Module):
     With ``stride=2`` (Eq. 5): ``x <- Proj(Pool(x)) + Conv(DepthConv(Conv(Norm(x), stride=2)))``,
     the stride on the first 1x1 conv; ``stride_on_depthwise`` moves it to the depthwise conv
     (the Table 9 variant).
+
+    The keyword-only options reproduce timm's rw variants (see :class:`CoAtNetConfig`): another
+    ``activation``, an activated pre-norm, the expansion taken from the input width, the stride
+    taken by a 2x2 average pool before the expansion, SE before the depthwise BatchNorm, no bias
+    on the 1x1 output convs, another ``pool`` on the shortcut.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, expand_ratio: int = 4,
-                 se_ratio: float = 0.25, stride_on_depthwise: bool = False, drop_path: float = 0.0):
+                 se_ratio: float = 0.25, stride_on_depthwise: bool = False, drop_path: float = 0.0, *,
+                 activation: str = "gelu", pre_norm_act: bool = False, expand_from_input: bool = False,
+                 stride_by_pool: bool = False, se_activation: str = "gelu", se_before_norm: bool = False,
+                 output_bias: bool = True, pool: str = "max"):
         super().__init__()
-        hidden = out_channels * expand_ratio
-        self.shortcut = _shortcut_2d(in_channels, out_channels, stride)
-        expand_stride, depthwise_stride = (1, stride) if stride_on_depthwise else (stride, 1)
-        self.residual = nn.Sequential(OrderedDict(
-            norm=nn.BatchNorm2d(in_channels),
-            expand=conv_bn_gelu(in_channels, hidden, 1, stride=expand_stride),
-            depthwise=conv_bn_gelu(hidden, hidden, 3, stride=depthwise_stride, groups=hidden),
-            se=SqueezeExcitation(hidden, max(1, int(out_channels * se_ratio)), activation=nn.GELU),
-            project=nn.Conv2d(hidden, out_channels, 1),
-        ))
+        hidden = (in_channels if expand_from_input else out_channels) * expand_ratio
+        squeeze = max(1, int((hidden if expand_from_input else out_channels) * se_ratio))
+        self.shortcut = _shortcut_2d(in_channels, out_channels, stride, pool, output_bias)
+        expand_stride = 1 if stride_by_pool or stride_on_depthwise else stride
+        depthwise_stride = stride if stride_on_depthwise else 1
+        layers = [("norm", nn.BatchNorm2d(in_channels))]
+        if pre_norm_act:
+            layers.append(("act", ACTIVATIONS[activation]()))
+        if stride > 1 and stride_by_pool:  # timm averages here, whichever pool its shortcut uses
+            layers.append(("pool", nn.AvgPool2d(stride)))
+        layers.append(("expand", ConvBNAct(in_channels, hidden, 1, stride=expand_stride, activation=activation)))
+        se = SqueezeExcite(hidden, squeeze, activation=ACTIVATIONS[se_activation])
+        if se_before_norm:
+            depthwise = nn.Conv2d(hidden, hidden, 3, depthwise_stride, padding=1, groups=hidden, bias=False)
+            layers += [("depthwise", depthwise), ("se", se),
+                       ("depthwise_norm", nn.Sequential(nn.BatchNorm2d(hidden), ACTIVATIONS[activation]()))]
+        else:
+            layers += [("depthwise", ConvBNAct(hidden, hidden, 3, depthwise_stride, hidden, activation)), ("se", se)]
+        layers.append(("project", nn.Conv2d(hidden, out_channels, 1, bias=output_bias)))
+        self.residual = nn.Sequential(OrderedDict(layers))
         self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.shortcut(x) + self.drop_path(self.residual(x))
 
 
-def _shortcut_2d(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+def _shortcut_2d(in_channels: int, out_channels: int, stride: int, pool: str = "max", bias: bool = True) -> nn.Module:
     """The identity branch: Proj(Pool(x)) when the block down-samples or changes width (A.1)."""
     layers = []
     if stride > 1:
-        layers.append(nn.MaxPool2d(stride, stride))
+        layers.append(pool_2d(pool))
     if in_channels != out_channels:
-        layers.append(nn.Conv2d(in_channels, out_channels, 1))
+        layers.append(nn.Conv2d(in_channels, out_channels, 1, bias=bias))
     return nn.Sequential(*layers) if layers else nn.Identity()
 
 
 def max_pool_tokens(x: Tensor, height: int, width: int) -> Tensor:
-    """2x2 max-pool, stride 2, of a (B, H*W, C) token sequence laid out row by row."""
+    """2x2 max-pool, stride 2, of a (B, H*W, C) token sequence laid out row by row.
+
+    The tokens are an NCHW map in channels-last memory, without a copy; its pooling kernel is ~10x
+    faster than a max over a 6-D view of the tokens.
+    """
     b, _, c = x.shape
-    return x.reshape(b, height // 2, 2, width // 2, 2, c).amax(dim=(2, 4)).reshape(b, -1, c)
+    return F.max_pool2d(x.transpose(1, 2).reshape(b, c, height, width), 2).flatten(2).transpose(1, 2)
+
+
+def pool_tokens(x: Tensor, height: int, width: int, pool: str = "max") -> Tensor:
+    """:func:`pool_2d`'s Pool, stride 2, on a (B, H*W, C) token sequence laid out row by row."""
+    if pool == "max":
+        return max_pool_tokens(x, height, width)
+    b, _, c = x.shape
+    if pool == "avg":
+        return x.reshape(b, height // 2, 2, width // 2, 2, c).mean(dim=(2, 4)).reshape(b, -1, c)
+    grid = x.transpose(1, 2).reshape(b, c, height, width)
+    return F.max_pool2d(grid, 3, 2, padding=1).flatten(2).transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -212,6 +365,14 @@ def resize_relative_table(table: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(table.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=True)[0].to(table.dtype)
 
 
+def log_relative_offsets(height: int, width: int, device: torch.device) -> Tensor:
+    """(2H-1, 2W-1, 2): every offset (dr, dc) of an H x W grid, log-spaced as sign(d) log(1 + |d|)."""
+    dr = torch.arange(-(height - 1), height, device=device, dtype=torch.float32)
+    dc = torch.arange(-(width - 1), width, device=device, dtype=torch.float32)
+    offsets = torch.stack(torch.meshgrid(dr, dc, indexing="ij"), dim=-1)
+    return offsets.sign() * offsets.abs().log1p()
+
+
 class RelativeAttention(nn.Module):
     """Multi-head self-attention with a pre-softmax relative position bias (Eq. 3).
 
@@ -221,30 +382,57 @@ class RelativeAttention(nn.Module):
     For a grid other than ``grid_size`` the table is bilinearly interpolated, and a state dict
     saved at another size is interpolated on load. Without autograd (inference), the gathered
     (heads, N, N) bias is cached per grid size and rebuilt only when the table changes.
+
+    Two departures serve timm's rw variants. ``relative_position="mlp"`` (the rmlp variants, after
+    Swin-V2) computes the table instead of storing it: a 2-layer ReLU MLP maps each log-spaced
+    offset to one w per head, so any grid gets its bias without interpolation. ``attention_dim``
+    (default ``out_dim``) is the width of q, k and v; the rw variants attend at ``in_dim`` and
+    widen in the output projection.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, head_size: int, grid_size: tuple[int, int]):
+    def __init__(self, in_dim: int, out_dim: int, head_size: int, grid_size: tuple[int, int],
+                 attention_dim: int | None = None, relative_position: str = "table", mlp_width: int = 512):
         super().__init__()
-        self.num_heads = out_dim // head_size
+        attention_dim = attention_dim or out_dim
+        self.num_heads = attention_dim // head_size
         self.head_size = head_size
-        self.qkv = nn.Linear(in_dim, 3 * out_dim)
-        self.proj = nn.Linear(out_dim, out_dim)
-        height, width = grid_size
-        self.relative_position_table = nn.Parameter(torch.zeros(self.num_heads, 2 * height - 1, 2 * width - 1))
+        self.qkv = nn.Linear(in_dim, 3 * attention_dim)
+        self.proj = nn.Linear(attention_dim, out_dim)
+        self.relative_position = relative_position
+        if relative_position == "mlp":
+            # Dropout on the hidden layer, as timm trains it.
+            self.relative_position_mlp = nn.Sequential(OrderedDict(
+                fc1=nn.Linear(2, mlp_width), act=nn.ReLU(), drop=nn.Dropout(0.125),
+                fc2=nn.Linear(mlp_width, self.num_heads)))
+        else:
+            height, width = grid_size
+            self.relative_position_table = nn.Parameter(torch.zeros(self.num_heads, 2 * height - 1, 2 * width - 1))
         self._bias_cache: dict[tuple, Tensor] = {}
 
+    def relative_table(self, height: int, width: int) -> Tensor:
+        """The (heads, 2H-1, 2W-1) table of w for an H x W grid: resized, or computed by the MLP."""
+        if self.relative_position == "mlp":
+            weight = self.relative_position_mlp.fc1.weight
+            offsets = log_relative_offsets(height, width, weight.device).to(weight.dtype)
+            return self.relative_position_mlp(offsets).permute(2, 0, 1)
+        return resize_relative_table(self.relative_position_table, (2 * height - 1, 2 * width - 1))
+
     def relative_position_bias(self, height: int, width: int) -> Tensor:
-        """The (heads, H*W, H*W) bias for an H x W grid, gathered from the (resized) table."""
-        table = resize_relative_table(self.relative_position_table, (2 * height - 1, 2 * width - 1))
+        """The (heads, H*W, H*W) bias for an H x W grid, gathered from the table."""
+        table = self.relative_table(height, width)
         return table.flatten(1)[:, relative_position_index(height, width, table.device)]
 
+    def _position_parameters(self) -> list[Tensor]:
+        if self.relative_position == "mlp":
+            return list(self.relative_position_mlp.parameters())
+        return [self.relative_position_table]
+
     def _bias(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
-        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # In training mode the MLP's dropout makes every bias different: nothing to cache.
+        if not eager_inference() or (self.training and self.relative_position == "mlp"):
             return self.relative_position_bias(height, width).to(dtype)
-        table = self.relative_position_table
-        # The key changes when the table is updated in place (optimizer step, load_state_dict:
-        # _version) or moved (.to(): data_ptr), so a stale bias is never used.
-        key = (height, width, dtype, table.device, table.data_ptr(), table._version)
+        params = self._position_parameters()
+        key = (height, width, dtype, params[0].device, *tensor_versions(*params))  # never a stale bias
         bias = self._bias_cache.get(key)
         if bias is None:
             self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[:2] != (height, width)}
@@ -254,16 +442,41 @@ class RelativeAttention(nn.Module):
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(height, width, q.dtype))
+        # A 4-D mask (1, heads, N, N): with a 3-D one the CPU falls back from its fused kernel to the math path.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(height, width, q.dtype).unsqueeze(0))
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "relative_position_table"
         table = state_dict.get(key)
-        mine = self.relative_position_table
-        if table is not None and table.dim() == 3 and table.shape[0] == mine.shape[0] and table.shape != mine.shape:
-            state_dict[key] = resize_relative_table(table, tuple(mine.shape[1:]))
+        if table is not None and self.relative_position == "table":
+            mine = self.relative_position_table
+            if table.dim() == 3 and table.shape[0] == mine.shape[0] and table.shape != mine.shape:
+                state_dict[key] = resize_relative_table(table, tuple(mine.shape[1:]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last (channel) dimension of tokens (B, ..., C): timm's coatnet_bn_0_rw."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def token_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The Norm of a Transformer block or the head: LayerNorm (the paper) or BatchNorm."""
+    return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else TokenBatchNorm(dim, eps=eps)
+
+
+class LayerScale(nn.Module):
+    """A learnt per-channel scale on a residual branch, started small (CaiT; timm's larger rw variants)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
 
 
 class TransformerBlock(nn.Module):
@@ -272,43 +485,92 @@ class TransformerBlock(nn.Module):
     ``x <- x + Attention(LayerNorm(x))``, then ``x <- x + FFN(LayerNorm(x))`` with a x4 GELU FFN.
     With ``downsample`` (Eq. 4): ``x <- Proj(Pool(x)) + Attention(Pool(Norm(x)))``, Pool a 2x2
     max-pool with stride 2 and Proj a linear map to the new width.
+
+    The keyword-only options reproduce timm's rw variants (see :class:`CoAtNetConfig`): another
+    ``pool``, attention at the input width, no bias on Proj, the MLP relative position bias, a
+    :class:`LayerScale` on both branches, and BatchNorm or another eps for the norms.
     """
 
     def __init__(self, in_dim: int, out_dim: int, head_size: int, grid_size: tuple[int, int],
-                 downsample: bool = False, expand_ratio: int = 4, drop_path: float = 0.0):
+                 downsample: bool = False, expand_ratio: int = 4, drop_path: float = 0.0, *, pool: str = "max",
+                 attend_at_input_width: bool = False, shortcut_bias: bool = True, relative_position: str = "table",
+                 relative_position_mlp_width: int = 512, layer_scale_init: float | None = None,
+                 norm: str = "layernorm", norm_eps: float = 1e-5):
         super().__init__()
         self.downsample = downsample
-        self.shortcut = nn.Linear(in_dim, out_dim) if in_dim != out_dim else nn.Identity()
-        self.attn_norm = nn.LayerNorm(in_dim)
-        self.attn = RelativeAttention(in_dim, out_dim, head_size, grid_size)
-        self.ffn_norm = nn.LayerNorm(out_dim)
+        self.pool = pool
+        self.shortcut = nn.Linear(in_dim, out_dim, bias=shortcut_bias) if in_dim != out_dim else nn.Identity()
+        self.attn_norm = token_norm(norm, in_dim, norm_eps)
+        attention_dim = in_dim if attend_at_input_width else out_dim
+        self.attn = RelativeAttention(in_dim, out_dim, head_size, grid_size, attention_dim, relative_position,
+                                      relative_position_mlp_width)
+        self.attn_scale = LayerScale(out_dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.ffn_norm = token_norm(norm, out_dim, norm_eps)
         self.ffn = nn.Sequential(nn.Linear(out_dim, expand_ratio * out_dim), nn.GELU(),
                                  nn.Linear(expand_ratio * out_dim, out_dim))
+        self.ffn_scale = LayerScale(out_dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         """``height`` x ``width`` is the input grid; the output grid is half of it when down-sampling."""
         y = self.attn_norm(x)
         if self.downsample:
-            x, y = max_pool_tokens(x, height, width), max_pool_tokens(y, height, width)
+            x, y = pool_tokens(x, height, width, self.pool), pool_tokens(y, height, width, self.pool)
             height, width = height // 2, width // 2
-        x = self.shortcut(x) + self.drop_path(self.attn(y, height, width))
-        return x + self.drop_path(self.ffn(self.ffn_norm(x)))
+        x = self.shortcut(x) + self.drop_path(self.attn_scale(self.attn(y, height, width)))
+        return x + self.drop_path(self.ffn_scale(self.ffn(self.ffn_norm(x))))
+
+
+@contextlib.contextmanager
+def _keeping_buffers(block: nn.Module):
+    """Undo what a recomputation writes to ``block``'s buffers, so BatchNorm's running statistics
+    move once per step, as without checkpointing."""
+    saved = [(buffer, buffer.clone()) for buffer in block.buffers()]
+    yield
+    for buffer, value in saved:
+        buffer.copy_(value)
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args) -> Tensor:
+    """``block(*args)``; with ``checkpointing`` (and autograd on), its activations are recomputed in
+    the backward pass instead of stored. Outputs, gradients and statistics are the same."""
+    if not (checkpointing and torch.is_grad_enabled()):
+        return block(*args)
+    return checkpoint(block, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _keeping_buffers(block)))
+
+
+class ConvStage(nn.Sequential):
+    """A stage of MBConv blocks, NCHW in and out."""
+
+    def __init__(self, blocks: list[MBConv]):
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self:
+            x = run_block(block, self.grad_checkpointing, x)
+        return x
 
 
 class TransformerStage(nn.Module):
-    """A stage of Transformer blocks: NCHW in and out, a token sequence inside."""
+    """A stage of Transformer blocks: NCHW in and out, a token sequence inside.
+
+    The network runs channels-last, so the NCHW map and the (B, H*W, C) sequence are the same
+    memory: going in and out of the stage are views, not copies.
+    """
 
     def __init__(self, blocks: list[TransformerBlock], stride: int):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.stride = stride
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, height, width = x.shape
         x = x.flatten(2).transpose(1, 2)
         for i, block in enumerate(self.blocks):
-            x = block(x, height, width)
+            x = run_block(block, self.grad_checkpointing, x, height, width)
             if i == 0:
                 height, width = height // self.stride, width // self.stride
         return x.transpose(1, 2).reshape(b, -1, height, width)
@@ -323,7 +585,8 @@ class CoAtNet(nn.Module):
     """CoAtNet and the layouts of the paper's controlled study, from a :class:`CoAtNetConfig`.
 
     S0 stem, stages S1..S4 (MBConv or Transformer), then global average pooling, LayerNorm, an
-    optional pre-logits layer and a linear classifier (no class token). timm's interface:
+    optional pre-logits layer and a linear classifier (no class token); timm's rw variants apply
+    the norm before the pooling. timm's interface:
     ``forward_features`` (NCHW map of the last stage), ``forward_head``, ``reset_classifier``,
     ``forward_intermediates`` and ``feature_info`` for dense-prediction users.
     """
@@ -335,7 +598,8 @@ class CoAtNet(nn.Module):
         if c.stem == "patch":
             self.stem = nn.Conv2d(c.in_chans, c.stem_channels, c.stem_stride, stride=c.stem_stride)
         else:
-            self.stem = conv_stem(c.in_chans, c.stem_channels, c.stem_stride)
+            self.stem = conv_stem(c.in_chans, c.stem_channels, c.stem_stride, c.stem_mid_channels, c.activation,
+                                  c.stem_bias)
 
         total_blocks = sum(s.depth for s in c.stages)
         # Stochastic depth grows linearly with the block index, from 0 to drop_path_rate.
@@ -352,19 +616,27 @@ class CoAtNet(nn.Module):
                 block_in, stride, drop = (in_ch if first else s.channels), (s.stride if first else 1), rates[index]
                 index += 1
                 if s.block == "mbconv":
-                    blocks.append(MBConv(block_in, s.channels, stride, c.expand_ratio, c.se_ratio,
-                                         c.downsample_on_depthwise, drop))
+                    blocks.append(MBConv(
+                        block_in, s.channels, stride, c.expand_ratio, c.se_ratio, c.downsample_on_depthwise, drop,
+                        activation=c.activation, pre_norm_act=c.mbconv_pre_norm_act,
+                        expand_from_input=c.expand_from == "input", stride_by_pool=c.downsample_by_pool,
+                        se_activation=c.se_activation, se_before_norm=c.se_before_norm,
+                        output_bias=c.mbconv_output_bias, pool=c.pool))
                 else:
-                    blocks.append(TransformerBlock(block_in, s.channels, c.head_size, grid, stride == 2,
-                                                   c.expand_ratio, drop))
-            stages.append(nn.Sequential(*blocks) if s.block == "mbconv" else TransformerStage(blocks, s.stride))
+                    blocks.append(TransformerBlock(
+                        block_in, s.channels, c.head_size, grid, stride == 2, c.expand_ratio, drop, pool=c.pool,
+                        attend_at_input_width=c.expand_from == "input", shortcut_bias=c.transformer_shortcut_bias,
+                        relative_position=c.relative_position,
+                        relative_position_mlp_width=c.relative_position_mlp_width,
+                        layer_scale_init=c.layer_scale_init, norm=c.transformer_norm, norm_eps=c.norm_eps))
+            stages.append(ConvStage(blocks) if s.block == "mbconv" else TransformerStage(blocks, s.stride))
             in_ch, reduction = s.channels, reduction * s.stride
             self.feature_info.append(dict(num_chs=in_ch, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.ModuleList(stages)
 
         self.num_features = c.num_features
         self.head_hidden_size = c.head_hidden_size or c.num_features
-        self.head_norm = nn.LayerNorm(self.num_features)
+        self.head_norm = token_norm(c.transformer_norm, self.num_features, c.norm_eps)
         self.pre_logits = (nn.Sequential(nn.Linear(self.num_features, c.head_hidden_size), nn.Tanh())
                            if c.head_hidden_size else nn.Identity())
         self.num_classes = c.num_classes
@@ -388,15 +660,28 @@ class CoAtNet(nn.Module):
             raise ValueError(f"input size {height}x{width} is not a multiple of the model's stride {c.stride}; "
                              f"resize or crop to e.g. {near[0]}x{near[1]}")
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Check the batch and run S0, channels-last from here on: NCHW shape, NHWC memory.
+
+        On CPU the convolutions are several times faster so, and the Transformer stages read the
+        maps as token sequences without a copy. The values are the same; the maps returned by
+        ``forward_features`` and ``forward_intermediates`` keep that memory format.
+        """
         self.check_input(x)
-        x = self.stem(x)
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.forward_stem(x)
         for stage in self.stages:
             x = stage(x)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.pre_logits(self.head_norm(x.mean(dim=(2, 3))))
+        if self.config.head_norm_before_pool:
+            x = self.head_norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2))
+        else:
+            x = self.head_norm(x.mean(dim=(2, 3)))
+        x = self.pre_logits(x)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -411,6 +696,13 @@ class CoAtNet(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (timm's
+        name): training memory falls to about the blocks' inputs plus one block's activations, for
+        one more forward pass of compute. Off by default."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def default_feature_indices(self) -> list[int]:
         """Indices into ``feature_info`` of the last stage at each resolution (S1..S4)."""
@@ -428,8 +720,7 @@ class CoAtNet(nn.Module):
         bad = [i for i in indices if not 0 <= i < len(self.feature_info)]
         if bad:
             raise ValueError(f"feature indices {bad} out of range 0..{len(self.feature_info) - 1}")
-        self.check_input(x)
-        x = self.stem(x)
+        x = self.forward_stem(x)
         maps = [x] if 0 in indices else []
         last = max(indices) if intermediates_only else len(self.stages)
         for i, stage in enumerate(self.stages[:last], 1):
@@ -437,6 +728,10 @@ class CoAtNet(nn.Module):
             if i in indices:
                 maps.append(x)
         return maps if intermediates_only else (x, maps)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``; ``coatnet.from_pretrained`` reads it."""
+        return save_pretrained(self, directory)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -448,7 +743,7 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, RelativeAttention):
+    elif isinstance(m, RelativeAttention) and m.relative_position == "table":
         nn.init.trunc_normal_(m.relative_position_table, std=0.02)
 
 
@@ -632,3 +927,118 @@ def coatnet_pico(**kwargs) -> CoAtNet:
 def coatnet_nano(**kwargs) -> CoAtNet:
     """Ours, not the paper's: C-C-T-T, L=2,2,2,3,2, D=32,48,96,192,384, stride-1 stem, 32x32 input (5.3M)."""
     return _build(_small_config("coatnet_nano", (2, 2, 2, 3, 2), (32, 48, 96, 192, 384)), **kwargs)
+
+
+# timm's "rw" variants: not the paper's configurations but Ross Wightman's, trained for timm before
+# the paper's code was public; timm publishes ImageNet weights for most of them, which
+# `coatnet convert-timm` turns into ours. Same C-C-T-T layout and blocks, with these departures
+# (CoAtNetConfig's switches): S1..S4 only (no stem stage depth), a narrower first stem conv, SiLU
+# in the stem and MBConv, widths expanded from a block's input, 2x2 average pooling, norms with
+# eps 1e-6 and the head's applied before the pooling, no pre-logits layer, no stochastic depth
+# by default; per variant: where MBConv strides, the SE's place and activation, biases, BatchNorm,
+# layer scale and the MLP relative position bias. Named as in timm, less the resolution suffix.
+
+_RW_NANO, _RW_0, _RW_2, _RW_3 = (64, 128, 256, 512), (96, 192, 384, 768), (128, 256, 512, 1024), (192, 384, 768, 1536)
+# The two smallest follow timm's MaxViT-style defaults: plain pre-norm, biased MBConv outputs, SiLU in SE.
+_RW_MAX_STYLE = dict(mbconv_pre_norm_act=False, mbconv_output_bias=True, se_activation="silu")
+
+
+def _timm_rw_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...], stem: tuple[int, int] = (32, 64),
+                    downsample: Literal["pool", "depthwise"] = "depthwise", **switches) -> CoAtNetConfig:
+    """A timm rw CoAtNet: S1..S4 depths and widths, the stem's two widths, where MBConv strides, and
+    the variant's own switches over the common ones (timm's ``_rw_coat_cfg``)."""
+    common = dict(stem_mid_channels=stem[0], stem_bias=False, activation="silu", expand_from="input",
+                  mbconv_pre_norm_act=True, downsample_by_pool=downsample == "pool",
+                  downsample_on_depthwise=downsample == "depthwise", se_activation="relu", mbconv_output_bias=False,
+                  pool="avg", norm_eps=1e-6, head_norm_before_pool=True)
+    return CoAtNetConfig(name=name, stem_channels=stem[1], stages=_stages("CCTT", depths, channels),
+                         **(common | switches))
+
+
+@register_model()
+def coatnet_nano_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_nano_rw_224, not the paper's: L=3,4,6,3, D=64..512; MBConv strides by pooling."""
+    return _build(_timm_rw_config("coatnet_nano_rw", (3, 4, 6, 3), _RW_NANO, downsample="pool", **_RW_MAX_STYLE),
+                  **kwargs)
+
+
+@register_model()
+def coatnet_0_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_0_rw_224, not the paper's CoAtNet-0: L=2,3,7,2 (deeper S3), D=96..768; MBConv
+    strides by pooling, SE before the depthwise BatchNorm; no bias on the Transformer shortcut."""
+    return _build(_timm_rw_config("coatnet_0_rw", (2, 3, 7, 2), _RW_0, downsample="pool", se_before_norm=True,
+                                  transformer_shortcut_bias=False), **kwargs)
+
+
+@register_model()
+def coatnet_1_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_1_rw_224, not the paper's CoAtNet-1: L=2,6,14,2, D=96..768; SE before the
+    depthwise BatchNorm; no bias on the Transformer shortcut."""
+    return _build(_timm_rw_config("coatnet_1_rw", (2, 6, 14, 2), _RW_0, se_before_norm=True,
+                                  transformer_shortcut_bias=False), **kwargs)
+
+
+@register_model()
+def coatnet_2_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_2_rw_224, not the paper's CoAtNet-2: L=2,6,14,2, D=128..1024, stem 64/128; SiLU in SE."""
+    return _build(_timm_rw_config("coatnet_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128), se_activation="silu"),
+                  **kwargs)
+
+
+@register_model()
+def coatnet_3_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_3_rw_224, not the paper's CoAtNet-3: L=2,6,14,2, D=192..1536, stem 96/192; SiLU
+    in SE, layer scale 1e-6 on the Transformer branches."""
+    return _build(_timm_rw_config("coatnet_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192), se_activation="silu",
+                                  layer_scale_init=1e-6), **kwargs)
+
+
+@register_model()
+def coatnet_bn_0_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_bn_0_rw_224: coatnet_0_rw's network, strided on the depthwise conv, with
+    BatchNorm instead of LayerNorm in the Transformer blocks and the head."""
+    return _build(_timm_rw_config("coatnet_bn_0_rw", (2, 3, 7, 2), _RW_0, se_before_norm=True,
+                                  transformer_shortcut_bias=False, transformer_norm="batchnorm"), **kwargs)
+
+
+@register_model()
+def coatnet_rmlp_nano_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_rmlp_nano_rw_224: L=3,4,6,3, D=64..512, MLP relative position bias (width 384)."""
+    return _build(_timm_rw_config("coatnet_rmlp_nano_rw", (3, 4, 6, 3), _RW_NANO, relative_position="mlp",
+                                  relative_position_mlp_width=384, **_RW_MAX_STYLE), **kwargs)
+
+
+@register_model()
+def coatnet_rmlp_0_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_rmlp_0_rw_224 (no published weights): coatnet_0_rw's depths, MLP relative position bias."""
+    return _build(_timm_rw_config("coatnet_rmlp_0_rw", (2, 3, 7, 2), _RW_0, relative_position="mlp"), **kwargs)
+
+
+@register_model()
+def coatnet_rmlp_1_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_rmlp_1_rw_224: L=2,6,14,2, D=96..768; MBConv strides by pooling, 3x3 max Pool on
+    the shortcuts and in attention, SE before the depthwise BatchNorm, MLP relative position bias (384)."""
+    return _build(_timm_rw_config("coatnet_rmlp_1_rw", (2, 6, 14, 2), _RW_0, downsample="pool", pool="max3x3",
+                                  se_before_norm=True, transformer_shortcut_bias=False, relative_position="mlp",
+                                  relative_position_mlp_width=384), **kwargs)
+
+
+@register_model()
+def coatnet_rmlp_1_rw2(**kwargs) -> CoAtNet:
+    """timm's coatnet_rmlp_1_rw2_224: L=2,6,14,2, D=96..768, MLP relative position bias."""
+    return _build(_timm_rw_config("coatnet_rmlp_1_rw2", (2, 6, 14, 2), _RW_0, relative_position="mlp"), **kwargs)
+
+
+@register_model()
+def coatnet_rmlp_2_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_rmlp_2_rw_224 (and _384 at img_size=384): coatnet_2_rw with layer scale 1e-6
+    and the MLP relative position bias."""
+    return _build(_timm_rw_config("coatnet_rmlp_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128), se_activation="silu",
+                                  layer_scale_init=1e-6, relative_position="mlp"), **kwargs)
+
+
+@register_model()
+def coatnet_rmlp_3_rw(**kwargs) -> CoAtNet:
+    """timm's coatnet_rmlp_3_rw_224 (no published weights): coatnet_3_rw with the MLP relative position bias."""
+    return _build(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192), se_activation="silu",
+                                  layer_scale_init=1e-6, relative_position="mlp"), **kwargs)

@@ -21,16 +21,32 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     models). Other keyword arguments override configuration fields, e.g.
     ``downsample_on_depthwise=True`` for the Table 9 variant.
 
-    ``pretrained`` is a local weights file (``.safetensors``, or a ``.pt``/``.pth`` state dict
-    read with ``weights_only=True``); nothing is downloaded. Weights saved at another resolution
-    load with their relative-position tables interpolated; a classifier of another size is
-    dropped with a warning and left freshly initialised (fine-tuning on new classes).
+    ``pretrained`` is local, nothing is downloaded: a weights file (``.safetensors``, or a
+    ``.pt``/``.pth`` state dict read with ``weights_only=True``), timm's weights of the variant
+    ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
+    ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
+    directory. Weights saved at another resolution load with their relative-position tables
+    interpolated; a classifier of another size is dropped with a warning and left freshly
+    initialised (fine-tuning on new classes).
     """
     model = model_entry(name).builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                                       drop_path_rate=drop_path_rate, **kwargs)
     if pretrained is not None:
-        load_weights(model, pretrained)
+        load_weights(model, pretrained_state_dict(pretrained, name))
     return model
+
+
+def pretrained_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The weights ``create_model(name, pretrained=path)`` loads, in our names (see there)."""
+    from .timm_convert import convert_timm_state_dict, is_timm_state_dict  # it imports this module
+
+    path = Path(path)
+    if path.is_dir():
+        from ..checkpoint import load_checkpoint  # the training side, only when asked
+
+        return load_checkpoint(path, with_train_state=False).eval_weights
+    state = read_state_dict(path)
+    return convert_timm_state_dict(state, name) if is_timm_state_dict(state) else state
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

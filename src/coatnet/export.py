@@ -1,0 +1,83 @@
+"""``coatnet export``: a model out of Python, as ONNX, TorchScript or a ``torch.export`` program.
+
+- ``onnx``: ``torch.onnx.export`` with ``dynamo=False``, the TorchScript-based exporter, opset 17.
+  The dynamo exporter needs ``onnxscript``, which the ``export`` extra does not install; the
+  TorchScript-based one needs nothing beyond torch. Input ``images``, output ``logits``.
+- ``torchscript``: ``torch.jit.trace``; the trace reads the batch size from its input, so it takes
+  any batch size with or without ``dynamic_batch``.
+- ``exported``: ``torch.export.export`` saved with ``torch.export.save`` (a ``.pt2`` file);
+  ``torch.export.load(PATH).module()`` runs it.
+
+The spatial size is fixed at export (``img_size``, default the model's own): the relative-position
+bias of that grid is computed once and stored in the graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import from_pretrained
+
+
+def export_model(model_or_path: nn.Module | str | Path, format: str, output: str | Path,
+                 img_size: int | None = None, batch_size: int = 1, dynamic_batch: bool = False) -> Path:
+    """Export a model, or the one saved in a ``save_pretrained`` folder or training checkpoint.
+
+    The example input is ``batch_size`` x C x ``img_size`` x ``img_size``; with ``dynamic_batch``
+    the ONNX and ``exported`` graphs take any batch size. Returns the path written.
+    """
+    if format not in _EXPORTERS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_EXPORTERS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    model = model_or_path if isinstance(model_or_path, nn.Module) else from_pretrained(model_or_path)
+    config = model.config
+    height, width = (img_size, img_size) if img_size else config.img_size
+    # torch.export fixes a dimension of size 1 to a constant: a dynamic batch needs an example of 2.
+    batch = max(batch_size, 2) if dynamic_batch and format == "exported" else batch_size
+    example = torch.randn(batch, config.in_chans, height, width, device=next(model.parameters()).device)
+    model.check_input(example)  # a wrong size fails here, in one line, not deep inside a tracer
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        # The input checks and the table-resize test read shapes as Python values; the tracer warns
+        # that they become constants, which they are for a fixed spatial size.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            _EXPORTERS[format](model, example, output, dynamic_batch)
+    finally:
+        model.train(was_training)
+    return output
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+    axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=["logits"], dynamic_axes=axes)
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+    torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(output))
+
+
+def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), str(output))
+
+
+_EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``coatnet export``: a checkpoint or ``save_pretrained`` folder in, one file out."""
+    path = export_model(args.checkpoint, args.format, args.output, img_size=args.img_size,
+                        batch_size=args.batch_size, dynamic_batch=args.dynamic_batch)
+    print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
+    return 0

@@ -1,0 +1,133 @@
+"""timm's CoAtNet weights in our names: ``coatnet convert-timm SRC --model NAME --output DIR``.
+
+timm publishes ImageNet weights only for its own "rw" variants; ``coatnet_*_rw`` in
+:mod:`coatnet.models.coatnet` reproduce them with our blocks (timm's ``coatnet_0_rw_224`` is our
+``coatnet_0_rw``). The conversion renames keys and changes layouts only: timm keeps Transformer
+blocks in NCHW, so their linear maps are 1x1 convs; interleaves q, k and v per head where we
+keep them in three blocks; and stores a relative-position table as (offsets, heads) where we
+store (heads, 2H-1, 2W-1). Nothing is downloaded: the user passes the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+from torch import Tensor
+
+from .factory import create_model, load_weights, read_state_dict
+from .registry import list_models
+
+# timm's dim_head for every CoAtNet; our rw configurations keep the same head size.
+TIMM_HEAD_SIZE = 32
+
+_STEM = {"conv1": "0.0", "norm1": "0.1", "conv2": "1"}
+_MBCONV = {"shortcut.expand": "shortcut.1", "pre_norm": "residual.norm", "conv1_1x1": "residual.expand.0",
+           "norm1": "residual.expand.1", "se": "residual.se", "se_early": "residual.se",
+           "conv3_1x1": "residual.project"}
+# With SE before the depthwise BatchNorm (timm's "se_early") our depthwise conv and its norm are apart.
+_DEPTHWISE = {False: {"conv2_kxk": "residual.depthwise.0", "norm2": "residual.depthwise.1"},
+              True: {"conv2_kxk": "residual.depthwise", "norm2": "residual.depthwise_norm.0"}}
+_TRANSFORMER = {"shortcut.expand": "shortcut", "norm1.norm": "attn_norm", "norm1": "attn_norm",
+                "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "attn.rel_pos.mlp": "attn.relative_position_mlp",
+                "ls1": "attn_scale", "ls2": "ffn_scale", "norm2": "ffn_norm", "mlp.fc1": "ffn.0", "mlp.fc2": "ffn.2"}
+_HEAD = {"norm": "head_norm", "head.fc": "classifier"}
+_TIMM_TABLE = "attn.rel_pos.relative_position_bias_table"
+
+
+def timm_variants() -> list[str]:
+    """Our names of timm's CoAtNet variants; timm's name adds the resolution, e.g. ``coatnet_0_rw_224``."""
+    return list_models("coatnet_*_rw*")
+
+
+def is_timm_state_dict(state_dict: dict[str, Tensor]) -> bool:
+    """Whether the keys are timm's MaxxVit names (its CoAtNet class) rather than ours."""
+    return "stem.conv1.weight" in state_dict
+
+
+def _rename(module: str, param: str, table: dict[str, str]) -> str | None:
+    """Our key for timm's ``module.param``, by the longest timm module prefix in ``table``."""
+    for prefix in sorted(table, key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return ".".join(filter(None, (table[prefix], module[len(prefix) + 1:], param)))
+    return None
+
+
+def _square_side(num_offsets: int, key: str) -> int:
+    side = math.isqrt(num_offsets)
+    if side * side != num_offsets:
+        raise ValueError(f"{key} has {num_offsets} offsets, not a square table; only square inputs are supported")
+    return side
+
+
+def _qkv_to_ours(weight: Tensor) -> Tensor:
+    """timm orders the rows of qkv head by head, (q, k, v) inside each; ours are q, k, v, each head by head."""
+    heads = weight.shape[0] // (3 * TIMM_HEAD_SIZE)
+    return weight.reshape(heads, 3, TIMM_HEAD_SIZE, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+
+
+def _convert(key: str, value: Tensor, state_dict: dict[str, Tensor]) -> tuple[str, Tensor]:
+    module, _, param = key.rpartition(".")
+    if key.startswith("stem."):
+        ours = _rename(module[len("stem."):], param, _STEM)
+        return (f"stem.{ours}" if ours else key), value
+    block = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", module)
+    if block is None:
+        return _rename(module, param, _HEAD) or key, value
+    stage, index, inner = block.groups()
+    timm_prefix = f"stages.{stage}.blocks.{index}."
+    if f"stages.{stage}.blocks.0.attn.qkv.weight" not in state_dict:  # an MBConv stage
+        early_se = f"{timm_prefix}se_early.fc1.weight" in state_dict
+        ours = _rename(inner, param, _MBCONV | _DEPTHWISE[early_se])
+        return (f"stages.{stage}.{index}.{ours}" if ours else key), value
+    if key.endswith(_TIMM_TABLE):  # (offsets, heads) -> (heads, 2H-1, 2W-1), square grids only
+        side = _square_side(value.shape[0], key)
+        return f"stages.{stage}.blocks.{index}.attn.relative_position_table", value.t().reshape(-1, side, side)
+    ours = _rename(inner, param, _TRANSFORMER)
+    if ours is None:
+        return key, value
+    if inner == "attn.qkv":
+        value = _qkv_to_ours(value)
+    if value.dim() == 4:  # a 1x1 conv on NCHW is our linear map on tokens
+        value = value.flatten(1)
+    return f"stages.{stage}.blocks.{index}.{ours}", value
+
+
+def convert_timm_state_dict(state_dict: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
+    """timm's state dict of a CoAtNet variant, in the names and layouts of our ``model_name``.
+
+    Keys that are not timm's are kept as they are, so that loading names them as unexpected.
+    """
+    if model_name not in timm_variants():
+        ours = re.sub(r"_\d+$", "", model_name)  # timm's name ends in the resolution
+        hint = (f"timm's {model_name} is our {ours}" if ours in timm_variants()
+                else f"timm weights fit: {', '.join(timm_variants())}")
+        raise ValueError(f"{model_name!r} is not one of timm's CoAtNet variants; {hint}")
+    return dict(_convert(k, v, state_dict) for k, v in state_dict.items())
+
+
+def timm_img_size(state_dict: dict[str, Tensor]) -> int | None:
+    """The input size timm's relative-position tables were built for; None without tables (rmlp)."""
+    tables = sorted(k for k in state_dict if k.startswith("stages.3.") and k.endswith(_TIMM_TABLE))
+    if not tables:
+        return None
+    side = _square_side(state_dict[tables[0]].shape[0], tables[0])  # 2G-1 for S4's G x G grid
+    return (side + 1) // 2 * 32  # the rw variants' stride is 32
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``coatnet convert-timm``: a timm file in, a ``save_pretrained`` folder out."""
+    state = read_state_dict(args.source)
+    if not is_timm_state_dict(state):
+        raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
+                         f"give a timm .safetensors or .pth file")
+    converted = convert_timm_state_dict(state, args.model)
+    head = state.get("head.fc.weight")
+    model = create_model(args.model, img_size=timm_img_size(state),
+                         num_classes=head.shape[0] if head is not None else 0)
+    load_weights(model, converted)
+    folder = model.save_pretrained(args.output)
+    print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
+          f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
+    return 0

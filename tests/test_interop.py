@@ -1,0 +1,247 @@
+"""Interoperability: save_pretrained / from_pretrained, training checkpoints, export, timm weights."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import coatnet
+from coatnet.cli import main
+from coatnet.export import export_model
+from coatnet.models import convert_timm_state_dict, load_weights, timm_variants
+
+
+def _randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm statistics and affine terms, and every layer scale a size, that matter."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pico():
+    torch.manual_seed(0)
+    return _randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7))
+
+
+# -- save_pretrained / from_pretrained ---------------------------------------------------------
+
+
+def test_save_pretrained_round_trips_exactly(pico, tmp_path):
+    folder = pico.save_pretrained(tmp_path / "pico")
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["model"] == "coatnet_pico" and meta["config"] == pico.config.to_dict()
+    assert (folder / "model.safetensors").is_file()
+    loaded = coatnet.from_pretrained(folder)
+    assert loaded.config == pico.config and not loaded.training
+    theirs = loaded.state_dict()
+    assert pico.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in pico.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pico(x), loaded(x))
+
+
+@pytest.mark.parametrize("name", timm_variants())
+def test_timm_variant_configs_round_trip_through_json(name):
+    with torch.device("meta"):
+        config = coatnet.create_model(name).config
+    assert coatnet.CoAtNetConfig(**json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_training_checkpoint_and_run_dir_load(pico, tmp_path):
+    checkpoint = pytest.importorskip("coatnet.checkpoint")
+    ema = _randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7))
+    meta = {"model": "coatnet_pico", "config": pico.config.to_dict(), "classes": [str(i) for i in range(7)],
+            "img_size": 32}
+    ckpt = checkpoint.save_checkpoint(tmp_path, "ckpt-00000010", meta, pico, ema_model=ema)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ema(x)  # training evaluated the EMA: loading gives it
+        for source in (ckpt, tmp_path):  # a checkpoint, and a run directory (its last checkpoint)
+            assert torch.equal(coatnet.from_pretrained(source)(x), expected)
+        named = coatnet.create_model("coatnet_pico", num_classes=7, pretrained=tmp_path).eval()
+        assert torch.equal(named(x), expected)
+
+
+def test_from_pretrained_bad_input(pico, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        coatnet.from_pretrained(tmp_path / "nothing")
+    weights = tmp_path / "w.safetensors"
+    save_file(pico.state_dict(), str(weights))
+    with pytest.raises(ValueError, match=r"is a file; .*create_model\(NAME, pretrained=FILE\)"):
+        coatnet.from_pretrained(weights)
+    assert isinstance(coatnet.create_model("coatnet_pico", num_classes=7, pretrained=weights), coatnet.CoAtNet)
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def test_onnx_dynamic_batch_runs_in_onnxruntime(pico, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    folder = pico.save_pretrained(tmp_path / "pico")
+    out = tmp_path / "pico.onnx"
+    assert main(["export", "--checkpoint", str(folder), "--format", "onnx", "--output", str(out),
+                 "--dynamic-batch"]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)  # exported at batch 1
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), pico(x), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_fixed_batch_at_another_size(pico, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = export_model(pico, "onnx", tmp_path / "pico48.onnx", img_size=48, batch_size=2)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [d for d in session.get_inputs()[0].shape] == [2, 3, 48, 48]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), pico(x),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_torchscript(pico, tmp_path):
+    out = export_model(pico, "torchscript", tmp_path / "pico.ts")
+    scripted = torch.jit.load(str(out))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), pico(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export_dynamic_batch(pico, tmp_path):
+    out = export_model(pico, "exported", tmp_path / "pico.pt2", dynamic_batch=True)
+    program = torch.export.load(str(out)).module()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), pico(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "--checkpoint", "{tmp}/missing", "--format", "onnx", "--output", "{tmp}/m.onnx"], "does not exist"),
+    (["export", "--checkpoint", "{folder}", "--format", "tflite", "--output", "{tmp}/m.tflite"],
+     "unknown export format 'tflite'; choose one of onnx, torchscript, exported"),
+    (["export", "--checkpoint", "{folder}", "--format", "onnx", "--output", "{tmp}/m.onnx", "--img-size", "33"],
+     "not a multiple of the model's stride 16"),
+])
+def test_export_bad_input_is_one_line_exit_2(pico, tmp_path, capsys, argv, message):
+    folder = pico.save_pretrained(tmp_path / "pico")
+    argv = [a.format(tmp=tmp_path, folder=folder) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("coatnet export: error: ") and message in err
+
+
+# -- timm's weights ---------------------------------------------------------------------------
+
+# Small inputs keep the parity tests fast; every grid is still at least 2x2. The variants below
+# use only switches that variants tested by default also use, and differ from them in depth and
+# width (41M to 165M parameters, 5 to 15 s each on two cores): COATNET_SLOW_TESTS=1 runs them.
+TIMM_SIZE = 64
+SLOW = {"coatnet_1_rw": "coatnet_0_rw, coatnet_bn_0_rw", "coatnet_2_rw": "coatnet_nano_rw, coatnet_0_rw",
+        "coatnet_3_rw": "coatnet_0_rw, test_timm_parity_layer_scale",
+        "coatnet_rmlp_1_rw2": "coatnet_rmlp_0_rw",
+        "coatnet_rmlp_2_rw": "coatnet_rmlp_nano_rw, test_timm_parity_layer_scale",
+        "coatnet_rmlp_3_rw": "coatnet_rmlp_nano_rw, test_timm_parity_layer_scale"}
+
+
+def _timm_model(name: str, img_size: int = TIMM_SIZE, **kwargs):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return _randomise_norms(timm.create_model(f"{name}_224", pretrained=False, img_size=img_size,
+                                              num_classes=1000, **kwargs))
+
+
+def _assert_parity(theirs, name, tmp_path, **switches):
+    """timm's weights, saved and loaded by create_model(pretrained=FILE), give timm's outputs."""
+    weights = tmp_path / f"{name}.safetensors"
+    save_file(theirs.state_dict(), str(weights))
+    ours = coatnet.create_model(name, img_size=TIMM_SIZE, pretrained=weights, **switches).eval()
+    x = torch.randn(1, 3, TIMM_SIZE, TIMM_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.skipif(n in SLOW and not os.environ.get("COATNET_SLOW_TESTS"),
+                                             reason=f"switches tested by {SLOW.get(n)}; COATNET_SLOW_TESTS=1 runs it"))
+    for n in timm_variants()])
+def test_timm_parity(name, tmp_path):
+    _assert_parity(_timm_model(name), name, tmp_path)
+
+
+def test_timm_parity_layer_scale(tmp_path):
+    """The layer scale of coatnet_3_rw and coatnet_rmlp_2_rw/_3_rw, on the smallest variant."""
+    theirs = _timm_model("coatnet_rmlp_nano_rw", transformer_init_values=1e-6)
+    _assert_parity(theirs, "coatnet_rmlp_nano_rw", tmp_path, layer_scale_init=1e-6)
+
+
+def test_timm_variants_are_the_rw_family():
+    assert set(timm_variants()) == {"coatnet_nano_rw", "coatnet_0_rw", "coatnet_1_rw", "coatnet_2_rw", "coatnet_3_rw",
+                                    "coatnet_bn_0_rw", "coatnet_rmlp_nano_rw", "coatnet_rmlp_0_rw",
+                                    "coatnet_rmlp_1_rw", "coatnet_rmlp_1_rw2", "coatnet_rmlp_2_rw",
+                                    "coatnet_rmlp_3_rw"}
+
+
+def test_convert_timm_cli_writes_a_pretrained_folder(tmp_path, capsys):
+    """A .pth file at 64x64 with 10 classes: the folder keeps both, read from the tables and the head."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    theirs = _randomise_norms(timm.create_model("coatnet_nano_rw_224", pretrained=False, img_size=64, num_classes=10))
+    source = tmp_path / "nano.pth"
+    torch.save(theirs.state_dict(), source)
+    assert main(["convert-timm", str(source), "--model", "coatnet_nano_rw", "--output", str(tmp_path / "out")]) == 0
+    assert "coatnet_nano_rw, 10 classes, 64x64 input" in capsys.readouterr().out
+    ours = coatnet.from_pretrained(tmp_path / "out")
+    assert ours.config.num_classes == 10 and ours.config.img_size == (64, 64)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_of_the_wrong_model_name_the_keys(tmp_path, capsys):
+    source = tmp_path / "nano.safetensors"
+    save_file(_timm_model("coatnet_nano_rw").state_dict(), str(source))
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model("coatnet_rmlp_nano_rw", img_size=TIMM_SIZE, pretrained=source)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("weights do not fit coatnet_rmlp_nano_rw: missing: ")
+    assert "relative_position_mlp.fc1.weight" in message and "unexpected: " in message
+    assert "relative_position_table" in message
+    assert main(["convert-timm", str(source), "--model", "coatnet_rmlp_nano_rw", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights do not fit coatnet_rmlp_nano_rw" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert-timm", "{tmp}/none.pth", "--model", "coatnet_0_rw", "--output", "{tmp}/o"], "does not exist"),
+    (["convert-timm", "{ours}", "--model", "coatnet_0_rw", "--output", "{tmp}/o"],
+     "does not hold timm CoAtNet weights"),
+    (["convert-timm", "{timm}", "--model", "coatnet_0", "--output", "{tmp}/o"],
+     "'coatnet_0' is not one of timm's CoAtNet variants"),
+])
+def test_convert_timm_bad_input_is_one_line_exit_2(pico, tmp_path, capsys, argv, message):
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "timm.safetensors"
+    save_file(pico.state_dict(), str(ours))
+    save_file({"stem.conv1.weight": torch.zeros(32, 3, 3, 3)}, str(theirs))
+    assert main([a.format(tmp=tmp_path, ours=ours, timm=theirs) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("coatnet convert-timm: error: ") and message in err
+
+
+def test_convert_keeps_keys_it_does_not_know():
+    state = {"stem.conv1.weight": torch.zeros(1), "something.else": torch.ones(1)}
+    converted = convert_timm_state_dict(state, "coatnet_0_rw")
+    assert set(converted) == {"stem.0.0.weight", "something.else"}
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load_weights(coatnet.create_model("coatnet_nano_rw", img_size=64), converted)
