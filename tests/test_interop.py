@@ -1,7 +1,6 @@
 """Interoperability: save_pretrained / from_pretrained, training checkpoints, export, timm weights."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,27 +10,13 @@ import coatnet
 from coatnet.cli import main
 from coatnet.export import export_model
 from coatnet.models import convert_timm_state_dict, load_weights, timm_variants
-
-
-def _randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every BatchNorm statistics and affine terms, and every layer scale a size, that matter."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.normal_(0, 0.5)
-    return model.eval()
+from conftest import randomise_norms
 
 
 @pytest.fixture(scope="module")
 def pico():
     torch.manual_seed(0)
-    return _randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7))
+    return randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7))
 
 
 # -- save_pretrained / from_pretrained ---------------------------------------------------------
@@ -61,7 +46,7 @@ def test_timm_variant_configs_round_trip_through_json(name):
 
 def test_training_checkpoint_and_run_dir_load(pico, tmp_path):
     checkpoint = pytest.importorskip("coatnet.checkpoint")
-    ema = _randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7))
+    ema = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7))
     meta = {"model": "coatnet_pico", "config": pico.config.to_dict(), "classes": [str(i) for i in range(7)],
             "img_size": 32}
     ckpt = checkpoint.save_checkpoint(tmp_path, "ckpt-00000010", meta, pico, ema_model=ema)
@@ -144,21 +129,15 @@ def test_export_bad_input_is_one_line_exit_2(pico, tmp_path, capsys, argv, messa
 
 # -- timm's weights ---------------------------------------------------------------------------
 
-# Small inputs keep the parity tests fast; every grid is still at least 2x2. The variants below
-# use only switches that variants tested by default also use, and differ from them in depth and
-# width (41M to 165M parameters, 5 to 15 s each on two cores): COATNET_SLOW_TESTS=1 runs them.
+# Small inputs keep the parity tests fast (all twelve variants: ~20 s on two cores); every grid is
+# still at least 2x2.
 TIMM_SIZE = 64
-SLOW = {"coatnet_1_rw": "coatnet_0_rw, coatnet_bn_0_rw", "coatnet_2_rw": "coatnet_nano_rw, coatnet_0_rw",
-        "coatnet_3_rw": "coatnet_0_rw, test_timm_parity_layer_scale",
-        "coatnet_rmlp_1_rw2": "coatnet_rmlp_0_rw",
-        "coatnet_rmlp_2_rw": "coatnet_rmlp_nano_rw, test_timm_parity_layer_scale",
-        "coatnet_rmlp_3_rw": "coatnet_rmlp_nano_rw, test_timm_parity_layer_scale"}
 
 
 def _timm_model(name: str, img_size: int = TIMM_SIZE, **kwargs):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return _randomise_norms(timm.create_model(f"{name}_224", pretrained=False, img_size=img_size,
+    return randomise_norms(timm.create_model(f"{name}_224", pretrained=False, img_size=img_size,
                                               num_classes=1000, **kwargs))
 
 
@@ -172,10 +151,7 @@ def _assert_parity(theirs, name, tmp_path, **switches):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.skipif(n in SLOW and not os.environ.get("COATNET_SLOW_TESTS"),
-                                             reason=f"switches tested by {SLOW.get(n)}; COATNET_SLOW_TESTS=1 runs it"))
-    for n in timm_variants()])
+@pytest.mark.parametrize("name", timm_variants())
 def test_timm_parity(name, tmp_path):
     _assert_parity(_timm_model(name), name, tmp_path)
 
@@ -197,7 +173,7 @@ def test_convert_timm_cli_writes_a_pretrained_folder(tmp_path, capsys):
     """A .pth file at 64x64 with 10 classes: the folder keeps both, read from the tables and the head."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    theirs = _randomise_norms(timm.create_model("coatnet_nano_rw_224", pretrained=False, img_size=64, num_classes=10))
+    theirs = randomise_norms(timm.create_model("coatnet_nano_rw_224", pretrained=False, img_size=64, num_classes=10))
     source = tmp_path / "nano.pth"
     torch.save(theirs.state_dict(), source)
     assert main(["convert-timm", str(source), "--model", "coatnet_nano_rw", "--output", str(tmp_path / "out")]) == 0

@@ -4,42 +4,40 @@ How it measures, so that the figures can be trusted on a shared machine:
 
 * As users call the models: inference is ``model.eval()`` and ``torch.inference_mode()`` on an
   ordinary NCHW float32 batch; a training step is ``model.train()``, forward, cross-entropy,
-  backward and an AdamW step. Inference and training use separate instances of each model, so the
-  weights at inference stay fixed, as in deployment.
-* One process, interleaved: after the warm-up (allocations, kernel selection, the folded
-  inference weights), each of ``--repeats`` rounds times every measurement once in turn (ours,
-  timm, ..., the matmul), so a slow spell of the machine hits them all alike. Reported: the median
-  and the min..max of the rounds; ratios are of medians.
+  backward and an AdamW step.
+* Each measurement (a model in one mode, or the matmul) lives in its own fresh process, as a
+  model does in a user's program. In one shared process the models would share glibc's heap:
+  whichever frees large blocks first changes how the next one's allocations are served (reused
+  heap pages, or fresh ``mmap``s that page-fault on first touch), which moved timm's CoAtNet-0
+  inference from 10 to 22 images/s here depending on what ran before it.
+* Interleaved: after the warm-up (allocations, kernel selection, the folded inference weights),
+  each of ``--repeats`` rounds asks every process in turn for one timed run, so a slow spell of
+  the machine hits them all alike. Reported: the median and the min..max of the rounds; ratios
+  are of medians.
 * The machine's limit: a square float32 ``torch.mm`` timed in the same rounds. The achieved
   fraction is model FLOP/s over matmul FLOP/s, with model FLOPs = 2 x the multiply-adds counted by
-  :func:`coatnet.complexity.count_flops`, and a training step counted as 3 forward passes (the
+  :func:`coatnet.complexity.count_flops`, a training step counted as 3 forward passes (the
   backward pass takes two products per product of the forward pass: input and weight gradients).
-* Peak training memory: in a fresh process per model (spawned), two training steps, reading the
-  peak resident memory of the process (``ru_maxrss``) minus what it held before the model was
-  built: weights, gradients, AdamW state and activations, as the operating system sees them. A
-  fresh process because a process's peak never goes down, so the second model measured in one
-  process would read the first one's peak. On CUDA: ``torch.cuda.max_memory_allocated``.
+* Peak memory: the process's peak resident memory (``ru_maxrss``) at the end, minus what it held
+  before the model was built: weights, and for training gradients, AdamW state and activations,
+  as the operating system sees them. On CUDA: ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import multiprocessing
 import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .complexity import count_flops
-from .models import create_model
 
 WARMUP = 2
 TIMM_MODELS = {f"coatnet_{n}": f"coatnet_{n}_224" for n in range(6)}  # timm's paper-style CoAtNet-0..5
@@ -53,12 +51,31 @@ def _import_timm():
     return timm
 
 
+@dataclass(frozen=True)
+class Job:
+    """One measurement, run in its own process."""
+
+    implementation: str  # "coatnet", "timm", or "torch" for the matmul
+    model: str  # our name (timm's matching name is looked up), or "mm"
+    mode: str  # "inference", "train" or "matmul"
+    compiled: bool
+    img_size: int  # the input's side; for the matmul, the side of its square matrices
+    batch_size: int
+    threads: int | None
+    device: str
+
+    @property
+    def label(self) -> str:
+        name = TIMM_MODELS[self.model] if self.implementation == "timm" else self.model
+        return name + (" (compiled)" if self.compiled else "")
+
+
 def build(implementation: str, name: str, img_size: int) -> nn.Module:
     """Our ``name``, or timm's matching paper-style CoAtNet (random init, nothing downloaded)."""
     if implementation == "coatnet":
+        from .models import create_model
+
         return create_model(name, img_size=img_size)
-    if name not in TIMM_MODELS:
-        raise ValueError(f"timm has no paper-style counterpart of {name}; compare {', '.join(TIMM_MODELS)}")
     return _import_timm().create_model(TIMM_MODELS[name], pretrained=False, img_size=img_size)
 
 
@@ -67,66 +84,98 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    model.eval()
+def _prepare(job: Job, device: torch.device) -> tuple[Callable[[], None], float]:
+    """The function one timed run calls, and its FLOP (2 x multiply-adds) per image (per mm for the matmul)."""
+    if job.mode == "matmul":
+        n = job.img_size
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        return (lambda: torch.mm(a, b)), 2.0 * n**3
+    from .complexity import count_flops
 
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-    return run
+    model = build(job.implementation, job.model, job.img_size).to(device)
+    flop = 2.0 * count_flops(model, job.img_size, in_chans=3) * (1 if job.mode == "inference" else 3)
+    x = torch.randn(job.batch_size, 3, job.img_size, job.img_size, device=device)
+    if job.mode == "inference":
+        model.eval()
+        forward = torch.compile(model) if job.compiled else model
 
-
-def _train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                forward(x)
+        return run, flop
     model.train()
+    forward = torch.compile(model) if job.compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    target = torch.randint(0, 1000, (job.batch_size,), device=device)
 
-    def run() -> None:
-        F.cross_entropy(model(x), target).backward()
+    def step() -> None:
+        F.cross_entropy(forward(x), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return run
+    return step, flop
 
 
-def _peak_train_memory(implementation: str, name: str, img_size: int, batch_size: int, threads: int | None,
-                       device: str) -> float:
-    """Run in a fresh process: peak memory of two training steps, in MiB, over the process's base."""
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(device)
-    if implementation == "timm":
-        _import_timm()  # its import is part of the base, not of the model
+def _peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = build(implementation, name, img_size).to(device)
-    step = _train_step(model, torch.randn(batch_size, 3, img_size, img_size, device=device))
-    for _ in range(2):  # the second step runs with the AdamW state in place
-        step()
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - base) / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def peak_train_memory(*args) -> float:
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_peak_train_memory, *args).result()
+def _worker(job: Job, conn) -> None:
+    """A measurement's process: build, warm up, then one timed run per request; at the end, peak memory."""
+    try:
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        device = torch.device(job.device)
+        if job.implementation == "timm":
+            _import_timm()  # its import is part of the base, not of the model
+        torch.manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        base = _peak_mib(device)
+        run, flop = _prepare(job, device)
+        for _ in range(WARMUP):
+            run()
+        _sync(device)
+        conn.send(("ready", flop))
+        while conn.recv() == "run":
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            conn.send(time.perf_counter() - start)
+        conn.send(_peak_mib(device) - base)
+    except Exception as e:  # reported by the parent as one line
+        conn.send(("error", f"{job.label} {job.mode}: {type(e).__name__}: {e}"))
 
 
-@dataclass
-class Measurement:
-    implementation: str  # "coatnet" or "timm"
-    model: str
-    mode: str  # "inference" or "train"
-    compiled: bool
-    run: Callable[[], None] = field(repr=False)
-    flop_per_image: float = 0.0  # FLOP (2 x multiply-adds) of the step, per image
-    seconds: list[float] = field(default_factory=list)
-    peak_train_mib: float | None = None
+class Runner:
+    """The parent's handle on one measurement's process."""
+
+    def __init__(self, job: Job, context):
+        self.job = job
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(job, child), daemon=True)
+        self.process.start()
+        self.seconds: list[float] = []
+        self.flop = self.peak_mib = 0.0
+
+    def _recv(self):
+        message = self.conn.recv()
+        if isinstance(message, tuple) and message[0] == "error":
+            raise RuntimeError(message[1])
+        return message
+
+    def wait_ready(self) -> None:
+        self.flop = self._recv()[1]
+
+    def time_one(self) -> None:
+        self.conn.send("run")
+        self.seconds.append(self._recv())
+
+    def finish(self) -> None:
+        self.conn.send("stop")
+        self.peak_mib = self._recv()
+        self.process.join()
 
 
 def _spread(values: list[float]) -> dict:
@@ -136,73 +185,67 @@ def _spread(values: list[float]) -> dict:
 def run_bench(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--batch-size and --repeats must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    from .models import model_entry
+
+    model_entry(args.model)  # an unknown name fails here, listing the known ones
+    if args.img_size < 1:
+        raise ValueError(f"--img-size must be positive, got {args.img_size}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
-    implementations = ["coatnet"] + (["timm"] if args.compare == "timm" else [])
+    implementations = ["coatnet"]
     if args.compare == "timm":
         _import_timm()
         if args.model not in TIMM_MODELS:  # before building anything
             raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
+        implementations.append("timm")
 
-    torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    measurements = []
-    variants = [False, True] if args.compile else [False]
-    for mode, make in (("inference", _inference), ("train", _train_step)):
-        for compiled in variants:
-            for impl in implementations:
-                model = build(impl, args.model, args.img_size).to(device)
-                flop = 2 * count_flops(model, args.img_size, in_chans=3) * (1 if mode == "inference" else 3)
-                if compiled:
-                    model = torch.compile(model)
-                measurements.append(Measurement(impl, args.model, mode, compiled, make(model, x), flop))
+    common = dict(batch_size=args.batch_size, threads=args.threads, device=args.device)
+    jobs = [Job(impl, args.model, mode, compiled, args.img_size, **common)
+            for mode in ("inference", "train") for compiled in ([False, True] if args.compile else [False])
+            for impl in implementations]
+    mm_size = 2048 if device.type == "cpu" else 8192
+    jobs.append(Job("torch", "mm", "matmul", False, mm_size, **common))
 
-    n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    matmul = Measurement("torch", "mm", "matmul", False, lambda: torch.mm(a, b), 2 * n**3)
+    context = multiprocessing.get_context("spawn")  # fresh processes, whatever the parent holds
+    runners = []
+    try:
+        for job in jobs:  # one at a time, so that builds and warm-ups do not overlap the others
+            runners.append(Runner(job, context))
+            runners[-1].wait_ready()
+        for _ in range(args.repeats):
+            for runner in runners:
+                runner.time_one()
+        for runner in runners:
+            runner.finish()
+    except (RuntimeError, EOFError) as e:  # EOFError: the process died, e.g. out of memory
+        raise ValueError(f"a measurement failed: {e or 'its process ended'}") from None
+    finally:
+        for runner in runners:
+            runner.process.kill()
 
-    jobs = measurements + [matmul]
-    for job in jobs:
-        for _ in range(WARMUP):
-            job.run()
-    _sync(device)
-    for _ in range(args.repeats):
-        for job in jobs:
-            start = time.perf_counter()
-            job.run()
-            _sync(device)
-            job.seconds.append(time.perf_counter() - start)
-
-    for m in measurements:
-        if m.mode == "train" and not m.compiled:
-            m.peak_train_mib = peak_train_memory(m.implementation, m.model, args.img_size, args.batch_size,
-                                                 args.threads, args.device)
-
-    matmul_flops = [matmul.flop_per_image / s for s in matmul.seconds]
+    matmul = runners[-1]
+    matmul_flops = statistics.median(matmul.flop / s for s in matmul.seconds)
     rows = []
-    for m in measurements:
-        images = [args.batch_size / s for s in m.seconds]
+    for r in runners[:-1]:
+        images = [args.batch_size / s for s in r.seconds]
         ips = statistics.median(images)
-        timm = next((t for t in measurements if t.implementation == "timm" and t.mode == m.mode
-                     and t.compiled == m.compiled), None)
+        timm = next((t for t in runners if t.job.implementation == "timm" and t.job.mode == r.job.mode
+                     and t.job.compiled == r.job.compiled), None)
         vs_timm = None
-        if timm is not None and m is not timm:
+        if timm is not None and r is not timm:
             vs_timm = ips / statistics.median(args.batch_size / s for s in timm.seconds)
-        achieved = m.flop_per_image * ips
-        rows.append(dict(
-            implementation=m.implementation, model=m.model if m.implementation == "coatnet" else TIMM_MODELS[m.model],
-            mode=m.mode, compiled=m.compiled, images_per_s=_spread(images), vs_timm=vs_timm,
-            gflop_per_image=m.flop_per_image / 1e9, achieved_gflops=achieved / 1e9,
-            matmul_fraction=achieved / statistics.median(matmul_flops), peak_train_mib=m.peak_train_mib))
+        achieved = r.flop * ips
+        rows.append(dict(implementation=r.job.implementation, model=r.job.label, mode=r.job.mode,
+                         compiled=r.job.compiled, images_per_s=_spread(images), vs_timm=vs_timm,
+                         gflop_per_image=r.flop / 1e9, achieved_gflops=achieved / 1e9,
+                         matmul_fraction=achieved / matmul_flops, peak_mib=r.peak_mib))
     result = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size, dtype="float32",
-                  device=str(device), threads=torch.get_num_threads(), repeats=args.repeats, warmup=WARMUP,
-                  torch=torch.__version__, matmul_size=n,
-                  matmul_gflops=_spread([f / 1e9 for f in matmul_flops]), rows=rows)
+                  device=str(device), threads=args.threads or torch.get_num_threads(), repeats=args.repeats,
+                  warmup=WARMUP, torch=torch.__version__, matmul_size=mm_size,
+                  matmul_gflops=_spread([matmul.flop / s / 1e9 for s in matmul.seconds]), rows=rows)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -214,18 +257,16 @@ def format_table(result: dict) -> str:
              f"{result['torch']}; median (min..max) of {result['repeats']} interleaved rounds",
              f"matmul {result['matmul_size']}x{result['matmul_size']}: {mm['median']:.1f} GFLOP/s "
              f"({mm['min']:.1f}..{mm['max']:.1f})", ""]
-    header = ("model", "mode", "images/s", "vs timm", "GFLOP/s", "of matmul", "peak train MiB")
+    header = ("model", "mode", "images/s", "vs timm", "GFLOP/s", "of matmul", "peak MiB")
     table = [header]
     for r in result["rows"]:
         ips = r["images_per_s"]
-        table.append((r["model"] + (" (compiled)" if r["compiled"] else ""), r["mode"],
-                      f"{ips['median']:.2f} ({ips['min']:.2f}..{ips['max']:.2f})",
+        table.append((r["model"], r["mode"], f"{ips['median']:.2f} ({ips['min']:.2f}..{ips['max']:.2f})",
                       "-" if r["vs_timm"] is None else f"{r['vs_timm']:.2f}x", f"{r['achieved_gflops']:.1f}",
-                      f"{100 * r['matmul_fraction']:.0f}%",
-                      "-" if r["peak_train_mib"] is None else f"{r['peak_train_mib']:.0f}"))
+                      f"{100 * r['matmul_fraction']:.0f}%", f"{r['peak_mib']:.0f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
               for row in table]
     lines.append("GFLOP/s: 2 x multiply-adds x images/s, a training step counted as 3 forward passes; "
-                 "peak train MiB: a fresh process per model, peak RSS over its base")
+                 "each row is its own process; peak MiB: its peak memory over its base")
     return "\n".join(lines)

@@ -20,11 +20,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, img_size: int | tuple[int, int]) -> int:
-    """Multiply-adds of one forward pass of one image of ``img_size``."""
+def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None) -> int:
+    """Multiply-adds of one forward pass of one image of ``img_size`` (``in_chans``: for a model
+    without our ``config``, e.g. timm's)."""
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     param = next(model.parameters())
-    x = torch.empty(1, model.config.in_chans, height, width, device=param.device, dtype=param.dtype)
+    x = torch.empty(1, in_chans or model.config.in_chans, height, width, device=param.device, dtype=param.dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2

@@ -64,7 +64,9 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
-    torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(output))
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; asking for it is a choice
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(output))
 
 
 def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:

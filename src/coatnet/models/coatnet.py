@@ -526,9 +526,11 @@ def _keeping_buffers(block: nn.Module):
     """Undo what a recomputation writes to ``block``'s buffers, so BatchNorm's running statistics
     move once per step, as without checkpointing."""
     saved = [(buffer, buffer.clone()) for buffer in block.buffers()]
-    yield
-    for buffer, value in saved:
-        buffer.copy_(value)
+    try:
+        yield
+    finally:  # also when the recomputation stops early, as non-reentrant checkpointing does by raising
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args) -> Tensor:

@@ -1,0 +1,51 @@
+"""`coatnet bench` measures and reports; it asserts nothing about speed (these machines are shared)."""
+
+import json
+
+import pytest
+
+from coatnet.cli import main
+
+
+def _bench(capsys, *argv) -> dict:
+    assert main(["bench", "--repeats", "2", "--threads", "1", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_reports_every_field(capsys):
+    result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2")
+    assert result["threads"] == 1 and result["matmul_gflops"]["median"] > 0
+    assert [(r["model"], r["mode"]) for r in result["rows"]] == [("coatnet_pico", "inference"),
+                                                                 ("coatnet_pico", "train")]
+    for row in result["rows"]:
+        ips = row["images_per_s"]
+        assert 0 < ips["min"] <= ips["median"] <= ips["max"]
+        assert row["vs_timm"] is None and row["peak_mib"] > 0 and row["matmul_fraction"] > 0
+    inference, train = result["rows"]
+    assert train["gflop_per_image"] == pytest.approx(3 * inference["gflop_per_image"])
+    # 2 x the multiply-adds `coatnet info` counts for coatnet_pico at 32 (16.0M)
+    assert inference["gflop_per_image"] == pytest.approx(0.032, rel=0.02)
+
+
+def test_bench_side_by_side_with_timm(capsys):
+    pytest.importorskip("timm")
+    result = _bench(capsys, "--model", "coatnet_0", "--img-size", "64", "--batch-size", "1", "--compare", "timm")
+    rows = {(r["model"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {("coatnet_0", "inference"), ("coatnet_0_224", "inference"),
+                         ("coatnet_0", "train"), ("coatnet_0_224", "train")}
+    for mode in ("inference", "train"):
+        ours, theirs = rows["coatnet_0", mode], rows["coatnet_0_224", mode]
+        assert ours["vs_timm"] == pytest.approx(ours["images_per_s"]["median"] / theirs["images_per_s"]["median"])
+        assert theirs["vs_timm"] is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "coatnet_pico", "--compare", "timm"], "timm has no paper-style counterpart of coatnet_pico"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--batch-size", "0"], "--batch-size and --repeats must be at least 1"),
+    (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),
+])
+def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("coatnet bench: error: ") and message in err

@@ -1,0 +1,109 @@
+"""Every fast path computes what the plain path computes, to 1e-5 in float32.
+
+The inference fast paths (BatchNorm folded into the conv, the activation fused as a oneDNN
+post-op, squeeze-excitation scaling in place, the cached relative-position bias) run when autograd
+is off; with autograd on, the same eval-mode model runs its plain layers. Activation
+checkpointing must leave outputs, gradients and BatchNorm statistics unchanged.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coatnet
+from coatnet.models.coatnet import ConvBNAct
+from conftest import randomise_norms
+
+
+# Our paper models (GELU), and rw variants for SiLU, ReLU-in-SE, SE before the depthwise norm,
+# strides by pooling and the MLP relative position bias.
+MODELS = [("coatnet_pico", 32), ("coatnet_0", 64), ("c_t_t_t", 64), ("coatnet_0_rw", 64),
+          ("coatnet_rmlp_nano_rw", 64)]
+
+
+@pytest.mark.parametrize("name,size", MODELS)
+def test_inference_fast_paths_match_the_plain_path(name, size):
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model(name, img_size=size)).eval()
+    x = torch.randn(3, 3, size, size)
+    with torch.enable_grad():  # autograd on: the plain layers
+        plain = model(x).detach()
+    with torch.inference_mode():  # folded, fused, in place, cached
+        fast = model(x)
+        again = model(x)  # from the caches
+    with torch.no_grad():
+        no_grad = model(x)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_grad, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, fast)
+
+
+def test_fast_path_really_runs_and_follows_updates():
+    """The folded weights are used at inference, and rebuilt when a parameter or statistic changes."""
+    torch.manual_seed(0)
+    unit = randomise_norms(ConvBNAct(8, 16, 3)).eval()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.inference_mode():
+        unit(x)
+    assert unit._folded is not None
+    with torch.no_grad():
+        unit[1].running_var.mul_(3.0)
+        unit[0].weight.add_(0.1)
+    with torch.inference_mode():
+        fast = unit(x)
+    with torch.enable_grad():
+        plain = unit(x).detach()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_paths_after_training_steps():
+    """Inference, training, inference: each sees the current weights, and training is unaffected."""
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model.eval()
+        with torch.inference_mode():
+            fast = model(x)
+        with torch.enable_grad():
+            plain = model(x).detach()
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_channels_last_input_gives_the_same_result():
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), model(x),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,size", [("coatnet_pico", 32), ("coatnet_rmlp_nano_rw", 64)])
+def test_grad_checkpointing_changes_nothing(name, size):
+    """Same loss, gradients and BatchNorm running statistics (updated once per step, not twice)."""
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        model = coatnet.create_model(name, img_size=size, num_classes=5, drop_path_rate=0.0).train()
+        for m in model.modules():  # the MLP bias's dropout draws from the RNG: keep both runs alike
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.set_grad_checkpointing(checkpointing)
+        x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return loss.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
+
+    loss0, grads0, buffers0 = step(False)
+    loss1, grads1, buffers1 = step(True)
+    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, atol=1e-5, rtol=1e-5, msg=n)
+    for n, b in buffers0.items():
+        torch.testing.assert_close(buffers1[n], b, atol=1e-5, rtol=1e-5, msg=n)
