@@ -1,6 +1,9 @@
 """`coatnet study layouts` end to end with the small layouts, one epoch at 16x16."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +83,19 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path, capsys):
     assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(tmp_path)]) == 0
     assert main([*ARGS, "--layouts", "c_c_t_t", "--lr", "0.01", "--output-dir", str(tmp_path)]) == 2
     assert "other settings (lr)" in capsys.readouterr().err
+
+
+def test_study_under_torchrun(tmp_path):
+    """Two processes: each run is one DDP job, the process group lives for the whole study (it cannot
+    be started twice), and only the first process writes the study's files."""
+    out = tmp_path / "study"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "coatnet", *ARGS, "--layouts", "c_c_t_t,vit_rel", "--device", "cpu",
+                             "--output-dir", str(out)],
+                            capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    assert [r["layout"] for r in runs] == ["C-C-T-T", "VIT_REL"]
+    for name in ("c_c_t_t", "vit_rel"):
+        assert json.loads((out / "runs" / f"{name}-seed0" / "summary.json").read_text())["world_size"] == 2

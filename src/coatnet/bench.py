@@ -14,11 +14,11 @@ How it measures, so that the figures can be trusted on a shared machine:
   each of ``--repeats`` rounds asks every process in turn for one timed run, so a slow spell of
   the machine hits them all alike. Reported: the median and the min..max of the rounds; ratios
   are of medians.
-* The machine's limit: a square float32 ``torch.mm`` timed in the same rounds. The achieved
+* The machine's limit: a square ``torch.mm`` in the same dtype, timed in the same rounds. The achieved
   fraction is model FLOP/s over matmul FLOP/s, with model FLOPs = 2 x the multiply-adds counted by
   :func:`coatnet.complexity.count_flops`, a training step counted as 3 forward passes (the
   backward pass takes two products per product of the forward pass: input and weight gradients).
-* Peak memory: the process's peak resident memory (``ru_maxrss``) at the end, minus what it held
+* Peak memory: the process's peak resident memory (``VmHWM``) at the end, minus what it held
   before the model was built: weights, and for training gradients, AdamW state and activations,
   as the operating system sees them. On CUDA: ``torch.cuda.max_memory_allocated``.
 """
@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -63,6 +64,7 @@ class Job:
     batch_size: int
     threads: int | None
     device: str
+    dtype: str = "float32"  # "bfloat16": the model under autocast, the matmul in bfloat16
 
     @property
     def label(self) -> str:
@@ -88,19 +90,22 @@ def _prepare(job: Job, device: torch.device) -> tuple[Callable[[], None], float]
     """The function one timed run calls, and its FLOP (2 x multiply-adds) per image (per mm for the matmul)."""
     if job.mode == "matmul":
         n = job.img_size
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        dtype = getattr(torch, job.dtype)
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         return (lambda: torch.mm(a, b)), 2.0 * n**3
     from .complexity import count_flops
 
     model = build(job.implementation, job.model, job.img_size).to(device)
     flop = 2.0 * count_flops(model, job.img_size, in_chans=3) * (1 if job.mode == "inference" else 3)
     x = torch.randn(job.batch_size, 3, job.img_size, job.img_size, device=device)
+    # bfloat16 as training with --amp runs it: float32 weights, autocast around the forward pass.
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=job.dtype == "bfloat16")
     if job.mode == "inference":
         model.eval()
         forward = torch.compile(model) if job.compiled else model
 
         def run() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 forward(x)
         return run, flop
     model.train()
@@ -109,15 +114,24 @@ def _prepare(job: Job, device: torch.device) -> tuple[Callable[[], None], float]
     target = torch.randint(0, 1000, (job.batch_size,), device=device)
 
     def step() -> None:
-        F.cross_entropy(forward(x), target).backward()
+        with autocast:
+            loss = F.cross_entropy(forward(x), target)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, flop
 
 
 def _peak_mib(device: torch.device) -> float:
+    """The process's peak memory so far, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    # On Linux, ru_maxrss carries over the parent's peak through fork and exec (a spawned process
+    # starts with it); VmHWM is this process's own.
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
@@ -202,7 +216,7 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
         implementations.append("timm")
 
-    common = dict(batch_size=args.batch_size, threads=args.threads, device=args.device)
+    common = dict(batch_size=args.batch_size, threads=args.threads, device=args.device, dtype=args.dtype)
     jobs = [Job(impl, args.model, mode, compiled, args.img_size, **common)
             for mode in ("inference", "train") for compiled in ([False, True] if args.compile else [False])
             for impl in implementations]
@@ -242,7 +256,7 @@ def run_bench(args: argparse.Namespace) -> int:
                          compiled=r.job.compiled, images_per_s=_spread(images), vs_timm=vs_timm,
                          gflop_per_image=r.flop / 1e9, achieved_gflops=achieved / 1e9,
                          matmul_fraction=achieved / matmul_flops, peak_mib=r.peak_mib))
-    result = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size, dtype="float32",
+    result = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
                   device=str(device), threads=args.threads or torch.get_num_threads(), repeats=args.repeats,
                   warmup=WARMUP, torch=torch.__version__, matmul_size=mm_size,
                   matmul_gflops=_spread([matmul.flop / s / 1e9 for s in matmul.seconds]), rows=rows)

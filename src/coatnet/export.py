@@ -2,7 +2,7 @@
 
 - ``onnx``: ``torch.onnx.export`` with ``dynamo=False``, the TorchScript-based exporter, opset 17.
   The dynamo exporter needs ``onnxscript``, which the ``export`` extra does not install; the
-  TorchScript-based one needs nothing beyond torch. Input ``images``, output ``logits``.
+  TorchScript-based one needs only ``onnx``. Input ``images``, output ``logits``.
 - ``torchscript``: ``torch.jit.trace``; the trace reads the batch size from its input, so it takes
   any batch size with or without ``dynamic_batch``.
 - ``exported``: ``torch.export.export`` saved with ``torch.export.save`` (a ``.pt2`` file);
@@ -15,6 +15,7 @@ bias of that grid is computed once and stored in the graph.
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 
@@ -49,15 +50,24 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     try:
         # The input checks and the table-resize test read shapes as Python values; the tracer warns
         # that they become constants, which they are for a fixed spatial size.
+        # Written under a temporary name and renamed: a failed export never leaves a broken file
+        # where an earlier good one was.
+        tmp = output.with_name(f".tmp-{output.name}")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            _EXPORTERS[format](model, example, output, dynamic_batch)
+            _EXPORTERS[format](model, example, tmp, dynamic_batch)
+        os.replace(tmp, output)
     finally:
         model.train(was_training)
+        tmp.unlink(missing_ok=True)
     return output
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+    try:
+        import onnx  # noqa: F401  (the exporter writes the file with it)
+    except ImportError:
+        raise ValueError("ONNX export needs the onnx package: pip install 'coatnet[export]'") from None
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["logits"], dynamic_axes=axes)

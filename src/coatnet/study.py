@@ -35,7 +35,7 @@ from .checkpoint import atomic_write
 from .complexity import count_flops, count_parameters
 from .models import CoAtNet, CoAtNetConfig, create_model
 from .plots import save_figure
-from .train import RECIPES, TrainConfig, train
+from .train import RECIPES, TrainConfig, setup_distributed, train
 
 LAYOUTS = ("vit_rel", "c_c_c_c", "c_c_c_t", "c_c_t_t", "c_t_t_t")
 LABELS = {"vit_rel": "VIT_REL", "c_c_c_c": "C-C-C-C", "c_c_c_t": "C-C-C-T", "c_c_t_t": "C-C-T-T",
@@ -120,15 +120,23 @@ def run_layout_study(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} holds a study run with other settings ({', '.join(changed)}); "
                              f"rerun with the same flags to finish it, or choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
+    # Under torchrun every process takes part in each training run (one DDP job, one process group
+    # for the whole study); only the first writes the study's files and shows progress.
+    d = setup_distributed(settings["device"])
+    main = d.main
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
     records = []
-    with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True) as bar:
+    with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True, disable=not main) as bar:
         for name, seed in bar:
             bar.set_postfix_str(f"{LABELS[name]} seed {seed}")
             records.append(run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}"))
-            write_study(out, settings, records)
-    print(f"wrote {out / 'study.json'}, {out / 'study.md'} and {out / 'study.png'}")
-    print((out / "study.md").read_text())
+            if main:
+                write_study(out, settings, records)
+    if main:
+        print(f"wrote {out / 'study.json'}, {out / 'study.md'} and {out / 'study.png'}")
+        print((out / "study.md").read_text())
+    if d.owns_group:
+        torch.distributed.destroy_process_group()
     return 0
 
 

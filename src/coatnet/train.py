@@ -122,6 +122,7 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
+    owns_group: bool = False  # this call started the process group, so it ends it
 
     @property
     def main(self) -> bool:
@@ -136,9 +137,12 @@ def setup_distributed(device: str | None) -> Dist:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    # A caller that trains several times (the layout study) starts the group once and keeps it:
+    # a process group cannot be started again in a process under torchrun.
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world_size > 1 else 0, world_size, dev)
+    return Dist(dist.get_rank() if world_size > 1 else 0, world_size, dev, owns_group)
 
 
 def _broadcast(obj, d: Dist):
@@ -440,6 +444,7 @@ def train(args: argparse.Namespace) -> dict:
               f"skipped files: {skipped_files}; run directory {run_dir}", flush=True)
     if d.world_size > 1:
         dist.barrier()
+    if d.owns_group:
         dist.destroy_process_group()
     return summary
 

@@ -420,7 +420,9 @@ class RelativeAttention(nn.Module):
     def relative_position_bias(self, height: int, width: int) -> Tensor:
         """The (heads, H*W, H*W) bias for an H x W grid, gathered from the table."""
         table = self.relative_table(height, width)
-        return table.flatten(1)[:, relative_position_index(height, width, table.device)]
+        # The compiler folds the index into the graph; it would trace through the cache, and warn.
+        index = relative_position_index.__wrapped__ if torch.compiler.is_compiling() else relative_position_index
+        return table.flatten(1)[:, index(height, width, table.device)]
 
     def _position_parameters(self) -> list[Tensor]:
         if self.relative_position == "mlp":

@@ -42,7 +42,7 @@ def pretrained_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor
 
     path = Path(path)
     if path.is_dir():
-        from ..checkpoint import load_checkpoint  # the training side, only when asked
+        from ..checkpoint import load_checkpoint  # the folder format, shared with training
 
         return load_checkpoint(path, with_train_state=False).eval_weights
     state = read_state_dict(path)

@@ -40,7 +40,7 @@ def from_pretrained(path: str | Path) -> nn.Module:
     A weights file without a config is not enough to know the network: load it with
     ``create_model(name, pretrained=FILE)``.
     """
-    from ..checkpoint import load_checkpoint, model_from_checkpoint  # the training side, only when asked
+    from ..checkpoint import load_checkpoint, model_from_checkpoint  # the folder format, shared with training
 
     path = Path(path)
     if path.is_file():
