@@ -123,7 +123,7 @@ def test_crash_while_saving_leaves_last_intact(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", broken_save)
+    monkeypatch.setattr(ckpt_mod, "write_weights", broken_save)
     with pytest.raises(OSError):
         main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)])
     assert os.readlink(out / "last") == before

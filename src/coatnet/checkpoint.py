@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-CONFIG, WEIGHTS, EMA_WEIGHTS, TRAIN_STATE = "config.json", "model.safetensors", "ema.safetensors", "train_state.pt"
+from .models.pretrained import CONFIG, WEIGHTS, write_weights
+
+# A checkpoint is a save_pretrained folder (CONFIG, WEIGHTS) with these beside them.
+EMA_WEIGHTS, TRAIN_STATE = "ema.safetensors", "train_state.pt"
 
 
 class CheckpointError(ValueError):
@@ -63,10 +66,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
 def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module,
                     ema_model: nn.Module | None = None, train_state: dict | None = None,
                     links: tuple[str, ...] = ("last",)) -> Path:
@@ -83,9 +82,9 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
-    save_file(_contiguous(model.state_dict()), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    write_weights(model, tmp / WEIGHTS)
     if ema_model is not None:
-        save_file(_contiguous(ema_model.state_dict()), str(tmp / EMA_WEIGHTS), metadata={"format": "pt"})
+        write_weights(ema_model, tmp / EMA_WEIGHTS)
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     for f in tmp.iterdir():

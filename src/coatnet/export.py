@@ -45,14 +45,14 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     model.check_input(example)  # a wrong size fails here, in one line, not deep inside a tracer
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed: a failed export never leaves a broken file where
+    # an earlier good one was.
+    tmp = output.with_name(f".tmp-{output.name}")
     was_training = model.training
     model.eval()
     try:
         # The input checks and the table-resize test read shapes as Python values; the tracer warns
         # that they become constants, which they are for a fixed spatial size.
-        # Written under a temporary name and renamed: a failed export never leaves a broken file
-        # where an earlier good one was.
-        tmp = output.with_name(f".tmp-{output.name}")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             _EXPORTERS[format](model, example, tmp, dynamic_batch)

@@ -18,6 +18,12 @@ from torch import nn
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
+def write_weights(model: nn.Module, file: Path) -> None:
+    """``model``'s state dict as safetensors; it refuses views and shared storage, so contiguous copies."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(file),
+              metadata={"format": "pt"})
+
+
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (a :class:`CoAtNet`) to ``directory``, created if needed; returns the folder."""
     directory = Path(directory)
@@ -26,9 +32,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     (directory / CONFIG).write_text(json.dumps({"model": config.name, "config": config.to_dict()}, indent=2))
-    # safetensors refuses views and shared storage: save contiguous copies.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    write_weights(model, directory / WEIGHTS)
     return directory
 
 
