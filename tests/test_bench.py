@@ -41,6 +41,22 @@ def test_bench_side_by_side_with_timm(capsys):
     assert rows["coatnet_0", "train"]["peak_mib"] > 100  # its weights alone are 96 MiB, then AdamW's state
 
 
+def test_both_models_train_with_the_papers_stochastic_depth():
+    """The same work per training step: timm's model gets our (the paper's) rate, not its default of none."""
+    pytest.importorskip("timm")
+    from coatnet.bench import build
+
+    def rates(model):
+        return [m.drop_prob if hasattr(m, "drop_prob") else m.p for m in model.modules()
+                if type(m).__name__ in ("DropPath", "StochasticDepth")]
+
+    ours, theirs = rates(build("coatnet", "coatnet_0", 64)), rates(build("timm", "coatnet_0", 64))
+    # One rate per block, rising linearly with its index from 0 to 0.2; timm holds one module per
+    # Transformer branch, and none for a rate of 0.
+    assert sorted({round(r, 6) for r in ours if r}) == sorted({round(r, 6) for r in theirs})
+    assert len(ours) == 12 and max(ours) == pytest.approx(0.2)
+
+
 def test_bench_bfloat16(capsys):
     result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--dtype", "bfloat16")
     assert result["dtype"] == "bfloat16" and len(result["rows"]) == 2
