@@ -5,7 +5,8 @@ import torch
 
 def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
     """Give every BatchNorm statistics and affine terms, and every layer scale a size, away from the
-    identity (of the size trained networks have), so that a wrong fold, conversion or ordering shows; returns the model in eval mode."""
+    identity (of the size trained networks have), so that a wrong fold, conversion or ordering
+    shows; returns the model in eval mode."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():

@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "to --img-size, a classifier of another size is replaced")
     p.set_defaults(func=lambda args: _lazy("train", "run_train")(args))
 
-    p = sub.add_parser("eval", help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (RUN_DIR/best, RUN_DIR/last) or run directory")
+    p = sub.add_parser("eval",
+                       help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory (RUN_DIR/best, RUN_DIR/last) or run directory")
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder or CIFAR data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")

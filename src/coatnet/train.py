@@ -427,8 +427,8 @@ def train(args: argparse.Namespace) -> dict:
             _write_metrics(run_dir, history)
             plot_curves(history, run_dir / "curves.png")
             h = history[-1]
-            print(f"epoch {h['epoch']:>3}/{cfg.epochs}  train_loss {h['train_loss']:.4f}  eval_loss {h['eval_loss']:.4f}  "
-                  f"top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  "
+            print(f"epoch {h['epoch']:>3}/{cfg.epochs}  train_loss {h['train_loss']:.4f}  "
+                  f"eval_loss {h['eval_loss']:.4f}  top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  "
                   f"{h['images_per_second']:7.1f} img/s", flush=True)
 
     # -- summary -------------------------------------------------------------------------------

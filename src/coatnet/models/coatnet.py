@@ -711,7 +711,8 @@ class CoAtNet(nn.Module):
     def default_feature_indices(self) -> list[int]:
         """Indices into ``feature_info`` of the last stage at each resolution (S1..S4)."""
         info = self.feature_info
-        return [i for i in range(1, len(info)) if i == len(info) - 1 or info[i + 1]["reduction"] != info[i]["reduction"]]
+        return [i for i in range(1, len(info))
+                if i == len(info) - 1 or info[i + 1]["reduction"] != info[i]["reduction"]]
 
     def forward_intermediates(self, x: Tensor, indices: list[int] | None = None,
                               intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
