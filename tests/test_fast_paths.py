@@ -1,8 +1,8 @@
 """Every fast path computes what the plain path computes, to 1e-5 in float32.
 
 The inference fast paths (BatchNorm folded into the conv, the activation fused as a oneDNN
-post-op, squeeze-excitation scaling in place, the cached relative-position bias) run when autograd
-is off; with autograd on, the same eval-mode model runs its plain layers. Activation
+post-op, squeeze-excitation scaling in place, the cached relative-position bias, MBConv over
+chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode model runs its plain layers. Activation
 checkpointing must leave outputs, gradients and BatchNorm statistics unchanged.
 """
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import coatnet
+import coatnet.models.coatnet as coatnet_model
 from coatnet.models.coatnet import ConvBNAct
 from conftest import randomise_norms
 
@@ -82,6 +83,27 @@ def test_channels_last_input_gives_the_same_result():
     with torch.inference_mode():
         torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), model(x),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_mbconv_runs_a_wide_batch_in_even_chunks(monkeypatch):
+    """At inference, a block whose hidden tensor would pass MAX_HEAP_BLOCK runs the batch in chunks
+    of even size, with the plain path's result; with autograd on, in one piece."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_0", img_size=64)).eval()
+    block = model.stages[0][1]  # S1's second block: 384 hidden channels at 16x16 for a 64x64 input
+    calls = []
+    block.residual.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    monkeypatch.setattr(coatnet_model, "MAX_HEAP_BLOCK", 2 * 384 * 16 * 16 * 4)  # two images' hidden tensors
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        chunked = model(x)
+    assert calls == [2, 2, 1]  # 3 chunks: the fewest that fit, evened out
+    calls.clear()
+    with torch.enable_grad():
+        plain = model(x).detach()
+    assert calls == [5]
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    assert chunked.shape == (5, 1000)
 
 
 @pytest.mark.parametrize("name,size", [("coatnet_pico", 32), ("coatnet_rmlp_nano_rw", 64)])
