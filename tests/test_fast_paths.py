@@ -2,8 +2,9 @@
 
 The inference fast paths (BatchNorm folded into the conv, the activation fused as a oneDNN
 post-op, squeeze-excitation scaling in place, the cached relative-position bias, MBConv over
-chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode model runs its plain layers. Activation
-checkpointing must leave outputs, gradients and BatchNorm statistics unchanged.
+chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode model runs
+its plain layers. Activation checkpointing must leave outputs, gradients and BatchNorm statistics
+unchanged.
 """
 
 import pytest

@@ -168,9 +168,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "re
 # Fast paths. At inference (autograd off, eager PyTorch) some modules take shortcuts that compute
 # the same function with fewer passes over memory: BatchNorm folded into the conv before it, the
 # activation fused into that conv, squeeze-excitation scaling in place, and on CPU a batch too wide
-# for the heap run through MBConv in chunks. With autograd on
-# (training, or gradients of an eval-mode model) and under tracing, torch.compile or torch.export,
-# they run their plain layers. tests/test_fast_paths.py checks that both agree to 1e-5.
+# for the heap run through MBConv in chunks. With autograd on (training, or gradients of an
+# eval-mode model) and under tracing, torch.compile or torch.export, they run their plain layers.
+# tests/test_fast_paths.py checks that both agree to 1e-5.
 
 
 # The largest block glibc's malloc serves from its heap (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit);
