@@ -184,6 +184,44 @@ def test_truncated_jpeg_is_skipped_at_load(tmp_path):
     assert b.train.skipped_at_load == 1
 
 
+def test_imagefolder_does_not_follow_symlinked_folders(tmp_path):
+    root = make_tree(tmp_path)
+    train = root / "train"
+    try:
+        (train / "cat" / "up").symlink_to("..", target_is_directory=True)  # would list train/ again
+    except OSError:
+        pytest.skip("cannot create symlinks here")
+    (train / "dog" / "birds").symlink_to("../bird", target_is_directory=True)
+    (train / "dog" / "linked.png").symlink_to("../cat/0.png")  # a symlinked file is read
+    (tmp_path / "elsewhere" / "fish").mkdir(parents=True)
+    write_image(tmp_path / "elsewhere" / "fish" / "0.png", 99, "PNG")
+    for split in ("train", "val"):  # a symlinked class folder is a class
+        (root / split / "fish").symlink_to(tmp_path / "elsewhere" / "fish", target_is_directory=True)
+    b = build_datasets("imagefolder", root, img_size=16)
+    assert b.classes == ("bird", "cat", "dog", "fish")
+    assert [(Path(p).relative_to(train).as_posix(), label) for p, label in b.train.samples] == [
+        ("bird/0.png", 0), ("bird/1.jpg", 0), ("bird/2.png", 0), ("cat/0.png", 1), ("cat/1.jpg", 1),
+        ("cat/2.png", 1), ("dog/0.png", 2), ("dog/1.jpg", 2), ("dog/2.png", 2), ("dog/linked.png", 2),
+        ("fish/0.png", 3)]
+
+
+def test_imagefolder_skips_hidden_entries_at_any_depth(tmp_path):
+    root = make_tree(tmp_path)
+    cat = root / "train" / "cat"
+    write_image(cat / ".ipynb_checkpoints" / "0-checkpoint.png", 50, "PNG")
+    (cat / ".ipynb_checkpoints" / "broken.png").write_bytes(b"not a png")  # not even counted
+    write_image(cat / "more" / "3.png", 51, "PNG")  # a visible subfolder is read
+    write_image(cat / "more" / ".deep" / "4.png", 52, "PNG")
+    write_image(cat / "more" / "._3.png", 53, "PNG")  # macOS resource fork name
+    for split in ("train", "val"):
+        write_image(root / split / ".cache" / "5.png", 54, "PNG")  # hidden class folder
+    b = build_datasets("imagefolder", root, img_size=16)
+    assert b.classes == ("bird", "cat", "dog") and b.skipped_files == 0
+    assert [Path(p).relative_to(cat.parent).as_posix() for p, _ in b.train.samples][3:7] == [
+        "cat/0.png", "cat/1.jpg", "cat/2.png", "cat/more/3.png"]
+    assert len(b.train) == 10 and len(b.val) == 9
+
+
 def test_imagefolder_class_mismatch(tmp_path):
     root = make_tree(tmp_path)
     (root / "val" / "dog").rename(root / "val" / "wolf")
@@ -234,6 +272,18 @@ def test_load_image_errors(tmp_path):
     write_image(tmp_path / "g.png", 0, "PNG", mode="L")
     im = load_image(tmp_path / "g.png")
     assert im.mode == "RGB" and im.size == (20, 24)
+
+
+def test_load_image_16bit_png_keeps_intensities(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 8).round().astype(np.uint16).reshape(8, 64)  # full 16-bit range
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode in ("I;16", "I")  # really a 16-bit grayscale PNG
+    rgb = np.asarray(load_image(tmp_path / "deep.png"))
+    expected = np.rint(ramp / 257).astype(np.uint8)  # 0..65535 -> 0..255
+    assert rgb.shape == (8, 64, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], expected)
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
@@ -158,6 +159,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"cannot read image '{p}': no such file; check the path")
     try:
         with Image.open(p) as im:
+            if im.mode.startswith("I"):  # 16/32-bit integer grayscale, e.g. a 16-bit PNG ("I;16")
+                # convert("RGB") would clip every value above 255 to white: scale 0..65535 to 0..255.
+                wide = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
+                return Image.fromarray(np.rint(wide / 257).astype(np.uint8)).convert("RGB")
             # convert() forces the full decode (so a truncated file fails here, not later in a
             # transform) and returns a copy that no longer needs the open file handle.
             return im.convert("RGB")
@@ -170,7 +175,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ) from None
 
 
-def _header_ok(path: Path) -> bool:
+def _header_ok(path: str) -> bool:
     """Cheap validity check: PIL identifies the format from the header without decoding pixels."""
     try:
         with Image.open(path):
@@ -184,14 +189,12 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _find_classes(split_dir: Path) -> tuple[str, ...]:
-    return tuple(
-        sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
-    )
-
-
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(ImageFolder):
     """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
+
+    Hidden (dot-named) folders and files are skipped at every depth, and symlinked folders inside a
+    class folder are not descended into (``ln -s .. cat/up`` would list the split again, mislabelled,
+    or loop). A class folder may itself be a symlink; a symlinked file is read like any other.
 
     Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning).
     A file that passes that check but fails to decode later (e.g. a truncated JPEG) is warned
@@ -201,35 +204,43 @@ class ImageFolderDataset(Dataset):
     the main process.
     """
 
-    def __init__(self, root: Path, classes: tuple[str, ...], transform: Callable):
-        self.root = root
-        self.classes = classes
-        self.class_to_idx = {c: i for i, c in enumerate(classes)}
-        self.transform = transform
-        self.samples: list[tuple[str, int]] = []
-        self.skipped = 0
-        for cls in classes:
-            # Sorted walk, like ImageFolder, so the sample order is the same on every machine.
-            for dirpath, dirnames, filenames in sorted(os.walk(root / cls, followlinks=True)):
-                dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+    def __init__(self, root: Path, transform: Callable):
+        self.skipped = 0  # counted by make_dataset, which the base constructor calls
+        self._bad_at_load: set[int] = set()
+        super().__init__(root, transform=transform, loader=load_image)
+
+    @staticmethod
+    def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        """Sorted non-hidden subfolders of ``directory`` (none is fine: the caller reports it)."""
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _is_hidden(e.name))
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], **_) -> list[tuple[str, int]]:
+        """``(path, label)`` for each image under each class folder, in the same order on every machine.
+
+        Replaces torchvision's walk, which follows symlinked folders and lists hidden ones. The base
+        class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
+        """
+        samples = []
+        for cls, label in class_to_idx.items():
+            # Top-down walk with sorted, pruned dirnames; followlinks=False (the default) keeps
+            # symlinked folders out of it.
+            for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls)):
+                dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
                 for fname in sorted(filenames):
                     if _is_hidden(fname) or not has_file_allowed_extension(fname, IMG_EXTENSIONS):
                         continue  # not an image by name (e.g. .txt): silently not part of the set
-                    path = Path(dirpath) / fname
+                    path = os.path.join(dirpath, fname)
                     if _header_ok(path):
-                        self.samples.append((str(path), self.class_to_idx[cls]))
+                        samples.append((path, label))
                     else:
                         self.skipped += 1
                         warnings.warn(f"skipping '{path}': not an image file or corrupt", stacklevel=2)
-        self.targets = [label for _, label in self.samples]
-        self._bad_at_load: set[int] = set()
+        return samples
 
     @property
     def skipped_at_load(self) -> int:
         return len(self._bad_at_load)
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.samples)
@@ -237,14 +248,11 @@ class ImageFolderDataset(Dataset):
             i = (index + k) % n
             if i in self._bad_at_load:
                 continue
-            path, label = self.samples[i]
             try:
-                img = load_image(path)
+                return super().__getitem__(i)  # load_image, then the transform
             except DataError as e:
                 self._bad_at_load.add(i)  # remembered, so each bad file is decoded/warned once
                 warnings.warn(f"skipping at load: {e}", stacklevel=2)
-                continue
-            return self.transform(img), label
         raise DataError(f"no decodable image left in '{self.root}'; check the data directory")
 
 
@@ -458,8 +466,9 @@ def _build_imagefolder(
                 f"'{data_dir}' has no {split}/ folder; lay out images as "
                 f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg"
             )
-    classes = _find_classes(split_dirs["train"])
-    val_classes = _find_classes(split_dirs["val"])
+    # Compare the class folders before the (slow) header scan of every file.
+    classes, _ = ImageFolderDataset.find_classes(split_dirs["train"])
+    val_classes, _ = ImageFolderDataset.find_classes(split_dirs["val"])
     if not classes:
         raise DataError(
             f"empty data directory: '{split_dirs['train']}' has no class folders; "
@@ -472,10 +481,8 @@ def _build_imagefolder(
             f"train/ and val/ in '{data_dir}' have different class folders "
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
         )
-    train = ImageFolderDataset(
-        split_dirs["train"], classes, _imagefolder_train_transform(img_size, hflip, randaugment)
-    )
-    val = ImageFolderDataset(split_dirs["val"], classes, eval_transform(img_size))
+    train = ImageFolderDataset(split_dirs["train"], _imagefolder_train_transform(img_size, hflip, randaugment))
+    val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size))
     for split, ds in (("train", train), ("val", val)):
         if len(ds) == 0:
             raise DataError(
@@ -483,7 +490,7 @@ def _build_imagefolder(
                 f"(looked for {', '.join(IMG_EXTENSIONS)}); put images in "
                 f"{split_dirs[split]}/<class>/"
             )
-    return DataBundle(train, val, classes, skipped_files=train.skipped + val.skipped)
+    return DataBundle(train, val, tuple(classes), skipped_files=train.skipped + val.skipped)
 
 
 def build_datasets(
