@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import coatnet
-import coatnet.models.coatnet as coatnet_model
-from coatnet.models.coatnet import ConvBNAct
+import coatnet.models.fast_path as fast_path
+from coatnet.models.fast_path import ConvBNAct
 from conftest import randomise_norms
 
 
@@ -40,14 +40,17 @@ def test_inference_fast_paths_match_the_plain_path(name, size):
     assert torch.equal(again, fast)
 
 
-def test_fast_path_really_runs_and_follows_updates():
-    """The folded weights are used at inference, and rebuilt when a parameter or statistic changes."""
+def test_fast_path_really_runs_and_follows_updates(monkeypatch):
+    """The folded weights are used at inference, and follow a change of a parameter or statistic."""
     torch.manual_seed(0)
     unit = randomise_norms(ConvBNAct(8, 16, 3)).eval()
     x = torch.randn(2, 8, 10, 10)
+    folds = []
+    fold = fast_path.fold_batch_norm
+    monkeypatch.setattr(fast_path, "fold_batch_norm", lambda conv, norm: folds.append(1) or fold(conv, norm))
     with torch.inference_mode():
         unit(x)
-    assert unit._folded is not None
+    assert folds
     with torch.no_grad():
         unit[1].running_var.mul_(3.0)
         unit[0].weight.add_(0.1)
@@ -94,7 +97,7 @@ def test_mbconv_runs_a_wide_batch_in_even_chunks(monkeypatch):
     block = model.stages[0][1]  # S1's second block: 384 hidden channels at 16x16 for a 64x64 input
     calls = []
     block.residual.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-    monkeypatch.setattr(coatnet_model, "MAX_HEAP_BLOCK", 2 * 384 * 16 * 16 * 4)  # two images' hidden tensors
+    monkeypatch.setattr(fast_path, "MAX_HEAP_BLOCK", 2 * 384 * 16 * 16 * 4)  # two images' hidden tensors
     x = torch.randn(5, 3, 64, 64)
     with torch.inference_mode():
         chunked = model(x)
@@ -130,3 +133,78 @@ def test_grad_checkpointing_changes_nothing(name, size):
         torch.testing.assert_close(grads1[n], g, atol=1e-5, rtol=1e-5, msg=n)
     for n, b in buffers0.items():
         torch.testing.assert_close(buffers1[n], b, atol=1e-5, rtol=1e-5, msg=n)
+
+
+# -- the fast path keeps no state: right after any change of the weights, in any mode, any thread --
+
+
+def _pico(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomise_norms(coatnet.create_model("coatnet_pico", num_classes=10)).eval()
+
+
+def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    copy = coatnet.create_model("coatnet_pico", num_classes=10).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def test_inference_sees_fused_optimizer_steps_and_in_place_copies():
+    """Fused AdamW and ``p.data.copy_`` change weights without bumping their version counters; the
+    next inference must still use the new weights (as a fresh model given the same state dict)."""
+    model = _pico()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # a first inference, whose derived weights a cache would keep
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()  # eval mode: BatchNorm frozen
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(model(x), _fresh_copy(model)(x))
+        other = _pico(seed=1)
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.data.copy_(q.data)
+        assert torch.equal(model(x), _fresh_copy(model)(x))
+
+
+def test_model_built_under_inference_mode():
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model = _pico()
+        fast = model(x)
+    reference = _pico()
+    with torch.enable_grad():
+        torch.testing.assert_close(fast, reference(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_model_moved_to_bfloat16_after_float32_inference():
+    model = _pico()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        full = model(x)
+        model.to(torch.bfloat16)
+        half = model(x.bfloat16()).float()
+    torch.testing.assert_close(half, full, atol=0.05 * full.abs().max().item(), rtol=0.05)
+
+
+def test_called_from_two_threads_at_once():
+    import threading
+
+    model = _pico()
+    inputs = [torch.randn(3, 3, 32, 32) for _ in range(2)]
+    with torch.inference_mode():
+        expected = [model(x) for x in inputs]
+    results = [[] for _ in inputs]
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(5):
+                results[i].append(model(inputs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in enumerate(results):
+        assert len(outs) == 5 and all(torch.equal(out, expected[i]) for out in outs)

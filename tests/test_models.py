@@ -1,6 +1,10 @@
 """The building blocks and the network: shapes, Eq. 3, down-sampling, resolution changes, errors."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +13,8 @@ from torchvision.ops import StochasticDepth
 
 import coatnet
 from coatnet.models import load_weights
-from coatnet.models.coatnet import (MBConv, RelativeAttention, TransformerBlock, max_pool_tokens,
-                                    resize_relative_table)
+from coatnet.models.coatnet import (MBConv, MBConvConfig, RelativeAttention, TransformerBlock, TransformerConfig,
+                                    pool_tokens, resize_relative_table)
 
 
 def tiny(**kw):
@@ -105,7 +109,7 @@ def _naive_relative_attention(attn: RelativeAttention, x, height, width):
     b, n, _ = x.shape
     heads, d = attn.num_heads, attn.head_size
     q, k, v = attn.qkv(x).view(b, n, 3, heads, d).unbind(2)
-    table = resize_relative_table(attn.relative_position_table, (2 * height - 1, 2 * width - 1))
+    table = resize_relative_table(attn.relative_position.table, (2 * height - 1, 2 * width - 1))
     bias = torch.empty(heads, n, n)
     for i in range(n):
         for j in range(n):
@@ -119,8 +123,8 @@ def _naive_relative_attention(attn: RelativeAttention, x, height, width):
 @pytest.mark.parametrize("grid", [(3, 4), (4, 4)])
 def test_relative_attention_matches_eq3(grid):
     torch.manual_seed(0)
-    attn = RelativeAttention(16, 32, head_size=8, grid_size=grid)
-    torch.nn.init.normal_(attn.relative_position_table)
+    attn = RelativeAttention(16, 32, grid, TransformerConfig(head_size=8))
+    torch.nn.init.normal_(attn.relative_position.table)
     x = torch.randn(2, grid[0] * grid[1], 16)
     torch.testing.assert_close(attn(x, *grid), _naive_relative_attention(attn, x, *grid), atol=1e-5, rtol=1e-5)
     # Another grid: the table is interpolated to (2H'-1)x(2W'-1), then used the same way.
@@ -130,7 +134,7 @@ def test_relative_attention_matches_eq3(grid):
 
 def test_tables_are_per_layer_and_per_head():
     model = tiny()
-    tables = [m.relative_position_table for m in model.modules() if isinstance(m, RelativeAttention)]
+    tables = [m.relative_position.table for m in model.modules() if isinstance(m, RelativeAttention)]
     assert len(tables) == 3  # 2 blocks in S3, 1 in S4: one table each, nothing shared
     assert len({t.data_ptr() for t in tables}) == 3
     assert tables[0].shape == (4, 2 * 4 - 1, 2 * 4 - 1) and tables[2].shape == (8, 3, 3)
@@ -147,23 +151,20 @@ def test_resize_relative_table():
     assert torch.allclose(resize_relative_table(torch.full((1, 5, 5), 3.0), (9, 9)), torch.tensor(3.0))
 
 
-def test_inference_bias_is_cached_and_invalidated():
+def test_inference_bias_follows_the_table():
+    """The bias is computed from the table on every call (no cache that could go stale): an in-place
+    change of the table, as an optimizer step makes, shows at once, and the inference and grad-mode
+    results agree."""
     torch.manual_seed(0)
-    attn = RelativeAttention(16, 16, head_size=8, grid_size=(4, 4))
-    calls = []
-    original = attn.relative_position_bias
-    attn.relative_position_bias = lambda h, w: calls.append((h, w)) or original(h, w)
+    attn = RelativeAttention(16, 16, (4, 4), TransformerConfig(head_size=8))
     x = torch.randn(1, 16, 16)
     with torch.inference_mode():
         first = attn(x, 4, 4)
-        attn(x, 4, 4)
-    assert calls == [(4, 4)]  # built once, reused
     with torch.no_grad():
-        attn.relative_position_table.add_(torch.randn(2, 7, 7))  # in place, as an optimizer step updates it
+        attn.relative_position.table.add_(torch.randn(2, 7, 7))  # in place, as an optimizer step updates it
         changed = attn(x, 4, 4)
-    assert calls == [(4, 4), (4, 4)] and not torch.allclose(first, changed)
-    torch.testing.assert_close(changed, attn(x, 4, 4))  # grad mode: no cache, same numbers
-    assert len(calls) == 3
+    assert not torch.allclose(first, changed)
+    torch.testing.assert_close(changed, attn(x, 4, 4))  # grad mode: same numbers
 
 
 def test_training_after_cached_inference():
@@ -182,7 +183,7 @@ def test_forward_at_another_size_equals_model_built_there():
     state = small.state_dict()
     big = coatnet.create_model("coatnet_pico", num_classes=10, img_size=64).eval()
     big.load_state_dict(state)
-    assert big.stages[2].blocks[0].attn.relative_position_table.shape == (4, 15, 15)
+    assert big.stages[2].blocks[0].attn.relative_position.table.shape == (4, 15, 15)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(big(x), small(x), atol=1e-5, rtol=1e-5)
 
@@ -238,25 +239,25 @@ def test_mbconv_downsampling_eq5_and_table9():
     assert isinstance(block.shortcut[0], torch.nn.MaxPool2d) and block.shortcut[1].kernel_size == (1, 1)
     assert block.residual.expand[0].out_channels == 64  # x4 expansion
     assert block.residual.se.fc1.out_channels == 4  # SE shrink 0.25
-    dw = MBConv(8, 16, stride=2, stride_on_depthwise=True)
+    dw = MBConv(8, 16, stride=2, config=MBConvConfig(stride_on="depthwise"))
     assert dw.residual.expand[0].stride == (1, 1) and dw.residual.depthwise[0].stride == (2, 2)
     x = torch.randn(2, 8, 12, 12)
     assert block(x).shape == dw(x).shape == (2, 16, 6, 6)
 
 
-def test_max_pool_tokens_is_a_2x2_max_pool():
+def test_pool_tokens_is_a_2x2_max_pool():
     x = torch.randn(2, 6 * 8, 5)
     grid = x.transpose(1, 2).reshape(2, 5, 6, 8)
     expected = F.max_pool2d(grid, 2, 2).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(max_pool_tokens(x, 6, 8), expected)
+    torch.testing.assert_close(pool_tokens(x, 6, 8), expected)
 
 
 def test_transformer_downsampling_eq4():
     torch.manual_seed(0)
-    block = TransformerBlock(8, 16, head_size=8, grid_size=(2, 2), downsample=True).eval()
+    block = TransformerBlock(8, 16, (2, 2), downsample=True, config=TransformerConfig(head_size=8)).eval()
     x = torch.randn(2, 16, 8)
-    pooled = max_pool_tokens(x, 4, 4)
-    y = block.attn(max_pool_tokens(block.attn_norm(x), 4, 4), 2, 2)
+    pooled = pool_tokens(x, 4, 4)
+    y = block.attn(pool_tokens(block.attn_norm(x), 4, 4), 2, 2)
     expected = block.shortcut(pooled) + y
     expected = expected + block.ffn(block.ffn_norm(expected))
     torch.testing.assert_close(block(x, 4, 4), expected)
@@ -274,7 +275,7 @@ def test_config_prints_and_round_trips():
     config = coatnet.create_model("coatnet_pico").config
     text = str(config)
     assert "S3  transformer x2" in text and "C-C-T-T" in text
-    assert coatnet.CoAtNetConfig(**config.to_dict()) == config
+    assert coatnet.CoAtNetConfig.from_dict(config.to_dict()) == config
 
 
 def test_training_mode_runs_and_drop_path_is_active():
@@ -287,3 +288,64 @@ def test_training_mode_runs_and_drop_path_is_active():
     assert not torch.allclose(a, b)  # stochastic depth draws differ
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+# -- the config's JSON form, its versions, and the model side's independence ----------------------
+
+V1_CONFIGS = json.loads((Path(__file__).parent / "data" / "config_v1.json").read_text())
+
+
+@pytest.mark.parametrize("name", coatnet.list_models())
+def test_version_1_configs_read_as_today(name):
+    """config.json files written before the nested configs (version 1, one flat dict, captured from
+    that code for every registered model) give exactly today's configuration."""
+    with torch.device("meta"):
+        config = coatnet.create_model(name).config
+    assert coatnet.CoAtNetConfig.from_dict(V1_CONFIGS[name]) == config
+    assert config.to_dict()["version"] == 2
+
+
+def test_a_version_1_folder_loads(tmp_path):
+    """A save_pretrained folder of the earlier format (flat config, the relative table as
+    ``attn.relative_position_table``) loads with the same outputs."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    folder = model.save_pretrained(tmp_path / "v1")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"] = V1_CONFIGS["coatnet_pico"] | {"num_classes": 10}
+    (folder / "config.json").write_text(json.dumps(meta))
+    weights = load_file(folder / "model.safetensors")
+    old = {k.replace(".relative_position.table", ".relative_position_table"): v for k, v in weights.items()}
+    assert old.keys() != weights.keys()
+    save_file(old, folder / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(coatnet.from_pretrained(folder)(x), model(x))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mbconv=dict(stride_on="pool2")), "stride_on must be one of 'expand', 'depthwise', 'pool', got 'pool2'"),
+    (dict(mbconv=dict(stride="depthwise")), "unknown mbconv option(s) stride; options: expand_ratio"),
+    (dict(transformer=dict(head_size=0)), "head_size must be an integer >= 1, got 0"),
+    (dict(drop_path_rate=1.0), "drop_path_rate must be a finite number >= 0 and < 1, got 1.0"),
+    (dict(num_classes=-1), "num_classes must be an integer >= 0, got -1"),
+    (dict(stages=[dict(block="conv", depth=1, channels=8)]), "block must be one of 'mbconv', 'transformer'"),
+])
+def test_bad_config_values_are_one_line(overrides, message):
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model("coatnet_pico", **overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_from_a_newer_version_is_refused():
+    data = tiny().config.to_dict() | {"version": 3}
+    with pytest.raises(ValueError, match="config version 3 is newer than this coatnet reads"):
+        coatnet.CoAtNetConfig.from_dict(data)
+
+
+def test_the_model_side_never_imports_the_training_side():
+    code = ("import sys, coatnet.models; "
+            "print(sorted(m for m in ('coatnet.train', 'coatnet.checkpoint', 'coatnet.data') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

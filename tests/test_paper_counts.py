@@ -36,7 +36,7 @@ def test_every_reported_flop_figure_is_checked():
 @pytest.mark.parametrize("name,paper", [("coatnet_0", 4.6e9), ("coatnet_1", 8.8e9), ("coatnet_2", 16.6e9)])
 def test_table9_stride_on_depthwise_flops(name, paper):
     """Table 9 moves the MBConv stride to the depthwise conv: more FLOPs, same parameters."""
-    r = measure(name, downsample_on_depthwise=True)
+    r = measure(name, mbconv=dict(stride_on="depthwise"))
     assert abs(r.flops / paper - 1) <= 0.05
     assert r.params == measure(name).params and r.flops > measure(name).flops
 

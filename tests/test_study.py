@@ -28,11 +28,11 @@ def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
     calls = []
     real_train = study.train
 
-    def counting_train(args):
-        calls.append((args.model, args.resume))
+    def counting_train(config, **kwargs):
+        calls.append((config.model, kwargs.get("resume")))
         if len(calls) == 3 and not counted_only:
             raise KeyboardInterrupt  # the user stops the study during its third run
-        return real_train(args)
+        return real_train(config, **kwargs)
 
     monkeypatch.setattr(study, "train", counting_train)
     counted_only = False
@@ -45,7 +45,7 @@ def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
     calls.clear()
     counted_only = True
     assert main([*ARGS, "--output-dir", str(out)]) == 0
-    assert calls == [("c_c_c_c", "auto"), ("c_c_c_t", None), ("c_c_t_t", None), ("c_t_t_t", None)]
+    assert calls == [("c_c_c_c", True), ("c_c_c_t", None), ("c_c_t_t", None), ("c_t_t_t", None)]
 
     result = json.loads((out / "study.json").read_text())
     assert [r["layout"] for r in result["runs"]] == ["VIT_REL", "C-C-C-C", "C-C-C-T", "C-C-T-T", "C-T-T-T"]

@@ -123,7 +123,7 @@ def test_crash_while_saving_leaves_last_intact(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_mod, "write_weights", broken_save)
+    monkeypatch.setattr(ckpt_mod, "write_model_folder", broken_save)
     with pytest.raises(OSError):
         main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)])
     assert os.readlink(out / "last") == before
@@ -140,6 +140,53 @@ def test_resume_extends_a_finished_run(reference_run, tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 3
 
 
+def test_extending_a_finished_run_never_raises_the_lr(reference_run, tmp_path):
+    """More epochs past the end of the cosine decay go on at min_lr: no new warm-up, no climb back."""
+    import shutil
+
+    out = tmp_path / "extended"
+    shutil.copytree(reference_run, out, symlinks=True)
+    assert main(["train", "--resume", "--epochs", "4", "--output-dir", str(out)]) == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 4 and lrs[1] == pytest.approx(1e-5)  # the first run decayed to min_lr
+    assert max(lrs[2:]) <= lrs[1]
+
+
+def test_lr_schedule_warms_up_decays_then_stays_at_min_lr():
+    from coatnet.train import TrainConfig, lr_schedule
+
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = lr_schedule(optimizer, cfg, total_steps=100)
+    lrs = []
+    for _ in range(150):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warm-up
+    assert all(a > b for a, b in zip(lrs[10:100], lrs[11:101]))  # cosine decay
+    assert lrs[100:] == pytest.approx([1e-5] * 50)  # then flat
+    # Resumed at any step, the schedule goes on with the same rates.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    lr_schedule(optimizer, cfg, total_steps=100, step=57)
+    assert optimizer.param_groups[0]["lr"] == lrs[57]
+
+
+def test_train_from_python(tmp_path):
+    """train() takes a TrainConfig (no argparse) and returns the summary."""
+    from dataclasses import replace
+
+    from coatnet.train import RECIPES, train
+
+    config = replace(RECIPES["digits"], img_size=16, batch_size=128, epochs=1)
+    summary = train(config, output_dir=tmp_path / "run")
+    assert summary["epochs"] == 1 and summary["model"] == "coatnet_pico" and summary["img_size"] == 16
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config, output_dir=tmp_path / "run")
+
+
 def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, tmp_path):
     out = tmp_path / "ft"
     assert main(["train", "--finetune", str(reference_run / "best"), "--img-size", "32", "--epochs", "1",
@@ -148,7 +195,7 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     ckpt = load_checkpoint(out / "last")
     assert ckpt.ema_weights is not None and ckpt.meta["img_size"] == 32
     # S3 runs at stride 8: a 2x2 grid at 16 px (3x3 table), 4x4 at 32 px (7x7 table, interpolated).
-    key = "stages.2.blocks.0.attn.relative_position_table"
+    key = "stages.2.blocks.0.attn.relative_position.table"
     assert load_checkpoint(reference_run / "best").weights[key].shape == (4, 3, 3)
     assert ckpt.weights[key].shape == (4, 7, 7)
 
@@ -160,11 +207,21 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--data", "imagefolder"], "data"),
     (["--data", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--randaugment", "2"], "N,M"),
+    (["--data-dir", "/some/dir"], "pass --data imagefolder|cifar10|cifar100"),  # not digits, silently
+    # Every setting is checked against the range its field declares, before anything runs.
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--min-lr", "nan"], "--min-lr must be a finite number >= 0, got nan"),
+    (["--mixup", "nan"], "--mixup must be a finite number >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--drop-path", "nan"], "--drop-path must be a finite number >= 0 and < 1"),
+    (["--label-smoothing", "2"], "--label-smoothing must be a finite number >= 0 and < 1, got 2.0"),
+    (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     code = None
     try:
-        code = main(["train", *argv, "--epochs", "1", "--output-dir", str(tmp_path / "x")])
+        code = main(["train", "--epochs", "1", *argv, "--output-dir", str(tmp_path / "x")])
     except SystemExit as e:  # argparse's own errors exit with status 2 too
         code = e.code
     err = capsys.readouterr().err.strip()

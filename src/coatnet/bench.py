@@ -202,7 +202,7 @@ class Runner:
         self.process.join()
 
 
-def _spread(values: list[float]) -> dict:
+def _median_range(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -263,13 +263,13 @@ def run_bench(args: argparse.Namespace) -> int:
             vs_timm = ips / statistics.median(args.batch_size / s for s in timm.seconds)
         achieved = r.flop * ips
         rows.append(dict(implementation=r.job.implementation, model=r.job.label, mode=r.job.mode,
-                         compiled=r.job.compiled, images_per_s=_spread(images), vs_timm=vs_timm,
+                         compiled=r.job.compiled, images_per_s=_median_range(images), vs_timm=vs_timm,
                          gflop_per_image=r.flop / 1e9, achieved_gflops=achieved / 1e9,
                          matmul_fraction=achieved / matmul_flops, peak_mib=r.peak_mib))
     result = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
                   device=str(device), threads=args.threads or torch.get_num_threads(), repeats=args.repeats,
                   warmup=WARMUP, torch=torch.__version__, matmul_size=mm_size,
-                  matmul_gflops=_spread([matmul.flop / s / 1e9 for s in matmul.seconds]), rows=rows)
+                  matmul_gflops=_median_range([matmul.flop / s / 1e9 for s in matmul.seconds]), rows=rows)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 

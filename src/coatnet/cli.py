@@ -39,6 +39,49 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields, replace
+
+    from .train import RECIPES, resumed_config, train
+
+    resume = True if args.resume == "auto" else args.resume
+    # The flags given override the resumed run's settings, or else the recipe's.
+    base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe]
+    given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
+    train(replace(base, **given), output_dir=args.output_dir, resume=resume, finetune=args.finetune)
+    return 0
+
+
+def cmd_convert_timm(args: argparse.Namespace) -> int:
+    """A timm weights file in, a ``save_pretrained`` folder out."""
+    from .models import create_model, load_weights, read_state_dict
+    from .models.timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_img_size
+
+    state = read_state_dict(args.source)
+    if not is_timm_state_dict(state):
+        raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
+                         f"give a timm .safetensors or .pth file")
+    converted = convert_timm_state_dict(state, args.model)
+    head = state.get("head.fc.weight")
+    model = create_model(args.model, img_size=timm_img_size(state),
+                         num_classes=head.shape[0] if head is not None else 0)
+    folder = load_weights(model, converted).save_pretrained(args.output)
+    print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
+          f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
+    return 0
+
+
+def _randaugment(text: str) -> tuple[int, int] | None:
+    """``--randaugment 2,15`` -> (2, 15): RandAugment layers and magnitude; ``0`` or ``none`` -> off."""
+    if text.lower() in ("0", "none", "off"):
+        return None
+    try:
+        n, m = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--randaugment takes N,M (layers,magnitude) like 2,15, got {text!r}")
+    return n, m
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coatnet", description="CoAtNet (Dai et al., NeurIPS 2021) in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", default=None, metavar="CHECKPOINT",
                    help="start from these weights (checkpoint directory or weights file); tables are interpolated "
                         "to --img-size, a classifier of another size is replaced")
-    p.set_defaults(func=lambda args: _lazy("train", "run_train")(args))
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval",
                        help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
@@ -138,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SRC", help="timm weights: .safetensors or .pth")
     p.add_argument("--model", required=True, help="our name of the matching configuration")
     p.add_argument("--output", required=True, help="folder to write (config.json, model.safetensors)")
-    p.set_defaults(func=lambda args: _lazy("models.timm_convert", "run_convert")(args))
+    p.set_defaults(func=cmd_convert_timm)
 
     p = sub.add_parser("study", help="the paper's controlled studies")
     study = p.add_subparsers(dest="study", required=True, metavar="STUDY")
@@ -157,12 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="study-layouts")
     p.set_defaults(func=lambda args: _lazy("study", "run_layout_study")(args))
     return parser
-
-
-def _randaugment(text: str):
-    from .train import parse_randaugment
-
-    return parse_randaugment(text)
 
 
 def _lazy(module: str, name: str):

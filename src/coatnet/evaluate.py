@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from .checkpoint import atomic_write
 from .data import build_datasets, eval_transform, load_image
+from .models.factory import model_from_folder
+from .models.folder import read_model_folder
 from .plots import plot_confusion
 
 
@@ -62,9 +64,9 @@ def _img_size(args: argparse.Namespace, meta: dict) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.checkpoint, with_train_state=False)
+    ckpt = read_model_folder(args.checkpoint)
     meta = ckpt.meta
-    model = model_from_checkpoint(ckpt)
+    model = model_from_folder(ckpt)
     data_name = args.data or meta.get("dataset")
     data_dir = args.data_dir or (meta.get("data_dir") if data_name == meta.get("dataset") else None)
     if data_name is None:
@@ -102,9 +104,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    ckpt = load_checkpoint(args.checkpoint, with_train_state=False)
+    ckpt = read_model_folder(args.checkpoint)
     classes = ckpt.meta.get("classes")
-    model = model_from_checkpoint(ckpt)
+    model = model_from_folder(ckpt)
     if not classes:
         classes = [str(i) for i in range(model.config.num_classes)]
     transform = eval_transform(_img_size(args, ckpt.meta))

@@ -53,8 +53,9 @@ def small_layout(name: str) -> dict:
     """The config overrides that shrink a registered layout for small images (module docstring)."""
     with torch.device("meta"):
         config = create_model(name).config
-    return dict(stem_channels=config.stem_channels // 4, stem_stride=config.stem_stride // 2, head_size=16,
-                head_hidden_size=config.head_hidden_size // 4 if config.head_hidden_size else config.head_hidden_size,
+    hidden = config.head.hidden_size
+    return dict(stem=dict(channels=config.stem.channels // 4, stride=config.stem.stride // 2),
+                transformer=dict(head_size=16), head=dict(hidden_size=hidden // 4 if hidden else None),
                 stages=[dict(block=s.block, depth=s.depth, channels=s.channels // 4, stride=s.stride)
                         for s in config.stages])
 
@@ -62,7 +63,7 @@ def small_layout(name: str) -> dict:
 def study_settings(args: argparse.Namespace) -> dict:
     """The training settings every run of the study shares."""
     # The digits recipe on the embedded data, else the paper's ImageNet-1K one (Table 10).
-    base = dataclasses.asdict(TrainConfig()) | RECIPES["digits" if args.data == "digits" else "imagenet1k-pretrain"]
+    base = dataclasses.asdict(RECIPES["digits" if args.data == "digits" else "imagenet1k-pretrain"])
     given = dict(data=args.data, data_dir=args.data_dir, img_size=args.img_size, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=args.device)
     settings = base | {k: v for k, v in given.items() if v is not None} | NO_REGULARISATION
@@ -87,18 +88,17 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
     """Train (or finish, or read back) one layout at one seed; returns its record for study.json."""
     overrides = small_layout(name) if settings["size"] == "small" else None
     if not (run_dir / "summary.json").exists():
-        train_settings = {k: v for k, v in settings.items() if k != "size"}
-        args = argparse.Namespace(**{f.name: None for f in dataclasses.fields(TrainConfig)})
-        vars(args).update(train_settings, model=name, model_config=overrides, seed=seed, recipe="digits",
-                          finetune=None, output_dir=str(run_dir),
-                          resume="auto" if (run_dir / "last").exists() else None)
+        config = dataclasses.replace(TrainConfig(**{k: v for k, v in settings.items() if k != "size"}),
+                                     model=name, model_config=overrides, seed=seed)
+        resume = True if (run_dir / "last").exists() else None
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            train(args)
+            train(config, output_dir=run_dir, resume=resume)
     summary = json.loads((run_dir / "summary.json").read_text())
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     with torch.device("meta"):  # the network exactly as trained, counted without its weights
-        model = CoAtNet(CoAtNetConfig(**json.loads((run_dir / "last" / "config.json").read_text())["config"])).eval()
+        config = CoAtNetConfig.from_dict(json.loads((run_dir / "last" / "config.json").read_text())["config"])
+        model = CoAtNet(config).eval()
     return dict(layout=LABELS[name], model=name, seed=seed, params=count_parameters(model),
                 flops=count_flops(model, settings["img_size"]),
                 train_loss=summary["train_loss"], top1=summary["top1"], wall_seconds=summary["wall_seconds"],
@@ -145,7 +145,7 @@ def run_layout_study(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _spread(values: list[float]) -> dict:
+def _mean_std_range(values: list[float]) -> dict:
     return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
                 min=min(values), max=max(values), n=len(values))
 
@@ -154,8 +154,8 @@ def summarise(records: list[dict]) -> dict:
     by_layout: dict[str, list[dict]] = {}
     for r in records:
         by_layout.setdefault(r["layout"], []).append(r)
-    return {layout: dict(params=rs[0]["params"], flops=rs[0]["flops"], top1=_spread([r["top1"] for r in rs]),
-                         train_loss=_spread([r["train_loss"] for r in rs]))
+    return {layout: dict(params=rs[0]["params"], flops=rs[0]["flops"], top1=_mean_std_range([r["top1"] for r in rs]),
+                         train_loss=_mean_std_range([r["train_loss"] for r in rs]))
             for layout, rs in by_layout.items()}
 
 

@@ -1,8 +1,9 @@
 """``coatnet train``: the paper's training recipe as one plain loop.
 
-Read ``train()`` top to bottom: set-up, data, model, optimizer and schedule, resume, then the
-epoch loop (train steps, evaluation, checkpoint, metrics). Runs on one CPU or GPU as it is, and on
-many processes under ``torchrun`` with DistributedDataParallel.
+``train(TrainConfig(...))`` runs it from Python; ``coatnet train`` merges its flags into a recipe
+(or into the resumed run's settings) and calls it. Read ``train()`` first: it sets up the run,
+fresh or resumed, then trains, evaluates, records and checkpoints each epoch. Runs on one CPU or
+GPU as it is, and on many processes under ``torchrun`` with DistributedDataParallel.
 
 Exact resume: every random choice either comes from the global torch RNG, whose state (one per
 rank) is saved in each checkpoint, or from a per-sample seed that depends only on (seed, epoch,
@@ -12,103 +13,120 @@ on the same machine, whatever the number of data-loading workers.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
+import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import build_datasets, mixup_cutmix
+from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .complexity import count_parameters
+from .data import DataBundle, build_datasets, mixup_cutmix
 from .evaluate import evaluate
-from .models import create_model, load_weights, read_state_dict
+from .models import create_model, load_weights
 from .plots import plot_curves
+from .validate import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration and recipes
+# Settings and recipes
 # --------------------------------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a :class:`TrainConfig` field: ``min_lr`` -> ``--min-lr``."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a run. The defaults are the ``digits`` recipe: a CPU run that needs no flags."""
+    """Every setting of a run. The defaults are the ``digits`` recipe: a CPU run that needs no flags.
+
+    Each field declares what it admits; a bad value fails in one line that names its flag.
+    """
 
     model: str = "coatnet_pico"
     model_config: dict | None = None  # overrides of the model's config fields (the layout study's sizes)
     data: str = "digits"
     data_dir: str | None = None
-    img_size: int = 32
-    epochs: int = 15
-    batch_size: int = 64  # global: split across processes under torchrun
-    lr: float = 2e-3
-    min_lr: float = 1e-5
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    drop_path: float | None = 0.0  # None: the model's own rate (Table 10)
-    clip_grad: float = 1.0
-    label_smoothing: float = 0.1
+    img_size: PositiveInt = 32
+    epochs: PositiveInt = 15
+    batch_size: PositiveInt = 64  # global: split across processes under torchrun
+    lr: PositiveFloat = 2e-3
+    min_lr: NonNegativeFloat = 1e-5
+    warmup_steps: NonNegativeInt = 50
+    weight_decay: NonNegativeFloat = 0.05
+    drop_path: Fraction | None = 0.0  # None: the model's own rate (Table 10)
+    clip_grad: NonNegativeFloat = 1.0  # 0 is off
+    label_smoothing: Fraction = 0.1
     randaugment: tuple[int, int] | None = None
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema: float = 0.0  # EMA decay; 0 is off
+    mixup: NonNegativeFloat = 0.0
+    cutmix: NonNegativeFloat = 0.0
+    ema: Fraction = 0.0  # EMA decay; 0 is off
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
-    workers: int = 0
-    save_every: int = 0  # also checkpoint every N steps (0: at each epoch's end only)
+    workers: NonNegativeInt = 0
+    save_every: NonNegativeInt = 0  # also checkpoint every N steps (0: at each epoch's end only)
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, label=flag)
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
 
 
 # The paper's recipe (Table 10), ImageNet-1K pre-training and fine-tuning, with CoAtNet-0..3.
 # Stochastic depth is left to the model (Table 10: 0.2 / 0.3 / 0.5 / 0.7 for CoAtNet-0..3).
-RECIPES: dict[str, dict] = {
-    "digits": {},
-    "imagenet1k-pretrain": dict(model="coatnet_0", data="imagefolder", img_size=224, epochs=300, batch_size=4096,
-                                lr=1e-3, min_lr=1e-5, warmup_steps=10_000, weight_decay=0.05, drop_path=None,
-                                clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15), mixup=0.8, ema=0.0,
-                                workers=8),
-    "imagenet1k-finetune": dict(model="coatnet_0", data="imagefolder", img_size=384, epochs=30, batch_size=512,
-                                lr=5e-5, min_lr=1e-5, warmup_steps=0, weight_decay=1e-8, drop_path=None,
-                                clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15), mixup=0.8, ema=0.9999,
-                                workers=8),
+RECIPES: dict[str, TrainConfig] = {
+    "digits": TrainConfig(),
+    "imagenet1k-pretrain": replace(TrainConfig(), model="coatnet_0", data="imagefolder", img_size=224, epochs=300,
+                                   batch_size=4096, lr=1e-3, min_lr=1e-5, warmup_steps=10_000, weight_decay=0.05,
+                                   drop_path=None, clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15),
+                                   mixup=0.8, ema=0.0, workers=8),
+    "imagenet1k-finetune": replace(TrainConfig(), model="coatnet_0", data="imagefolder", img_size=384, epochs=30,
+                                   batch_size=512, lr=5e-5, min_lr=1e-5, warmup_steps=0, weight_decay=1e-8,
+                                   drop_path=None, clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15),
+                                   mixup=0.8, ema=0.9999, workers=8),
 }
 
 
-def parse_randaugment(text: str) -> tuple[int, int] | None:
-    """``"2,15"`` -> (2, 15): RandAugment layers and magnitude; ``"0"`` or ``"none"`` -> off."""
-    if text.lower() in ("0", "none", "off"):
+def resumed_config(resume: bool | str | Path | None, output_dir: str | Path | None = None) -> TrainConfig | None:
+    """The settings of the run that ``train(..., output_dir, resume)`` would continue; None for a new run."""
+    ckpt = _resume_checkpoint(resume, output_dir)
+    if ckpt is None:
         return None
-    try:
-        n, m = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--randaugment takes N,M (layers,magnitude) like 2,15, got {text!r}")
-    return n, m
-
-
-def resolve_config(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
-    """Recipe (or the resumed run's settings), then the flags given on the command line."""
-    values = dict(base) if base is not None else dict(RECIPES[args.recipe])
-    for f in dataclasses.fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
-    if isinstance(values.get("randaugment"), list):
-        values["randaugment"] = tuple(values["randaugment"])
+    values = dict(ckpt.train_state["train_config"])
+    if values.get("randaugment") is not None:
+        values["randaugment"] = tuple(values["randaugment"])  # saved as a list
     return TrainConfig(**values)
+
+
+def _resume_checkpoint(resume: bool | str | Path | None, output_dir: str | Path | None) -> Checkpoint | None:
+    """The checkpoint ``resume`` names (a checkpoint or run directory; True: the run in ``output_dir``)."""
+    if not resume:
+        return None
+    if resume is True:
+        if output_dir is None:
+            raise ValueError("--resume without a path needs --output-dir (the run to continue)")
+        resume = output_dir
+    ckpt = load_checkpoint(resume)
+    if ckpt.train_state is None:
+        raise CheckpointError(f"{str(ckpt.path)!r} holds weights only, no training state; "
+                              f"use --finetune to start a new run from it")
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +179,11 @@ def _gather(obj, d: Dist) -> list:
     return out
 
 
+def _log(d: Dist, text: str) -> None:
+    if d.main:
+        print(text, flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Data order and per-sample seeds
 # --------------------------------------------------------------------------------------------
@@ -211,25 +234,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith("relative_position_table") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith("relative_position.table") else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`, fused into one kernel per step on CPU and CUDA (4x faster
-    than the per-parameter loop for CoAtNet-0 on 2 CPU cores: 12 ms instead of 48 ms a step)."""
+    """AdamW over :func:`param_groups`, fused into one kernel per step on CPU and CUDA (several times
+    faster than the per-parameter loop; README, Performance)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, step: int = 0) -> LambdaLR:
+    """The learning rate as a function of the step alone: linear warm-up to ``cfg.lr``, cosine decay
+    to ``cfg.min_lr`` at ``total_steps``, then flat at ``min_lr``, so that a finished run extended by
+    more epochs goes on at its last rate instead of climbing again. ``step``: where a resumed run is."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup, 1),
-                                                        eta_min=cfg.min_lr)
-    if warmup == 0:
-        return cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+    decay_steps = max(total_steps - warmup, 1)
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(s: int) -> float:  # of cfg.lr
+        if s < warmup:
+            return (1 + (warmup - 1) * s / warmup) / warmup  # from lr / warmup at the first step up to lr
+        done = min(s - warmup, decay_steps) / decay_steps
+        return floor + (1 - floor) * (1 + math.cos(math.pi * done)) / 2
+
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr  # the schedule's base, which LambdaLR needs to start part way
+    return LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,241 +269,320 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps:
 # --------------------------------------------------------------------------------------------
 
 
-def _run_dir(args: argparse.Namespace, cfg: TrainConfig, d: Dist) -> Path:
-    if args.output_dir:
-        return Path(args.output_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(_broadcast(f"runs/{stamp}-{cfg.model}-{cfg.data}", d))
+def _fresh_progress() -> dict:
+    """The running sums of the epoch so far (saved in mid-epoch checkpoints)."""
+    return dict(loss_sum=0.0, correct=0, count=0, seconds=0.0)
 
 
-def _resume_source(args: argparse.Namespace) -> Path | None:
-    if not args.resume:
-        return None
-    if args.resume == "auto":
-        if not args.output_dir:
-            raise ValueError("--resume without a path needs --output-dir (the run to continue)")
-        return Path(args.output_dir)
-    return Path(args.resume)
+@dataclass
+class RunState:
+    """Where a run is; checkpoints save it, a resumed run starts from it."""
+
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0
+    best_top1: float = -1.0
+    history: list[dict] = field(default_factory=list)  # one metrics.jsonl line per finished epoch
+    progress: dict = field(default_factory=_fresh_progress)
+    earlier_seconds: float = 0.0  # wall time of the processes before this one (a resumed run's)
 
 
-def _log(d: Dist, text: str) -> None:
-    if d.main:
-        print(text, flush=True)
+@dataclass
+class Run:
+    """The parts of one training run (built by :func:`start_run`) and its state."""
+
+    config: TrainConfig
+    dist: Dist
+    run_dir: Path
+    data: DataBundle
+    sampler: DistributedSampler  # this rank's share of the training set, reshuffled each epoch
+    val_loader: DataLoader  # this rank's shard of the validation set
+    model: nn.Module
+    net: nn.Module  # what the training steps call: the model, wrapped for DDP and compiled as configured
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    schedule_steps: int  # the LR schedule's length: the run's first epochs' steps, also once extended
+    criterion: nn.Module
+    batch_mix: nn.Module | None  # Mixup / CutMix
+    started: float  # time.perf_counter() when this process started the run
+    state: RunState = field(default_factory=RunState)
+
+    @property
+    def local_batch(self) -> int:
+        return self.config.batch_size // self.dist.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler) // self.local_batch
+
+    def wall_seconds(self) -> float:
+        return self.state.earlier_seconds + time.perf_counter() - self.started
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run (or resume) a training run; return its summary. Bad input raises ValueError."""
+def train(config: TrainConfig, output_dir: str | Path | None = None, resume: bool | str | Path | None = None,
+          finetune: str | Path | None = None) -> dict:
+    """Run a training run to ``config.epochs`` epochs; return its summary (also in ``summary.json``).
+
+    ``output_dir``: the run directory (default: ``runs/DATE-TIME-MODEL-DATA``, or the resumed run's).
+    ``resume``: True continues the run in ``output_dir``; a path continues that checkpoint or run
+    directory (an extended run keeps its learning-rate schedule, flat at ``min_lr`` past its end).
+    ``config`` is used as it is: build it on :func:`resumed_config` to keep the resumed run's settings.
+    ``finetune``: start a new run from these weights (checkpoint, run directory or weights file).
+    Bad input raises ValueError.
+    """
+    d = setup_distributed(config.device)
+    try:
+        run = start_run(config, d, output_dir, resume, finetune)
+        while run.state.epoch < config.epochs:
+            train_one_epoch(run)
+            metrics = evaluate_epoch(run)
+            improved = record_epoch(run, metrics)
+            save_run(run, ("last", "best") if improved else ("last",), top1=metrics["top1"])
+            report_epoch(run)
+        return finish_run(run)
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def start_run(cfg: TrainConfig, d: Dist, output_dir: str | Path | None = None,
+              resume: bool | str | Path | None = None, finetune: str | Path | None = None) -> Run:
+    """The run's data, model, optimizer and schedule: fresh, or at the state of the checkpoint it resumes."""
     started = time.perf_counter()
-    d = setup_distributed(args.device)
-
-    # -- settings: recipe or resumed run, then flags ----------------------------------------
-    resume_from = _resume_source(args)
-    ckpt = load_checkpoint(resume_from) if resume_from else None
-    if ckpt is not None and ckpt.train_state is None:
-        raise CheckpointError(f"{str(ckpt.path)!r} holds weights only, no training state; "
-                              f"use --finetune to start a new run from it")
-    cfg = resolve_config(args, base=ckpt.train_state["train_config"] if ckpt else None)
-    if ckpt and ckpt.meta["model"] != cfg.model:
-        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
-                              f"drop --model to resume it, or start a new run with --finetune")
-    run_dir = ckpt.path.parent if ckpt and not args.output_dir else _run_dir(args, cfg, d)
-    if ckpt is None and (run_dir / "last").exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
-    if cfg.batch_size % d.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} processes")
+    ckpt = _resume_checkpoint(resume, output_dir)
+    run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else _new_run_dir(cfg, d)
+    _check(cfg, d, ckpt, run_dir)
     local_batch = cfg.batch_size // d.world_size
 
-    # -- data --------------------------------------------------------------------------------
     data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment)
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
-    train_set = SeededSamples(data.train)
     sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
-    val_indices = list(range(d.rank, len(data.val), d.world_size))  # each rank evaluates its shard
+    val_indices = list(range(d.rank, len(data.val), d.world_size))
     val_loader = make_loader(data.val, val_indices, local_batch, cfg.workers, d.device, drop_last=False)
-    steps_per_epoch = len(sampler) // local_batch
-    total_steps = cfg.epochs * steps_per_epoch
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     batch_mix = mixup_cutmix(data.num_classes, cfg.mixup, cfg.cutmix)
+    steps_per_epoch = len(sampler) // local_batch
+    if ckpt is None:
+        schedule_steps = cfg.epochs * steps_per_epoch
+    else:  # the length the run started with, also when extended (a checkpoint without it: its epochs')
+        saved = ckpt.train_state
+        schedule_steps = saved.get("schedule_steps") or saved["train_config"]["epochs"] * steps_per_epoch
 
-    # -- model -------------------------------------------------------------------------------
+    # Keep this order of random draws: an exact resume repeats them.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every run
-    model = create_model(cfg.model, num_classes=data.num_classes, img_size=cfg.img_size,
-                         drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
-    if args.finetune and ckpt is None:
-        _load_finetune_weights(model, args.finetune)
+    model = create_model(cfg.model, pretrained=None if ckpt else finetune, num_classes=data.num_classes,
+                         img_size=cfg.img_size, drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
+    if finetune and not ckpt:
+        _log(d, f"fine-tuning from the weights of {finetune}")
     model.to(d.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema > 0 else None)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = lr_schedule(optimizer, cfg, total_steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    scheduler = lr_schedule(optimizer, cfg, schedule_steps, step=ckpt.train_state["step"] if ckpt else 0)
     net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
     if cfg.compile:
         net = torch.compile(net)
-    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if cfg.amp else nullcontext
     torch.manual_seed(cfg.seed + d.rank)  # drop path and Mixup draws differ across ranks
 
-    # -- state, fresh or resumed ---------------------------------------------------------------
-    step, epoch, batch_in_epoch, best_top1, history = 0, 0, 0, -1.0, []
-    progress = dict(loss_sum=0.0, correct=0, count=0, seconds=0.0)
-    wall_before = 0.0
+    run = Run(cfg, d, run_dir, data, sampler, val_loader, model, net, ema, optimizer, scheduler, schedule_steps,
+              criterion, batch_mix, started)
     if ckpt is not None:
-        s = ckpt.train_state
-        load_weights(model, ckpt.weights)
-        optimizer.load_state_dict(s["optimizer"])
-        scheduler.load_state_dict(s["scheduler"])
-        if ema is not None:
-            if ckpt.ema_weights is None:
-                raise CheckpointError(f"{str(ckpt.path)!r} has no EMA weights but the run keeps an EMA")
-            ema.module.load_state_dict(ckpt.ema_weights)
-            ema.n_averaged.fill_(s["ema_n_averaged"])
-        step, epoch, batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
-        best_top1, history, progress, wall_before = s["best_top1"], s["history"], s["progress"], s["wall_seconds"]
-        if len(s["rng"]) == d.world_size:
-            torch.set_rng_state(s["rng"][d.rank])
-            if d.device.type == "cuda" and s.get("cuda_rng"):
-                torch.cuda.set_rng_state(s["cuda_rng"][d.rank], d.device)
-        else:
-            _log(d, f"note: checkpoint written by {len(s['rng'])} process(es), resumed by {d.world_size}: "
-                    f"random draws will differ from an uninterrupted run")
-        _log(d, f"resumed {ckpt.path} at epoch {epoch + 1}, step {step}")
+        _restore(run, ckpt)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    _log(d, f"training {cfg.model} ({count_parameters(model) / 1e6:.2f}M params with a {data.num_classes}-class "
+            f"head) on {cfg.data}: {len(data.train)} train / {len(data.val)} val images at {cfg.img_size}x"
+            f"{cfg.img_size}, {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, "
+            f"{d.world_size} process(es) on {d.device.type}; output {run_dir}")
+    return run
 
-    def meta(top1: float | None = None) -> dict:
-        return dict(model=cfg.model, config=model.config.to_dict(), classes=list(data.classes), dataset=cfg.data,
-                    data_dir=cfg.data_dir, img_size=cfg.img_size, epoch=epoch, step=step, top1=top1)
 
-    def checkpoint(links: tuple[str, ...], top1: float | None = None) -> None:
-        # Every rank's RNG state, so each can pick up its own draws on resume.
-        rng = _gather(torch.get_rng_state(), d)
-        cuda_rng = _gather(torch.cuda.get_rng_state(d.device), d) if d.device.type == "cuda" else None
-        if not d.main:
-            return
-        state = dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), rng=rng, cuda_rng=cuda_rng, best_top1=best_top1,
-                     history=history, progress=dict(progress), wall_seconds=wall_before + time.perf_counter() - started,
-                     ema_n_averaged=int(ema.n_averaged) if ema is not None else 0,
-                     world_size=d.world_size, train_config=_plain(dataclasses.asdict(cfg)))
-        save_checkpoint(run_dir, f"ckpt-{step:08d}", meta(top1), model, ema.module if ema else None, state, links)
+def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(_broadcast(f"runs/{stamp}-{cfg.model}-{cfg.data}", d))
 
-    _log(d, f"training {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {cfg.data}: "
-            f"{len(data.train)} train / {len(data.val)} val images, {data.num_classes} classes, "
-            f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, {d.world_size} process(es) on "
-            f"{d.device.type}; output {run_dir}")
 
-    # -- the epoch loop ------------------------------------------------------------------------
-    while epoch < cfg.epochs:
-        keys = epoch_keys(sampler, cfg.seed, epoch)[batch_in_epoch * local_batch:]
-        loader = make_loader(train_set, keys, local_batch, cfg.workers, d.device, drop_last=True)
-        net.train()
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (d.main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) -> None:
+    """Refuse settings that cannot run, before anything is built or written."""
+    if ckpt and ckpt.meta["model"] != cfg.model:
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
+                              f"drop --model to resume it, or start a new run with --finetune")
+    if ckpt is None and (run_dir / "last").exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+    if cfg.data.lower() == "digits" and cfg.data_dir is not None:
+        raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
+                         f"reads no folder; pass --data imagefolder|cifar10|cifar100")
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} processes")
+
+
+def _restore(run: Run, ckpt: Checkpoint) -> None:
+    """Weights, optimizer, EMA, state and this rank's RNG as the checkpoint saved them."""
+    s, d = ckpt.train_state, run.dist
+    load_weights(run.model, ckpt.weights)
+    run.optimizer.load_state_dict(s["optimizer"])
+    if run.ema is not None:
+        if ckpt.ema_weights is None:
+            raise CheckpointError(f"{str(ckpt.path)!r} has no EMA weights but the run keeps an EMA")
+        load_weights(run.ema.module, ckpt.ema_weights)
+        run.ema.n_averaged.fill_(s["ema_n_averaged"])
+    run.state = RunState(step=s["step"], epoch=s["epoch"], batch_in_epoch=s["batch_in_epoch"],
+                         best_top1=s["best_top1"], history=s["history"], progress=s["progress"],
+                         earlier_seconds=s["wall_seconds"])
+    if len(s["rng"]) == d.world_size:
+        torch.set_rng_state(s["rng"][d.rank])
+        if d.device.type == "cuda" and s.get("cuda_rng"):
+            torch.cuda.set_rng_state(s["cuda_rng"][d.rank], d.device)
+    else:
+        _log(d, f"note: checkpoint written by {len(s['rng'])} process(es), resumed by {d.world_size}: "
+                f"random draws will differ from an uninterrupted run")
+    _log(d, f"resumed {ckpt.path} at epoch {run.state.epoch + 1}, step {run.state.step}")
+
+
+def train_one_epoch(run: Run) -> None:
+    """Train on the rest of the current epoch (all of it, unless resumed part way), checkpointing
+    every ``save_every`` steps."""
+    cfg, d, s = run.config, run.dist, run.state
+    keys = epoch_keys(run.sampler, cfg.seed, s.epoch)[s.batch_in_epoch * run.local_batch:]
+    loader = make_loader(SeededSamples(run.data.train), keys, run.local_batch, cfg.workers, d.device, drop_last=True)
+    run.net.train()
+    bar = tqdm(total=run.steps_per_epoch, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
+               disable=not (d.main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+    p = s.progress
+    tic = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        loss, logits = train_step(run, images, labels)
+        s.step += 1
+        s.batch_in_epoch += 1
+        p["loss_sum"] += loss.item() * labels.numel()
+        p["correct"] += (logits.argmax(1) == labels).sum().item()
+        p["count"] += labels.numel()
+        p["seconds"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        for images, labels in loader:
-            images = images.to(d.device, non_blocking=True)
-            labels = labels.to(d.device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if batch_mix is not None:
-                images, targets = batch_mix(images, labels)
-            with autocast():
-                logits = net(images)
-                loss = criterion(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            step += 1
-            batch_in_epoch += 1
-            progress["loss_sum"] += loss.item() * labels.numel()
-            progress["correct"] += (logits.argmax(1) == labels).sum().item()
-            progress["count"] += labels.numel()
-            progress["seconds"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{progress['loss_sum'] / progress['count']:.3f}",
-                            acc=f"{100 * progress['correct'] / progress['count']:.1f}",
-                            img_s=f"{progress['count'] * d.world_size / progress['seconds']:.0f}")
-            if cfg.save_every and step % cfg.save_every == 0 and batch_in_epoch < steps_per_epoch:
-                checkpoint(("last",))
-        bar.close()
+        bar.update(1)
+        bar.set_postfix(loss=f"{p['loss_sum'] / p['count']:.3f}", acc=f"{100 * p['correct'] / p['count']:.1f}",
+                        img_s=f"{p['count'] * d.world_size / p['seconds']:.0f}")
+        if cfg.save_every and s.step % cfg.save_every == 0 and s.batch_in_epoch < run.steps_per_epoch:
+            save_run(run, ("last",))
+    bar.close()
 
-        # -- end of epoch: evaluate, record, checkpoint ----------------------------------------
-        eval_model = ema.module if ema is not None else model
-        eval_model.eval()
-        result = evaluate(eval_model, val_loader, d.device, data.num_classes, amp=cfg.amp,
-                          channels_last=cfg.channels_last)
-        totals = torch.tensor([progress["loss_sum"], progress["correct"], progress["count"]], dtype=torch.float64)
-        if d.world_size > 1:
-            dist.all_reduce(totals)
-        history.append(dict(epoch=epoch + 1, step=step, train_loss=totals[0].item() / totals[2].item(),
-                            train_top1=100 * totals[1].item() / totals[2].item(), eval_loss=result["loss"],
-                            top1=result["top1"], top5=result["top5"], lr=optimizer.param_groups[0]["lr"],
-                            images_per_second=totals[2].item() / max(progress["seconds"], 1e-9),
-                            epoch_seconds=progress["seconds"]))
-        epoch, batch_in_epoch = epoch + 1, 0
-        progress = dict(loss_sum=0.0, correct=0, count=0, seconds=0.0)
-        improved = result["top1"] > best_top1
-        best_top1 = max(best_top1, result["top1"])
-        checkpoint(("last", "best") if improved else ("last",), top1=result["top1"])
-        if d.main:
-            _write_metrics(run_dir, history)
-            plot_curves(history, run_dir / "curves.png")
-            h = history[-1]
-            print(f"epoch {h['epoch']:>3}/{cfg.epochs}  train_loss {h['train_loss']:.4f}  "
-                  f"eval_loss {h['eval_loss']:.4f}  top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  "
-                  f"{h['images_per_second']:7.1f} img/s", flush=True)
 
-    # -- summary -------------------------------------------------------------------------------
-    last = history[-1]
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; returns the loss and the logits."""
+    cfg = run.config
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = labels
+    if run.batch_mix is not None:
+        images, targets = run.batch_mix(images, labels)
+    with torch.autocast(run.dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        logits = run.net(images)
+        loss = run.criterion(logits, targets)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    return loss, logits
+
+
+def evaluate_epoch(run: Run) -> dict:
+    """The epoch's line of metrics.jsonl: the evaluated model (the EMA when there is one) on the
+    validation set, and the training loss and accuracy summed over all processes."""
+    cfg, d, s = run.config, run.dist, run.state
+    eval_model = run.ema.module if run.ema is not None else run.model
+    eval_model.eval()
+    result = evaluate(eval_model, run.val_loader, d.device, run.data.num_classes, amp=cfg.amp,
+                      channels_last=cfg.channels_last)
+    seconds = s.progress["seconds"]
+    totals = torch.tensor([s.progress["loss_sum"], s.progress["correct"], s.progress["count"]], dtype=torch.float64)
+    if d.world_size > 1:
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return dict(epoch=s.epoch + 1, step=s.step, train_loss=loss_sum / count, train_top1=100 * correct / count,
+                eval_loss=result["loss"], top1=result["top1"], top5=result["top5"],
+                lr=run.optimizer.param_groups[0]["lr"], images_per_second=count / max(seconds, 1e-9),
+                epoch_seconds=seconds)
+
+
+def record_epoch(run: Run, metrics: dict) -> bool:
+    """Add the finished epoch to the history and move on to the next; True when top-1 improved."""
+    s = run.state
+    s.history.append(metrics)
+    s.epoch, s.batch_in_epoch, s.progress = s.epoch + 1, 0, _fresh_progress()
+    improved = metrics["top1"] > s.best_top1
+    s.best_top1 = max(s.best_top1, metrics["top1"])
+    return improved
+
+
+def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> None:
+    """Checkpoint the run as it is now and point ``links`` at it. Every process takes part (each
+    hands in its RNG state, to pick up its own draws on resume); the first writes."""
+    cfg, d, s = run.config, run.dist, run.state
+    rng = _gather(torch.get_rng_state(), d)
+    cuda_rng = _gather(torch.cuda.get_rng_state(d.device), d) if d.device.type == "cuda" else None
+    if not d.main:
+        return
+    meta = dict(model=cfg.model, config=run.model.config.to_dict(), classes=list(run.data.classes), dataset=cfg.data,
+                data_dir=cfg.data_dir, img_size=cfg.img_size, epoch=s.epoch, step=s.step, top1=top1)
+    # Plain data and tensors only (checkpoints load with weights_only=True). No scheduler state: the
+    # learning rate is a function of the step and schedule_steps.
+    state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch, optimizer=run.optimizer.state_dict(),
+                 schedule_steps=run.schedule_steps, rng=rng, cuda_rng=cuda_rng, best_top1=s.best_top1,
+                 history=s.history, progress=dict(s.progress), wall_seconds=run.wall_seconds(),
+                 ema_n_averaged=int(run.ema.n_averaged) if run.ema is not None else 0, world_size=d.world_size,
+                 train_config=_plain(asdict(cfg)))
+    save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, run.model, run.ema.module if run.ema else None, state,
+                    links)
+
+
+def report_epoch(run: Run) -> None:
+    """metrics.jsonl and curves.png rewritten from the history (never out of step with the
+    checkpoint), and a line on stdout."""
+    if not run.dist.main:
+        return
+    history = run.state.history
+    atomic_write(run.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_curves(history, run.run_dir / "curves.png")
+    h = history[-1]
+    print(f"epoch {h['epoch']:>3}/{run.config.epochs}  train_loss {h['train_loss']:.4f}  "
+          f"eval_loss {h['eval_loss']:.4f}  top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  "
+          f"{h['images_per_second']:7.1f} img/s", flush=True)
+
+
+def finish_run(run: Run) -> dict:
+    """The run's summary, written to summary.json by the first process, which the others wait for."""
+    cfg, d, data, s = run.config, run.dist, run.data, run.state
+    last = s.history[-1]
     # Files refused when listing the data, plus files that failed to decode while training (counted
     # in this process only: with --workers > 0 the workers' own counts are not seen here).
     skipped_files = data.skipped_files + sum(getattr(ds, "skipped_at_load", 0) for ds in (data.train, data.val))
     summary = dict(model=cfg.model, dataset=cfg.data, epochs=cfg.epochs, top1=last["top1"], top5=last["top5"],
-                   best_top1=best_top1, train_loss=last["train_loss"], eval_loss=last["eval_loss"],
-                   images_per_second=sum(h["images_per_second"] for h in history) / len(history),
-                   wall_seconds=wall_before + time.perf_counter() - started, skipped_files=skipped_files,
-                   params=sum(p.numel() for p in model.parameters()), img_size=cfg.img_size,
+                   best_top1=s.best_top1, train_loss=last["train_loss"], eval_loss=last["eval_loss"],
+                   images_per_second=sum(h["images_per_second"] for h in s.history) / len(s.history),
+                   wall_seconds=run.wall_seconds(), skipped_files=skipped_files,
+                   params=count_parameters(run.model), img_size=cfg.img_size,
                    train_images=len(data.train), val_images=len(data.val), world_size=d.world_size,
-                   device=d.device.type, output_dir=str(run_dir))
+                   device=d.device.type, output_dir=str(run.run_dir))
     if d.main:
-        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-        print(f"done: top-1 {summary['top1']:.2f}% (best {best_top1:.2f}%), top-5 {summary['top5']:.2f}% on "
+        atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=2))
+        print(f"done: top-1 {summary['top1']:.2f}% (best {s.best_top1:.2f}%), top-5 {summary['top5']:.2f}% on "
               f"{len(data.val)} held-out {cfg.data} images in {summary['wall_seconds']:.0f} s; "
-              f"skipped files: {skipped_files}; run directory {run_dir}", flush=True)
+              f"skipped files: {skipped_files}; run directory {run.run_dir}", flush=True)
     if d.world_size > 1:
         dist.barrier()
-    if d.owns_group:
-        dist.destroy_process_group()
     return summary
-
-
-def _load_finetune_weights(model: nn.Module, source: str) -> None:
-    """Weights of a checkpoint directory (its evaluated weights) or a weights file, for a new run."""
-    path = Path(source)
-    state = load_checkpoint(path, with_train_state=False).eval_weights if path.is_dir() else read_state_dict(path)
-    load_weights(model, state)
 
 
 def _plain(d: dict) -> dict:
     """A dataclass dict as JSON-like values (tuples become lists), safe for weights_only loading."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    """metrics.jsonl, one line per epoch, rewritten from the checkpointed history (never out of step)."""
-    atomic_write(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-
-
-def run_train(args: argparse.Namespace) -> int:
-    train(args)
-    return 0

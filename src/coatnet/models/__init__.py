@@ -1,11 +1,16 @@
-"""Model code: the CoAtNet family, its registry and factory. Never imports the training side."""
+"""Model code: the CoAtNet family, its registry and factory, the model folder format.
 
-from .coatnet import CoAtNet, CoAtNetConfig, MBConv, RelativeAttention, StageConfig, TransformerBlock
-from .factory import create_model, load_weights, read_state_dict
-from .pretrained import from_pretrained, save_pretrained
+Never imports the training side (training, data, checkpoints): ``tests/test_models.py`` checks it.
+"""
+
+from .coatnet import (CoAtNet, CoAtNetConfig, HeadConfig, MBConv, MBConvConfig, RelativeAttention, StageConfig,
+                      StemConfig, TransformerBlock, TransformerConfig)
+from .factory import create_model, from_pretrained, load_weights, read_state_dict
+from .folder import save_pretrained
 from .registry import PaperFigures, list_models, model_entry, register_model
 from .timm_convert import convert_timm_state_dict, timm_variants
 
-__all__ = ["CoAtNet", "CoAtNetConfig", "StageConfig", "MBConv", "RelativeAttention", "TransformerBlock",
-           "create_model", "load_weights", "read_state_dict", "from_pretrained", "save_pretrained",
-           "convert_timm_state_dict", "timm_variants", "PaperFigures", "list_models", "model_entry", "register_model"]
+__all__ = ["CoAtNet", "CoAtNetConfig", "StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig",
+           "MBConv", "RelativeAttention", "TransformerBlock", "create_model", "load_weights", "read_state_dict",
+           "from_pretrained", "save_pretrained", "convert_timm_state_dict", "timm_variants", "PaperFigures",
+           "list_models", "model_entry", "register_model"]

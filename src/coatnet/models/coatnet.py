@@ -3,11 +3,12 @@
 Dai, Liu, Le, Tan. "CoAtNet: Marrying Convolution and Attention for All Data Sizes", NeurIPS 2021
 (arXiv:2106.04803). Equation, table and appendix numbers in the comments are the paper's.
 
-The file reads top to bottom: configuration dataclasses, the building blocks (S0 stem, MBConv,
-relative attention, Transformer block), the network, then the named configurations: CoAtNet-0..7
-(Tables 3, 11, 12), the five layouts of the controlled study (Section 2.2), two small models
-of ours for CPU work on small images, and timm's "rw" variants, for the ImageNet weights timm
-publishes.
+The file reads top to bottom as the paper: the configuration (one frozen dataclass per part of the
+network, the paper's values as defaults), the blocks (S0 stem, MBConv with Eq. 5, relative
+attention with Eq. 3, the Transformer block with Eq. 4), the network, then the named
+configurations: CoAtNet-0..7 (Tables 3, 11, 12), the five layouts of the controlled study
+(Section 2.2), two small models of ours for CPU work on small images, and timm's "rw" variants, for
+the ImageNet weights timm publishes. What makes eager inference fast is in ``fast_path.py``.
 """
 
 from __future__ import annotations
@@ -16,29 +17,106 @@ import contextlib
 import functools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import SqueezeExcitation, StochasticDepth
+from torchvision.ops import StochasticDepth
 
-from .pretrained import save_pretrained
+from ..validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields
+from .fast_path import ACTIVATIONS, ConvBNAct, SqueezeExcite, inference_chunk
+from .folder import config_from_version_1, save_pretrained
 from .registry import PaperFigures, register_model
 
-__all__ = ["StageConfig", "CoAtNetConfig", "CoAtNet", "MBConv", "RelativeAttention", "TransformerBlock"]
+__all__ = ["StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig", "CoAtNetConfig",
+           "CoAtNet", "MBConv", "RelativeAttention", "RelativePositionTable", "RelativePositionMLP",
+           "TransformerBlock"]
+
+Activation = Literal["gelu", "silu", "relu"]
+Pool = Literal["max", "avg", "max3x3"]  # the Pool of Eq. 4, 5, stride 2: 2x2 max (the paper), 2x2 avg, 3x3 max
+Norm = Literal["layernorm", "batchnorm"]
 
 
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+# The defaults are the paper's. The fields marked [rw] exist for timm's "rw" variants (the
+# coatnet_*_rw configurations at the end of this file), whose ImageNet weights timm publishes.
+
+
+class _Checked:
+    """Each config checks its fields against their annotations when built (``coatnet.validate``)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
-class StageConfig:
+class StemConfig(_Checked):
+    """S0: two 3x3 convs, the first strided (Section 2.2), or VIT_REL's patch embedding."""
+
+    channels: PositiveInt
+    kind: Literal["conv", "patch"] = "conv"
+    stride: PositiveInt = 2  # conv: the first conv's stride; patch: the patch size
+    mid_channels: PositiveInt | None = None  # [rw] width of the first conv (default: channels)
+    bias: bool = True  # [rw] bias on the second conv
+    activation: Activation = "gelu"  # [rw]
+
+
+@dataclass(frozen=True)
+class MBConvConfig(_Checked):
+    """MBConv blocks (Section 2.1, Eq. 5): inverted bottleneck x4, depthwise 3x3, squeeze-excitation."""
+
+    expand_ratio: PositiveInt = 4
+    se_ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.25  # SE squeeze width relative to the output width
+    # Where a down-sampling block strides: "expand", the first 1x1 conv (Eq. 5); "depthwise", the
+    # depthwise conv (Table 9); "pool", a 2x2 average pool before the expansion [rw].
+    stride_on: Literal["expand", "depthwise", "pool"] = "expand"
+    pool: Pool = "max"  # on the shortcut
+    activation: Activation = "gelu"  # [rw]
+    # [rw] "input": the hidden width is expand_ratio x the block's input width, and SE squeezes
+    # se_ratio x the hidden width.
+    expand_from: Literal["output", "input"] = "output"
+    pre_norm_activation: bool = False  # [rw] an activation after the pre-norm BatchNorm
+    se_activation: Activation = "gelu"  # [rw]
+    se_before_norm: bool = False  # [rw] SE on the depthwise conv's output, before its BatchNorm
+    output_bias: bool = True  # [rw] bias on the projection and shortcut 1x1 convs
+
+
+@dataclass(frozen=True)
+class TransformerConfig(_Checked):
+    """Transformer blocks with relative attention (Section 2.1, Eq. 3, Eq. 4) and their FFN."""
+
+    head_size: PositiveInt = 32  # Table 3
+    expand_ratio: PositiveInt = 4  # of the FFN
+    # "table": Eq. 3's w, a learnt (2H-1)x(2W-1) table per head; "mlp": computed from the offset
+    # by a small MLP [rw: the rmlp variants].
+    relative_position: Literal["table", "mlp"] = "table"
+    relative_position_mlp_width: PositiveInt = 512
+    pool: Pool = "max"
+    attention_width: Literal["output", "input"] = "output"  # [rw] width of q, k and v
+    shortcut_bias: bool = True  # [rw] bias on the Proj of Eq. 4
+    layer_scale_init: PositiveFloat | None = None  # [rw] a learnt per-channel scale on both branches
+    norm: Norm = "layernorm"  # [rw]
+    norm_eps: PositiveFloat = 1e-5  # [rw]
+
+
+@dataclass(frozen=True)
+class HeadConfig(_Checked):
+    """Global average pooling, a norm, an optional pre-logits layer, the classifier."""
+
+    hidden_size: PositiveInt | None = None  # pre-logits Linear + tanh
+    norm: Norm = "layernorm"  # [rw]
+    norm_eps: PositiveFloat = 1e-5  # [rw]
+    norm_before_pool: bool = False  # [rw] normalise the last feature map, then pool
+
+
+@dataclass(frozen=True)
+class StageConfig(_Checked):
     """One stage: ``depth`` blocks of one type, ``channels`` wide.
 
     The first block changes the width and, when ``stride`` is 2, halves the resolution on both of
@@ -47,75 +125,48 @@ class StageConfig:
     """
 
     block: Literal["mbconv", "transformer"]
-    depth: int
-    channels: int
-    stride: int = 2
+    depth: PositiveInt
+    channels: PositiveInt
+    stride: Literal[1, 2] = 2
+
+
+_PARTS = {"stem": StemConfig, "mbconv": MBConvConfig, "transformer": TransformerConfig, "head": HeadConfig}
 
 
 @dataclass(frozen=True)
-class CoAtNetConfig:
+class CoAtNetConfig(_Checked):
     """Everything that defines a network; ``CoAtNet(config)`` builds it.
 
     ``img_size`` sizes the relative-position tables (one (2H-1)x(2W-1) table per head and layer,
     for the H x W grid the stage sees at that input size); other input sizes still work, with the
-    tables interpolated (Section 2.1).
+    tables interpolated (Section 2.1). ``to_dict``/``from_dict`` are its ``config.json`` form.
     """
 
+    VERSION: ClassVar[int] = 2  # of the dict form; 1 was one flat dict of 31 fields
+
     name: str
-    stem_channels: int
+    stem: StemConfig
     stages: tuple[StageConfig, ...]
-    stem: Literal["conv", "patch"] = "conv"  # "patch": the ViT stem of VIT_REL (Section 2.2)
-    stem_stride: int = 2  # conv stem: stride of its first conv; patch stem: the patch size
-    head_size: int = 32  # attention head size (Table 3)
-    expand_ratio: int = 4  # inverted bottleneck of MBConv and the FFN (Section 2.1)
-    se_ratio: float = 0.25  # SE squeeze width relative to the block's output width
-    downsample_on_depthwise: bool = False  # Table 9: stride 2 on the depthwise conv, not the 1x1
-    head_hidden_size: int | None = None  # pre-logits Linear+tanh before the classifier
-    drop_path_rate: float = 0.0  # stochastic depth, linear in block index (Table 10 rates)
-    num_classes: int = 1000
-    in_chans: int = 3
+    mbconv: MBConvConfig = field(default_factory=MBConvConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    drop_path_rate: Fraction = 0.0  # stochastic depth, linear in block index (Table 10 rates)
+    num_classes: NonNegativeInt = 1000  # 0: no classifier
+    in_chans: PositiveInt = 3
     img_size: tuple[int, int] = (224, 224)
-    # Where timm's "rw" variants (the coatnet_*_rw configurations below, whose ImageNet weights
-    # timm publishes) depart from the paper. Every default is the paper's.
-    stem_mid_channels: int | None = None  # width of the stem's first conv (default: stem_channels)
-    stem_bias: bool = True  # bias on the stem's second conv
-    activation: Literal["gelu", "silu"] = "gelu"  # in the stem and MBConv; the FFN keeps GELU
-    # "input": MBConv's hidden width is expand_ratio x its input width (SE squeeze: se_ratio x the
-    # hidden width) and attention runs at the input width, its output projection widening.
-    expand_from: Literal["output", "input"] = "output"
-    mbconv_pre_norm_act: bool = False  # activation after MBConv's pre-norm BatchNorm
-    downsample_by_pool: bool = False  # MBConv strides by a 2x2 average pool before the expansion
-    se_activation: Literal["gelu", "silu", "relu"] = "gelu"
-    se_before_norm: bool = False  # SE on the depthwise conv's output, before its BatchNorm
-    mbconv_output_bias: bool = True  # bias on MBConv's projection and shortcut 1x1 convs
-    pool: Literal["max", "avg", "max3x3"] = "max"  # Pool of Eq. 4, 5: 2x2 max, 2x2 average, 3x3 max
-    transformer_shortcut_bias: bool = True  # bias on the Proj of Eq. 4
-    relative_position: Literal["table", "mlp"] = "table"  # "mlp": an MLP of the offset gives w_{i-j}
-    relative_position_mlp_width: int = 512
-    layer_scale_init: float | None = None  # learnt per-channel scale on Transformer branches
-    transformer_norm: Literal["layernorm", "batchnorm"] = "layernorm"  # in Transformer blocks, head
-    norm_eps: float = 1e-5  # of the Transformer blocks' and the head's norms
-    head_norm_before_pool: bool = False  # normalise the last feature map, then pool
 
     def __post_init__(self) -> None:
-        img = self.img_size
-        img = (img, img) if isinstance(img, int) else tuple(img)
+        super().__post_init__()
+        img = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
         object.__setattr__(self, "img_size", img)
-        object.__setattr__(self, "stages", tuple(StageConfig(**s) if isinstance(s, dict) else s for s in self.stages))
-        choices = {"stem": ("conv", "patch"), "activation": ("gelu", "silu"), "expand_from": ("output", "input"),
-                   "se_activation": ("gelu", "silu", "relu"), "pool": ("max", "avg", "max3x3"),
-                   "relative_position": ("table", "mlp"), "transformer_norm": ("layernorm", "batchnorm")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        if self.downsample_on_depthwise and self.downsample_by_pool:
-            raise ValueError("downsample_on_depthwise and downsample_by_pool exclude each other: MBConv strides once")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages or not all(isinstance(s, StageConfig) for s in self.stages):
+            raise ValueError("stages must be one or more StageConfig")
         for s in self.stages:
-            if s.block not in ("mbconv", "transformer"):
-                raise ValueError(f"stage block must be 'mbconv' or 'transformer', got {s.block!r}")
-            if s.block == "transformer" and s.channels % self.head_size:
-                raise ValueError(f"transformer width {s.channels} is not a multiple of head size {self.head_size}")
-        if any(side <= 0 or side % self.stride for side in img):
+            if s.block == "transformer" and s.channels % self.transformer.head_size:
+                raise ValueError(f"transformer width {s.channels} is not a multiple of head size "
+                                 f"{self.transformer.head_size}")
+        if len(img) != 2 or any(not isinstance(side, int) or side <= 0 or side % self.stride for side in img):
             near = [max(self.stride, math.ceil(side / self.stride) * self.stride) for side in img]
             raise ValueError(f"img_size {img[0]}x{img[1]} is not a multiple of the model's stride {self.stride}; "
                              f"use e.g. {near[0]}x{near[1]}")
@@ -123,7 +174,7 @@ class CoAtNetConfig:
     @property
     def stride(self) -> int:
         """Total down-sampling from input to the last feature map (32 for the paper's models)."""
-        return self.stem_stride * math.prod(s.stride for s in self.stages)
+        return self.stem.stride * math.prod(s.stride for s in self.stages)
 
     @property
     def num_features(self) -> int:
@@ -132,216 +183,92 @@ class CoAtNetConfig:
     @property
     def layout(self) -> str:
         """The paper's name for the vertical layout, e.g. 'C-C-T-T' or 'VIT_REL'."""
-        if self.stem == "patch":
+        if self.stem.kind == "patch":
             return "VIT_REL"
         return "-".join("C" if s.block == "mbconv" else "T" for s in self.stages)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["stages"] = [vars(s).copy() for s in self.stages]
-        d["img_size"] = list(self.img_size)
-        return d
+        """The JSON form: nested dicts, plus the format's ``version``."""
+        out = {"version": self.VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = {k.name: getattr(value, k.name) for k in fields(value)} if f.name in _PARTS else value
+        out["stages"] = [{k.name: getattr(s, k.name) for k in fields(s)} for s in self.stages]
+        out["img_size"] = list(self.img_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CoAtNetConfig:
+        """The config of a ``to_dict`` dict, this version's or version 1's (written before nested configs)."""
+        data = dict(data)
+        version = data.pop("version", 1)
+        if version == 1:
+            data = config_from_version_1(data)
+        elif version != cls.VERSION:
+            raise ValueError(f"config version {version} is newer than this coatnet reads ({cls.VERSION}); "
+                             f"upgrade coatnet")
+        parts = {name: _build_part(kind, data[name], name) for name, kind in _PARTS.items() if name in data}
+        stages = [_build_part(StageConfig, s, "stages") for s in data.get("stages", ())]
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; "
+                             f"fields: {', '.join(f.name for f in fields(cls))}")
+        return cls(**(data | parts | {"stages": stages}))
 
     def __str__(self) -> str:
+        t = self.transformer
         rows = [f"{self.name}: {self.layout}, input {self.in_chans}x{self.img_size[0]}x{self.img_size[1]}, "
-                f"{self.num_classes} classes, head size {self.head_size}, drop path {self.drop_path_rate}"]
-        stem = "patch" if self.stem == "patch" else "conv stem"
-        rows.append(f"  S0  {stem:<11} x{1 if self.stem == 'patch' else 2:<2} {self.stem_channels:>5} ch  "
-                    f"stride {self.stem_stride}")
+                f"{self.num_classes} classes, head size {t.head_size}, drop path {self.drop_path_rate}"]
+        stem = "patch" if self.stem.kind == "patch" else "conv stem"
+        rows.append(f"  S0  {stem:<11} x{1 if self.stem.kind == 'patch' else 2:<2} {self.stem.channels:>5} ch  "
+                    f"stride {self.stem.stride}")
         for i, s in enumerate(self.stages, 1):
             rows.append(f"  S{i}  {s.block:<11} x{s.depth:<2} {s.channels:>5} ch  stride {s.stride}")
-        head = f"pre-logits {self.head_hidden_size} + " if self.head_hidden_size else ""
-        norm = "LayerNorm" if self.transformer_norm == "layernorm" else "BatchNorm"
-        pool_norm = f"{norm} + avg-pool" if self.head_norm_before_pool else f"avg-pool + {norm}"
-        rows.append(f"  head  {pool_norm} + {head}linear {self.num_classes}")
+        pre_logits = f"pre-logits {self.head.hidden_size} + " if self.head.hidden_size else ""
+        norm = "LayerNorm" if self.head.norm == "layernorm" else "BatchNorm"
+        pool_norm = f"{norm} + avg-pool" if self.head.norm_before_pool else f"avg-pool + {norm}"
+        rows.append(f"  head  {pool_norm} + {pre_logits}linear {self.num_classes}")
         return "\n".join(rows)
 
 
+def _build_part(kind: type, value, name: str):
+    """A nested config from its dict (or itself); unknown keys are named in one line."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a {kind.__name__} or a dict of its fields, got {value!r}")
+    known = [f.name for f in fields(kind)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {', '.join(unknown)}; options: {', '.join(known)}")
+    return kind(**value)
+
+
 # --------------------------------------------------------------------------------------------
-# Building blocks
+# S0 and MBConv (Section 2.1, Eq. 5)
 # --------------------------------------------------------------------------------------------
 
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
-
-
-# Fast paths. At inference (autograd off, eager PyTorch) some modules take shortcuts that compute
-# the same function with fewer passes over memory: BatchNorm folded into the conv before it, the
-# activation fused into that conv, squeeze-excitation scaling in place, and on CPU a batch too wide
-# for the heap run through MBConv in chunks. With autograd on (training, or gradients of an
-# eval-mode model) and under tracing, torch.compile or torch.export, they run their plain layers.
-# tests/test_fast_paths.py checks that both agree to 1e-5.
-
-
-# The largest block glibc's malloc serves from its heap (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit);
-# larger ones are fresh mmaps, page-faulted in on every use (MBConv.inference_chunk).
-MAX_HEAP_BLOCK = 32 * 2**20
-
-
-def eager_inference() -> bool:
-    """Autograd off, in plain eager execution: where the inference fast paths may run."""
-    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
-
-
-def tensor_versions(*tensors: Tensor) -> tuple:
-    """The key of a cache derived from ``tensors``: it changes when one of them is updated in place
-    (optimizer step, ``load_state_dict``: ``_version``) or moved (``.to()``: ``data_ptr``)."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
-def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Weight and bias of the one conv that computes ``norm(conv(x))`` with the norm's running statistics.
-
-    With fixed statistics BatchNorm is a per-channel affine map, ``x * scale + shift``, so it folds
-    into the conv's weight and bias: the same function, up to float rounding.
-    """
-    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    return conv.weight * scale.view(-1, 1, 1, 1), shift
-
-
-# oneDNN's post-op for each activation; algorithm "none" is the exact (erf) GELU, the paper's.
-_ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "silu": ("swish", ""), "relu": ("relu", "")}
-_ONEDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-class ConvBNAct(nn.Sequential):
-    """Conv -> BatchNorm -> activation (GELU in the paper), the post-activation unit inside the stem and MBConv.
-
-    Layers and state dict as torchvision's ``Conv2dNormActivation``: ``0`` the conv (no bias), ``1``
-    the norm, ``2`` the activation. At eager inference in eval mode the norm is folded into the conv
-    (the folded weights are kept until a parameter or statistic changes), and on CPU the activation
-    runs as a post-op of the same oneDNN convolution, the kernel PyTorch's own compiler emits for
-    this pattern: the output is written once instead of three times. That matters most for the
-    widest tensor, MBConv's hidden one in S1 (38 MB at batch 8 and 224x224).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 activation: str = "gelu"):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
-                                   groups=groups, bias=False),
-                         nn.BatchNorm2d(out_channels), ACTIVATIONS[activation]())
-        self.activation = activation
-        self._folded: tuple[tuple, tuple[Tensor, Tensor]] | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training or not eager_inference():
-            return super().forward(x)
-        conv, norm, act = self
-        key = tensor_versions(conv.weight, *norm.parameters(), *norm.buffers())
-        if self._folded is None or self._folded[0] != key:
-            self._folded = key, fold_batch_norm(conv, norm)
-        weight, bias = self._folded[1]
-        if _ONEDNN_CONV and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-            post_op, algorithm = _ONEDNN_POST_OPS[self.activation]
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride, conv.dilation,
-                                                           conv.groups, post_op, [], algorithm)
-        return act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
-
-
-class SqueezeExcite(SqueezeExcitation):
-    """torchvision's squeeze-excitation, ``x * sigmoid(fc2(act(fc1(mean(x)))))``, scaling ``x`` in
-    place at eager inference: in MBConv its input is a fresh intermediate, the block's widest
-    tensor, so the copy is saved."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mul_(self._scale(x)) if eager_inference() else super().forward(x)
-
-
-def conv_stem(in_chans: int, channels: int, stride: int, mid_channels: int | None = None,
-              activation: str = "gelu", bias: bool = True) -> nn.Sequential:
+def conv_stem(in_chans: int, config: StemConfig) -> nn.Sequential:
     """S0: a 2-layer convolutional stem, 3x3 with ``stride`` then 3x3 (Section 2.2).
 
     Its output enters the residual stream un-normalized: every block after it is pre-norm.
-    timm's rw variants make the first conv narrower (``mid_channels``) and drop the last bias.
     """
-    mid_channels = mid_channels or channels
+    mid_channels = config.mid_channels or config.channels
     return nn.Sequential(
-        ConvBNAct(in_chans, mid_channels, 3, stride=stride, activation=activation),
-        nn.Conv2d(mid_channels, channels, 3, padding=1, bias=bias),
+        ConvBNAct(in_chans, mid_channels, 3, stride=config.stride, activation=config.activation),
+        nn.Conv2d(mid_channels, config.channels, 3, padding=1, bias=config.bias),
     )
 
 
 def pool_2d(pool: str) -> nn.Module:
-    """The Pool of Eq. 4 and 5, stride 2: "max" 2x2 (the paper), "avg" 2x2 or "max3x3" (timm's rw variants)."""
+    """The Pool of Eq. 4 and 5 on an NCHW map, stride 2."""
     if pool == "max3x3":
         return nn.MaxPool2d(3, 2, padding=1)
     return nn.MaxPool2d(2, 2) if pool == "max" else nn.AvgPool2d(2, 2)
 
 
-class MBConv(nn.Module):
-    """Pre-activation MBConv with squeeze-excitation: ``x + Module(BatchNorm(x))``.
-
-    Module = 1x1 conv (expand x4) -> depthwise 3x3 -> SE (0.25) -> 1x1 conv, BatchNorm and GELU
-    between. The expansion is taken from the output width, as in the inverted bottleneck of the FFN.
-    With ``stride=2`` (Eq. 5): ``x <- Proj(Pool(x)) + Conv(DepthConv(Conv(Norm(x), stride=2)))``,
-    the stride on the first 1x1 conv; ``stride_on_depthwise`` moves it to the depthwise conv
-    (the Table 9 variant).
-
-    The keyword-only options reproduce timm's rw variants (see :class:`CoAtNetConfig`): another
-    ``activation``, an activated pre-norm, the expansion taken from the input width, the stride
-    taken by a 2x2 average pool before the expansion, SE before the depthwise BatchNorm, no bias
-    on the 1x1 output convs, another ``pool`` on the shortcut.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, expand_ratio: int = 4,
-                 se_ratio: float = 0.25, stride_on_depthwise: bool = False, drop_path: float = 0.0, *,
-                 activation: str = "gelu", pre_norm_act: bool = False, expand_from_input: bool = False,
-                 stride_by_pool: bool = False, se_activation: str = "gelu", se_before_norm: bool = False,
-                 output_bias: bool = True, pool: str = "max"):
-        super().__init__()
-        hidden = (in_channels if expand_from_input else out_channels) * expand_ratio
-        squeeze = max(1, int((hidden if expand_from_input else out_channels) * se_ratio))
-        self.shortcut = _shortcut_2d(in_channels, out_channels, stride, pool, output_bias)
-        expand_stride = 1 if stride_by_pool or stride_on_depthwise else stride
-        depthwise_stride = stride if stride_on_depthwise else 1
-        layers = [("norm", nn.BatchNorm2d(in_channels))]
-        if pre_norm_act:
-            layers.append(("act", ACTIVATIONS[activation]()))
-        if stride > 1 and stride_by_pool:  # timm averages here, whichever pool its shortcut uses
-            layers.append(("pool", nn.AvgPool2d(stride)))
-        layers.append(("expand", ConvBNAct(in_channels, hidden, 1, stride=expand_stride, activation=activation)))
-        se = SqueezeExcite(hidden, squeeze, activation=ACTIVATIONS[se_activation])
-        if se_before_norm:
-            depthwise = nn.Conv2d(hidden, hidden, 3, depthwise_stride, padding=1, groups=hidden, bias=False)
-            layers += [("depthwise", depthwise), ("se", se),
-                       ("depthwise_norm", nn.Sequential(nn.BatchNorm2d(hidden), ACTIVATIONS[activation]()))]
-        else:
-            layers += [("depthwise", ConvBNAct(hidden, hidden, 3, depthwise_stride, hidden, activation)), ("se", se)]
-        layers.append(("project", nn.Conv2d(hidden, out_channels, 1, bias=output_bias)))
-        self.residual = nn.Sequential(OrderedDict(layers))
-        self.drop_path = StochasticDepth(drop_path, "row")
-
-    def forward(self, x: Tensor) -> Tensor:
-        chunk = self.inference_chunk(x)
-        if chunk is not None:
-            return torch.cat([self._forward(part) for part in x.split(chunk)])
-        return self._forward(x)
-
-    def _forward(self, x: Tensor) -> Tensor:
-        return self.shortcut(x) + self.drop_path(self.residual(x))
-
-    def inference_chunk(self, x: Tensor) -> int | None:
-        """Images per chunk at eager CPU inference, where each image is computed on its own
-        (BatchNorm uses its running statistics): as many as keep the block's hidden tensor, its
-        widest, within ``MAX_HEAP_BLOCK``; None, no chunks, when the whole batch fits or elsewhere
-        (training, autograd, GPU, tracing and compiling, where the batch size may be symbolic).
-
-        CoAtNet-0's S1 at batch 8 and 224x224 would have a 38 MB hidden tensor, four of them a
-        pass: in halves, the same memory is reused from the heap instead of page-faulted in anew,
-        and inference is 10% faster on 2 CPU cores (30% at batch 32)."""
-        if self.training or x.device.type != "cpu" or not eager_inference():
-            return None
-        expand = self.residual.expand[0]
-        height, width = x.shape[-2] // expand.stride[0], x.shape[-1] // expand.stride[1]
-        per_image = expand.out_channels * height * width * x.element_size()
-        chunks = -(-len(x) * per_image // MAX_HEAP_BLOCK)  # ceil: as few chunks as will fit, evened out
-        return -(-len(x) // chunks) if chunks > 1 else None
-
-
-def _shortcut_2d(in_channels: int, out_channels: int, stride: int, pool: str = "max", bias: bool = True) -> nn.Module:
+def shortcut_2d(in_channels: int, out_channels: int, stride: int, pool: str = "max", bias: bool = True) -> nn.Module:
     """The identity branch: Proj(Pool(x)) when the block down-samples or changes width (A.1)."""
     layers = []
     if stride > 1:
@@ -351,37 +278,72 @@ def _shortcut_2d(in_channels: int, out_channels: int, stride: int, pool: str = "
     return nn.Sequential(*layers) if layers else nn.Identity()
 
 
-def max_pool_tokens(x: Tensor, height: int, width: int) -> Tensor:
-    """2x2 max-pool, stride 2, of a (B, H*W, C) token sequence laid out row by row.
+class MBConv(nn.Module):
+    """Pre-activation MBConv with squeeze-excitation: ``x + Module(BatchNorm(x))``.
 
-    The tokens are an NCHW map in channels-last memory, without a copy; its pooling kernel is ~10x
-    faster than a max over a 6-D view of the tokens.
+    Module = 1x1 conv (expand x4) -> depthwise 3x3 -> SE (0.25) -> 1x1 conv, BatchNorm and GELU
+    between. The expansion is taken from the output width, as in the inverted bottleneck of the FFN.
+    With ``stride=2`` (Eq. 5): ``x <- Proj(Pool(x)) + Conv(DepthConv(Conv(Norm(x), stride=2)))``,
+    the stride on the first 1x1 conv, or where ``config.stride_on`` puts it.
     """
-    b, _, c = x.shape
-    return F.max_pool2d(x.transpose(1, 2).reshape(b, c, height, width), 2).flatten(2).transpose(1, 2)
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 config: MBConvConfig = MBConvConfig(), drop_path: float = 0.0):
+        super().__init__()
+        c = config
+        from_input = c.expand_from == "input"
+        hidden = (in_channels if from_input else out_channels) * c.expand_ratio
+        squeeze = max(1, int((hidden if from_input else out_channels) * c.se_ratio))
+        self.shortcut = shortcut_2d(in_channels, out_channels, stride, c.pool, c.output_bias)
+        expand_stride = stride if c.stride_on == "expand" else 1
+        depthwise_stride = stride if c.stride_on == "depthwise" else 1
+        layers = [("norm", nn.BatchNorm2d(in_channels))]
+        if c.pre_norm_activation:
+            layers.append(("act", ACTIVATIONS[c.activation]()))
+        if stride > 1 and c.stride_on == "pool":  # timm averages here, whichever pool its shortcut uses
+            layers.append(("pool", nn.AvgPool2d(stride)))
+        layers.append(("expand", ConvBNAct(in_channels, hidden, 1, stride=expand_stride, activation=c.activation)))
+        se = SqueezeExcite(hidden, squeeze, activation=ACTIVATIONS[c.se_activation])
+        if c.se_before_norm:
+            depthwise = nn.Conv2d(hidden, hidden, 3, depthwise_stride, padding=1, groups=hidden, bias=False)
+            layers += [("depthwise", depthwise), ("se", se),
+                       ("depthwise_norm", nn.Sequential(nn.BatchNorm2d(hidden), ACTIVATIONS[c.activation]()))]
+        else:
+            layers += [("depthwise", ConvBNAct(hidden, hidden, 3, depthwise_stride, hidden, c.activation)),
+                       ("se", se)]
+        layers.append(("project", nn.Conv2d(hidden, out_channels, 1, bias=c.output_bias)))
+        self.residual = nn.Sequential(OrderedDict(layers))
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shortcut(x) + self.drop_path(self.residual(x))
 
 
-def pool_tokens(x: Tensor, height: int, width: int, pool: str = "max") -> Tensor:
-    """:func:`pool_2d`'s Pool, stride 2, on a (B, H*W, C) token sequence laid out row by row."""
-    if pool == "max":
-        return max_pool_tokens(x, height, width)
-    b, _, c = x.shape
-    if pool == "avg":
-        return x.reshape(b, height // 2, 2, width // 2, 2, c).mean(dim=(2, 4)).reshape(b, -1, c)
-    grid = x.transpose(1, 2).reshape(b, c, height, width)
-    return F.max_pool2d(grid, 3, 2, padding=1).flatten(2).transpose(1, 2)
+# --------------------------------------------------------------------------------------------
+# Relative attention (Section 2.1, Eq. 3) and the Transformer block (Eq. 4)
+# --------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=64)
 def relative_position_index(height: int, width: int, device: torch.device) -> Tensor:
-    """(N, N) index into a flattened (2H-1)x(2W-1) table: entry (p, p') is the offset p - p'."""
-    with torch.inference_mode(False):  # cached across calls, so never an inference-mode tensor
+    """(N, N) index into a flattened (2H-1)x(2W-1) table: entry (p, p') is the offset p - p'.
+
+    Derived from the grid alone, never from weights, so it can be kept for every call.
+    """
+    with torch.inference_mode(False):  # kept across calls, so never an inference-mode tensor
         rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
                                     indexing="ij")
         rows, cols = rows.flatten(), cols.flatten()
         dr = rows[:, None] - rows[None, :] + height - 1
         dc = cols[:, None] - cols[None, :] + width - 1
         return dr * (2 * width - 1) + dc
+
+
+def gather_relative_bias(table: Tensor, height: int, width: int) -> Tensor:
+    """(heads, H*W, H*W) bias from a (heads, 2H-1, 2W-1) table: entry (i, j) is w_{i-j}."""
+    # The compiler folds the index into the graph; it would trace through the lru_cache, and warn.
+    index = relative_position_index.__wrapped__ if torch.compiler.is_compiling() else relative_position_index
+    return table.flatten(1)[:, index(height, width, table.device)]
 
 
 def resize_relative_table(table: Tensor, size: tuple[int, int]) -> Tensor:
@@ -394,97 +356,93 @@ def resize_relative_table(table: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(table.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=True)[0].to(table.dtype)
 
 
-def log_relative_offsets(height: int, width: int, device: torch.device) -> Tensor:
-    """(2H-1, 2W-1, 2): every offset (dr, dc) of an H x W grid, log-spaced as sign(d) log(1 + |d|)."""
-    dr = torch.arange(-(height - 1), height, device=device, dtype=torch.float32)
-    dc = torch.arange(-(width - 1), width, device=device, dtype=torch.float32)
-    offsets = torch.stack(torch.meshgrid(dr, dc, indexing="ij"), dim=-1)
-    return offsets.sign() * offsets.abs().log1p()
+class RelativePositionTable(nn.Module):
+    """Eq. 3's w_{i-j}: one learnt scalar per head and relative offset, in a (2H-1)x(2W-1) table.
+
+    Sized for ``grid_size``; for another grid the table is bilinearly interpolated, and a state
+    dict saved at another size is interpolated on load (Section 2.1, fine-tuning at 384 and 512).
+    """
+
+    def __init__(self, num_heads: int, grid_size: tuple[int, int]):
+        super().__init__()
+        height, width = grid_size
+        self.table = nn.Parameter(torch.zeros(num_heads, 2 * height - 1, 2 * width - 1))
+
+    def forward(self, height: int, width: int) -> Tensor:
+        """The (heads, H*W, H*W) bias for an H x W grid."""
+        return gather_relative_bias(resize_relative_table(self.table, (2 * height - 1, 2 * width - 1)), height, width)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "table")
+        if saved is not None and saved.dim() == 3 and saved.shape[0] == self.table.shape[0]:
+            state_dict[prefix + "table"] = resize_relative_table(saved, tuple(self.table.shape[1:]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class RelativePositionMLP(nn.Module):
+    """w_{i-j} computed, not stored (timm's rmlp variants, after Swin-V2): a 2-layer ReLU MLP maps each
+    log-spaced offset sign(d) log(1 + |d|) to one scalar per head, so any grid gets its bias without
+    interpolation. Dropout on the hidden layer, as timm trains it."""
+
+    def __init__(self, num_heads: int, hidden: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(2, hidden)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.125)
+        self.fc2 = nn.Linear(hidden, num_heads)
+
+    def forward(self, height: int, width: int) -> Tensor:
+        """The (heads, H*W, H*W) bias for an H x W grid."""
+        device = self.fc1.weight.device
+        dr = torch.arange(-(height - 1), height, device=device, dtype=torch.float32)
+        dc = torch.arange(-(width - 1), width, device=device, dtype=torch.float32)
+        offsets = torch.stack(torch.meshgrid(dr, dc, indexing="ij"), dim=-1)  # (2H-1, 2W-1, 2)
+        offsets = (offsets.sign() * offsets.abs().log1p()).to(self.fc1.weight.dtype)
+        table = self.fc2(self.drop(self.act(self.fc1(offsets))))
+        return gather_relative_bias(table.permute(2, 0, 1), height, width)
 
 
 class RelativeAttention(nn.Module):
     """Multi-head self-attention with a pre-softmax relative position bias (Eq. 3).
 
     ``y_i = sum_j softmax_j(q_i . k_j / sqrt(d) + w_{i-j}) v_j``: w is an input-independent scalar
-    per relative offset and head, held in a trainable (2H-1)x(2W-1) table per head; the bias
-    between positions (r, c) and (r', c') is ``P[r-r'+H-1, c-c'+W-1]``. Not shared across layers.
-    For a grid other than ``grid_size`` the table is bilinearly interpolated, and a state dict
-    saved at another size is interpolated on load. Without autograd (inference), the gathered
-    (heads, N, N) bias is cached per grid size and rebuilt only when the table changes.
-
-    Two departures serve timm's rw variants. ``relative_position="mlp"`` (the rmlp variants, after
-    Swin-V2) computes the table instead of storing it: a 2-layer ReLU MLP maps each log-spaced
-    offset to one w per head, so any grid gets its bias without interpolation. ``attention_dim``
-    (default ``out_dim``) is the width of q, k and v; the rw variants attend at ``in_dim`` and
-    widen in the output projection.
+    per relative offset and head, from ``self.relative_position``; not shared across layers.
+    ``config.attention_width="input"`` [rw] attends at ``in_dim`` and widens in the output projection.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, head_size: int, grid_size: tuple[int, int],
-                 attention_dim: int | None = None, relative_position: str = "table", mlp_width: int = 512):
+    def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int],
+                 config: TransformerConfig = TransformerConfig()):
         super().__init__()
-        attention_dim = attention_dim or out_dim
-        self.num_heads = attention_dim // head_size
-        self.head_size = head_size
+        attention_dim = in_dim if config.attention_width == "input" else out_dim
+        self.num_heads = attention_dim // config.head_size
+        self.head_size = config.head_size
         self.qkv = nn.Linear(in_dim, 3 * attention_dim)
         self.proj = nn.Linear(attention_dim, out_dim)
-        self.relative_position = relative_position
-        if relative_position == "mlp":
-            # Dropout on the hidden layer, as timm trains it.
-            self.relative_position_mlp = nn.Sequential(OrderedDict(
-                fc1=nn.Linear(2, mlp_width), act=nn.ReLU(), drop=nn.Dropout(0.125),
-                fc2=nn.Linear(mlp_width, self.num_heads)))
-        else:
-            height, width = grid_size
-            self.relative_position_table = nn.Parameter(torch.zeros(self.num_heads, 2 * height - 1, 2 * width - 1))
-        self._bias_cache: dict[tuple, Tensor] = {}
-
-    def relative_table(self, height: int, width: int) -> Tensor:
-        """The (heads, 2H-1, 2W-1) table of w for an H x W grid: resized, or computed by the MLP."""
-        if self.relative_position == "mlp":
-            weight = self.relative_position_mlp.fc1.weight
-            offsets = log_relative_offsets(height, width, weight.device).to(weight.dtype)
-            return self.relative_position_mlp(offsets).permute(2, 0, 1)
-        return resize_relative_table(self.relative_position_table, (2 * height - 1, 2 * width - 1))
-
-    def relative_position_bias(self, height: int, width: int) -> Tensor:
-        """The (heads, H*W, H*W) bias for an H x W grid, gathered from the table."""
-        table = self.relative_table(height, width)
-        # The compiler folds the index into the graph; it would trace through the cache, and warn.
-        index = relative_position_index.__wrapped__ if torch.compiler.is_compiling() else relative_position_index
-        return table.flatten(1)[:, index(height, width, table.device)]
-
-    def _position_parameters(self) -> list[Tensor]:
-        if self.relative_position == "mlp":
-            return list(self.relative_position_mlp.parameters())
-        return [self.relative_position_table]
-
-    def _bias(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
-        # In training mode the MLP's dropout makes every bias different: nothing to cache.
-        if not eager_inference() or (self.training and self.relative_position == "mlp"):
-            return self.relative_position_bias(height, width).to(dtype)
-        params = self._position_parameters()
-        key = (height, width, dtype, params[0].device, *tensor_versions(*params))  # never a stale bias
-        bias = self._bias_cache.get(key)
-        if bias is None:
-            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[:2] != (height, width)}
-            bias = self._bias_cache[key] = self.relative_position_bias(height, width).to(dtype)
-        return bias
+        self.relative_position = (RelativePositionMLP(self.num_heads, config.relative_position_mlp_width)
+                                  if config.relative_position == "mlp"
+                                  else RelativePositionTable(self.num_heads, grid_size))
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position(height, width).to(q.dtype)
         # A 4-D mask (1, heads, N, N): with a 3-D one the CPU falls back from its fused kernel to the math path.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(height, width, q.dtype).unsqueeze(0))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "relative_position_table"
-        table = state_dict.get(key)
-        if table is not None and self.relative_position == "table":
-            mine = self.relative_position_table
-            if table.dim() == 3 and table.shape[0] == mine.shape[0] and table.shape != mine.shape:
-                state_dict[key] = resize_relative_table(table, tuple(mine.shape[1:]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+def pool_tokens(x: Tensor, height: int, width: int, pool: str = "max") -> Tensor:
+    """:func:`pool_2d`'s Pool, stride 2, on a (B, H*W, C) token sequence laid out row by row.
+
+    The tokens are an NCHW map in channels-last memory, without a copy; its pooling kernel is ~10x
+    faster than a max over a 6-D view of the tokens.
+    """
+    b, _, c = x.shape
+    if pool == "avg":
+        return x.reshape(b, height // 2, 2, width // 2, 2, c).mean(dim=(2, 4)).reshape(b, -1, c)
+    grid = x.transpose(1, 2).reshape(b, c, height, width)
+    pooled = F.max_pool2d(grid, 2) if pool == "max" else F.max_pool2d(grid, 3, 2, padding=1)
+    return pooled.flatten(2).transpose(1, 2)
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -516,30 +474,22 @@ class TransformerBlock(nn.Module):
     ``x <- x + Attention(LayerNorm(x))``, then ``x <- x + FFN(LayerNorm(x))`` with a x4 GELU FFN.
     With ``downsample`` (Eq. 4): ``x <- Proj(Pool(x)) + Attention(Pool(Norm(x)))``, Pool a 2x2
     max-pool with stride 2 and Proj a linear map to the new width.
-
-    The keyword-only options reproduce timm's rw variants (see :class:`CoAtNetConfig`): another
-    ``pool``, attention at the input width, no bias on Proj, the MLP relative position bias, a
-    :class:`LayerScale` on both branches, and BatchNorm or another eps for the norms.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, head_size: int, grid_size: tuple[int, int],
-                 downsample: bool = False, expand_ratio: int = 4, drop_path: float = 0.0, *, pool: str = "max",
-                 attend_at_input_width: bool = False, shortcut_bias: bool = True, relative_position: str = "table",
-                 relative_position_mlp_width: int = 512, layer_scale_init: float | None = None,
-                 norm: str = "layernorm", norm_eps: float = 1e-5):
+    def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], downsample: bool = False,
+                 config: TransformerConfig = TransformerConfig(), drop_path: float = 0.0):
         super().__init__()
+        c = config
         self.downsample = downsample
-        self.pool = pool
-        self.shortcut = nn.Linear(in_dim, out_dim, bias=shortcut_bias) if in_dim != out_dim else nn.Identity()
-        self.attn_norm = token_norm(norm, in_dim, norm_eps)
-        attention_dim = in_dim if attend_at_input_width else out_dim
-        self.attn = RelativeAttention(in_dim, out_dim, head_size, grid_size, attention_dim, relative_position,
-                                      relative_position_mlp_width)
-        self.attn_scale = LayerScale(out_dim, layer_scale_init) if layer_scale_init else nn.Identity()
-        self.ffn_norm = token_norm(norm, out_dim, norm_eps)
-        self.ffn = nn.Sequential(nn.Linear(out_dim, expand_ratio * out_dim), nn.GELU(),
-                                 nn.Linear(expand_ratio * out_dim, out_dim))
-        self.ffn_scale = LayerScale(out_dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.pool = c.pool
+        self.shortcut = nn.Linear(in_dim, out_dim, bias=c.shortcut_bias) if in_dim != out_dim else nn.Identity()
+        self.attn_norm = token_norm(c.norm, in_dim, c.norm_eps)
+        self.attn = RelativeAttention(in_dim, out_dim, grid_size, c)
+        self.attn_scale = LayerScale(out_dim, c.layer_scale_init) if c.layer_scale_init else nn.Identity()
+        self.ffn_norm = token_norm(c.norm, out_dim, c.norm_eps)
+        self.ffn = nn.Sequential(nn.Linear(out_dim, c.expand_ratio * out_dim), nn.GELU(),
+                                 nn.Linear(c.expand_ratio * out_dim, out_dim))
+        self.ffn_scale = LayerScale(out_dim, c.layer_scale_init) if c.layer_scale_init else nn.Identity()
         self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
@@ -550,6 +500,11 @@ class TransformerBlock(nn.Module):
             height, width = height // 2, width // 2
         x = self.shortcut(x) + self.drop_path(self.attn_scale(self.attn(y, height, width)))
         return x + self.drop_path(self.ffn_scale(self.ffn(self.ffn_norm(x))))
+
+
+# --------------------------------------------------------------------------------------------
+# Stages and the network
+# --------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -582,7 +537,9 @@ class ConvStage(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            x = run_block(block, self.grad_checkpointing, x)
+            chunk = inference_chunk(block, x)  # a batch too wide for the heap, at CPU inference
+            x = torch.cat([block(part) for part in x.split(chunk)]) if chunk \
+                else run_block(block, self.grad_checkpointing, x)
         return x
 
 
@@ -609,17 +566,11 @@ class TransformerStage(nn.Module):
         return x.transpose(1, 2).reshape(b, -1, height, width)
 
 
-# --------------------------------------------------------------------------------------------
-# The network
-# --------------------------------------------------------------------------------------------
-
-
 class CoAtNet(nn.Module):
     """CoAtNet and the layouts of the paper's controlled study, from a :class:`CoAtNetConfig`.
 
     S0 stem, stages S1..S4 (MBConv or Transformer), then global average pooling, LayerNorm, an
-    optional pre-logits layer and a linear classifier (no class token); timm's rw variants apply
-    the norm before the pooling. timm's interface:
+    optional pre-logits layer and a linear classifier (no class token). timm's interface:
     ``forward_features`` (NCHW map of the last stage), ``forward_head``, ``reset_classifier``,
     ``forward_intermediates`` and ``feature_info`` for dense-prediction users.
     """
@@ -627,53 +578,42 @@ class CoAtNet(nn.Module):
     def __init__(self, config: CoAtNetConfig):
         super().__init__()
         self.config = config
-        c = config
-        if c.stem == "patch":
-            self.stem = nn.Conv2d(c.in_chans, c.stem_channels, c.stem_stride, stride=c.stem_stride)
+        stem = config.stem
+        if stem.kind == "patch":
+            self.stem = nn.Conv2d(config.in_chans, stem.channels, stem.stride, stride=stem.stride)
         else:
-            self.stem = conv_stem(c.in_chans, c.stem_channels, c.stem_stride, c.stem_mid_channels, c.activation,
-                                  c.stem_bias)
+            self.stem = conv_stem(config.in_chans, stem)
 
-        total_blocks = sum(s.depth for s in c.stages)
+        total_blocks = sum(s.depth for s in config.stages)
         # Stochastic depth grows linearly with the block index, from 0 to drop_path_rate.
-        rates = [c.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
-        grid = (c.img_size[0] // c.stem_stride, c.img_size[1] // c.stem_stride)
-        in_ch, reduction, index = c.stem_channels, c.stem_stride, 0
-        self.feature_info = [dict(num_chs=in_ch, reduction=reduction, module="stem")]
+        rates = iter([config.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)])
+        grid = (config.img_size[0] // stem.stride, config.img_size[1] // stem.stride)
+        channels, reduction = stem.channels, stem.stride
+        self.feature_info = [dict(num_chs=channels, reduction=reduction, module="stem")]
         stages = []
-        for i, s in enumerate(c.stages):
+        for i, s in enumerate(config.stages):
             grid = (grid[0] // s.stride, grid[1] // s.stride)
             blocks = []
-            for j in range(s.depth):
-                first = j == 0
-                block_in, stride, drop = (in_ch if first else s.channels), (s.stride if first else 1), rates[index]
-                index += 1
+            for j in range(s.depth):  # the first block changes width and resolution (A.1)
+                block_in, stride = (channels, s.stride) if j == 0 else (s.channels, 1)
                 if s.block == "mbconv":
-                    blocks.append(MBConv(
-                        block_in, s.channels, stride, c.expand_ratio, c.se_ratio, c.downsample_on_depthwise, drop,
-                        activation=c.activation, pre_norm_act=c.mbconv_pre_norm_act,
-                        expand_from_input=c.expand_from == "input", stride_by_pool=c.downsample_by_pool,
-                        se_activation=c.se_activation, se_before_norm=c.se_before_norm,
-                        output_bias=c.mbconv_output_bias, pool=c.pool))
+                    blocks.append(MBConv(block_in, s.channels, stride, config.mbconv, next(rates)))
                 else:
-                    blocks.append(TransformerBlock(
-                        block_in, s.channels, c.head_size, grid, stride == 2, c.expand_ratio, drop, pool=c.pool,
-                        attend_at_input_width=c.expand_from == "input", shortcut_bias=c.transformer_shortcut_bias,
-                        relative_position=c.relative_position,
-                        relative_position_mlp_width=c.relative_position_mlp_width,
-                        layer_scale_init=c.layer_scale_init, norm=c.transformer_norm, norm_eps=c.norm_eps))
+                    blocks.append(TransformerBlock(block_in, s.channels, grid, stride == 2, config.transformer,
+                                                   next(rates)))
             stages.append(ConvStage(blocks) if s.block == "mbconv" else TransformerStage(blocks, s.stride))
-            in_ch, reduction = s.channels, reduction * s.stride
-            self.feature_info.append(dict(num_chs=in_ch, reduction=reduction, module=f"stages.{i}"))
+            channels, reduction = s.channels, reduction * s.stride
+            self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.ModuleList(stages)
 
-        self.num_features = c.num_features
-        self.head_hidden_size = c.head_hidden_size or c.num_features
-        self.head_norm = token_norm(c.transformer_norm, self.num_features, c.norm_eps)
-        self.pre_logits = (nn.Sequential(nn.Linear(self.num_features, c.head_hidden_size), nn.Tanh())
-                           if c.head_hidden_size else nn.Identity())
-        self.num_classes = c.num_classes
-        self.classifier = nn.Linear(self.head_hidden_size, c.num_classes) if c.num_classes else nn.Identity()
+        head = config.head
+        self.num_features = config.num_features
+        self.head_hidden_size = head.hidden_size or config.num_features
+        self.head_norm = token_norm(head.norm, self.num_features, head.norm_eps)
+        self.pre_logits = (nn.Sequential(nn.Linear(self.num_features, head.hidden_size), nn.Tanh())
+                           if head.hidden_size else nn.Identity())
+        self.num_classes = config.num_classes
+        self.classifier = nn.Linear(self.head_hidden_size, config.num_classes) if config.num_classes else nn.Identity()
         self.apply(_init_weights)
 
     # -- timm-style interface ----------------------------------------------------------------
@@ -710,7 +650,7 @@ class CoAtNet(nn.Module):
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.config.head_norm_before_pool:
+        if self.config.head.norm_before_pool:
             x = self.head_norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2))
         else:
             x = self.head_norm(x.mean(dim=(2, 3)))
@@ -777,8 +717,8 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, RelativeAttention) and m.relative_position == "table":
-        nn.init.trunc_normal_(m.relative_position_table, std=0.02)
+    elif isinstance(m, RelativePositionTable):
+        nn.init.trunc_normal_(m.table, std=0.02)
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,31 +727,43 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def _stages(layout: str, depths: tuple[int, ...], channels: tuple[int, ...]) -> tuple[StageConfig, ...]:
-    """Stages from a layout string like "CCTT" (one letter per stage S1..S4)."""
+    """Stages S1..S4 from a layout string like "CCTT", one letter, depth and width per stage."""
     kind = {"C": "mbconv", "T": "transformer"}
-    return tuple(StageConfig(kind[k], d, ch) for k, d, ch in zip(layout, depths, channels))
+    return tuple(StageConfig(kind[k], d, ch) for k, d, ch in zip(layout, depths, channels, strict=True))
 
 
 def _paper_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...], head_size: int = 32,
                   drop_path_rate: float = 0.0, layout: str = "CCTT") -> CoAtNetConfig:
-    """A 5-stage C-C-T-T network: L and D list S0..S4 as in Table 3.
+    """A network of Table 3's form: ``depths`` of S1..S4 (S0, the stem, always has 2 layers) and
+    ``channels`` of S0..S4.
 
     The head has a pre-logits layer (Linear + tanh, as wide as S4), as timm's paper-style CoAtNet
     does; without it every parameter count falls under the paper's, by up to 2.2% (CoAtNet-0).
     """
-    return CoAtNetConfig(name=name, stem_channels=channels[0], stages=_stages(layout, depths[1:], channels[1:]),
-                         head_size=head_size, head_hidden_size=channels[-1], drop_path_rate=drop_path_rate)
+    return CoAtNetConfig(name=name, stem=StemConfig(channels[0]), stages=_stages(layout, depths, channels[1:]),
+                         transformer=TransformerConfig(head_size=head_size), head=HeadConfig(channels[-1]),
+                         drop_path_rate=drop_path_rate)
 
 
-def _build(config: CoAtNetConfig, **kwargs) -> CoAtNet:
-    """Build ``config`` with any field overridden by keyword (num_classes, img_size, ...)."""
-    known = {f.name for f in fields(CoAtNetConfig)}
-    unknown = sorted(set(kwargs) - known)
+def _build(config: CoAtNetConfig, **overrides) -> CoAtNet:
+    """Build ``config`` with fields overridden by keyword; None leaves a field as it is.
+
+    A part of the network (stem, mbconv, transformer, head) is overridden field by field with a
+    dict, e.g. ``mbconv=dict(stride_on="depthwise")``; ``stages`` by a list of dicts.
+    """
+    base = config.to_dict()
+    known = set(base) - {"version", "name"}
+    unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {config.name}; "
-                         f"options: {', '.join(sorted(known - {'name', 'stages'}))}")
-    overrides = {k: v for k, v in kwargs.items() if v is not None}
-    return CoAtNet(replace(config, **overrides))
+                         f"options: {', '.join(sorted(known))}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _PARTS and isinstance(value, dict):
+            value = base[key] | value
+        base[key] = value
+    return CoAtNet(CoAtNetConfig.from_dict(base))
 
 
 def _paper(params: float, **flops_at: float) -> PaperFigures:
@@ -823,9 +775,9 @@ def _paper(params: float, **flops_at: float) -> PaperFigures:
 def coatnet_0(**kwargs) -> CoAtNet:
     """CoAtNet-0 (Table 3): L=2,2,3,5,2, D=64,96,192,384,768; 25M params, 4.2B FLOPs at 224 (Table 4).
 
-    Stochastic depth 0.2 (Table 10). ``downsample_on_depthwise=True`` gives the Table 9 variant (4.6B).
+    Stochastic depth 0.2 (Table 10). ``mbconv=dict(stride_on="depthwise")`` gives the Table 9 variant (4.6B).
     """
-    return _build(_paper_config("coatnet_0", (2, 2, 3, 5, 2), (64, 96, 192, 384, 768), drop_path_rate=0.2), **kwargs)
+    return _build(_paper_config("coatnet_0", (2, 3, 5, 2), (64, 96, 192, 384, 768), drop_path_rate=0.2), **kwargs)
 
 
 @register_model(_paper(42e6, f224=8.4e9, f384=27.4e9))
@@ -834,7 +786,7 @@ def coatnet_1(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.3 (Table 10).
     """
-    return _build(_paper_config("coatnet_1", (2, 2, 6, 14, 2), (64, 96, 192, 384, 768), drop_path_rate=0.3), **kwargs)
+    return _build(_paper_config("coatnet_1", (2, 6, 14, 2), (64, 96, 192, 384, 768), drop_path_rate=0.3), **kwargs)
 
 
 @register_model(_paper(75e6, f224=15.7e9, f384=49.8e9, f512=96.7e9))
@@ -843,7 +795,7 @@ def coatnet_2(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.5 (Table 10).
     """
-    return _build(_paper_config("coatnet_2", (2, 2, 6, 14, 2), (128, 128, 256, 512, 1024), drop_path_rate=0.5),
+    return _build(_paper_config("coatnet_2", (2, 6, 14, 2), (128, 128, 256, 512, 1024), drop_path_rate=0.5),
                   **kwargs)
 
 
@@ -853,7 +805,7 @@ def coatnet_3(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.7 (Table 10).
     """
-    return _build(_paper_config("coatnet_3", (2, 2, 6, 14, 2), (192, 192, 384, 768, 1536), drop_path_rate=0.7),
+    return _build(_paper_config("coatnet_3", (2, 6, 14, 2), (192, 192, 384, 768, 1536), drop_path_rate=0.7),
                   **kwargs)
 
 
@@ -863,13 +815,13 @@ def coatnet_4(**kwargs) -> CoAtNet:
 
     The paper trains it on ImageNet-21K/JFT and gives no ImageNet-1K stochastic-depth rate: 0 here.
     """
-    return _build(_paper_config("coatnet_4", (2, 2, 12, 28, 2), (192, 192, 384, 768, 1536)), **kwargs)
+    return _build(_paper_config("coatnet_4", (2, 12, 28, 2), (192, 192, 384, 768, 1536)), **kwargs)
 
 
 @register_model(_paper(688e6, f512=812e9))
 def coatnet_5(**kwargs) -> CoAtNet:
     """CoAtNet-5 (Table 3): L=2,2,12,28,2, D=192,256,512,1280,2048, head size 64; 688M params."""
-    return _build(_paper_config("coatnet_5", (2, 2, 12, 28, 2), (192, 256, 512, 1280, 2048), head_size=64), **kwargs)
+    return _build(_paper_config("coatnet_5", (2, 12, 28, 2), (192, 256, 512, 1280, 2048), head_size=64), **kwargs)
 
 
 def _split_s3_config(name: str, channels: tuple[int, int, int, int, int, int]) -> CoAtNetConfig:
@@ -877,7 +829,8 @@ def _split_s3_config(name: str, channels: tuple[int, int, int, int, int, int]) -
     s0, s1, s2, s3_conv, s3_tfm, s4 = channels
     stages = (StageConfig("mbconv", 2, s1), StageConfig("mbconv", 4, s2), StageConfig("mbconv", 8, s3_conv),
               StageConfig("transformer", 42, s3_tfm, stride=1), StageConfig("transformer", 2, s4))
-    return CoAtNetConfig(name=name, stem_channels=s0, stages=stages, head_size=128, head_hidden_size=s4)
+    return CoAtNetConfig(name=name, stem=StemConfig(s0), stages=stages, transformer=TransformerConfig(head_size=128),
+                         head=HeadConfig(s4))
 
 
 @register_model(_paper(1.47e9, f512=1521e9))
@@ -900,11 +853,11 @@ def coatnet_7(**kwargs) -> CoAtNet:
 
 # The controlled study of Section 2.2 (Figure 1): five layouts "of similar parameter count and
 # cost". Our size rule: the four multi-stage layouts keep CoAtNet-0's stem and widths (S0..S4 =
-# 64, 96, 192, 384, 768) and depths (2, 2, 3, 5, 2), only the block type of S2..S4 changes; where
-# S3 is MBConv it has 7 blocks instead of 5, because an MBConv block has about 0.7x the parameters
-# of a Transformer block of the same width. VIT_REL is a 16x16 patch stem and 14 relative-attention
-# blocks at width 384 (CoAtNet-0's S3 width, head size 32). All five land at 24-27M parameters.
-# No stochastic depth: the study trains without regularisation.
+# 64, 96, 192, 384, 768) and depths (S1..S4 = 2, 3, 5, 2), only the block type of S2..S4 changes;
+# where S3 is MBConv it has 7 blocks instead of 5, because an MBConv block has about 0.7x the
+# parameters of a Transformer block of the same width. VIT_REL is a 16x16 patch stem and 14
+# relative-attention blocks at width 384 (CoAtNet-0's S3 width, head size 32). All five land at
+# 24-27M parameters. No stochastic depth: the study trains without regularisation.
 
 _STUDY_WIDTHS = (64, 96, 192, 384, 768)
 
@@ -913,32 +866,32 @@ _STUDY_WIDTHS = (64, 96, 192, 384, 768)
 def vit_rel(**kwargs) -> CoAtNet:
     """VIT_REL (Section 2.2): ViT stem (16x16 patches), then 14 TFM_Rel blocks at width 384."""
     stages = (StageConfig("transformer", 14, 384, stride=1),)
-    return _build(CoAtNetConfig(name="vit_rel", stem="patch", stem_stride=16, stem_channels=384, stages=stages,
-                                head_hidden_size=384), **kwargs)
+    return _build(CoAtNetConfig(name="vit_rel", stem=StemConfig(384, kind="patch", stride=16), stages=stages,
+                                head=HeadConfig(384)), **kwargs)
 
 
 @register_model()
 def c_c_c_c(**kwargs) -> CoAtNet:
     """C-C-C-C (Section 2.2): MBConv in S1..S4, depths 2, 3, 7, 2 at CoAtNet-0's widths."""
-    return _build(_paper_config("c_c_c_c", (2, 2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCC"), **kwargs)
+    return _build(_paper_config("c_c_c_c", (2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCC"), **kwargs)
 
 
 @register_model()
 def c_c_c_t(**kwargs) -> CoAtNet:
     """C-C-C-T (Section 2.2): MBConv in S1..S3, Transformer in S4, depths 2, 3, 7, 2."""
-    return _build(_paper_config("c_c_c_t", (2, 2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCT"), **kwargs)
+    return _build(_paper_config("c_c_c_t", (2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCT"), **kwargs)
 
 
 @register_model()
 def c_c_t_t(**kwargs) -> CoAtNet:
     """C-C-T-T (Section 2.2): CoAtNet-0's network, without stochastic depth."""
-    return _build(_paper_config("c_c_t_t", (2, 2, 3, 5, 2), _STUDY_WIDTHS, layout="CCTT"), **kwargs)
+    return _build(_paper_config("c_c_t_t", (2, 3, 5, 2), _STUDY_WIDTHS, layout="CCTT"), **kwargs)
 
 
 @register_model()
 def c_t_t_t(**kwargs) -> CoAtNet:
     """C-T-T-T (Section 2.2): MBConv in S1, Transformer in S2..S4, depths 2, 3, 5, 2."""
-    return _build(_paper_config("c_t_t_t", (2, 2, 3, 5, 2), _STUDY_WIDTHS, layout="CTTT"), **kwargs)
+    return _build(_paper_config("c_t_t_t", (2, 3, 5, 2), _STUDY_WIDTHS, layout="CTTT"), **kwargs)
 
 
 # Small models for CPU work and small images: ours, not the paper's. The stem keeps full
@@ -947,132 +900,143 @@ def c_t_t_t(**kwargs) -> CoAtNet:
 
 
 def _small_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...]) -> CoAtNetConfig:
-    return CoAtNetConfig(name=name, stem_channels=channels[0], stages=_stages("CCTT", depths[1:], channels[1:]),
-                         stem_stride=1, img_size=(32, 32))
+    return CoAtNetConfig(name=name, stem=StemConfig(channels[0], stride=1),
+                         stages=_stages("CCTT", depths, channels[1:]), img_size=(32, 32))
 
 
 @register_model()
 def coatnet_pico(**kwargs) -> CoAtNet:
     """Ours, not the paper's: C-C-T-T, L=1,1,1,2,1, D=16,32,64,128,256, stride-1 stem, 32x32 input (1.4M)."""
-    return _build(_small_config("coatnet_pico", (1, 1, 1, 2, 1), (16, 32, 64, 128, 256)), **kwargs)
+    return _build(_small_config("coatnet_pico", (1, 1, 2, 1), (16, 32, 64, 128, 256)), **kwargs)
 
 
 @register_model()
 def coatnet_nano(**kwargs) -> CoAtNet:
     """Ours, not the paper's: C-C-T-T, L=2,2,2,3,2, D=32,48,96,192,384, stride-1 stem, 32x32 input (5.3M)."""
-    return _build(_small_config("coatnet_nano", (2, 2, 2, 3, 2), (32, 48, 96, 192, 384)), **kwargs)
+    return _build(_small_config("coatnet_nano", (2, 2, 3, 2), (32, 48, 96, 192, 384)), **kwargs)
 
 
 # timm's "rw" variants: not the paper's configurations but Ross Wightman's, trained for timm before
 # the paper's code was public; timm publishes ImageNet weights for most of them, which
-# `coatnet convert-timm` turns into ours. Same C-C-T-T layout and blocks, with these departures
-# (CoAtNetConfig's switches): S1..S4 only (no stem stage depth), a narrower first stem conv, SiLU
-# in the stem and MBConv, widths expanded from a block's input, 2x2 average pooling, norms with
-# eps 1e-6 and the head's applied before the pooling, no pre-logits layer, no stochastic depth
-# by default; per variant: where MBConv strides, the SE's place and activation, biases, BatchNorm,
-# layer scale and the MLP relative position bias. Named as in timm, less the resolution suffix.
+# `coatnet convert-timm` turns into ours. Same C-C-T-T layout and blocks in a dialect of the
+# paper's, below: a narrower first stem conv without the second's bias, SiLU in the stem and
+# MBConv, widths expanded from a block's input, MBConv strided on the depthwise conv, 2x2 average
+# pooling, norms with eps 1e-6 and the head's applied before the pooling, no pre-logits layer, no
+# stochastic depth by default. Each variant then changes a few fields. Named as in timm, less the
+# resolution suffix.
 
-_RW_NANO, _RW_0, _RW_2, _RW_3 = (64, 128, 256, 512), (96, 192, 384, 768), (128, 256, 512, 1024), (192, 384, 768, 1536)
+_RW_STEM = dict(bias=False, activation="silu")
+_RW_MBCONV = MBConvConfig(stride_on="depthwise", pool="avg", activation="silu", expand_from="input",
+                          pre_norm_activation=True, se_activation="relu", output_bias=False)
+_RW_TRANSFORMER = TransformerConfig(pool="avg", attention_width="input", norm_eps=1e-6)
+_RW_HEAD = HeadConfig(norm_eps=1e-6, norm_before_pool=True)
 # The two smallest follow timm's MaxViT-style defaults: plain pre-norm, biased MBConv outputs, SiLU in SE.
-_RW_MAX_STYLE = dict(mbconv_pre_norm_act=False, mbconv_output_bias=True, se_activation="silu")
+_RW_MAX_STYLE = dict(pre_norm_activation=False, output_bias=True, se_activation="silu")
+_RW_NANO, _RW_0, _RW_2, _RW_3 = (64, 128, 256, 512), (96, 192, 384, 768), (128, 256, 512, 1024), (192, 384, 768, 1536)
 
 
 def _timm_rw_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...], stem: tuple[int, int] = (32, 64),
-                    downsample: Literal["pool", "depthwise"] = "depthwise", **switches) -> CoAtNetConfig:
-    """A timm rw CoAtNet: S1..S4 depths and widths, the stem's two widths, where MBConv strides, and
-    the variant's own switches over the common ones (timm's ``_rw_coat_cfg``)."""
-    common = dict(stem_mid_channels=stem[0], stem_bias=False, activation="silu", expand_from="input",
-                  mbconv_pre_norm_act=True, downsample_by_pool=downsample == "pool",
-                  downsample_on_depthwise=downsample == "depthwise", se_activation="relu", mbconv_output_bias=False,
-                  pool="avg", norm_eps=1e-6, head_norm_before_pool=True)
-    return CoAtNetConfig(name=name, stem_channels=stem[1], stages=_stages("CCTT", depths, channels),
-                         **(common | switches))
+                    mbconv: dict | None = None, transformer: dict | None = None) -> CoAtNetConfig:
+    """A timm rw CoAtNet: S1..S4 depths and widths, the stem's two widths, and the variant's own
+    MBConv and Transformer fields over the dialect's (timm's ``_rw_coat_cfg``)."""
+    return CoAtNetConfig(name=name, stem=StemConfig(stem[1], mid_channels=stem[0], **_RW_STEM),
+                         stages=_stages("CCTT", depths, channels), mbconv=replace(_RW_MBCONV, **(mbconv or {})),
+                         transformer=replace(_RW_TRANSFORMER, **(transformer or {})), head=_RW_HEAD)
 
 
 @register_model()
 def coatnet_nano_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_nano_rw_224, not the paper's: L=3,4,6,3, D=64..512; MBConv strides by pooling."""
-    return _build(_timm_rw_config("coatnet_nano_rw", (3, 4, 6, 3), _RW_NANO, downsample="pool", **_RW_MAX_STYLE),
-                  **kwargs)
+    return _build(_timm_rw_config("coatnet_nano_rw", (3, 4, 6, 3), _RW_NANO,
+                                  mbconv=dict(stride_on="pool", **_RW_MAX_STYLE)), **kwargs)
 
 
 @register_model()
 def coatnet_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_0_rw_224, not the paper's CoAtNet-0: L=2,3,7,2 (deeper S3), D=96..768; MBConv
     strides by pooling, SE before the depthwise BatchNorm; no bias on the Transformer shortcut."""
-    return _build(_timm_rw_config("coatnet_0_rw", (2, 3, 7, 2), _RW_0, downsample="pool", se_before_norm=True,
-                                  transformer_shortcut_bias=False), **kwargs)
+    return _build(_timm_rw_config("coatnet_0_rw", (2, 3, 7, 2), _RW_0,
+                                  mbconv=dict(stride_on="pool", se_before_norm=True),
+                                  transformer=dict(shortcut_bias=False)), **kwargs)
 
 
 @register_model()
 def coatnet_1_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_1_rw_224, not the paper's CoAtNet-1: L=2,6,14,2, D=96..768; SE before the
     depthwise BatchNorm; no bias on the Transformer shortcut."""
-    return _build(_timm_rw_config("coatnet_1_rw", (2, 6, 14, 2), _RW_0, se_before_norm=True,
-                                  transformer_shortcut_bias=False), **kwargs)
+    return _build(_timm_rw_config("coatnet_1_rw", (2, 6, 14, 2), _RW_0, mbconv=dict(se_before_norm=True),
+                                  transformer=dict(shortcut_bias=False)), **kwargs)
 
 
 @register_model()
 def coatnet_2_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_2_rw_224, not the paper's CoAtNet-2: L=2,6,14,2, D=128..1024, stem 64/128; SiLU in SE."""
-    return _build(_timm_rw_config("coatnet_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128), se_activation="silu"),
-                  **kwargs)
+    return _build(_timm_rw_config("coatnet_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
+                                  mbconv=dict(se_activation="silu")), **kwargs)
 
 
 @register_model()
 def coatnet_3_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_3_rw_224, not the paper's CoAtNet-3: L=2,6,14,2, D=192..1536, stem 96/192; SiLU
     in SE, layer scale 1e-6 on the Transformer branches."""
-    return _build(_timm_rw_config("coatnet_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192), se_activation="silu",
-                                  layer_scale_init=1e-6), **kwargs)
+    return _build(_timm_rw_config("coatnet_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
+                                  mbconv=dict(se_activation="silu"), transformer=dict(layer_scale_init=1e-6)),
+                  **kwargs)
 
 
 @register_model()
 def coatnet_bn_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_bn_0_rw_224: coatnet_0_rw's network, strided on the depthwise conv, with
     BatchNorm instead of LayerNorm in the Transformer blocks and the head."""
-    return _build(_timm_rw_config("coatnet_bn_0_rw", (2, 3, 7, 2), _RW_0, se_before_norm=True,
-                                  transformer_shortcut_bias=False, transformer_norm="batchnorm"), **kwargs)
+    config = _timm_rw_config("coatnet_bn_0_rw", (2, 3, 7, 2), _RW_0, mbconv=dict(se_before_norm=True),
+                             transformer=dict(shortcut_bias=False, norm="batchnorm"))
+    return _build(replace(config, head=replace(_RW_HEAD, norm="batchnorm")), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_nano_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_nano_rw_224: L=3,4,6,3, D=64..512, MLP relative position bias (width 384)."""
-    return _build(_timm_rw_config("coatnet_rmlp_nano_rw", (3, 4, 6, 3), _RW_NANO, relative_position="mlp",
-                                  relative_position_mlp_width=384, **_RW_MAX_STYLE), **kwargs)
+    return _build(_timm_rw_config("coatnet_rmlp_nano_rw", (3, 4, 6, 3), _RW_NANO, mbconv=_RW_MAX_STYLE,
+                                  transformer=dict(relative_position="mlp", relative_position_mlp_width=384)),
+                  **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_0_rw_224 (no published weights): coatnet_0_rw's depths, MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_0_rw", (2, 3, 7, 2), _RW_0, relative_position="mlp"), **kwargs)
+    return _build(_timm_rw_config("coatnet_rmlp_0_rw", (2, 3, 7, 2), _RW_0,
+                                  transformer=dict(relative_position="mlp")), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_1_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_1_rw_224: L=2,6,14,2, D=96..768; MBConv strides by pooling, 3x3 max Pool on
     the shortcuts and in attention, SE before the depthwise BatchNorm, MLP relative position bias (384)."""
-    return _build(_timm_rw_config("coatnet_rmlp_1_rw", (2, 6, 14, 2), _RW_0, downsample="pool", pool="max3x3",
-                                  se_before_norm=True, transformer_shortcut_bias=False, relative_position="mlp",
-                                  relative_position_mlp_width=384), **kwargs)
+    return _build(_timm_rw_config("coatnet_rmlp_1_rw", (2, 6, 14, 2), _RW_0,
+                                  mbconv=dict(stride_on="pool", pool="max3x3", se_before_norm=True),
+                                  transformer=dict(pool="max3x3", shortcut_bias=False, relative_position="mlp",
+                                                   relative_position_mlp_width=384)), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_1_rw2(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_1_rw2_224: L=2,6,14,2, D=96..768, MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_1_rw2", (2, 6, 14, 2), _RW_0, relative_position="mlp"), **kwargs)
+    return _build(_timm_rw_config("coatnet_rmlp_1_rw2", (2, 6, 14, 2), _RW_0,
+                                  transformer=dict(relative_position="mlp")), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_2_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_2_rw_224 (and _384 at img_size=384): coatnet_2_rw with layer scale 1e-6
     and the MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128), se_activation="silu",
-                                  layer_scale_init=1e-6, relative_position="mlp"), **kwargs)
+    return _build(_timm_rw_config("coatnet_rmlp_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
+                                  mbconv=dict(se_activation="silu"),
+                                  transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_3_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_3_rw_224 (no published weights): coatnet_3_rw with the MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192), se_activation="silu",
-                                  layer_scale_init=1e-6, relative_position="mlp"), **kwargs)
+    return _build(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
+                                  mbconv=dict(se_activation="silu"),
+                                  transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)

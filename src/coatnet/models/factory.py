@@ -1,4 +1,4 @@
-"""``create_model`` and weight loading: a name from the registry, options, optional weights."""
+"""``create_model`` and ``from_pretrained``, and the one way weights enter a model: ``load_weights``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .coatnet import CoAtNet, CoAtNetConfig
+from .folder import ModelFolder, ModelFolderError, read_model_folder, upgrade_state_dict
 from .registry import model_entry
+from .timm_convert import convert_timm_state_dict, is_timm_state_dict
 
 
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
@@ -18,8 +21,9 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
 
     ``num_classes``, ``in_chans``, ``img_size`` and ``drop_path_rate`` default to the
     configuration's own (1000 classes, 3 channels, 224x224 and the Table 10 rate for the paper's
-    models). Other keyword arguments override configuration fields, e.g.
-    ``downsample_on_depthwise=True`` for the Table 9 variant.
+    models). Other keyword arguments override configuration fields: a field of the whole network
+    by value (``stages``), a part's fields by a dict, e.g. ``mbconv=dict(stride_on="depthwise")``
+    for the Table 9 variant.
 
     ``pretrained`` is local, nothing is downloaded: a weights file (``.safetensors``, or a
     ``.pt``/``.pth`` state dict read with ``weights_only=True``), timm's weights of the variant
@@ -36,15 +40,31 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     return model
 
 
+def from_pretrained(path: str | Path) -> CoAtNet:
+    """The model saved in ``path``, in eval mode: a ``save_pretrained`` folder, a training checkpoint
+    (its EMA weights when it kept an EMA: the weights training evaluated) or a run directory (its
+    last checkpoint).
+
+    A weights file without a config is not enough to know the network: load it with
+    ``create_model(name, pretrained=FILE)``.
+    """
+    return model_from_folder(read_model_folder(path))
+
+
+def model_from_folder(folder: ModelFolder) -> CoAtNet:
+    """The model a folder holds, with the weights to use (the EMA's where kept), in eval mode."""
+    try:
+        config = CoAtNetConfig.from_dict(folder.meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ModelFolderError(f"{str(folder.path / 'config.json')!r} has no usable model config ({e})") from None
+    return load_weights(CoAtNet(config), folder.eval_weights).eval()
+
+
 def pretrained_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     """The weights ``create_model(name, pretrained=path)`` loads, in our names (see there)."""
-    from .timm_convert import convert_timm_state_dict, is_timm_state_dict  # it imports this module
-
     path = Path(path)
     if path.is_dir():
-        from ..checkpoint import load_checkpoint  # the folder format, shared with training
-
-        return load_checkpoint(path, with_train_state=False).eval_weights
+        return read_model_folder(path).eval_weights
     state = read_state_dict(path)
     return convert_timm_state_dict(state, name) if is_timm_state_dict(state) else state
 
@@ -71,8 +91,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> nn.Module:
-    """Load weights into ``model`` strictly, naming every mismatched key in a one-line ValueError."""
-    state = dict(source) if isinstance(source, dict) else read_state_dict(source)
+    """Load weights into ``model`` strictly, naming every mismatched key in a one-line ValueError.
+
+    Weights saved by earlier versions load too: their renamed keys are given today's names.
+    """
+    state = upgrade_state_dict(dict(source) if isinstance(source, dict) else read_state_dict(source))
     own = model.state_dict()
     head = [k for k in state if k.startswith("classifier.")]
     if head and any(k not in own or own[k].shape != state[k].shape for k in head):
@@ -85,7 +108,7 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor])
     unexpected = sorted(set(state) - set(own))
     # Relative-position tables of another size are fine (interpolated on load); other shapes are not.
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape
-                   and not (k.endswith("relative_position_table") and own[k].shape[0] == state[k].shape[0]))
+                   and not (k.endswith("relative_position.table") and own[k].shape[0] == state[k].shape[0]))
     if missing or unexpected or wrong:
         parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]

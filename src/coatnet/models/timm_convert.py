@@ -10,13 +10,11 @@ store (heads, 2H-1, 2W-1). Nothing is downloaded: the user passes the file.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 
 from torch import Tensor
 
-from .factory import create_model, load_weights, read_state_dict
 from .registry import list_models
 
 # timm's dim_head for every CoAtNet; our rw configurations keep the same head size.
@@ -30,7 +28,7 @@ _MBCONV = {"shortcut.expand": "shortcut.1", "pre_norm": "residual.norm", "conv1_
 _DEPTHWISE = {False: {"conv2_kxk": "residual.depthwise.0", "norm2": "residual.depthwise.1"},
               True: {"conv2_kxk": "residual.depthwise", "norm2": "residual.depthwise_norm.0"}}
 _TRANSFORMER = {"shortcut.expand": "shortcut", "norm1.norm": "attn_norm", "norm1": "attn_norm",
-                "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "attn.rel_pos.mlp": "attn.relative_position_mlp",
+                "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "attn.rel_pos.mlp": "attn.relative_position",
                 "ls1": "attn_scale", "ls2": "ffn_scale", "norm2": "ffn_norm", "mlp.fc1": "ffn.0", "mlp.fc2": "ffn.2"}
 _HEAD = {"norm": "head_norm", "head.fc": "classifier"}
 _TIMM_TABLE = "attn.rel_pos.relative_position_bias_table"
@@ -83,7 +81,7 @@ def _convert(key: str, value: Tensor, state_dict: dict[str, Tensor]) -> tuple[st
         return (f"stages.{stage}.{index}.{ours}" if ours else key), value
     if key.endswith(_TIMM_TABLE):  # (offsets, heads) -> (heads, 2H-1, 2W-1), square grids only
         side = _square_side(value.shape[0], key)
-        return f"stages.{stage}.blocks.{index}.attn.relative_position_table", value.t().reshape(-1, side, side)
+        return f"stages.{stage}.blocks.{index}.attn.relative_position.table", value.t().reshape(-1, side, side)
     ours = _rename(inner, param, _TRANSFORMER)
     if ours is None:
         return key, value
@@ -114,20 +112,3 @@ def timm_img_size(state_dict: dict[str, Tensor]) -> int | None:
         return None
     side = _square_side(state_dict[tables[0]].shape[0], tables[0])  # 2G-1 for S4's G x G grid
     return (side + 1) // 2 * 32  # the rw variants' stride is 32
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """``coatnet convert-timm``: a timm file in, a ``save_pretrained`` folder out."""
-    state = read_state_dict(args.source)
-    if not is_timm_state_dict(state):
-        raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
-                         f"give a timm .safetensors or .pth file")
-    converted = convert_timm_state_dict(state, args.model)
-    head = state.get("head.fc.weight")
-    model = create_model(args.model, img_size=timm_img_size(state),
-                         num_classes=head.shape[0] if head is not None else 0)
-    load_weights(model, converted)
-    folder = model.save_pretrained(args.output)
-    print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
-          f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
-    return 0

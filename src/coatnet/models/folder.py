@@ -1,0 +1,156 @@
+"""The model folder: a model as ``config.json`` + ``model.safetensors``.
+
+The layout of a Hugging Face model repository, so that a folder can be uploaded as it is
+(``huggingface_hub.upload_folder``). ``config.json`` holds ``"model"`` (the registered name) and
+``"config"`` (the :class:`~coatnet.models.coatnet.CoAtNetConfig`), and whatever else its writer
+records (training adds class names, the data set, the step). ``ema.safetensors``, when present,
+holds the weights to use: the exponential moving average that training evaluated. Training
+checkpoints are such folders with a training state beside them (``coatnet.checkpoint``), and a
+run directory stands for its ``last`` checkpoint.
+
+This module reads and writes files only; it knows nothing of the network, so both the model
+code and the training code build on it. It also reads what earlier versions wrote: version 1's
+flat config (:func:`config_from_version_1`) and its weight names (:func:`upgrade_state_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
+
+
+class ModelFolderError(ValueError):
+    """A folder that cannot be used; the message is one line that says what to do."""
+
+
+@dataclass
+class ModelFolder:
+    path: Path
+    meta: dict  # config.json
+    weights: dict[str, torch.Tensor]
+    ema_weights: dict[str, torch.Tensor] | None
+
+    @property
+    def eval_weights(self) -> dict[str, torch.Tensor]:
+        """The weights to use: the EMA's when there is one."""
+        return self.ema_weights if self.ema_weights is not None else self.weights
+
+
+def write_weights(model: nn.Module, file: Path) -> None:
+    """``model``'s state dict as safetensors; it refuses views and shared storage, so contiguous copies."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(file),
+              metadata={"format": "pt"})
+
+
+def write_model_folder(directory: Path, meta: dict, model: nn.Module, ema_model: nn.Module | None = None) -> None:
+    """Write ``config.json`` (``meta``), the weights and, with ``ema_model``, the EMA weights into ``directory``."""
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+    write_weights(model, directory / WEIGHTS)
+    if ema_model is not None:
+        write_weights(ema_model, directory / EMA_WEIGHTS)
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` (a ``CoAtNet``) to ``directory``, created if needed; returns the folder."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ModelFolderError(f"{str(directory)!r} is a file; give a folder to write {CONFIG} and {WEIGHTS} into")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict()}, model)
+    return directory
+
+
+def read_model_folder(path: str | Path) -> ModelFolder:
+    """Read a model folder, a training checkpoint, or a run directory (its ``last`` checkpoint).
+
+    Every failure is a :class:`ModelFolderError` whose message names the file and the fix.
+    """
+    path = Path(path)
+    if (path / "last").exists() and not (path / CONFIG).exists():
+        path = path / "last"
+    if not path.exists():
+        raise ModelFolderError(f"{str(path)!r} does not exist; give a save_pretrained folder, a checkpoint "
+                               f"directory (e.g. RUN_DIR/last or RUN_DIR/best) or a run directory")
+    if path.is_file():
+        raise ModelFolderError(f"{str(path)!r} is a file; give a folder ({CONFIG} + {WEIGHTS}). "
+                               f"For a weights file use create_model(NAME, pretrained=FILE)")
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise ModelFolderError(f"{str(path)!r} is not a coatnet checkpoint or model folder (no {CONFIG} and "
+                               f"{WEIGHTS}); give a folder written by `coatnet train` or save_pretrained")
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "model" not in meta:
+            raise ValueError("no model name and config")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{str(path / CONFIG)!r} is corrupt ({e}); use another checkpoint") from None
+    ema = read_weights(path / EMA_WEIGHTS) if (path / EMA_WEIGHTS).exists() else None
+    return ModelFolder(path, meta, read_weights(path / WEIGHTS), ema)
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # truncated or not safetensors at all
+        raise ModelFolderError(f"{str(file)!r} is corrupt or truncated ({type(e).__name__}); "
+                               f"use another checkpoint (e.g. RUN_DIR/best)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Files written by earlier versions
+# --------------------------------------------------------------------------------------------
+
+# Version 1 of the config was one flat dict; each of its fields and where it lives now (a field
+# that configured several parts goes to each).
+_V1_FIELDS = {
+    "stem_channels": [("stem", "channels")], "stem": [("stem", "kind")], "stem_stride": [("stem", "stride")],
+    "stem_mid_channels": [("stem", "mid_channels")], "stem_bias": [("stem", "bias")],
+    "activation": [("stem", "activation"), ("mbconv", "activation")],
+    "expand_ratio": [("mbconv", "expand_ratio"), ("transformer", "expand_ratio")],
+    "expand_from": [("mbconv", "expand_from"), ("transformer", "attention_width")],
+    "pool": [("mbconv", "pool"), ("transformer", "pool")],
+    "se_ratio": [("mbconv", "se_ratio")], "se_activation": [("mbconv", "se_activation")],
+    "se_before_norm": [("mbconv", "se_before_norm")], "mbconv_pre_norm_act": [("mbconv", "pre_norm_activation")],
+    "mbconv_output_bias": [("mbconv", "output_bias")],
+    "head_size": [("transformer", "head_size")], "relative_position": [("transformer", "relative_position")],
+    "relative_position_mlp_width": [("transformer", "relative_position_mlp_width")],
+    "transformer_shortcut_bias": [("transformer", "shortcut_bias")],
+    "layer_scale_init": [("transformer", "layer_scale_init")],
+    "transformer_norm": [("transformer", "norm"), ("head", "norm")],
+    "norm_eps": [("transformer", "norm_eps"), ("head", "norm_eps")],
+    "head_hidden_size": [("head", "hidden_size")], "head_norm_before_pool": [("head", "norm_before_pool")],
+}
+
+
+def config_from_version_1(flat: dict) -> dict:
+    """A version-1 config dict in version 2's form, nested by part of the network."""
+    out = {"stem": {}, "mbconv": {}, "transformer": {}, "head": {}}
+    for key, value in flat.items():
+        if key in ("downsample_on_depthwise", "downsample_by_pool"):
+            continue  # two booleans for one three-way choice, below
+        for part, name in _V1_FIELDS.get(key, ()):
+            out[part][name] = value
+        if key not in _V1_FIELDS:
+            out[key] = value  # name, stages, and the fields of the whole network
+    depthwise, pool = flat.get("downsample_on_depthwise", False), flat.get("downsample_by_pool", False)
+    out["mbconv"]["stride_on"] = "depthwise" if depthwise else "pool" if pool else "expand"
+    return out
+
+
+# Weights renamed since version 1: the relative-position bias became a module of its own.
+_RENAMED_KEYS = ((re.compile(r"\.relative_position_table$"), ".relative_position.table"),
+                 (re.compile(r"\.relative_position_mlp\."), ".relative_position."))
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved by an earlier version, under today's names."""
+    for pattern, new in _RENAMED_KEYS:
+        state = {pattern.sub(new, k): v for k, v in state.items()}
+    return state

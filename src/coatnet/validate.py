@@ -1,0 +1,90 @@
+"""Checking settings at the edges (config files, keyword arguments, command-line flags) by their types.
+
+A frozen dataclass declares what each field admits in its annotation: a ``Literal`` of choices, a
+union with ``None``, or a number with a :class:`Range` (``Annotated[int, Range(1)]``). Its
+``__post_init__`` calls :func:`check_fields`, which raises one ``ValueError`` that names the field,
+the value and what it should be. A new field is validated by declaring its type, not by a new ``if``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Annotated, Callable, Literal, Union
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number: ``low <= x <= high``, each bound strict with ``low_open`` / ``high_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, x: float) -> bool:
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1, high_open=True)]  # a probability that must leave something: [0, 1)
+
+
+def _admits(kind, value) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Annotated:
+        return _admits(args[0], value) and all(r.admits(value) for r in args[1:] if isinstance(r, Range))
+    if origin is Literal:
+        return value in args
+    if origin in (Union, types.UnionType):
+        return any(_admits(arg, value) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    return True  # tuples and nested configs check themselves
+
+
+def _describe(kind) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Annotated:
+        bounds = " and ".join(str(r) for r in args[1:] if isinstance(r, Range))
+        return f"{_describe(args[0])} {bounds}".strip()
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if kind is type(None):
+        return "None"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))
+
+
+def check_fields(obj, label: Callable[[str], str] = str) -> None:
+    """Raise ValueError for the first field of dataclass ``obj`` whose value its annotation does not
+    admit; ``label`` names a field in the message (e.g. as the command-line flag that sets it)."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _admits(hints[f.name], value):
+            raise ValueError(f"{label(f.name)} must be {_describe(hints[f.name])}, got {value!r}")
