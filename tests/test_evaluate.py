@@ -1,6 +1,8 @@
 """`coatnet eval`, `coatnet predict`, the evaluation pass and the figures."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import coatnet.evaluate
+import coatnet.plots
 from coatnet.cli import main
 from coatnet.evaluate import evaluate
 from coatnet.plots import plot_confusion, plot_curves
@@ -65,19 +69,26 @@ def test_eval_matches_training_and_writes_figures(run_dir, capsys):
     assert (out / "confusion_matrix.png").read_bytes()[:4] == PNG
 
 
-def test_predict_top5_on_images_of_any_size(run_dir, tmp_path, capsys):
+def digit_files(folder, sizes=((37, 50), (8, 8), (300, 120))):
+    """PNGs of the first digits of the embedded set, one per size."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     files = []
-    for i, size in ((0, (37, 50)), (1, (8, 8)), (2, (300, 120))):
+    for i, size in enumerate(sizes):
         img = Image.fromarray(np.uint8(digits.images[i] * 255 / 16)).resize(size).convert("RGB")
-        files.append(tmp_path / f"digit{i}.png")
+        files.append(folder / f"digit{i}.png")
         img.save(files[-1])
+    return files
+
+
+def test_predict_top5_on_images_of_any_size(run_dir, tmp_path, capsys):
+    files = digit_files(tmp_path)
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(run_dir), *map(str, files), "--json"]) == 0
-    results = json.loads(capsys.readouterr().out)
-    assert [r["image"] for r in results] == list(map(str, files))
+    output = json.loads(capsys.readouterr().out)
+    results = output["predictions"]
+    assert [r["image"] for r in results] == list(map(str, files)) and output["errors"] == []
     for r in results:
         probs = [t["probability"] for t in r["top"]]
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -119,3 +130,138 @@ def test_plots_write_pngs(tmp_path):
     plot_confusion(np.eye(12, dtype=int) * 5, [f"class {i}" for i in range(12)], tmp_path / "cm.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == PNG and (tmp_path / "cm.png").read_bytes()[:4] == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "curves.png"]  # no temporary files left
+
+
+def test_predict_reads_every_image_it_can(run_dir, tmp_path, capsys):
+    good = digit_files(tmp_path, sizes=((8, 8), (20, 30)))
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    missing = tmp_path / "missing.png"
+    argv = ["predict", "--checkpoint", str(run_dir / "last"), str(good[0]), str(bad), str(good[1]), str(missing)]
+    capsys.readouterr()
+    assert main(argv) == 1  # some failed
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if not line.startswith(" ")] == [str(good[0]), str(good[1])]
+    lines = err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith(f"coatnet predict: error: cannot read image '{bad}': not an image file")
+    assert lines[1].startswith(f"coatnet predict: error: cannot read image '{missing}': no such file")
+
+    assert main([*argv, "--json"]) == 1
+    out, err = capsys.readouterr()
+    output = json.loads(out)
+    assert [r["image"] for r in output["predictions"]] == [str(good[0]), str(good[1])]
+    assert [e["image"] for e in output["errors"]] == [str(bad), str(missing)]
+    assert all(e["message"] in err and e["message"].startswith("cannot read image") for e in output["errors"])
+
+    assert main(["predict", "--checkpoint", str(run_dir / "last"), str(bad), str(missing)]) == 2  # none could
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 2 and "Traceback" not in err
+
+
+def test_a_run_directory_names_the_checkpoint_it_stands_for(run_dir, tmp_path, capsys):
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    using = f"using {run_dir / 'last'} -> {(run_dir / 'last').resolve().name}"
+    assert using.endswith("-> ckpt-00000022")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir), str(image)]) == 0
+    assert capsys.readouterr().err == f"coatnet predict: {using}\n"
+    assert main(["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "eval")]) == 0
+    assert capsys.readouterr().err == f"coatnet eval: {using}\n"
+    assert main(["predict", "--checkpoint", str(run_dir / "last"), str(image)]) == 0  # named: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def copy_checkpoint(run_dir, folder, **meta_changes):
+    """A copy of the run's last checkpoint with these config.json entries changed (None: removed)."""
+    shutil.copytree(run_dir / "last", folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta.update(meta_changes)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    return folder
+
+
+def image_folder(root, classes):
+    """An imagefolder data set (train/ and val/) with one 8x8 PNG per class and split."""
+    root.mkdir()
+    (image,) = digit_files(root, sizes=((8, 8),))
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            shutil.copy(image, root / split / name / "a.png")
+    return root
+
+
+@pytest.mark.parametrize("count", [9, 11])
+def test_class_names_not_one_per_output_are_refused(run_dir, tmp_path, capsys, count):
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=[str(i) for i in range(count)])
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    expected = f"lists {count} class names but the model has 10 outputs"
+    one_line_error(capsys, ["predict", "--checkpoint", str(ckpt), str(image), "--top-k", "10"], "config.json", expected)
+    one_line_error(capsys, ["eval", "--checkpoint", str(ckpt)], "config.json", expected)
+
+
+def test_eval_of_a_checkpoint_without_class_names_on_a_data_set_of_other_classes(run_dir, tmp_path, capsys):
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=None)
+    data = image_folder(tmp_path / "data", ["a", "b", "c"])
+    one_line_error(capsys, ["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir", str(data)],
+                   "the model has 10 outputs but imagefolder has 3 classes")
+
+
+@pytest.mark.parametrize("size,message", [("100000", "out of range; give a multiple of the model's stride 16 "
+                                                     "from 16 to 4096"),
+                                          ("0", "out of range"), ("-16", "out of range"),
+                                          ("20", "not a multiple of the model's stride 16")])
+def test_img_size_is_refused_before_any_image_is_read(run_dir, tmp_path, capsys, monkeypatch, size, message):
+    def read(*args, **kwargs):
+        raise AssertionError("an image was read before --img-size was checked")
+
+    monkeypatch.setattr(coatnet.evaluate, "load_image", read)
+    monkeypatch.setattr(coatnet.evaluate, "build_datasets", read)
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), str(tmp_path / "a.png"), "--img-size", size],
+                   message)
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--img-size", size], message)
+
+
+CAFE = os.fsdecode(b"caf\xe9")  # a Latin-1 folder name, read as os.listdir does
+
+
+def test_class_names_that_are_not_utf8(run_dir, tmp_path, capsys):
+    names = sorted([CAFE, *"abcdefghi"])
+    data = image_folder(tmp_path / "data", names)
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=names)
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir", str(data),
+                 "--output-dir", str(out), "--json"]) == 0
+    assert "caf\\xe9" in json.loads(capsys.readouterr().out)["classes"]
+    assert "caf\\xe9" in json.loads((out / "eval.json").read_bytes().decode("utf-8"))["classes"]
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == PNG
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--top-k", "10"]) == 0
+    assert "caf\\xe9" in capsys.readouterr().out
+
+
+def test_confusion_plot_of_names_that_are_not_utf8(tmp_path):
+    plot_confusion(np.eye(3, dtype=int), [CAFE, "\ud800x", "b"], tmp_path / "cm.png")  # second: from a JSON file
+    assert (tmp_path / "cm.png").read_bytes()[:4] == PNG
+
+
+@pytest.mark.parametrize("count,length", [(3, 80), (5, 40), (12, 8), (40, 12), (100, 30)])
+def test_confusion_labels_neither_overlap_nor_get_cut_off(tmp_path, monkeypatch, count, length):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = []
+    monkeypatch.setattr(coatnet.plots, "save_figure", lambda fig, path: figures.append(fig))
+    names = [f"{i}-" + ("Wm" * length)[:length] for i in range(count)]  # wide letters
+    plot_confusion(np.eye(count, dtype=int), names, tmp_path / "cm.png")
+    (fig,) = figures
+    FigureCanvasAgg(fig).draw()
+    renderer, ax = fig.canvas.get_renderer(), fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
+    columns = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels()), key=lambda b: b.x0)
+    rows = sorted((t.get_window_extent(renderer) for t in ax.get_yticklabels()), key=lambda b: b.y0)
+    assert all(a.x1 <= b.x0 for a, b in zip(columns, columns[1:])), "column labels overlap"
+    assert all(a.y1 <= b.y0 for a, b in zip(rows, rows[1:])), "row labels overlap"
+    page = fig.bbox
+    assert all(page.x0 <= b.x0 and b.x1 <= page.x1 and page.y0 <= b.y0 and b.y1 <= page.y1 for b in columns + rows)

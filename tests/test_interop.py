@@ -205,17 +205,26 @@ def test_convert_timm_cli_writes_a_pretrained_folder(tmp_path, capsys):
 
 
 def test_weights_of_the_wrong_model_name_the_keys(tmp_path, capsys):
+    """timm weights of another variant are named as such; weights that fit no variant list the keys."""
     source = tmp_path / "nano.safetensors"
-    save_file(_timm_model("coatnet_nano_rw").state_dict(), str(source))
+    state = _timm_model("coatnet_nano_rw").state_dict()
+    save_file(state, str(source))
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model("coatnet_rmlp_nano_rw", img_size=TIMM_SIZE, pretrained=source)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("these weights are not coatnet_rmlp_nano_rw's: they are timm's coatnet_nano_rw_224")
+    assert main(["convert-timm", str(source), "--model", "coatnet_rmlp_nano_rw", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "they are timm's coatnet_nano_rw_224 (ours: coatnet_nano_rw)" in err
+    del state["stages.3.blocks.1.attn.rel_pos.relative_position_bias_table"]  # now no variant fits
+    save_file(state, str(source))
     with pytest.raises(ValueError) as e:
         coatnet.create_model("coatnet_rmlp_nano_rw", img_size=TIMM_SIZE, pretrained=source)
     message = str(e.value)
     assert "\n" not in message and message.startswith("weights do not fit coatnet_rmlp_nano_rw: missing: ")
     assert "relative_position.fc1.weight" in message and "unexpected: " in message
     assert "relative_position.table" in message
-    assert main(["convert-timm", str(source), "--model", "coatnet_rmlp_nano_rw", "--output", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "weights do not fit coatnet_rmlp_nano_rw" in err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -327,9 +327,9 @@ def test_a_version_1_folder_loads(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (dict(mbconv=dict(stride_on="pool2")), "stride_on must be one of 'expand', 'depthwise', 'pool', got 'pool2'"),
     (dict(mbconv=dict(stride="depthwise")), "unknown mbconv option(s) stride; options: expand_ratio"),
-    (dict(transformer=dict(head_size=0)), "head_size must be an integer >= 1, got 0"),
+    (dict(transformer=dict(head_size=0)), "head_size must be an integer >= 1 and <= 1024, got 0"),
     (dict(drop_path_rate=1.0), "drop_path_rate must be a finite number >= 0 and < 1, got 1.0"),
-    (dict(num_classes=-1), "num_classes must be an integer >= 0, got -1"),
+    (dict(num_classes=-1), "num_classes must be an integer >= 0 and <= 1000000, got -1"),
     (dict(stages=[dict(block="conv", depth=1, channels=8)]), "block must be one of 'mbconv', 'transformer'"),
 ])
 def test_bad_config_values_are_one_line(overrides, message):

@@ -18,8 +18,11 @@ at a complete checkpoint, the old one or the new one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from torch import nn
 from .models.folder import ModelFolder, ModelFolderError, read_model_folder, write_model_folder
 
 TRAIN_STATE = "train_state.pt"
+LOCK = ".lock"  # held by the one process that writes the run directory
 
 
 class CheckpointError(ModelFolderError):
@@ -68,16 +72,23 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
         name = f"{base}.{n}"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_model_folder(tmp, meta, model, ema_model)
-    if train_state is not None:
-        torch.save(train_state, tmp / TRAIN_STATE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_model_folder(tmp, meta, model, ema_model)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+    except OSError as e:  # disk full, read-only, quota: the half-written copy goes, the links stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = run_dir / "last"
+        kept = f"{last} still points at the previous checkpoint" if last.is_symlink() else "no checkpoint was kept"
+        raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); {kept}; free some space "
+                              f"or fix the folder's permissions and continue with --resume") from None
     for link in links:
         tmp_link = run_dir / f".{link}.tmp"
         tmp_link.unlink(missing_ok=True)
@@ -89,11 +100,68 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
 
 
 def _remove_unreferenced(run_dir: Path) -> None:
-    """Delete checkpoint directories that neither ``last`` nor ``best`` points at."""
+    """Delete checkpoint directories that neither ``last`` nor ``best`` points at, and what a save cut
+    off by a crash left under a temporary name (the run's lock means no other save is under way)."""
     keep = {os.readlink(run_dir / link) for link in ("last", "best") if (run_dir / link).is_symlink()}
-    for d in run_dir.glob("ckpt-*"):
+    for d in (*run_dir.glob("ckpt-*"), *run_dir.glob(".ckpt-*.tmp")):
         if d.is_dir() and d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run or its remains: a ``last`` or ``best`` link (even one whose
+    checkpoint is gone) or a checkpoint directory."""
+    return any(os.path.lexists(run_dir / link) for link in ("last", "best")) or any(run_dir.glob("ckpt-*"))
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path):
+    """Create ``run_dir`` if needed and hold its lock until the block ends, however it ends.
+
+    A second training process on the same folder is refused in one line instead of deleting the
+    first one's temporary checkpoints. The lock is the kernel's (``flock``), so a process killed
+    with SIGKILL releases it; the pid it leaves in the file only lets the next run say so. A
+    folder that cannot be written is refused here, before any training.
+    """
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {run_dir} ({e.strerror or e}); choose another --output-dir") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "unknown"
+            raise CheckpointError(f"{run_dir} is in use by another `coatnet train` (pid {holder}); wait for it to "
+                                  f"finish or choose another --output-dir") from None
+        previous = handle.read().strip()
+        if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
+            print(f"note: process {previous}, which ended without releasing {run_dir}, no longer holds it",
+                  file=sys.stderr)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()  # released: no pid is left to be mistaken for a crashed holder
+            if created and {p.name for p in run_dir.iterdir()} == {LOCK}:  # refused before writing anything
+                (run_dir / LOCK).unlink()
+                run_dir.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def load_checkpoint(path: str | Path, with_train_state: bool = True) -> Checkpoint:

@@ -54,21 +54,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out."""
-    from .models import create_model, load_weights, read_state_dict
-    from .models.timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_img_size
+    from .models import create_model, read_state_dict
+    from .models.factory import load_pretrained_file
+    from .models.timm_convert import is_timm_state_dict, timm_img_size
 
     state = read_state_dict(args.source)
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
-    converted = convert_timm_state_dict(state, args.model)
     head = state.get("head.fc.weight")
     model = create_model(args.model, img_size=timm_img_size(state),
                          num_classes=head.shape[0] if head is not None else 0)
-    folder = load_weights(model, converted).save_pretrained(args.output)
+    folder = load_pretrained_file(model, state, args.model).save_pretrained(args.output)
     print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
           f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
     return 0
+
+
+class _RecipeDefaults(argparse.HelpFormatter):
+    """``coatnet train --help``: each setting's value in the default (digits) recipe, which is what a
+    flag left out gives. Imported only when the help is printed, so other commands start fast."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        from .train import RECIPES
+
+        value = getattr(RECIPES["digits"], action.dest, None)
+        if action.dest == "recipe" or value is None:
+            return action.help or ""
+        shown = ("on" if value else "off") if isinstance(value, bool) else value
+        return f"{action.help or ''} (digits recipe: {shown})".strip()
 
 
 def _randaugment(text: str) -> tuple[int, int] | None:
@@ -94,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (no flags: coatnet_pico on the embedded digits, on the CPU)",
                        description="Train with the paper's recipe (Table 10). Flags override the --recipe's "
-                                   "values; when resuming, they override the resumed run's settings.")
+                                   "values; when resuming, they override the resumed run's settings.",
+                       formatter_class=_RecipeDefaults)
     p.add_argument("--recipe", default="digits", choices=["digits", "imagenet1k-pretrain", "imagenet1k-finetune"],
                    help="preset of all settings (default: digits, a CPU run on the embedded digits)")
     p.add_argument("--model", default=None, help="model name (see `coatnet info`)")
@@ -115,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (0: off)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
-    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="timm's flag; the model always runs channels-last, its weights included")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="data-loading processes")
@@ -185,19 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="the paper's controlled studies")
     study = p.add_subparsers(dest="study", required=True, metavar="STUDY")
-    p = study.add_parser("layouts", help="Section 2.2 / Figure 1: the five layouts, same budget, no regularisation")
-    p.add_argument("--data", default="digits")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--layouts", default=None, help="comma-separated subset (default: all five)")
+    p = study.add_parser("layouts", help="Section 2.2 / Figure 1: the five layouts, same budget, no regularisation",
+                         description="Train VIT_REL, C-C-C-C, C-C-C-T, C-C-T-T and C-T-T-T (spelled vit_rel, c_c_c_c, "
+                                     "c_c_c_t, c_c_t_t, c_t_t_t) with the same budget and no regularisation or "
+                                     "augmentation, several seeds each; write study.json, study.md and study.png. "
+                                     "An interrupted study continues where it stopped.")
+    p.add_argument("--data", default="digits", help="digits (default), imagefolder, cifar10 or cifar100")
+    p.add_argument("--data-dir", default=None, help="folder of an imagefolder (train/, val/) or CIFAR data set")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 12 on digits, else 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the recipe's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per layout, seeds 0..N-1 (default: 3)")
+    p.add_argument("--layouts", default=None, help="comma-separated subset, e.g. c_c_t_t,c_t_t_t (default: all five)")
     p.add_argument("--size", choices=["small", "paper"], default=None,
                    help="small: widths / 4 for small images; paper: CoAtNet-0's size (default: small up to 64 px)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output-dir", default="study-layouts")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--output-dir", default="study-layouts", help="where the runs and the study's files go")
     p.set_defaults(func=lambda args: _lazy("study", "run_layout_study")(args))
     return parser
 
@@ -213,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit status 2
+    except ValueError as e:  # bad input: one line, exit status 2
         print(f"coatnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder that cannot be read or written: what, where
+        where = f": {e.filename}" if e.filename else ""
+        print(f"coatnet {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"coatnet {args.command}: interrupted", file=sys.stderr)

@@ -519,7 +519,7 @@ def build_datasets(
 
     hflip = True if hflip is None else bool(hflip)
     if data_dir is None:
-        raise DataError(f"data set '{key}' needs a data directory; pass data_dir")
+        raise DataError(f"data set '{key}' needs a data directory; pass --data-dir DIR")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data directory '{root}' does not exist or is not a folder; check the path")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
-from .data import build_datasets, eval_transform, load_image
+from .data import DataError, build_datasets, eval_transform, load_image
+from .export import check_img_size
 from .models.factory import model_from_folder
-from .models.folder import read_model_folder
-from .plots import plot_confusion
+from .models.folder import ModelFolder, read_model_folder
+from .plots import plot_confusion, printable
 
 
 @torch.inference_mode()
@@ -59,38 +61,64 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _img_size(args: argparse.Namespace, meta: dict) -> int:
-    return args.img_size or meta.get("img_size") or meta["config"]["img_size"][0]
+def _img_size(args: argparse.Namespace, meta: dict, model: nn.Module) -> int:
+    """--img-size (0 included: it is refused, not read as "not given"), else the checkpoint's."""
+    size = args.img_size if args.img_size is not None else meta.get("img_size") or meta["config"]["img_size"][0]
+    check_img_size(model, size)
+    return size
+
+
+def _class_names(ckpt: ModelFolder, model: nn.Module) -> list[str]:
+    """One name per output of ``model``: the checkpoint's, or the indices where it records none."""
+    n = model.config.num_classes
+    names = ckpt.meta.get("classes")
+    if not names:
+        return [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{str(ckpt.path / 'config.json')!r} lists {len(names)} class names but the model has "
+                         f"{n} outputs; give it one name per output in \"classes\", or use another checkpoint")
+    return list(names)
+
+
+def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
+    """A run directory stands for its ``last`` checkpoint, which moves as training goes on: name it."""
+    if ckpt.path != Path(args.checkpoint):
+        print(f"coatnet {args.command}: using {ckpt.path} -> {ckpt.path.resolve().name}", file=sys.stderr)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     ckpt = read_model_folder(args.checkpoint)
     meta = ckpt.meta
     model = model_from_folder(ckpt)
+    classes = _class_names(ckpt, model)
     data_name = args.data or meta.get("dataset")
     data_dir = args.data_dir or (meta.get("data_dir") if data_name == meta.get("dataset") else None)
     if data_name is None:
         raise ValueError(f"{ckpt.path} does not record its data set; pass --data (and --data-dir)")
-    img_size = _img_size(args, meta)
+    img_size = _img_size(args, meta, model)
     data = build_datasets(data_name, data_dir, img_size)
-    classes = list(meta.get("classes") or [])
-    if classes and list(data.classes) != classes:
+    if meta.get("classes") and list(data.classes) != classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
                          f"classes; evaluate on the data set it was trained on")
+    if data.num_classes != len(classes):  # a checkpoint that records no class names
+        raise ValueError(f"the model has {len(classes)} outputs but {data_name} has {data.num_classes} classes; "
+                         f"evaluate on the data set it was trained on")
+    run_dir = ckpt.path.resolve().parent
+    out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
+    out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
+    _say_which(ckpt, args)
     device = _device(args.device)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
     result = evaluate(model, loader, device, data.num_classes)
 
-    run_dir = ckpt.path.resolve().parent
-    out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
-    out.mkdir(parents=True, exist_ok=True)
     confusion = result.pop("confusion")
+    names = [printable(c) for c in data.classes]
     report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, img_size=img_size,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
-                  confusion_matrix=confusion.tolist(), classes=list(data.classes))
+                  confusion_matrix=confusion.tolist(), classes=names)
     atomic_write(out / "eval.json", json.dumps(report, indent=2))
-    plot_confusion(confusion.numpy(), list(data.classes), out / "confusion_matrix.png",
+    plot_confusion(confusion.numpy(), names, out / "confusion_matrix.png",
                    title=f"{meta['model']} on {data_name} (top-1 {result['top1']:.2f}%)")
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "confusion_matrix"}, indent=2))
@@ -102,30 +130,40 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
+    ``errors``; the exit status is 1 when some images could not be read, 2 when none could."""
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     ckpt = read_model_folder(args.checkpoint)
-    classes = ckpt.meta.get("classes")
     model = model_from_folder(ckpt)
-    if not classes:
-        classes = [str(i) for i in range(model.config.num_classes)]
-    transform = eval_transform(_img_size(args, ckpt.meta))
-    images = [load_image(path) for path in args.images]  # every file checked before any output
-    device = _device(args.device)
-    model.to(device)
-    batch = torch.stack([transform(img) for img in images]).to(device)
-    with torch.inference_mode():
-        probs = model(batch).float().softmax(dim=1).cpu()
-    k = min(args.top_k, len(classes))
-    top = probs.topk(k, dim=1)
-    results = [dict(image=str(path), top=[dict(label=classes[i], probability=p) for p, i in
-                                          zip(values.tolist(), indices.tolist())])
-               for path, values, indices in zip(args.images, top.values, top.indices)]
+    classes = [printable(str(c)) for c in _class_names(ckpt, model)]
+    transform = eval_transform(_img_size(args, ckpt.meta, model))
+    loaded, errors = [], []
+    for path in args.images:  # every file read before any output, so that the results print in one piece
+        try:
+            loaded.append((path, load_image(path)))
+        except DataError as e:  # costs that image's prediction only
+            errors.append(dict(image=printable(path), message=str(e)))
+    results = []
+    if loaded:
+        _say_which(ckpt, args)
+        device = _device(args.device)
+        model.to(device)
+        batch = torch.stack([transform(img) for _, img in loaded]).to(device)
+        with torch.inference_mode():
+            probs = model(batch).float().softmax(dim=1).cpu()
+        top = probs.topk(min(args.top_k, len(classes)), dim=1)
+        # A file name that is not UTF-8 would fail the print to stdout: shown with \xNN, as in the figures.
+        results = [dict(image=printable(path), top=[dict(label=classes[i], probability=p) for p, i in
+                                                    zip(values.tolist(), indices.tolist())])
+                   for (path, _), values, indices in zip(loaded, top.values, top.indices)]
+    for e in errors:
+        print(f"coatnet predict: error: {e['message']}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(dict(predictions=results, errors=errors), indent=2))
     else:
         for r in results:
             print(r["image"])
             for rank, t in enumerate(r["top"], 1):
                 print(f"  {rank}. {t['label']:<20} {100 * t['probability']:6.2f}%")
-    return 0
+    return 2 if not results else 1 if errors else 0

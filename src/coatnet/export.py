@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .models import from_pretrained
+from .models.coatnet import MAX_IMG_SIZE
+
 
 
 def export_model(model_or_path: nn.Module | str | Path, format: str, output: str | Path,
@@ -36,14 +38,18 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_EXPORTERS)}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    output = Path(output)
+    if output.is_dir():  # refused before the export, which would only fail at its end, at the rename
+        raise ValueError(f"output {str(output)!r} is a folder; give a file path like "
+                         f"{str(output / ('model' + _SUFFIXES[format]))!r}")
     model = model_or_path if isinstance(model_or_path, nn.Module) else from_pretrained(model_or_path)
     config = model.config
-    height, width = (img_size, img_size) if img_size else config.img_size
+    if img_size is not None:  # a wrong size fails here, in one line, not deep inside a tracer
+        check_img_size(model, img_size)
+    height, width = (img_size, img_size) if img_size is not None else config.img_size
     # torch.export fixes a dimension of size 1 to a constant: a dynamic batch needs an example of 2.
     batch = max(batch_size, 2) if dynamic_batch and format == "exported" else batch_size
     example = torch.randn(batch, config.in_chans, height, width, device=next(model.parameters()).device)
-    model.check_input(example)  # a wrong size fails here, in one line, not deep inside a tracer
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed: a failed export never leaves a broken file where
     # an earlier good one was.
@@ -61,6 +67,19 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         model.train(was_training)
         tmp.unlink(missing_ok=True)
     return output
+
+
+def check_img_size(model: nn.Module, img_size: int) -> None:
+    """Refuse an input side ``model`` cannot take, in one line, before a tensor of that size exists.
+
+    The rule of ``model.check_input`` (a multiple of the model's stride), applied to an empty
+    meta-device batch, and the bound :data:`MAX_IMG_SIZE`.
+    """
+    stride = model.config.stride
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or not 0 < img_size <= MAX_IMG_SIZE:
+        raise ValueError(f"image size {img_size!r} is out of range; give a multiple of the model's stride {stride} "
+                         f"from {stride} to {MAX_IMG_SIZE // stride * stride}")
+    model.check_input(torch.empty(1, model.config.in_chans, img_size, img_size, device="meta"))
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
@@ -85,6 +104,7 @@ def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_bat
 
 
 _EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
+_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 
 
 def run_export(args: argparse.Namespace) -> int:

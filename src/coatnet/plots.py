@@ -18,7 +18,8 @@ def save_figure(fig: Figure, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=120)
+    # "tight": a label wider than the layout allowed for widens the image instead of being cut off.
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
 
 
@@ -40,17 +41,42 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     save_figure(fig, path)
 
 
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8, for figures and JSON files.
+
+    Folder names that are not UTF-8 are read with surrogate escapes (``os.fsdecode``), which
+    fonts cannot draw and strict JSON readers refuse: their bytes are shown as ``\\xNN``.
+    """
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name gives, e.g. from a hand-written config.json
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+MAX_NAMED_CLASSES = 100  # beyond this, a readable label per row would need a figure of metres
+
+
 def plot_confusion(matrix, classes: list[str], path: str | Path, title: str = "confusion matrix") -> None:
-    """Rows are true classes, columns predictions; counts printed in the cells when they fit."""
-    n = len(classes)
-    size = min(4 + 0.45 * n, 24)
-    fig = Figure(figsize=(size, size * 0.9), layout="constrained")
+    """Rows are true classes, columns predictions; counts printed in the cells when they fit.
+
+    The figure and font are sized from the number of classes and the longest name, so that the
+    labels of up to :data:`MAX_NAMED_CLASSES` classes neither overlap nor get cut off.
+    """
+    labels = [printable(str(c)) for c in classes]
+    n = len(labels)
+    named = n <= MAX_NAMED_CLASSES
+    fontsize = max(6.0, min(10.0, 200 / max(n, 1)))
+    cell = 2 * fontsize / 72  # inches per row and column: a line of text and a gap
+    side = max(3.0, min(n, MAX_NAMED_CLASSES) * cell)
+    # 0.7 em is about the width of the widest lower-case letters; bbox_inches="tight" catches the rest.
+    label = max(map(len, labels), default=0) * 0.7 * fontsize / 72 if named else 0
+    fig = Figure(figsize=(side + label + 2.5, side + label + 1.5), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ticks = range(n) if n <= 50 else []
-    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90 if n > 10 else 0)
-    ax.set_yticks(ticks, [classes[i] for i in ticks])
+    ticks = range(n) if named else []
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=fontsize)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     if n <= 30:
         peak = max(int(matrix.max()), 1)
@@ -58,6 +84,6 @@ def plot_confusion(matrix, classes: list[str], path: str | Path, title: str = "c
             for j in range(n):
                 value = int(matrix[i, j])
                 if value:
-                    ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                    ax.text(j, i, str(value), ha="center", va="center", fontsize=0.8 * fontsize,
                             color="white" if value > peak / 2 else "black")
     save_figure(fig, path)

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -126,7 +127,8 @@ def run_layout_study(args: argparse.Namespace) -> int:
     main = d.main
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
     records = []
-    with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True, disable=not main) as bar:
+    show = main and sys.stderr.isatty()  # a bar, not hundreds of lines in a log file
+    with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True, disable=not show) as bar:
         for name, seed in bar:
             bar.set_postfix_str(f"{LABELS[name]} seed {seed}")
             records.append(run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}"))

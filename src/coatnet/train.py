@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint, locked_run_dir,
+                         save_checkpoint)
 from .complexity import count_parameters
 from .data import DataBundle, build_datasets, mixup_cutmix
 from .evaluate import evaluate
@@ -151,7 +154,14 @@ def setup_distributed(device: str | None) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     # A caller that trains several times (the layout study) starts the group once and keeps it:
@@ -274,6 +284,10 @@ def _fresh_progress() -> dict:
     return dict(loss_sum=0.0, correct=0, count=0, seconds=0.0)
 
 
+class NonFiniteLoss(ValueError):
+    """Training diverged: the loss or its gradient is not finite."""
+
+
 @dataclass
 class RunState:
     """Where a run is; checkpoints save it, a resumed run starts from it."""
@@ -297,6 +311,7 @@ class Run:
     data: DataBundle
     sampler: DistributedSampler  # this rank's share of the training set, reshuffled each epoch
     val_loader: DataLoader  # this rank's shard of the validation set
+    workers: int  # data-loading processes: --workers, at most the cores
     model: nn.Module
     net: nn.Module  # what the training steps call: the model, wrapped for DDP and compiled as configured
     ema: AveragedModel | None
@@ -333,34 +348,42 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
     """
     d = setup_distributed(config.device)
     try:
-        run = start_run(config, d, output_dir, resume, finetune)
-        while run.state.epoch < config.epochs:
-            train_one_epoch(run)
-            metrics = evaluate_epoch(run)
-            improved = record_epoch(run, metrics)
-            save_run(run, ("last", "best") if improved else ("last",), top1=metrics["top1"])
-            report_epoch(run)
-        return finish_run(run)
+        ckpt = _resume_checkpoint(resume, output_dir)
+        run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else _new_run_dir(config, d)
+        _check(config, d, ckpt, run_dir)
+        with locked_run_dir(run_dir) if d.main else nullcontext():
+            run = start_run(config, d, run_dir, ckpt, finetune)
+            if run.state.epoch >= config.epochs:
+                _log(d, f"{run_dir} has trained {run.state.epoch} of {config.epochs} epochs: nothing left to do "
+                        f"(pass --epochs N with more epochs to extend it)")
+            while run.state.epoch < config.epochs:
+                train_one_epoch(run)
+                metrics = evaluate_epoch(run)
+                improved = record_epoch(run, metrics)
+                save_run(run, ("last", "best") if improved else ("last",), top1=metrics["top1"])
+                report_epoch(run)
+            return finish_run(run)
     finally:
         if d.owns_group:
             dist.destroy_process_group()
 
 
-def start_run(cfg: TrainConfig, d: Dist, output_dir: str | Path | None = None,
-              resume: bool | str | Path | None = None, finetune: str | Path | None = None) -> Run:
+def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None = None,
+              finetune: str | Path | None = None) -> Run:
     """The run's data, model, optimizer and schedule: fresh, or at the state of the checkpoint it resumes."""
     started = time.perf_counter()
-    ckpt = _resume_checkpoint(resume, output_dir)
-    run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else _new_run_dir(cfg, d)
-    _check(cfg, d, ckpt, run_dir)
     local_batch = cfg.batch_size // d.world_size
+    # Data-loading processes beyond the cores only compete for them (the ImageNet recipes ask for 8).
+    workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if workers < cfg.workers:
+        _log(d, f"note: --workers {cfg.workers} capped at this machine's {workers} cores")
 
     data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment)
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
     sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
     val_indices = list(range(d.rank, len(data.val), d.world_size))
-    val_loader = make_loader(data.val, val_indices, local_batch, cfg.workers, d.device, drop_last=False)
+    val_loader = make_loader(data.val, val_indices, local_batch, workers, d.device, drop_last=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     batch_mix = mixup_cutmix(data.num_classes, cfg.mixup, cfg.cutmix)
     steps_per_epoch = len(sampler) // local_batch
@@ -376,9 +399,11 @@ def start_run(cfg: TrainConfig, d: Dist, output_dir: str | Path | None = None,
                          img_size=cfg.img_size, drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
     if finetune and not ckpt:
         _log(d, f"fine-tuning from the weights of {finetune}")
-    model.to(d.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    # The model computes channels-last (CoAtNet.forward_stem), so its conv weights' gradients come
+    # back channels-last: keep the weights so too. Otherwise DDP's buckets, laid out like the weights,
+    # do not match the gradients ("Grad strides do not match bucket view strides"), and autograd
+    # copies the stem's gradients into the weights' layout at every step.
+    model.to(d.device, memory_format=torch.channels_last)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema > 0 else None)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -389,12 +414,12 @@ def start_run(cfg: TrainConfig, d: Dist, output_dir: str | Path | None = None,
         net = torch.compile(net)
     torch.manual_seed(cfg.seed + d.rank)  # drop path and Mixup draws differ across ranks
 
-    run = Run(cfg, d, run_dir, data, sampler, val_loader, model, net, ema, optimizer, scheduler, schedule_steps,
-              criterion, batch_mix, started)
+    run = Run(cfg, d, run_dir, data, sampler, val_loader, workers, model, net, ema, optimizer, scheduler,
+              schedule_steps, criterion, batch_mix, started)
     if ckpt is not None:
         _restore(run, ckpt)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    elif d.main:
+        _check_free_space(run)
     _log(d, f"training {cfg.model} ({count_parameters(model) / 1e6:.2f}M params with a {data.num_classes}-class "
             f"head) on {cfg.data}: {len(data.train)} train / {len(data.val)} val images at {cfg.img_size}x"
             f"{cfg.img_size}, {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, "
@@ -408,12 +433,16 @@ def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
 
 
 def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) -> None:
-    """Refuse settings that cannot run, before anything is built or written."""
+    """Refuse settings that cannot run, and any that would overwrite a run, before anything is built."""
     if ckpt and ckpt.meta["model"] != cfg.model:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
                               f"drop --model to resume it, or start a new run with --finetune")
-    if ckpt is None and (run_dir / "last").exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir")
+    if ckpt is None and holds_a_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+                         f"--output-dir")
+    if ckpt and run_dir.resolve() != ckpt.path.parent.resolve() and holds_a_run(run_dir):
+        raise ValueError(f"--output-dir {run_dir} holds another run; resuming {ckpt.path} there would overwrite it: "
+                         f"give an empty --output-dir, or none to continue in {ckpt.path.parent}")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100")
@@ -421,11 +450,30 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} processes")
 
 
+def _check_free_space(run: Run) -> None:
+    """Refuse to start without room for a checkpoint: weights, EMA weights and AdamW's two moments,
+    plus the old checkpoint kept until the new one is complete."""
+    copies = 1 + (run.ema is not None) + 2
+    needed = 2 * copies * sum(p.numel() * p.element_size() for p in run.model.parameters())
+    free = shutil.disk_usage(run.run_dir).free
+    if free < needed:
+        raise ValueError(f"{run.run_dir} has {free / 2**20:.0f} MiB free, and a checkpoint of this run needs about "
+                         f"{needed / 2**21:.0f} MiB (twice that while one replaces another); free some space or "
+                         f"choose another --output-dir")
+
+
 def _restore(run: Run, ckpt: Checkpoint) -> None:
     """Weights, optimizer, EMA, state and this rank's RNG as the checkpoint saved them."""
     s, d = ckpt.train_state, run.dist
     load_weights(run.model, ckpt.weights)
     run.optimizer.load_state_dict(s["optimizer"])
+    # The optimizer state keeps the layout it was saved in, and CPU fused AdamW pairs elements by
+    # memory position: lay each moment out like its parameter (checkpoints written before the weights
+    # were channels-last).
+    for p, p_state in run.optimizer.state.items():
+        for key, value in p_state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                p_state[key] = torch.empty_like(p).copy_(value)
     if run.ema is not None:
         if ckpt.ema_weights is None:
             raise CheckpointError(f"{str(ckpt.path)!r} has no EMA weights but the run keeps an EMA")
@@ -449,7 +497,7 @@ def train_one_epoch(run: Run) -> None:
     every ``save_every`` steps."""
     cfg, d, s = run.config, run.dist, run.state
     keys = epoch_keys(run.sampler, cfg.seed, s.epoch)[s.batch_in_epoch * run.local_batch:]
-    loader = make_loader(SeededSamples(run.data.train), keys, run.local_batch, cfg.workers, d.device, drop_last=True)
+    loader = make_loader(SeededSamples(run.data.train), keys, run.local_batch, run.workers, d.device, drop_last=True)
     run.net.train()
     bar = tqdm(total=run.steps_per_epoch, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                disable=not (d.main and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
@@ -486,8 +534,14 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
         loss = run.criterion(logits, targets)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.clip_grad > 0:
-        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    # The gradient norm (clipped when asked) is the same on every process after DDP's all-reduce, so
+    # all of them stop together when it is not finite, before the weights take a non-finite step.
+    norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
+    if not torch.isfinite(norm):
+        raise NonFiniteLoss(f"the loss became {loss.item():.4g} (gradient norm {norm.item():.4g}) at step "
+                            f"{run.state.step + 1}, epoch {run.state.epoch + 1}; stopped before that step, and the "
+                            f"last checkpoint in {run.run_dir} holds finite weights; lower --lr or raise "
+                            f"--warmup-steps, then continue with --resume")
     run.optimizer.step()
     run.scheduler.step()
     if run.ema is not None:

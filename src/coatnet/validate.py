@@ -30,11 +30,12 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
+        number = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
         parts = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            parts.append(f"{'>' if self.low_open else '>='} {number(self.low)}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            parts.append(f"{'<' if self.high_open else '<='} {number(self.high)}")
         return " and ".join(parts)
 
 

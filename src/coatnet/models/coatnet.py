@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from ..validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields
+from ..validate import Fraction, PositiveFloat, Range, check_fields
 from .fast_path import ACTIVATIONS, ConvBNAct, SqueezeExcite, inference_chunk
 from .folder import config_from_version_1, save_pretrained
 from .registry import PaperFigures, register_model
@@ -36,6 +36,12 @@ __all__ = ["StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "Sta
            "CoAtNet", "MBConv", "RelativeAttention", "RelativePositionTable", "RelativePositionMLP",
            "TransformerBlock"]
 
+# Sizes are bounded far above any CoAtNet's (CoAtNet-7: 3072 wide, 42 blocks in a stage) so that a
+# mistyped config.json fails in one line instead of asking for terabytes.
+Width = Annotated[int, Range(1, 16384)]
+Depth = Annotated[int, Range(1, 1024)]
+Ratio = Annotated[int, Range(1, 64)]
+MAX_IMG_SIZE = 4096  # the largest input side, here and at every command's --img-size
 Activation = Literal["gelu", "silu", "relu"]
 Pool = Literal["max", "avg", "max3x3"]  # the Pool of Eq. 4, 5, stride 2: 2x2 max (the paper), 2x2 avg, 3x3 max
 Norm = Literal["layernorm", "batchnorm"]
@@ -59,10 +65,10 @@ class _Checked:
 class StemConfig(_Checked):
     """S0: two 3x3 convs, the first strided (Section 2.2), or VIT_REL's patch embedding."""
 
-    channels: PositiveInt
+    channels: Width
     kind: Literal["conv", "patch"] = "conv"
-    stride: PositiveInt = 2  # conv: the first conv's stride; patch: the patch size
-    mid_channels: PositiveInt | None = None  # [rw] width of the first conv (default: channels)
+    stride: Annotated[int, Range(1, 64)] = 2  # conv: the first conv's stride; patch: the patch size
+    mid_channels: Width | None = None  # [rw] width of the first conv (default: channels)
     bias: bool = True  # [rw] bias on the second conv
     activation: Activation = "gelu"  # [rw]
 
@@ -71,7 +77,7 @@ class StemConfig(_Checked):
 class MBConvConfig(_Checked):
     """MBConv blocks (Section 2.1, Eq. 5): inverted bottleneck x4, depthwise 3x3, squeeze-excitation."""
 
-    expand_ratio: PositiveInt = 4
+    expand_ratio: Ratio = 4
     se_ratio: Annotated[float, Range(0, 1, low_open=True)] = 0.25  # SE squeeze width relative to the output width
     # Where a down-sampling block strides: "expand", the first 1x1 conv (Eq. 5); "depthwise", the
     # depthwise conv (Table 9); "pool", a 2x2 average pool before the expansion [rw].
@@ -91,12 +97,12 @@ class MBConvConfig(_Checked):
 class TransformerConfig(_Checked):
     """Transformer blocks with relative attention (Section 2.1, Eq. 3, Eq. 4) and their FFN."""
 
-    head_size: PositiveInt = 32  # Table 3
-    expand_ratio: PositiveInt = 4  # of the FFN
+    head_size: Annotated[int, Range(1, 1024)] = 32  # Table 3
+    expand_ratio: Ratio = 4  # of the FFN
     # "table": Eq. 3's w, a learnt (2H-1)x(2W-1) table per head; "mlp": computed from the offset
     # by a small MLP [rw: the rmlp variants].
     relative_position: Literal["table", "mlp"] = "table"
-    relative_position_mlp_width: PositiveInt = 512
+    relative_position_mlp_width: Width = 512
     pool: Pool = "max"
     attention_width: Literal["output", "input"] = "output"  # [rw] width of q, k and v
     shortcut_bias: bool = True  # [rw] bias on the Proj of Eq. 4
@@ -109,7 +115,7 @@ class TransformerConfig(_Checked):
 class HeadConfig(_Checked):
     """Global average pooling, a norm, an optional pre-logits layer, the classifier."""
 
-    hidden_size: PositiveInt | None = None  # pre-logits Linear + tanh
+    hidden_size: Width | None = None  # pre-logits Linear + tanh
     norm: Norm = "layernorm"  # [rw]
     norm_eps: PositiveFloat = 1e-5  # [rw]
     norm_before_pool: bool = False  # [rw] normalise the last feature map, then pool
@@ -125,8 +131,8 @@ class StageConfig(_Checked):
     """
 
     block: Literal["mbconv", "transformer"]
-    depth: PositiveInt
-    channels: PositiveInt
+    depth: Depth
+    channels: Width
     stride: Literal[1, 2] = 2
 
 
@@ -151,8 +157,8 @@ class CoAtNetConfig(_Checked):
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     drop_path_rate: Fraction = 0.0  # stochastic depth, linear in block index (Table 10 rates)
-    num_classes: NonNegativeInt = 1000  # 0: no classifier
-    in_chans: PositiveInt = 3
+    num_classes: Annotated[int, Range(0, 1_000_000)] = 1000  # 0: no classifier
+    in_chans: Annotated[int, Range(1, 1024)] = 3
     img_size: tuple[int, int] = (224, 224)
 
     def __post_init__(self) -> None:
@@ -166,7 +172,9 @@ class CoAtNetConfig(_Checked):
             if s.block == "transformer" and s.channels % self.transformer.head_size:
                 raise ValueError(f"transformer width {s.channels} is not a multiple of head size "
                                  f"{self.transformer.head_size}")
-        if len(img) != 2 or any(not isinstance(side, int) or side <= 0 or side % self.stride for side in img):
+        if len(img) != 2 or any(not isinstance(side, int) or side > MAX_IMG_SIZE for side in img):
+            raise ValueError(f"img_size must be one or two integers up to {MAX_IMG_SIZE}, got {self.img_size!r}")
+        if any(side <= 0 or side % self.stride for side in img):
             near = [max(self.stride, math.ceil(side / self.stride) * self.stride) for side in img]
             raise ValueError(f"img_size {img[0]}x{img[1]} is not a multiple of the model's stride {self.stride}; "
                              f"use e.g. {near[0]}x{near[1]}")
@@ -624,6 +632,8 @@ class CoAtNet(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected a 4-D batch (N, C, H, W), got {shape}; add a batch dimension with x[None]")
+        if x.shape[0] == 0 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            raise ValueError(f"the batch is empty (input shape {tuple(x.shape)}); give at least one image")
         if x.shape[1] != c.in_chans:
             raise ValueError(f"expected {c.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
                              f"build the model with in_chans={x.shape[1]} or convert the images")

@@ -11,7 +11,7 @@ from torch import nn
 from .coatnet import CoAtNet, CoAtNetConfig
 from .folder import ModelFolder, ModelFolderError, read_model_folder, upgrade_state_dict
 from .registry import model_entry
-from .timm_convert import convert_timm_state_dict, is_timm_state_dict
+from .timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_variant_of
 
 
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
@@ -36,7 +36,11 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     model = model_entry(name).builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                                       drop_path_rate=drop_path_rate, **kwargs)
     if pretrained is not None:
-        load_weights(model, pretrained_state_dict(pretrained, name))
+        path = Path(pretrained)
+        if path.is_dir():
+            load_weights(model, read_model_folder(path).eval_weights)
+        else:
+            load_pretrained_file(model, read_state_dict(path), name)
     return model
 
 
@@ -60,13 +64,19 @@ def model_from_folder(folder: ModelFolder) -> CoAtNet:
     return load_weights(CoAtNet(config), folder.eval_weights).eval()
 
 
-def pretrained_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
-    """The weights ``create_model(name, pretrained=path)`` loads, in our names (see there)."""
-    path = Path(path)
-    if path.is_dir():
-        return read_model_folder(path).eval_weights
-    state = read_state_dict(path)
-    return convert_timm_state_dict(state, name) if is_timm_state_dict(state) else state
+def load_pretrained_file(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """Load a weights file's tensors: ours as they are, timm's converted to ``name``'s keys. timm
+    weights of another variant are named in the error (not only the keys that differ)."""
+    if not is_timm_state_dict(state):
+        return load_weights(model, state)
+    try:
+        return load_weights(model, convert_timm_state_dict(state, name))
+    except ValueError:
+        match = timm_variant_of(state)
+        if match is None or match == name:
+            raise
+        raise ValueError(f"these weights are not {name}'s: they are timm's {match}_224 (ours: {match}); "
+                         f"load them as {match}") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -97,22 +107,21 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor])
     """
     state = upgrade_state_dict(dict(source) if isinstance(source, dict) else read_state_dict(source))
     own = model.state_dict()
-    head = [k for k in state if k.startswith("classifier.")]
-    if head and any(k not in own or own[k].shape != state[k].shape for k in head):
-        warnings.warn(f"classifier weights in the checkpoint do not fit {model.num_classes} classes; "
-                      f"the classifier is left freshly initialised", stacklevel=2)
-        for k in head:
-            del state[k]
-        state.update({k: v for k, v in own.items() if k.startswith("classifier.")})
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    is_head = lambda k: k.startswith("classifier.")  # noqa: E731
+    missing = sorted(k for k in set(own) - set(state) if not is_head(k))
+    unexpected = sorted(k for k in set(state) - set(own) if not is_head(k))
     # Relative-position tables of another size are fine (interpolated on load); other shapes are not.
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape and not is_head(k)
                    and not (k.endswith("relative_position.table") and own[k].shape[0] == state[k].shape[0]))
     if missing or unexpected or wrong:
         parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
                          + "; ".join(parts) + "; check the model name and options the weights were saved with")
+    # Only the classifier differs: new classes, as in fine-tuning; it keeps its fresh initialisation.
+    if any(k not in own or own[k].shape != state[k].shape for k in state if is_head(k)):
+        warnings.warn(f"classifier weights in the checkpoint do not fit {model.num_classes} classes; "
+                      f"the classifier is left freshly initialised", stacklevel=2)
+        state = {k: v for k, v in state.items() if not is_head(k)} | {k: v for k, v in own.items() if is_head(k)}
     model.load_state_dict(state)
     return model

@@ -16,6 +16,7 @@ flat config (:func:`config_from_version_1`) and its weight names (:func:`upgrade
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,10 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     Every failure is a :class:`ModelFolderError` whose message names the file and the fix.
     """
     path = Path(path)
-    if (path / "last").exists() and not (path / CONFIG).exists():
+    if (path / "last").is_symlink() and not (path / CONFIG).exists():
+        if not (path / "last").exists():
+            raise ModelFolderError(f"{str(path / 'last')!r} points at {os.readlink(path / 'last')}, which is missing; "
+                                   f"give another checkpoint of the run (e.g. {str(path / 'best')!r})")
         path = path / "last"
     if not path.exists():
         raise ModelFolderError(f"{str(path)!r} does not exist; give a save_pretrained folder, a checkpoint "

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import re
 
+import torch
 from torch import Tensor
 
-from .registry import list_models
+from .registry import list_models, model_entry
 
 # timm's dim_head for every CoAtNet; our rw configurations keep the same head size.
 TIMM_HEAD_SIZE = 32
@@ -112,3 +113,17 @@ def timm_img_size(state_dict: dict[str, Tensor]) -> int | None:
         return None
     side = _square_side(state_dict[tables[0]].shape[0], tables[0])  # 2G-1 for S4's G x G grid
     return (side + 1) // 2 * 32  # the rw variants' stride is 32
+
+
+def timm_variant_of(state_dict: dict[str, Tensor]) -> str | None:
+    """Our name of the rw variant whose network these timm weights fit exactly (built on the meta
+    device, at the resolution of the weights' tables and with their classifier), or None."""
+    head = state_dict.get("head.fc.weight")
+    options = dict(img_size=timm_img_size(state_dict), num_classes=head.shape[0] if head is not None else 0)
+    for name in timm_variants():
+        with torch.device("meta"):
+            own = model_entry(name).builder(**options).state_dict()
+        ours = convert_timm_state_dict(state_dict, name)
+        if ours.keys() == own.keys() and all(ours[k].shape == own[k].shape for k in own):
+            return name
+    return None

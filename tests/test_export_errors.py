@@ -1,0 +1,60 @@
+"""`coatnet export` refuses bad input in one line, exit status 2, before it exports, and writes nothing."""
+
+import pytest
+import torch
+
+import coatnet
+from coatnet.cli import main
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    return coatnet.create_model("coatnet_pico", num_classes=7).save_pretrained(tmp_path_factory.mktemp("pico") / "m")
+
+
+def tree(path):
+    """Every file and folder under ``path``, with the files' contents."""
+    return {p.relative_to(path): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def refused(capsys, argv, *fragments):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("coatnet export: error: ") and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.mark.parametrize("format,suffix", [("onnx", ".onnx"), ("torchscript", ".pt"), ("exported", ".pt2")])
+def test_output_that_is_a_folder(folder, tmp_path, capsys, format, suffix):
+    out = tmp_path / "exports"
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "m.onnx").write_bytes(b"an earlier export")
+    before = tree(tmp_path)
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", format, "--output", str(out)],
+            f"'{out}' is a folder; give a file path like '{out / ('model' + suffix)}'")
+    assert tree(tmp_path) == before  # the folder as it was, no temporary file beside it
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--img-size", "100000", "image size 100000 is out of range; give a multiple of the model's stride 16 from 16 "
+                             "to 4096"),
+    ("--img-size", "4112", "image size 4112 is out of range"),  # a multiple of the stride, but above the bound
+    ("--img-size", "0", "image size 0 is out of range"),
+    ("--img-size", "-16", "image size -16 is out of range"),
+    ("--img-size", "40", "not a multiple of the model's stride 16"),
+    ("--batch-size", "0", "batch size must be at least 1, got 0"),
+])
+def test_input_size_out_of_range(folder, tmp_path, capsys, flag, value, message):
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output",
+                     str(tmp_path / "m.pt"), flag, value], message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_largest_size_is_accepted(folder):
+    """The bound itself is a valid size: checked on the meta device, without running a 4096-pixel export."""
+    from coatnet.export import MAX_IMG_SIZE, check_img_size
+
+    check_img_size(coatnet.from_pretrained(folder), MAX_IMG_SIZE)

@@ -1,0 +1,294 @@
+"""Fault injection: for each kind of fault, the promise holds (README, "What we promise when things go wrong").
+
+The promise, checked for every fault below: the command fails with one line on stderr and exit
+status 2 (never a traceback), nothing already written is lost (``last`` and ``best`` still load,
+no other run's files change), and a run continued with ``--resume`` ends exactly where the
+uninterrupted run does. Faults are real where this machine allows (SIGKILL of a real process, a
+second real process on the same folder, a tmpfs that fills up when mounting is allowed) and
+simulated where it does not (ENOSPC and EROFS raised by the file calls).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import coatnet.checkpoint as checkpoint_module
+from coatnet.checkpoint import load_checkpoint
+from coatnet.cli import main
+
+TINY = ["--img-size", "16", "--batch-size", "128", "--warmup-steps", "3", "--seed", "3"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def one_line_exit_2(capsys, argv: list[str], *fragments: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory (links as their targets), to show that nothing changed."""
+    files = {}
+    for path in sorted(run_dir.rglob("*")):
+        rel = str(path.relative_to(run_dir))
+        files[rel] = os.readlink(path).encode() if path.is_symlink() else path.read_bytes() if path.is_file() else b""
+    return files
+
+
+def finite_weights(checkpoint_dir: Path) -> bool:
+    return all(torch.isfinite(v).all() for v in load_file(str(checkpoint_dir / "model.safetensors")).values())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 1-epoch run, copied by the tests that break it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out, symlinks=True)
+    return out
+
+
+# -- SIGKILL at random moments, most of them inside a save ------------------------------------------
+
+
+def test_sigkill_at_random_moments_of_saves(tmp_path):
+    """Saving every step, so that most kills land inside a save; after each kill `last` loads, and
+    the run finished by --resume ends bit for bit where the uninterrupted one does."""
+    argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "1", "--save-every", "1"]
+    reference = tmp_path / "reference"
+    subprocess.run(argv + ["--output-dir", str(reference)], env=ENV, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = subprocess.Popen(argv + ["--output-dir", str(out)] + (["--resume"] if attempt else []), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not (out / "last").is_symlink() and time.time() < deadline:  # past start-up and a first save
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert load_checkpoint(out / "last").train_state is not None  # complete, whenever the kill came
+    subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=ENV, check=True, capture_output=True)
+    ours, theirs = load_file(str(out / "last" / "model.safetensors")), load_file(str(reference / "last" /
+                                                                                     "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert not list(out.glob(".ckpt-*.tmp"))  # what the killed saves left under temporary names is gone
+
+
+# -- disk full and read-only ---------------------------------------------------------------------
+
+
+def test_disk_full_while_saving(finished_run, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of a save: one line with the path, the half-written copy removed, `last`
+    still the previous checkpoint, and the run continues after space is freed."""
+    out = copy_run(finished_run, tmp_path)
+    before = os.readlink(out / "last")
+    real_save = torch.save
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out)],
+                    "cannot write checkpoint", "No space left on device", "still points at the previous checkpoint")
+    assert os.readlink(out / "last") == before and load_checkpoint(out / "last").train_state["epoch"] == 1
+    assert not list(out.glob(".ckpt-*"))
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 0
+
+
+def test_too_little_space_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(tmp_path / "run")],
+                    "MiB free", "choose another --output-dir")
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+def test_a_real_full_disk(tmp_path, capsys):
+    """A 1 MiB tmpfs, where this machine lets the tests mount one (root in a container may not)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here; test_disk_full_while_saving simulates ENOSPC instead")
+    try:
+        one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(mount / "run")], "MiB free")
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_read_only_output_folder(finished_run, tmp_path, capsys, monkeypatch):
+    """A folder that cannot be written is refused before any training (not after an epoch)."""
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    if os.geteuid() == 0:  # root writes through permission bits: make the file calls say what a read-only mount says
+        real_open = os.open
+        monkeypatch.setattr(os, "open", lambda path, *a, **k: (_ for _ in ()).throw(
+            OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))) if str(path).startswith(str(out))
+            else real_open(path, *a, **k))
+    else:
+        os.chmod(out, 0o555)
+    trained = []
+    monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
+    try:
+        one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out)],
+                        f"cannot write to {out}", "choose another --output-dir")
+    finally:
+        os.chmod(out, 0o755)
+    assert trained == [] and snapshot(out) == before
+
+
+# -- two runs on one folder, and a stale lock ------------------------------------------------------
+
+
+def test_second_run_on_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "50", "--output-dir", str(out)]
+    first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not ((out / ".lock").exists() and (out / ".lock").read_text().strip() == str(first.pid)):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.02)
+        second = subprocess.run(argv + ["--resume"], env=ENV, capture_output=True, text=True)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert f"is in use by another `coatnet train` (pid {first.pid})" in second.stderr
+        while not (out / "last").is_symlink():
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it, its pid stays
+        first.wait()
+    resumed = subprocess.run([sys.executable, "-m", "coatnet", "train", "--resume", "--epochs", "1",
+                              "--output-dir", str(out)], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"process {first.pid}, which ended without releasing" in resumed.stderr
+
+
+# -- runs that would overwrite another -------------------------------------------------------------
+
+
+def test_dangling_last_is_not_an_empty_folder(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    shutil.rmtree(out / os.readlink(out / "last"))  # `last` now points nowhere; `best` is another name
+    (out / "best").unlink()
+    (out / "best").symlink_to("ckpt-kept")
+    (out / "ckpt-kept").mkdir()
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)], "already holds a run")
+    one_line_exit_2(capsys, ["train", "--resume", "--output-dir", str(out)], "which is missing", "best")
+    assert snapshot(out) == before
+
+
+def test_resume_into_another_runs_folder_is_refused(finished_run, tmp_path, capsys):
+    other = copy_run(finished_run, tmp_path / "other")
+    before = snapshot(other)
+    one_line_exit_2(capsys, ["train", "--resume", str(finished_run / "last"), "--epochs", "2", "--output-dir",
+                             str(other)], "holds another run", "would overwrite it")
+    assert snapshot(other) == before
+
+
+# -- a run that diverges ---------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_the_run_keeping_finite_checkpoints(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def diverging(self, logits, targets):  # the 15th step's loss is NaN, as a diverging run's would be
+        calls.append(1)
+        loss = real(self, logits, targets)
+        return loss * float("nan") if len(calls) == 15 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", diverging)
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "2", "--output-dir", str(out)],
+                    "the loss became nan", "at step 15", "lower --lr")
+    for link in ("last", "best"):
+        assert finite_weights(out / link)
+    assert load_checkpoint(out / "last").train_state["step"] == 11  # the end of epoch 1, the last finite state
+
+
+# -- corrupt files of every kind the program reads -------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _malicious_pickle(path: Path) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/coatnet-pwned",))
+
+    path.write_bytes(pickle.dumps({"step": Boom()}))
+
+
+def _edit_config(**fields):
+    """Damage config.json's model config: replace ``fields`` of it."""
+    def damage(path: Path) -> None:
+        meta = json.loads(path.read_text())
+        meta["config"] |= {k: v(meta["config"]) if callable(v) else v for k, v in fields.items()}
+        path.write_text(json.dumps(meta))
+    return damage
+
+
+ALL, READERS = ("resume", "eval", "predict"), ("eval", "predict")  # READERS: build the model from config.json
+CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
+    "config.json, not JSON": ("config.json", lambda p: p.write_text("{not json"), "config.json' is corrupt", ALL),
+    "config.json, not a model's": ("config.json", lambda p: p.write_text("[1, 2]"), "config.json' is corrupt", ALL),
+    "config.json, a newer version": ("config.json", _edit_config(version=9), "config version 9 is newer", READERS),
+    "config.json, absurd size": ("config.json", _edit_config(img_size=[32, 10**9]), "img_size must be", READERS),
+    "config.json, zero width": ("config.json", _edit_config(stages=lambda c: [s | {"channels": 0}
+                                                                              for s in c["stages"]]),
+                                "channels must be an integer >= 1", READERS),
+    "config.json, fewer classes than the head": ("config.json", lambda p: p.write_text(json.dumps(
+        json.loads(p.read_text()) | {"classes": ["0", "1"]})), "class", READERS),
+    "model.safetensors, truncated": ("model.safetensors", _truncate, "model.safetensors' is corrupt or truncated", ALL),
+    "model.safetensors, empty": ("model.safetensors", lambda p: p.write_bytes(b""), "is corrupt or truncated", ALL),
+    "train_state.pt, truncated": ("train_state.pt", _truncate, "train_state.pt' cannot be read safely", ("resume",)),
+    "train_state.pt, a pickle that runs code": ("train_state.pt", _malicious_pickle, "cannot be read safely",
+                                                ("resume",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupt_checkpoint_files(finished_run, tmp_path, capsys, case):
+    """Each command that reads the damaged file fails in one line that says what is wrong with it;
+    a pickle that would run code never runs."""
+    from PIL import Image
+
+    file, damage, message, readers = CORRUPTIONS[case]
+    out = copy_run(finished_run, tmp_path)
+    damage(out / "last" / file)
+    image = tmp_path / "digit.png"
+    Image.new("L", (16, 16), 128).save(image)
+    commands = {"resume": ["train", "--resume", "--output-dir", str(out)],
+                "eval": ["eval", "--checkpoint", str(out / "last")],
+                "predict": ["predict", "--checkpoint", str(out / "last"), str(image)]}
+    for name in readers:
+        one_line_exit_2(capsys, commands[name], message)
+    assert not Path("/tmp/coatnet-pwned").exists()
