@@ -292,3 +292,21 @@ def test_corrupt_checkpoint_files(finished_run, tmp_path, capsys, case):
     for name in readers:
         one_line_exit_2(capsys, commands[name], message)
     assert not Path("/tmp/coatnet-pwned").exists()
+
+
+# -- figures recorded during training are the figures of the saved weights -------------------------
+
+
+def test_eval_of_a_checkpoint_gives_what_training_recorded(tmp_path, capsys):
+    """The figures training records (after fused AdamW steps, which bump no version counter) are
+    those of the weights it saved, as a fresh process evaluates them. Inference keeps no cache
+    (test_fast_paths.py shows a stale one at the level of the model)."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
+    recorded = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "last"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # Float rounding only: the loaded weights are laid out NCHW, training's channels-last.
+    assert result["loss"] == pytest.approx(recorded["eval_loss"], rel=1e-5)
+    assert (result["top1"], result["top5"]) == (recorded["top1"], recorded["top5"])
