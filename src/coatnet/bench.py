@@ -213,7 +213,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--threads must be at least 1")
     from .models import model_entry
 
-    model_entry(args.model)  # an unknown name fails here, listing the known ones
+    name = model_entry(args.model).name  # ours for timm's names; an unknown one fails here, listing the known ones
     if args.img_size < 1:
         raise ValueError(f"--img-size must be positive, got {args.img_size}")
     device = torch.device(args.device)
@@ -222,12 +222,12 @@ def run_bench(args: argparse.Namespace) -> int:
     implementations = ["coatnet"]
     if args.compare == "timm":
         _import_timm()
-        if args.model not in TIMM_MODELS:  # before building anything
+        if name not in TIMM_MODELS:  # before building anything
             raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
         implementations.append("timm")
 
     common = dict(batch_size=args.batch_size, threads=args.threads, device=args.device, dtype=args.dtype)
-    jobs = [Job(impl, args.model, mode, compiled, args.img_size, **common)
+    jobs = [Job(impl, name, mode, compiled, args.img_size, **common)
             for mode in ("inference", "train") for compiled in ([False, True] if args.compile else [False])
             for impl in implementations]
     mm_size = 2048 if device.type == "cpu" else 8192

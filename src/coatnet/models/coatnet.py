@@ -30,10 +30,10 @@ from torchvision.ops import StochasticDepth
 from ..validate import Fraction, PositiveFloat, Range, check_fields
 from .fast_path import ACTIVATIONS, ConvBNAct, SqueezeExcite, inference_chunk
 from .folder import config_from_version_1, save_pretrained
-from .registry import PaperFigures, register_model
+from .registry import PaperFigures, register_alias, register_model
 
 __all__ = ["StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig", "CoAtNetConfig",
-           "CoAtNet", "MBConv", "RelativeAttention", "RelativePositionTable", "RelativePositionMLP",
+           "CoAtNet", "FeatureExtractor", "MBConv", "RelativeAttention", "RelativePositionTable", "RelativePositionMLP",
            "TransformerBlock"]
 
 # Sizes are bounded far above any CoAtNet's (CoAtNet-7: 3072 wide, 42 blocks in a stage) so that a
@@ -718,6 +718,39 @@ class CoAtNet(nn.Module):
         return save_pretrained(self, directory)
 
 
+class FeatureInfo(list):
+    """timm's ``feature_info`` of a feature extractor: one dict per map it returns."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+
+class FeatureExtractor(nn.Module):
+    """``create_model(name, features_only=True)``: the NCHW maps after the stages in ``out_indices``
+    (into the model's ``feature_info``; 0 is the stem, default S1..S4), as timm's feature extractors
+    give them, for detection and segmentation heads. The classifier is dropped."""
+
+    def __init__(self, model: CoAtNet, out_indices: tuple[int, ...] | None = None):
+        super().__init__()
+        model.reset_classifier(0)
+        self.model = model
+        self.out_indices = tuple(model.default_feature_indices() if out_indices is None else out_indices)
+        bad = [i for i in self.out_indices if not 0 <= i < len(model.feature_info)]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range 0..{len(model.feature_info) - 1} "
+                             f"(0: the stem, then one per stage)")
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
+
+
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -1050,3 +1083,18 @@ def coatnet_rmlp_3_rw(**kwargs) -> CoAtNet:
     return _build(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
                                   mbconv=dict(se_activation="silu"),
                                   transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
+
+
+# timm's names for these networks (its name adds the input size), each with the tags of the weights
+# timm publishes under it (Hugging Face repositories timm/NAME.TAG), and its paper-style names for
+# CoAtNet-0..5. A name may carry its tag, as in timm: create_model("coatnet_0_rw_224.sw_in1k").
+for _ours, _tags in (("coatnet_nano_rw", ("sw_in1k",)), ("coatnet_0_rw", ("sw_in1k",)),
+                     ("coatnet_1_rw", ("sw_in1k",)), ("coatnet_2_rw", ("sw_in12k", "sw_in12k_ft_in1k")),
+                     ("coatnet_3_rw", ("sw_in12k",)), ("coatnet_bn_0_rw", ("sw_in1k",)),
+                     ("coatnet_rmlp_nano_rw", ("sw_in1k",)), ("coatnet_rmlp_0_rw", ()),
+                     ("coatnet_rmlp_1_rw", ("sw_in1k",)), ("coatnet_rmlp_1_rw2", ("sw_in12k", "sw_in12k_ft_in1k")),
+                     ("coatnet_rmlp_2_rw", ("sw_in1k", "sw_in12k", "sw_in12k_ft_in1k")), ("coatnet_rmlp_3_rw", ())):
+    register_alias(f"{_ours}_224", _ours, _tags)
+register_alias("coatnet_rmlp_2_rw_384", "coatnet_rmlp_2_rw", ("sw_in12k_ft_in1k",), img_size=384)
+for _i in range(6):
+    register_alias(f"coatnet_{_i}_224", f"coatnet_{_i}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .coatnet import CoAtNet, CoAtNetConfig
+from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor
 from .folder import ModelFolder, ModelFolderError, read_model_folder, upgrade_state_dict
 from .registry import model_entry
 from .timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_variant_of
@@ -16,8 +16,10 @@ from .timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_vari
 
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
                  in_chans: int | None = None, img_size: int | tuple[int, int] | None = None,
-                 drop_path_rate: float | None = None, **kwargs) -> nn.Module:
-    """Build a registered model, in timm's convention.
+                 drop_path_rate: float | None = None, features_only: bool = False,
+                 out_indices: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
+    """Build a registered model, in timm's convention; timm's names work too (``coatnet_0_rw_224``,
+    with or without a pretrained tag: ``coatnet_0_rw_224.sw_in1k``; ``coatnet_0_224`` is our ``coatnet_0``).
 
     ``num_classes``, ``in_chans``, ``img_size`` and ``drop_path_rate`` default to the
     configuration's own (1000 classes, 3 channels, 224x224 and the Table 10 rate for the paper's
@@ -32,16 +34,28 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     directory. Weights saved at another resolution load with their relative-position tables
     interpolated; a classifier of another size is dropped with a warning and left freshly
     initialised (fine-tuning on new classes).
+
+    ``features_only=True`` returns a :class:`FeatureExtractor`, timm's way: a module that gives the
+    list of NCHW maps after the stages in ``out_indices`` (default S1..S4), with
+    ``feature_info.channels()`` and ``.reduction()``.
     """
-    model = model_entry(name).builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                                      drop_path_rate=drop_path_rate, **kwargs)
-    if pretrained is not None:
+    entry = model_entry(name)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
+    if pretrained is True:  # timm's pretrained=True: its Hugging Face repository
+        tag = f".{entry.tag}" if entry.tag else ""
+        raise ValueError(f"pretrained=True would download timm/{name.partition('.')[0]}{tag} from the Hugging Face "
+                         f"Hub, which this version cannot do yet; download its model.safetensors and pass "
+                         f"pretrained=PATH (converted on the fly)")
+    model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                        drop_path_rate=drop_path_rate, **kwargs)
+    if pretrained not in (None, False):
         path = Path(pretrained)
         if path.is_dir():
             load_weights(model, read_model_folder(path).eval_weights)
         else:
             load_pretrained_file(model, read_state_dict(path), name)
-    return model
+    return FeatureExtractor(model, out_indices) if features_only else model
 
 
 def from_pretrained(path: str | Path) -> CoAtNet:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch.nn as nn
@@ -23,12 +23,26 @@ class PaperFigures:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    name: str
+    name: str  # the registered name, also when looked up by an alias
     builder: Callable[..., nn.Module]
     paper: PaperFigures
+    defaults: dict = field(default_factory=dict)  # an alias's own options, e.g. img_size=384
+    tag: str | None = None  # the pretrained tag the name carried ("sw_in1k" of "coatnet_0_rw_224.sw_in1k")
+
+    def build(self, **options) -> nn.Module:
+        """The model, with ``options`` (None: the configuration's own) over the alias's defaults."""
+        return self.builder(**(self.defaults | {k: v for k, v in options.items() if v is not None}))
+
+
+@dataclass(frozen=True)
+class _Alias:
+    target: str
+    defaults: dict
+    tags: tuple[str, ...]  # of the weights published under this name
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, _Alias] = {}
 
 
 def register_model(paper: PaperFigures | None = None):
@@ -44,15 +58,35 @@ def register_model(paper: PaperFigures | None = None):
     return wrap
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, in registration order; ``pattern`` is a shell-style filter."""
+def register_alias(alias: str, target: str, tags: tuple[str, ...] = (), **defaults) -> None:
+    """Another name (timm's) for the registered ``target``, built with ``defaults``; ``tags`` are
+    the pretrained tags published under it, which the name may carry after a dot."""
+    if alias in _REGISTRY or alias in _ALIASES or target not in _REGISTRY:
+        raise RuntimeError(f"alias {alias!r} of {target!r} clashes or has no target")
+    _ALIASES[alias] = _Alias(target, defaults, tags)
+
+
+def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
+    """Registered model names, in registration order, then (with ``aliases``) timm's names for them
+    with each published pretrained tag; ``pattern`` is a shell-style filter."""
     names = list(_REGISTRY)
+    if aliases:
+        names += [f"{alias}.{tag}" if tag else alias for alias, a in _ALIASES.items() for tag in (None, *a.tags)]
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
 def model_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; an unknown name raises ValueError listing the known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
+    """The registry entry of ``name``: ours, or timm's name for it, with or without a pretrained tag.
+    An unknown name or tag raises ValueError listing the known ones."""
+    base, _, tag = name.partition(".")
+    if base in _REGISTRY and not tag:
+        return _REGISTRY[base]
+    alias = _ALIASES.get(base)
+    if alias is None:
+        hint = "; a pretrained tag goes with timm's name, e.g. coatnet_0_rw_224.sw_in1k" if base in _REGISTRY else ""
+        raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(_REGISTRY)} "
+                         f"(and timm's names for them: coatnet.list_models(aliases=True))")
+    if tag and tag not in alias.tags:
+        published = ", ".join(alias.tags) or "none"
+        raise ValueError(f"unknown pretrained tag {tag!r} for {base}; tags published for it: {published}")
+    return replace(_REGISTRY[alias.target], defaults=alias.defaults, tag=tag or None)

@@ -1,0 +1,103 @@
+"""What a timm user types: timm's model names and pretrained tags, and feature extraction."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import coatnet
+from coatnet.cli import main
+
+
+@pytest.mark.parametrize("timm_name,ours,img_size", [
+    ("coatnet_0_rw_224", "coatnet_0_rw", 224),
+    ("coatnet_0_rw_224.sw_in1k", "coatnet_0_rw", 224),
+    ("coatnet_rmlp_2_rw_224.sw_in12k_ft_in1k", "coatnet_rmlp_2_rw", 224),
+    ("coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k", "coatnet_rmlp_2_rw", 384),
+    ("coatnet_0_224", "coatnet_0", 224),
+])
+def test_timm_names_build_our_networks(timm_name, ours, img_size):
+    with torch.device("meta"):
+        model = coatnet.create_model(timm_name)
+        reference = coatnet.create_model(ours, img_size=img_size)
+    assert model.config == reference.config
+
+
+def test_list_models_shows_timm_names_with_their_tags():
+    names = coatnet.list_models(aliases=True)
+    assert {"coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k", "coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k",
+            "coatnet_0_224"} <= set(names)
+    assert "coatnet_0_rw_224" not in coatnet.list_models()  # ours only, by default
+
+
+@pytest.mark.parametrize("name,message", [
+    ("coatnet_0_rw_224.sw_in2k", "unknown pretrained tag 'sw_in2k' for coatnet_0_rw_224; tags published for it: "
+                                 "sw_in1k"),
+    ("coatnet_0.sw_in1k", "a pretrained tag goes with timm's name"),
+    ("coatnet_9_224", "unknown model 'coatnet_9_224'"),
+])
+def test_unknown_names_and_tags_are_one_line(name, message):
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model(name)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pretrained_true_says_what_to_do_instead():
+    with pytest.raises(ValueError, match=r"timm/coatnet_0_rw_224.sw_in1k .*pass pretrained=PATH"):
+        coatnet.create_model("coatnet_0_rw_224.sw_in1k", pretrained=True)
+
+
+def test_commands_take_timm_names(capsys, tmp_path):
+    assert main(["info", "coatnet_0_224"]) == 0
+    assert "coatnet_0_224" in capsys.readouterr().out
+    assert main(["train", "--model", "coatnet_rmlp_nano_rw_224", "--epochs", "1", "--img-size", "32",
+                 "--batch-size", "128", "--output-dir", str(tmp_path / "run")]) == 0
+
+
+def test_features_only():
+    torch.manual_seed(0)
+    extractor = coatnet.create_model("coatnet_0", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    x = torch.randn(1, 3, 96, 128)
+    maps = extractor(x)
+    assert extractor.feature_info.channels() == [96, 192, 384, 768]
+    assert extractor.feature_info.reduction() == [4, 8, 16, 32]
+    info = extractor.feature_info
+    assert [tuple(m.shape) for m in maps] == [(1, c, 96 // r, 128 // r) for c, r in zip(info.channels(), info.reduction())]
+    assert coatnet.create_model("coatnet_pico", features_only=True).feature_info.reduction() == [2, 4, 8, 16]
+    with pytest.raises(ValueError, match="out_indices .9. out of range"):
+        coatnet.create_model("coatnet_pico", features_only=True, out_indices=(9,))
+    with pytest.raises(ValueError, match="pass features_only=True"):
+        coatnet.create_model("coatnet_pico", out_indices=(1,))
+
+
+def test_features_plug_into_torchvision_faster_rcnn():
+    """A Faster R-CNN on our S1..S4 maps through torchvision's FPN: one training step at a non-square size."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = coatnet.create_model("coatnet_pico", features_only=True)
+            self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels=32)
+            self.out_channels = 32
+
+        def forward(self, x):
+            return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
+
+    torch.manual_seed(0)
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4)
+    detector = FasterRCNN(Backbone(), num_classes=3, rpn_anchor_generator=anchors, min_size=96, max_size=128,
+                          box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2))
+    images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
+    targets = [dict(boxes=torch.tensor([[10.0, 20.0, 60.0, 80.0]]), labels=torch.tensor([1])),
+               dict(boxes=torch.tensor([[30.0, 10.0, 120.0, 50.0]]), labels=torch.tensor([2]))]
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01)
+    losses = detector.train()(images, targets)
+    total = sum(losses.values())
+    total.backward()
+    optimizer.step()
+    assert torch.isfinite(total) and set(losses) >= {"loss_classifier", "loss_box_reg", "loss_objectness"}
+    assert detector.backbone.body.model.stages[0][0].residual.expand[0].weight.grad is not None
