@@ -63,7 +63,8 @@ def test_features_only():
     assert extractor.feature_info.channels() == [96, 192, 384, 768]
     assert extractor.feature_info.reduction() == [4, 8, 16, 32]
     info = extractor.feature_info
-    assert [tuple(m.shape) for m in maps] == [(1, c, 96 // r, 128 // r) for c, r in zip(info.channels(), info.reduction())]
+    expected = [(1, c, 96 // r, 128 // r) for c, r in zip(info.channels(), info.reduction())]
+    assert [tuple(m.shape) for m in maps] == expected
     assert coatnet.create_model("coatnet_pico", features_only=True).feature_info.reduction() == [2, 4, 8, 16]
     with pytest.raises(ValueError, match="out_indices .9. out of range"):
         coatnet.create_model("coatnet_pico", features_only=True, out_indices=(9,))
