@@ -69,9 +69,14 @@ def _img_size(args: argparse.Namespace, meta: dict, model: nn.Module) -> int:
 
 
 def _class_names(ckpt: ModelFolder, model: nn.Module) -> list[str]:
-    """One name per output of ``model``: the checkpoint's, or the indices where it records none."""
+    """One name per output of ``model``: the checkpoint's; where it records none, ImageNet-1k's for a
+    1000-class head, else the indices."""
     n = model.config.num_classes
     names = ckpt.meta.get("classes")
+    if not names and n == 1000:  # none recorded (timm's converted weights): ImageNet-1k's, shipped by torchvision
+        from torchvision.models import ResNet50_Weights
+
+        return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
     if not names:
         return [str(i) for i in range(n)]
     if len(names) != n:
