@@ -73,3 +73,19 @@ def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("coatnet bench: error: ") and message in err
+
+
+def test_bench_onnxruntime_row(capsys):
+    pytest.importorskip("onnxruntime")
+    result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--onnx")
+    rows = {(r["model"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {("coatnet_pico", "inference"), ("coatnet_pico (onnxruntime)", "inference"),
+                         ("coatnet_pico", "train")}
+    row = rows["coatnet_pico (onnxruntime)", "inference"]
+    assert row["images_per_s"]["median"] > 0
+    assert row["gflop_per_image"] == pytest.approx(rows["coatnet_pico", "inference"]["gflop_per_image"])
+
+
+def test_bench_onnx_is_cpu_float32(capsys):
+    assert main(["bench", "--model", "coatnet_pico", "--onnx", "--dtype", "bfloat16"]) == 2
+    assert "--onnx times onnxruntime on the CPU in float32" in capsys.readouterr().err

@@ -19,6 +19,9 @@ How it measures, so that the figures can be trusted on a shared machine:
   fraction is model FLOP/s over matmul FLOP/s, with model FLOPs = 2 x the multiply-adds counted by
   :func:`coatnet.complexity.count_flops`, a training step counted as 3 forward passes (the
   backward pass takes two products per product of the forward pass: input and weight gradients).
+* ``--onnx`` adds the way to serve the model without PyTorch: exported to ONNX as ``coatnet
+  export`` does, run by onnxruntime on the CPU (inference, float32; its peak memory includes the
+  export, which happens in the same process).
 * Peak memory: the process's peak resident memory (``VmHWM``) at the end, minus what it held
   before the model was built: weights, and for training gradients, AdamW state and activations,
   as the operating system sees them. On CUDA: ``torch.cuda.max_memory_allocated``.
@@ -59,7 +62,7 @@ def _import_timm():
 class Job:
     """One measurement, run in its own process."""
 
-    implementation: str  # "coatnet", "timm", or "torch" for the matmul
+    implementation: str  # "coatnet", "timm", "onnxruntime" (ours, exported), or "torch" for the matmul
     model: str  # our name (timm's matching name is looked up), or "mm"
     mode: str  # "inference", "train" or "matmul"
     compiled: bool
@@ -72,7 +75,8 @@ class Job:
     @property
     def label(self) -> str:
         name = TIMM_MODELS[self.model] if self.implementation == "timm" else self.model
-        return name + (" (compiled)" if self.compiled else "")
+        return name + (" (compiled)" if self.compiled else "") + (" (onnxruntime)" if self.implementation ==
+                                                                   "onnxruntime" else "")
 
 
 def build(implementation: str, name: str, img_size: int) -> nn.Module:
@@ -83,7 +87,7 @@ def build(implementation: str, name: str, img_size: int) -> nn.Module:
     """
     from .models import create_model
 
-    if implementation == "coatnet":
+    if implementation != "timm":  # ours, eager or to be exported for onnxruntime
         return create_model(name, img_size=img_size)
     with torch.device("meta"):  # our configuration only, without allocating weights
         drop_path_rate = create_model(name).config.drop_path_rate
@@ -108,6 +112,8 @@ def _prepare(job: Job, device: torch.device) -> tuple[Callable[[], None], float]
     model = build(job.implementation, job.model, job.img_size).to(device)
     flop = 2.0 * count_flops(model, job.img_size, in_chans=3) * (1 if job.mode == "inference" else 3)
     x = torch.randn(job.batch_size, 3, job.img_size, job.img_size, device=device)
+    if job.implementation == "onnxruntime":
+        return _onnxruntime_session(model, x, job.threads), flop
     # bfloat16 as training with --amp runs it: float32 weights, autocast around the forward pass.
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=job.dtype == "bfloat16")
     if job.mode == "inference":
@@ -130,6 +136,24 @@ def _prepare(job: Job, device: torch.device) -> tuple[Callable[[], None], float]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, flop
+
+
+def _onnxruntime_session(model: nn.Module, x: torch.Tensor, threads: int | None) -> Callable[[], None]:
+    """Our model as a user serves it without PyTorch: exported to ONNX (``coatnet export``), run by
+    onnxruntime on the CPU at the same batch."""
+    import tempfile
+
+    import onnxruntime
+
+    from .export import export_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_model(model, "onnx", Path(folder) / "model.onnx", img_size=x.shape[-1], batch_size=len(x))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default, all cores
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = {"images": x.cpu().numpy()}
+    return lambda: session.run(None, inputs)
 
 
 def _peak_mib(device: torch.device) -> float:
@@ -225,11 +249,21 @@ def run_bench(args: argparse.Namespace) -> int:
         if name not in TIMM_MODELS:  # before building anything
             raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
         implementations.append("timm")
+    if args.onnx:
+        if device.type != "cpu" or args.dtype != "float32":
+            raise ValueError("--onnx times onnxruntime on the CPU in float32: drop --device and --dtype")
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ValueError("--onnx needs onnx and onnxruntime: pip install 'coatnet[export]'") from None
 
     common = dict(batch_size=args.batch_size, threads=args.threads, device=args.device, dtype=args.dtype)
     jobs = [Job(impl, name, mode, compiled, args.img_size, **common)
             for mode in ("inference", "train") for compiled in ([False, True] if args.compile else [False])
             for impl in implementations]
+    if args.onnx:  # after our eager inference row, before timm's
+        jobs.insert(1, Job("onnxruntime", name, "inference", False, args.img_size, **common))
     mm_size = 2048 if device.type == "cpu" else 8192
     jobs.append(Job("torch", "mm", "matmul", False, mm_size, **common))
 

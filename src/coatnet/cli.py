@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
     p.add_argument("--compare", choices=["timm"], default=None, help="also time timm's matching model")
     p.add_argument("--compile", action="store_true", help="add torch.compile lines")
+    p.add_argument("--onnx", action="store_true", help="add our model exported to ONNX, run by onnxruntime")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: autocast, as `coatnet train --amp` (the matmul in bfloat16 too)")
     p.add_argument("--device", default="cpu")
