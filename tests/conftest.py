@@ -1,6 +1,11 @@
 """Helpers shared by the tests."""
 
+import os
+
 import torch
+
+# Nothing in the tests may reach the network: the Hub is read from caches the tests write.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:

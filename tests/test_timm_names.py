@@ -43,11 +43,6 @@ def test_unknown_names_and_tags_are_one_line(name, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_pretrained_true_says_what_to_do_instead():
-    with pytest.raises(ValueError, match=r"timm/coatnet_0_rw_224.sw_in1k .*pass pretrained=PATH"):
-        coatnet.create_model("coatnet_0_rw_224.sw_in1k", pretrained=True)
-
-
 def test_commands_take_timm_names(capsys, tmp_path):
     assert main(["info", "coatnet_0_224"]) == 0
     assert "coatnet_0_224" in capsys.readouterr().out

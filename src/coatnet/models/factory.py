@@ -10,8 +10,9 @@ from torch import nn
 
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor
 from .folder import ModelFolder, ModelFolderError, read_model_folder, upgrade_state_dict
+from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference
 from .registry import model_entry
-from .timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_variant_of
+from .timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_img_size, timm_variant_of
 
 
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
@@ -27,13 +28,16 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     by value (``stages``), a part's fields by a dict, e.g. ``mbconv=dict(stride_on="depthwise")``
     for the Table 9 variant.
 
-    ``pretrained`` is local, nothing is downloaded: a weights file (``.safetensors``, or a
-    ``.pt``/``.pth`` state dict read with ``weights_only=True``), timm's weights of the variant
-    ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
-    ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
-    directory. Weights saved at another resolution load with their relative-position tables
-    interpolated; a classifier of another size is dropped with a warning and left freshly
-    initialised (fine-tuning on new classes).
+    ``pretrained`` is a weights file (``.safetensors``, or a ``.pt``/``.pth`` state dict read with
+    ``weights_only=True``), timm's weights of the variant ``name`` reproduces (``coatnet_*_rw``,
+    converted on the fly), or a folder: a ``save_pretrained`` folder, a training checkpoint (its EMA
+    weights when it has them) or a run directory. From the Hugging Face Hub, through its cache
+    (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
+    (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional) a
+    repository of timm's weights or a ``save_pretrained`` folder; Hub weights keep their own
+    classifier unless ``num_classes`` is given. Weights saved at another resolution load with their
+    relative-position tables interpolated; a classifier of another size is dropped with a warning and
+    left freshly initialised (fine-tuning on new classes).
 
     ``features_only=True`` returns a :class:`FeatureExtractor`, timm's way: a module that gives the
     list of NCHW maps after the stages in ``out_indices`` (default S1..S4), with
@@ -42,31 +46,53 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     entry = model_entry(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
-    if pretrained is True:  # timm's pretrained=True: its Hugging Face repository
-        tag = f".{entry.tag}" if entry.tag else ""
-        raise ValueError(f"pretrained=True would download timm/{name.partition('.')[0]}{tag} from the Hugging Face "
-                         f"Hub, which this version cannot do yet; download its model.safetensors and pass "
-                         f"pretrained=PATH (converted on the fly)")
+    state = None
+    if pretrained not in (None, False):
+        from_hub = is_hub_reference(pretrained)
+        path = fetch(*hub_repository(pretrained, name)) if from_hub else Path(pretrained)
+        state = read_model_folder(path).eval_weights if path.is_dir() else read_state_dict(path)
+        if from_hub and num_classes is None:  # published weights are whole: keep their classifier
+            num_classes = classifier_size(state)
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         drop_path_rate=drop_path_rate, **kwargs)
-    if pretrained not in (None, False):
-        path = Path(pretrained)
-        if path.is_dir():
-            load_weights(model, read_model_folder(path).eval_weights)
-        else:
-            load_pretrained_file(model, read_state_dict(path), name)
+    if state is not None:
+        load_pretrained_file(model, state, entry.name)
     return FeatureExtractor(model, out_indices) if features_only else model
 
 
 def from_pretrained(path: str | Path) -> CoAtNet:
     """The model saved in ``path``, in eval mode: a ``save_pretrained`` folder, a training checkpoint
     (its EMA weights when it kept an EMA: the weights training evaluated) or a run directory (its
-    last checkpoint).
+    last checkpoint); or ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional), a Hub repository of either a
+    ``save_pretrained`` folder or timm's weights, whose ``config.json`` names timm's architecture.
 
     A weights file without a config is not enough to know the network: load it with
     ``create_model(name, pretrained=FILE)``.
     """
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        path = fetch(*hub_repository(path, ""))
+        if path.is_file():
+            return timm_model(path)
     return model_from_folder(read_model_folder(path))
+
+
+def timm_model(weights: Path) -> CoAtNet:
+    """timm's weights fetched from the Hub, in the network they fit: the architecture their
+    ``config.json`` names, at the resolution of their tables and with their classifier."""
+    architecture = hub_config(weights).get("architecture")
+    if not isinstance(architecture, str):
+        raise ValueError(f"{str(weights.parent)!r} holds weights but no config.json naming timm's architecture; "
+                         f"load them with create_model(NAME, pretrained='hf-hub:ORG/NAME')")
+    state = read_state_dict(weights)
+    entry = model_entry(architecture)
+    model = entry.build(img_size=timm_img_size(state), num_classes=classifier_size(state))
+    return load_pretrained_file(model, state, entry.name).eval()
+
+
+def classifier_size(state: dict[str, torch.Tensor]) -> int:
+    """The number of classes of weights, ours or timm's; 0 without a classifier."""
+    head = state.get("classifier.weight", state.get("head.fc.weight"))
+    return head.shape[0] if head is not None else 0
 
 
 def model_from_folder(folder: ModelFolder) -> CoAtNet:

@@ -1,0 +1,112 @@
+"""Models on the Hugging Face Hub, fetched through ``huggingface_hub`` into its cache.
+
+A repository holds either timm's weights (``model.safetensors`` or ``pytorch_model.bin``, beside
+timm's own ``config.json``) or a ``save_pretrained`` folder (our ``config.json`` + ``model.safetensors``).
+This module only finds the files, downloading them when online; reading them is the factory's, as
+for a local path. ``huggingface_hub`` is imported here, lazily, so that it is needed only for the Hub.
+
+``huggingface_hub`` reads ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` once, when it is
+imported; they are read again at each call here, so that setting them later (a notebook, a test) holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .folder import CONFIG, WEIGHTS
+from .registry import list_models
+
+HUB_PREFIX = "hf-hub:"
+TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hub_reference(pretrained) -> bool:
+    """Whether ``pretrained`` names the Hub: timm's ``True`` or an ``hf-hub:`` string."""
+    return pretrained is True or (isinstance(pretrained, str) and pretrained.startswith(HUB_PREFIX))
+
+
+def hub_repository(pretrained: bool | str, name: str) -> tuple[str, str | None]:
+    """The repository and revision to load: ``hf-hub:ORG/NAME[@REVISION]``, or for ``True`` timm's
+    repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), its first published tag when it has none."""
+    if pretrained is True:
+        base, _, tag = name.partition(".")
+        published = list_models(f"{base}.*", aliases=True)
+        if not published:
+            raise ValueError(f"{name} has no published weights; pretrained=True takes timm's names of weights "
+                             f"(coatnet.list_models(aliases=True) lists them with their tags)")
+        return f"timm/{base}.{tag}" if tag else f"timm/{published[0]}", None
+    repo, at, revision = pretrained.removeprefix(HUB_PREFIX).partition("@")
+    org, _, model = repo.partition("/")
+    if not org or not model or "/" in model or (at and not revision):
+        raise ValueError(f"{pretrained!r} names no repository; write hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    return repo, revision or None
+
+
+def fetch(repo: str, revision: str | None = None) -> Path:
+    """The model in ``repo``, from the Hub cache (downloaded there first when online): the snapshot
+    folder of a ``save_pretrained`` folder, or the file of timm's weights. Errors are one line."""
+    config = _fetch(repo, revision, CONFIG)
+    meta = json.loads(config.read_text()) if config else {}
+    ours = isinstance(meta, dict) and "model" in meta and "config" in meta
+    for filename in (WEIGHTS,) if ours else TIMM_WEIGHTS:
+        if (path := _fetch(repo, revision, filename)) is not None:
+            return path.parent if ours else path
+    raise ValueError(_missing(repo, revision))
+
+
+def hub_config(weights: Path) -> dict:
+    """timm's ``config.json`` beside fetched weights (it names the architecture); {} when there is none."""
+    config = weights.parent / CONFIG
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def hub_cache() -> str:
+    """The cache folder, as ``huggingface_hub`` would choose it if imported now."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (``huggingface_hub``'s truthy values), else as when it was imported."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if value is None else value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _fetch(repo: str, revision: str | None, filename: str) -> Path | None:
+    """One file of the repository, or None when the repository (or the cache, offline) lacks it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import (EntryNotFoundError, HFValidationError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=hub_cache(),
+                                    local_files_only=hub_offline()))
+    except EntryNotFoundError:  # not in the repository, or (offline, unreachable) not in the cache
+        return None
+    except RevisionNotFoundError:
+        raise ValueError(f"{repo} has no revision {revision!r}; give a branch, tag or commit of it") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"there is no repository {repo} on the Hugging Face Hub, or it is private or gated: "
+                         f"check the name, or log in with `hf auth login`") from None
+    except HFValidationError:
+        raise ValueError(f"{repo!r} is not a Hugging Face repository name; write ORG/NAME") from None
+
+
+def _missing(repo: str, revision: str | None) -> str:
+    """Why no model came: the cache lacks it (offline or unreachable), or the repository holds neither format."""
+    download = f"`hf download {repo}{f' --revision {revision}' if revision else ''}`"
+    if hub_offline():
+        return (f"{repo} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE is set: download it "
+                f"with {download}, or unset HF_HUB_OFFLINE; or download its files yourself and pass pretrained=PATH")
+    return (f"{repo} holds neither timm weights ({' or '.join(TIMM_WEIGHTS)}) nor a save_pretrained folder "
+            f"({CONFIG} with \"model\" and \"config\", and {WEIGHTS}), or the Hub is unreachable and the "
+            f"cache ({hub_cache()}) lacks it: check the name and connection, or download it with {download}")

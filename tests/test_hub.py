@@ -1,0 +1,145 @@
+"""Models from the Hugging Face Hub, read offline from a Hub cache built on disk: nothing is downloaded.
+
+The cache has huggingface_hub's layout: ``HF_HOME/hub/models--ORG--NAME/refs/REVISION`` holds a
+commit hash, ``snapshots/HASH/`` the files of that commit.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import coatnet
+from conftest import randomise_norms
+
+SIZE = 64  # small inputs keep the timm models fast; every grid is still at least 2x2
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty, offline Hub cache; returns the function that puts a commit of a repository in it."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def commit(repo: str, revision: str = "main", commit_hash: str = "a" * 40):
+        """The snapshot folder of ``commit_hash`` in ``repo``, which ``revision`` points at."""
+        storage = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / revision).write_text(commit_hash)
+        snapshot = storage / "snapshots" / commit_hash
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return snapshot
+
+    return commit
+
+
+def timm_nano(num_classes: int = 10, seed: int = 0):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    return randomise_norms(timm.create_model("coatnet_nano_rw_224", img_size=SIZE, num_classes=num_classes))
+
+
+def timm_repo(snapshot, model, weights: str = "model.safetensors"):
+    """timm's files: its config.json and the weights, as safetensors or a torch.save'd state dict."""
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "coatnet_nano_rw_224",
+                                                      "num_classes": model.num_classes}))
+    if weights == "model.safetensors":
+        save_file(model.state_dict(), str(snapshot / weights))
+    else:
+        torch.save(model.state_dict(), snapshot / weights)
+
+
+def assert_same_outputs(ours, theirs):
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = theirs(x)
+        torch.testing.assert_close(ours.eval()(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_pretrained_true_loads_timms_repository_with_its_classes(hub):
+    theirs = timm_nano(num_classes=10)
+    timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)
+    ours = coatnet.create_model("coatnet_nano_rw_224.sw_in1k", pretrained=True, img_size=SIZE)
+    assert ours.num_classes == 10  # the weights' classifier, not the default 1000
+    assert_same_outputs(ours, theirs)
+
+
+def test_pretrained_true_without_a_tag_takes_the_first_published_one(hub):
+    theirs = timm_nano()
+    timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)
+    assert_same_outputs(coatnet.create_model("coatnet_nano_rw_224", pretrained=True, img_size=SIZE), theirs)
+
+
+def test_hf_hub_revision_and_pytorch_model_bin(hub):
+    """``@v1`` reads the commit v1 points at, not main's; a .bin is read too (weights_only)."""
+    main, v1 = timm_nano(seed=0), timm_nano(seed=1)
+    timm_repo(hub("someone/nano", "main", "a" * 40), main)
+    timm_repo(hub("someone/nano", "v1", "b" * 40), v1, weights="pytorch_model.bin")
+    ours = coatnet.create_model("coatnet_nano_rw", pretrained="hf-hub:someone/nano@v1", img_size=SIZE)
+    assert_same_outputs(ours, v1)
+    assert_same_outputs(coatnet.create_model("coatnet_nano_rw", pretrained="hf-hub:someone/nano", img_size=SIZE), main)
+
+
+def test_from_pretrained_builds_timms_architecture_from_its_config(hub):
+    theirs = timm_nano(num_classes=10)
+    timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)
+    ours = coatnet.from_pretrained("hf-hub:timm/coatnet_nano_rw_224.sw_in1k")
+    assert ours.config.name == "coatnet_nano_rw" and ours.num_classes == 10 and ours.config.img_size == (SIZE, SIZE)
+    assert_same_outputs(ours, theirs)
+
+
+def test_a_save_pretrained_folder_on_the_hub(hub):
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7, img_size=SIZE))
+    model.save_pretrained(hub("me/pico"))
+    assert_same_outputs(coatnet.from_pretrained("hf-hub:me/pico"), model)
+    assert_same_outputs(coatnet.create_model("coatnet_pico", pretrained="hf-hub:me/pico", img_size=SIZE), model)
+
+
+@pytest.mark.parametrize("name,pretrained,message", [
+    ("coatnet_0_rw_224.sw_in1k", True, "timm/coatnet_0_rw_224.sw_in1k is not in the Hugging Face cache "),
+    ("coatnet_0_rw_224", True, "download it with `hf download timm/coatnet_0_rw_224.sw_in1k`, or unset HF_HUB_OFFLINE"),
+    ("coatnet_0_rw", "hf-hub:me/w@v2", "`hf download me/w --revision v2`"),
+    ("coatnet_0", True, "coatnet_0 has no published weights"),
+    ("coatnet_0_224", True, "coatnet_0_224 has no published weights"),
+    ("coatnet_0", "hf-hub:coatnet_0", "'hf-hub:coatnet_0' names no repository; write hf-hub:ORG/NAME"),
+    ("coatnet_0", "hf-hub:me/w@", "names no repository"),
+    ("coatnet_0_rw_224.sw_in2k", True, "unknown pretrained tag 'sw_in2k'"),
+])
+def test_mistakes_are_one_line(hub, name, pretrained, message):
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model(name, pretrained=pretrained)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_cached_repository_without_weights_is_missing_too(hub):
+    (hub("me/empty") / "README.md").write_text("nothing here")
+    with pytest.raises(ValueError, match="me/empty is not in the Hugging Face cache"):
+        coatnet.from_pretrained("hf-hub:me/empty")
+
+
+def test_a_repository_with_neither_format_says_which_files_it_needs(hub, monkeypatch):
+    """Online, a repository that lacks every file (stood in for: no network in tests)."""
+    from coatnet.models import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_fetch", lambda repo, revision, filename: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ValueError) as e:
+        coatnet.from_pretrained("hf-hub:me/other")
+    assert str(e.value).startswith("me/other holds neither timm weights (model.safetensors or pytorch_model.bin) "
+                                   "nor a save_pretrained folder") and "\n" not in str(e.value)
+
+
+def test_timm_weights_without_a_config_need_a_name(hub):
+    save_file(timm_nano().state_dict(), str(hub("me/bare") / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"no config.json naming timm's architecture; load them with create_model"):
+        coatnet.from_pretrained("hf-hub:me/bare")
+
+
+def test_huggingface_hub_is_imported_only_for_the_hub():
+    code = "import sys, coatnet; coatnet.create_model('coatnet_pico'); assert 'huggingface_hub' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
