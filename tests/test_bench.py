@@ -66,7 +66,7 @@ def test_bench_bfloat16(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "coatnet_pico", "--compare", "timm"], "timm has no paper-style counterpart of coatnet_pico"),
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--batch-size", "0"], "--batch-size and --repeats must be at least 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):

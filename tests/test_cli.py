@@ -29,6 +29,15 @@ def test_info_table_at_384(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["info", "coatnet_99"], "unknown model 'coatnet_99'; known models: coatnet_0"),
     (["info", "coatnet_0", "--img-size", "100"], "not a multiple of the model's stride 32; use e.g. 128x128"),
+    (["info", "coatnet_0", "--img-size", "1000000"], "img_size must be one or two integers up to 4096"),
+    # Flags are checked by the range they declare, and argparse's own refusals are one line too.
+    (["info", "coatnet_0", "--img-size", "-1"], "coatnet info: error: argument --img-size: must be an integer >= 1"),
+    (["predict", "--checkpoint", "x", "y.png", "--top-k", "0"], "argument --top-k: must be an integer >= 1"),
+    (["eval", "--checkpoint", "x", "--workers", "-2"], "argument --workers: must be an integer >= 0"),
+    (["bench", "--threads", "zero"], "argument --threads: must be an integer >= 1, got 'zero'"),
+    (["study", "layouts", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["train", "--no-such-flag"], "coatnet: error: unrecognized arguments: --no-such-flag"),
+    (["frobnicate"], "coatnet: error: argument COMMAND: invalid choice: 'frobnicate'"),
 ])
 def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2

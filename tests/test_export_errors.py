@@ -45,7 +45,7 @@ def test_output_that_is_a_folder(folder, tmp_path, capsys, format, suffix):
     ("--img-size", "0", "image size 0 is out of range"),
     ("--img-size", "-16", "image size -16 is out of range"),
     ("--img-size", "40", "not a multiple of the model's stride 16"),
-    ("--batch-size", "0", "batch size must be at least 1, got 0"),
+    ("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got '0'"),
 ])
 def test_input_size_out_of_range(folder, tmp_path, capsys, flag, value, message):
     refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output",

@@ -71,7 +71,7 @@ def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--layouts", "c_c_c_c,t_t_t_t"], "unknown layout(s) t_t_t_t"),
-    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
 ])
 def test_bad_input(tmp_path, capsys, argv, message):
     assert main([*ARGS, *argv, "--output-dir", str(tmp_path)]) == 2

@@ -231,15 +231,9 @@ def _median_range(values: list[float]) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.repeats < 1:
-        raise ValueError("--batch-size and --repeats must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be at least 1")
     from .models import model_entry
 
     name = model_entry(args.model).name  # ours for timm's names; an unknown one fails here, listing the known ones
-    if args.img_size < 1:
-        raise ValueError(f"--img-size must be positive, got {args.img_size}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")

@@ -7,6 +7,10 @@ import argparse
 import json
 import sys
 
+from .validate import NonNegativeInt, PositiveFloat, PositiveInt, flag_type
+
+POSITIVE, NON_NEGATIVE = flag_type(PositiveInt), flag_type(NonNegativeInt)
+
 
 def _si(n: float | None, unit: str = "") -> str:
     if n is None:
@@ -96,13 +100,22 @@ def _randaugment(text: str) -> tuple[int, int] | None:
     return n, m
 
 
+class _FlagError(Exception):
+    """A flag argparse refuses: reported in one line, like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own: a usage block, then exit
+        raise _FlagError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coatnet", description="CoAtNet (Dai et al., NeurIPS 2021) in PyTorch.")
+    parser = _Parser(prog="coatnet", description="CoAtNet (Dai et al., NeurIPS 2021) in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="parameters and FLOPs of models beside the paper's figures")
     p.add_argument("models", nargs="*", metavar="MODEL", help="model names (default: all registered models)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: each model's own)")
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="input resolution (default: each model's own)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
@@ -152,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder or CIFAR data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=POSITIVE, default=256)
+    p.add_argument("--workers", type=NON_NEGATIVE, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and eval.json go "
                                                       "(default: RUN_DIR/eval-CHECKPOINT-DATA)")
@@ -163,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -171,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time inference and a training step, side by side with timm")
     p.add_argument("--model", default="coatnet_0")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement")
+    p.add_argument("--img-size", type=POSITIVE, default=224)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=POSITIVE, default=10, help="timed repeats per measurement")
     p.add_argument("--compare", choices=["timm"], default=None, help="also time timm's matching model")
     p.add_argument("--compile", action="store_true", help="add torch.compile lines")
     p.add_argument("--onnx", action="store_true", help="add our model exported to ONNX, run by onnxruntime")
@@ -190,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, help="onnx, torchscript or exported")
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")
+    p.add_argument("--batch-size", type=POSITIVE, default=1, help="batch size of the example input")
     p.add_argument("--dynamic-batch", action="store_true", help="let the exported graph take any batch size")
     p.set_defaults(func=lambda args: _lazy("export", "run_export")(args))
 
@@ -209,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "An interrupted study continues where it stopped.")
     p.add_argument("--data", default="digits", help="digits (default), imagefolder, cifar10 or cifar100")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder (train/, val/) or CIFAR data set")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the recipe's)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 12 on digits, else 300)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the recipe's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--seeds", type=int, default=3, help="runs per layout, seeds 0..N-1 (default: 3)")
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="input resolution (default: the recipe's)")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per run (default: 12 on digits, else 300)")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch size (default: the recipe's)")
+    p.add_argument("--lr", type=flag_type(PositiveFloat), default=None,
+                   help="peak learning rate (default: the recipe's)")
+    p.add_argument("--seeds", type=POSITIVE, default=3, help="runs per layout, seeds 0..N-1 (default: 3)")
     p.add_argument("--layouts", default=None, help="comma-separated subset, e.g. c_c_t_t,c_t_t_t (default: all five)")
     p.add_argument("--size", choices=["small", "paper"], default=None,
                    help="small: widths / 4 for small images; paper: CoAtNet-0's size (default: small up to 64 px)")
@@ -231,7 +245,11 @@ def _lazy(module: str, name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _FlagError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2

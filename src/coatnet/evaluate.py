@@ -137,8 +137,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could."""
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     ckpt = read_model_folder(args.checkpoint)
     model = model_from_folder(ckpt)
     classes = [printable(str(c)) for c in _class_names(ckpt, model)]

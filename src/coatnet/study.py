@@ -109,8 +109,6 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
 
 def run_layout_study(args: argparse.Namespace) -> int:
     names = _layout_names(args.layouts)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     settings = study_settings(args)
     out = Path(args.output_dir)
     previous = out / "study.json"

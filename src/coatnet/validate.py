@@ -8,6 +8,7 @@ the value and what it should be. A new field is validated by declaring its type,
 
 from __future__ import annotations
 
+import argparse
 import math
 import types
 import typing
@@ -89,3 +90,20 @@ def check_fields(obj, label: Callable[[str], str] = str) -> None:
         value = getattr(obj, f.name)
         if not _admits(hints[f.name], value):
             raise ValueError(f"{label(f.name)} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+def flag_type(kind) -> Callable[[str], object]:
+    """An argparse ``type=`` admitting what ``kind`` admits (``PositiveInt``, ...): a command-line
+    flag is validated by declaring its range, and a bad value is one line naming the flag."""
+    base = typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
+
+    def parse(text: str):
+        try:
+            value = base(text)
+        except ValueError:
+            value = text
+        if not _admits(kind, value):
+            raise argparse.ArgumentTypeError(f"must be {_describe(kind)}, got {text!r}")
+        return value
+
+    return parse
