@@ -319,3 +319,22 @@ def test_train_on_cifar10(tmp_path):
                  "--epochs", "1", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_images"] == 20 and summary["val_images"] == 3 and summary["img_size"] == 32
+
+
+def test_resume_a_checkpoint_of_the_earlier_format(reference_run, tmp_path):
+    """Checkpoints written before config.json held the run's settings (they were in train_state.pt,
+    and the LR schedule's length was not saved) still resume and extend."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(reference_run, out, symlinks=True)
+    last = out / "last"
+    meta = json.loads((last / "config.json").read_text())
+    settings = meta.pop("train_config")
+    (last / "config.json").write_text(json.dumps(meta))
+    state = torch.load(last / "train_state.pt", weights_only=True)
+    del state["schedule_steps"]
+    torch.save(state | {"train_config": settings}, last / "train_state.pt")
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 3 and lrs[2] <= lrs[1]

@@ -3,7 +3,8 @@
 A checkpoint is a model folder (``coatnet.models.folder``) with the training state beside it::
 
     ckpt-00000123/
-        config.json        model name, model config, class names, data set, step, metrics (JSON)
+        config.json        model name, model config, class names, data set, step, metrics, and the
+                           run's settings (JSON)
         model.safetensors  the model's weights
         ema.safetensors    the EMA weights, when training keeps an EMA (what evaluation used)
         train_state.pt     optimizer, LR scheduler, RNG states, step, history: tensors and plain

@@ -38,6 +38,7 @@ from .complexity import count_parameters
 from .data import DataBundle, build_datasets, mixup_cutmix
 from .evaluate import evaluate
 from .models import create_model, load_weights
+from .models.folder import read_model_meta
 from .plots import plot_curves
 from .validate import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 
@@ -107,25 +108,35 @@ RECIPES: dict[str, TrainConfig] = {
 
 
 def resumed_config(resume: bool | str | Path | None, output_dir: str | Path | None = None) -> TrainConfig | None:
-    """The settings of the run that ``train(..., output_dir, resume)`` would continue; None for a new run."""
-    ckpt = _resume_checkpoint(resume, output_dir)
-    if ckpt is None:
+    """The settings of the run that ``train(..., output_dir, resume)`` would continue; None for a new run.
+
+    Read from the checkpoint's config.json, without its weights and optimizer state (train() reads
+    those); checkpoints written before it held the settings keep them in their training state."""
+    if not resume:
         return None
-    values = dict(ckpt.train_state["train_config"])
+    _, meta = read_model_meta(_resume_path(resume, output_dir))
+    if "train_config" in meta:
+        values = dict(meta["train_config"])
+    else:
+        values = dict(_resume_checkpoint(resume, output_dir).train_state["train_config"])
     if values.get("randaugment") is not None:
         values["randaugment"] = tuple(values["randaugment"])  # saved as a list
     return TrainConfig(**values)
+
+
+def _resume_path(resume: bool | str | Path, output_dir: str | Path | None) -> Path:
+    if resume is not True:
+        return Path(resume)
+    if output_dir is None:
+        raise ValueError("--resume without a path needs --output-dir (the run to continue)")
+    return Path(output_dir)
 
 
 def _resume_checkpoint(resume: bool | str | Path | None, output_dir: str | Path | None) -> Checkpoint | None:
     """The checkpoint ``resume`` names (a checkpoint or run directory; True: the run in ``output_dir``)."""
     if not resume:
         return None
-    if resume is True:
-        if output_dir is None:
-            raise ValueError("--resume without a path needs --output-dir (the run to continue)")
-        resume = output_dir
-    ckpt = load_checkpoint(resume)
+    ckpt = load_checkpoint(_resume_path(resume, output_dir))
     if ckpt.train_state is None:
         raise CheckpointError(f"{str(ckpt.path)!r} holds weights only, no training state; "
                               f"use --finetune to start a new run from it")
@@ -389,7 +400,7 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     steps_per_epoch = len(sampler) // local_batch
     if ckpt is None:
         schedule_steps = cfg.epochs * steps_per_epoch
-    else:  # the length the run started with, also when extended (a checkpoint without it: its epochs')
+    else:  # the length the run started with, also when extended (an older checkpoint without it: its epochs')
         saved = ckpt.train_state
         schedule_steps = saved.get("schedule_steps") or saved["train_config"]["epochs"] * steps_per_epoch
 
@@ -587,14 +598,14 @@ def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> Non
     if not d.main:
         return
     meta = dict(model=cfg.model, config=run.model.config.to_dict(), classes=list(run.data.classes), dataset=cfg.data,
-                data_dir=cfg.data_dir, img_size=cfg.img_size, epoch=s.epoch, step=s.step, top1=top1)
+                data_dir=cfg.data_dir, img_size=cfg.img_size, epoch=s.epoch, step=s.step, top1=top1,
+                train_config=_plain(asdict(cfg)))
     # Plain data and tensors only (checkpoints load with weights_only=True). No scheduler state: the
-    # learning rate is a function of the step and schedule_steps.
+    # learning rate is a function of the step and schedule_steps. The settings are in config.json.
     state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch, optimizer=run.optimizer.state_dict(),
                  schedule_steps=run.schedule_steps, rng=rng, cuda_rng=cuda_rng, best_top1=s.best_top1,
                  history=s.history, progress=dict(s.progress), wall_seconds=run.wall_seconds(),
-                 ema_n_averaged=int(run.ema.n_averaged) if run.ema is not None else 0, world_size=d.world_size,
-                 train_config=_plain(asdict(cfg)))
+                 ema_n_averaged=int(run.ema.n_averaged) if run.ema is not None else 0, world_size=d.world_size)
     save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, run.model, run.ema.module if run.ema else None, state,
                     links)
 

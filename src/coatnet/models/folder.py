@@ -74,6 +74,14 @@ def read_model_folder(path: str | Path) -> ModelFolder:
 
     Every failure is a :class:`ModelFolderError` whose message names the file and the fix.
     """
+    path, meta = read_model_meta(path)
+    ema = read_weights(path / EMA_WEIGHTS) if (path / EMA_WEIGHTS).exists() else None
+    return ModelFolder(path, meta, read_weights(path / WEIGHTS), ema)
+
+
+def read_model_meta(path: str | Path) -> tuple[Path, dict]:
+    """The folder :func:`read_model_folder` would read (a run directory's ``last``) and its
+    ``config.json``, checked, without reading the weights."""
     path = Path(path)
     if (path / "last").is_symlink() and not (path / CONFIG).exists():
         if not (path / "last").exists():
@@ -95,8 +103,7 @@ def read_model_folder(path: str | Path) -> ModelFolder:
             raise ValueError("no model name and config")
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"{str(path / CONFIG)!r} is corrupt ({e}); use another checkpoint") from None
-    ema = read_weights(path / EMA_WEIGHTS) if (path / EMA_WEIGHTS).exists() else None
-    return ModelFolder(path, meta, read_weights(path / WEIGHTS), ema)
+    return path, meta
 
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:
