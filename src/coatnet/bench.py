@@ -75,8 +75,8 @@ class Job:
     @property
     def label(self) -> str:
         name = TIMM_MODELS[self.model] if self.implementation == "timm" else self.model
-        return name + (" (compiled)" if self.compiled else "") + (" (onnxruntime)" if self.implementation ==
-                                                                   "onnxruntime" else "")
+        suffix = " (compiled)" if self.compiled else " (onnxruntime)" if self.implementation == "onnxruntime" else ""
+        return name + suffix
 
 
 def build(implementation: str, name: str, img_size: int) -> nn.Module:

@@ -60,15 +60,13 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out."""
     from .models import create_model, read_state_dict
     from .models.factory import load_pretrained_file
-    from .models.timm_convert import is_timm_state_dict, timm_img_size
+    from .models.timm_convert import classifier_size, is_timm_state_dict, timm_img_size
 
     state = read_state_dict(args.source)
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
-    head = state.get("head.fc.weight")
-    model = create_model(args.model, img_size=timm_img_size(state),
-                         num_classes=head.shape[0] if head is not None else 0)
+    model = create_model(args.model, img_size=timm_img_size(state), num_classes=classifier_size(state))
     folder = load_pretrained_file(model, state, args.model).save_pretrained(args.output)
     print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
           f"{model.config.img_size[0]}x{model.config.img_size[1]} input")

@@ -12,7 +12,7 @@ from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor
 from .folder import ModelFolder, ModelFolderError, read_model_folder, upgrade_state_dict
 from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference
 from .registry import model_entry
-from .timm_convert import convert_timm_state_dict, is_timm_state_dict, timm_img_size, timm_variant_of
+from .timm_convert import classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size, timm_variant_of
 
 
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
@@ -87,12 +87,6 @@ def timm_model(weights: Path) -> CoAtNet:
     entry = model_entry(architecture)
     model = entry.build(img_size=timm_img_size(state), num_classes=classifier_size(state))
     return load_pretrained_file(model, state, entry.name).eval()
-
-
-def classifier_size(state: dict[str, torch.Tensor]) -> int:
-    """The number of classes of weights, ours or timm's; 0 without a classifier."""
-    head = state.get("classifier.weight", state.get("head.fc.weight"))
-    return head.shape[0] if head is not None else 0
 
 
 def model_from_folder(folder: ModelFolder) -> CoAtNet:

@@ -115,11 +115,16 @@ def timm_img_size(state_dict: dict[str, Tensor]) -> int | None:
     return (side + 1) // 2 * 32  # the rw variants' stride is 32
 
 
+def classifier_size(state: dict[str, torch.Tensor]) -> int:
+    """The number of classes of weights, ours or timm's; 0 without a classifier."""
+    head = state.get("classifier.weight", state.get("head.fc.weight"))
+    return head.shape[0] if head is not None else 0
+
+
 def timm_variant_of(state_dict: dict[str, Tensor]) -> str | None:
     """Our name of the rw variant whose network these timm weights fit exactly (built on the meta
     device, at the resolution of the weights' tables and with their classifier), or None."""
-    head = state_dict.get("head.fc.weight")
-    options = dict(img_size=timm_img_size(state_dict), num_classes=head.shape[0] if head is not None else 0)
+    options = dict(img_size=timm_img_size(state_dict), num_classes=classifier_size(state_dict))
     for name in timm_variants():
         with torch.device("meta"):
             own = model_entry(name).builder(**options).state_dict()
