@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Nothing in the tests may reach the network: the Hub is read from caches the tests write.
@@ -24,3 +25,22 @@ def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
             if name.endswith("gamma"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     return model.eval()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty, offline Hub cache; returns the function that puts a commit of a repository in it."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def commit(repo: str, revision: str = "main", commit_hash: str = "a" * 40):
+        """The snapshot folder of ``commit_hash`` in ``repo``, which ``revision`` points at."""
+        storage = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / revision).write_text(commit_hash)
+        snapshot = storage / "snapshots" / commit_hash
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return snapshot
+
+    return commit

@@ -14,17 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from coatnet.data import (
-    DATASETS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataBundle,
-    DataError,
-    build_datasets,
-    eval_transform,
-    load_image,
-    mixup_cutmix,
-)
+from coatnet.data import DATASETS, DataBundle, DataError, build_datasets, load_image, mixup_cutmix
+from coatnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from coatnet.models.preprocessing import eval_transform as _eval_transform
+
+
+def eval_transform(size: int):
+    """Our default evaluation transform at ``size``."""
+    return _eval_transform(size, PretrainedCfg.for_size(size))
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

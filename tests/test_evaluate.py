@@ -172,12 +172,12 @@ def test_a_run_directory_names_the_checkpoint_it_stands_for(run_dir, tmp_path, c
     assert capsys.readouterr().err == ""
 
 
-def copy_checkpoint(run_dir, folder, **meta_changes):
-    """A copy of the run's last checkpoint with these config.json entries changed (None: removed)."""
+def copy_checkpoint(run_dir, folder, classes):
+    """A copy of the run's last checkpoint that records these class names (None: none)."""
     shutil.copytree(run_dir / "last", folder)
     meta = json.loads((folder / "config.json").read_text())
-    meta.update(meta_changes)
-    (folder / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    meta["pretrained_cfg"]["label_names"] = classes
+    (folder / "config.json").write_text(json.dumps(meta))
     return folder
 
 

@@ -266,7 +266,8 @@ CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
                                                                               for s in c["stages"]]),
                                 "channels must be an integer >= 1", READERS),
     "config.json, fewer classes than the head": ("config.json", lambda p: p.write_text(json.dumps(
-        json.loads(p.read_text()) | {"classes": ["0", "1"]})), "class", READERS),
+        json.loads(p.read_text()) | {"pretrained_cfg": {"label_names": ["0", "1"]}})),
+        "lists 2 class names but the model has 10 outputs", ALL),
     "model.safetensors, truncated": ("model.safetensors", _truncate, "model.safetensors' is corrupt or truncated", ALL),
     "model.safetensors, empty": ("model.safetensors", lambda p: p.write_bytes(b""), "is corrupt or truncated", ALL),
     "train_state.pt, truncated": ("train_state.pt", _truncate, "train_state.pt' cannot be read safely", ("resume",)),

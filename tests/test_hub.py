@@ -18,25 +18,6 @@ from conftest import randomise_norms
 SIZE = 64  # small inputs keep the timm models fast; every grid is still at least 2x2
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """An empty, offline Hub cache; returns the function that puts a commit of a repository in it."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def commit(repo: str, revision: str = "main", commit_hash: str = "a" * 40):
-        """The snapshot folder of ``commit_hash`` in ``repo``, which ``revision`` points at."""
-        storage = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
-        (storage / "refs").mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / revision).write_text(commit_hash)
-        snapshot = storage / "snapshots" / commit_hash
-        snapshot.mkdir(parents=True, exist_ok=True)
-        return snapshot
-
-    return commit
-
-
 def timm_nano(num_classes: int = 10, seed: int = 0):
     timm = pytest.importorskip("timm")
     torch.manual_seed(seed)

@@ -63,7 +63,8 @@ def test_outputs(reference_run):
     for link in ("last", "best"):
         assert (reference_run / link).is_symlink()
         ckpt = load_checkpoint(reference_run / link)
-        assert ckpt.meta["model"] == "coatnet_pico" and ckpt.meta["classes"] == [str(i) for i in range(10)]
+        assert ckpt.meta["model"] == "coatnet_pico"
+        assert ckpt.meta["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
     # Only last and best are kept; mid-epoch checkpoints are pruned.
     assert len(list(reference_run.glob("ckpt-*"))) <= 2
     # The training state holds plain data and tensors only: it loads with weights_only=True.
@@ -201,6 +202,9 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
     (["--device", "bogus"], "--device bogus is not a device; use cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA here, or not 100 devices
+    (["--grad-accum-steps", "0"], "--grad-accum-steps must be an integer >= 1, got 0"),
+    (["--grad-accum-steps", "5"], "--batch-size 64 (global) is not divisible by 1 process(es) x --grad-accum-steps 5"),
+    (["--pretrained", "/nonexistent/w.safetensors"], "weights file '/nonexistent/w.safetensors' does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     code = None
@@ -293,6 +297,24 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tmp_path):
+    """--grad-accum-steps 4 splits each step's batch of 64 into 4 micro-batches: the same steps and
+    samples. BatchNorm normalises each micro-batch on its own, so the runs agree closely, as DDP's do
+    (test_torchrun_two_processes_match_one), not bit for bit."""
+    common = ["--img-size", "16", "--batch-size", "64", "--epochs", "1", "--warmup-steps", "2", "--seed", "5",
+              "--label-smoothing", "0"]
+    for name, extra in (("whole", []), ("micro", ["--grad-accum-steps", "4", "--grad-checkpointing"])):
+        assert main(["train", *common, *extra, "--output-dir", str(tmp_path / name)]) == 0
+    whole, micro = weights(tmp_path / "whole"), weights(tmp_path / "micro")
+    torch.manual_seed(5)
+    start = create_model("coatnet_pico", num_classes=10, img_size=16, drop_path_rate=0.0).state_dict()
+    params = [k for k in whole if "running_" not in k and "num_batches" not in k]
+    apart = sum((whole[k] - micro[k]).square().sum() for k in params).sqrt()
+    moved = sum((whole[k] - start[k]).square().sum() for k in params).sqrt()
+    assert moved > 1 and apart / moved < 0.3, (apart, moved)
+    assert json.loads((tmp_path / "micro" / "metrics.jsonl").read_text())["step"] == 1437 // 64
+
+
 def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path):
     from test_data import make_tree
 
@@ -307,7 +329,7 @@ def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path):
                      "--batch-size", "4", "--epochs", "1", "--randaugment", "2,15", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "imagefolder" and summary["skipped_files"] == 2
-    assert load_checkpoint(out / "last").meta["classes"] == ["bird", "cat", "dog"]
+    assert load_checkpoint(out / "last").meta["pretrained_cfg"]["label_names"] == ["bird", "cat", "dog"]
 
 
 def test_train_on_cifar10(tmp_path):

@@ -4,9 +4,10 @@
     >>> model = coatnet.create_model("coatnet_0", num_classes=10)
 """
 
-from .models import (CoAtNet, CoAtNetConfig, HeadConfig, MBConvConfig, StageConfig, StemConfig, TransformerConfig,
-                     create_model, from_pretrained, list_models, load_weights)
+from .models import (CoAtNet, CoAtNetConfig, HeadConfig, MBConvConfig, PretrainedCfg, StageConfig, StemConfig,
+                     TransformerConfig, create_model, data_transforms, from_pretrained, list_models, load_weights)
 
 __version__ = "0.1.0"
 __all__ = ["CoAtNet", "CoAtNetConfig", "StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig",
-           "create_model", "from_pretrained", "list_models", "load_weights", "__version__"]
+           "PretrainedCfg", "create_model", "data_transforms", "from_pretrained", "list_models", "load_weights",
+           "__version__"]

@@ -3,12 +3,14 @@
 A checkpoint is a model folder (``coatnet.models.folder``) with the training state beside it::
 
     ckpt-00000123/
-        config.json        model name, model config, class names, data set, step, metrics, and the
-                           run's settings (JSON)
+        config.json        model name, model config, preprocessing and class names, data set, step,
+                           metrics, and the run's settings (JSON)
         model.safetensors  the model's weights
         ema.safetensors    the EMA weights, when training keeps an EMA (what evaluation used)
-        train_state.pt     optimizer, LR scheduler, RNG states, step, history: tensors and plain
-                           Python values only, read back with ``torch.load(weights_only=True)``
+        train_state.pt     optimizer, RNG states, step, history: tensors and plain Python values
+                           only, read back with ``torch.load(weights_only=True)``
+        optimizer/         (``--fsdp`` runs) the optimizer state, one shard per process, written
+                           with ``torch.distributed.checkpoint`` instead of in train_state.pt
 
 so ``coatnet.from_pretrained`` and ``create_model(pretrained=...)`` read it as they read any model
 folder. ``last`` and ``best`` in the run directory are symbolic links to such directories. A new
@@ -34,6 +36,7 @@ from .models.folder import ModelFolder, ModelFolderError, read_model_folder, wri
 
 TRAIN_STATE = "train_state.pt"
 LOCK = ".lock"  # held by the one process that writes the run directory
+OPTIMIZER_SHARDS = "optimizer"  # the folder of the optimizer state of an --fsdp run, one shard per process
 
 
 class CheckpointError(ModelFolderError):
@@ -60,10 +63,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module,
-                    ema_model: nn.Module | None = None, train_state: dict | None = None,
-                    links: tuple[str, ...] = ("last",)) -> Path:
-    """Write checkpoint ``run_dir/name`` and point each of ``links`` (e.g. "last", "best") at it."""
+def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module | dict,
+                    ema_model: nn.Module | dict | None = None, train_state: dict | None = None,
+                    links: tuple[str, ...] = ("last",), shards: Path | None = None) -> Path:
+    """Write checkpoint ``run_dir/name`` and point each of ``links`` (e.g. "last", "best") at it.
+
+    ``model`` and ``ema_model``: modules or their state dicts. ``shards``: a folder of the sharded
+    optimizer state, written by every process (``coatnet.sharding``), moved into the checkpoint."""
     run_dir = Path(run_dir)
     # A directory of this name may exist (a run resumed from an earlier `best` reaches the same
     # step again) and `last` may point at it: never overwrite, take a fresh name.
@@ -79,13 +85,18 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
         write_model_folder(tmp, meta, model, ema_model)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
+        if shards is not None:
+            os.replace(shards, tmp / OPTIMIZER_SHARDS)  # DCP wrote and synced its files
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
         os.replace(tmp, final)
     except OSError as e:  # disk full, read-only, quota: the half-written copy goes, the links stay
         shutil.rmtree(tmp, ignore_errors=True)
+        if shards is not None:
+            shutil.rmtree(shards, ignore_errors=True)
         last = run_dir / "last"
         kept = f"{last} still points at the previous checkpoint" if last.is_symlink() else "no checkpoint was kept"
         raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); {kept}; free some space "
@@ -104,7 +115,7 @@ def _remove_unreferenced(run_dir: Path) -> None:
     """Delete checkpoint directories that neither ``last`` nor ``best`` points at, and what a save cut
     off by a crash left under a temporary name (the run's lock means no other save is under way)."""
     keep = {os.readlink(run_dir / link) for link in ("last", "best") if (run_dir / link).is_symlink()}
-    for d in (*run_dir.glob("ckpt-*"), *run_dir.glob(".ckpt-*.tmp")):
+    for d in (*run_dir.glob("ckpt-*"), *run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".shards-*.tmp")):
         if d.is_dir() and d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -131,12 +142,7 @@ def locked_run_dir(run_dir: Path):
     except OSError as e:
         raise CheckpointError(f"cannot write to {run_dir} ({e.strerror or e}); choose another --output-dir") from None
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = handle.read().strip() or "unknown"
-            raise CheckpointError(f"{run_dir} is in use by another `coatnet train` (pid {holder}); wait for it to "
-                                  f"finish or choose another --output-dir") from None
+        _lock(handle, run_dir)
         previous = handle.read().strip()
         if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
             print(f"note: process {previous}, which ended without releasing {run_dir}, no longer holds it",
@@ -153,6 +159,26 @@ def locked_run_dir(run_dir: Path):
             if created and {p.name for p in run_dir.iterdir()} == {LOCK}:  # refused before writing anything
                 (run_dir / LOCK).unlink()
                 run_dir.rmdir()
+
+
+def _lock(handle, run_dir: Path) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = handle.read().strip() or "unknown"
+        raise CheckpointError(f"{run_dir} is in use by another `coatnet train` (pid {holder}); wait for it to "
+                              f"finish or choose another --output-dir") from None
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Refuse, as :func:`locked_run_dir` would, a run directory another process is training in (its
+    files are not complete yet); a directory without a lock file is not in use."""
+    try:
+        handle = open(run_dir / LOCK)
+    except OSError:
+        return
+    with handle:
+        _lock(handle, run_dir)  # released when the handle closes
 
 
 def _alive(pid: int) -> bool:

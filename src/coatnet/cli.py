@@ -52,22 +52,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The flags given override the resumed run's settings, or else the recipe's.
     base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe]
     given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
-    train(replace(base, **given), output_dir=args.output_dir, resume=resume, finetune=args.finetune)
+    train(replace(base, **given), output_dir=args.output_dir, resume=resume)
     return 0
 
 
 def cmd_convert_timm(args: argparse.Namespace) -> int:
-    """A timm weights file in, a ``save_pretrained`` folder out."""
-    from .models import create_model, read_state_dict
-    from .models.factory import load_pretrained_file
+    """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
+    from .models import create_model
+    from .models.factory import read_pretrained
     from .models.timm_convert import classifier_size, is_timm_state_dict, timm_img_size
 
-    state = read_state_dict(args.source)
-    if not is_timm_state_dict(state):
+    weights = read_pretrained(args.source, args.model)
+    if not is_timm_state_dict(weights.state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
-    model = create_model(args.model, img_size=timm_img_size(state), num_classes=classifier_size(state))
-    folder = load_pretrained_file(model, state, args.model).save_pretrained(args.output)
+    model = create_model(args.model, pretrained=weights, img_size=timm_img_size(weights.state),
+                         num_classes=classifier_size(weights.state))
+    folder = model.save_pretrained(args.output)
     print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
           f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
     return 0
@@ -98,6 +99,21 @@ def _randaugment(text: str) -> tuple[int, int] | None:
     return n, m
 
 
+def _preprocessing_flags(p: argparse.ArgumentParser) -> None:
+    """How images are prepared: the checkpoint's own (its ``pretrained_cfg``) unless given (timm's flags)."""
+    from typing import get_args
+
+    from .models.preprocessing import CropPct, Interpolation
+
+    g = p.add_argument_group("preprocessing", "default: the checkpoint's own, recorded with its weights")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel standard deviation")
+    g.add_argument("--interpolation", choices=get_args(Interpolation), help="resize interpolation")
+    g.add_argument("--crop-pct", type=flag_type(CropPct), help="centre crop's share of the resized image")
+    g.add_argument("--crop-mode", choices=["center", "squash"],
+                   help="center: resize the shorter side; squash: resize both sides")
+
+
 class _FlagError(Exception):
     """A flag argparse refuses: reported in one line, like every other error."""
 
@@ -121,11 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with the paper's recipe (Table 10). Flags override the --recipe's "
                                    "values; when resuming, they override the resumed run's settings.",
                        formatter_class=_RecipeDefaults)
-    p.add_argument("--recipe", default="digits", choices=["digits", "imagenet1k-pretrain", "imagenet1k-finetune"],
-                   help="preset of all settings (default: digits, a CPU run on the embedded digits)")
+    p.add_argument("--recipe", default="digits",
+                   choices=["digits", "finetune", "imagenet1k-pretrain", "imagenet1k-finetune"],
+                   help="preset of all settings (default: digits, a CPU run on the embedded digits; finetune: "
+                        "timm's coatnet_0_rw_224.sw_in1k on your --data-dir photos)")
     p.add_argument("--model", default=None, help="model name (see `coatnet info`)")
-    p.add_argument("--data", default=None, help="digits, imagefolder, cifar10 or cifar100")
-    p.add_argument("--data-dir", default=None, help="folder of an imagefolder (train/, val/) or CIFAR data set")
+    p.add_argument("--data", default=None, help="digits, imagefolder, cifar10, cifar100, webdataset or hf")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of an imagefolder (train/, val/), CIFAR, WebDataset shards or HF data set")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
@@ -144,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="timm's flag; the model always runs channels-last, its weights included")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard weights, gradients and optimizer state across the torchrun processes (FSDP2)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in the backward pass: less memory, more compute")
+    p.add_argument("--grad-accum-steps", type=int, default=None, metavar="N",
+                   help="split each step's batch into N micro-batches (same samples, less memory)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="data-loading processes")
     p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps")
@@ -151,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/DATE-TIME-MODEL-DATA)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue a run: its checkpoint or run directory (default: --output-dir)")
-    p.add_argument("--finetune", default=None, metavar="CHECKPOINT",
-                   help="start from these weights (checkpoint directory or weights file); tables are interpolated "
-                        "to --img-size, a classifier of another size is replaced")
+    p.add_argument("--pretrained", "--finetune", nargs="?", const=True, default=None, metavar="WEIGHTS",
+                   help="start from pretrained weights, with a new head for the data's classes and their "
+                        "preprocessing: alone, timm's weights of --model from the Hugging Face Hub; or a weights "
+                        "file, a checkpoint or run directory, or hf-hub:ORG/NAME. Tables are interpolated to "
+                        "--img-size")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval",
@@ -161,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (RUN_DIR/best, RUN_DIR/last) or run directory")
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir", default=None, help="folder of an imagefolder or CIFAR data set")
+    p.add_argument("--data-dir", default=None, help="folder of an imagefolder, CIFAR, WebDataset or HF data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
     p.add_argument("--batch-size", type=POSITIVE, default=256)
     p.add_argument("--workers", type=NON_NEGATIVE, default=0)
@@ -169,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and eval.json go "
                                                       "(default: RUN_DIR/eval-CHECKPOINT-DATA)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _preprocessing_flags(p)
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_eval")(args))
 
     p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
@@ -178,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _preprocessing_flags(p)
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_predict")(args))
 
     p = sub.add_parser("bench", help="time inference and a training step, side by side with timm")
@@ -203,7 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
     p.add_argument("--batch-size", type=POSITIVE, default=1, help="batch size of the example input")
     p.add_argument("--dynamic-batch", action="store_true", help="let the exported graph take any batch size")
+    _preprocessing_flags(p)
     p.set_defaults(func=lambda args: _lazy("export", "run_export")(args))
+
+    p = sub.add_parser("plan", help="memory per GPU to train a model at scale, and the torchrun command that fits",
+                       description="Weights, gradients, AdamW state and activations (measured on the meta device) "
+                                   "per GPU for DDP and FSDP, with and without activation checkpointing; the "
+                                   "configuration that fits, its micro-batch and gradient accumulation.")
+    p.add_argument("--model", required=True, help="model name (see `coatnet info`)")
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="training resolution (default: the model's own)")
+    p.add_argument("--batch-size", type=POSITIVE, default=4096, help="global batch size (default: 4096, the paper's)")
+    p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs per machine (default: 8)")
+    p.add_argument("--gpu-memory", type=flag_type(PositiveFloat), default=80.0, metavar="GIB",
+                   help="memory of each GPU in GiB (default: 80)")
+    p.add_argument("--nodes", type=POSITIVE, default=1, help="machines (default: 1)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 mixed precision (default: on)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=lambda args: _lazy("plan", "run_plan")(args))
 
     p = sub.add_parser("convert-timm", help="convert a timm CoAtNet state dict into a save_pretrained folder")
     p.add_argument("source", metavar="SRC", help="timm weights: .safetensors or .pth")
@@ -218,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "c_c_c_t, c_c_t_t, c_t_t_t) with the same budget and no regularisation or "
                                      "augmentation, several seeds each; write study.json, study.md and study.png. "
                                      "An interrupted study continues where it stopped.")
-    p.add_argument("--data", default="digits", help="digits (default), imagefolder, cifar10 or cifar100")
-    p.add_argument("--data-dir", default=None, help="folder of an imagefolder (train/, val/) or CIFAR data set")
+    p.add_argument("--data", default="digits",
+                   help="digits (default), imagefolder, cifar10, cifar100, webdataset or hf")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of an imagefolder (train/, val/), CIFAR, WebDataset shards or HF data set")
     p.add_argument("--img-size", type=POSITIVE, default=None, help="input resolution (default: the recipe's)")
     p.add_argument("--epochs", type=POSITIVE, default=None, help="epochs per run (default: 12 on digits, else 300)")
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch size (default: the recipe's)")

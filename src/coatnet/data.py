@@ -1,7 +1,9 @@
 """Data sets and transforms for training CoAtNet image classifiers.
 
 ``build_datasets(name, ...)`` returns a :class:`DataBundle` (train/val datasets + class names).
-Every dataset item is ``(float32 tensor (3, img_size, img_size), ImageNet-normalized; int label)``.
+Every dataset item is ``(float32 tensor (3, img_size, img_size), int label)``, the image normalized by
+the preprocessing of the weights trained on (``coatnet.models.preprocessing``; ImageNet's mean and std
+by default).
 
 All randomness comes from torch's global RNG (torchvision.transforms.v2 draws from it), never from
 python's ``random`` or numpy's global RNG, so a trainer that saves and restores the torch RNG state
@@ -15,7 +17,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -26,15 +28,10 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+from .models.preprocessing import PretrainedCfg, augment, eval_transform, normalize, train_transform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "webdataset", "hf")
 
-# Standard ImageNet evaluation crop: resize to img_size / 0.875, centre-crop img_size.
-EVAL_CROP_PCT = 0.875
-# Below this size the eval crop would throw away a large share of an already tiny image.
-_MIN_SIZE_FOR_CROP_PCT = 64
 _MIN_IMG_SIZE = 8
 
 
@@ -61,66 +58,21 @@ class DataBundle:
 # --------------------------------------------------------------------------------------------
 
 
-def _finish() -> list[v2.Transform]:
-    """Common tail: uint8 image -> normalized float32 plain tensor."""
-    return [
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.ToPureTensor(),  # plain torch.Tensor, so collate/MixUp see ordinary tensors
-    ]
-
-
-def _augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transform]:
-    ops: list[v2.Transform] = [v2.RandomHorizontalFlip()] if hflip else []
-    if randaugment is not None:
-        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
-    return ops
-
-
-def eval_transform(img_size: int) -> v2.Transform:
-    """Deterministic validation transform for a PIL image or uint8 tensor of any size/channels."""
-    _check_img_size(img_size)
-    resize = int(img_size / EVAL_CROP_PCT) if img_size >= _MIN_SIZE_FOR_CROP_PCT else img_size
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RGB(),  # grayscale -> 3 channels; the models always expect RGB
-            v2.Resize(resize, antialias=True),  # shorter side; keeps aspect ratio
-            v2.CenterCrop(img_size),
-            *_finish(),
-        ]
-    )
-
-
-def _imagefolder_train_transform(
-    img_size: int, hflip: bool, randaugment: tuple[int, int] | None
-) -> v2.Transform:
-    return v2.Compose(
-        [
-            v2.ToImage(),  # PIL -> uint8 tensor: the ops below run on tensors
-            v2.RGB(),
-            v2.RandomResizedCrop(img_size, antialias=True),
-            *_augment(hflip, randaugment),
-            *_finish(),
-        ]
-    )
-
-
 def _cifar_train_transform(
-    img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+    img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg
 ) -> v2.Transform:
     # The classic CIFAR recipe (pad 4 + random 32x32 crop) runs at the native 32x32, where it is
     # cheapest; the result is then scaled to img_size, i.e. a shift of up to img_size/8 pixels.
     resize = [v2.Resize(img_size, antialias=True)] if img_size != 32 else []
     return v2.Compose(
-        [v2.RandomCrop(32, padding=4), *_augment(hflip, randaugment), *resize, *_finish()]
+        [v2.RandomCrop(32, padding=4), *augment(hflip, randaugment), *resize, *normalize(cfg)]
     )
 
 
-def _digits_transform(hflip: bool, randaugment: tuple[int, int] | None) -> v2.Transform:
+def _digits_transform(hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg) -> v2.Transform:
     # Input is already resized (see _build_digits). 1 -> 3 channels first: RandAugment's colour
     # ops want RGB.
-    return v2.Compose([v2.RGB(), *_augment(hflip, randaugment), *_finish()])
+    return v2.Compose([v2.RGB(), *augment(hflip, randaugment), *normalize(cfg)])
 
 
 def mixup_cutmix(
@@ -157,8 +109,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     p = Path(path)
     if not p.exists():
         raise DataError(f"cannot read image '{p}': no such file; check the path")
+    return decode_image(p, f"'{p}'")
+
+
+def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
+    """Fully decode an image (a file, or a file object of its bytes) to RGB; a failure is a one-line
+    :class:`DataError` naming ``where``."""
     try:
-        with Image.open(p) as im:
+        with Image.open(source) as im:
             if im.mode.startswith("I"):  # 16/32-bit integer grayscale, e.g. a 16-bit PNG ("I;16")
                 # convert("RGB") would clip every value above 255 to white: scale 0..65535 to 0..255.
                 wide = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
@@ -169,10 +127,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     # Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError,
     # "image file is truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"cannot read image '{p}': not an image file or corrupt ({_one_line(e)}); "
-            "give a JPEG/PNG/... file"
-        ) from None
+        raise DataError(f"cannot read image {where}: not an image file or corrupt ({_one_line(e)}); "
+                        "give a JPEG/PNG/... file") from None
 
 
 def _header_ok(path: str) -> bool:
@@ -278,7 +234,8 @@ class TensorImageDataset(Dataset):
         return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
 
 
-def _build_digits(img_size: int, hflip: bool, randaugment: tuple[int, int] | None) -> DataBundle:
+def _build_digits(img_size: int, hflip: bool, randaugment: tuple[int, int] | None,
+                  cfg: PretrainedCfg) -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -298,10 +255,10 @@ def _build_digits(img_size: int, hflip: bool, randaugment: tuple[int, int] | Non
     )
     return DataBundle(
         train=TensorImageDataset(
-            torch.from_numpy(x_tr), torch.from_numpy(y_tr), _digits_transform(hflip, randaugment)
+            torch.from_numpy(x_tr), torch.from_numpy(y_tr), _digits_transform(hflip, randaugment, cfg)
         ),
         val=TensorImageDataset(
-            torch.from_numpy(x_va), torch.from_numpy(y_va), _digits_transform(False, None)
+            torch.from_numpy(x_va), torch.from_numpy(y_va), _digits_transform(False, None, cfg)
         ),
         classes=tuple(str(d) for d in range(10)),
     )
@@ -403,7 +360,8 @@ def _cifar_split(
 
 
 def _build_cifar(
-    name: str, data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+    name: str, data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None,
+    cfg: PretrainedCfg,
 ) -> DataBundle:
     spec = _CIFAR[name]
     needed = (*spec["train"], *spec["test"], spec["meta"])
@@ -424,8 +382,8 @@ def _build_cifar(
     x_tr, y_tr = _cifar_split(root, spec["train"], spec["label_key"], len(classes))
     x_va, y_va = _cifar_split(root, spec["test"], spec["label_key"], len(classes))
     return DataBundle(
-        train=TensorImageDataset(x_tr, y_tr, _cifar_train_transform(img_size, hflip, randaugment)),
-        val=TensorImageDataset(x_va, y_va, eval_transform(img_size)),
+        train=TensorImageDataset(x_tr, y_tr, _cifar_train_transform(img_size, hflip, randaugment, cfg)),
+        val=TensorImageDataset(x_va, y_va, eval_transform(img_size, cfg)),
         classes=classes,
     )
 
@@ -457,7 +415,7 @@ def _check_randaugment(randaugment: tuple[int, int] | None) -> None:
 
 
 def _build_imagefolder(
-    data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None
+    data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg
 ) -> DataBundle:
     split_dirs = {s: data_dir / s for s in ("train", "val")}
     for split, d in split_dirs.items():
@@ -481,8 +439,8 @@ def _build_imagefolder(
             f"train/ and val/ in '{data_dir}' have different class folders "
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
         )
-    train = ImageFolderDataset(split_dirs["train"], _imagefolder_train_transform(img_size, hflip, randaugment))
-    val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size))
+    train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment))
+    val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg))
     for split, ds in (("train", train), ("val", val)):
         if len(ds) == 0:
             raise DataError(
@@ -499,12 +457,15 @@ def build_datasets(
     img_size: int = 32,
     randaugment: tuple[int, int] | None = None,
     hflip: bool | None = None,
+    preprocessing: PretrainedCfg | None = None,
 ) -> DataBundle:
     """Build train/val datasets for ``name`` (one of :data:`DATASETS`).
 
     ``randaugment`` is ``(num_ops, magnitude)`` for the train split only. ``hflip=None`` means the
     data set's default: on for imagefolder/CIFAR, off for digits (a mirrored digit is another
-    symbol). ``data_dir`` is ignored for digits (it ships inside scikit-learn).
+    symbol). ``data_dir`` is ignored for digits (it ships inside scikit-learn). ``preprocessing``:
+    the mean, std, interpolation and evaluation crop of the weights trained on (default: ours at
+    ``img_size``, :meth:`PretrainedCfg.for_size`).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
@@ -514,15 +475,21 @@ def build_datasets(
     if randaugment is not None:
         randaugment = (int(randaugment[0]), int(randaugment[1]))
 
+    cfg = preprocessing or PretrainedCfg.for_size(img_size)
     if key == "digits":
-        return _build_digits(img_size, bool(hflip), randaugment)
+        return _build_digits(img_size, bool(hflip), randaugment, cfg)
 
     hflip = True if hflip is None else bool(hflip)
     if data_dir is None:
         raise DataError(f"data set '{key}' needs a data directory; pass --data-dir DIR")
+    if key in ("webdataset", "hf"):  # shards or a Hugging Face dataset: coatnet.data_shards
+        from . import data_shards
+
+        build = data_shards.build_webdataset if key == "webdataset" else data_shards.build_hf
+        return build(str(data_dir), train_transform(img_size, cfg, hflip, randaugment), eval_transform(img_size, cfg))
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data directory '{root}' does not exist or is not a folder; check the path")
     if key == "imagefolder":
-        return _build_imagefolder(root, img_size, hflip, randaugment)
-    return _build_cifar(key, root, img_size, hflip, randaugment)
+        return _build_imagefolder(root, img_size, hflip, randaugment, cfg)
+    return _build_cifar(key, root, img_size, hflip, randaugment, cfg)

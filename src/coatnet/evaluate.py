@@ -15,14 +15,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
-from .data import DataError, build_datasets, eval_transform, load_image
+from .data import DataError, build_datasets, load_image
 from .export import check_img_size
 from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder
+from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion, printable
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP's gathered weights must stay ordinary tensors for training
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, amp: bool = False,
              channels_last: bool = False) -> dict:
     """Loss, top-1, top-5 (percent) and the confusion matrix over ``loader``.
@@ -35,6 +36,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-k, count
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:  # the most batches any rank has: a sharded model's forward is a collective
+        batches = torch.tensor(len(loader), device=device)
+        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -49,7 +54,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         sums[2] += (top == labels[:, None]).any(dim=1).sum()
         sums[3] += labels.numel()
         confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes**2).view_as(confusion)
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
+        # Shards differ by at most one image, so by at most one batch: a rank with fewer runs an idle
+        # forward for each batch it lacks, keeping FSDP's gathers in step (DDP needs none, and it costs
+        # it one forward of one image at most).
+        for _ in range(int(batches) - len(loader)):
+            with autocast:
+                model(torch.zeros(1, model.config.in_chans, *model.config.img_size, device=device))
         dist.all_reduce(sums)
         dist.all_reduce(confusion)
     count = max(sums[3].item(), 1)
@@ -61,28 +72,19 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _img_size(args: argparse.Namespace, meta: dict, model: nn.Module) -> int:
-    """--img-size (0 included: it is refused, not read as "not given"), else the checkpoint's."""
-    size = args.img_size if args.img_size is not None else meta.get("img_size") or meta["config"]["img_size"][0]
+def _img_size(args: argparse.Namespace, model: nn.Module) -> int:
+    """--img-size (0 included: it is refused, not read as "not given"), else the model's."""
+    size = args.img_size if args.img_size is not None else model.config.img_size[0]
     check_img_size(model, size)
     return size
 
 
-def _class_names(ckpt: ModelFolder, model: nn.Module) -> list[str]:
-    """One name per output of ``model``: the checkpoint's; where it records none, ImageNet-1k's for a
-    1000-class head, else the indices."""
-    n = model.config.num_classes
-    names = ckpt.meta.get("classes")
-    if not names and n == 1000:  # none recorded (timm's converted weights): ImageNet-1k's, shipped by torchvision
-        from torchvision.models import ResNet50_Weights
-
-        return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-    if not names:
-        return [str(i) for i in range(n)]
-    if len(names) != n:
-        raise ValueError(f"{str(ckpt.path / 'config.json')!r} lists {len(names)} class names but the model has "
-                         f"{n} outputs; give it one name per output in \"classes\", or use another checkpoint")
-    return list(names)
+def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module]:
+    """The checkpoint and its model, whose preprocessing the flags given override."""
+    ckpt = read_model_folder(args.checkpoint)
+    model = model_from_folder(ckpt)
+    model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
+    return ckpt, model
 
 
 def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
@@ -92,17 +94,16 @@ def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    ckpt = read_model_folder(args.checkpoint)
+    ckpt, model = load_for_inference(args)
     meta = ckpt.meta
-    model = model_from_folder(ckpt)
-    classes = _class_names(ckpt, model)
+    classes = class_names(model)
     data_name = args.data or meta.get("dataset")
     data_dir = args.data_dir or (meta.get("data_dir") if data_name == meta.get("dataset") else None)
     if data_name is None:
         raise ValueError(f"{ckpt.path} does not record its data set; pass --data (and --data-dir)")
-    img_size = _img_size(args, meta, model)
-    data = build_datasets(data_name, data_dir, img_size)
-    if meta.get("classes") and list(data.classes) != classes:
+    img_size = _img_size(args, model)
+    data = build_datasets(data_name, data_dir, img_size, preprocessing=model.pretrained_cfg)
+    if model.pretrained_cfg.label_names and list(data.classes) != classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
                          f"classes; evaluate on the data set it was trained on")
     if data.num_classes != len(classes):  # a checkpoint that records no class names
@@ -137,10 +138,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could."""
-    ckpt = read_model_folder(args.checkpoint)
-    model = model_from_folder(ckpt)
-    classes = [printable(str(c)) for c in _class_names(ckpt, model)]
-    transform = eval_transform(_img_size(args, ckpt.meta, model))
+    ckpt, model = load_for_inference(args)
+    classes = [printable(str(c)) for c in class_names(model)]
+    transform = eval_transform(_img_size(args, model), model.pretrained_cfg)
     loaded, errors = [], []
     for path in args.images:  # every file read before any output, so that the results print in one piece
         try:

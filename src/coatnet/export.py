@@ -10,11 +10,19 @@
 
 The spatial size is fixed at export (``img_size``, default the model's own): the relative-position
 bias of that grid is computed once and stored in the graph.
+
+Each file records how to prepare an image for it, as JSON under the key ``preprocessing.json``
+(:data:`PREPROCESSING_KEY`): the input size and the model's ``pretrained_cfg`` (mean, std,
+interpolation, crop, class names). In ONNX it is a metadata property
+(``onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map``); in the TorchScript and
+``torch.export`` files an extra file (``torch.jit.load(PATH, _extra_files=...)``,
+``torch.export.load(PATH, extra_files=...)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +33,7 @@ from torch import nn
 from .models import from_pretrained
 from .models.coatnet import MAX_IMG_SIZE
 
+PREPROCESSING_KEY = "preprocessing.json"
 
 
 def export_model(model_or_path: nn.Module | str | Path, format: str, output: str | Path,
@@ -61,7 +70,7 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         # that they become constants, which they are for a fixed spatial size.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            _EXPORTERS[format](model, example, tmp, dynamic_batch)
+            _EXPORTERS[format](model, example, tmp, dynamic_batch, _preprocessing(model, (height, width)))
         os.replace(tmp, output)
     finally:
         model.train(was_training)
@@ -82,25 +91,38 @@ def check_img_size(model: nn.Module, img_size: int) -> None:
     model.check_input(torch.empty(1, model.config.in_chans, img_size, img_size, device="meta"))
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+def _preprocessing(model: nn.Module, size: tuple[int, int]) -> str:
+    """What a server must do to an image before the graph (JSON): the model's ``pretrained_cfg`` and
+    the input size, recorded in the file as :data:`PREPROCESSING_KEY`."""
+    return json.dumps(dict(input_size=[model.config.in_chans, *size], **model.pretrained_cfg.to_dict()))
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool, preprocessing: str) -> None:
     try:
-        import onnx  # noqa: F401  (the exporter writes the file with it)
+        import onnx
     except ImportError:
         raise ValueError("ONNX export needs the onnx package: pip install 'coatnet[export]'") from None
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["logits"], dynamic_axes=axes)
+    graph = onnx.load(str(output))
+    onnx.helper.set_model_props(graph, {PREPROCESSING_KEY: preprocessing})
+    onnx.save(graph, str(output))
 
 
-def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
+                 preprocessing: str) -> None:
     with warnings.catch_warnings():  # TorchScript is deprecated upstream; asking for it is a choice
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(output))
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(output),
+                       _extra_files={PREPROCESSING_KEY: preprocessing})
 
 
-def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool) -> None:
+def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
+              preprocessing: str) -> None:
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), str(output))
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), str(output),
+                      extra_files={PREPROCESSING_KEY: preprocessing})
 
 
 _EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
@@ -108,8 +130,11 @@ _SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """``coatnet export``: a checkpoint or ``save_pretrained`` folder in, one file out."""
-    path = export_model(args.checkpoint, args.format, args.output, img_size=args.img_size,
+    """``coatnet export``: a checkpoint or ``save_pretrained`` folder in, one file out, its preprocessing
+    (overridden by the flags given) recorded in it."""
+    model = from_pretrained(args.checkpoint)
+    model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
+    path = export_model(model, args.format, args.output, img_size=args.img_size,
                         batch_size=args.batch_size, dynamic_batch=args.dynamic_batch)
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
     return 0

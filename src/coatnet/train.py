@@ -26,19 +26,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import (Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint, locked_run_dir,
-                         save_checkpoint)
+from . import sharding
+from .checkpoint import (OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
+                         locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
 from .data import DataBundle, build_datasets, mixup_cutmix
 from .evaluate import evaluate
 from .models import create_model, load_weights
-from .models.folder import read_model_meta
+from .models.factory import read_pretrained
+from .models.folder import read_model_meta, read_pretrained_cfg
+from .models.preprocessing import PretrainedCfg
 from .plots import plot_curves
 from .validate import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 
@@ -62,9 +66,13 @@ class TrainConfig:
 
     model: str = "coatnet_pico"
     model_config: dict | None = None  # overrides of the model's config fields (the layout study's sizes)
+    # Start from these weights (a new head for the data's classes): a weights file, a folder, a run,
+    # "hf-hub:ORG/NAME", or True for timm's weights of --model on the Hub. The run prepares its images
+    # as the weights expect (their pretrained_cfg).
+    pretrained: str | bool | None = None
     data: str = "digits"
     data_dir: str | None = None
-    img_size: PositiveInt = 32
+    img_size: PositiveInt | None = 32  # None: the model's own (224 for most; 384 for a *_384 name)
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 64  # global: split across processes under torchrun
     lr: PositiveFloat = 2e-3
@@ -81,6 +89,9 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state across processes (coatnet.sharding)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step (the batch is split, same samples)
     seed: int = 0
     workers: NonNegativeInt = 0
     save_every: NonNegativeInt = 0  # also checkpoint every N steps (0: at each epoch's end only)
@@ -104,6 +115,14 @@ RECIPES: dict[str, TrainConfig] = {
                                    batch_size=512, lr=5e-5, min_lr=1e-5, warmup_steps=0, weight_decay=1e-8,
                                    drop_path=None, clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15),
                                    mixup=0.8, ema=0.9999, workers=8),
+    # Fine-tuning timm's ImageNet weights on a folder of your own photos, on one machine: Table 10's
+    # fine-tuning row (no warm-up, weight decay 1e-8, label smoothing, RandAugment) adapted to a few
+    # hundred images: batch 32, 10 epochs, a rate high enough for the new head; no EMA and no Mixup,
+    # which need far more steps than such a run has.
+    "finetune": replace(TrainConfig(), model="coatnet_0_rw_224.sw_in1k", pretrained=True, data="imagefolder",
+                        img_size=None, epochs=10, batch_size=32, lr=1e-4, min_lr=1e-6, warmup_steps=0,
+                        weight_decay=1e-8, drop_path=None, clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 10),
+                        mixup=0.0, ema=0.0, workers=4),
 }
 
 
@@ -114,7 +133,10 @@ def resumed_config(resume: bool | str | Path | None, output_dir: str | Path | No
     those); checkpoints written before it held the settings keep them in their training state."""
     if not resume:
         return None
-    _, meta = read_model_meta(_resume_path(resume, output_dir))
+    path = _resume_path(resume, output_dir)
+    if os.environ.get("RANK", "0") == "0":  # the process that takes the lock (the others would race it)
+        refuse_if_in_use(path if path.is_dir() and not (path / "config.json").exists() else path.parent)
+    _, meta = read_model_meta(path)
     if "train_config" in meta:
         values = dict(meta["train_config"])
     else:
@@ -139,7 +161,7 @@ def _resume_checkpoint(resume: bool | str | Path | None, output_dir: str | Path 
     ckpt = load_checkpoint(_resume_path(resume, output_dir))
     if ckpt.train_state is None:
         raise CheckpointError(f"{str(ckpt.path)!r} holds weights only, no training state; "
-                              f"use --finetune to start a new run from it")
+                              f"use --pretrained to start a new run from it")
     return ckpt
 
 
@@ -160,7 +182,7 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device: str | None) -> Dist:
+def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
@@ -177,9 +199,13 @@ def setup_distributed(device: str | None) -> Dist:
         torch.cuda.set_device(dev)
     # A caller that trains several times (the layout study) starts the group once and keeps it:
     # a process group cannot be started again in a process under torchrun.
-    owns_group = world_size > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    # FSDP needs a group even in one process (a sharded run resumed without torchrun): a group of one.
+    owns_group = (world_size > 1 or fsdp) and not dist.is_initialized()
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if owns_group and world_size > 1:
+        dist.init_process_group(backend)
+    elif owns_group:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Dist(dist.get_rank() if world_size > 1 else 0, world_size, dev, owns_group)
 
 
@@ -346,24 +372,24 @@ class Run:
         return self.state.earlier_seconds + time.perf_counter() - self.started
 
 
-def train(config: TrainConfig, output_dir: str | Path | None = None, resume: bool | str | Path | None = None,
-          finetune: str | Path | None = None) -> dict:
+def train(config: TrainConfig, output_dir: str | Path | None = None, resume: bool | str | Path | None = None) -> dict:
     """Run a training run to ``config.epochs`` epochs; return its summary (also in ``summary.json``).
 
     ``output_dir``: the run directory (default: ``runs/DATE-TIME-MODEL-DATA``, or the resumed run's).
     ``resume``: True continues the run in ``output_dir``; a path continues that checkpoint or run
     directory (an extended run keeps its learning-rate schedule, flat at ``min_lr`` past its end).
     ``config`` is used as it is: build it on :func:`resumed_config` to keep the resumed run's settings.
-    ``finetune``: start a new run from these weights (checkpoint, run directory or weights file).
     Bad input raises ValueError.
     """
-    d = setup_distributed(config.device)
+    if config.img_size is None:
+        config = replace(config, img_size=model_img_size(config.model))
+    d = setup_distributed(config.device, config.fsdp)
     try:
         ckpt = _resume_checkpoint(resume, output_dir)
         run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else _new_run_dir(config, d)
         _check(config, d, ckpt, run_dir)
         with locked_run_dir(run_dir) if d.main else nullcontext():
-            run = start_run(config, d, run_dir, ckpt, finetune)
+            run = start_run(config, d, run_dir, ckpt)
             if run.state.epoch >= config.epochs:
                 _log(d, f"{run_dir} has trained {run.state.epoch} of {config.epochs} epochs: nothing left to do "
                         f"(pass --epochs N with more epochs to extend it)")
@@ -379,8 +405,14 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
             dist.destroy_process_group()
 
 
-def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None = None,
-              finetune: str | Path | None = None) -> Run:
+def model_img_size(name: str) -> int:
+    """The input size the model ``name`` is built for (384 for ``coatnet_rmlp_2_rw_384``), on the meta
+    device: no weights are made."""
+    with torch.device("meta"):
+        return min(create_model(name).config.img_size)
+
+
+def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
     """The run's data, model, optimizer and schedule: fresh, or at the state of the checkpoint it resumes."""
     started = time.perf_counter()
     local_batch = cfg.batch_size // d.world_size
@@ -389,7 +421,12 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     if workers < cfg.workers:
         _log(d, f"note: --workers {cfg.workers} capped at this machine's {workers} cores")
 
-    data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment)
+    # Images are prepared as the weights expect: the resumed run's way, the pretrained weights', or ours.
+    weights = read_pretrained(cfg.pretrained, cfg.model) if cfg.pretrained and not ckpt else None
+    preprocessing = (read_pretrained_cfg(ckpt) if ckpt else weights.pretrained_cfg if weights else None) \
+        or PretrainedCfg.for_size(cfg.img_size)
+    data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment,
+                          preprocessing=preprocessing)
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
     sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
@@ -406,21 +443,27 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
 
     # Keep this order of random draws: an exact resume repeats them.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every run
-    model = create_model(cfg.model, pretrained=None if ckpt else finetune, num_classes=data.num_classes,
-                         img_size=cfg.img_size, drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
-    if finetune and not ckpt:
-        _log(d, f"fine-tuning from the weights of {finetune}")
+    model = create_model(cfg.model, pretrained=weights, num_classes=data.num_classes, img_size=cfg.img_size,
+                         drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
+    model.pretrained_cfg = preprocessing.with_classes(data.num_classes, data.classes)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if weights is not None:
+        _log(d, f"fine-tuning from the weights of {'timm/' + cfg.model if cfg.pretrained is True else cfg.pretrained}")
     # The model computes channels-last (CoAtNet.forward_stem), so its conv weights' gradients come
     # back channels-last: keep the weights so too. Otherwise DDP's buckets, laid out like the weights,
     # do not match the gradients ("Grad strides do not match bucket view strides"), and autograd
     # copies the stem's gradients into the weights' layout at every step.
-    model.to(d.device, memory_format=torch.channels_last)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    # (FSDP shards contiguous weights only.)
+    model.to(d.device, memory_format=torch.contiguous_format if cfg.fsdp else torch.channels_last)
+    ema = (AveragedModel(model, multi_avg_fn=sharding.ema_avg_fn(get_ema_multi_avg_fn(cfg.ema)), use_buffers=True)
            if cfg.ema > 0 else None)
+    if cfg.fsdp:
+        for module in [model, ema.module] if ema else [model]:
+            sharding.shard(module, cfg.amp)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = lr_schedule(optimizer, cfg, schedule_steps, step=ckpt.train_state["step"] if ckpt else 0)
     net = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
-        if d.world_size > 1 else model
+        if d.world_size > 1 and not cfg.fsdp else model
     if cfg.compile:
         net = torch.compile(net)
     torch.manual_seed(cfg.seed + d.rank)  # drop path and Mixup draws differ across ranks
@@ -431,6 +474,10 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
         _restore(run, ckpt)
     elif d.main:
         _check_free_space(run)
+    if cfg.fsdp:  # weights, gradients and AdamW's two moments: 4 copies of this process's shard
+        held = sum(4 * p.to_local().numel() * p.element_size() for p in model.parameters())
+        _log(d, f"FSDP: each process holds {held / 2**20:.1f} MiB of weights, gradients and optimizer state "
+                f"({4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB unsharded)")
     _log(d, f"training {cfg.model} ({count_parameters(model) / 1e6:.2f}M params with a {data.num_classes}-class "
             f"head) on {cfg.data}: {len(data.train)} train / {len(data.val)} val images at {cfg.img_size}x"
             f"{cfg.img_size}, {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, "
@@ -447,7 +494,7 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     """Refuse settings that cannot run, and any that would overwrite a run, before anything is built."""
     if ckpt and ckpt.meta["model"] != cfg.model:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
-                              f"drop --model to resume it, or start a new run with --finetune")
+                              f"drop --model to resume it, or start a new run from its weights with --pretrained")
     if ckpt is None and holds_a_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
@@ -456,9 +503,11 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
                          f"give an empty --output-dir, or none to continue in {ckpt.path.parent}")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
-                         f"reads no folder; pass --data imagefolder|cifar10|cifar100")
-    if cfg.batch_size % d.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} processes")
+                         f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")
+    if cfg.batch_size % (d.world_size * cfg.grad_accum_steps):
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} process(es) x "
+                         f"--grad-accum-steps {cfg.grad_accum_steps}; give a multiple of "
+                         f"{d.world_size * cfg.grad_accum_steps}")
 
 
 def _check_free_space(run: Run) -> None:
@@ -476,8 +525,16 @@ def _check_free_space(run: Run) -> None:
 def _restore(run: Run, ckpt: Checkpoint) -> None:
     """Weights, optimizer, EMA, state and this rank's RNG as the checkpoint saved them."""
     s, d = ckpt.train_state, run.dist
-    load_weights(run.model, ckpt.weights)
-    run.optimizer.load_state_dict(s["optimizer"])
+    sharded = (ckpt.path / OPTIMIZER_SHARDS).is_dir()
+    if sharded != run.config.fsdp:
+        raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
+                              f"and resumes only so; or start a new run from its weights with --pretrained")
+    if sharded:
+        sharding.load_full_state_dict(run.model, ckpt.weights)
+        sharding.load_optimizer(run.model, run.optimizer, ckpt.path / OPTIMIZER_SHARDS)
+    else:
+        load_weights(run.model, ckpt.weights)
+        run.optimizer.load_state_dict(s["optimizer"])
     # The optimizer state keeps the layout it was saved in, and CPU fused AdamW pairs elements by
     # memory position: lay each moment out like its parameter (checkpoints written before the weights
     # were channels-last).
@@ -488,10 +545,13 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     if run.ema is not None:
         if ckpt.ema_weights is None:
             raise CheckpointError(f"{str(ckpt.path)!r} has no EMA weights but the run keeps an EMA")
-        load_weights(run.ema.module, ckpt.ema_weights)
+        if sharded:
+            sharding.load_full_state_dict(run.ema.module, ckpt.ema_weights)
+        else:
+            load_weights(run.ema.module, ckpt.ema_weights)
         run.ema.n_averaged.fill_(s["ema_n_averaged"])
     run.state = RunState(step=s["step"], epoch=s["epoch"], batch_in_epoch=s["batch_in_epoch"],
-                         best_top1=s["best_top1"], history=s["history"], progress=s["progress"],
+                         best_top1=s["best_top1"], history=s["history"], progress=_resumed_progress(s, d),
                          earlier_seconds=s["wall_seconds"])
     if len(s["rng"]) == d.world_size:
         torch.set_rng_state(s["rng"][d.rank])
@@ -501,6 +561,18 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         _log(d, f"note: checkpoint written by {len(s['rng'])} process(es), resumed by {d.world_size}: "
                 f"random draws will differ from an uninterrupted run")
     _log(d, f"resumed {ckpt.path} at epoch {run.state.epoch + 1}, step {run.state.step}")
+
+
+def _resumed_progress(saved: dict, d: Dist) -> dict:
+    """This rank's sums of the epoch so far. Each rank saved its own (earlier versions, one process:
+    a dict); on another number of processes the first takes them all, since only their total counts."""
+    progress = saved["progress"] if isinstance(saved["progress"], list) else [saved["progress"]]
+    if len(progress) == d.world_size:
+        return progress[d.rank]
+    if not d.main:
+        return _fresh_progress()
+    totals = {k: sum(p[k] for p in progress) for k in ("loss_sum", "correct", "count")}
+    return totals | {"seconds": progress[0]["seconds"]}
 
 
 def train_one_epoch(run: Run) -> None:
@@ -533,21 +605,27 @@ def train_one_epoch(run: Run) -> None:
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch; returns the loss and the logits."""
+    """One optimizer step on a batch, in ``grad_accum_steps`` micro-batches; returns the loss and the logits."""
     cfg = run.config
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = labels
     if run.batch_mix is not None:
         images, targets = run.batch_mix(images, labels)
-    with torch.autocast(run.dist.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        logits = run.net(images)
-        loss = run.criterion(logits, targets)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    steps = cfg.grad_accum_steps
+    losses, logits = [], []
+    for i, (x, t) in enumerate(zip(images.chunk(steps), targets.chunk(steps))):
+        with _gradient_sync(run, i == steps - 1), torch.autocast(run.dist.device.type, dtype=torch.bfloat16,
+                                                                 enabled=cfg.amp):
+            logits.append(run.net(x))
+            losses.append(run.criterion(logits[-1], t))
+        (losses[-1] / steps).backward()
+    loss = torch.stack(losses).mean().detach()
     # The gradient norm (clipped when asked) is the same on every process after DDP's all-reduce, so
     # all of them stop together when it is not finite, before the weights take a non-finite step.
     norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm of all shards
     if not torch.isfinite(norm):
         raise NonFiniteLoss(f"the loss became {loss.item():.4g} (gradient norm {norm.item():.4g}) at step "
                             f"{run.state.step + 1}, epoch {run.state.epoch + 1}; stopped before that step, and the "
@@ -557,7 +635,16 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     run.scheduler.step()
     if run.ema is not None:
         run.ema.update_parameters(run.model)
-    return loss, logits
+    return loss, torch.cat(logits)
+
+
+def _gradient_sync(run: Run, sync: bool):
+    """Reduce gradients across processes only at the last micro-batch of a step (they add up locally)."""
+    if run.config.fsdp:
+        run.model.set_requires_gradient_sync(sync)
+    elif not sync and isinstance(run.net, DistributedDataParallel):
+        return run.net.no_sync()
+    return nullcontext()
 
 
 def evaluate_epoch(run: Run) -> dict:
@@ -591,23 +678,31 @@ def record_epoch(run: Run, metrics: dict) -> bool:
 
 def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> None:
     """Checkpoint the run as it is now and point ``links`` at it. Every process takes part (each
-    hands in its RNG state, to pick up its own draws on resume); the first writes."""
+    hands in its RNG state and its sums of the epoch so far, to pick them up on resume); the first writes."""
     cfg, d, s = run.config, run.dist, run.state
-    rng = _gather(torch.get_rng_state(), d)
+    rng, progress = _gather(torch.get_rng_state(), d), _gather(dict(s.progress), d)
     cuda_rng = _gather(torch.cuda.get_rng_state(d.device), d) if d.device.type == "cuda" else None
+    model, ema_model, shards = run.model, run.ema.module if run.ema else None, None
+    if cfg.fsdp:  # the weights gathered by the first process; the optimizer state written sharded
+        model, ema_model = (sharding.full_state_dict(m) if m is not None else None for m in (model, ema_model))
+        shards = run.run_dir / f".shards-{s.step:08d}.tmp"
+        if d.main:
+            shutil.rmtree(shards, ignore_errors=True)
+        dist.barrier()
+        sharding.save_optimizer(run.model, run.optimizer, shards)
     if not d.main:
         return
-    meta = dict(model=cfg.model, config=run.model.config.to_dict(), classes=list(run.data.classes), dataset=cfg.data,
-                data_dir=cfg.data_dir, img_size=cfg.img_size, epoch=s.epoch, step=s.step, top1=top1,
-                train_config=_plain(asdict(cfg)))
+    meta = dict(model=cfg.model, config=run.model.config.to_dict(), pretrained_cfg=run.model.pretrained_cfg.to_dict(),
+                dataset=cfg.data, data_dir=cfg.data_dir, img_size=cfg.img_size, epoch=s.epoch, step=s.step,
+                top1=top1, train_config=_plain(asdict(cfg)))
     # Plain data and tensors only (checkpoints load with weights_only=True). No scheduler state: the
     # learning rate is a function of the step and schedule_steps. The settings are in config.json.
-    state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch, optimizer=run.optimizer.state_dict(),
-                 schedule_steps=run.schedule_steps, rng=rng, cuda_rng=cuda_rng, best_top1=s.best_top1,
-                 history=s.history, progress=dict(s.progress), wall_seconds=run.wall_seconds(),
+    state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch,
+                 optimizer=None if cfg.fsdp else run.optimizer.state_dict(), schedule_steps=run.schedule_steps,
+                 rng=rng, cuda_rng=cuda_rng, best_top1=s.best_top1, history=s.history, progress=progress,
+                 wall_seconds=run.wall_seconds(),
                  ema_n_averaged=int(run.ema.n_averaged) if run.ema is not None else 0, world_size=d.world_size)
-    save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, run.model, run.ema.module if run.ema else None, state,
-                    links)
+    save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, model, ema_model, state, links, shards)
 
 
 def report_epoch(run: Run) -> None:

@@ -7,10 +7,12 @@ from .coatnet import (CoAtNet, CoAtNetConfig, HeadConfig, MBConv, MBConvConfig, 
                       StemConfig, TransformerBlock, TransformerConfig)
 from .factory import create_model, from_pretrained, load_weights, read_state_dict
 from .folder import save_pretrained
+from .preprocessing import PretrainedCfg, data_transforms
 from .registry import PaperFigures, list_models, model_entry, register_model
 from .timm_convert import convert_timm_state_dict, timm_variants
 
 __all__ = ["CoAtNet", "CoAtNetConfig", "StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig",
-           "MBConv", "RelativeAttention", "TransformerBlock", "create_model", "load_weights", "read_state_dict",
+           "MBConv", "RelativeAttention", "TransformerBlock", "PretrainedCfg", "data_transforms", "create_model",
+           "load_weights", "read_state_dict",
            "from_pretrained", "save_pretrained", "convert_timm_state_dict", "timm_variants", "PaperFigures",
            "list_models", "model_entry", "register_model"]

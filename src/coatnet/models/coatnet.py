@@ -30,6 +30,7 @@ from torchvision.ops import StochasticDepth
 from ..validate import Fraction, PositiveFloat, Range, check_fields
 from .fast_path import ACTIVATIONS, ConvBNAct, SqueezeExcite, inference_chunk
 from .folder import config_from_version_1, save_pretrained
+from .preprocessing import PretrainedCfg
 from .registry import PaperFigures, register_alias, register_model
 
 __all__ = ["StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig", "CoAtNetConfig",
@@ -623,6 +624,8 @@ class CoAtNet(nn.Module):
         self.num_classes = config.num_classes
         self.classifier = nn.Linear(self.head_hidden_size, config.num_classes) if config.num_classes else nn.Identity()
         self.apply(_init_weights)
+        # How images are prepared for the weights (timm's name); loading weights replaces it with theirs.
+        self.pretrained_cfg = PretrainedCfg.for_size(min(config.img_size))
 
     # -- timm-style interface ----------------------------------------------------------------
 
@@ -676,6 +679,7 @@ class CoAtNet(nn.Module):
         self.config = replace(self.config, num_classes=num_classes)
         self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
         self.classifier.apply(_init_weights)
+        self.pretrained_cfg = self.pretrained_cfg.with_classes(num_classes)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -746,6 +750,7 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"out_indices {bad} out of range 0..{len(model.feature_info) - 1} "
                              f"(0: the stem, then one per stage)")
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+        self.pretrained_cfg = model.pretrained_cfg
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor
-from .folder import ModelFolder, ModelFolderError, read_model_folder, upgrade_state_dict
+from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
 from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference
+from .preprocessing import PretrainedCfg
 from .registry import model_entry
-from .timm_convert import classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size, timm_variant_of
+from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
+                           timm_pretrained_cfg, timm_variant_of)
 
 
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
@@ -34,10 +37,12 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     weights when it has them) or a run directory. From the Hugging Face Hub, through its cache
     (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
     (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional) a
-    repository of timm's weights or a ``save_pretrained`` folder; Hub weights keep their own
-    classifier unless ``num_classes`` is given. Weights saved at another resolution load with their
+    repository of timm's weights or a ``save_pretrained`` folder. Weights from a folder or the Hub
+    keep their own classifier unless ``num_classes`` is given. Weights saved at another resolution load with their
     relative-position tables interpolated; a classifier of another size is dropped with a warning and
-    left freshly initialised (fine-tuning on new classes).
+    left freshly initialised (fine-tuning on new classes). The model takes the weights' preprocessing
+    (``model.pretrained_cfg``: mean, std, interpolation, crop, class names; timm's for timm's weights),
+    which :func:`coatnet.data_transforms` turns into a transform.
 
     ``features_only=True`` returns a :class:`FeatureExtractor`, timm's way: a module that gives the
     list of NCHW maps after the stages in ``out_indices`` (default S1..S4), with
@@ -46,18 +51,41 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     entry = model_entry(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
-    state = None
-    if pretrained not in (None, False):
-        from_hub = is_hub_reference(pretrained)
-        path = fetch(*hub_repository(pretrained, name)) if from_hub else Path(pretrained)
-        state = read_model_folder(path).eval_weights if path.is_dir() else read_state_dict(path)
-        if from_hub and num_classes is None:  # published weights are whole: keep their classifier
-            num_classes = classifier_size(state)
+    weights = pretrained if isinstance(pretrained, PretrainedWeights) or pretrained in (None, False) \
+        else read_pretrained(pretrained, name)
+    if weights is not None and weights.whole and num_classes is None:
+        num_classes = classifier_size(weights.state)
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         drop_path_rate=drop_path_rate, **kwargs)
-    if state is not None:
-        load_pretrained_file(model, state, entry.name)
+    if weights is not None:
+        load_pretrained(model, weights, entry.name)
     return FeatureExtractor(model, out_indices) if features_only else model
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Weights read for a model, with how images are prepared for them (None: unknown, the model's own)."""
+
+    state: dict[str, torch.Tensor]
+    pretrained_cfg: PretrainedCfg | None
+    whole: bool = False  # published (Hub) or saved as a model (folder): keep their classifier by default
+
+
+def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeights:
+    """The weights ``create_model(name, pretrained=...)`` loads, read but not yet loaded: a training
+    run reads them first, to prepare its data as they expect, then builds the model on them."""
+    from_hub = is_hub_reference(pretrained)
+    path = fetch(*hub_repository(pretrained, name)) if from_hub else Path(pretrained)
+    if path.is_dir():
+        folder = read_model_folder(path)
+        return PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder), whole=True)
+    state = read_state_dict(path)
+    if not is_timm_state_dict(state):
+        return PretrainedWeights(state, None, whole=from_hub)
+    entry = model_entry(name)
+    img_size = timm_img_size(state) or entry.defaults.get("img_size")
+    return PretrainedWeights(state, timm_pretrained_cfg(entry.name, img_size, classifier_size(state),
+                                                        hub_config(path) if from_hub else None), whole=from_hub)
 
 
 def from_pretrained(path: str | Path) -> CoAtNet:
@@ -86,7 +114,8 @@ def timm_model(weights: Path) -> CoAtNet:
     state = read_state_dict(weights)
     entry = model_entry(architecture)
     model = entry.build(img_size=timm_img_size(state), num_classes=classifier_size(state))
-    return load_pretrained_file(model, state, entry.name).eval()
+    cfg = timm_pretrained_cfg(entry.name, timm_img_size(state), classifier_size(state), hub_config(weights))
+    return load_pretrained(model, PretrainedWeights(state, cfg), entry.name).eval()
 
 
 def model_from_folder(folder: ModelFolder) -> CoAtNet:
@@ -95,12 +124,17 @@ def model_from_folder(folder: ModelFolder) -> CoAtNet:
         config = CoAtNetConfig.from_dict(folder.meta["config"])
     except (TypeError, ValueError) as e:
         raise ModelFolderError(f"{str(folder.path / 'config.json')!r} has no usable model config ({e})") from None
-    return load_weights(CoAtNet(config), folder.eval_weights).eval()
+    return load_pretrained(CoAtNet(config), PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder)),
+                           config.name).eval()
 
 
-def load_pretrained_file(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> nn.Module:
-    """Load a weights file's tensors: ours as they are, timm's converted to ``name``'s keys. timm
-    weights of another variant are named in the error (not only the keys that differ)."""
+def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str) -> nn.Module:
+    """Load weights: ours as they are, timm's converted to ``name``'s keys; the model takes their
+    preprocessing (with their class names while its classifier is theirs). timm weights of another
+    variant are named in the error (not only the keys that differ)."""
+    if weights.pretrained_cfg is not None:
+        model.pretrained_cfg = weights.pretrained_cfg.with_classes(model.num_classes)
+    state = weights.state
     if not is_timm_state_dict(state):
         return load_weights(model, state)
     try:

@@ -22,6 +22,7 @@ against the plain path.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import SqueezeExcitation
@@ -70,9 +71,10 @@ class ConvBNAct(nn.Sequential):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training or not eager_inference():
-            return super().forward(x)
         conv, norm, act = self
+        # Sharded weights (FSDP, the norm its own unit) are gathered only by the norm's own forward.
+        if self.training or not eager_inference() or isinstance(norm.weight, DTensor):
+            return super().forward(x)
         weight, bias = fold_batch_norm(conv, norm)
         if _ONEDNN_CONV and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
             post_op, algorithm = _ONEDNN_POST_OPS[self.activation]

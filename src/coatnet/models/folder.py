@@ -1,10 +1,12 @@
 """The model folder: a model as ``config.json`` + ``model.safetensors``.
 
 The layout of a Hugging Face model repository, so that a folder can be uploaded as it is
-(``huggingface_hub.upload_folder``). ``config.json`` holds ``"model"`` (the registered name) and
-``"config"`` (the :class:`~coatnet.models.coatnet.CoAtNetConfig`), and whatever else its writer
-records (training adds class names, the data set, the step). ``ema.safetensors``, when present,
-holds the weights to use: the exponential moving average that training evaluated. Training
+(``huggingface_hub.upload_folder``). ``config.json`` holds ``"model"`` (the registered name),
+``"config"`` (the :class:`~coatnet.models.coatnet.CoAtNetConfig`), ``"pretrained_cfg"`` (how images
+are prepared for the weights, and the class names:
+:class:`~coatnet.models.preprocessing.PretrainedCfg`), and whatever else its writer records
+(training adds the data set, the step and its settings). ``ema.safetensors``, when present, holds
+the weights to use: the exponential moving average that training evaluated. Training
 checkpoints are such folders with a training state beside them (``coatnet.checkpoint``), and a
 run directory stands for its ``last`` checkpoint.
 
@@ -24,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .preprocessing import PretrainedCfg
 
 CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
 
@@ -45,13 +49,15 @@ class ModelFolder:
         return self.ema_weights if self.ema_weights is not None else self.weights
 
 
-def write_weights(model: nn.Module, file: Path) -> None:
-    """``model``'s state dict as safetensors; it refuses views and shared storage, so contiguous copies."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(file),
-              metadata={"format": "pt"})
+def write_weights(model: nn.Module | dict[str, torch.Tensor], file: Path) -> None:
+    """A model's state dict (or a state dict) as safetensors; it refuses views and shared storage, so
+    contiguous copies."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(file), metadata={"format": "pt"})
 
 
-def write_model_folder(directory: Path, meta: dict, model: nn.Module, ema_model: nn.Module | None = None) -> None:
+def write_model_folder(directory: Path, meta: dict, model: nn.Module | dict,
+                       ema_model: nn.Module | dict | None = None) -> None:
     """Write ``config.json`` (``meta``), the weights and, with ``ema_model``, the EMA weights into ``directory``."""
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
     write_weights(model, directory / WEIGHTS)
@@ -65,8 +71,28 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     if directory.exists() and not directory.is_dir():
         raise ModelFolderError(f"{str(directory)!r} is a file; give a folder to write {CONFIG} and {WEIGHTS} into")
     directory.mkdir(parents=True, exist_ok=True)
-    write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict()}, model)
+    write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict(),
+                                   "pretrained_cfg": model.pretrained_cfg.to_dict()}, model)
     return directory
+
+
+def read_pretrained_cfg(folder: ModelFolder) -> PretrainedCfg:
+    """The preprocessing recorded in ``config.json``. Folders written before it was recorded were all
+    trained by us: our preprocessing at their size, and the class names training recorded."""
+    meta = folder.meta
+    if "pretrained_cfg" not in meta:
+        size = meta.get("img_size") or min(meta["config"].get("img_size") or (224,))
+        meta = meta | {"pretrained_cfg": PretrainedCfg.for_size(size).to_dict() | {"label_names": meta.get("classes")}}
+    try:
+        cfg = PretrainedCfg.from_dict(meta["pretrained_cfg"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelFolderError(f"{str(folder.path / CONFIG)!r} has an unusable pretrained_cfg ({e}); "
+                               f"correct it or use another checkpoint") from None
+    outputs = meta["config"].get("num_classes")
+    if cfg.label_names is not None and len(cfg.label_names) != outputs:
+        raise ModelFolderError(f"{str(folder.path / CONFIG)!r} lists {len(cfg.label_names)} class names but the "
+                               f"model has {outputs} outputs; give it one name per output, or use another checkpoint")
+    return cfg
 
 
 def read_model_folder(path: str | Path) -> ModelFolder:

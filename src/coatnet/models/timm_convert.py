@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, imagenet_class_names
 from .registry import list_models, model_entry
 
 # timm's dim_head for every CoAtNet; our rw configurations keep the same head size.
@@ -132,3 +134,26 @@ def timm_variant_of(state_dict: dict[str, Tensor]) -> str | None:
         if ours.keys() == own.keys() and all(ours[k].shape == own[k].shape for k in own):
             return name
     return None
+
+
+# timm's preprocessing of its CoAtNet weights (maxxvit.py's default_cfgs): mean and std 0.5,
+# bicubic, crop 0.95, with a few variants' own crops; its 384 px fine-tunes resize without a crop.
+_TIMM_PREPROCESSING = PretrainedCfg(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.95)
+_TIMM_OWN_PREPROCESSING = {"coatnet_nano_rw": dict(crop_pct=0.9), "coatnet_rmlp_nano_rw": dict(crop_pct=0.9),
+                           "coatnet_bn_0_rw": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)}
+
+
+def timm_pretrained_cfg(model_name: str, img_size: int | None, num_classes: int,
+                        hub_config: dict | None = None) -> PretrainedCfg:
+    """How timm prepares images for its weights of our ``model_name`` at ``img_size``: the
+    ``pretrained_cfg`` (and ``label_names``) of the repository's ``hub_config`` when there is one,
+    over timm's defaults for the variant. A 1000-class head is ImageNet-1k's."""
+    values = _TIMM_OWN_PREPROCESSING.get(model_name, {})
+    if img_size is not None and img_size >= 384:
+        values = values | dict(crop_pct=1.0, crop_mode="squash")
+    cfg = replace(_TIMM_PREPROCESSING, **values)
+    if hub_config:
+        own = dict(hub_config.get("pretrained_cfg") or {}, label_names=hub_config.get("label_names"))
+        cfg = PretrainedCfg.from_dict(cfg.to_dict() | {k: v for k, v in own.items() if v is not None})
+    names = cfg.label_names or (imagenet_class_names() if num_classes == 1000 else None)
+    return cfg.with_classes(num_classes, names)

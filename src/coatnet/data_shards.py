@@ -1,0 +1,427 @@
+"""Sharded data sets: WebDataset tar shards and Hugging Face datasets, as map-style datasets.
+
+``build_webdataset(data_dir, train_transform, eval_transform)`` and ``build_hf(...)`` return a
+:class:`~coatnet.data.DataBundle` whose items are ``(transform(PIL RGB image), int label)``, like
+``build_datasets``. Both need the ``data`` extra (``pip install 'coatnet[data]'``).
+
+Why map-style (random access by index) and not webdataset's streaming pipeline: the trainer draws
+the order with ``DistributedSampler`` over indices and seeds each sample's augmentation from
+(seed, epoch, index), so with random access these data sets inherit everything ImageFolder has:
+
+* **Exact resume**: everything, bit-exactly (order, augmentations, the position inside the epoch),
+  as long as the files are unchanged. Index ``i`` always names the same sample: shards are taken in
+  sorted name order (or the brace pattern's order) and samples in tar order; a Hugging Face split
+  keeps its row order (parquet files sorted by name).
+* **Ranks and workers**: ``DistributedSampler`` shuffles all indices with (seed + epoch), pads the
+  list to a multiple of the world size by repeating its first indices (``drop_last=False``, the
+  default), and gives rank ``r`` positions ``r, r + world, ...``. So every sample is seen in each
+  epoch, without gaps and, when the count divides by the world size, without duplicates; otherwise
+  at most ``world - 1`` samples are seen twice that epoch. DataLoader workers only read the indices
+  handed to them, so they add neither duplicates nor gaps.
+
+WebDataset shards: ``wids.ShardListDataset`` (webdataset's indexed reader, now the separate
+``wids`` package, not part of ``webdataset`` 1.0) does not fit: it needs a shard list with sample
+counts (which means reading every shard first anyway), copies or locks shards in a cache dir
+(``/tmp/_wids_cache`` or a ``.lock`` file next to each shard), re-indexes a shard every time it falls
+out of its small LRU of open shards (with a global shuffle, almost every read), prints to stderr,
+and reports bad input with ``assert``. Instead each shard's tar headers are read once, at
+construction, with Python's ``tarfile`` (the reader under webdataset's own iterator) without
+reading the images, and the index (shard, byte offset, size, label) is kept in numpy arrays. A
+sample is grouped the way webdataset groups it (consecutive files with the same key, split with
+``webdataset.tariterators.base_plus_ext``; ``__meta__`` files skipped): ``key.jpg|jpeg|png|webp``
+is the image, ``key.cls`` the label as text; other files are ignored. An item opens its shard, reads
+the image bytes at the offset and closes it (one ``open`` per image, as ImageFolder does), so
+nothing is open when the dataset is pickled into a worker. Only uncompressed ``.tar`` shards work:
+a compressed one cannot be read at an offset.
+
+Hugging Face: ``datasets.Dataset`` is already random access over memory-mapped Arrow files
+(re-mapped by path in a spawned worker; a forked worker shares the read-only mapping). A
+``save_to_disk`` folder is used in place; parquet files are converted once by ``datasets`` into an
+Arrow cache (see :func:`build_hf` for where), which later runs and other ranks reuse.
+
+An image that fails to decode when read is warned about, counted in ``skipped_at_load`` and replaced
+by the next decodable sample, as ``ImageFolderDataset`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .data import DataBundle, DataError, _one_line, decode_image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image, in order of preference
+HF_EVAL_SPLITS = ("validation", "val", "test")
+_WDS_META = r"__[^/]*__($|/)"  # webdataset skips these names (metadata)
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise DataError(
+            f"the '{module}' package is not installed; pip install 'coatnet[data]'"
+        ) from None
+
+
+class EncodedImages(Dataset):
+    """Map-style base: item ``i`` is ``(transform(decoded image i), labels[i])``.
+
+    Subclasses implement ``_read(i) -> (encoded bytes, description for messages)``.
+    """
+
+    def __init__(self, labels: np.ndarray, transform: Callable):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self._bad_at_load: set[int] = set()
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+    @property
+    def skipped_at_load(self) -> int:
+        return len(self._bad_at_load)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _read(self, i: int) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        for k in range(n):
+            i = (int(index) + k) % n
+            if i in self._bad_at_load:
+                continue
+            try:
+                data, where = self._read(i)
+                image = decode_image(io.BytesIO(data), where)
+            except DataError as e:
+                self._bad_at_load.add(i)
+                warnings.warn(f"skipping at load: {e}", stacklevel=2)
+                continue
+            return self.transform(image), int(self.labels[i])
+        raise DataError("no decodable image left in the data set; check the data")
+
+
+# --------------------------------------------------------------------------------------------
+# WebDataset tar shards
+# --------------------------------------------------------------------------------------------
+
+
+class TarShardDataset(EncodedImages):
+    """Samples of uncompressed WebDataset tar shards, read by index through a prebuilt index."""
+
+    def __init__(self, shards: list[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
+                 keys: np.ndarray, labels: np.ndarray, transform: Callable):
+        super().__init__(labels, transform)
+        self.shards = list(shards)
+        self.shard, self.offset, self.size, self.keys = shard, offset, size, keys
+
+    def _read(self, i: int) -> tuple[bytes, str]:
+        path, key = self.shards[self.shard[i]], self.keys[i].decode()
+        try:
+            with open(path, "rb") as f:
+                f.seek(int(self.offset[i]))
+                data = f.read(int(self.size[i]))
+        except OSError as e:
+            raise DataError(f"cannot read shard '{path}' ({_one_line(e)})") from None
+        if len(data) != self.size[i]:
+            raise DataError(f"shard '{path}' is shorter than when it was indexed; re-create it")
+        return data, f"'{key}' in shard '{path}'"
+
+
+def _index_shard(path: str) -> list[tuple[str, int, int, int]]:
+    """One shard's samples in tar order: (key, image offset, image size, label)."""
+    from webdataset.tariterators import base_plus_ext
+
+    samples: list[list] = []  # [key, {ext: TarInfo}, label], grouped as webdataset groups them
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                key, ext = base_plus_ext(m.name)
+                if not m.isreg() or key is None or re.match(_WDS_META, m.name):
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append([key, {}, None])
+                samples[-1][1][ext.lower()] = m
+                if ext.lower() == "cls":
+                    raw = tf.extractfile(m).read()
+                    try:
+                        samples[-1][2] = int(raw.decode("utf-8").strip())
+                    except (UnicodeDecodeError, ValueError):
+                        raise DataError(
+                            f"sample '{key}' in shard '{path}' has label {raw[:20]!r}, not an "
+                            "integer; write the class index as text in key.cls"
+                        ) from None
+            end = tf.offset  # where the end-of-archive zero blocks must be
+        with open(path, "rb") as f:  # tarfile stops silently at a cut at a member boundary
+            f.seek(end)
+            tail = f.read(512)
+        if len(tail) < 512 or any(tail):
+            raise tarfile.ReadError(f"no end-of-archive marker at byte {end}")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(
+            f"shard '{path}' is not an uncompressed tar file or is truncated ({_one_line(e)}); "
+            "re-create or re-download it"
+        ) from None
+    rows = []
+    for key, files, label in samples:
+        image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+        if image is None or label is None:
+            missing = "image (.jpg/.jpeg/.png/.webp)" if image is None else "label (.cls)"
+            raise DataError(f"sample '{key}' in shard '{path}' has no {missing}; every sample needs both")
+        rows.append((key, image.offset_data, image.size, label))
+    return rows
+
+
+def _index_split(shards: list[str], transform: Callable) -> TarShardDataset:
+    # Threads overlap the header reads on slow (network) storage; map keeps the shard order. On a
+    # local disk the Python tar parsing dominates: about 0.1 ms a sample.
+    with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+        per_shard = list(pool.map(_index_shard, shards))
+    rows = [row for part in per_shard for row in part]
+    if not rows:
+        raise DataError(f"the shards '{shards[0]}' ... hold no samples; check the data")
+    keys, offsets, sizes, labels = zip(*rows)
+    shard_ids = np.repeat(np.arange(len(shards), dtype=np.int32), [len(p) for p in per_shard])
+    return TarShardDataset(shards, shard_ids, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
+                           np.array([k.encode() for k in keys]), np.array(labels, dtype=np.int64), transform)
+
+
+def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
+    """Train and val shard paths, and the folder that may hold classes.txt."""
+    if "{" in data_dir:  # brace pattern for the train shards
+        braceexpand = _require("braceexpand")
+
+        folder, name = os.path.split(os.path.expanduser(data_dir))
+        if "train" not in name:
+            raise DataError(
+                f"shard pattern '{data_dir}' must have 'train' in its file name (the val shards are "
+                "the same pattern with 'val' for 'train')"
+            )
+        split_paths = []
+        for split, pattern in (("train", name), ("val", name.replace("train", "val"))):
+            pattern = os.path.join(folder, pattern)
+            paths = list(braceexpand.braceexpand(pattern))
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise DataError(
+                    f"no {split} shards found: {len(missing)} of {len(paths)} files of '{pattern}' do "
+                    f"not exist (first: '{missing[0]}'); fix the pattern, or pass the folder holding "
+                    "train-*.tar and val-*.tar"
+                )
+            split_paths.append(paths)
+        return split_paths[0], split_paths[1], Path(folder)
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"'{root}' is neither a folder of shards nor a brace pattern like "
+            "'DIR/train-{000000..000099}.tar'; check --data-dir"
+        )
+    train, val = (sorted(str(p) for p in root.glob(f"{s}-*.tar") if p.is_file()) for s in ("train", "val"))
+    if not train or not val:
+        raise DataError(
+            f"no {'train' if not train else 'val'} shards found: looked for '{root}/train-*.tar' and "
+            f"'{root}/val-*.tar'; put the WebDataset shards there"
+        )
+    return train, val, root
+
+
+def _read_classes_txt(path: Path) -> tuple[str, ...]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = tuple(line.strip() for line in lines)
+    if not names or not all(names) or len(set(names)) != len(names):
+        raise DataError(f"'{path}' must list one distinct, non-empty class name per line (line i = label i)")
+    return names
+
+
+def _check_labels(ds: TarShardDataset, num_classes: int, source: str) -> None:
+    bad = np.flatnonzero((ds.labels < 0) | (ds.labels >= num_classes))
+    if len(bad):
+        i = bad[0]
+        raise DataError(
+            f"sample '{ds.keys[i].decode()}' in shard '{ds.shards[ds.shard[i]]}' has label "
+            f"{ds.labels[i]}, outside 0..{num_classes - 1} of {source}; fix the label or the class list"
+        )
+
+
+def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: Callable) -> DataBundle:
+    """WebDataset shards: ``data_dir`` is a folder holding ``train-*.tar`` and ``val-*.tar``, or a
+    brace pattern for the train shards (``DIR/train-{000000..000099}.tar``) whose val shards are
+    the same pattern with ``train`` replaced by ``val`` in the file name.
+
+    Class names come from ``classes.txt`` next to the shards (line i = label i), else they are
+    ``"0".."N-1"`` with N = the largest label of both splits + 1.
+    """
+    _require("webdataset")
+    train_shards, val_shards, folder = _find_shards(str(data_dir))
+    train = _index_split(train_shards, train_transform)
+    val = _index_split(val_shards, eval_transform)
+    classes_txt = folder / "classes.txt"
+    if classes_txt.is_file():
+        classes = _read_classes_txt(classes_txt)
+        source = f"'{classes_txt}'"
+    else:
+        classes = tuple(str(c) for c in range(int(max(train.labels.max(), val.labels.max())) + 1))
+        source = "the labels"
+    for ds in (train, val):
+        _check_labels(ds, len(classes), source)
+    return DataBundle(train, val, classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# --------------------------------------------------------------------------------------------
+
+
+class HFImageDataset(EncodedImages):
+    """One split of a Hugging Face dataset, its image column read undecoded and decoded here."""
+
+    def __init__(self, hf_split, image_column: str, labels: np.ndarray, transform: Callable, name: str):
+        import datasets
+
+        super().__init__(labels, transform)
+        self.image_column, self.name = image_column, name
+        # Only the image column, as {"bytes", "path"} (no PIL decode in datasets: see decode_image).
+        self.hf = hf_split.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+
+    def _read(self, i: int) -> tuple[bytes, str]:
+        value = self.hf[i][self.image_column]
+        where = f"row {i} of {self.name}"
+        if value.get("bytes") is None:  # stored as a path to an image file
+            try:
+                return Path(value["path"]).read_bytes(), f"'{value['path']}' ({where})"
+            except (OSError, TypeError) as e:
+                raise DataError(f"cannot read image {where} ({_one_line(e)})") from None
+        return value["bytes"], where
+
+
+def _hf_cache_dir(root: Path) -> str:
+    """Where parquet is converted to Arrow: $COATNET_HF_CACHE, else next to the data, else /tmp."""
+    if os.environ.get("COATNET_HF_CACHE"):
+        return os.environ["COATNET_HF_CACHE"]
+    root = root.resolve()
+    if os.access(root.parent, os.W_OK):
+        return str(root.parent / f".{root.name}-arrow-cache")
+    return os.path.join(tempfile.gettempdir(), "coatnet-arrow-cache", root.name)
+
+
+def _load_hf_splits(root: Path, cache_dir: str | None) -> tuple[dict, str]:
+    """``{"train": Dataset, <eval split>: Dataset}`` and the eval split's name."""
+    datasets = _require("datasets")
+    if (root / "state.json").is_file():
+        raise DataError(
+            f"'{root}' holds a single split (Dataset.save_to_disk); save a DatasetDict with "
+            "'train' and 'validation' splits"
+        )
+    if (root / "dataset_dict.json").is_file():
+        try:
+            dd = datasets.load_from_disk(str(root))
+        except Exception as e:  # corrupt or foreign files fail in many ways; all mean "unreadable"
+            raise DataError(f"cannot load the dataset saved in '{root}' ({_one_line(e)})") from None
+        found = list(dd)
+        files = None
+    else:
+        for base in (root, root / "data"):
+            files = {}
+            for p in sorted(base.glob("*-*.parquet")):
+                files.setdefault(p.name.split("-")[0], []).append(str(p))
+            if files:
+                break
+        else:
+            raise DataError(
+                f"no Hugging Face dataset in '{root}': looked for dataset_dict.json (save_to_disk), "
+                f"'{root}/train-*.parquet' and '{root}/data/train-*.parquet'"
+            )
+        found = list(files)
+    eval_split = next((s for s in HF_EVAL_SPLITS if s in found), None)
+    if "train" not in found or eval_split is None:
+        raise DataError(
+            f"'{root}' needs a 'train' split and one of {'/'.join(HF_EVAL_SPLITS)} "
+            f"(found: {', '.join(found) or 'none'})"
+        )
+    if files is None:
+        return {"train": dd["train"], eval_split: dd[eval_split]}, eval_split
+    import pyarrow.parquet as pq
+
+    wanted = {s: files[s] for s in ("train", eval_split)}
+    for path in (p for ps in wanted.values() for p in ps):  # name the bad file, not just the folder
+        try:
+            pq.read_schema(path)
+        except Exception as e:
+            raise DataError(f"'{path}' is not a readable parquet file ({_one_line(e)}); re-download it") from None
+    try:
+        dd = datasets.load_dataset("parquet", data_files=wanted, cache_dir=cache_dir or _hf_cache_dir(root))
+    except Exception as e:
+        raise DataError(f"cannot load the parquet files in '{root}' ({_one_line(e)})") from None
+    return dict(dd), eval_split
+
+
+def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
+    """Image column, label column and the ClassLabel names (None for a plain int column)."""
+    import datasets
+
+    feats = ds.features
+    image = next((c for c in ("image", "img") if c in feats), None)
+    label = next((c for c in ("label", "labels") if c in feats), None)
+    if image is None or not isinstance(feats[image], datasets.Image):
+        raise DataError(f"{where} has no image column ('image' or 'img' of type Image); columns: {', '.join(feats)}")
+    if label is None:
+        raise DataError(f"{where} has no label column ('label' or 'labels'); columns: {', '.join(feats)}")
+    if isinstance(feats[label], datasets.ClassLabel):
+        return image, label, tuple(feats[label].names)
+    if isinstance(feats[label], datasets.Value) and feats[label].dtype.startswith(("int", "uint")):
+        return image, label, None
+    raise DataError(f"{where}: label column '{label}' is {feats[label]}, not a ClassLabel or an integer")
+
+
+def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
+             cache_dir: str | None = None) -> DataBundle:
+    """A Hugging Face dataset: ``data_dir`` is a ``DatasetDict.save_to_disk`` folder, or a folder of
+    parquet files ``DIR/<split>-*.parquet`` or ``DIR/data/<split>-*.parquet`` (the Hub layout).
+
+    Splits: ``train``, and the first of ``validation``, ``val``, ``test`` for evaluation. Columns:
+    ``image``/``img`` (an Image feature) and ``label``/``labels`` (a ClassLabel, whose names become
+    the classes, or integers, giving ``"0".."N-1"``). Nothing touches the network. Parquet is
+    converted once into ``cache_dir``, default ``$COATNET_HF_CACHE``, else ``.<name>-arrow-cache``
+    beside ``data_dir``, else under the system temp dir; a ``save_to_disk`` folder is read in place.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Hugging Face data directory '{root}' does not exist or is not a folder")
+    splits, eval_split = _load_hf_splits(root, cache_dir)
+    built, classes = [], None
+    for split, transform in (("train", train_transform), (eval_split, eval_transform)):
+        ds, where = splits[split], f"split '{split}' of '{root}'"
+        image, label, names = _hf_columns(ds, where)
+        column = ds.with_format("arrow")[label]  # the whole column at once, not row by row
+        labels = column.to_numpy() if column.null_count == 0 else None
+        if len(column) == 0:
+            raise DataError(f"{where} has no samples; check the data")
+        if labels is None or labels.min() < 0:
+            raise DataError(f"{where} has samples without a label (null or -1); use a labelled split")
+        if classes is not None and names is not None and names != classes:
+            raise DataError(f"{where} has other class names than split 'train'; give both the same ClassLabel")
+        classes = classes or names
+        built.append(HFImageDataset(ds, image, labels, transform, where))
+    if classes is None:
+        classes = tuple(str(c) for c in range(int(max(d.labels.max() for d in built)) + 1))
+    for ds in built:
+        if ds.labels.max() >= len(classes):
+            raise DataError(f"{ds.name} has label {ds.labels.max()}, outside 0..{len(classes) - 1} of its ClassLabel")
+    return DataBundle(built[0], built[1], classes)

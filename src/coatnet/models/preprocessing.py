@@ -1,0 +1,149 @@
+"""What a model's weights expect of an image: ``PretrainedCfg``, and the transforms built from it.
+
+Weights are trained on images prepared one way (resized with some interpolation, cropped, scaled by
+a mean and std); fed images prepared another way, they lose accuracy without any error. So every
+model carries a :class:`PretrainedCfg` (``model.pretrained_cfg``, timm's name) beside its weights:
+``save_pretrained`` and training checkpoints write it into ``config.json``, loading reads it back,
+and ``coatnet eval``/``predict``/``export`` and :func:`data_transforms` follow it.
+
+- A model without weights, and what ``coatnet train`` trains, gets ours: ImageNet's mean and std,
+  bilinear resize and the usual 0.875 centre crop (no crop below 64 px, where it would cut into an
+  already tiny image).
+- timm's weights come with timm's: mean and std 0.5, bicubic, crop 0.95 for the rw models, read from
+  the repository's ``config.json`` when fetched from the Hub (``timm_convert.timm_pretrained_cfg``
+  holds timm's defaults for a bare file).
+
+The input size is the model's own (``model.config.img_size``), so a model built at another size than
+its weights were trained at is fed at the size it was built for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Annotated, Literal
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from ..validate import Range, check_fields
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+CropPct = Annotated[float, Range(0, 1, low_open=True)]
+_MIN_SIZE_FOR_CROP = 64  # below it, evaluation keeps the whole image
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """How to prepare an image for the weights (timm's ``pretrained_cfg`` fields of the same names).
+
+    ``crop_pct``: the centre crop's share of the resized image (the image is resized to
+    ``size / crop_pct``, then cropped to ``size``); ``crop_mode`` ``"center"`` resizes the shorter
+    side and keeps the aspect ratio, ``"squash"`` resizes both sides (timm's 384 px fine-tunes).
+    ``label_names``: one name per output, when known.
+    """
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: Interpolation = "bilinear"
+    crop_pct: CropPct = 0.875
+    crop_mode: Literal["center", "squash"] = "center"
+    label_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            numbers = isinstance(value, tuple) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
+            if not (numbers and (name == "mean" or all(v > 0 for v in value))):
+                raise ValueError(f"{name} must be 3 numbers (one per channel){' above 0' if name == 'std' else ''}, "
+                                 f"got {value!r}")
+
+    @classmethod
+    def for_size(cls, img_size: int, **fields_) -> PretrainedCfg:
+        """Ours at ``img_size``: no crop below 64 px."""
+        return cls(**({"crop_pct": 1.0} if img_size < _MIN_SIZE_FOR_CROP else {}) | fields_)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PretrainedCfg:
+        """Ours as written by :meth:`to_dict`, or timm's ``pretrained_cfg`` (its other keys ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known and v is not None}
+        return cls(**values)
+
+    def override(self, values: dict) -> PretrainedCfg:
+        """This preprocessing with the fields ``values`` gives (not None), e.g. command-line flags."""
+        given = {f.name: values.get(f.name) for f in fields(self) if f.name != "label_names"}
+        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+
+    def with_classes(self, num_classes: int, names=None) -> PretrainedCfg:
+        """This preprocessing for a head of ``num_classes`` outputs named ``names``; names that do not
+        fit the head (a replaced classifier) are dropped."""
+        names = tuple(names) if names is not None else self.label_names
+        return replace(self, label_names=names if names is not None and len(names) == num_classes else None)
+
+
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names, from torchvision's package (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """One name per output: the weights' own; with none recorded, ImageNet-1k's for a 1000-class head
+    (weights saved before names travelled with them), else the indices."""
+    n = model.config.num_classes
+    names = model.pretrained_cfg.label_names
+    if names is None:
+        return list(imagenet_class_names()) if n == 1000 else [str(i) for i in range(n)]
+    return list(names)
+
+
+def _interpolation(cfg: PretrainedCfg) -> v2.InterpolationMode:
+    return v2.InterpolationMode(cfg.interpolation)
+
+
+def normalize(cfg: PretrainedCfg) -> list[v2.Transform]:
+    """The common tail: uint8 image -> float32 plain tensor, scaled by the weights' mean and std."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std)), v2.ToPureTensor()]
+
+
+def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg) -> v2.Compose:
+    """Resize, centre crop and normalise an image (PIL or tensor, any size, grey or colour) as ``cfg`` says."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    scaled = (int(height / cfg.crop_pct), int(width / cfg.crop_pct))
+    # "center": the shorter side to its share of the crop, aspect kept; "squash": both sides.
+    resize = v2.Resize(scaled if cfg.crop_mode == "squash" or height != width else scaled[0],
+                       interpolation=_interpolation(cfg), antialias=True)
+    return v2.Compose([v2.ToImage(), v2.RGB(), resize, v2.CenterCrop((height, width)), *normalize(cfg)])
+
+
+def train_transform(img_size: int, cfg: PretrainedCfg, hflip: bool = True,
+                    randaugment: tuple[int, int] | None = None) -> v2.Compose:
+    """The training transform of ImageNet-style data: random resized crop, flip, RandAugment (Table 10)."""
+    return v2.Compose([v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(img_size, interpolation=_interpolation(cfg),
+                                                                  antialias=True),
+                       *augment(hflip, randaugment), *normalize(cfg)])
+
+
+def augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transform]:
+    ops: list[v2.Transform] = [v2.RandomHorizontalFlip()] if hflip else []
+    if randaugment is not None:
+        ops.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+    return ops
+
+
+def data_transforms(model: nn.Module, training: bool = False) -> v2.Compose:
+    """The torchvision transform that prepares images for ``model`` as its weights expect (timm's
+    ``create_transform(**resolve_data_config(model=model))``): evaluation by default, or with
+    ``training`` the random resized crop and flip of fine-tuning, at the model's input size."""
+    size = model.config.img_size
+    if training:
+        return train_transform(size[0] if size[0] == size[1] else size, model.pretrained_cfg)
+    return eval_transform(size, model.pretrained_cfg)

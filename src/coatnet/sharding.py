@@ -1,0 +1,80 @@
+"""``coatnet train --fsdp``: the model sharded across processes with PyTorch's FSDP2, its optimizer
+state saved and loaded sharded with ``torch.distributed.checkpoint`` (DCP).
+
+With plain DDP every process holds the weights, gradients and AdamW's two moments: 16 bytes per
+parameter, 39 GB for CoAtNet-7 before any activation. ``fully_shard`` splits each of them across
+the processes and gathers one block's weights at a time for its forward and backward.
+
+- Units: every block (MBConv or Transformer) is its own unit, and the model root holds the rest
+  (stem, head). With ``--amp`` the gathered weights are bfloat16 and gradients are reduced in
+  float32 (``MixedPrecisionPolicy``); BatchNorm stays float32 (its running statistics are float32,
+  and CPU BatchNorm wants weights of their type), so each BatchNorm is a small unit of its own.
+- Weights are not channels-last here: FSDP shards contiguous parameters only.
+- Checkpoints: the weights (and EMA weights) are gathered into one file by the first process, as
+  in every checkpoint, so ``from_pretrained``, ``eval``, ``predict`` and ``export`` read any
+  checkpoint of an FSDP run as they read others, and nothing needs consolidating. The optimizer
+  state, twice the weights, stays sharded: each process writes its shard with DCP into the
+  checkpoint's ``optimizer/`` folder. DCP reshards on load, so an FSDP run resumes on another
+  number of processes; a DDP checkpoint (whole optimizer state) and an FSDP one do not resume
+  each other: start a new run from the weights with ``--pretrained`` instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+def shard(model: nn.Module, amp: bool) -> nn.Module:
+    """Shard ``model`` (a CoAtNet) across the process group: each block a unit, the root the rest."""
+    float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp else float32
+    if amp:
+        for norm in model.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                fully_shard(norm, mp_policy=float32)
+    for stage in model.stages:
+        for block in getattr(stage, "blocks", stage):  # a TransformerStage's blocks; a ConvStage is its blocks
+            fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def ema_avg_fn(average):
+    """``AveragedModel``'s ``multi_avg_fn`` for a sharded model: its parameters are DTensors, its
+    buffers (BatchNorm statistics) plain tensors, and one foreach call cannot mix the two."""
+
+    def update(ema_tensors: list, tensors: list, n_averaged) -> None:
+        for sharded in (True, False):
+            pairs = [(e, t) for e, t in zip(ema_tensors, tensors) if isinstance(e, DTensor) == sharded]
+            if pairs:
+                average([e for e, _ in pairs], [t for _, t in pairs], n_averaged)
+
+    return update
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict, on the CPU of the first process (empty on the others); every process calls it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole state dict (every process has it) into the sharded ``model``: each keeps its shard."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every process writes its shard of the optimizer state into ``folder`` (collective)."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Read this process's shard of the optimizer state from ``folder``, resharded to this run (collective)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

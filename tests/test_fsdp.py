@@ -1,0 +1,127 @@
+"""``coatnet train --fsdp``: FSDP2 over 2 gloo processes on the CPU, its sharded checkpoints, exact resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import coatnet
+from coatnet.checkpoint import CheckpointError, load_checkpoint
+from coatnet.train import resumed_config, train
+from test_train import ENV, assert_bitwise_equal, run_cli, weights
+
+# bfloat16 weights gathered for compute, EMA and activation checkpointing: every part FSDP touches.
+FLAGS = ["--img-size", "16", "--batch-size", "64", "--epochs", "2", "--warmup-steps", "2", "--seed", "5",
+         "--label-smoothing", "0", "--ema", "0.9", "--amp", "--grad-checkpointing", "--save-every", "4"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "coatnet",
+            "train", "--fsdp", *FLAGS]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, str]:
+    """An uninterrupted 2-process FSDP run, and what it printed."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    done = subprocess.run(TORCHRUN + ["--output-dir", str(out)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path):
+    """As for DDP (test_train.py::test_torchrun_two_processes_match_one): the same samples in each
+    step, BatchNorm statistics per process, so close but not bit for bit."""
+    out, stdout = fsdp_run
+    run_cli("train", *FLAGS, "--output-dir", str(tmp_path / "one"))
+    one, two = weights(tmp_path / "one"), weights(out)
+    torch.manual_seed(5)
+    start = coatnet.create_model("coatnet_pico", num_classes=10, img_size=16, drop_path_rate=0.0).state_dict()
+    params = [k for k in one if "running_" not in k and "num_batches" not in k]
+    apart = sum((one[k] - two[k]).square().sum() for k in params).sqrt()
+    moved = sum((one[k] - start[k]).square().sum() for k in params).sqrt()
+    assert moved > 1 and apart / moved < 0.3, (apart, moved)
+    m1, m2 = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in
+              (tmp_path / "one", out))
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [22, 44]
+    assert abs(m1[0]["train_loss"] - m2[0]["train_loss"]) < 0.05 * m1[0]["train_loss"]
+    # Each process holds half of the weights, gradients and AdamW state, and writes half of the latter.
+    found = re.search(r"each process holds ([\d.]+) MiB .* \(([\d.]+) MiB unsharded\)", stdout)
+    held, whole = map(float, found.groups())
+    assert 0.45 < held / whole < 0.6, (held, whole)
+    shards = sorted((out / "last" / "optimizer").glob("*.distcp"))
+    sizes = [f.stat().st_size for f in shards]
+    assert len(shards) == 2 and 0.8 < sizes[0] / sizes[1] < 1.25, sizes
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's workers run in sessions of their own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _kill_group_when(proc: subprocess.Popen, run_dir: Path, min_step: int) -> int:
+    """SIGKILL torchrun and its workers, all at once as a machine failing would, once ``run_dir/last``
+    holds a checkpoint at or past ``min_step``."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            step = int(os.readlink(run_dir / "last").split("-")[1])
+        except (OSError, ValueError, IndexError):
+            step = -1
+        if step >= min_step:
+            for pid in [*_children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            return step
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be killed")
+        time.sleep(0.02)
+    pytest.fail("no checkpoint appeared")
+
+
+def test_sigkill_and_resume_is_bit_identical(fsdp_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(TORCHRUN + ["--output-dir", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed_at = _kill_group_when(proc, out, 4)
+    assert killed_at < 44 and load_checkpoint(out / "last").train_state["step"] == killed_at
+    resumed = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--output-dir", str(out)], capture_output=True,
+                             text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = fsdp_run[0]
+    assert_bitwise_equal(weights(reference), weights(out))
+    losses = [[json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (reference, out)]
+    assert losses[0] == losses[1]
+
+
+def test_a_sharded_checkpoint_is_a_model_folder_and_resumes_on_one_process(fsdp_run, tmp_path, capsys):
+    import shutil
+
+    from coatnet.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(fsdp_run[0], out, symlinks=True)
+    model = coatnet.from_pretrained(out / "best")  # the gathered EMA weights: nothing to consolidate
+    assert model.num_classes == 10
+    assert main(["eval", "--checkpoint", str(out / "best"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 360
+    # DCP reshards the 2 processes' optimizer state for 1 process (FSDP over a group of one).
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 0
+    assert load_checkpoint(out / "last").train_state["step"] == 66
+    # A run without --fsdp cannot resume it: the optimizer state is sharded.
+    with pytest.raises(CheckpointError, match="was written by a run with --fsdp and resumes only so"):
+        train(replace(resumed_config(True, out), fsdp=False, epochs=4), output_dir=out, resume=True)

@@ -1,0 +1,196 @@
+"""Preprocessing travels with the weights (``pretrained_cfg``), and fine-tuning on a folder of photos.
+
+timm's weights are stood in for by a timm model with random weights: nothing is downloaded.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision.transforms import v2
+
+import coatnet
+from coatnet.cli import main
+from coatnet.models.preprocessing import IMAGENET_MEAN, PretrainedCfg, data_transforms, imagenet_class_names
+from test_data import make_tree
+from test_hub import SIZE, timm_nano, timm_repo
+
+TIMM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+
+
+def image(path, size=(50, 30), seed=0):
+    """A noise image of ``size`` (width, height)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def timm_file(tmp_path):
+    """A file of timm's coatnet_nano_rw_224 weights (random), ImageNet-sized head, at SIZE px."""
+    save_file(timm_nano(num_classes=1000).state_dict(), str(tmp_path / "nano.safetensors"))
+    return tmp_path / "nano.safetensors"
+
+
+def test_a_new_model_has_ours_and_it_is_saved_and_read_back(tmp_path):
+    model = coatnet.create_model("coatnet_pico", num_classes=3, img_size=64)
+    assert model.pretrained_cfg == PretrainedCfg(mean=IMAGENET_MEAN, crop_pct=0.875)
+    assert coatnet.create_model("coatnet_pico", img_size=32).pretrained_cfg.crop_pct == 1.0  # small: no crop
+    model.pretrained_cfg = PretrainedCfg(crop_pct=0.9, crop_mode="squash", label_names=("a", "b", "c"), **TIMM)
+    folder = model.save_pretrained(tmp_path / "m")
+    assert json.loads((folder / "config.json").read_text())["pretrained_cfg"]["label_names"] == ["a", "b", "c"]
+    assert coatnet.from_pretrained(folder).pretrained_cfg == model.pretrained_cfg
+    again = coatnet.create_model("coatnet_pico", pretrained=folder, img_size=64)  # a folder keeps its head
+    assert again.num_classes == 3 and again.pretrained_cfg == model.pretrained_cfg
+    with pytest.warns(UserWarning, match="classifier"):  # a new head: the names no longer apply
+        other = coatnet.create_model("coatnet_pico", pretrained=folder, img_size=64, num_classes=5)
+    assert other.pretrained_cfg == model.pretrained_cfg.with_classes(5) and other.pretrained_cfg.label_names is None
+
+
+def test_timm_weights_bring_timms_preprocessing_and_imagenet_names(timm_file, tmp_path):
+    model = coatnet.create_model("coatnet_nano_rw_224", pretrained=timm_file, img_size=SIZE)
+    assert model.pretrained_cfg == PretrainedCfg(crop_pct=0.9, label_names=imagenet_class_names(), **TIMM)
+    # convert-timm writes them into the folder, and the 384 px fine-tunes resize without a crop
+    assert main(["convert-timm", str(timm_file), "--model", "coatnet_nano_rw", "--output", str(tmp_path / "c")]) == 0
+    assert coatnet.from_pretrained(tmp_path / "c").pretrained_cfg == model.pretrained_cfg
+    from coatnet.models.timm_convert import timm_pretrained_cfg
+
+    big = timm_pretrained_cfg("coatnet_rmlp_2_rw", 384, 1000)
+    assert (big.crop_pct, big.crop_mode, big.mean) == (1.0, "squash", (0.5, 0.5, 0.5))
+    assert timm_pretrained_cfg("coatnet_bn_0_rw", 224, 10).mean == IMAGENET_MEAN
+
+
+def test_a_hub_repository_brings_its_own_pretrained_cfg(hub):
+    theirs = timm_nano(num_classes=3)
+    snapshot = hub("timm/coatnet_nano_rw_224.sw_in1k")
+    timm_repo(snapshot, theirs)
+    config = json.loads((snapshot / "config.json").read_text())
+    config |= dict(label_names=["x", "y", "z"], pretrained_cfg=dict(crop_pct=0.8, mean=[0.1, 0.2, 0.3],
+                                                                    interpolation="bilinear", tag="sw_in1k"))
+    (snapshot / "config.json").write_text(json.dumps(config))
+    expected = PretrainedCfg(mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5), crop_pct=0.8, label_names=("x", "y", "z"))
+    model = coatnet.create_model("coatnet_nano_rw_224.sw_in1k", pretrained=True, img_size=SIZE)
+    assert model.pretrained_cfg == expected
+    assert coatnet.from_pretrained("hf-hub:timm/coatnet_nano_rw_224.sw_in1k").pretrained_cfg == expected
+
+
+def test_data_transforms_is_the_torchvision_pipeline_the_cfg_describes(tmp_path):
+    model = coatnet.create_model("coatnet_pico", num_classes=3, img_size=64)
+    model.pretrained_cfg = PretrainedCfg(crop_pct=0.95, **TIMM)
+    picture = Image.open(image(tmp_path / "a.png"))
+    by_hand = v2.Compose([v2.ToImage(), v2.Resize(67, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                          v2.CenterCrop(64), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+    torch.testing.assert_close(coatnet.data_transforms(model)(picture), by_hand(picture), rtol=0, atol=0)
+    assert data_transforms(model, training=True)(picture).shape == (3, 64, 64)
+    # squash: both sides resized, so a band at the left edge of a wide image survives the crop
+    band = np.zeros((30, 90, 3), np.uint8)
+    band[:, :3] = 255
+    model.pretrained_cfg = PretrainedCfg(crop_pct=1.0, crop_mode="squash", mean=(0, 0, 0), std=(1, 1, 1))
+    squashed = coatnet.data_transforms(model)(Image.fromarray(band))
+    assert squashed.shape == (3, 64, 64) and squashed[:, :, 0].min() > 0.5 and squashed[:, :, -1].max() < 0.1
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A 3-class model folder with timm's preprocessing and its own class names."""
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=3, img_size=64)
+    model.pretrained_cfg = PretrainedCfg(crop_pct=0.95, label_names=("ant", "bee", "cow"), **TIMM)
+    return model.save_pretrained(tmp_path / "m")
+
+
+def test_predict_prepares_images_as_recorded_unless_flags_say_otherwise(folder, tmp_path, capsys):
+    picture = image(tmp_path / "a.png", size=(90, 70))
+    model = coatnet.from_pretrained(folder)
+
+    def predicted(*flags):
+        assert main(["predict", "--checkpoint", str(folder), str(picture), "--json", "--top-k", "3", *flags]) == 0
+        return {t["label"]: t["probability"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]}
+
+    def expected(cfg):
+        model.pretrained_cfg = cfg
+        with torch.no_grad():
+            probs = model(coatnet.data_transforms(model)(Image.open(picture))[None]).softmax(1)[0]
+        return dict(zip(("ant", "bee", "cow"), probs.tolist()))
+
+    recorded = model.pretrained_cfg
+    assert predicted() == pytest.approx(expected(recorded), abs=1e-6)
+    flags = ["--mean", "0", "0", "0", "--std", "1", "1", "1", "--interpolation", "nearest", "--crop-pct", "0.5"]
+    overridden = PretrainedCfg(mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest", crop_pct=0.5,
+                               label_names=recorded.label_names)
+    assert predicted(*flags) == pytest.approx(expected(overridden), abs=1e-6)
+    assert expected(overridden) != pytest.approx(expected(recorded), abs=1e-3)  # the flags changed something
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--crop-pct", "0"], "argument --crop-pct: must be a finite number > 0 and <= 1, got '0'"),
+    (["--std", "1", "0", "1"], "std must be 3 numbers (one per channel) above 0"),
+    (["--interpolation", "lanczos"], "argument --interpolation: invalid choice: 'lanczos'"),
+])
+def test_bad_preprocessing_flags_are_one_line(folder, tmp_path, capsys, flags, message):
+    assert main(["predict", "--checkpoint", str(folder), str(image(tmp_path / "a.png")), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_an_unusable_pretrained_cfg_is_one_line(folder, tmp_path, capsys):
+    meta = json.loads((folder / "config.json").read_text())
+    meta["pretrained_cfg"]["interpolation"] = "sinc"
+    (folder / "config.json").write_text(json.dumps(meta))
+    assert main(["predict", "--checkpoint", str(folder), str(image(tmp_path / "a.png"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has an unusable pretrained_cfg (interpolation must be one of" in err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "exported"])
+def test_export_records_the_preprocessing(folder, tmp_path, fmt):
+    out = tmp_path / f"m.{fmt}"
+    assert main(["export", "--checkpoint", str(folder), "--format", fmt, "--output", str(out),
+                 "--crop-pct", "0.8"]) == 0
+    if fmt == "onnx":
+        import onnx
+
+        text = {p.key: p.value for p in onnx.load(str(out)).metadata_props}["preprocessing.json"]
+    else:
+        files = {"preprocessing.json": ""}
+        torch.export.load(str(out), extra_files=files)
+        text = files["preprocessing.json"]
+    recorded = json.loads(text)
+    assert recorded["input_size"] == [3, 64, 64] and recorded["crop_pct"] == 0.8
+    assert recorded["mean"] == [0.5] * 3 and recorded["label_names"] == ["ant", "bee", "cow"]
+
+
+def test_finetune_on_a_folder_of_photos_from_timm_weights(timm_file, tmp_path, capsys):
+    """The README's fine-tuning command, at a tiny size: timm's weights (ImageNet head) in, a model of the
+    folder's classes out, preparing images as timm's weights expect; predict prints the folder's names."""
+    photos = make_tree(tmp_path / "photos", per_class=2)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="classifier"):
+        assert main(["train", "--recipe", "finetune", "--model", "coatnet_nano_rw_224", "--pretrained", str(timm_file),
+                     "--data-dir", str(photos), "--img-size", "32", "--epochs", "1", "--batch-size", "3",
+                     "--workers", "0", "--output-dir", str(out)]) == 0
+    assert "fine-tuning from the weights of" in capsys.readouterr().out
+    tuned = coatnet.from_pretrained(out / "last")
+    assert tuned.pretrained_cfg == PretrainedCfg(crop_pct=0.9, label_names=("bird", "cat", "dog"), **TIMM)
+    assert main(["predict", "--checkpoint", str(out), str(photos / "val" / "cat" / "0.png"), "--json"]) == 0
+    labels = [t["label"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]]
+    assert sorted(labels) == ["bird", "cat", "dog"]
+
+
+def test_the_finetune_recipe_trains_at_the_models_own_size():
+    from coatnet.train import RECIPES, model_img_size
+
+    assert RECIPES["finetune"].img_size is None and RECIPES["finetune"].pretrained is True
+    assert model_img_size("coatnet_0_rw_224.sw_in1k") == 224
+    assert model_img_size("coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k") == 384
+
+
+def test_the_finetune_recipe_asks_the_hub_for_timms_weights(hub, tmp_path, capsys):
+    """Offline with an empty cache, the recipe's default weights are one line naming the repository."""
+    photos = make_tree(tmp_path / "photos", per_class=1)
+    assert main(["train", "--recipe", "finetune", "--data-dir", str(photos), "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "timm/coatnet_0_rw_224.sw_in1k is not in the Hugging Face cache" in err
