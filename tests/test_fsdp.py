@@ -1,12 +1,9 @@
 """``coatnet train --fsdp``: FSDP2 over 2 gloo processes on the CPU, its sharded checkpoints, exact resume."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import torch
 import coatnet
 from coatnet.checkpoint import CheckpointError, load_checkpoint
 from coatnet.train import resumed_config, train
-from test_train import ENV, assert_bitwise_equal, run_cli, weights
+from test_train import ENV, _kill_when, assert_bitwise_equal, run_cli, weights
 
 # bfloat16 weights gathered for compute, EMA and activation checkpointing: every part FSDP touches.
 FLAGS = ["--img-size", "16", "--batch-size", "64", "--epochs", "2", "--warmup-steps", "2", "--seed", "5",
@@ -59,44 +56,11 @@ def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path):
     assert len(shards) == 2 and 0.8 < sizes[0] / sizes[1] < 1.25, sizes
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (torchrun's workers run in sessions of their own)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _kill_group_when(proc: subprocess.Popen, run_dir: Path, min_step: int) -> int:
-    """SIGKILL torchrun and its workers, all at once as a machine failing would, once ``run_dir/last``
-    holds a checkpoint at or past ``min_step``."""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            step = int(os.readlink(run_dir / "last").split("-")[1])
-        except (OSError, ValueError, IndexError):
-            step = -1
-        if step >= min_step:
-            for pid in [*_children(proc.pid), proc.pid]:
-                os.kill(pid, signal.SIGKILL)
-            proc.wait()
-            return step
-        if proc.poll() is not None:
-            pytest.fail("training finished before it could be killed")
-        time.sleep(0.02)
-    pytest.fail("no checkpoint appeared")
-
-
 def test_sigkill_and_resume_is_bit_identical(fsdp_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(TORCHRUN + ["--output-dir", str(out)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    killed_at = _kill_group_when(proc, out, 4)
+    killed_at = _kill_when(proc, out, 4)
     assert killed_at < 44 and load_checkpoint(out / "last").train_state["step"] == killed_at
     resumed = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--output-dir", str(out)], capture_output=True,
                              text=True, env=ENV)

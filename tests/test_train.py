@@ -77,8 +77,22 @@ def test_two_runs_are_bitwise_identical(reference_run, tmp_path):
     assert_bitwise_equal(weights(reference_run), weights(tmp_path / "again"))
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's workers run in sessions of their own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _kill_when(proc: subprocess.Popen, run_dir: Path, min_step: int) -> int:
-    """SIGKILL ``proc`` once ``run_dir/last`` holds a checkpoint at or past ``min_step``."""
+    """SIGKILL ``proc`` and its children (torchrun's workers), all at once as a machine failing would,
+    once ``run_dir/last`` holds a checkpoint at or past ``min_step``."""
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -86,7 +100,8 @@ def _kill_when(proc: subprocess.Popen, run_dir: Path, min_step: int) -> int:
         except (OSError, ValueError, IndexError):
             step = -1
         if step >= min_step:
-            proc.send_signal(signal.SIGKILL)
+            for pid in [*_children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
             proc.wait()
             return step
         if proc.poll() is not None:
