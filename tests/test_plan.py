@@ -104,6 +104,7 @@ def test_json(capsys):
      "coatnet plan: error: --batch-size 100 does not split evenly across 8 GPUs"),
     (["--model", "coatnet_99"], "coatnet plan: error: unknown model 'coatnet_99'"),
     (["--model", "coatnet_0", "--gpu-memory", "-80"], "argument --gpu-memory: must be a finite number > 0"),
+    (["--model", "coatnet_0", "--gpu-memory", "1e300"], "argument --gpu-memory: must be a finite number > 0 and <= "),
     (["--model", "coatnet_0", "--gpus", "0"], "argument --gpus: must be an integer >= 1"),
 ])
 def test_refusals_are_one_line(capsys, argv, message):

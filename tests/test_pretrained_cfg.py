@@ -126,8 +126,10 @@ def test_predict_prepares_images_as_recorded_unless_flags_say_otherwise(folder, 
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--crop-pct", "0"], "argument --crop-pct: must be a finite number > 0 and <= 1, got '0'"),
-    (["--std", "1", "0", "1"], "std must be 3 numbers (one per channel) above 0"),
+    (["--crop-pct", "0"], "argument --crop-pct: must be a finite number >= 0.1 and <= 1, got '0'"),
+    (["--std", "1", "0", "1"], "std must be 3 finite numbers (one per channel) above 0"),
+    (["--mean", "nan", "0", "0"], "mean must be 3 finite numbers (one per channel), got (nan, 0.0, 0.0)"),
+    (["--std", "inf", "1", "1"], "std must be 3 finite numbers"),
     (["--interpolation", "lanczos"], "argument --interpolation: invalid choice: 'lanczos'"),
 ])
 def test_bad_preprocessing_flags_are_one_line(folder, tmp_path, capsys, flags, message):
@@ -136,13 +138,29 @@ def test_bad_preprocessing_flags_are_one_line(folder, tmp_path, capsys, flags, m
     assert err.count("\n") == 1 and message in err
 
 
-def test_an_unusable_pretrained_cfg_is_one_line(folder, tmp_path, capsys):
+@pytest.mark.parametrize("field,value,message", [
+    ("interpolation", "sinc", "interpolation must be one of"),
+    ("mean", [float("nan"), 0.5, 0.5], "mean must be 3 finite numbers"),
+    ("mean", [True, False, True], "mean must be 3 finite numbers"),
+    ("label_names", "abc", "label_names must be a list of strings"),
+    ("label_names", [None, "b", "c"], "label_names must be a list of strings"),
+])
+def test_an_unusable_pretrained_cfg_is_one_line(folder, tmp_path, capsys, field, value, message):
     meta = json.loads((folder / "config.json").read_text())
-    meta["pretrained_cfg"]["interpolation"] = "sinc"
+    meta["pretrained_cfg"][field] = value
     (folder / "config.json").write_text(json.dumps(meta))
     assert main(["predict", "--checkpoint", str(folder), str(image(tmp_path / "a.png"))]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has an unusable pretrained_cfg (interpolation must be one of" in err
+    assert err.count("\n") == 1 and f"has an unusable pretrained_cfg ({message}" in err
+
+
+def test_predict_refuses_a_model_without_a_classifier(tmp_path, capsys):
+    model = coatnet.create_model("coatnet_pico", img_size=32)
+    model.reset_classifier(0)
+    folder = model.save_pretrained(tmp_path / "features")
+    assert main(["predict", "--checkpoint", str(folder), str(image(tmp_path / "a.png"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no classifier (0 classes): there is nothing to predict" in err
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "exported"])
@@ -178,6 +196,16 @@ def test_finetune_on_a_folder_of_photos_from_timm_weights(timm_file, tmp_path, c
     assert main(["predict", "--checkpoint", str(out), str(photos / "val" / "cat" / "0.png"), "--json"]) == 0
     labels = [t["label"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]]
     assert sorted(labels) == ["bird", "cat", "dog"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pretrained", "w.pth", "--resume"], "--pretrained starts a new run from weights and --resume continues"),
+    (["--pretrained", ""], "--pretrained was given an empty path"),
+])
+def test_pretrained_misuse_is_one_line(tmp_path, capsys, argv, message):
+    assert main(["train", *argv, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "run").exists()
 
 
 def test_the_finetune_recipe_trains_at_the_models_own_size():

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Annotated
 
-from .validate import NonNegativeInt, PositiveFloat, PositiveInt, flag_type
+from .validate import NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
 
 POSITIVE, NON_NEGATIVE = flag_type(PositiveInt), flag_type(NonNegativeInt)
 
@@ -49,6 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import RECIPES, resumed_config, train
 
     resume = True if args.resume == "auto" else args.resume
+    if resume and args.pretrained is not None:
+        raise ValueError("--pretrained starts a new run from weights and --resume continues a run from its own: "
+                         "give one of them")
     # The flags given override the resumed run's settings, or else the recipe's.
     base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe]
     given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
@@ -243,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=POSITIVE, default=None, help="training resolution (default: the model's own)")
     p.add_argument("--batch-size", type=POSITIVE, default=4096, help="global batch size (default: 4096, the paper's)")
     p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs per machine (default: 8)")
-    p.add_argument("--gpu-memory", type=flag_type(PositiveFloat), default=80.0, metavar="GIB",
+    p.add_argument("--gpu-memory", type=flag_type(Annotated[float, Range(0, 2**20, low_open=True)]), default=80.0,
+                   metavar="GIB",
                    help="memory of each GPU in GiB (default: 80)")
     p.add_argument("--nodes", type=POSITIVE, default=1, help="machines (default: 1)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,

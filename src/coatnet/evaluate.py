@@ -139,6 +139,9 @@ def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could."""
     ckpt, model = load_for_inference(args)
+    if not model.num_classes:
+        raise ValueError(f"{ckpt.path} has no classifier (0 classes): there is nothing to predict; give a "
+                         f"checkpoint of a classifier")
     classes = [printable(str(c)) for c in class_names(model)]
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg)
     loaded, errors = [], []

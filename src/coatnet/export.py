@@ -60,9 +60,11 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     batch = max(batch_size, 2) if dynamic_batch and format == "exported" else batch_size
     example = torch.randn(batch, config.in_chans, height, width, device=next(model.parameters()).device)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed: a failed export never leaves a broken file where
-    # an earlier good one was.
-    tmp = output.with_name(f".tmp-{output.name}")
+    # Written in a temporary folder under its own name (TorchScript and .pt2 archives name their root
+    # folder after the file) and renamed: a failed export never leaves a broken file where an earlier
+    # good one was.
+    tmp = output.parent / f".tmp-{output.name}" / output.name
+    tmp.parent.mkdir(exist_ok=True)
     was_training = model.training
     model.eval()
     try:
@@ -75,6 +77,7 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     finally:
         model.train(was_training)
         tmp.unlink(missing_ok=True)
+        tmp.parent.rmdir()
     return output
 
 

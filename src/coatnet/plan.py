@@ -320,7 +320,8 @@ def format_plan(plan: Plan) -> str:
               f"activations per image: {a.per_image / 2**20:,.0f} MiB, {a.per_image_checkpointed / 2**20:,.0f} MiB "
               f"with checkpointing; per step: {a.per_step / 2**20:,.0f} / {a.per_step_checkpointed / 2**20:,.0f} MiB "
               f"(measured: {a.probe})",
-              "working copies: DDP gradient buckets + autocast's bfloat16 weights; FSDP: the largest unit unsharded",
+              "working copies: DDP gradient buckets" + (" + autocast's bfloat16 weights" if plan.amp else "")
+              + "; FSDP: the largest unit unsharded",
               f"chosen (*): {plan.strategy.upper()}{', checkpointing' if plan.grad_checkpointing else ''}, "
               f"micro-batch {plan.micro_batch} x {plan.grad_accum_steps} accumulation step(s) per GPU "
               f"(planned in {plan.seconds:.1f} s)", "", plan.command]

@@ -101,6 +101,12 @@ class TrainConfig:
         check_fields(self, label=flag)
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
+        if self.pretrained == "":
+            raise ValueError("--pretrained was given an empty path; give weights (a file, a folder or "
+                             "hf-hub:ORG/NAME), or --pretrained alone for timm's weights of --model")
+        if self.grad_checkpointing and self.compile:
+            raise ValueError("--grad-checkpointing does not work with --compile (torch.compile cannot trace the "
+                             "checkpointed blocks); drop one of them")
 
 
 # The paper's recipe (Table 10), ImageNet-1K pre-training and fine-tuning, with CoAtNet-0..3.

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .preprocessing import PretrainedCfg
+from .preprocessing import PretrainedCfg, imagenet_class_names
 
 CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
 
@@ -77,12 +77,14 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
 
 
 def read_pretrained_cfg(folder: ModelFolder) -> PretrainedCfg:
-    """The preprocessing recorded in ``config.json``. Folders written before it was recorded were all
-    trained by us: our preprocessing at their size, and the class names training recorded."""
+    """The preprocessing recorded in ``config.json``. Folders written before it was recorded hold our
+    training runs (our preprocessing at their size, and the class names training recorded) or timm's
+    converted ImageNet weights (a 1000-class head without names: ImageNet-1k's)."""
     meta = folder.meta
     if "pretrained_cfg" not in meta:
         size = meta.get("img_size") or min(meta["config"].get("img_size") or (224,))
-        meta = meta | {"pretrained_cfg": PretrainedCfg.for_size(size).to_dict() | {"label_names": meta.get("classes")}}
+        names = meta.get("classes") or (imagenet_class_names() if meta["config"].get("num_classes") == 1000 else None)
+        meta = meta | {"pretrained_cfg": PretrainedCfg.for_size(size).to_dict() | {"label_names": names}}
     try:
         cfg = PretrainedCfg.from_dict(meta["pretrained_cfg"])
     except (TypeError, ValueError, AttributeError) as e:

@@ -19,6 +19,7 @@ its weights were trained at is fed at the size it was built for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Literal
 
@@ -31,7 +32,7 @@ from ..validate import Range, check_fields
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-CropPct = Annotated[float, Range(0, 1, low_open=True)]
+CropPct = Annotated[float, Range(0.1, 1)]  # below, the resize would be 10x the input size for nothing
 _MIN_SIZE_FOR_CROP = 64  # below it, evaluation keeps the whole image
 
 
@@ -56,10 +57,14 @@ class PretrainedCfg:
         check_fields(self)
         for name in ("mean", "std"):
             value = getattr(self, name)
-            numbers = isinstance(value, tuple) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
+            numbers = isinstance(value, tuple) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
             if not (numbers and (name == "mean" or all(v > 0 for v in value))):
-                raise ValueError(f"{name} must be 3 numbers (one per channel){' above 0' if name == 'std' else ''}, "
-                                 f"got {value!r}")
+                raise ValueError(f"{name} must be 3 finite numbers (one per channel){' above 0' if name == 'std' else ''}"
+                                 f", got {value!r}")
+        names = self.label_names
+        if names is not None and not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"label_names must be a list of strings (one per output) or null, got {names!r}")
 
     @classmethod
     def for_size(cls, img_size: int, **fields_) -> PretrainedCfg:
@@ -96,13 +101,9 @@ def imagenet_class_names() -> tuple[str, ...]:
 
 
 def class_names(model: nn.Module) -> list[str]:
-    """One name per output: the weights' own; with none recorded, ImageNet-1k's for a 1000-class head
-    (weights saved before names travelled with them), else the indices."""
-    n = model.config.num_classes
+    """One name per output: the weights' own, else the indices (a new or replaced head)."""
     names = model.pretrained_cfg.label_names
-    if names is None:
-        return list(imagenet_class_names()) if n == 1000 else [str(i) for i in range(n)]
-    return list(names)
+    return list(names) if names is not None else [str(i) for i in range(model.config.num_classes)]
 
 
 def _interpolation(cfg: PretrainedCfg) -> v2.InterpolationMode:
