@@ -208,3 +208,17 @@ def test_called_from_two_threads_at_once():
         t.join()
     for i, outs in enumerate(results):
         assert len(outs) == 5 and all(torch.equal(out, expected[i]) for out in outs)
+
+
+def test_compile_for_inference_in_bfloat16_gives_the_float32_logits():
+    """The frozen compiled snapshot of a bfloat16 model agrees with the float32 model to bfloat16's
+    precision (Inductor on the CPU: about 20 s of compiling)."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", img_size=32, num_classes=10))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+        served = coatnet.compile_for_inference(model.to(torch.bfloat16))
+        logits = served(x.to(torch.bfloat16)).float()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    assert logits.argmax(1).tolist() == expected.argmax(1).tolist()

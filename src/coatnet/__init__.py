@@ -5,9 +5,10 @@
 """
 
 from .models import (CoAtNet, CoAtNetConfig, HeadConfig, MBConvConfig, PretrainedCfg, StageConfig, StemConfig,
-                     TransformerConfig, create_model, data_transforms, from_pretrained, list_models, load_weights)
+                     TransformerConfig, compile_for_inference, create_model, data_transforms, from_pretrained,
+                     list_models, load_weights)
 
 __version__ = "0.1.0"
 __all__ = ["CoAtNet", "CoAtNetConfig", "StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig",
-           "PretrainedCfg", "create_model", "data_transforms", "from_pretrained", "list_models", "load_weights",
-           "__version__"]
+           "PretrainedCfg", "compile_for_inference", "create_model", "data_transforms", "from_pretrained",
+           "list_models", "load_weights", "__version__"]

@@ -60,8 +60,8 @@ class PretrainedCfg:
             numbers = isinstance(value, tuple) and len(value) == 3 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
             if not (numbers and (name == "mean" or all(v > 0 for v in value))):
-                raise ValueError(f"{name} must be 3 finite numbers (one per channel){' above 0' if name == 'std' else ''}"
-                                 f", got {value!r}")
+                above = " above 0" if name == "std" else ""
+                raise ValueError(f"{name} must be 3 finite numbers (one per channel){above}, got {value!r}")
         names = self.label_names
         if names is not None and not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise ValueError(f"label_names must be a list of strings (one per output) or null, got {names!r}")
