@@ -16,7 +16,7 @@ from coatnet.train import resumed_config, train
 from test_train import ENV, _kill_when, assert_bitwise_equal, run_cli, weights
 
 # bfloat16 weights gathered for compute, EMA and activation checkpointing: every part FSDP touches.
-FLAGS = ["--img-size", "16", "--batch-size", "64", "--epochs", "2", "--warmup-steps", "2", "--seed", "5",
+FLAGS = ["--img-size", "16", "--batch-size", "64", "--epochs", "1", "--warmup-steps", "2", "--seed", "5",
          "--label-smoothing", "0", "--ema", "0.9", "--amp", "--grad-checkpointing", "--save-every", "4"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "coatnet",
             "train", "--fsdp", *FLAGS]
@@ -45,7 +45,7 @@ def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path):
     assert moved > 1 and apart / moved < 0.3, (apart, moved)
     m1, m2 = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in
               (tmp_path / "one", out))
-    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [22, 44]
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [22]
     assert abs(m1[0]["train_loss"] - m2[0]["train_loss"]) < 0.05 * m1[0]["train_loss"]
     # Each process holds half of the weights, gradients and AdamW state, and writes half of the latter.
     found = re.search(r"each process holds ([\d.]+) MiB .* \(([\d.]+) MiB unsharded\)", stdout)
@@ -61,7 +61,7 @@ def test_sigkill_and_resume_is_bit_identical(fsdp_run, tmp_path):
     proc = subprocess.Popen(TORCHRUN + ["--output-dir", str(out)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     killed_at = _kill_when(proc, out, 4)
-    assert killed_at < 44 and load_checkpoint(out / "last").train_state["step"] == killed_at
+    assert killed_at < 22 and load_checkpoint(out / "last").train_state["step"] == killed_at  # mid-epoch
     resumed = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--output-dir", str(out)], capture_output=True,
                              text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -84,8 +84,8 @@ def test_a_sharded_checkpoint_is_a_model_folder_and_resumes_on_one_process(fsdp_
     assert main(["eval", "--checkpoint", str(out / "best"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 360
     # DCP reshards the 2 processes' optimizer state for 1 process (FSDP over a group of one).
-    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 0
-    assert load_checkpoint(out / "last").train_state["step"] == 66
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 0
+    assert load_checkpoint(out / "last").train_state["step"] == 44
     # A run without --fsdp cannot resume it: the optimizer state is sharded.
     with pytest.raises(CheckpointError, match="was written by a run with --fsdp and resumes only so"):
-        train(replace(resumed_config(True, out), fsdp=False, epochs=4), output_dir=out, resume=True)
+        train(replace(resumed_config(True, out), fsdp=False, epochs=3), output_dir=out, resume=True)
