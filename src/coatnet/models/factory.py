@@ -75,7 +75,11 @@ def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeigh
     """The weights ``create_model(name, pretrained=...)`` loads, read but not yet loaded: a training
     run reads them first, to prepare its data as they expect, then builds the model on them."""
     from_hub = is_hub_reference(pretrained)
-    path = fetch(*hub_repository(pretrained, name)) if from_hub else Path(pretrained)
+    return _read_weights(fetch(*hub_repository(pretrained, name)) if from_hub else Path(pretrained), name, from_hub)
+
+
+def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
+    """The weights at ``path`` (a folder or a file, fetched from the Hub or not), for the model ``name``."""
     if path.is_dir():
         folder = read_model_folder(path)
         return PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder), whole=True)
@@ -111,11 +115,8 @@ def timm_model(weights: Path) -> CoAtNet:
     if not isinstance(architecture, str):
         raise ValueError(f"{str(weights.parent)!r} holds weights but no config.json naming timm's architecture; "
                          f"load them with create_model(NAME, pretrained='hf-hub:ORG/NAME')")
-    state = read_state_dict(weights)
-    entry = model_entry(architecture)
-    model = entry.build(img_size=timm_img_size(state), num_classes=classifier_size(state))
-    cfg = timm_pretrained_cfg(entry.name, timm_img_size(state), classifier_size(state), hub_config(weights))
-    return load_pretrained(model, PretrainedWeights(state, cfg), entry.name).eval()
+    read = _read_weights(weights, architecture, from_hub=True)
+    return create_model(architecture, pretrained=read, img_size=timm_img_size(read.state)).eval()
 
 
 def model_from_folder(folder: ModelFolder) -> CoAtNet:
