@@ -89,3 +89,25 @@ def test_bench_onnxruntime_row(capsys):
 def test_bench_onnx_is_cpu_float32(capsys):
     assert main(["bench", "--model", "coatnet_pico", "--onnx", "--dtype", "bfloat16"]) == 2
     assert "--onnx times onnxruntime on the CPU in float32" in capsys.readouterr().err
+
+
+def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
+    import multiprocessing
+
+    from coatnet.bench import Job, Runner, format_table
+
+    runner = Runner(Job("coatnet", "no_such_model", "inference", False, 32, 2, 1, "cpu"),
+                    multiprocessing.get_context("spawn"))
+    runner.wait_ready()  # the process reports its failure instead of being ready
+    runner.process.join(timeout=60)
+    assert runner.error.startswith("no_such_model inference: ValueError: unknown model 'no_such_model'")
+    ok = dict(model="coatnet_pico", mode="train", images_per_s=dict(median=5.0, min=4.0, max=6.0), vs_timm=None,
+              achieved_gflops=1.0, matmul_fraction=0.5, peak_mib=10.0)
+    table = format_table(dict(model="coatnet_pico", img_size=32, batch_size=2, dtype="float32", device="cpu",
+                              threads=1, torch="x", repeats=2, matmul_size=2048,
+                              matmul_gflops=dict(median=2.0, min=2.0, max=2.0),
+                              rows=[dict(model="no_such_model", mode="inference", error=runner.error), ok]))
+    lines = table.splitlines()
+    assert any(line.split()[:3] == ["no_such_model", "inference", "failed"] for line in lines)
+    assert any(line.split()[:3] == ["coatnet_pico", "train", "5.00"] for line in lines)
+    assert lines[-1] == f"failed: {runner.error}" and "\n" not in runner.error

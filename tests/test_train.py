@@ -376,3 +376,19 @@ def test_resume_a_checkpoint_of_the_earlier_format(reference_run, tmp_path):
     assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 0
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lrs) == 3 and lrs[2] <= lrs[1]
+
+
+@pytest.mark.parametrize("device,local_rank,expected", [(None, "1", "cuda:1"), ("cuda", "1", "cuda:1"),
+                                                        ("cuda:0", "1", "cuda:0")])
+def test_cuda_without_an_index_is_each_processs_own_gpu(monkeypatch, device, local_rank, expected):
+    """`--device cuda` under torchrun: each process on the GPU its LOCAL_RANK names (before, FSDP
+    refused a device without an index, and DDP put every process on GPU 0)."""
+    from coatnet import train
+
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    d = train.setup_distributed(device)
+    assert d.device == torch.device(expected) and chosen == [torch.device(expected)]

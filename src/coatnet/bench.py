@@ -196,8 +196,11 @@ def _worker(job: Job, conn) -> None:
             _sync(device)
             conn.send(time.perf_counter() - start)
         conn.send(_peak_mib(device) - base)
+    except torch.cuda.OutOfMemoryError:  # PyTorch's message is a paragraph; what to do is short
+        conn.send(("error", f"{job.label} {job.mode}: out of memory: every row's process holds its model on "
+                            f"{job.device} at once; lower --batch-size or leave out --compare / --compile"))
     except Exception as e:  # reported by the parent as one line
-        conn.send(("error", f"{job.label} {job.mode}: {type(e).__name__}: {e}"))
+        conn.send(("error", f"{job.label} {job.mode}: {type(e).__name__}: {' '.join(str(e).split())}"))
 
 
 class Runner:
@@ -210,6 +213,7 @@ class Runner:
         self.process.start()
         self.seconds: list[float] = []
         self.flop = self.peak_mib = 0.0
+        self.error: str | None = None  # why its measurement failed (its row says so; the others go on)
 
     def _recv(self):
         message = self.conn.recv()
@@ -218,7 +222,10 @@ class Runner:
         return message
 
     def wait_ready(self) -> None:
-        self.flop = self._recv()[1]
+        try:
+            self.flop = self._recv()[1]
+        except (RuntimeError, EOFError) as e:  # EOFError: the process died, e.g. out of memory
+            self.error = str(e) or f"{self.job.label} {self.job.mode}: its process ended"
 
     def time_one(self) -> None:
         self.conn.send("run")
@@ -235,9 +242,11 @@ def _median_range(values: list[float]) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .models import model_entry
+    from .models import create_model, model_entry
 
     name = model_entry(args.model).name  # ours for timm's names; an unknown one fails here, listing the known ones
+    with torch.device("meta"):  # a size the model refuses fails here in one line, not in every row
+        create_model(name, img_size=args.img_size)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
@@ -268,15 +277,25 @@ def run_bench(args: argparse.Namespace) -> int:
     context = multiprocessing.get_context("spawn")  # fresh processes, whatever the parent holds
     runners = []
     try:
-        for job in jobs:  # one at a time, so that builds and warm-ups do not overlap the others
+        # On the CPU one at a time, so that builds and warm-ups do not crowd the cores and memory the
+        # others are warming up on. On a GPU all at once: their compiles share the host's cores, and
+        # nothing is timed before every process is ready.
+        for job in jobs:
             runners.append(Runner(job, context))
-            runners[-1].wait_ready()
-        for _ in range(args.repeats):
+            if device.type == "cpu":
+                runners[-1].wait_ready()
+        if device.type != "cpu":
             for runner in runners:
+                runner.wait_ready()
+        ready = [r for r in runners if r.error is None]
+        if runners[-1].error:
+            raise ValueError(f"the matmul, the measure of every row, failed: {runners[-1].error}")
+        for _ in range(args.repeats):
+            for runner in ready:
                 runner.time_one()
-        for runner in runners:
+        for runner in ready:
             runner.finish()
-    except (RuntimeError, EOFError) as e:  # EOFError: the process died, e.g. out of memory
+    except (RuntimeError, EOFError) as e:  # a process failed or died after its warm-up
         raise ValueError(f"a measurement failed: {e or 'its process ended'}") from None
     finally:
         for runner in runners:
@@ -286,24 +305,27 @@ def run_bench(args: argparse.Namespace) -> int:
     matmul_flops = statistics.median(matmul.flop / s for s in matmul.seconds)
     rows = []
     for r in runners[:-1]:
+        row = dict(implementation=r.job.implementation, model=r.job.label, mode=r.job.mode, compiled=r.job.compiled)
+        if r.error:
+            rows.append(row | dict(error=r.error))
+            continue
         images = [args.batch_size / s for s in r.seconds]
         ips = statistics.median(images)
         timm = next((t for t in runners if t.job.implementation == "timm" and t.job.mode == r.job.mode
-                     and t.job.compiled == r.job.compiled), None)
+                     and t.job.compiled == r.job.compiled and not t.error), None)
         vs_timm = None
         if timm is not None and r is not timm:
             vs_timm = ips / statistics.median(args.batch_size / s for s in timm.seconds)
         achieved = r.flop * ips
-        rows.append(dict(implementation=r.job.implementation, model=r.job.label, mode=r.job.mode,
-                         compiled=r.job.compiled, images_per_s=_median_range(images), vs_timm=vs_timm,
-                         gflop_per_image=r.flop / 1e9, achieved_gflops=achieved / 1e9,
-                         matmul_fraction=achieved / matmul_flops, peak_mib=r.peak_mib))
+        rows.append(row | dict(images_per_s=_median_range(images), vs_timm=vs_timm, gflop_per_image=r.flop / 1e9,
+                               achieved_gflops=achieved / 1e9, matmul_fraction=achieved / matmul_flops,
+                               peak_mib=r.peak_mib))
     result = dict(model=args.model, img_size=args.img_size, batch_size=args.batch_size, dtype=args.dtype,
                   device=str(device), threads=args.threads or torch.get_num_threads(), repeats=args.repeats,
                   warmup=WARMUP, torch=torch.__version__, matmul_size=mm_size,
                   matmul_gflops=_median_range([matmul.flop / s / 1e9 for s in matmul.seconds]), rows=rows)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 def format_table(result: dict) -> str:
@@ -316,6 +338,9 @@ def format_table(result: dict) -> str:
     header = ("model", "mode", "images/s", "vs timm", "GFLOP/s", "of matmul", "peak MiB")
     table = [header]
     for r in result["rows"]:
+        if "error" in r:
+            table.append((r["model"], r["mode"], "failed", "", "", "", ""))
+            continue
         ips = r["images_per_s"]
         table.append((r["model"], r["mode"], f"{ips['median']:.2f} ({ips['min']:.2f}..{ips['max']:.2f})",
                       "-" if r["vs_timm"] is None else f"{r['vs_timm']:.2f}x", f"{r['achieved_gflops']:.1f}",
@@ -325,4 +350,5 @@ def format_table(result: dict) -> str:
               for row in table]
     lines.append("GFLOP/s: 2 x multiply-adds x images/s, a training step counted as 3 forward passes; "
                  "each row is its own process; peak MiB: its peak memory over its base")
+    lines += [f"failed: {r['error']}" for r in result["rows"] if "error" in r]
     return "\n".join(lines)

@@ -27,9 +27,11 @@ Per GPU, in bytes:
 * **Activations with checkpointing** (``set_grad_checkpointing``: each block recomputed in
   backward): what non-reentrant checkpointing keeps (the blocks' inputs, the stem and head), measured
   the same way, plus the largest single block's own activations, alive while it is recomputed.
-* **Allowance**: CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation, taken as
-  1.5 GiB + 10% of everything else. Backward's transient gradients of activations and the optimizer
-  step's peak (fused AdamW: no temporaries) are assumed to fit in it.
+* **Allowance**: CUDA context, cuDNN/cuBLAS workspaces, backward's transient gradients of
+  activations and the caching allocator's fragmentation, taken as 1.5 GiB + 20% of everything else.
+  Measured on an H100 (torch 2.11, ``benchmarks/gpu_fsdp.py``): CoAtNet-5 at 224 px with FSDP,
+  bfloat16, micro-batch 64, counted 49.6 GiB here; the run's tensors peaked at 51.6 GiB and
+  PyTorch's allocator reserved 59.2 GiB (1.19x the count), which a 10% allowance missed.
 
 The choice: DDP (simpler, less communication) if it fits, else FSDP; without checkpointing (a third
 less compute) if it fits; the micro-batch is the largest divisor of the per-GPU batch that fits,
@@ -58,7 +60,7 @@ from .models import MBConv, TransformerBlock, create_model
 
 GiB = 2**30
 ADAMW_STATE_BYTES = 4 + 4 + 8  # float32 weights, gradients, two moments
-ALLOWANCE_BYTES, ALLOWANCE_FRACTION = int(1.5 * GiB), 0.10
+ALLOWANCE_BYTES, ALLOWANCE_FRACTION = int(1.5 * GiB), 0.20
 MIN_MICRO_BATCH = 8
 PORT = 29500
 
@@ -306,7 +308,7 @@ def format_plan(plan: Plan) -> str:
             ("optimizer state (AdamW)", [_gib(m.optimizer) for m in plan.options]),
             ("working copies", [_gib(m.working) for m in plan.options]),
             ("activations (x micro-batch)", [_gib(m.activations) for m in plan.options]),
-            ("allowance (1.5 GiB + 10%)", [_gib(m.allowance) for m in plan.options]),
+            (f"allowance (1.5 GiB + {ALLOWANCE_FRACTION:.0%})", [_gib(m.allowance) for m in plan.options]),
             ("total", [_gib(m.total) for m in plan.options]),
             ("vs GPU memory", [f"{100 * m.total / (plan.gpu_memory_gib * GiB):.0f}%" for m in plan.options])]
     width = max(len(label) for label, _ in rows)

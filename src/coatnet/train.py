@@ -192,14 +192,16 @@ def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device} is not a device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+    if dev.type == "cuda" and dev.index is None:  # "cuda": each process its own GPU, as torchrun numbers them
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -666,10 +668,18 @@ def evaluate_epoch(run: Run) -> dict:
     if d.world_size > 1:
         dist.all_reduce(totals)
     loss_sum, correct, count = totals.tolist()
-    return dict(epoch=s.epoch + 1, step=s.step, train_loss=loss_sum / count, train_top1=100 * correct / count,
-                eval_loss=result["loss"], top1=result["top1"], top5=result["top5"],
-                lr=run.optimizer.param_groups[0]["lr"], images_per_second=count / max(seconds, 1e-9),
-                epoch_seconds=seconds)
+    metrics = dict(epoch=s.epoch + 1, step=s.step, train_loss=loss_sum / count, train_top1=100 * correct / count,
+                   eval_loss=result["loss"], top1=result["top1"], top5=result["top5"],
+                   lr=run.optimizer.param_groups[0]["lr"], images_per_second=count / max(seconds, 1e-9),
+                   epoch_seconds=seconds)
+    if d.device.type == "cuda":  # the most any process held so far: what `coatnet plan` predicts
+        # allocated: its tensors; reserved: what PyTorch's caching allocator took from the GPU for them
+        peak = torch.tensor([torch.cuda.max_memory_allocated(d.device), torch.cuda.max_memory_reserved(d.device)],
+                            device=d.device)
+        if d.world_size > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        metrics["gpu_peak_gib"], metrics["gpu_reserved_gib"] = (peak / 2**30).tolist()
+    return metrics
 
 
 def record_epoch(run: Run, metrics: dict) -> bool:
@@ -720,9 +730,11 @@ def report_epoch(run: Run) -> None:
     atomic_write(run.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_curves(history, run.run_dir / "curves.png")
     h = history[-1]
+    peak = (f"  peak {h['gpu_peak_gib']:.1f} GiB per GPU ({h['gpu_reserved_gib']:.1f} reserved)"
+            if "gpu_peak_gib" in h else "")
     print(f"epoch {h['epoch']:>3}/{run.config.epochs}  train_loss {h['train_loss']:.4f}  "
           f"eval_loss {h['eval_loss']:.4f}  top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  "
-          f"{h['images_per_second']:7.1f} img/s", flush=True)
+          f"{h['images_per_second']:7.1f} img/s{peak}", flush=True)
 
 
 def finish_run(run: Run) -> dict:

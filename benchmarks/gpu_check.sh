@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The README's GPU figures in one lease of a GPU machine (issues 13 and 15), each stage's output in
+# OUT_DIR/STAGE.txt:
+#   fsdp     one epoch of FSDP bfloat16 training of CoAtNet-5 at 224 px per `coatnet plan` option,
+#            its peak memory beside the plan's prediction (benchmarks/gpu_fsdp.py)
+#   parity   every inference path and a training step on the GPU against float64 on the CPU
+#   bench-*  `coatnet bench --compare timm`: bfloat16 with compiled rows, float32, float32 compiled
+# Usage, from the repository's root: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...] (default: all)
+# The machine's python3 needs torch, torchvision, timm, safetensors, huggingface_hub, scikit-learn,
+# tqdm and matplotlib; the package itself is taken from src/.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...]}
+shift
+stages=${*:-fsdp parity bench-bf16 bench-fp32 bench-fp32-compiled}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+batch=${BENCH_BATCH:-128}
+
+stage() {  # NAME SECONDS COMMAND...: the command's output and exit status in $out/NAME.txt
+  local name=$1 limit=$2; shift 2
+  [[ " $stages " == *" $name "* ]] || return 0
+  echo "== $name ($(date +%T)): $*" | tee "$out/$name.txt"
+  timeout "$limit" "$@" >> "$out/$name.txt" 2>&1
+  echo "exit status $? ($(date +%T))" | tee -a "$out/$name.txt"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; lscpu | grep 'Model name'
+  $py -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+} > "$out/env.txt" 2>&1
+stage fsdp 330 $py benchmarks/gpu_fsdp.py --model "${FSDP_MODEL:-coatnet_5}" --img-size 224 --batch-size 128
+stage parity 120 $py benchmarks/gpu_parity.py cuda
+stage bench-bf16 240 $py -m coatnet bench --compare timm --device cuda --dtype bfloat16 --compile --batch-size "$batch" --repeats 20
+stage bench-fp32 120 $py -m coatnet bench --compare timm --device cuda --batch-size "$batch" --repeats 20
+# float32 compiled at half the batch: at 128 the nine processes need more than 80 GiB together
+stage bench-fp32-compiled 240 $py -m coatnet bench --compare timm --device cuda --compile --batch-size $((batch / 2)) --repeats 20
+
+cat "$out/env.txt"
+for f in $stages; do echo; tail -n 16 "$out/$f.txt"; done

@@ -1,0 +1,66 @@
+"""Our CoAtNet-0 on a GPU against a float64 reference on the CPU: logits of every inference path
+(float32, bfloat16 autocast, a bfloat16 model, compile_for_inference) and the gradients of a
+training step. Prints one line per path: relative error ||out - ref|| / ||ref|| and top-1 agreement.
+
+Run by benchmarks/gpu_check.sh; ``python benchmarks/gpu_parity.py [DEVICE]`` (default cuda)."""
+
+import copy
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import coatnet
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def main(device: str) -> None:
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_0", drop_path_rate=0.0)  # no random drops: one function to compare
+    x, target = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    ref_model = copy.deepcopy(model).double()  # its training step moves BatchNorm's statistics
+    with torch.no_grad():
+        ref = ref_model.eval()(x.double())
+    ref_model.train()
+    F.cross_entropy(ref_model(x.double()), target).backward()
+    ref_grad = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
+    ref_model.zero_grad(set_to_none=True)
+
+    model = model.float().to(device)
+    xd = x.to(device)
+    rows = []
+
+    def check(name: str, forward, autocast: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
+            out = forward(xd.to(dtype)).float()
+        rows.append((name, rel(out, ref), (out.argmax(1).cpu() == ref.argmax(1)).float().mean().item()))
+
+    model.eval()
+    check("float32", model)
+    check("bfloat16 autocast", model, autocast=True)
+    check("compile_for_inference, bfloat16 autocast", coatnet.compile_for_inference(model), autocast=True)
+    bf16 = coatnet.create_model("coatnet_0", drop_path_rate=0.0)
+    bf16.load_state_dict(model.state_dict())
+    check("model.to(bfloat16)", bf16.to(device, torch.bfloat16).eval(), dtype=torch.bfloat16)
+
+    model.train()
+    for autocast in (False, True):
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(xd), target.to(device))
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+        rows.append((f"training step gradients, {'bfloat16 autocast' if autocast else 'float32'}",
+                     rel(grad, ref_grad), float("nan")))
+        model.zero_grad(set_to_none=True)
+
+    print(f"coatnet_0 on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
+          f"torch {torch.__version__}; reference: float64 on the CPU")
+    for name, error, agree in rows:
+        print(f"{name:44s} rel. error {error:.2e}" + ("" if agree != agree else f"  top-1 agreement {agree:.0%}"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "cuda")
