@@ -22,6 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read by datasets at import:
 wds = pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
 
+from coatnet import data_shards  # noqa: E402
 from coatnet.data import DataError  # noqa: E402
 from coatnet.data_shards import build_hf, build_webdataset  # noqa: E402
 
@@ -106,6 +107,14 @@ def shard_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path_factory, monkeypatch):
+    """Each test its own shard index cache (never the user's ~/.cache)."""
+    root = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root))
+    return root / "coatnet" / "webdataset-index"
+
+
 def test_webdataset_folder(shard_dir):
     data = build_webdataset(str(shard_dir), to_tensor, to_tensor)
     assert data.classes == ("0", "1", "2") and data.skipped_files == 0
@@ -156,6 +165,37 @@ def _without(ext):
             del s[ext]
             w.write(s)
     return make
+
+
+def test_the_index_is_cached_and_redone_for_a_changed_shard(tmp_path, index_cache, monkeypatch):
+    write_shards(tmp_path)
+    build_webdataset(str(tmp_path), to_tensor, to_tensor)
+    assert len(list(index_cache.glob("*.json"))) == 4  # one per shard
+    with monkeypatch.context() as m:  # unchanged shards are not read again: their index comes from the cache
+        m.setattr(data_shards, "_index_shard", lambda path: pytest.fail(f"{path} indexed again"))
+        data = build_webdataset(str(tmp_path), to_tensor, to_tensor)
+    check_by_index(data.train, TRAIN)
+    check_by_index(data.val, VAL)
+    new = TRAIN[10:][::-1] + [dict(TRAIN[0], key="extra")]  # the second train shard written again, changed
+    write_shard(tmp_path / "train-000001.tar", new)
+    data = build_webdataset(str(tmp_path), to_tensor, to_tensor)
+    check_by_index(data.train, TRAIN[:10] + new)
+    assert len(list(index_cache.glob("*.json"))) == 5 and not list(index_cache.glob(".*"))
+
+
+@pytest.mark.parametrize("damage", ["cache is a file", "cache files are garbage"])
+def test_a_cache_that_cannot_be_used_only_costs_time(tmp_path, index_cache, damage):
+    write_shards(tmp_path / "data")
+    if damage == "cache is a file":  # nothing can be written under it
+        index_cache.parent.parent.rmdir()
+        index_cache.parent.parent.write_text("not a folder")
+    else:
+        build_webdataset(str(tmp_path / "data"), to_tensor, to_tensor)
+        for i, f in enumerate(sorted(index_cache.glob("*.json"))):
+            f.write_text(["{not json", '{"a": 1}', "[[1, 2]]", '[["k", 0, 1, 2, 3]]'][i])
+    data = build_webdataset(str(tmp_path / "data"), to_tensor, to_tensor)
+    check_by_index(data.train, TRAIN)
+    check_by_index(data.val, VAL)
 
 
 def _write_then(edit):

@@ -301,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     except _FlagError as e:
         print(e, file=sys.stderr)
         return 2
+    if args.command in ("train", "eval", "predict", "study"):
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # CPU steps without page faults (coatnet.allocator)
     try:
         return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2
