@@ -46,8 +46,16 @@ def main() -> None:
                    "--workers", "8", "--device", args.device, "--output-dir", str(run_dir / "run")]
         command += ["--grad-checkpointing"] if option.grad_checkpointing else []
         print("\n$", " ".join(command[1:]), flush=True)
+        launcher = subprocess.Popen(command)
         try:
-            subprocess.run(command, timeout=args.timeout)
+            try:
+                launcher.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                # SIGTERM, which torchrun passes on: its workers run in sessions of their own and
+                # would outlive a SIGKILL, holding the GPU's memory through the next option's run
+                launcher.terminate()
+                launcher.wait()
+                raise
             history = (run_dir / "run" / "metrics.jsonl").read_text().splitlines()
             metrics = json.loads(history[-1])
         except (subprocess.TimeoutExpired, OSError, IndexError) as e:

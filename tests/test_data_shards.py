@@ -183,16 +183,22 @@ def test_the_index_is_cached_and_redone_for_a_changed_shard(tmp_path, index_cach
     assert len(list(index_cache.glob("*.json"))) == 5 and not list(index_cache.glob(".*"))
 
 
-@pytest.mark.parametrize("damage", ["cache is a file", "cache files are garbage"])
-def test_a_cache_that_cannot_be_used_only_costs_time(tmp_path, index_cache, damage):
+@pytest.mark.parametrize("damage", ["cache is a file", "cache files are garbage", "no home folder"])
+def test_a_cache_that_cannot_be_used_only_costs_time(tmp_path, index_cache, damage, monkeypatch):
     write_shards(tmp_path / "data")
-    if damage == "cache is a file":  # nothing can be written under it
+    if damage == "no home folder":  # a container's user without one, and no XDG_CACHE_HOME
+
+        def home():
+            raise RuntimeError("Could not determine home directory.")
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setattr(data_shards.Path, "home", home)
+    elif damage == "cache is a file":  # nothing can be written under it
         index_cache.parent.parent.rmdir()
         index_cache.parent.parent.write_text("not a folder")
     else:
         build_webdataset(str(tmp_path / "data"), to_tensor, to_tensor)
         for i, f in enumerate(sorted(index_cache.glob("*.json"))):
-            f.write_text(["{not json", '{"a": 1}', "[[1, 2]]", '[["k", 0, 1, 2, 3]]'][i])
+            f.write_text(["{not json", '[[1, 512, 3000, 1]]', '[["k", "x", 1, 2]]', '[["k", 0, 1, 2, 3]]'][i])
     data = build_webdataset(str(tmp_path / "data"), to_tensor, to_tensor)
     check_by_index(data.train, TRAIN)
     check_by_index(data.val, VAL)

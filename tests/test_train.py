@@ -392,3 +392,6 @@ def test_cuda_without_an_index_is_each_processs_own_gpu(monkeypatch, device, loc
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     d = train.setup_distributed(device)
     assert d.device == torch.device(expected) and chosen == [torch.device(expected)]
+    monkeypatch.setenv("LOCAL_RANK", "2")  # a third process on a machine of two GPUs
+    with pytest.raises(ValueError, match=r"--device cuda \(LOCAL_RANK 2\): this machine has 2 CUDA device"):
+        train.setup_distributed("cuda")

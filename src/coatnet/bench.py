@@ -198,7 +198,7 @@ def _worker(job: Job, conn) -> None:
         conn.send(_peak_mib(device) - base)
     except torch.cuda.OutOfMemoryError:  # PyTorch's message is a paragraph; what to do is short
         conn.send(("error", f"{job.label} {job.mode}: out of memory: every row's process holds its model on "
-                            f"{job.device} at once; lower --batch-size or leave out --compare / --compile"))
+                            f"{job.device} at once; lower --batch-size"))
     except Exception as e:  # reported by the parent as one line
         conn.send(("error", f"{job.label} {job.mode}: {type(e).__name__}: {' '.join(str(e).split())}"))
 

@@ -27,11 +27,11 @@ out of its small LRU of open shards (with a global shuffle, almost every read), 
 and reports bad input with ``assert``. Instead each shard's tar headers are read once, at
 construction, with Python's ``tarfile`` (the reader under webdataset's own iterator) without
 reading the images, and the index (shard, byte offset, size, label) is kept in numpy arrays. Reading
-the headers costs about 0.1 ms a sample (two minutes for ImageNet-1k), so each shard's index is
-also kept in a cache (``~/.cache/coatnet/webdataset-index``, or under ``$XDG_CACHE_HOME``), keyed
-by the shard's absolute path, size and modification time: later runs, resumes and evaluations read it
-back in milliseconds, and a shard written again is indexed again. A
-sample is grouped the way webdataset groups it (consecutive files with the same key, split with
+the headers costs 0.1-0.2 ms a sample (minutes for ImageNet-1k), so each shard's index is also kept
+in a cache (``~/.cache/coatnet/webdataset-index``, or under ``$XDG_CACHE_HOME``), keyed by the
+shard's path, size, modification and change times: later runs, resumes and evaluations read it back
+in milliseconds, and a shard written again is indexed again. A sample is grouped the way
+webdataset groups it (consecutive files with the same key, split with
 ``webdataset.tariterators.base_plus_ext``; ``__meta__`` files skipped): ``key.jpg|jpeg|png|webp``
 is the image, ``key.cls`` the label as text; other files are ignored. An item opens its shard, reads
 the image bytes at the offset and closes it (one ``open`` per image, as ImageFolder does), so
@@ -69,6 +69,7 @@ from .data import DataBundle, DataError, _one_line, decode_image
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image, in order of preference
 HF_EVAL_SPLITS = ("validation", "val", "test")
 _WDS_META = r"__[^/]*__($|/)"  # webdataset skips these names (metadata)
+INDEX_FORMAT = 1  # part of a shard index's cache key: a change to the rows' meaning never reads an old cache
 
 
 def _require(module: str):
@@ -202,12 +203,17 @@ def _cached_index_shard(path: str) -> list[tuple[str, int, int, int]]:
     put there. A cache that cannot be read or written only costs the time of indexing."""
     try:
         st = os.stat(path)
-    except OSError:
-        return _index_shard(path)  # which says in one line what is wrong with the path
-    ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
-    cache = _index_cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:40]}.json"
+        # The change time too: copies that keep the modification time (cp -p, rsync -a, tar) get a new
+        # one, and so does a file written again in place.
+        ident = (f"{INDEX_FORMAT}\0{os.path.realpath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
+                 f"{st.st_mtime_ns}\0{st.st_ctime_ns}")
+        cache = _index_cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:40]}.json"
+    except (OSError, RuntimeError):  # RuntimeError: no home folder to put the cache in
+        return _index_shard(path)  # which says in one line what is wrong with the path, if anything
     try:
-        return [(key, offset, size, label) for key, offset, size, label in json.loads(cache.read_text())]
+        rows = [(key, offset, size, label) for key, offset, size, label in json.loads(cache.read_text())]
+        if all(type(k) is str and type(o) is int and type(n) is int and type(c) is int for k, o, n, c in rows):
+            return rows
     except (OSError, ValueError, TypeError):  # not there yet, or not a list of rows
         pass
     rows = _index_shard(path)

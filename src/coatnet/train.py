@@ -201,6 +201,7 @@ def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
         raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
     if dev.type == "cuda" and dev.index is None:  # "cuda": each process its own GPU, as torchrun numbers them
         dev = torch.device("cuda", local_rank)
+        device = f"cuda (LOCAL_RANK {local_rank})"
     if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda":
