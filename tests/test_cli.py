@@ -48,3 +48,11 @@ def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "coatnet", "info", "coatnet_pico"], capture_output=True, text=True)
     assert out.returncode == 0 and "coatnet_pico" in out.stdout
+
+
+def test_under_torchrun_only_the_first_process_reports_a_bad_flag(monkeypatch, capsys):
+    """Every process of a torchrun job parses the same flags: one line for the job, not one per process."""
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--epochs", "zero"]) == 2
+        assert capsys.readouterr().err.count("\n") == lines

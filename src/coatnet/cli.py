@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _FlagError as e:
-        print(e, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process reads the same flags: one says so
+            print(e, file=sys.stderr)
         return 2
     if args.command in ("train", "eval", "predict", "study"):
         from .allocator import keep_freed_memory
