@@ -1,10 +1,12 @@
-"""Every fast path computes what the plain path computes, to 1e-5 in float32.
+"""Every fast path computes what the plain path computes, to 1e-5 in float32 and to bfloat16's
+precision in bfloat16.
 
 The inference fast paths (BatchNorm folded into the conv, the activation fused as a oneDNN
-post-op, squeeze-excitation scaling in place, the cached relative-position bias, MBConv over
-chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode model runs
-its plain layers. Activation checkpointing must leave outputs, gradients and BatchNorm statistics
-unchanged.
+post-op of the conv and of the FFN's first linear layer, squeeze-excitation scaling in place,
+MBConv over chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode
+model runs its plain layers. The attention's explicit formula, where the bias needs a gradient,
+gives PyTorch's fused kernel's outputs and gradients. Activation checkpointing must leave outputs,
+gradients and BatchNorm statistics unchanged.
 """
 
 import pytest
@@ -38,6 +40,79 @@ def test_inference_fast_paths_match_the_plain_path(name, size):
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(no_grad, plain, atol=1e-5, rtol=1e-5)
     assert torch.equal(again, fast)
+
+
+ONEDNN_BF16 = torch.bfloat16 in fast_path._ONEDNN_DTYPES
+
+
+FUSED_KERNELS = {"mkldnn::_convolution_pointwise", "mkldnn::_linear_pointwise", "aten::baddbmm"}
+
+
+def _fused_kernels(run) -> set[str]:
+    """The fused kernels that ``run()`` calls: oneDNN's conv and linear with post-ops, and the
+    batched matmul of the SE-scaled projection."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return {e.key for e in profile.key_averages()} & FUSED_KERNELS
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("how", ["autocast", "model"])
+def test_bfloat16_fast_paths_are_fused_and_match_the_plain_path(how):
+    """bfloat16 as users run it: autocast around a float32 model, or the model converted. The fused
+    kernels run (the convs' BatchNorm and GELU, the FFN's GELU, MBConv's SE scaling and residual add
+    in its projection), and the logits are as close to the float32 model's as the plain bfloat16
+    layers' are."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_0", img_size=64, num_classes=10))
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        full = model(x)
+    if how == "model":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=how == "autocast")
+
+    def fast():
+        with torch.inference_mode(), autocast:
+            return model(x).float()
+
+    with torch.enable_grad(), autocast:
+        plain = model(x).detach().float()
+    assert _fused_kernels(fast) == FUSED_KERNELS
+    scale = full.abs().max().item()
+    torch.testing.assert_close(plain, full, rtol=0, atol=0.03 * scale)  # what bfloat16 costs anyway
+    torch.testing.assert_close(fast(), full, rtol=0, atol=0.03 * scale)
+    torch.testing.assert_close(fast(), plain, rtol=0, atol=0.03 * scale)
+
+
+def test_scaled_projection_is_the_scaling_the_conv_and_the_add():
+    """MBConv's bfloat16 fast path folds the SE scale into each image's copy of the projection's
+    weight: the same function as scaling, convolving and adding (checked here in float32)."""
+    torch.manual_seed(0)
+    project = torch.nn.Conv2d(12, 5, 1)
+    hidden = torch.randn(3, 12, 6, 7).contiguous(memory_format=torch.channels_last)
+    scale, residual = torch.rand(3, 12, 1, 1), torch.randn(3, 5, 6, 7)
+    with torch.inference_mode():
+        out = fast_path.scaled_projection(project, hidden, scale, residual, torch.float32)
+        torch.testing.assert_close(out, residual + project(hidden * scale), atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_formula_gives_the_fused_kernels_outputs_and_gradients(dtype):
+    """Where the bias needs a gradient (training on the CPU), Eq. 3 is computed as written; it
+    must agree with ``F.scaled_dot_product_attention`` in value and in every gradient."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 16, 16, dtype=dtype, requires_grad=True)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    out = fast_path.attention(q, k, v, bias)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    reference_grads = torch.autograd.grad(reference.float().square().sum(), (q, k, v, bias))
+    torch.testing.assert_close(out, reference, **tolerance)
+    for g, r in zip(grads, reference_grads):
+        torch.testing.assert_close(g, r, **tolerance)
 
 
 def test_fast_path_really_runs_and_follows_updates(monkeypatch):

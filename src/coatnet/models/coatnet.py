@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from ..validate import Fraction, PositiveFloat, Range, check_fields
-from .fast_path import ACTIVATIONS, ConvBNAct, SqueezeExcite, inference_chunk
+from .fast_path import (ACTIVATIONS, ConvBNAct, FeedForward, SqueezeExcite, attention, cpu_inference,
+                        mbconv_inference)
 from .folder import config_from_version_1, save_pretrained
 from .preprocessing import PretrainedCfg
 from .registry import PaperFigures, register_alias, register_model
@@ -435,8 +436,8 @@ class RelativeAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.relative_position(height, width).to(q.dtype)
-        # A 4-D mask (1, heads, N, N): with a 3-D one the CPU falls back from its fused kernel to the math path.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        # A 4-D bias (1, heads, N, N): with a 3-D one the CPU falls back from its fused kernel to the math path.
+        y = attention(q, k, v, bias.unsqueeze(0))
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -496,8 +497,7 @@ class TransformerBlock(nn.Module):
         self.attn = RelativeAttention(in_dim, out_dim, grid_size, c)
         self.attn_scale = LayerScale(out_dim, c.layer_scale_init) if c.layer_scale_init else nn.Identity()
         self.ffn_norm = token_norm(c.norm, out_dim, c.norm_eps)
-        self.ffn = nn.Sequential(nn.Linear(out_dim, c.expand_ratio * out_dim), nn.GELU(),
-                                 nn.Linear(c.expand_ratio * out_dim, out_dim))
+        self.ffn = FeedForward(out_dim, c.expand_ratio * out_dim)
         self.ffn_scale = LayerScale(out_dim, c.layer_scale_init) if c.layer_scale_init else nn.Identity()
         self.drop_path = StochasticDepth(drop_path, "row")
 
@@ -546,9 +546,7 @@ class ConvStage(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            chunk = inference_chunk(block, x)  # a batch too wide for the heap, at CPU inference
-            x = torch.cat([block(part) for part in x.split(chunk)]) if chunk \
-                else run_block(block, self.grad_checkpointing, x)
+            x = mbconv_inference(block, x) if cpu_inference(block, x) else run_block(block, self.grad_checkpointing, x)
         return x
 
 
