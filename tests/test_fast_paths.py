@@ -185,6 +185,34 @@ def test_mbconv_runs_a_wide_batch_in_even_chunks(monkeypatch):
     assert chunked.shape == (5, 1000)
 
 
+def test_an_image_too_large_for_the_heap_runs_whole(monkeypatch):
+    """A single image whose hidden tensor passes MAX_HEAP_BLOCK cannot be split further: it runs
+    whole (coatnet_3_rw at its own 224 px is such a model in float32)."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", img_size=32, num_classes=10)).eval()
+    monkeypatch.setattr(fast_path, "MAX_HEAP_BLOCK", 1024)  # below one image's hidden tensor
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        fast = model(x)
+    with torch.enable_grad():
+        plain = model(x).detach()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_float64_under_bfloat16_autocast_stays_float64():
+    """Autocast leaves float64 alone; so does the fast path."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", img_size=32, num_classes=10)).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.autocast("cpu", torch.bfloat16):
+        with torch.inference_mode():
+            fast = model(x)
+        with torch.enable_grad():
+            plain = model(x).detach()
+    assert fast.dtype == plain.dtype == torch.float64
+    torch.testing.assert_close(fast, plain, atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("name,size", [("coatnet_pico", 32), ("coatnet_rmlp_nano_rw", 64)])
 def test_grad_checkpointing_changes_nothing(name, size):
     """Same loss, gradients and BatchNorm running statistics (updated once per step, not twice)."""

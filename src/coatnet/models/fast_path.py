@@ -68,7 +68,7 @@ def onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     oneDNN's fused kernels take it; None where they do not apply."""
     if not _ONEDNN or x.device.type != "cpu":
         return None
-    if torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu") and torch.float64 not in (x.dtype, weight.dtype):  # autocast skips float64
         dtype = torch.get_autocast_dtype("cpu")
     else:
         dtype = x.dtype if x.dtype == weight.dtype else None  # differing ones: the plain layer's error
@@ -169,11 +169,14 @@ def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
     height, width = x.shape[-2] // expand.stride[0], x.shape[-1] // expand.stride[1]
     per_image = expand.out_channels * height * width * x.element_size()
     chunks = -(-len(x) * per_image // MAX_HEAP_BLOCK)  # ceil: as few chunks as will fit, evened out
-    if chunks > 1:
+    if chunks > 1 and len(x) > 1:  # one image too large for the heap runs whole
         return torch.cat([mbconv_inference(block, part) for part in x.split(-(-len(x) // chunks))])
     *layers, (se_name, se), (_, project) = block.residual.named_children()
     # Sharded weights (FSDP, each block its own unit) are gathered only by the block's own forward.
-    if se_name != "se" or isinstance(project.weight, DTensor) or onednn_dtype(x, project.weight) != torch.bfloat16:
+    # A bfloat16 channels-last input, as in the network: the output has its dtype and memory format.
+    if (se_name != "se" or isinstance(project.weight, DTensor) or x.dtype != torch.bfloat16
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or onednn_dtype(x, project.weight) != torch.bfloat16):
         return block(x)
     hidden = x
     for _, layer in layers:
