@@ -42,6 +42,15 @@ def test_inference_fast_paths_match_the_plain_path(name, size):
     assert torch.equal(again, fast)
 
 
+def _fast_and_plain(model, x):
+    """The output at inference, the fast path, and with autograd on, the plain layers."""
+    with torch.inference_mode():
+        fast = model(x)
+    with torch.enable_grad():
+        plain = model(x).detach()
+    return fast, plain
+
+
 ONEDNN_BF16 = torch.bfloat16 in fast_path._ONEDNN_DTYPES
 
 
@@ -129,11 +138,7 @@ def test_fast_path_really_runs_and_follows_updates(monkeypatch):
     with torch.no_grad():
         unit[1].running_var.mul_(3.0)
         unit[0].weight.add_(0.1)
-    with torch.inference_mode():
-        fast = unit(x)
-    with torch.enable_grad():
-        plain = unit(x).detach()
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(*_fast_and_plain(unit, x), atol=1e-5, rtol=1e-5)
 
 
 def test_fast_paths_after_training_steps():
@@ -191,12 +196,7 @@ def test_an_image_too_large_for_the_heap_runs_whole(monkeypatch):
     torch.manual_seed(0)
     model = randomise_norms(coatnet.create_model("coatnet_pico", img_size=32, num_classes=10)).eval()
     monkeypatch.setattr(fast_path, "MAX_HEAP_BLOCK", 1024)  # below one image's hidden tensor
-    x = torch.randn(3, 3, 32, 32)
-    with torch.inference_mode():
-        fast = model(x)
-    with torch.enable_grad():
-        plain = model(x).detach()
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(*_fast_and_plain(model, torch.randn(3, 3, 32, 32)), atol=1e-5, rtol=1e-5)
 
 
 def test_float64_under_bfloat16_autocast_stays_float64():
@@ -205,10 +205,7 @@ def test_float64_under_bfloat16_autocast_stays_float64():
     model = randomise_norms(coatnet.create_model("coatnet_pico", img_size=32, num_classes=10)).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.autocast("cpu", torch.bfloat16):
-        with torch.inference_mode():
-            fast = model(x)
-        with torch.enable_grad():
-            plain = model(x).detach()
+        fast, plain = _fast_and_plain(model, x)
     assert fast.dtype == plain.dtype == torch.float64
     torch.testing.assert_close(fast, plain, atol=1e-9, rtol=1e-9)
 
