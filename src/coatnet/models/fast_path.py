@@ -119,6 +119,23 @@ class ConvBNAct(nn.Sequential):
                                                        conv.stride, conv.dilation, conv.groups, post_op, [], algorithm)
 
 
+class FeedForward(nn.Sequential):
+    """The Transformer block's FFN, ``Linear -> GELU -> Linear``; at eager CPU inference the GELU is
+    a post-op of the first product's oneDNN kernel, so the widest tensor is written once."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, _, fc2 = self
+        dtype = None if self.training or not eager_inference() else onednn_dtype(x, fc1.weight)
+        if dtype is None:
+            return super().forward(x)
+        hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [],
+                                                    "none")
+        return fc2(hidden)
+
+
 class SqueezeExcite(SqueezeExcitation):
     """torchvision's squeeze-excitation, ``x * sigmoid(fc2(act(fc1(mean(x)))))``, scaling ``x`` in
     place at eager inference: in MBConv its input is a fresh intermediate, the block's widest
@@ -189,8 +206,8 @@ def scaled_projection(project: nn.Conv2d, hidden: Tensor, scale: Tensor, residua
     """``residual + project(hidden * scale)`` for a 1x1 conv and a per-image, per-channel ``scale``
     (B, C, 1, 1), without the scaled copy of ``hidden``: each image's scale goes into its own copy of
     the (small) weight, and one batched matmul over the channels-last tokens, in ``dtype``, adds the
-    residual as it writes. In bfloat16 on AMX 1.4x (S2) to 2.7x (S1) faster than scaling, convolving and adding;
-    in float32 slower, so used only in bfloat16 (``mbconv_inference``).
+    residual as it writes. In bfloat16 on AMX 1.4x (S2) to 2.7x (S1) faster than scaling, convolving
+    and adding; in float32 slower, so used only in bfloat16 (``mbconv_inference``).
     """
     b, c, height, width = hidden.shape
     weight = project.weight.flatten(1).to(dtype) * scale.view(b, 1, c).to(dtype)  # (B, out, C)
@@ -222,19 +239,3 @@ def compile_for_inference(model: nn.Module) -> Callable[..., Tensor]:
 
     return serve
 
-
-class FeedForward(nn.Sequential):
-    """The Transformer block's FFN, ``Linear -> GELU -> Linear``; at eager CPU inference the GELU is
-    a post-op of the first product's oneDNN kernel, so the widest tensor is written once."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        fc1, _, fc2 = self
-        dtype = None if self.training or not eager_inference() else onednn_dtype(x, fc1.weight)
-        if dtype is None:
-            return super().forward(x)
-        hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [],
-                                                    "none")
-        return fc2(hidden)
