@@ -4,15 +4,18 @@
 #   fsdp     one epoch of FSDP bfloat16 training of CoAtNet-5 at 224 px per `coatnet plan` option,
 #            its peak memory beside the plan's prediction (benchmarks/gpu_fsdp.py)
 #   parity   every inference path and a training step on the GPU against float64 on the CPU
-#   bench-*  `coatnet bench --compare timm`: bfloat16 with compiled rows, float32, float32 compiled
+#   bench-*  `coatnet bench --compare timm`: bfloat16 with compiled rows, float32, float32 compiled,
+#            TF32 compiled
+#   profile, profile-compiled  where the GPU's time goes, ours beside timm's (benchmarks/gpu_profile.py)
 # Usage, from the repository's root: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...] (default: all)
-# On an H100 (2026-11-26) the stages took about 2.5, 1, 2, 0.5 and 2 minutes: about 8 in all.
+# On an H100 (2026-11-26) the first five stages took about 2.5, 1, 2, 0.5 and 2 minutes; on an H200
+# bench-tf32-compiled took 1.5, profile about 1 and profile-compiled 2: about 12 in all.
 # The machine's python3 needs torch, torchvision, timm, safetensors, huggingface_hub, scikit-learn,
 # tqdm and matplotlib; the package itself is taken from src/.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...]}
 shift
-stages=${*:-fsdp parity bench-bf16 bench-fp32 bench-fp32-compiled}
+stages=${*:-fsdp parity bench-bf16 bench-fp32 bench-fp32-compiled bench-tf32-compiled profile profile-compiled}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -23,8 +26,11 @@ stage() {  # NAME SECONDS COMMAND...: the command's output and exit status in $o
   [[ " $stages " == *" $name "* ]] || return 0
   echo "== $name ($(date +%T)): $*" | tee "$out/$name.txt"
   timeout "$limit" "$@" >> "$out/$name.txt" 2>&1
-  echo "exit status $? ($(date +%T))" | tee -a "$out/$name.txt"
+  local status=$?
+  echo "exit status $status ($(date +%T))" | tee -a "$out/$name.txt"
+  [[ $status == 0 ]] || failed+=" $name"
 }
+failed=
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; lscpu | grep 'Model name'
   $py -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
@@ -35,6 +41,14 @@ stage bench-bf16 240 $py -m coatnet bench --compare timm --device cuda --dtype b
 stage bench-fp32 120 $py -m coatnet bench --compare timm --device cuda --batch-size "$batch" --repeats 20
 # float32 compiled at half the batch: at 128 the nine processes need more than 80 GiB together
 stage bench-fp32-compiled 240 $py -m coatnet bench --compare timm --device cuda --compile --batch-size $((batch / 2)) --repeats 20
+stage bench-tf32-compiled 240 $py -m coatnet bench --compare timm --device cuda --dtype tf32 --compile --batch-size $((batch / 2)) --repeats 20
+# unfolded last: the variant replaces ConvBNAct.forward for the rest of its process
+stage profile 150 $py benchmarks/gpu_profile.py coatnet-bfloat16-inference timm-bfloat16-inference \
+  coatnet-bfloat16-train timm-bfloat16-train coatnet-float32-inference coatnet-bfloat16-inference-unfolded \
+  coatnet-float32-inference-unfolded
+stage profile-compiled 330 $py benchmarks/gpu_profile.py coatnet-float32-inference-compiled \
+  timm-float32-inference-compiled coatnet-float32-inference-compiled-tf32 coatnet-bfloat16-inference-compiled
 
 cat "$out/env.txt"
-for f in $stages; do echo; tail -n 16 "$out/$f.txt"; done
+for f in $stages; do [[ -f $out/$f.txt ]] && { echo; tail -n 16 "$out/$f.txt"; }; done
+[[ -z $failed ]] || { echo "failed:$failed"; exit 1; }

@@ -68,6 +68,7 @@ def test_bench_bfloat16(capsys):
     (["--model", "nope"], "unknown model 'nope'"),
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),
+    (["--model", "coatnet_pico", "--dtype", "tf32"], "--dtype tf32 is a precision of NVIDIA GPUs: add --device cuda"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(["bench", *argv]) == 2

@@ -141,6 +141,19 @@ def test_fast_path_really_runs_and_follows_updates(monkeypatch):
     torch.testing.assert_close(*_fast_and_plain(unit, x), atol=1e-5, rtol=1e-5)
 
 
+def test_off_the_cpu_the_plain_layers_run(monkeypatch):
+    """On a GPU the folded conv's bias and the pooled mean are slower than the plain layers
+    (README, Performance: the H200 profile): off the CPU (here the meta device) neither runs."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU fast path ran off the CPU")
+    monkeypatch.setattr(fast_path, "fold_batch_norm", refuse)
+    monkeypatch.setattr(F, "avg_pool2d", refuse)
+    with torch.device("meta"):
+        model = coatnet.create_model("coatnet_pico").eval()
+        with torch.inference_mode():
+            assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
 def test_fast_paths_after_training_steps():
     """Inference, training, inference: each sees the current weights, and training is unaffected."""
     torch.manual_seed(0)

@@ -15,6 +15,11 @@ How it measures, so that the figures can be trusted on a shared machine:
   each of ``--repeats`` rounds asks every process in turn for one timed run, so a slow spell of
   the machine hits them all alike. Reported: the median and the min..max of the rounds; ratios
   are of medians.
+* ``--dtype``: ``float32`` as PyTorch runs it by default. On a GPU that is cuDNN's convolutions on
+  TF32 tensor cores and matmuls in true float32, so timm's CoAtNet, whose attention and MLP
+  products are 1x1 convolutions, computes them in TF32 where ours (linear layers) computes them in
+  float32. ``tf32`` (CUDA only): every product of both models, and the matmul, on TF32 tensor
+  cores. ``bfloat16``: autocast, as ``coatnet train --amp``.
 * The machine's limit: a square ``torch.mm`` in the same dtype, timed in the same rounds. The achieved
   fraction is model FLOP/s over matmul FLOP/s, with model FLOPs = 2 x the multiply-adds counted by
   :func:`coatnet.complexity.count_flops`, a training step counted as 3 forward passes (the
@@ -74,7 +79,7 @@ class Job:
     batch_size: int
     threads: int | None
     device: str
-    dtype: str = "float32"  # "bfloat16": the model under autocast, the matmul in bfloat16
+    dtype: str = "float32"  # "bfloat16": the model under autocast, the matmul in bfloat16; "tf32": CUDA's TF32
 
     @property
     def label(self) -> str:
@@ -108,7 +113,7 @@ def _prepare(job: Job, device: torch.device) -> tuple[Callable[[], None], float]
     """The function one timed run calls, and its FLOP (2 x multiply-adds) per image (per mm for the matmul)."""
     if job.mode == "matmul":
         n = job.img_size
-        dtype = getattr(torch, job.dtype)
+        dtype = torch.bfloat16 if job.dtype == "bfloat16" else torch.float32
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         return (lambda: torch.mm(a, b)), 2.0 * n**3
     from .complexity import count_flops
@@ -178,6 +183,8 @@ def _worker(job: Job, conn) -> None:
     try:
         if job.threads:
             torch.set_num_threads(job.threads)
+        if job.dtype == "tf32":  # float32 products on TF32 tensor cores, matmuls and convolutions alike
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         device = torch.device(job.device)
         if job.implementation == "timm":
             _import_timm()  # its import is part of the base, not of the model
@@ -256,6 +263,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if name not in TIMM_MODELS:  # before building anything
             raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
         implementations.append("timm")
+    if args.dtype == "tf32" and device.type != "cuda":
+        raise ValueError("--dtype tf32 is a precision of NVIDIA GPUs: add --device cuda, or use float32 or bfloat16")
     if args.onnx:
         if device.type != "cpu" or args.dtype != "float32":
             raise ValueError("--onnx times onnxruntime on the CPU in float32: drop --device and --dtype")

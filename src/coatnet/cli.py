@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["timm"], default=None, help="also time timm's matching model")
     p.add_argument("--compile", action="store_true", help="add torch.compile lines")
     p.add_argument("--onnx", action="store_true", help="add our model exported to ONNX, run by onnxruntime")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16: autocast, as `coatnet train --amp` (the matmul in bfloat16 too)")
+    p.add_argument("--dtype", choices=["float32", "tf32", "bfloat16"], default="float32",
+                   help="bfloat16: autocast, as `coatnet train --amp` (the matmul in bfloat16 too); "
+                        "tf32 (CUDA): every float32 product on TF32 tensor cores")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=lambda args: _lazy("bench", "run_bench")(args))

@@ -6,7 +6,7 @@ autograd off (``torch.inference_mode()`` or ``torch.no_grad()``), plain eager ex
 tracing, compiling or exporting, where the plain layers run and the compiler fuses them itself);
 in float32, and in bfloat16 (a converted model, or autocast) where the CPU has it natively:
 
-- :class:`ConvBNAct`: BatchNorm folded into the conv before it, and on CPU the activation fused
+- :class:`ConvBNAct` (CPU): BatchNorm folded into the conv before it, and the activation fused
   into the same oneDNN convolution as a post-op, the kernel PyTorch's own compiler emits for this
   pattern: the output is written once instead of three times.
 - :class:`FeedForward`: the Transformer FFN's GELU fused into its first linear layer the same way.
@@ -15,9 +15,9 @@ in float32, and in bfloat16 (a converted model, or autocast) where the CPU has i
   glibc's heap runs the batch in even chunks (``MAX_HEAP_BLOCK``); in bfloat16 its SE scaling and
   residual add are folded into the projection (:func:`scaled_projection`).
 
-Two paths serve training as well, the same function with fewer passes: the squeeze-excitation's
-mean as an average pool, and the attention of Eq. 3 as written where PyTorch's fused kernel does
-not run (:func:`attention`).
+Two paths serve training on the CPU as well, the same function with fewer passes: the
+squeeze-excitation's mean as an average pool, and the attention of Eq. 3 as written where
+PyTorch's fused kernel does not run (:func:`attention`).
 
 Nothing is cached: the folded weights are computed on every call (cheap next to the conv
 itself; README, Performance), so the fast path is right after any change of the
@@ -94,7 +94,8 @@ class ConvBNAct(nn.Sequential):
     """Conv -> BatchNorm -> activation (GELU in the paper), the post-activation unit of the stem and MBConv.
 
     Layers and state dict as torchvision's ``Conv2dNormActivation``: ``0`` the conv (no bias), ``1``
-    the norm, ``2`` the activation. At eager inference, one folded (and on CPU fused) convolution.
+    the norm, ``2`` the activation. At eager CPU inference, one folded (and where oneDNN takes the
+    dtype, fused) convolution.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
@@ -107,7 +108,10 @@ class ConvBNAct(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         conv, norm, act = self
         # Sharded weights (FSDP, the norm its own unit) are gathered only by the norm's own forward.
-        if self.training or not eager_inference() or isinstance(norm.weight, DTensor):
+        # On a GPU the folded conv's bias is added in a pass of its own, by a generic broadcasting
+        # kernel slower than BatchNorm's channels-last one: CoAtNet-0 in bfloat16 runs 12% faster
+        # unfolded, float32 the same (H200, benchmarks/gpu_profile.py ``unfolded``).
+        if self.training or x.device.type != "cpu" or not eager_inference() or isinstance(norm.weight, DTensor):
             return super().forward(x)
         weight, bias = fold_batch_norm(conv, norm)
         dtype = onednn_dtype(x, conv.weight)
@@ -142,11 +146,14 @@ class SqueezeExcite(SqueezeExcitation):
     tensor, so the copy is saved."""
 
     def _scale(self, x: Tensor) -> Tensor:
-        if not eager_execution():  # an exported graph keeps the pooling to one output size, any input size
+        # An exported graph keeps the pooling to one output size, any input size. On a GPU mean()
+        # reads the map once already, and the pool (a thread per output summing the whole map) is
+        # slower: 2% at inference, 4% in the training step (H200, bfloat16, benchmarks/gpu_profile.py).
+        if x.device.type != "cpu" or not eager_execution():
             return super()._scale(x)
-        # The mean over the map as an average pool over all of it, the same number: in bfloat16,
-        # mean() would first copy the map to float32 (and its gradient mix the two dtypes), passes
-        # over the block's widest tensor that the pooling kernel, accumulating as it reads, saves.
+        # The mean over the map as an average pool over all of it, the same number: in bfloat16 on
+        # the CPU, mean() would first copy the map to float32 (and its gradient mix the two dtypes),
+        # passes over the block's widest tensor that the pooling kernel, accumulating as it reads, saves.
         pooled = F.avg_pool2d(x, x.shape[-2:])
         return self.scale_activation(self.fc2(self.activation(self.fc1(pooled))))
 

@@ -1,0 +1,104 @@
+"""Where a GPU's time goes in CoAtNet-0, ours beside timm's: for each case, images/s (median of 20
+timed calls, after warm-up), the GPU's busy fraction (summed kernel time over wall time: the rest is
+launch overhead and gaps), the kernel time by kind, and the kernels that take the most.
+
+A case is ``IMPL-DTYPE-MODE[-compiled][-VARIANT]``, e.g. ``coatnet-bfloat16-inference``; a call is
+timed as ``coatnet bench`` times it (``bench._prepare``). Variants:
+  ``tf32``     float32 products on TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``;
+               PyTorch's default keeps them float32, while cuDNN's convolutions use TF32)
+  ``notf32``   cuDNN's convolutions in float32 too (``torch.backends.cudnn.allow_tf32 = False``)
+  ``unfolded`` ours with BatchNorm not folded into the convolutions at inference (the plain
+               layers); for the rest of the process, so give such cases last
+
+Run by benchmarks/gpu_check.sh (stage ``profile``); ``python benchmarks/gpu_profile.py CASE...``.
+"""
+
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from coatnet import bench
+from coatnet.models.fast_path import ConvBNAct
+
+KINDS = [  # first match wins; kernel names of cuBLAS, cuDNN, CUTLASS, PyTorch and Inductor (Triton)
+    ("attention", r"fmha|attention|flash|softmax"),
+    ("depthwise conv", r"depthwise|dwconv|grouped"),
+    ("matmul / conv (tensor cores)", r"gemm|xmma|cutlass|wgmma|sm90_|sm80_|implicit|conv|cudnn|dgrad|wgrad|fprop"),
+    ("norm", r"norm|welford|bn_"),
+    ("pooling / reduction", r"pool|reduce|mean"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("copy / layout", r"copy|transpose|permute|cat|index|nchw|nhwc|pad"),
+    ("elementwise / fused (Triton)", r"triton|elementwise|vectorized|unrolled|gelu|sigmoid|mul|add"),
+]
+
+
+def kind(name: str) -> str:
+    return next((k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def profile(case: str) -> None:
+    impl, dtype, mode, *rest = case.split("-")
+    compiled = "compiled" in rest
+    variant = "-".join(r for r in rest if r != "compiled")
+    torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
+    torch.backends.cudnn.allow_tf32 = variant != "notf32"
+    if variant == "unfolded":
+        ConvBNAct.forward = torch.nn.Sequential.forward
+    batch = 64 if compiled and dtype == "float32" else 128
+    job = bench.Job(impl, "coatnet_0", mode, compiled, 224, batch, None, "cuda", dtype)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    run, _ = bench._prepare(job, device)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - started
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    wall = statistics.median(times)
+    calls = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = max(sum(e.self_device_time_total for e in kernels) / calls / 1e3, 1e-9)  # ms per call
+    launches = sum(e.count for e in kernels) / calls
+    print(f"\n## {case}: batch {batch}, {batch / wall:,.0f} images/s (median of 20, {min(times) * 1e3:.2f}.."
+          f"{max(times) * 1e3:.2f} ms), warm-up {warm:.0f} s, peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
+    print(f"wall {wall * 1e3:.2f} ms/call; kernels {busy:.2f} ms ({busy / wall / 10:.0f}% busy), {launches:.0f} launches")
+    by_kind = defaultdict(float)
+    for e in kernels:
+        by_kind[kind(e.key)] += e.self_device_time_total / calls / 1e3
+    for name, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
+        print(f"  {name:30s} {ms:7.2f} ms  {ms / busy:4.0%}")
+    print("top kernels (ms/call, launches/call, kind, name):")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:22]:
+        print(f"  {e.self_device_time_total / calls / 1e3:7.3f} {e.count // calls:4d}  {kind(e.key)[:12]:12s} {e.key[:150]}")
+    print("top operators by the kernel time they launch themselves (ms/call, calls/call, input shapes):")
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
+    for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:16]:
+        print(f"  {e.self_device_time_total / calls / 1e3:7.3f} {e.count // calls:4d}  {e.key} {str(e.input_shapes)[:120]}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    for case in sys.argv[1:]:
+        try:
+            profile(case)
+        except Exception as error:  # one case failing must not lose the others
+            print(f"\n## {case}: failed: {type(error).__name__}: {str(error)[:300]}")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch._dynamo.reset()
