@@ -112,3 +112,24 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
     assert any(line.split()[:3] == ["no_such_model", "inference", "failed"] for line in lines)
     assert any(line.split()[:3] == ["coatnet_pico", "train", "5.00"] for line in lines)
     assert lines[-1] == f"failed: {runner.error}" and "\n" not in runner.error
+
+
+def test_a_process_dying_while_timed_fails_its_row_only(capsys, monkeypatch):
+    """A measurement that dies between rounds (the OOM killer, say) is its row's one-line failure;
+    the other rows are still timed and reported, and the command exits with status 1."""
+    from coatnet import bench
+
+    time_one = bench.Runner.time_one
+
+    def dying(runner):
+        if runner.job.mode == "train" and len(runner.seconds) == 1:
+            runner.process.kill()
+            runner.process.join()
+        time_one(runner)
+
+    monkeypatch.setattr(bench.Runner, "time_one", dying)
+    assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3",
+                 "--json"]) == 1
+    rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["train"]["error"] == "coatnet_pico train: its process ended"
+    assert rows["inference"]["images_per_s"]["median"] > 0 and "error" not in rows["inference"]

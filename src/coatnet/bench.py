@@ -222,26 +222,34 @@ class Runner:
         self.flop = self.peak_mib = 0.0
         self.error: str | None = None  # why its measurement failed (its row says so; the others go on)
 
-    def _recv(self):
-        message = self.conn.recv()
-        if isinstance(message, tuple) and message[0] == "error":
-            raise RuntimeError(message[1])
-        return message
+    def _request(self, message: str | None):
+        """Send ``message`` (None: only listen) and return the reply; None where the measurement
+        failed or its process died (e.g. out of memory), which ``error`` then says in one line."""
+        try:
+            if message is not None:
+                self.conn.send(message)
+            reply = self.conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            reply = ("error", f"{self.job.label} {self.job.mode}: its process ended")
+        if isinstance(reply, tuple) and reply[0] == "error":
+            self.error = reply[1]
+            return None
+        return reply
 
     def wait_ready(self) -> None:
-        try:
-            self.flop = self._recv()[1]
-        except (RuntimeError, EOFError) as e:  # EOFError: the process died, e.g. out of memory
-            self.error = str(e) or f"{self.job.label} {self.job.mode}: its process ended"
+        reply = self._request(None)
+        if reply is not None:
+            self.flop = reply[1]
 
     def time_one(self) -> None:
-        self.conn.send("run")
-        self.seconds.append(self._recv())
+        seconds = self._request("run")
+        if seconds is not None:
+            self.seconds.append(seconds)
 
     def finish(self) -> None:
-        self.conn.send("stop")
-        self.peak_mib = self._recv()
-        self.process.join()
+        peak = self._request("stop")
+        if peak is not None:
+            self.peak_mib = peak
 
 
 def _median_range(values: list[float]) -> dict:
@@ -296,21 +304,22 @@ def run_bench(args: argparse.Namespace) -> int:
         if device.type != "cpu":
             for runner in runners:
                 runner.wait_ready()
-        ready = [r for r in runners if r.error is None]
-        if runners[-1].error:
-            raise ValueError(f"the matmul, the measure of every row, failed: {runners[-1].error}")
+        matmul = runners[-1]
         for _ in range(args.repeats):
-            for runner in ready:
-                runner.time_one()
-        for runner in ready:
-            runner.finish()
-    except (RuntimeError, EOFError) as e:  # a process failed or died after its warm-up
-        raise ValueError(f"a measurement failed: {e or 'its process ended'}") from None
+            if matmul.error:
+                break
+            for runner in runners:
+                if runner.error is None:  # a row that failed says so; the others go on
+                    runner.time_one()
+        if matmul.error:
+            raise ValueError(f"the matmul, the measure of every row, failed: {matmul.error}")
+        for runner in runners:
+            if runner.error is None:
+                runner.finish()
     finally:
         for runner in runners:
             runner.process.kill()
 
-    matmul = runners[-1]
     matmul_flops = statistics.median(matmul.flop / s for s in matmul.seconds)
     rows = []
     for r in runners[:-1]:
