@@ -72,6 +72,17 @@ def test_outputs(reference_run):
     assert state["step"] == 2 * (1437 // 128) and state["epoch"] == 2
 
 
+def test_epoch_line_shows_gpu_memory_where_there_is_some(reference_run):
+    """The CPU run's line has no memory figure; a GPU run's metrics (as ``epoch_metrics`` writes
+    them on CUDA) add its peak and reserved memory per GPU to the line."""
+    from coatnet.train import epoch_line
+
+    m = json.loads((reference_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "gpu_peak_gib" not in m and "peak" not in epoch_line(m, 2)
+    line = epoch_line(m | dict(gpu_peak_gib=11.7, gpu_reserved_gib=13.04), 2)
+    assert line.startswith("epoch   2/2  train_loss") and line.endswith("img/s  peak 11.7 GiB per GPU (13.0 reserved)")
+
+
 def test_two_runs_are_bitwise_identical(reference_run, tmp_path):
     run_cli("train", *TINY, "--epochs", "2", "--output-dir", str(tmp_path / "again"))
     assert_bitwise_equal(weights(reference_run), weights(tmp_path / "again"))

@@ -730,12 +730,15 @@ def report_epoch(run: Run) -> None:
     history = run.state.history
     atomic_write(run.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_curves(history, run.run_dir / "curves.png")
-    h = history[-1]
+    print(epoch_line(history[-1], run.config.epochs), flush=True)
+
+
+def epoch_line(h: dict, epochs: int) -> str:
+    """An epoch's line on stdout from its metrics; on a GPU with the peak memory per GPU."""
     peak = (f"  peak {h['gpu_peak_gib']:.1f} GiB per GPU ({h['gpu_reserved_gib']:.1f} reserved)"
             if "gpu_peak_gib" in h else "")
-    print(f"epoch {h['epoch']:>3}/{run.config.epochs}  train_loss {h['train_loss']:.4f}  "
-          f"eval_loss {h['eval_loss']:.4f}  top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  "
-          f"{h['images_per_second']:7.1f} img/s{peak}", flush=True)
+    return (f"epoch {h['epoch']:>3}/{epochs}  train_loss {h['train_loss']:.4f}  eval_loss {h['eval_loss']:.4f}  "
+            f"top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  {h['images_per_second']:7.1f} img/s{peak}")
 
 
 def finish_run(run: Run) -> dict:
