@@ -15,6 +15,10 @@ How it measures, so that the figures can be trusted on a shared machine:
   each of ``--repeats`` rounds asks every process in turn for one timed run, so a slow spell of
   the machine hits them all alike. Reported: the median and the min..max of the rounds; ratios
   are of medians.
+* Steady state: each timed run follows an untimed one in the same process, so it finds the caches
+  and clocks as a loop of calls leaves them, not as the eight other processes left them. A single
+  cold call understates the matmul most (on a 2-core Xeon in bfloat16, 1,376-1,605 GFLOP/s cold
+  against 1,959-2,106 steady, our inference 54-58 against 64 images/s), so fractions of it read high.
 * ``--dtype``: ``float32`` as PyTorch runs it by default. On a GPU that is cuDNN's convolutions on
   TF32 tensor cores and matmuls in true float32, so timm's CoAtNet, whose attention and MLP
   products are 1x1 convolutions, computes them in TF32 where ours (linear layers) computes them in
@@ -198,6 +202,8 @@ def _worker(job: Job, conn) -> None:
         _sync(device)
         conn.send(("ready", flop))
         while conn.recv() == "run":
+            run()  # untimed: the timed call finds caches and clocks as a back-to-back loop leaves them
+            _sync(device)
             start = time.perf_counter()
             run()
             _sync(device)
