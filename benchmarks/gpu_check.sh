@@ -15,7 +15,11 @@
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...]}
 shift
-stages=${*:-fsdp parity bench-bf16 bench-fp32 bench-fp32-compiled bench-tf32-compiled profile profile-compiled}
+all_stages="fsdp parity bench-bf16 bench-fp32 bench-fp32-compiled bench-tf32-compiled profile profile-compiled"
+stages=${*:-$all_stages}
+for s in $stages; do
+  [[ " $all_stages " == *" $s "* ]] || { echo "unknown stage '$s'; the stages: $all_stages" >&2; exit 2; }
+done
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -42,10 +46,9 @@ stage bench-fp32 120 $py -m coatnet bench --compare timm --device cuda --batch-s
 # float32 compiled at half the batch: at 128 the nine processes need more than 80 GiB together
 stage bench-fp32-compiled 240 $py -m coatnet bench --compare timm --device cuda --compile --batch-size $((batch / 2)) --repeats 20
 stage bench-tf32-compiled 240 $py -m coatnet bench --compare timm --device cuda --dtype tf32 --compile --batch-size $((batch / 2)) --repeats 20
-# unfolded last: the variant replaces ConvBNAct.forward for the rest of its process
 stage profile 150 $py benchmarks/gpu_profile.py coatnet-bfloat16-inference timm-bfloat16-inference \
-  coatnet-bfloat16-train timm-bfloat16-train coatnet-float32-inference coatnet-bfloat16-inference-unfolded \
-  coatnet-float32-inference-unfolded
+  coatnet-bfloat16-train timm-bfloat16-train coatnet-float32-inference coatnet-bfloat16-inference-folded \
+  coatnet-float32-inference-folded
 stage profile-compiled 330 $py benchmarks/gpu_profile.py coatnet-float32-inference-compiled \
   timm-float32-inference-compiled coatnet-float32-inference-compiled-tf32 coatnet-bfloat16-inference-compiled
 

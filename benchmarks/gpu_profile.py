@@ -2,13 +2,14 @@
 timed calls, after warm-up), the GPU's busy fraction (summed kernel time over wall time: the rest is
 launch overhead and gaps), the kernel time by kind, and the kernels that take the most.
 
-A case is ``IMPL-DTYPE-MODE[-compiled][-VARIANT]``, e.g. ``coatnet-bfloat16-inference``; a call is
-timed as ``coatnet bench`` times it (``bench._prepare``). Variants:
+A case is ``IMPL-DTYPE-MODE[-compiled][-VARIANT]``, e.g. ``coatnet-bfloat16-inference``; its call is
+built as ``coatnet bench`` builds it (``bench._prepare``) and timed back to back. Variants:
   ``tf32``     float32 products on TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``;
                PyTorch's default keeps them float32, while cuDNN's convolutions use TF32)
   ``notf32``   cuDNN's convolutions in float32 too (``torch.backends.cudnn.allow_tf32 = False``)
-  ``unfolded`` ours with BatchNorm not folded into the convolutions at inference (the plain
-               layers); for the rest of the process, so give such cases last
+  ``folded``   ours with BatchNorm folded into the convolutions at eager inference, as on the CPU
+               (on a GPU the plain layers run: README, Performance)
+The script exits 1 if a case failed (each is reported and the others still run).
 
 Run by benchmarks/gpu_check.sh (stage ``profile``); ``python benchmarks/gpu_profile.py CASE...``.
 """
@@ -20,18 +21,25 @@ import time
 from collections import defaultdict
 
 import torch
-from coatnet import bench
-from coatnet.models.fast_path import ConvBNAct
+import torch.nn.functional as F
 
-KINDS = [  # first match wins; kernel names of cuBLAS, cuDNN, CUTLASS, PyTorch and Inductor (Triton)
-    ("attention", r"fmha|attention|flash|softmax"),
-    ("depthwise conv", r"depthwise|dwconv|grouped"),
-    ("matmul / conv (tensor cores)", r"gemm|xmma|cutlass|wgmma|sm90_|sm80_|implicit|conv|cudnn|dgrad|wgrad|fprop"),
-    ("norm", r"norm|welford|bn_"),
+from coatnet import bench
+from coatnet.models import fast_path
+
+IMPLEMENTATIONS, DTYPES, MODES = ("coatnet", "timm"), ("float32", "bfloat16"), ("inference", "train")
+VARIANTS = ("", "tf32", "notf32", "folded")
+
+KINDS = [  # first match wins; kernel names of cuBLAS, cuDNN, CUTLASS, PyTorch and Inductor
+    ("matmul / conv", r"^triton_tem"),  # Inductor's matmul templates
+    ("fused elementwise (Triton)", r"^triton_"),  # its names list the ops fused, convolution included
+    ("attention", r"fmha|attention|flash|sdpa|softmax"),
+    ("depthwise conv", r"depthwise|dwconv|c1_k1"),
+    ("norm", r"norm|welford|bn_|GammaBeta"),
+    ("copy / layout", r"nchwToNhwc|nhwcToNchw|copy|transpose|permute|CatArray"),
+    ("matmul / conv", r"gemm|xmma|cutlass|wgmma|nvjet|implicit|conv|cudnn|dgrad|wgrad|fprop"),
     ("pooling / reduction", r"pool|reduce|mean"),
     ("optimizer", r"multi_tensor|adam|foreach"),
-    ("copy / layout", r"copy|transpose|permute|cat|index|nchw|nhwc|pad"),
-    ("elementwise / fused (Triton)", r"triton|elementwise|vectorized|unrolled|gelu|sigmoid|mul|add"),
+    ("elementwise", r"elementwise|vectorized|unrolled|gelu|sigmoid|mul|add"),
 ]
 
 
@@ -39,14 +47,30 @@ def kind(name: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
 
 
-def profile(case: str) -> None:
+def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``ConvBNAct`` at eager inference with BatchNorm folded into the conv on any device."""
+    conv, norm, act = self
+    if self.training or not fast_path.eager_inference():
+        return torch.nn.Sequential.forward(self, x)
+    weight, bias = fast_path.fold_batch_norm(conv, norm)
+    weight, bias = weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+    return act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+
+def parse(case: str) -> tuple[str, str, str, bool, str]:
     impl, dtype, mode, *rest = case.split("-")
     compiled = "compiled" in rest
     variant = "-".join(r for r in rest if r != "compiled")
+    if impl not in IMPLEMENTATIONS or dtype not in DTYPES or mode not in MODES or variant not in VARIANTS:
+        raise ValueError(f"unknown case {case!r}: IMPL-DTYPE-MODE[-compiled][-VARIANT] with IMPL in {IMPLEMENTATIONS}, "
+                         f"DTYPE in {DTYPES}, MODE in {MODES}, VARIANT in {VARIANTS[1:]}")
+    return impl, dtype, mode, compiled, variant
+
+
+def profile(case: str) -> None:
+    impl, dtype, mode, compiled, variant = parse(case)
     torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
     torch.backends.cudnn.allow_tf32 = variant != "notf32"
-    if variant == "unfolded":
-        ConvBNAct.forward = torch.nn.Sequential.forward
     batch = 64 if compiled and dtype == "float32" else 128
     job = bench.Job(impl, "coatnet_0", mode, compiled, 224, batch, None, "cuda", dtype)
     device = torch.device("cuda")
@@ -93,12 +117,18 @@ def profile(case: str) -> None:
 
 
 if __name__ == "__main__":
+    cases = [(case, parse(case)) for case in sys.argv[1:]]  # a misspelt case fails before anything runs
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    for case in sys.argv[1:]:
+    failed = []
+    plain_forward = fast_path.ConvBNAct.forward
+    for case, (*_, variant) in cases:
+        fast_path.ConvBNAct.forward = folded_forward if variant == "folded" else plain_forward
         try:
             profile(case)
         except Exception as error:  # one case failing must not lose the others
             print(f"\n## {case}: failed: {type(error).__name__}: {str(error)[:300]}")
+            failed.append(case)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         torch._dynamo.reset()
+    sys.exit(f"failed: {' '.join(failed)}" if failed else 0)

@@ -68,7 +68,7 @@ def test_bench_bfloat16(capsys):
     (["--model", "nope"], "unknown model 'nope'"),
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),
-    (["--model", "coatnet_pico", "--dtype", "tf32"], "--dtype tf32 is a precision of NVIDIA GPUs: add --device cuda"),
+    (["--model", "coatnet_pico", "--dtype", "tf32"], "--dtype tf32 is a precision of NVIDIA GPUs from Ampere (sm_80) on: add --device cuda"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(["bench", *argv]) == 2
@@ -114,22 +114,29 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
     assert lines[-1] == f"failed: {runner.error}" and "\n" not in runner.error
 
 
-def test_a_process_dying_while_timed_fails_its_row_only(capsys, monkeypatch):
+@pytest.mark.parametrize("dies", ["train", "matmul"])
+def test_a_process_dying_while_timed_fails_its_row_only(capsys, monkeypatch, dies):
     """A measurement that dies between rounds (the OOM killer, say) is its row's one-line failure;
-    the other rows are still timed and reported, and the command exits with status 1."""
+    the other rows are still timed and reported, and the command exits with status 1. The matmul
+    is every row's measure: without it the command stops, in one line, with status 2."""
     from coatnet import bench
 
     time_one = bench.Runner.time_one
 
     def dying(runner):
-        if runner.job.mode == "train" and len(runner.seconds) == 1:
+        if runner.job.mode == dies and len(runner.seconds) == 1:
             runner.process.kill()
             runner.process.join()
         time_one(runner)
 
     monkeypatch.setattr(bench.Runner, "time_one", dying)
-    assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3",
-                 "--json"]) == 1
+    argv = ["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3", "--json"]
+    if dies == "matmul":
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == "coatnet bench: error: the matmul, the measure of every row, failed: mm matmul: its process ended\n"
+        return
+    assert main(argv) == 1
     rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["train"]["error"] == "coatnet_pico train: its process ended"
     assert rows["inference"]["images_per_s"]["median"] > 0 and "error" not in rows["inference"]

@@ -277,8 +277,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if name not in TIMM_MODELS:  # before building anything
             raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
         implementations.append("timm")
-    if args.dtype == "tf32" and device.type != "cuda":
-        raise ValueError("--dtype tf32 is a precision of NVIDIA GPUs: add --device cuda, or use float32 or bfloat16")
+    if args.dtype == "tf32" and (device.type != "cuda" or torch.version.hip
+                                 or torch.cuda.get_device_capability(device) < (8, 0)):
+        raise ValueError("--dtype tf32 is a precision of NVIDIA GPUs from Ampere (sm_80) on: add --device cuda "
+                         "on such a GPU, or use float32 or bfloat16")
     if args.onnx:
         if device.type != "cpu" or args.dtype != "float32":
             raise ValueError("--onnx times onnxruntime on the CPU in float32: drop --device and --dtype")
@@ -317,11 +319,11 @@ def run_bench(args: argparse.Namespace) -> int:
             for runner in runners:
                 if runner.error is None:  # a row that failed says so; the others go on
                     runner.time_one()
-        if matmul.error:
-            raise ValueError(f"the matmul, the measure of every row, failed: {matmul.error}")
         for runner in runners:
             if runner.error is None:
                 runner.finish()
+        if matmul.error:
+            raise ValueError(f"the matmul, the measure of every row, failed: {matmul.error}")
     finally:
         for runner in runners:
             runner.process.kill()

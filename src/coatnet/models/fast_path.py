@@ -110,7 +110,7 @@ class ConvBNAct(nn.Sequential):
         # Sharded weights (FSDP, the norm its own unit) are gathered only by the norm's own forward.
         # On a GPU the folded conv's bias is added in a pass of its own, by a generic broadcasting
         # kernel slower than BatchNorm's channels-last one: CoAtNet-0 in bfloat16 runs 12% faster
-        # unfolded, float32 the same (H200, benchmarks/gpu_profile.py ``unfolded``).
+        # unfolded, float32 the same (H200; benchmarks/gpu_profile.py, variant ``folded``).
         if self.training or x.device.type != "cpu" or not eager_inference() or isinstance(norm.weight, DTensor):
             return super().forward(x)
         weight, bias = fold_batch_norm(conv, norm)
