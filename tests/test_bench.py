@@ -140,3 +140,27 @@ def test_a_process_dying_while_timed_fails_its_row_only(capsys, monkeypatch, die
     rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["train"]["error"] == "coatnet_pico train: its process ended"
     assert rows["inference"]["images_per_s"]["median"] > 0 and "error" not in rows["inference"]
+
+
+def test_a_hung_process_fails_its_row_only(capsys, monkeypatch):
+    """A measurement that stops answering (stopped here with SIGSTOP) fails its row after
+    REPLY_TIMEOUT_S instead of holding the bench forever; the others go on."""
+    import os
+    import signal
+
+    from coatnet import bench
+
+    time_one = bench.Runner.time_one
+
+    def hanging(runner):
+        if runner.job.mode == "train" and len(runner.seconds) == 1:
+            os.kill(runner.process.pid, signal.SIGSTOP)
+            monkeypatch.setattr(bench, "REPLY_TIMEOUT_S", 3.0)  # the others answer in ms
+        time_one(runner)
+
+    monkeypatch.setattr(bench.Runner, "time_one", hanging)
+    assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3",
+                 "--json"]) == 1
+    rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["train"]["error"] == "coatnet_pico train: no answer in 3 s, its process hangs"
+    assert rows["inference"]["images_per_s"]["median"] > 0 and "error" not in rows["inference"]

@@ -60,6 +60,9 @@ from .models import compile_for_inference
 from .train import make_optimizer
 
 WARMUP = 2
+# The longest a measurement's process may take to answer (a build with compiles included) before
+# it counts as hung: its row fails, the others go on.
+REPLY_TIMEOUT_S = 3600.0
 TIMM_MODELS = {f"coatnet_{n}": f"coatnet_{n}_224" for n in range(6)}  # timm's paper-style CoAtNet-0..5
 
 
@@ -230,13 +233,18 @@ class Runner:
 
     def _request(self, message: str | None):
         """Send ``message`` (None: only listen) and return the reply; None where the measurement
-        failed or its process died (e.g. out of memory), which ``error`` then says in one line."""
+        failed, its process died (e.g. out of memory) or hangs, which ``error`` then says in one line."""
+        name = f"{self.job.label} {self.job.mode}"
         try:
             if message is not None:
                 self.conn.send(message)
-            reply = self.conn.recv()
+            if self.conn.poll(REPLY_TIMEOUT_S):
+                reply = self.conn.recv()
+            else:
+                self.process.kill()
+                reply = ("error", f"{name}: no answer in {REPLY_TIMEOUT_S:.0f} s, its process hangs")
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            reply = ("error", f"{self.job.label} {self.job.mode}: its process ended")
+            reply = ("error", f"{name}: its process ended")
         if isinstance(reply, tuple) and reply[0] == "error":
             self.error = reply[1]
             return None
