@@ -63,6 +63,11 @@ def eager_inference() -> bool:
     return not torch.is_grad_enabled() and eager_execution()
 
 
+def cpu_inference(module: nn.Module, x: Tensor) -> bool:
+    """``module`` in eval mode at eager inference on the CPU: where the inference fast paths run."""
+    return not module.training and x.device.type == "cpu" and eager_inference()
+
+
 def onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     """The dtype a CPU layer with ``weight`` computes ``x`` in (autocast's, else the input's) where
     oneDNN's fused kernels take it; None where they do not apply."""
@@ -111,7 +116,7 @@ class ConvBNAct(nn.Sequential):
         # On a GPU the folded conv's bias is added in a pass of its own, by a generic broadcasting
         # kernel slower than BatchNorm's channels-last one: CoAtNet-0 in bfloat16 runs 12% faster
         # unfolded, float32 the same (H200; benchmarks/gpu_profile.py, variant ``folded``).
-        if self.training or x.device.type != "cpu" or not eager_inference() or isinstance(norm.weight, DTensor):
+        if not cpu_inference(self, x) or isinstance(norm.weight, DTensor):
             return super().forward(x)
         weight, bias = fold_batch_norm(conv, norm)
         dtype = onednn_dtype(x, conv.weight)
@@ -132,7 +137,7 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, _, fc2 = self
-        dtype = None if self.training or not eager_inference() else onednn_dtype(x, fc1.weight)
+        dtype = onednn_dtype(x, fc1.weight) if cpu_inference(self, x) else None
         if dtype is None:
             return super().forward(x)
         hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [],
@@ -174,13 +179,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def cpu_inference(module: nn.Module, x: Tensor) -> bool:
-    """``module`` in eval mode at eager inference on the CPU, where :func:`mbconv_inference` may run."""
-    return not module.training and x.device.type == "cpu" and eager_inference()
-
-
 def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
-    """An MBConv block at eager CPU inference (where :func:`cpu_inference`), as ``block(x)`` computes it.
+    """An MBConv block where :func:`cpu_inference`, as ``block(x)`` computes it.
 
     - A batch whose hidden tensor, the block's widest, would be too large for glibc's heap runs in
       even chunks that fit (``MAX_HEAP_BLOCK``): each image is computed on its own, BatchNorm using
