@@ -8,8 +8,8 @@
 #            TF32 compiled
 #   profile, profile-compiled  where the GPU's time goes, ours beside timm's (benchmarks/gpu_profile.py)
 # Usage, from the repository's root: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...] (default: all)
-# On an H100 (2026-11-26) the first five stages took about 2.5, 1, 2, 0.5 and 2 minutes; on an H200
-# bench-tf32-compiled took 1.5, profile about 1 and profile-compiled 2: about 12 in all.
+# On an H100 fsdp took about 2.5 minutes; on an H200 parity 1, bench-bf16 2, bench-fp32 0.5,
+# bench-fp32-compiled and bench-tf32-compiled 1.5 each, profile 1 and profile-compiled 2: about 12 in all.
 # The machine's python3 needs torch, torchvision, timm, safetensors, huggingface_hub, scikit-learn,
 # tqdm and matplotlib; the package itself is taken from src/.
 set -uo pipefail
