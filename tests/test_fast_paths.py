@@ -141,6 +141,29 @@ def test_fast_path_really_runs_and_follows_updates(monkeypatch):
     torch.testing.assert_close(*_fast_and_plain(unit, x), atol=1e-5, rtol=1e-5)
 
 
+def test_spatial_mean_is_the_mean_with_its_gradient():
+    """The squeeze-excitation's mean: gradcheck in float64, and a whole SE forward and backward as
+    training runs it (the gradient of the mean added to the scaling's) against torchvision's."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast_path.SpatialMean.apply, (x,))
+    torch.manual_seed(0)
+    se = fast_path.SqueezeExcite(16, 4, activation=torch.nn.GELU)
+    for dtype, tolerance in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        x = torch.randn(3, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn_like(x)
+        results = []
+        for scale in (se._scale, super(fast_path.SqueezeExcite, se)._scale):  # ours, torchvision's
+            leaf = x.clone().requires_grad_()
+            with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+                hidden = leaf * 2  # the scaled map is an intermediate, as in MBConv
+                out = hidden * scale(hidden)
+            out.backward(grad.to(out.dtype))
+            results.append((out.float(), leaf.grad, *(p.grad.clone() for p in se.parameters())))
+            se.zero_grad()
+        for ours, theirs in zip(*results):
+            torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
+
+
 def test_off_the_cpu_the_plain_layers_run(monkeypatch):
     """On a GPU the folded conv's bias and the pooled mean are slower than the plain layers
     (README, Performance: the H200 profile): off the CPU (here the meta device) neither runs."""

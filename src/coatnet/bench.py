@@ -63,6 +63,9 @@ WARMUP = 2
 # The longest a measurement's process may take to answer (a build with compiles included) before
 # it counts as hung: its row fails, the others go on.
 REPLY_TIMEOUT_S = 3600.0
+# How long a measurement's process that has answered its last request gets to exit on its own, which
+# lets it clean up after itself (a compiled model's worker pool); past it, it is killed.
+EXIT_TIMEOUT_S = 60.0
 TIMM_MODELS = {f"coatnet_{n}": f"coatnet_{n}_224" for n in range(6)}  # timm's paper-style CoAtNet-0..5
 
 
@@ -229,6 +232,7 @@ class Runner:
         self.process.start()
         self.seconds: list[float] = []
         self.flop = self.peak_mib = 0.0
+        self.finished = False  # its process answered the last request and is ending on its own
         self.error: str | None = None  # why its measurement failed (its row says so; the others go on)
 
     def _request(self, message: str | None):
@@ -263,7 +267,7 @@ class Runner:
     def finish(self) -> None:
         peak = self._request("stop")
         if peak is not None:
-            self.peak_mib = peak
+            self.peak_mib, self.finished = peak, True
 
 
 def _median_range(values: list[float]) -> dict:
@@ -334,7 +338,9 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"the matmul, the measure of every row, failed: {matmul.error}")
     finally:
         for runner in runners:
-            runner.process.kill()
+            if runner.finished:
+                runner.process.join(EXIT_TIMEOUT_S)
+            runner.process.kill()  # no-op for a process that has ended
 
     matmul_flops = statistics.median(matmul.flop / s for s in matmul.seconds)
     rows = []

@@ -15,9 +15,9 @@ in float32, and in bfloat16 (a converted model, or autocast) where the CPU has i
   glibc's heap runs the batch in even chunks (``MAX_HEAP_BLOCK``); in bfloat16 its SE scaling and
   residual add are folded into the projection (:func:`scaled_projection`).
 
-Two paths serve training on the CPU as well, the same function with fewer passes: the
-squeeze-excitation's mean as an average pool, and the attention of Eq. 3 as written where
-PyTorch's fused kernel does not run (:func:`attention`).
+Two paths serve training as well, the same function with fewer passes: the squeeze-excitation's
+mean (:class:`SpatialMean`), and on the CPU the attention of Eq. 3 as written where PyTorch's fused
+kernel does not run (:func:`attention`).
 
 Nothing is cached: the folded weights are computed on every call (cheap next to the conv
 itself; README, Performance), so the fast path is right after any change of the
@@ -145,22 +145,39 @@ class FeedForward(nn.Sequential):
         return fc2(hidden)
 
 
+class SpatialMean(torch.autograd.Function):
+    """``x.mean((2, 3), keepdim=True)``: the same number and gradient, with fewer passes over ``x``'s map.
+
+    - Forward, on the CPU an average pool over the whole map: in bfloat16, ``mean()`` would first
+      copy the map to float32, a pass over the block's widest tensor that the pooling kernel,
+      accumulating as it reads, saves. On a GPU torchvision's ``adaptive_avg_pool2d(x, 1)``, a
+      ``mean()``: there the pool (a thread per output summing the whole map) is slower (2% at
+      inference, H200, ``benchmarks/gpu_profile.py``).
+    - Backward, the gradient as a broadcast view of the (B, C, 1, 1) one: autograd adds it to the
+      gradient from the scaling in that one pass. ``mean()``'s own backward writes a whole map (on a
+      GPU in NCHW order, then added to the channels-last one in a strided kernel), the pool's zeroes
+      a map and scatters into it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        return F.avg_pool2d(x, x.shape[-2:]) if x.device.type == "cpu" else F.adaptive_avg_pool2d(x, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return (grad / (ctx.shape[-2] * ctx.shape[-1])).expand(ctx.shape)
+
+
 class SqueezeExcite(SqueezeExcitation):
-    """torchvision's squeeze-excitation, ``x * sigmoid(fc2(act(fc1(mean(x)))))``, scaling ``x`` in
-    place at eager inference: in MBConv its input is a fresh intermediate, the block's widest
-    tensor, so the copy is saved."""
+    """torchvision's squeeze-excitation, ``x * sigmoid(fc2(act(fc1(mean(x)))))``: in eager execution
+    the mean is :class:`SpatialMean`, and at inference ``x`` is scaled in place (in MBConv its input
+    is a fresh intermediate, the block's widest tensor, so the copy is saved)."""
 
     def _scale(self, x: Tensor) -> Tensor:
-        # An exported graph keeps the pooling to one output size, any input size. On a GPU mean()
-        # reads the map once already, and the pool (a thread per output summing the whole map) is
-        # slower: 2% at inference, 4% in the training step (H200, bfloat16, benchmarks/gpu_profile.py).
-        if x.device.type != "cpu" or not eager_execution():
+        if not eager_execution():  # an exported graph keeps torchvision's pooling, any input size
             return super()._scale(x)
-        # The mean over the map as an average pool over all of it, the same number: in bfloat16 on
-        # the CPU, mean() would first copy the map to float32 (and its gradient mix the two dtypes),
-        # passes over the block's widest tensor that the pooling kernel, accumulating as it reads, saves.
-        pooled = F.avg_pool2d(x, x.shape[-2:])
-        return self.scale_activation(self.fc2(self.activation(self.fc1(pooled))))
+        return self.scale_activation(self.fc2(self.activation(self.fc1(SpatialMean.apply(x)))))
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mul_(self._scale(x)) if eager_inference() else x * self._scale(x)
