@@ -145,7 +145,10 @@ def test_spatial_mean_is_the_mean_with_its_gradient():
     """The squeeze-excitation's mean: gradcheck in float64, and a whole SE forward and backward as
     training runs it (the gradient of the mean added to the scaling's) against torchvision's."""
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fast_path.SpatialMean.apply, (x,))
+    assert torch.autograd.gradcheck(fast_path.SpatialMean.apply, (x,), check_forward_ad=True)
+    # torch.func's transforms: jacrev runs the backward under vmap
+    torch.testing.assert_close(torch.func.jacrev(fast_path.SpatialMean.apply)(x),
+                               torch.func.jacrev(lambda t: t.mean((2, 3), keepdim=True))(x))
     torch.manual_seed(0)
     se = fast_path.SqueezeExcite(16, 4, activation=torch.nn.GELU)
     for dtype, tolerance in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
@@ -164,9 +167,24 @@ def test_spatial_mean_is_the_mean_with_its_gradient():
             torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
 
 
+def test_torch_func_grad_through_the_model():
+    """The input gradient by torch.func.grad, forward-mode AD and autograd agree (eval mode: what
+    saliency maps and adversarial examples take)."""
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=4).eval()
+    x, direction = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    by_func = torch.func.grad(lambda t: model(t).sum())(x)
+    leaf = x.clone().requires_grad_()
+    model(leaf).sum().backward()
+    torch.testing.assert_close(by_func, leaf.grad)
+    with torch.autograd.forward_ad.dual_level():  # the derivative along one direction
+        tangent = torch.autograd.forward_ad.unpack_dual(model(torch.autograd.forward_ad.make_dual(x, direction))).tangent
+    torch.testing.assert_close(tangent.sum(), (leaf.grad * direction).sum(), rtol=1e-4, atol=1e-4)
+
+
 def test_off_the_cpu_the_plain_layers_run(monkeypatch):
-    """On a GPU the folded conv's bias and the pooled mean are slower than the plain layers
-    (README, Performance: the H200 profile): off the CPU (here the meta device) neither runs."""
+    """On a GPU the folded conv's bias and the squeeze-excitation's average pool are slower than the
+    plain layers (README, Performance: the H200 profile): off the CPU (here the meta device) neither runs."""
     def refuse(*args, **kwargs):
         raise AssertionError("a CPU fast path ran off the CPU")
     monkeypatch.setattr(fast_path, "fold_batch_norm", refuse)

@@ -63,8 +63,8 @@ WARMUP = 2
 # The longest a measurement's process may take to answer (a build with compiles included) before
 # it counts as hung: its row fails, the others go on.
 REPLY_TIMEOUT_S = 3600.0
-# How long a measurement's process that has answered its last request gets to exit on its own, which
-# lets it clean up after itself (a compiled model's worker pool); past it, it is killed.
+# How long the measurements' processes that answered their last request get, all together, to exit
+# on their own, cleaning up after themselves (a compiled model's worker pool); past it, they are killed.
 EXIT_TIMEOUT_S = 60.0
 TIMM_MODELS = {f"coatnet_{n}": f"coatnet_{n}_224" for n in range(6)}  # timm's paper-style CoAtNet-0..5
 
@@ -337,9 +337,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if matmul.error:
             raise ValueError(f"the matmul, the measure of every row, failed: {matmul.error}")
     finally:
+        deadline = time.monotonic() + EXIT_TIMEOUT_S  # one for all: they end side by side
         for runner in runners:
             if runner.finished:
-                runner.process.join(EXIT_TIMEOUT_S)
+                runner.process.join(max(deadline - time.monotonic(), 0))
             runner.process.kill()  # no-op for a process that has ended
 
     matmul_flops = statistics.median(matmul.flop / s for s in matmul.seconds)

@@ -159,14 +159,24 @@ class SpatialMean(torch.autograd.Function):
       a map and scatters into it.
     """
 
+    generate_vmap_rule = True  # torch.func's transforms (grad, jacrev, vmap) work through it
+
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.shape = x.shape
+    def forward(x: Tensor) -> Tensor:
         return F.avg_pool2d(x, x.shape[-2:]) if x.device.type == "cpu" else F.adaptive_avg_pool2d(x, 1)
 
     @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        # As sum()'s own gradient, a view: a hook that writes into it in place must clone it first.
         return (grad / (ctx.shape[-2] * ctx.shape[-1])).expand(ctx.shape)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:  # forward-mode AD
+        return tangent.mean((2, 3), keepdim=True)
 
 
 class SqueezeExcite(SqueezeExcitation):
@@ -186,12 +196,14 @@ class SqueezeExcite(SqueezeExcitation):
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d) + bias) v`` over (B, heads, N, d) with a (1, heads, N, N) bias (Eq. 3).
 
-    PyTorch's fused kernel where it runs; on the CPU it does not when the bias needs a gradient
+    PyTorch's fused kernel where it runs; on the CPU it refuses a bias that needs a gradient
     (training), and its fallback adds passes over the scores that guard rows masked out entirely,
     which an additive bias never makes. There, in eager execution, the formula as written is 15%
-    (float32) to 30% (bfloat16 autocast) faster, forward and backward.
+    (float32) to 30% (bfloat16 autocast) faster, forward and backward. It runs whenever a gradient
+    is wanted: under ``torch.func.grad`` the bias's own need is not visible at this level.
     """
-    if q.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled() and eager_execution():
+    if (q.device.type == "cpu" and torch.is_grad_enabled() and eager_execution()
+            and any(t.requires_grad for t in (q, k, v, bias))):
         return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias, dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
