@@ -4,8 +4,8 @@ precision in bfloat16.
 The inference fast paths (BatchNorm folded into the conv, the activation fused as a oneDNN
 post-op of the conv and of the FFN's first linear layer, squeeze-excitation scaling in place,
 MBConv over chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode
-model runs its plain layers. The attention's explicit formula, where the bias needs a gradient,
-gives PyTorch's fused kernel's outputs and gradients. Activation checkpointing must leave outputs,
+model runs its plain layers. The attention's explicit formula, where a gradient is wanted, gives
+PyTorch's fused kernel's outputs and gradients, and the squeeze-excitation's mean mean()'s. Activation checkpointing must leave outputs,
 gradients and BatchNorm statistics unchanged.
 """
 
