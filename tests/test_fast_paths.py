@@ -5,8 +5,8 @@ The inference fast paths (BatchNorm folded into the conv, the activation fused a
 post-op of the conv and of the FFN's first linear layer, squeeze-excitation scaling in place,
 MBConv over chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode
 model runs its plain layers. The attention's explicit formula, where a gradient is wanted, gives
-PyTorch's fused kernel's outputs and gradients, and the squeeze-excitation's mean mean()'s. Activation checkpointing must leave outputs,
-gradients and BatchNorm statistics unchanged.
+PyTorch's fused kernel's outputs and gradients, and the squeeze-excitation's mean mean()'s.
+Activation checkpointing must leave outputs, gradients and BatchNorm statistics unchanged.
 """
 
 import pytest
@@ -177,8 +177,9 @@ def test_torch_func_grad_through_the_model():
     leaf = x.clone().requires_grad_()
     model(leaf).sum().backward()
     torch.testing.assert_close(by_func, leaf.grad)
-    with torch.autograd.forward_ad.dual_level():  # the derivative along one direction
-        tangent = torch.autograd.forward_ad.unpack_dual(model(torch.autograd.forward_ad.make_dual(x, direction))).tangent
+    forward_ad = torch.autograd.forward_ad
+    with forward_ad.dual_level():  # the derivative along one direction
+        tangent = forward_ad.unpack_dual(model(forward_ad.make_dual(x, direction))).tangent
     torch.testing.assert_close(tangent.sum(), (leaf.grad * direction).sum(), rtol=1e-4, atol=1e-4)
 
 
