@@ -50,7 +50,7 @@ def kind(name: str) -> str:
 def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``ConvBNAct`` at eager inference with BatchNorm folded into the conv on any device."""
     conv, norm, act = self
-    if self.training or not fast_path.eager_inference():
+    if not fast_path.fusable(self):
         return torch.nn.Sequential.forward(self, x)
     weight, bias = fast_path.fold_batch_norm(conv, norm)
     weight, bias = weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)

@@ -82,6 +82,8 @@ def test_bench_bfloat16(capsys):
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),
     (["--model", "coatnet_pico", "--dtype", "tf32"], "--dtype tf32 is a precision of NVIDIA GPUs from Ampere (sm_80) on: add --device cuda"),
+    (["--model", "coatnet_pico", "--device", "foo"], "--device foo is not a device; use cpu, cuda or cuda:N"),
+    (["--model", "coatnet_pico", "--device", "meta"], "--device meta: this machine has no meta device; use cpu"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(["bench", *argv]) == 2

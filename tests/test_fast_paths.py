@@ -4,7 +4,9 @@ precision in bfloat16.
 The inference fast paths (BatchNorm folded into the conv, the activation fused as a oneDNN
 post-op of the conv and of the FFN's first linear layer, squeeze-excitation scaling in place,
 MBConv over chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode
-model runs its plain layers. The attention's explicit formula, where a gradient is wanted, gives
+model runs its plain layers. They compute a module without calling its submodules, so they step
+aside for what must see those calls: hooks, a BatchNorm left in train mode, forward-mode AD and
+torch.func's transforms, dispatch modes such as FlopCounterMode. The attention's explicit formula, where a gradient is wanted, gives
 PyTorch's fused kernel's outputs and gradients, and the squeeze-excitation's mean mean()'s.
 Activation checkpointing must leave outputs, gradients and BatchNorm statistics unchanged.
 """
@@ -32,9 +34,9 @@ def test_inference_fast_paths_match_the_plain_path(name, size):
     x = torch.randn(3, 3, size, size)
     with torch.enable_grad():  # autograd on: the plain layers
         plain = model(x).detach()
-    with torch.inference_mode():  # folded, fused, in place, cached
+    with torch.inference_mode():  # folded, fused, in place
         fast = model(x)
-        again = model(x)  # from the caches
+        again = model(x)
     with torch.no_grad():
         no_grad = model(x)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
@@ -185,7 +187,7 @@ def test_torch_func_grad_through_the_model():
 
 def test_off_the_cpu_the_plain_layers_run(monkeypatch):
     """On a GPU the folded conv's bias and the squeeze-excitation's average pool are slower than the
-    plain layers (README, Performance: the H200 profile): off the CPU (here the meta device) neither runs."""
+    plain layers (docs/performance.md: the H200 profile): off the CPU (here the meta device) neither runs."""
     def refuse(*args, **kwargs):
         raise AssertionError("a CPU fast path ran off the CPU")
     monkeypatch.setattr(fast_path, "fold_batch_norm", refuse)
@@ -230,9 +232,14 @@ def test_mbconv_runs_a_wide_batch_in_even_chunks(monkeypatch):
     torch.manual_seed(0)
     model = randomise_norms(coatnet.create_model("coatnet_0", img_size=64)).eval()
     block = model.stages[0][1]  # S1's second block: 384 hidden channels at 16x16 for a 64x64 input
-    calls = []
-    block.residual.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     monkeypatch.setattr(fast_path, "MAX_HEAP_BLOCK", 2 * 384 * 16 * 16 * 4)  # two images' hidden tensors
+    calls, mbconv_inference = [], fast_path.mbconv_inference
+
+    def chunk(b, x):  # the chunks' calls
+        if b is block:
+            calls.append(len(x))
+        return mbconv_inference(b, x)
+    monkeypatch.setattr(fast_path, "mbconv_inference", chunk)
     x = torch.randn(5, 3, 64, 64)
     with torch.inference_mode():
         chunked = model(x)
@@ -240,7 +247,7 @@ def test_mbconv_runs_a_wide_batch_in_even_chunks(monkeypatch):
     calls.clear()
     with torch.enable_grad():
         plain = model(x).detach()
-    assert calls == [5]
+    assert calls == []  # the plain block, whole
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     assert chunked.shape == (5, 1000)
 
@@ -377,3 +384,115 @@ def test_compile_for_inference_in_bfloat16_gives_the_float32_logits():
         logits = served(x.to(torch.bfloat16)).float()
     torch.testing.assert_close(logits, expected, rtol=0, atol=0.02 * expected.abs().max().item())
     assert logits.argmax(1).tolist() == expected.argmax(1).tolist()
+
+
+# -- the fast path steps aside for what must see each submodule's call --
+
+
+def _plain(model, x):
+    """The eval model's output with autograd on: its plain layers, every submodule called."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def test_forward_hooks_see_the_plain_path(monkeypatch):
+    """A hook on a submodule (one that changes its output, one that keeps it, and pruning's, which
+    recomputes the weight) gets what the plain path gives it, and so does the model's output; a
+    block's hook fires once per call, with the whole batch, where the block would run in chunks."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    model = _pico()
+    handle = model.stem[0][0].register_forward_hook(lambda module, args, out: out * 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+    handle.remove()
+
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model.stem[0][0], "weight", amount=0.3)
+    with torch.no_grad():
+        model.stem[0][0].weight_orig.mul_(2)  # the pruned weight is recomputed from it by a hook
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+
+    kept = []
+    model.stages[0][0].residual.depthwise.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(*kept[0])  # not scaled in place afterwards
+
+    calls = []
+    model.stages[0][0].register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    with torch.inference_mode():
+        model(x)
+        if ONEDNN_BF16:  # the block's bfloat16 path too
+            model.to(torch.bfloat16)(x.bfloat16())
+    assert calls == [4] * (1 + ONEDNN_BF16)
+
+    model = randomise_norms(coatnet.create_model("coatnet_0", img_size=64)).eval()
+    monkeypatch.setattr(fast_path, "MAX_HEAP_BLOCK", 2 * 384 * 16 * 16 * 4)  # S1's second block in chunks of 2
+    calls = []
+    model.stages[0][1].register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        hooked = model(x)
+    assert calls == [5]
+    torch.testing.assert_close(hooked, _plain(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_norm_left_in_train_mode_normalizes_by_the_batch():
+    """Test-time adaptation sets the BatchNorms of an eval model to train: at inference they use the
+    batch's statistics and update their running ones, as the plain path does."""
+    x = torch.randn(4, 3, 32, 32)
+    fast, plain = _pico(), _pico()
+    for model in (fast, plain):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.train()
+    with torch.no_grad():
+        out = fast(x)
+    torch.testing.assert_close(out, _plain(plain, x), atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast.buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_forward_mode_ad_and_torch_func_transforms_at_inference():
+    """Forward-mode AD under no_grad (reverse mode off) and torch.func.jvp give the tangent of the
+    plain path; vmap over the model gives per-sample gradients, as a loop of backward passes does."""
+    model = _pico()
+    x, direction = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    forward_ad = torch.autograd.forward_ad
+    tangents = []
+    for mode in (torch.enable_grad, torch.no_grad):
+        with mode(), forward_ad.dual_level():
+            tangents.append(forward_ad.unpack_dual(model(forward_ad.make_dual(x, direction))).tangent)
+    tangents.append(torch.func.jvp(model, (x,), (direction,))[1])
+    for tangent in tangents[1:]:
+        torch.testing.assert_close(tangent, tangents[0], atol=1e-5, rtol=1e-5)
+
+    params = dict(model.named_parameters())
+    target = torch.tensor([1, 2, 3])
+
+    def loss(p, image, label):
+        logits = torch.func.functional_call(model, p, (image[None],))
+        return F.cross_entropy(logits, label[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), target[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_flop_counter_sees_the_plain_layers():
+    """FlopCounterMode at inference (eval, no_grad) counts what it counts with autograd on: a fused
+    oneDNN kernel is not one it knows, so the plain layers run under it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _pico()
+    counts = []
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with FlopCounterMode(display=False) as counter, mode():
+            model(torch.randn(1, 3, 32, 32))
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts == [counts[0]] * 3

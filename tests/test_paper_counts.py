@@ -50,3 +50,20 @@ def test_layouts_have_comparable_size():
 def test_registry_holds_the_whole_family():
     timm_variants = set(list_models("coatnet_*_rw*"))  # not the paper's: for timm's weights (test_interop.py)
     assert set(PAPER_MODELS + LAYOUTS + ["coatnet_pico", "coatnet_nano"]) == set(list_models()) - timm_variants
+
+
+def test_count_flops_leaves_the_model_as_it_was_and_counts_the_attention():
+    """The bench counts a fresh model's FLOPs before timing it: the model's mode and BatchNorm
+    statistics stay as they were, a layout whose last map is 1x1 is counted (BatchNorm in train mode
+    refuses one value per channel), and on the CPU the count is the meta device's, attention included."""
+    import torch
+
+    import coatnet
+    from coatnet.complexity import count_flops
+
+    for name in ("c_c_c_c", "c_t_t_t"):
+        torch.manual_seed(0)
+        model = coatnet.create_model(name, img_size=32)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert count_flops(model, 32) == measure(name, 32).flops
+        assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -6,7 +6,7 @@ By default glibc serves a block above its mmap threshold (dynamic, at most 32 Mi
 page-faulted in again, 4 KiB at a time. A training step of CoAtNet-0 at 224 px makes such blocks all
 through its forward and backward passes: about 300,000 page faults per step at batch 8. With the
 threshold at 1 GiB and the heap trimmed only past 2 GiB, freed blocks stay in the heap and the next
-step reuses them: no page faults, for a few percent more peak memory (README, Performance, has the
+step reuses them: no page faults, for a few percent more peak memory (docs/performance.md has the
 figures). Settings of the user's own (``MALLOC_*``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``) are
 left as they are, and so is any C library other than glibc.
 """

@@ -58,6 +58,7 @@ from torch import nn
 
 from .models import compile_for_inference
 from .train import make_optimizer
+from .validate import resolve_device
 
 WARMUP = 2
 # The longest a measurement's process may take to answer (a build with compiles included) before
@@ -280,9 +281,7 @@ def run_bench(args: argparse.Namespace) -> int:
     name = model_entry(args.model).name  # ours for timm's names; an unknown one fails here, listing the known ones
     with torch.device("meta"):  # a size the model refuses fails here in one line, not in every row
         create_model(name, img_size=args.img_size)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    device = resolve_device(args.device)
     implementations = ["coatnet"]
     if args.compare == "timm":
         _import_timm()

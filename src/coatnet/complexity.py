@@ -22,12 +22,17 @@ def count_parameters(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None) -> int:
     """Multiply-adds of one forward pass of one image of ``img_size`` (``in_chans``: for a model
-    without our ``config``, e.g. timm's)."""
+    without our ``config``, e.g. timm's). Counted in eval mode, which leaves the model as it was:
+    in train mode BatchNorm would fold this image into its running statistics (and refuse a 1x1 map)."""
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     param = next(model.parameters())
-    x = torch.empty(1, in_chans or model.config.in_chans, height, width, device=param.device, dtype=param.dtype)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+    x = torch.zeros(1, in_chans or model.config.in_chans, height, width, device=param.device, dtype=param.dtype)
+    training = model.training
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(x)
+    finally:
+        model.train(training)
     return counter.get_total_flops() // 2
 
 

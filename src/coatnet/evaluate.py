@@ -21,6 +21,7 @@ from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder
 from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion, printable
+from .validate import resolve_device
 
 
 @torch.no_grad()  # not inference_mode: FSDP's gathered weights must stay ordinary tensors for training
@@ -68,10 +69,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
                 count=int(sums[3].item()), confusion=confusion.cpu())
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _img_size(args: argparse.Namespace, model: nn.Module) -> int:
     """--img-size (0 included: it is refused, not read as "not given"), else the model's."""
     size = args.img_size if args.img_size is not None else model.config.img_size[0]
@@ -113,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
     out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
     _say_which(ckpt, args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
     result = evaluate(model, loader, device, data.num_classes)
@@ -153,7 +150,7 @@ def run_predict(args: argparse.Namespace) -> int:
     results = []
     if loaded:
         _say_which(ckpt, args)
-        device = _device(args.device)
+        device = resolve_device(args.device)
         model.to(device)
         batch = torch.stack([transform(img) for _, img in loaded]).to(device)
         with torch.inference_mode():

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Annotated, Callable, Literal, Union
 
+import torch
+
 
 @dataclass(frozen=True)
 class Range:
@@ -107,3 +109,28 @@ def flag_type(kind) -> Callable[[str], object]:
         return value
 
     return parse
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a ``--device`` flag names (None: CUDA where it is available, else the CPU), or one
+    ValueError that says what to use instead."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda":
+        count = cuda
+    else:  # another accelerator (mps, xpu, ...), where this torch has one
+        accelerator = getattr(torch, "accelerator", None)
+        count = (accelerator.device_count() if accelerator and hasattr(accelerator, "is_available")
+                 and accelerator.is_available() and accelerator.current_accelerator().type == device.type else 0)
+    if count == 0:
+        raise ValueError(f"--device {name}: this machine has no {device.type} device; use cpu{' or cuda' * bool(cuda)}")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s)")
+    return device

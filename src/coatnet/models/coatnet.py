@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from ..validate import Fraction, PositiveFloat, Range, check_fields
-from .fast_path import (ACTIVATIONS, ConvBNAct, FeedForward, SqueezeExcite, attention, cpu_inference,
+from .fast_path import (ACTIVATIONS, ConvBNAct, FeedForward, SqueezeExcite, attention, channels_last, fusable,
                         mbconv_inference)
 from .folder import config_from_version_1, save_pretrained
 from .preprocessing import PretrainedCfg
@@ -548,7 +548,7 @@ class ConvStage(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            x = mbconv_inference(block, x) if cpu_inference(block, x) else run_block(block, self.grad_checkpointing, x)
+            x = mbconv_inference(block, x) if fusable(block) else run_block(block, self.grad_checkpointing, x)
         return x
 
 
@@ -654,7 +654,7 @@ class CoAtNet(nn.Module):
         ``forward_features`` and ``forward_intermediates`` keep that memory format.
         """
         self.check_input(x)
-        return self.stem(x.contiguous(memory_format=torch.channels_last))
+        return self.stem(channels_last(x))
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.forward_stem(x)

@@ -1,18 +1,21 @@
 """The fast path: the same function as the paper's blocks, with fewer passes over memory.
 
 Everything that makes eager execution fast lives here, so that the blocks in ``coatnet.py`` read
-as the paper. The inference paths run only where the result cannot differ: the model in eval mode,
-autograd off (``torch.inference_mode()`` or ``torch.no_grad()``), plain eager execution (not
-tracing, compiling or exporting, where the plain layers run and the compiler fuses them itself);
-in float32, and in bfloat16 (a converted model, or autocast) where the CPU has it natively:
+as the paper. The inference paths compute a module without calling its submodules, so they run
+only where the result cannot differ (:func:`fusable`): autograd off (``torch.inference_mode()`` or
+``torch.no_grad()``) in plain eager execution (not tracing, compiling or exporting, where the
+compiler fuses the plain layers itself; no forward-mode AD, ``torch.func`` transform or dispatch
+mode such as ``FlopCounterMode``, which must see the plain ops), the module and all its submodules
+in eval mode and without forward hooks; in float32, and in bfloat16 (a converted model, or
+autocast) where the CPU has it natively:
 
 - :class:`ConvBNAct` (CPU): BatchNorm folded into the conv before it, and the activation fused
   into the same oneDNN convolution as a post-op, the kernel PyTorch's own compiler emits for this
   pattern: the output is written once instead of three times.
 - :class:`FeedForward`: the Transformer FFN's GELU fused into its first linear layer the same way.
-- :class:`SqueezeExcite`: the scaling done in place on its input, a fresh intermediate.
-- :func:`mbconv_inference`: on CPU, an MBConv block whose hidden tensor would be too large for
-  glibc's heap runs the batch in even chunks (``MAX_HEAP_BLOCK``); in bfloat16 its SE scaling and
+- :func:`mbconv_inference`: the squeeze-excitation's scaling in place on the block's hidden tensor,
+  a fresh intermediate; on CPU, a block whose hidden tensor would be too large for glibc's heap
+  runs the batch in even chunks (``MAX_HEAP_BLOCK``), and in bfloat16 the SE scaling and the
   residual add are folded into the projection (:func:`scaled_projection`).
 
 Two paths serve training as well, the same function with fewer passes: the squeeze-excitation's
@@ -20,9 +23,10 @@ mean (:class:`SpatialMean`), and on the CPU the attention of Eq. 3 as written wh
 kernel does not run (:func:`attention`).
 
 Nothing is cached: the folded weights are computed on every call (cheap next to the conv
-itself; README, Performance), so the fast path is right after any change of the
+itself; docs/performance.md), so the fast path is right after any change of the
 weights (optimizer steps, fused or not, ``load_state_dict``, ``.to()``), for models built under
-``inference_mode``, and from several threads at once. ``tests/test_fast_paths.py`` checks it
+``inference_mode``, and from several threads at once. Sharded models (FSDP) take the plain layers:
+``fully_shard`` gathers the weights in forward hooks. ``tests/test_fast_paths.py`` checks it
 against the plain path.
 
 One step goes further, explicitly, for serving: :func:`compile_for_inference` returns a frozen,
@@ -36,7 +40,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.autograd import forward_ad
+from torch.nn.modules import module as nn_module
 from torchvision.ops import SqueezeExcitation
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
@@ -53,19 +58,50 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_
 _ONEDNN_DTYPES = {torch.float32} | ({torch.bfloat16} if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
 
 
+def compiling() -> bool:
+    """Tracing, compiling or exporting: the compiler sees the plain layers and fuses them itself."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def transformed() -> bool:
+    """Forward-mode AD or a ``torch.func`` transform (grad, jvp, vmap) is on: its tangents and batch
+    dimensions go only through the plain ops (oneDNN's fused kernels and PyTorch's fused CPU attention
+    would drop them or refuse)."""
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def watched() -> bool:
+    """A dispatch mode looks at the ops (``FlopCounterMode``): it must see the ones it knows, the
+    plain layers' (it counts no FLOPs for a fused oneDNN kernel or PyTorch's fused CPU attention)."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def eager_execution() -> bool:
-    """Plain eager execution: not tracing, compiling or exporting, where the plain layers run."""
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+    """Plain eager execution, where the fast paths may run: not :func:`compiling`, :func:`transformed`
+    or :func:`watched`."""
+    return not (compiling() or transformed() or watched())  # compiling() first: the compiler traces no further
 
 
-def eager_inference() -> bool:
-    """Autograd off, in plain eager execution: where the inference fast path may run."""
-    return not torch.is_grad_enabled() and eager_execution()
+def fusable(module: nn.Module) -> bool:
+    """Whether the inference fast path may compute ``module`` without calling its submodules.
+
+    At inference (autograd off) in :func:`eager_execution`, with ``module`` and every submodule in
+    eval mode (a BatchNorm left in train mode, as test-time adaptation does, normalizes by its batch
+    and updates its statistics) and no forward hooks on them or registered globally (feature
+    extraction; pruning and the older weight norm recompute the weight in a hook; FSDP gathers it in
+    one).
+    """
+    if (torch.is_grad_enabled() or not eager_execution() or nn_module._global_forward_hooks
+            or nn_module._global_forward_pre_hooks):
+        return False
+    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-def cpu_inference(module: nn.Module, x: Tensor) -> bool:
-    """``module`` in eval mode at eager inference on the CPU: where the inference fast paths run."""
-    return not module.training and x.device.type == "cpu" and eager_inference()
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels-last memory, oneDNN's native layout. Under ``torch.func`` transforms, whose
+    batched tensors have no memory format to ask for (vmap), as it is: the values are the same."""
+    vmapped = not compiling() and torch._C._are_functorch_transforms_active()
+    return x if vmapped else x.contiguous(memory_format=torch.channels_last)
 
 
 def onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
@@ -112,11 +148,10 @@ class ConvBNAct(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, norm, act = self
-        # Sharded weights (FSDP, the norm its own unit) are gathered only by the norm's own forward.
         # On a GPU the folded conv's bias is added in a pass of its own, by a generic broadcasting
         # kernel slower than BatchNorm's channels-last one: CoAtNet-0 in bfloat16 runs 12% faster
         # unfolded, float32 the same (H200; benchmarks/gpu_profile.py, variant ``folded``).
-        if not cpu_inference(self, x) or isinstance(norm.weight, DTensor):
+        if x.device.type != "cpu" or not fusable(self):
             return super().forward(x)
         weight, bias = fold_batch_norm(conv, norm)
         dtype = onednn_dtype(x, conv.weight)
@@ -137,7 +172,7 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, _, fc2 = self
-        dtype = onednn_dtype(x, fc1.weight) if cpu_inference(self, x) else None
+        dtype = onednn_dtype(x, fc1.weight) if fusable(self) else None
         if dtype is None:
             return super().forward(x)
         hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [],
@@ -181,16 +216,12 @@ class SpatialMean(torch.autograd.Function):
 
 class SqueezeExcite(SqueezeExcitation):
     """torchvision's squeeze-excitation, ``x * sigmoid(fc2(act(fc1(mean(x)))))``: in eager execution
-    the mean is :class:`SpatialMean`, and at inference ``x`` is scaled in place (in MBConv its input
-    is a fresh intermediate, the block's widest tensor, so the copy is saved)."""
+    the mean is :class:`SpatialMean`."""
 
     def _scale(self, x: Tensor) -> Tensor:
         if not eager_execution():  # an exported graph keeps torchvision's pooling, any input size
             return super()._scale(x)
         return self.scale_activation(self.fc2(self.activation(self.fc1(SpatialMean.apply(x)))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mul_(self._scale(x)) if eager_inference() else x * self._scale(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
@@ -199,42 +230,48 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     PyTorch's fused kernel where it runs; on the CPU it refuses a bias that needs a gradient
     (training), and its fallback adds passes over the scores that guard rows masked out entirely,
     which an additive bias never makes. There, in eager execution, the formula as written is 15%
-    (float32) to 30% (bfloat16 autocast) faster, forward and backward. It runs whenever a gradient
-    is wanted: under ``torch.func.grad`` the bias's own need is not visible at this level.
+    (float32) to 30% (bfloat16 autocast) faster, forward and backward. Outside a compiler it runs on
+    every device under forward-mode AD and ``torch.func`` transforms (the fused kernels have no
+    forward-mode derivative, and under ``torch.func.grad`` the bias's need of a gradient is not
+    visible here) and under dispatch modes (``FlopCounterMode`` counts no FLOPs for the CPU's kernel).
     """
-    if (q.device.type == "cpu" and torch.is_grad_enabled() and eager_execution()
-            and any(t.requires_grad for t in (q, k, v, bias))):
+    if not compiling() and (transformed() or watched() or (
+            q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)))):
         return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias, dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
-    """An MBConv block where :func:`cpu_inference`, as ``block(x)`` computes it.
+    """An MBConv block where :func:`fusable`, as ``block(x)`` computes it, with the squeeze-excitation
+    scaling in place on the block's hidden tensor: a fresh intermediate, the block's widest, so the
+    copy is saved. On the CPU, also:
 
-    - A batch whose hidden tensor, the block's widest, would be too large for glibc's heap runs in
-      even chunks that fit (``MAX_HEAP_BLOCK``): each image is computed on its own, BatchNorm using
-      its running statistics. CoAtNet-0's S1 at batch 8 and 224x224 in float32 would make four 38 MB
-      hidden tensors a pass; in halves, the same memory is reused instead of page-faulted in anew.
+    - A batch whose hidden tensor would be too large for glibc's heap runs in even chunks that fit
+      (``MAX_HEAP_BLOCK``): each image is computed on its own, BatchNorm using its running
+      statistics. CoAtNet-0's S1 at batch 8 and 224x224 in float32 would make four 38 MB hidden
+      tensors a pass; in halves, the same memory is reused instead of page-faulted in anew.
     - In bfloat16 the squeeze-excitation scaling and the residual add are folded into the 1x1
       projection after them (:func:`scaled_projection`).
     """
-    expand = block.residual.expand[0]
-    height, width = x.shape[-2] // expand.stride[0], x.shape[-1] // expand.stride[1]
-    per_image = expand.out_channels * height * width * x.element_size()
-    chunks = -(-len(x) * per_image // MAX_HEAP_BLOCK)  # ceil: as few chunks as will fit, evened out
-    if chunks > 1 and len(x) > 1:  # one image too large for the heap runs whole
-        return torch.cat([mbconv_inference(block, part) for part in x.split(-(-len(x) // chunks))])
+    if x.device.type == "cpu":
+        expand = block.residual.expand[0]
+        height, width = x.shape[-2] // expand.stride[0], x.shape[-1] // expand.stride[1]
+        per_image = expand.out_channels * height * width * x.element_size()
+        chunks = -(-len(x) * per_image // MAX_HEAP_BLOCK)  # ceil: as few chunks as will fit, evened out
+        if chunks > 1 and len(x) > 1:  # one image too large for the heap runs whole
+            return torch.cat([mbconv_inference(block, part) for part in x.split(-(-len(x) // chunks))])
     *layers, (se_name, se), (_, project) = block.residual.named_children()
-    # Sharded weights (FSDP, each block its own unit) are gathered only by the block's own forward.
-    # A bfloat16 channels-last input, as in the network: the output has its dtype and memory format.
-    if (se_name != "se" or isinstance(project.weight, DTensor) or x.dtype != torch.bfloat16
-            or not x.is_contiguous(memory_format=torch.channels_last)
-            or onednn_dtype(x, project.weight) != torch.bfloat16):
+    if se_name != "se":  # the squeeze-excitation before the depthwise conv's norm (``se_before_norm``)
         return block(x)
     hidden = x
     for _, layer in layers:
         hidden = layer(hidden)
-    return scaled_projection(project, hidden, se._scale(hidden), block.shortcut(x), torch.bfloat16)
+    scale = se._scale(hidden)
+    # A bfloat16 channels-last input, as in the network: the output has its dtype and memory format.
+    if (x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+            and onednn_dtype(x, project.weight) == torch.bfloat16):
+        return scaled_projection(project, hidden, scale, block.shortcut(x), torch.bfloat16)
+    return block.shortcut(x) + project(hidden.mul_(scale))
 
 
 def scaled_projection(project: nn.Conv2d, hidden: Tensor, scale: Tensor, residual: Tensor,
@@ -263,7 +300,7 @@ def compile_for_inference(model: nn.Module) -> Callable[..., Tensor]:
     it will serve (a bfloat16 model, or autocast); the first call compiles.
 
     A snapshot, like an export: later changes to ``model``'s weights are not seen by it; compile
-    again after them. ``model`` is put in eval mode. README, Performance, has the figures.
+    again after them. ``model`` is put in eval mode. docs/performance.md has the figures.
     """
     compiled = torch.compile(model.eval())
 
