@@ -7,6 +7,7 @@ memory. FLOPs are multiply-adds, the paper's convention, from ``torch.utils.flop
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,15 +23,21 @@ def count_parameters(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None) -> int:
     """Multiply-adds of one forward pass of one image of ``img_size`` (``in_chans``: for a model
-    without our ``config``, e.g. timm's). Counted in eval mode, which leaves the model as it was:
-    in train mode BatchNorm would fold this image into its running statistics (and refuse a 1x1 map)."""
+    without our ``config``, e.g. timm's), in eval mode, on the meta device whatever ``model``'s is.
+
+    On the meta device the attention's products are counted: on the CPU PyTorch's fused attention
+    kernel is one ``FlopCounterMode`` counts nothing for (timm's model runs it). ``model`` is left as
+    it was: in train mode BatchNorm would fold the image into its statistics (and refuse a 1x1 map).
+    """
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    param = next(model.parameters())
-    x = torch.zeros(1, in_chans or model.config.in_chans, height, width, device=param.device, dtype=param.dtype)
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    state = {name: torch.empty_like(t, device="meta") for name, t in tensors}
+    x = torch.zeros(1, in_chans or model.config.in_chans, height, width, device="meta",
+                    dtype=next(model.parameters()).dtype)
     training = model.training
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.eval()(x)
+            torch.func.functional_call(model.eval(), state, (x,))
     finally:
         model.train(training)
     return counter.get_total_flops() // 2
