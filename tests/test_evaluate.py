@@ -114,10 +114,14 @@ def test_predict_bad_input(run_dir, tmp_path, capsys):
     one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), str(tmp_path / "missing.png")],
                    "missing.png", "no such file")
     one_line_error(capsys, ["predict", "--checkpoint", str(tmp_path / "nope"), str(not_image)], "does not exist")
+    image = digit_files(tmp_path, sizes=((8, 8),))[0]  # a bad --device fails before anything is read
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), str(image), "--device", "foo"],
+                   "--device foo is not a device")
 
 
 def test_eval_bad_input(run_dir, tmp_path, capsys):
     one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path)], "not a coatnet checkpoint")
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--device", "foo"], "--device foo is not a device")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--img-size", "20"], "multiple")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data", "cifar10", "--data-dir",
                             str(tmp_path / "nothing")], "nothing")

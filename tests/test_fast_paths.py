@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import coatnet
 import coatnet.models.fast_path as fast_path
+from coatnet.models.coatnet import MBConv
 from coatnet.models.fast_path import ConvBNAct
 from conftest import randomise_norms
 
@@ -496,3 +497,57 @@ def test_flop_counter_sees_the_plain_layers():
             model(torch.randn(1, 3, 32, 32))
         counts.append(counter.get_total_flops())
     assert counts[0] > 0 and counts == [counts[0]] * 3
+
+
+def test_modules_of_other_kinds_run_as_they_are():
+    """The fast path reads a conv's, a norm's and a linear layer's weights and computes them itself:
+    where a user put other kinds in their place (a LoRA-style wrapper that exposes the base layer's
+    weight, a conv subclass, the tanh GELU, a BatchNorm without statistics or affine terms, a block
+    of their own), the model's output is the plain path's, and dynamic quantization runs."""
+    class LoRA(torch.nn.Module):  # as peft wraps a layer: the base layer's weight, plus a low-rank update
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.down, self.up = base, torch.nn.Linear(base.in_features, 2), torch.nn.Linear(2, base.out_features)
+            self.weight, self.bias = base.weight, base.bias
+
+        def forward(self, x):
+            return self.base(x) + self.up(self.down(x))
+
+    class Shifted(torch.nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    class Doubled(MBConv):  # with a forward of its own
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(2, 3, 32, 32)
+    model = _pico()
+    transformer = next(m for m in model.modules() if isinstance(m, fast_path.FeedForward))
+    transformer[0] = LoRA(transformer[0])
+    unit = model.stem[0]
+    shifted = Shifted(unit[0].in_channels, unit[0].out_channels, 3, unit[0].stride, 1, bias=False)
+    shifted.load_state_dict(unit[0].state_dict())
+    unit[0] = shifted
+    block = model.stages[0][0]
+    block.residual.depthwise[2] = torch.nn.GELU(approximate="tanh")
+    block.residual.expand[1] = torch.nn.BatchNorm2d(block.residual.expand[1].num_features, affine=False).eval()
+    model.stages[1][0].__class__ = Doubled
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+    quantized = torch.ao.quantization.quantize_dynamic(_pico(), {torch.nn.Linear}).eval()
+    with torch.no_grad():
+        assert quantized(x).shape == (2, 10)
+
+
+def test_the_compiler_traces_the_model_in_one_graph():
+    """torch.compile(fullgraph=True) traces the model in training and at inference without a graph
+    break: the fast path's checks are constants to the compiler, which sees the plain layers (the
+    "eager" backend: tracing only, nothing compiled)."""
+    model = _pico().train()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    compiled(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)

@@ -64,6 +64,9 @@ def test_count_flops_leaves_the_model_as_it_was_and_counts_the_attention():
     for name in ("c_c_c_c", "c_t_t_t"):
         torch.manual_seed(0)
         model = coatnet.create_model(name, img_size=32)
+        model.stages[0][0].residual.norm.eval()  # a frozen BatchNorm while fine-tuning
+        modes = [m.training for m in model.modules()]
         before = {k: v.clone() for k, v in model.state_dict().items()}
         assert count_flops(model, 32) == measure(name, 32).flops
-        assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert [m.training for m in model.modules()] == modes
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

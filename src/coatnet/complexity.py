@@ -34,12 +34,13 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int
     state = {name: torch.empty_like(t, device="meta") for name, t in tensors}
     x = torch.zeros(1, in_chans or model.config.in_chans, height, width, device="meta",
                     dtype=next(model.parameters()).dtype)
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each its own: a frozen BatchNorm stays frozen
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             torch.func.functional_call(model.eval(), state, (x,))
     finally:
-        model.train(training)
+        for m, training in modes:
+            m.train(training)
     return counter.get_total_flops() // 2
 
 

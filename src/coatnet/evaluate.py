@@ -91,6 +91,7 @@ def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)  # a bad flag fails before anything is read
     ckpt, model = load_for_inference(args)
     meta = ckpt.meta
     classes = class_names(model)
@@ -110,7 +111,6 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
     out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
     _say_which(ckpt, args)
-    device = resolve_device(args.device)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
     result = evaluate(model, loader, device, data.num_classes)
@@ -135,6 +135,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could."""
+    device = resolve_device(args.device)  # a bad flag fails before anything is read
     ckpt, model = load_for_inference(args)
     if not model.num_classes:
         raise ValueError(f"{ckpt.path} has no classifier (0 classes): there is nothing to predict; give a "
@@ -150,7 +151,6 @@ def run_predict(args: argparse.Namespace) -> int:
     results = []
     if loaded:
         _say_which(ckpt, args)
-        device = resolve_device(args.device)
         model.to(device)
         batch = torch.stack([transform(img) for _, img in loaded]).to(device)
         with torch.inference_mode():

@@ -184,7 +184,7 @@ class CoAtNetConfig(_Checked):
     @property
     def stride(self) -> int:
         """Total down-sampling from input to the last feature map (32 for the paper's models)."""
-        return self.stem.stride * math.prod(s.stride for s in self.stages)
+        return self.stem.stride * math.prod([s.stride for s in self.stages])  # a list: the compiler traces no generator
 
     @property
     def num_features(self) -> int:
@@ -548,7 +548,8 @@ class ConvStage(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            x = mbconv_inference(block, x) if fusable(block) else run_block(block, self.grad_checkpointing, x)
+            plain = type(block) is not MBConv or not fusable(block)  # a user's block runs as it is
+            x = run_block(block, self.grad_checkpointing, x) if plain else mbconv_inference(block, x)
         return x
 
 

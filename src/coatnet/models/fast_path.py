@@ -6,8 +6,9 @@ only where the result cannot differ (:func:`fusable`): autograd off (``torch.inf
 ``torch.no_grad()``) in plain eager execution (not tracing, compiling or exporting, where the
 compiler fuses the plain layers itself; no forward-mode AD, ``torch.func`` transform or dispatch
 mode such as ``FlopCounterMode``, which must see the plain ops), the module and all its submodules
-in eval mode and without forward hooks; in float32, and in bfloat16 (a converted model, or
-autocast) where the CPU has it natively:
+in eval mode and without forward hooks, and each layer it reads of the kind it expects
+(:func:`exactly`); in float32, and in bfloat16 (a converted model, or autocast) where the CPU has it
+natively:
 
 - :class:`ConvBNAct` (CPU): BatchNorm folded into the conv before it, and the activation fused
   into the same oneDNN convolution as a post-op, the kernel PyTorch's own compiler emits for this
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.modules import module as nn_module
-from torchvision.ops import SqueezeExcitation
+from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
 
@@ -95,6 +96,21 @@ def fusable(module: nn.Module) -> bool:
             or nn_module._global_forward_pre_hooks):
         return False
     return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def exactly(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """``module`` is a plain ``kind``, whose weights the fast path may read and whose function it may
+    compute itself: not a subclass or a stand-in (a LoRA wrapper, a quantized layer); a conv with zero
+    padding, the exact (erf) GELU, a BatchNorm with its affine terms and running statistics."""
+    if type(module) is not kind:
+        return False
+    if kind is nn.Conv2d:
+        return module.padding_mode == "zeros"
+    if kind is nn.GELU:
+        return module.approximate == "none"
+    if kind is nn.BatchNorm2d:
+        return module.affine and module.running_mean is not None and module.running_var is not None
+    return True
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -151,7 +167,8 @@ class ConvBNAct(nn.Sequential):
         # On a GPU the folded conv's bias is added in a pass of its own, by a generic broadcasting
         # kernel slower than BatchNorm's channels-last one: CoAtNet-0 in bfloat16 runs 12% faster
         # unfolded, float32 the same (H200; benchmarks/gpu_profile.py, variant ``folded``).
-        if x.device.type != "cpu" or not fusable(self):
+        if not (x.device.type == "cpu" and fusable(self) and exactly(conv, nn.Conv2d)
+                and exactly(norm, nn.BatchNorm2d) and exactly(act, ACTIVATIONS[self.activation])):
             return super().forward(x)
         weight, bias = fold_batch_norm(conv, norm)
         dtype = onednn_dtype(x, conv.weight)
@@ -171,8 +188,9 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        fc1, _, fc2 = self
-        dtype = onednn_dtype(x, fc1.weight) if fusable(self) else None
+        fc1, act, fc2 = self
+        dtype = (onednn_dtype(x, fc1.weight) if fusable(self) and exactly(fc1, nn.Linear) and exactly(act, nn.GELU)
+                 else None)
         if dtype is None:
             return super().forward(x)
         hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [],
@@ -243,7 +261,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
 def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
     """An MBConv block where :func:`fusable`, as ``block(x)`` computes it, with the squeeze-excitation
-    scaling in place on the block's hidden tensor: a fresh intermediate, the block's widest, so the
+    scaling in place on the depthwise conv's output: a fresh intermediate, the block's widest, so the
     copy is saved. On the CPU, also:
 
     - A batch whose hidden tensor would be too large for glibc's heap runs in even chunks that fit
@@ -253,23 +271,29 @@ def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
     - In bfloat16 the squeeze-excitation scaling and the residual add are folded into the 1x1
       projection after them (:func:`scaled_projection`).
     """
-    if x.device.type == "cpu":
-        expand = block.residual.expand[0]
+    residual = block.residual
+    # Modules of other kinds in place of the paper's (a user's): the block as it is. In eval mode
+    # torchvision's StochasticDepth passes its input through.
+    if not (exactly(residual.se, SqueezeExcite) and exactly(block.drop_path, StochasticDepth)
+            and (exactly(residual.depthwise, nn.Conv2d) or type(residual.depthwise) is ConvBNAct)):
+        return block(x)
+    expand = residual.expand[0] if type(residual.expand) is ConvBNAct else None
+    if x.device.type == "cpu" and isinstance(expand, nn.Conv2d):
         height, width = x.shape[-2] // expand.stride[0], x.shape[-1] // expand.stride[1]
         per_image = expand.out_channels * height * width * x.element_size()
         chunks = -(-len(x) * per_image // MAX_HEAP_BLOCK)  # ceil: as few chunks as will fit, evened out
         if chunks > 1 and len(x) > 1:  # one image too large for the heap runs whole
             return torch.cat([mbconv_inference(block, part) for part in x.split(-(-len(x) // chunks))])
-    *layers, (se_name, se), (_, project) = block.residual.named_children()
-    if se_name != "se":  # the squeeze-excitation before the depthwise conv's norm (``se_before_norm``)
-        return block(x)
+    *front, (last, se_or_norm), (_, project) = residual.named_children()
     hidden = x
-    for _, layer in layers:
-        hidden = layer(hidden)
-    scale = se._scale(hidden)
+    for name, layer in front:
+        hidden = hidden.mul_(layer._scale(hidden)) if name == "se" else layer(hidden)
+    if last != "se":  # the squeeze-excitation before the depthwise conv's norm (``se_before_norm``)
+        return block.shortcut(x) + project(se_or_norm(hidden))
+    scale = se_or_norm._scale(hidden)
     # A bfloat16 channels-last input, as in the network: the output has its dtype and memory format.
     if (x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
-            and onednn_dtype(x, project.weight) == torch.bfloat16):
+            and exactly(project, nn.Conv2d) and onednn_dtype(x, project.weight) == torch.bfloat16):
         return scaled_projection(project, hidden, scale, block.shortcut(x), torch.bfloat16)
     return block.shortcut(x) + project(hidden.mul_(scale))
 
