@@ -127,6 +127,11 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
     assert any(line.split()[:3] == ["no_such_model", "inference", "failed"] for line in lines)
     assert any(line.split()[:3] == ["coatnet_pico", "train", "5.00"] for line in lines)
     assert lines[-1] == f"failed: {runner.error}" and "\n" not in runner.error
+    assert not any(line.startswith("note:") for line in lines)  # the matmul steady: no note
+    noisy = format_table(dict(model="coatnet_pico", img_size=32, batch_size=2, dtype="float32", device="cpu",
+                              threads=1, torch="x", repeats=2, matmul_size=2048,
+                              matmul_gflops=dict(median=2.0, min=1.0, max=2.5), rows=[ok])).splitlines()
+    assert noisy[2].startswith("note: the matmul's rounds differ by 2.5x: something else is using this machine")
 
 
 @pytest.mark.parametrize("dies", ["train", "matmul"])

@@ -61,6 +61,9 @@ from .train import make_optimizer
 from .validate import resolve_device
 
 WARMUP = 2
+# The matmul's rounds differed by 1.2x at most in quiet runs here (2 CPU cores; a GPU's by 6%); by
+# 1.9x and 3.9x where something else shared the machine, which took 23% and 77% off our model's.
+NOISY_SPREAD = 1.5
 # The longest a measurement's process may take to answer (a build with compiles included) before
 # it counts as hung: its row fails, the others go on.
 REPLY_TIMEOUT_S = 3600.0
@@ -375,6 +378,9 @@ def format_table(result: dict) -> str:
              f"{result['torch']}; median (min..max) of {result['repeats']} interleaved rounds",
              f"matmul {result['matmul_size']}x{result['matmul_size']}: {mm['median']:.1f} GFLOP/s "
              f"({mm['min']:.1f}..{mm['max']:.1f})", ""]
+    if mm["max"] > NOISY_SPREAD * mm["min"]:
+        lines.insert(2, f"note: the matmul's rounds differ by {mm['max'] / mm['min']:.1f}x: something else is using "
+                        f"this machine, so every figure here is noisy; measure again on a quiet machine to compare")
     header = ("model", "mode", "images/s", "vs timm", "GFLOP/s", "of matmul", "peak MiB")
     table = [header]
     for r in result["rows"]:
