@@ -5,9 +5,10 @@ The inference fast paths (BatchNorm folded into the conv, the activation fused a
 post-op of the conv and of the FFN's first linear layer, squeeze-excitation scaling in place,
 MBConv over chunks of a wide batch) run when autograd is off; with autograd on, the same eval-mode
 model runs its plain layers. They compute a module without calling its submodules, so they step
-aside for what must see those calls: hooks, a BatchNorm left in train mode, forward-mode AD and
-torch.func's transforms, dispatch modes such as FlopCounterMode. The attention's explicit formula, where a gradient is wanted, gives
-PyTorch's fused kernel's outputs and gradients, and the squeeze-excitation's mean mean()'s.
+aside for what must see those calls: hooks, a BatchNorm left in train mode, layers of other kinds,
+forward-mode AD and torch.func's transforms, dispatch modes such as FlopCounterMode. The
+attention's explicit formula, where a gradient is wanted, gives PyTorch's fused kernel's outputs and
+gradients, and the squeeze-excitation's mean mean()'s.
 Activation checkpointing must leave outputs, gradients and BatchNorm statistics unchanged.
 """
 
@@ -416,7 +417,8 @@ def test_forward_hooks_see_the_plain_path(monkeypatch):
         torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
 
     kept = []
-    model.stages[0][0].residual.depthwise.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
+    depthwise = model.stages[0][0].residual.depthwise
+    depthwise.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
     with torch.no_grad():
         model(x)
     assert torch.equal(*kept[0])  # not scaled in place afterwards
@@ -507,7 +509,8 @@ def test_modules_of_other_kinds_run_as_they_are():
     class LoRA(torch.nn.Module):  # as peft wraps a layer: the base layer's weight, plus a low-rank update
         def __init__(self, base):
             super().__init__()
-            self.base, self.down, self.up = base, torch.nn.Linear(base.in_features, 2), torch.nn.Linear(2, base.out_features)
+            self.base = base
+            self.down, self.up = torch.nn.Linear(base.in_features, 2), torch.nn.Linear(2, base.out_features)
             self.weight, self.bias = base.weight, base.bias
 
         def forward(self, x):
