@@ -294,3 +294,23 @@ def test_an_imagenet_head_of_an_earlier_folder_predicts_imagenet_names(tmp_path,
 
     found = labels()
     assert len(found) == 5 and set(found) <= set(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def test_a_non_square_model_predicts_on_its_own_input_size(tmp_path, capsys):
+    """A model built for 32x64 images sees 32x64 ones, as ``data_transforms(model)`` prepares them,
+    not a 32x32 crop; eval, whose data sets are square, asks for the side to use."""
+    import coatnet
+
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=10, img_size=(32, 64)).eval()
+    folder = model.save_pretrained(tmp_path / "wide")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(folder), str(image), "--json", "--top-k", "1"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]
+    with torch.inference_mode():
+        probs = model(coatnet.data_transforms(model)(Image.open(image))[None]).softmax(1)[0]
+    assert predicted["label"] == str(probs.argmax().item())
+    assert predicted["probability"] == pytest.approx(probs.max().item(), rel=1e-5)
+    one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", "digits"],
+                   "takes 32x64 images and the evaluation data sets are square: pass --img-size SIDE")

@@ -214,20 +214,25 @@ def test_resume_into_another_runs_folder_is_refused(finished_run, tmp_path, caps
 
 def test_non_finite_loss_stops_the_run_keeping_finite_checkpoints(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    calls = []
+    calls, nan_at = [], [15]
     real = torch.nn.CrossEntropyLoss.forward
 
     def diverging(self, logits, targets):  # the 15th step's loss is NaN, as a diverging run's would be
         calls.append(1)
         loss = real(self, logits, targets)
-        return loss * float("nan") if len(calls) == 15 else loss
+        return loss * float("nan") if len(calls) == nan_at[0] else loss
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", diverging)
     one_line_exit_2(capsys, ["train", *TINY, "--epochs", "2", "--output-dir", str(out)],
-                    "the loss became nan", "at step 15", "lower --lr")
+                    "the loss became nan", "at step 15", "lower --lr", "then continue with --resume")
     for link in ("last", "best"):
         assert finite_weights(out / link)
     assert load_checkpoint(out / "last").train_state["step"] == 11  # the end of epoch 1, the last finite state
+    # Before the first checkpoint there is nothing to resume: the message says to start again.
+    calls.clear()
+    nan_at[0] = 3
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "2", "--output-dir", str(tmp_path / "early")],
+                    "at step 3", "no checkpoint had been written yet", "start again")
 
 
 # -- corrupt files of every kind the program reads -------------------------------------------------

@@ -49,10 +49,24 @@ def test_pretrained_true_loads_timms_repository_with_its_classes(hub):
     assert_same_outputs(ours, theirs)
 
 
-def test_pretrained_true_without_a_tag_takes_the_first_published_one(hub):
+def test_pretrained_true_without_a_tag_takes_timms_default_tag(hub):
     theirs = timm_nano()
     timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)
     assert_same_outputs(coatnet.create_model("coatnet_nano_rw_224", pretrained=True, img_size=SIZE), theirs)
+
+
+@pytest.mark.parametrize("name,default", [("coatnet_2_rw_224", "sw_in12k_ft_in1k"),
+                                          ("coatnet_rmlp_1_rw2_224", "sw_in12k_ft_in1k"),
+                                          ("coatnet_rmlp_2_rw_224", "sw_in12k_ft_in1k"),
+                                          ("coatnet_0_rw_224", "sw_in1k")])
+def test_the_default_tag_is_timms(name, default):
+    """For a name with several tags, pretrained=True fetches the repository timm's would (its
+    ImageNet-1k fine-tune, not the 12k-class pretraining), also without timm installed."""
+    from coatnet.models.hub import hub_repository
+
+    assert hub_repository(True, name) == (f"timm/{name}.{default}", None)
+    timm = pytest.importorskip("timm")
+    assert timm.models.get_pretrained_cfg(name).tag == default
 
 
 def test_hf_hub_revision_and_pytorch_model_bin(hub):
@@ -113,6 +127,19 @@ def test_a_repository_with_neither_format_says_which_files_it_needs(hub, monkeyp
         coatnet.from_pretrained("hf-hub:me/other")
     assert str(e.value).startswith("me/other holds neither timm weights (model.safetensors or pytorch_model.bin) "
                                    "nor a save_pretrained folder") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("config,message", [("{not json", "is not valid JSON"),
+                                            ("[1, 2]", "holds a JSON list, not the object of a model's config")])
+def test_a_broken_config_json_is_one_line_naming_it(hub, config, message):
+    snapshot = hub("me/broken")
+    (snapshot / "config.json").write_text(config)
+    save_file(timm_nano().state_dict(), str(snapshot / "model.safetensors"))
+    for load in (lambda: coatnet.from_pretrained("hf-hub:me/broken"),
+                 lambda: coatnet.create_model("coatnet_nano_rw", pretrained="hf-hub:me/broken", img_size=SIZE)):
+        with pytest.raises(ValueError) as e:
+            load()
+        assert message in str(e.value) and str(snapshot / "config.json") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_timm_weights_without_a_config_need_a_name(hub):

@@ -207,6 +207,25 @@ def test_pretrained_with_new_classes_drops_the_classifier(tmp_path):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
+def test_pretrained_without_a_classifier_drops_theirs_without_a_warning(tmp_path):
+    """num_classes=0 (features, pooled): nothing is left freshly initialised, so nothing to warn of."""
+    import warnings
+
+    torch.save(tiny().state_dict(), tmp_path / "w.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = coatnet.create_model("coatnet_pico", num_classes=0, pretrained=tmp_path / "w.pth").eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("pretrained", [False, None, 0])
+def test_pretrained_false_is_random_weights_as_in_timm(pretrained):
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", pretrained=pretrained, num_classes=4)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.state_dict(), coatnet.create_model("coatnet_pico", num_classes=4).state_dict())
+
+
 def test_weights_of_another_model_name_the_keys(tmp_path):
     torch.save(coatnet.create_model("coatnet_nano").state_dict(), tmp_path / "nano.pth")
     with pytest.raises(ValueError, match=r"weights do not fit coatnet_pico: .*(missing|unexpected|wrong shape)"):

@@ -5,6 +5,7 @@ Runs are tiny (coatnet_pico at 16x16, a few dozen steps), so the whole file take
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,6 +268,41 @@ def test_resume_with_another_model(reference_run, tmp_path, capsys):
     shutil.copytree(reference_run, out, symlinks=True)
     assert main(["train", "--resume", "--model", "coatnet_nano", "--output-dir", str(out)]) == 2
     assert "is of model coatnet_pico, not coatnet_nano" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "64"], "--batch-size 64 differs from the resumed run's 128"),
+    (["--seed", "4"], "--seed 4 differs from the resumed run's 3"),
+    (["--img-size", "32"], "--img-size 32 differs from the resumed run's 16"),
+    (["--data", "imagefolder", "--data-dir", "elsewhere"], "--data imagefolder differs from the resumed run's digits"),
+])
+def test_resume_keeps_the_runs_data_order_and_shapes(reference_run, tmp_path, capsys, flags, message):
+    """Another data set (classes, sizes), batch size or seed (where a run stopped part way through an
+    epoch is found by position in its data order), or image size (the shapes of the weights'
+    optimizer state) would train on silently wrong, or crash: refused in one line, nothing written."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out, symlinks=True)
+    before = sorted(p.name for p in out.iterdir()), (out / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", "--output-dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--pretrained" in err and err.count("\n") == 1
+    assert (sorted(p.name for p in out.iterdir()), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path):
+    """Only the checkpoints training names (ckpt-NNNNNNNN) are pruned, not a folder of the user's."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out, symlinks=True)
+    shutil.copytree(out / "last", out / "ckpt-keep-epoch2")
+    (out / "ckpt-notes").mkdir()
+    (out / "ckpt-notes" / "README.txt").write_text("mine")
+    run_cli("train", "--resume", "--output-dir", str(out), "--epochs", "3")
+    assert (out / "ckpt-notes" / "README.txt").read_text() == "mine" and (out / "ckpt-keep-epoch2").is_dir()
+    assert sum(bool(re.fullmatch(r"ckpt-\d{8}(\.\d+)?", p.name)) for p in out.iterdir()) <= 2  # still pruned
 
 
 @pytest.mark.parametrize("victim", ["train_state.pt", "model.safetensors"])

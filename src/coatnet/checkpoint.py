@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -111,12 +112,17 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
     return final
 
 
+# The names training gives its checkpoints (``ckpt-`` and the step, ``.N`` when that name was taken),
+# and what a save cut off by a crash leaves: only these are ever deleted, never a folder of the user's.
+_OURS = re.compile(r"(ckpt-\d{8}(\.\d+)?)|(\.ckpt-\d{8}(\.\d+)?\.tmp)|(\.shards-\d{8}\.tmp)")
+
+
 def _remove_unreferenced(run_dir: Path) -> None:
     """Delete checkpoint directories that neither ``last`` nor ``best`` points at, and what a save cut
     off by a crash left under a temporary name (the run's lock means no other save is under way)."""
     keep = {os.readlink(run_dir / link) for link in ("last", "best") if (run_dir / link).is_symlink()}
-    for d in (*run_dir.glob("ckpt-*"), *run_dir.glob(".ckpt-*.tmp"), *run_dir.glob(".shards-*.tmp")):
-        if d.is_dir() and d.name not in keep:
+    for d in run_dir.iterdir():
+        if _OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -69,11 +69,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
                 count=int(sums[3].item()), confusion=confusion.cpu())
 
 
-def _img_size(args: argparse.Namespace, model: nn.Module) -> int:
-    """--img-size (0 included: it is refused, not read as "not given"), else the model's."""
-    size = args.img_size if args.img_size is not None else model.config.img_size[0]
-    check_img_size(model, size)
-    return size
+def _img_size(args: argparse.Namespace, model: nn.Module) -> int | tuple[int, int]:
+    """--img-size, a square's side (0 included: it is refused, not read as "not given"), else the
+    model's own input size: its side, or (height, width) for a model built non-square."""
+    if args.img_size is None:
+        height, width = model.config.img_size
+        return height if height == width else (height, width)
+    check_img_size(model, args.img_size)
+    return args.img_size
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module]:
@@ -100,6 +103,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if data_name is None:
         raise ValueError(f"{ckpt.path} does not record its data set; pass --data (and --data-dir)")
     img_size = _img_size(args, model)
+    if isinstance(img_size, tuple):
+        raise ValueError(f"{ckpt.path} takes {img_size[0]}x{img_size[1]} images and the evaluation data sets are "
+                         f"square: pass --img-size SIDE to evaluate it on SIDExSIDE images")
     data = build_datasets(data_name, data_dir, img_size, preprocessing=model.pretrained_cfg)
     if model.pretrained_cfg.label_names and list(data.classes) != classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "

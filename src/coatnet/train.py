@@ -493,11 +493,24 @@ def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
     return Path(_broadcast(f"runs/{stamp}-{cfg.model}-{cfg.data}", d))
 
 
+# What a resumed run keeps: the data it draws, in the order its seed and batch size give (a batch
+# part way through an epoch is found by its position in that order), and the input size its
+# weights' and optimizer state's shapes follow. Other settings may change (more epochs, another lr).
+KEPT_ON_RESUME = ("data", "data_dir", "batch_size", "seed", "img_size")
+
+
 def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) -> None:
     """Refuse settings that cannot run, and any that would overwrite a run, before anything is built."""
     if ckpt and ckpt.meta["model"] != cfg.model:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
                               f"drop --model to resume it, or start a new run from its weights with --pretrained")
+    saved = ckpt and (ckpt.meta.get("train_config") or ckpt.train_state["train_config"])
+    for name in KEPT_ON_RESUME if ckpt else ():
+        if name in saved and not _same_setting(name, getattr(cfg, name), saved.get(name)):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(cfg, name)} differs from the resumed run's {saved.get(name)}: a resumed "
+                             f"run keeps its data, batch size, seed and image size; drop {flag} to resume it, or "
+                             f"start a new run from its weights with --pretrained {ckpt.path}")
     if ckpt is None and holds_a_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
@@ -511,6 +524,16 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} process(es) x "
                          f"--grad-accum-steps {cfg.grad_accum_steps}; give a multiple of "
                          f"{d.world_size * cfg.grad_accum_steps}")
+
+
+def _same_setting(name: str, given, saved) -> bool:
+    """Whether ``given`` is the resumed run's ``saved`` setting: the same data set, whatever its case;
+    the same folder, however it is written."""
+    if name == "data":
+        return str(given).lower() == str(saved).lower()
+    if name == "data_dir" and given is not None and saved is not None and os.path.exists(given):
+        return os.path.exists(saved) and os.path.samefile(given, saved)
+    return given == saved
 
 
 def _check_free_space(run: Run) -> None:
@@ -630,10 +653,11 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm of all shards
     if not torch.isfinite(norm):
+        then = (f"the last checkpoint in {run.run_dir} holds finite weights; lower --lr or raise --warmup-steps, "
+                f"then continue with --resume" if (run.run_dir / "last").exists() else
+                "no checkpoint had been written yet; lower --lr or raise --warmup-steps and start again")
         raise NonFiniteLoss(f"the loss became {loss.item():.4g} (gradient norm {norm.item():.4g}) at step "
-                            f"{run.state.step + 1}, epoch {run.state.epoch + 1}; stopped before that step, and the "
-                            f"last checkpoint in {run.run_dir} holds finite weights; lower --lr or raise "
-                            f"--warmup-steps, then continue with --resume")
+                            f"{run.state.step + 1}, epoch {run.state.epoch + 1}; stopped before that step, and {then}")
     run.optimizer.step()
     run.scheduler.step()
     if run.ema is not None:

@@ -1092,14 +1092,15 @@ def coatnet_rmlp_3_rw(**kwargs) -> CoAtNet:
 
 
 # timm's names for these networks (its name adds the input size), each with the tags of the weights
-# timm publishes under it (Hugging Face repositories timm/NAME.TAG), and its paper-style names for
-# CoAtNet-0..5. A name may carry its tag, as in timm: create_model("coatnet_0_rw_224.sw_in1k").
+# timm publishes under it (Hugging Face repositories timm/NAME.TAG), timm's default first (what
+# pretrained=True loads for a name without a tag), and its paper-style names for CoAtNet-0..5. A
+# name may carry its tag, as in timm: create_model("coatnet_0_rw_224.sw_in1k").
 for _ours, _tags in (("coatnet_nano_rw", ("sw_in1k",)), ("coatnet_0_rw", ("sw_in1k",)),
-                     ("coatnet_1_rw", ("sw_in1k",)), ("coatnet_2_rw", ("sw_in12k", "sw_in12k_ft_in1k")),
+                     ("coatnet_1_rw", ("sw_in1k",)), ("coatnet_2_rw", ("sw_in12k_ft_in1k", "sw_in12k")),
                      ("coatnet_3_rw", ("sw_in12k",)), ("coatnet_bn_0_rw", ("sw_in1k",)),
                      ("coatnet_rmlp_nano_rw", ("sw_in1k",)), ("coatnet_rmlp_0_rw", ()),
-                     ("coatnet_rmlp_1_rw", ("sw_in1k",)), ("coatnet_rmlp_1_rw2", ("sw_in12k", "sw_in12k_ft_in1k")),
-                     ("coatnet_rmlp_2_rw", ("sw_in1k", "sw_in12k", "sw_in12k_ft_in1k")), ("coatnet_rmlp_3_rw", ())):
+                     ("coatnet_rmlp_1_rw", ("sw_in1k",)), ("coatnet_rmlp_1_rw2", ("sw_in12k_ft_in1k", "sw_in12k")),
+                     ("coatnet_rmlp_2_rw", ("sw_in12k_ft_in1k", "sw_in12k", "sw_in1k")), ("coatnet_rmlp_3_rw", ())):
     register_alias(f"{_ours}_224", _ours, _tags)
 register_alias("coatnet_rmlp_2_rw_384", "coatnet_rmlp_2_rw", ("sw_in12k_ft_in1k",), img_size=384)
 for _i in range(6):

@@ -51,8 +51,10 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     entry = model_entry(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
-    weights = pretrained if isinstance(pretrained, PretrainedWeights) or pretrained in (None, False) \
-        else read_pretrained(pretrained, name)
+    if pretrained is None or (type(pretrained) in (bool, int) and not pretrained):  # timm's False: random weights
+        weights = None
+    else:
+        weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
     if weights is not None and weights.whole and num_classes is None:
         num_classes = classifier_size(weights.state)
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
@@ -188,9 +190,11 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor])
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
                          + "; ".join(parts) + "; check the model name and options the weights were saved with")
     # Only the classifier differs: new classes, as in fine-tuning; it keeps its fresh initialisation.
+    # Without one (num_classes=0, features), the weights' classifier is dropped without a word, as in timm.
     if any(k not in own or own[k].shape != state[k].shape for k in state if is_head(k)):
-        warnings.warn(f"classifier weights in the checkpoint do not fit {model.num_classes} classes; "
-                      f"the classifier is left freshly initialised", stacklevel=2)
+        if model.num_classes:
+            warnings.warn(f"classifier weights in the checkpoint do not fit {model.num_classes} classes; "
+                          f"the classifier is left freshly initialised", stacklevel=2)
         state = {k: v for k, v in state.items() if not is_head(k)} | {k: v for k, v in own.items() if is_head(k)}
     model.load_state_dict(state)
     return model

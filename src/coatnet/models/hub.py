@@ -29,7 +29,7 @@ def is_hub_reference(pretrained) -> bool:
 
 def hub_repository(pretrained: bool | str, name: str) -> tuple[str, str | None]:
     """The repository and revision to load: ``hf-hub:ORG/NAME[@REVISION]``, or for ``True`` timm's
-    repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), its first published tag when it has none."""
+    repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), timm's default tag when it has none."""
     if pretrained is True:
         base, _, tag = name.partition(".")
         published = list_models(f"{base}.*", aliases=True)
@@ -48,8 +48,8 @@ def fetch(repo: str, revision: str | None = None) -> Path:
     """The model in ``repo``, from the Hub cache (downloaded there first when online): the snapshot
     folder of a ``save_pretrained`` folder, or the file of timm's weights. Errors are one line."""
     config = _fetch(repo, revision, CONFIG)
-    meta = json.loads(config.read_text()) if config else {}
-    ours = isinstance(meta, dict) and "model" in meta and "config" in meta
+    meta = _read_config(config) if config else {}
+    ours = "model" in meta and "config" in meta
     for filename in (WEIGHTS,) if ours else TIMM_WEIGHTS:
         if (path := _fetch(repo, revision, filename)) is not None:
             return path.parent if ours else path
@@ -59,7 +59,19 @@ def fetch(repo: str, revision: str | None = None) -> Path:
 def hub_config(weights: Path) -> dict:
     """timm's ``config.json`` beside fetched weights (it names the architecture); {} when there is none."""
     config = weights.parent / CONFIG
-    return json.loads(config.read_text()) if config.is_file() else {}
+    return _read_config(config) if config.is_file() else {}
+
+
+def _read_config(path: Path) -> dict:
+    """A repository's ``config.json``, a JSON object; a file that is not one is a one-line error naming it."""
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); download the repository again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(meta).__name__}, not the object of a model's config; "
+                         f"download the repository again")
+    return meta
 
 
 def hub_cache() -> str:
