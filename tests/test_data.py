@@ -181,6 +181,31 @@ def test_truncated_jpeg_is_skipped_at_load(tmp_path):
     assert b.train.skipped_at_load == 1
 
 
+def test_an_undecodable_validation_image_is_left_out_of_the_evaluation(tmp_path):
+    """Not counted under its label with another file's pixels: the evaluation covers the decodable
+    images only, as an independent count of them gives."""
+    from coatnet import create_model
+    from coatnet.evaluate import evaluate
+
+    root = make_tree(tmp_path)
+    bad = root / "val" / "dog" / "1.jpg"  # the last class: its stand-in would be bird/0.png, another class
+    data = bad.read_bytes()
+    sos = data.index(b"\xff\xda")
+    bad.write_bytes(data[: sos + (len(data) - sos) // 2])
+    b = build_datasets("imagefolder", root, img_size=32)
+    torch.manual_seed(0)
+    model = create_model("coatnet_pico", num_classes=3, img_size=32).eval()
+    with pytest.warns(UserWarning, match="1.jpg"):
+        result = evaluate(model, torch.utils.data.DataLoader(b.val, batch_size=4), torch.device("cpu"), 3)
+    good = [(b.val[i][0], label) for i, (path, label) in enumerate(b.val.samples) if path != str(bad)]
+    with torch.no_grad():
+        predicted = model(torch.stack([image for image, _ in good])).argmax(1)
+    labels = torch.tensor([label for _, label in good])
+    assert result["count"] == len(good) == 8 and b.val.skipped_at_load == 1
+    assert result["top1"] == pytest.approx(100 * (predicted == labels).float().mean().item())
+    assert result["confusion"].sum() == 8
+
+
 def test_imagefolder_does_not_follow_symlinked_folders(tmp_path):
     root = make_tree(tmp_path)
     train = root / "train"

@@ -155,7 +155,8 @@ def _timm_model(name: str, img_size: int = TIMM_SIZE, **kwargs):
 
 
 def _assert_parity(theirs, name, tmp_path, **switches):
-    """timm's weights, saved and loaded by create_model(pretrained=FILE), give timm's outputs.
+    """timm's weights, saved and loaded by create_model(pretrained=FILE), give timm's outputs: the
+    logits, and ``forward_features`` (the last map, normalised where timm's head norms before pooling).
 
     In float32 to 1e-5 of the logits' scale (they reach ~20 with randomised norms, where float32
     rounding alone is ~1e-6); in float64 to 1e-10, which shows the conversion itself is exact.
@@ -167,7 +168,9 @@ def _assert_parity(theirs, name, tmp_path, **switches):
     with torch.no_grad():
         expected = theirs(x)
         torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-        torch.testing.assert_close(ours.double()(x.double()), theirs.double()(x.double()), rtol=1e-10, atol=1e-10)
+        ours, theirs, x = ours.double(), theirs.double(), x.double()
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", timm_variants())

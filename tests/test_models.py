@@ -74,6 +74,19 @@ def test_forward_intermediates_are_s1_to_s4():
     assert [m.shape[1] for m in only] == [16, 64]
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(x, indices=[9])
+    # timm's forms: the last n, and negative indices from the end
+    assert [m.shape[1] for m in model.forward_intermediates(x, indices=2, intermediates_only=True)] == [128, 256]
+    torch.testing.assert_close(model.forward_intermediates(x, indices=[-1], intermediates_only=True)[0], maps[-1])
+    with pytest.raises(ValueError, match="output_fmt 'NHWC': the maps are NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_reset_classifier_takes_timms_global_pool():
+    model = tiny()
+    model.reset_classifier(3, global_pool="avg")
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match="pools by the average only"):
+        model.reset_classifier(3, global_pool="max")
 
 
 def test_coatnet_6_intermediates_skip_the_split_stage():
@@ -216,6 +229,19 @@ def test_pretrained_without_a_classifier_drops_theirs_without_a_warning(tmp_path
         warnings.simplefilter("error")
         model = coatnet.create_model("coatnet_pico", num_classes=0, pretrained=tmp_path / "w.pth").eval()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("in_chans", [1, 6])
+def test_rgb_weights_fit_a_model_of_other_input_channels(tmp_path, in_chans):
+    """As timm adapts them: a grey image (or its values repeated over 6 channels) gives what its RGB
+    copy gave the RGB weights."""
+    rgb = tiny()
+    torch.save(rgb.state_dict(), tmp_path / "w.pth")
+    model = coatnet.create_model("coatnet_pico", num_classes=10, in_chans=in_chans, pretrained=tmp_path / "w.pth")
+    grey = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(grey.expand(-1, in_chans, -1, -1)), rgb(grey.expand(-1, 3, -1, -1)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pretrained", [False, None, 0])

@@ -222,3 +222,24 @@ def test_the_finetune_recipe_asks_the_hub_for_timms_weights(hub, tmp_path, capsy
     assert main(["train", "--recipe", "finetune", "--data-dir", str(photos), "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "timm/coatnet_0_rw_224.sw_in1k is not in the Hugging Face cache" in err
+
+
+def test_timms_data_config_reads_our_models():
+    """timm's own recipe, ``create_transform(**resolve_model_data_config(model))``, reads the
+    preprocessing and the model's own input size (not timm's fallback of 224)."""
+    pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_model_data_config
+
+    for model, input_size in ((coatnet.create_model("coatnet_pico", img_size=(32, 64)), (3, 32, 64)),
+                              (coatnet.create_model("coatnet_0_rw_224", img_size=256), (3, 256, 256)),
+                              (coatnet.create_model("coatnet_pico", features_only=True, img_size=96, in_chans=1),
+                               (1, 96, 96))):
+        cfg = model.pretrained_cfg
+        resolved = resolve_model_data_config(model)
+        assert resolved == dict(input_size=input_size, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
+                                crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
+        create_transform(**resolved)
+    cfg = coatnet.create_model("coatnet_pico").pretrained_cfg
+    assert cfg.get("test_input_size", "none") == "none" and "input_size" not in cfg.to_dict()
+    with pytest.raises(KeyError):
+        cfg["num_classes"]

@@ -61,8 +61,15 @@ def test_features_only():
     expected = [(1, c, 96 // r, 128 // r) for c, r in zip(info.channels(), info.reduction())]
     assert [tuple(m.shape) for m in maps] == expected
     assert coatnet.create_model("coatnet_pico", features_only=True).feature_info.reduction() == [2, 4, 8, 16]
-    with pytest.raises(ValueError, match="out_indices .9. out of range"):
+    with pytest.raises(ValueError, match=r"feature indices \[9\] out of range"):
         coatnet.create_model("coatnet_pico", features_only=True, out_indices=(9,))
+    # timm's other forms: an int n is the last n maps, a negative index counts from the end
+    for out_indices, indices in ((2, (3, 4)), ((-1,), (4,)), ((-3, -2), (2, 3))):
+        picked = coatnet.create_model("coatnet_0", features_only=True, out_indices=out_indices).eval()
+        picked.load_state_dict(extractor.state_dict())
+        assert picked.out_indices == indices
+        for got, i in zip(picked(x), indices, strict=True):
+            torch.testing.assert_close(got, maps[i - 1])
     with pytest.raises(ValueError, match="pass features_only=True"):
         coatnet.create_model("coatnet_pico", out_indices=(1,))
 

@@ -145,6 +145,11 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+# The label of a sample evaluation leaves out (:func:`coatnet.evaluate.evaluate`): a stand-in for a
+# validation image that failed to decode (ImageFolderDataset).
+IGNORED_LABEL = -1
+
+
 class ImageFolderDataset(ImageFolder):
     """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
 
@@ -155,12 +160,14 @@ class ImageFolderDataset(ImageFolder):
     Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning).
     A file that passes that check but fails to decode later (e.g. a truncated JPEG) is warned
     about, counted in ``skipped_at_load`` and replaced by the next decodable sample, so training
-    never crashes on one bad file. With DataLoader ``num_workers > 0`` each worker has its own
-    copy of this object, so ``skipped_at_load`` is only updated inside the workers and reads 0 in
-    the main process.
+    never crashes on one bad file. For ``evaluation`` the stand-in carries :data:`IGNORED_LABEL`,
+    so that the evaluation leaves the file out instead of counting another file under its label.
+    With DataLoader ``num_workers > 0`` each worker has its own copy of this object, so
+    ``skipped_at_load`` is only updated inside the workers and reads 0 in the main process.
     """
 
-    def __init__(self, root: Path, transform: Callable):
+    def __init__(self, root: Path, transform: Callable, evaluation: bool = False):
+        self.evaluation = evaluation
         self.skipped = 0  # counted by make_dataset, which the base constructor calls
         self._bad_at_load: set[int] = set()
         super().__init__(root, transform=transform, loader=load_image)
@@ -205,10 +212,12 @@ class ImageFolderDataset(ImageFolder):
             if i in self._bad_at_load:
                 continue
             try:
-                return super().__getitem__(i)  # load_image, then the transform
+                image, label = super().__getitem__(i)  # load_image, then the transform
             except DataError as e:
                 self._bad_at_load.add(i)  # remembered, so each bad file is decoded/warned once
                 warnings.warn(f"skipping at load: {e}", stacklevel=2)
+                continue
+            return image, IGNORED_LABEL if self.evaluation and i != index else label
         raise DataError(f"no decodable image left in '{self.root}'; check the data directory")
 
 
@@ -440,7 +449,7 @@ def _build_imagefolder(
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
         )
     train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment))
-    val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg))
+    val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg), evaluation=True)
     for split, ds in (("train", train), ("val", val)):
         if len(ds) == 0:
             raise DataError(

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
-from .data import DataError, build_datasets, load_image
+from .data import IGNORED_LABEL, DataError, build_datasets, load_image
 from .export import check_img_size
 from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder
@@ -27,7 +27,8 @@ from .validate import resolve_device
 @torch.no_grad()  # not inference_mode: FSDP's gathered weights must stay ordinary tensors for training
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, amp: bool = False,
              channels_last: bool = False) -> dict:
-    """Loss, top-1, top-5 (percent) and the confusion matrix over ``loader``.
+    """Loss, top-1, top-5 (percent) and the confusion matrix over ``loader``, leaving out samples
+    labelled :data:`~coatnet.data.IGNORED_LABEL` (images that failed to decode).
 
     Under DDP each rank passes its own shard of the data; the sums are all-reduced, so every rank
     returns the figures of the whole set.
@@ -48,7 +49,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(images)
-        logits = logits.float()
+        kept = labels != IGNORED_LABEL  # stand-ins for images that failed to decode
+        logits, labels = logits.float()[kept], labels[kept]
         top = logits.topk(k, dim=1).indices
         sums[0] += F.cross_entropy(logits, labels, reduction="sum")
         sums[1] += (top[:, 0] == labels).sum()

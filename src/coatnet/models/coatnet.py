@@ -628,6 +628,15 @@ class CoAtNet(nn.Module):
         # How images are prepared for the weights (timm's name); loading weights replaces it with theirs.
         self.pretrained_cfg = PretrainedCfg.for_size(min(config.img_size))
 
+    @property
+    def pretrained_cfg(self) -> PretrainedCfg:
+        """How images are prepared for the weights, at this model's input size (timm's ``input_size``)."""
+        return replace(self._pretrained_cfg, input_size=(self.config.in_chans, *self.config.img_size))
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: PretrainedCfg) -> None:
+        self._pretrained_cfg = cfg
+
     # -- timm-style interface ----------------------------------------------------------------
 
     def check_input(self, x: Tensor) -> None:
@@ -658,24 +667,34 @@ class CoAtNet(nn.Module):
         return self.stem(channels_last(x))
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's map (B, C, H, W), normalised where the head norms before pooling ([rw], as
+        timm's ``forward_features`` gives it)."""
         x = self.forward_stem(x)
         for stage in self.stages:
             x = stage(x)
-        return x
+        return self._norm_map(x)
+
+    def _norm_map(self, x: Tensor) -> Tensor:
+        if not self.config.head.norm_before_pool:
+            return x
+        return self.head_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # channels-last: views, no copy
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.config.head.norm_before_pool:
-            x = self.head_norm(x.permute(0, 2, 3, 1)).mean(dim=(1, 2))
-        else:
-            x = self.head_norm(x.mean(dim=(2, 3)))
+        x = x.mean(dim=(2, 3))
+        if not self.config.head.norm_before_pool:  # else the features are normalised already
+            x = self.head_norm(x)
         x = self.pre_logits(x)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier). The head's
+        pooling is the average (timm's ``global_pool="avg"``), the only one the network has."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool {global_pool!r}: CoAtNet's head pools by the average only; pass 'avg' "
+                             f"or nothing")
         self.num_classes = num_classes
         self.config = replace(self.config, num_classes=num_classes)
         self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
@@ -698,17 +717,36 @@ class CoAtNet(nn.Module):
         return [i for i in range(1, len(info))
                 if i == len(info) - 1 or info[i + 1]["reduction"] != info[i]["reduction"]]
 
-    def forward_intermediates(self, x: Tensor, indices: list[int] | None = None,
-                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """NCHW feature maps after the stages in ``indices`` (into ``feature_info``; 0 is the stem).
+    def feature_indices(self, indices: int | list[int] | tuple[int, ...] | None = None) -> list[int]:
+        """Indices into ``feature_info`` as timm takes them: None, the last stage at each resolution
+        (S1..S4); an int n, the last n; a list, where negative ones count from the end."""
+        count = len(self.feature_info)
+        if indices is None:
+            return self.default_feature_indices()
+        if isinstance(indices, int):
+            if not 0 < indices <= count:
+                raise ValueError(f"feature indices {indices}: an int takes the last n of {count} (0: the stem, then "
+                                 f"one per stage); give 1..{count}")
+            return list(range(count - indices, count))
+        bad = [i for i in indices if not -count <= i < count]
+        if bad:
+            raise ValueError(f"feature indices {bad} out of range 0..{count - 1} (0: the stem, then one per stage; "
+                             f"negative ones count from the end)")
+        return [i % count for i in indices]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None,
+                              intermediates_only: bool = False,
+                              output_fmt: str = "NCHW") -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """NCHW feature maps after the stages in ``indices`` (into ``feature_info``, as
+        :meth:`feature_indices` reads them; 0 is the stem).
 
         The default is the last stage at each resolution: S1..S4, at strides 4, 8, 16 and 32 for the
-        paper's models. Returns ``(final_features, maps)``, or only ``maps`` with ``intermediates_only``.
+        paper's models. Returns ``(final_features, maps)`` (``forward_features``'s output, and the maps
+        as the stages give them), or only ``maps`` with ``intermediates_only``.
         """
-        indices = self.default_feature_indices() if indices is None else list(indices)
-        bad = [i for i in indices if not 0 <= i < len(self.feature_info)]
-        if bad:
-            raise ValueError(f"feature indices {bad} out of range 0..{len(self.feature_info) - 1}")
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: the maps are NCHW; pass 'NCHW' or nothing")
+        indices = self.feature_indices(indices)
         x = self.forward_stem(x)
         maps = [x] if 0 in indices else []
         last = max(indices) if intermediates_only else len(self.stages)
@@ -716,7 +754,7 @@ class CoAtNet(nn.Module):
             x = stage(x)
             if i in indices:
                 maps.append(x)
-        return maps if intermediates_only else (x, maps)
+        return maps if intermediates_only else (self._norm_map(x), maps)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``; ``coatnet.from_pretrained`` reads it."""
@@ -738,18 +776,15 @@ class FeatureInfo(list):
 
 class FeatureExtractor(nn.Module):
     """``create_model(name, features_only=True)``: the NCHW maps after the stages in ``out_indices``
-    (into the model's ``feature_info``; 0 is the stem, default S1..S4), as timm's feature extractors
+    (into the model's ``feature_info``, as :meth:`CoAtNet.feature_indices` reads them: 0 is the stem,
+    default S1..S4, an int n the last n, negative ones from the end), as timm's feature extractors
     give them, for detection and segmentation heads. The classifier is dropped."""
 
-    def __init__(self, model: CoAtNet, out_indices: tuple[int, ...] | None = None):
+    def __init__(self, model: CoAtNet, out_indices: int | tuple[int, ...] | None = None):
         super().__init__()
         model.reset_classifier(0)
         self.model = model
-        self.out_indices = tuple(model.default_feature_indices() if out_indices is None else out_indices)
-        bad = [i for i in self.out_indices if not 0 <= i < len(model.feature_info)]
-        if bad:
-            raise ValueError(f"out_indices {bad} out of range 0..{len(model.feature_info) - 1} "
-                             f"(0: the stem, then one per stage)")
+        self.out_indices = tuple(model.feature_indices(out_indices))
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
         self.pretrained_cfg = model.pretrained_cfg
 

@@ -21,7 +21,7 @@ from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_sta
 def create_model(name: str, pretrained: str | Path | None = None, num_classes: int | None = None,
                  in_chans: int | None = None, img_size: int | tuple[int, int] | None = None,
                  drop_path_rate: float | None = None, features_only: bool = False,
-                 out_indices: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
+                 out_indices: int | tuple[int, ...] | None = None, **kwargs) -> nn.Module:
     """Build a registered model, in timm's convention; timm's names work too (``coatnet_0_rw_224``,
     with or without a pretrained tag: ``coatnet_0_rw_224.sw_in1k``; ``coatnet_0_224`` is our ``coatnet_0``).
 
@@ -40,12 +40,14 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     repository of timm's weights or a ``save_pretrained`` folder. Weights from a folder or the Hub
     keep their own classifier unless ``num_classes`` is given. Weights saved at another resolution load with their
     relative-position tables interpolated; a classifier of another size is dropped with a warning and
-    left freshly initialised (fine-tuning on new classes). The model takes the weights' preprocessing
+    left freshly initialised (fine-tuning on new classes); RGB weights fit a model of other
+    ``in_chans`` as timm fits them (:func:`fit_input_channels`). The model takes the weights' preprocessing
     (``model.pretrained_cfg``: mean, std, interpolation, crop, class names; timm's for timm's weights),
     which :func:`coatnet.data_transforms` turns into a transform.
 
     ``features_only=True`` returns a :class:`FeatureExtractor`, timm's way: a module that gives the
-    list of NCHW maps after the stages in ``out_indices`` (default S1..S4), with
+    list of NCHW maps after the stages in ``out_indices`` (default S1..S4; as in timm, an int n
+    takes the last n and negative indices count from the end), with
     ``feature_info.channels()`` and ``.reduction()``.
     """
     entry = model_entry(name)
@@ -139,15 +141,32 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str) -> 
         model.pretrained_cfg = weights.pretrained_cfg.with_classes(model.num_classes)
     state = weights.state
     if not is_timm_state_dict(state):
-        return load_weights(model, state)
+        return load_weights(model, fit_input_channels(state, model))
     try:
-        return load_weights(model, convert_timm_state_dict(state, name))
+        return load_weights(model, fit_input_channels(convert_timm_state_dict(state, name), model))
     except ValueError:
         match = timm_variant_of(state)
         if match is None or match == name:
             raise
         raise ValueError(f"these weights are not {name}'s: they are timm's {match}_224 (ours: {match}); "
                          f"load them as {match}") from None
+
+
+def fit_input_channels(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of an RGB input conv for a model built with another ``in_chans``, as timm adapts them:
+    for one channel the filters summed over the colours (a grey image gives what its RGB copy gave);
+    for more, the RGB filters repeated over the channels and scaled by 3/in_chans. Other weights, and
+    weights whose input conv already fits, are returned as they are."""
+    own = model.state_dict()
+    key = next((k for k in ("stem.0.0.weight", "stem.weight") if k in own and k in state), None)
+    if key is None or state[key].shape == own[key].shape or state[key].shape[1] != 3:
+        return state
+    weight, channels = state[key].float(), own[key].shape[1]
+    if channels == 1:
+        fitted = weight.sum(dim=1, keepdim=True)
+    else:
+        fitted = weight.repeat(1, -(-channels // 3), 1, 1)[:, :channels] * (3 / channels)
+    return state | {key: fitted.to(state[key].dtype)}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ its weights were trained at is fed at the size it was built for.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal
 
 import torch
@@ -43,7 +43,11 @@ class PretrainedCfg:
     ``crop_pct``: the centre crop's share of the resized image (the image is resized to
     ``size / crop_pct``, then cropped to ``size``); ``crop_mode`` ``"center"`` resizes the shorter
     side and keeps the aspect ratio, ``"squash"`` resizes both sides (timm's 384 px fine-tunes).
-    ``label_names``: one name per output, when known.
+    ``label_names``: one name per output, when known. ``input_size``: (channels, height, width) of
+    the model it was read from (``model.pretrained_cfg``), never saved: a model is fed at its own size.
+
+    timm's own code reads it as the dict timm's models carry (``get`` and ``[]``), so
+    ``timm.data.resolve_model_data_config(model)`` and ``create_transform`` work on our models.
     """
 
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -52,6 +56,7 @@ class PretrainedCfg:
     crop_pct: CropPct = 0.875
     crop_mode: Literal["center", "squash"] = "center"
     label_names: tuple[str, ...] | None = None
+    input_size: tuple[int, int, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -72,18 +77,30 @@ class PretrainedCfg:
         return cls(**({"crop_pct": 1.0} if img_size < _MIN_SIZE_FOR_CROP else {}) | fields_)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "input_size"}
 
     @classmethod
     def from_dict(cls, data: dict) -> PretrainedCfg:
         """Ours as written by :meth:`to_dict`, or timm's ``pretrained_cfg`` (its other keys ignored)."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"input_size"}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known and v is not None}
         return cls(**values)
 
+    def get(self, key: str, default=None):
+        """The field ``key`` as timm reads its ``pretrained_cfg`` dicts; ``default`` for the keys
+        of timm's that have no field here (``test_input_size``, ``num_classes``, ...) and unset ones."""
+        value = getattr(self, key) if key in {f.name for f in fields(self)} else None
+        return default if value is None else value
+
+    def __getitem__(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
     def override(self, values: dict) -> PretrainedCfg:
         """This preprocessing with the fields ``values`` gives (not None), e.g. command-line flags."""
-        given = {f.name: values.get(f.name) for f in fields(self) if f.name != "label_names"}
+        given = {f.name: values.get(f.name) for f in fields(self) if f.name not in ("label_names", "input_size")}
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
 
     def with_classes(self, num_classes: int, names=None) -> PretrainedCfg:
