@@ -181,6 +181,18 @@ def test_truncated_jpeg_is_skipped_at_load(tmp_path):
     assert b.train.skipped_at_load == 1
 
 
+def test_undecodable_images_found_by_loader_workers_are_counted(tmp_path):
+    """The count reaches the main process (summary.json's skipped_files) with --workers too."""
+    root = make_tree(tmp_path)
+    for bad in (root / "train" / "bird" / "1.jpg", root / "train" / "cat" / "1.jpg"):
+        data = bad.read_bytes()
+        sos = data.index(b"\xff\xda")
+        bad.write_bytes(data[: sos + (len(data) - sos) // 2])
+    b = build_datasets("imagefolder", root, img_size=16)
+    labels = torch.cat([y for _, y in torch.utils.data.DataLoader(b.train, batch_size=4, num_workers=2)])
+    assert len(labels) == 9 and b.train.skipped_at_load == 2
+
+
 def test_an_undecodable_validation_image_is_left_out_of_the_evaluation(tmp_path):
     """Not counted under its label with another file's pixels: the evaluation covers the decodable
     images only, as an independent count of them gives."""

@@ -209,6 +209,21 @@ def test_resume_into_another_runs_folder_is_refused(finished_run, tmp_path, caps
     assert snapshot(other) == before
 
 
+def test_a_folder_of_files_of_no_run_is_not_overwritten(finished_run, tmp_path, capsys):
+    """A run's files without its checkpoints (deleted to free space) or a user's own of those names:
+    neither a new run nor a run resumed into the folder overwrites them."""
+    out = copy_run(finished_run, tmp_path)
+    for link in ("last", "best"):
+        shutil.rmtree(out / os.readlink(out / link), ignore_errors=True)
+        (out / link).unlink()
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)],
+                    "holds metrics.jsonl, curves.png, summary.json of no run", "choose another --output-dir")
+    one_line_exit_2(capsys, ["train", "--resume", str(finished_run / "last"), "--epochs", "2", "--output-dir",
+                             str(out)], "of no run, which this run would overwrite")
+    assert snapshot(out) == before
+
+
 # -- a run that diverges ---------------------------------------------------------------------------
 
 

@@ -146,31 +146,66 @@ def _is_hidden(name: str) -> bool:
 
 
 # The label of a sample evaluation leaves out (:func:`coatnet.evaluate.evaluate`): a stand-in for a
-# validation image that failed to decode (ImageFolderDataset).
+# validation image that failed to decode.
 IGNORED_LABEL = -1
 
 
-class ImageFolderDataset(ImageFolder):
+class SubstitutesUndecodable:
+    """A map-style data set whose images may fail to decode only when read (a truncated JPEG passes
+    a header check): each such file is warned about once, counted in ``skipped_at_load``, and the
+    next decodable sample stands in, so training never crashes on one bad file. In an
+    ``evaluation`` split the stand-in carries :data:`IGNORED_LABEL`, so that the evaluation leaves
+    the file out instead of counting another file's pixels under its label.
+
+    The failures are marked in shared memory: DataLoader workers' finds reach the main process's count.
+    """
+
+    evaluation = False
+    source = "the data set"  # for the message when no decodable image is left
+
+    def _watch_for_undecodable(self, count: int) -> None:
+        self._undecodable = torch.zeros(count, dtype=torch.bool).share_memory_()
+
+    @property
+    def skipped_at_load(self) -> int:
+        return int(self._undecodable.sum())
+
+    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+        """Sample ``i``, decoded and transformed; DataError when its image does not decode."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self)
+        for k in range(n):
+            i = (int(index) + k) % n
+            if self._undecodable[i]:
+                continue
+            try:
+                image, label = self._load(i)
+            except DataError as e:
+                self._undecodable[i] = True  # remembered, so each bad file is decoded and warned about once
+                warnings.warn(f"skipping at load: {e}", stacklevel=2)
+                continue
+            return image, IGNORED_LABEL if self.evaluation and i != index else label
+        raise DataError(f"no decodable image left in {self.source}; check the data")
+
+
+class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
     """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
 
     Hidden (dot-named) folders and files are skipped at every depth, and symlinked folders inside a
     class folder are not descended into (``ln -s .. cat/up`` would list the split again, mislabelled,
     or loop). A class folder may itself be a symlink; a symlinked file is read like any other.
 
-    Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning).
-    A file that passes that check but fails to decode later (e.g. a truncated JPEG) is warned
-    about, counted in ``skipped_at_load`` and replaced by the next decodable sample, so training
-    never crashes on one bad file. For ``evaluation`` the stand-in carries :data:`IGNORED_LABEL`,
-    so that the evaluation leaves the file out instead of counting another file under its label.
-    With DataLoader ``num_workers > 0`` each worker has its own copy of this object, so
-    ``skipped_at_load`` is only updated inside the workers and reads 0 in the main process.
+    Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning);
+    one that fails to decode later is :class:`SubstitutesUndecodable`'s.
     """
 
     def __init__(self, root: Path, transform: Callable, evaluation: bool = False):
-        self.evaluation = evaluation
+        self.evaluation, self.source = evaluation, f"'{root}'"
         self.skipped = 0  # counted by make_dataset, which the base constructor calls
-        self._bad_at_load: set[int] = set()
         super().__init__(root, transform=transform, loader=load_image)
+        self._watch_for_undecodable(len(self.samples))
 
     @staticmethod
     def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
@@ -201,24 +236,8 @@ class ImageFolderDataset(ImageFolder):
                         warnings.warn(f"skipping '{path}': not an image file or corrupt", stacklevel=2)
         return samples
 
-    @property
-    def skipped_at_load(self) -> int:
-        return len(self._bad_at_load)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self.samples)
-        for k in range(n):
-            i = (index + k) % n
-            if i in self._bad_at_load:
-                continue
-            try:
-                image, label = super().__getitem__(i)  # load_image, then the transform
-            except DataError as e:
-                self._bad_at_load.add(i)  # remembered, so each bad file is decoded/warned once
-                warnings.warn(f"skipping at load: {e}", stacklevel=2)
-                continue
-            return image, IGNORED_LABEL if self.evaluation and i != index else label
-        raise DataError(f"no decodable image left in '{self.root}'; check the data directory")
+    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+        return ImageFolder.__getitem__(self, i)  # load_image, then the transform
 
 
 # --------------------------------------------------------------------------------------------

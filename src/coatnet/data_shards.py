@@ -62,9 +62,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
-from .data import DataBundle, DataError, _one_line, decode_image
+from .data import DataBundle, DataError, SubstitutesUndecodable, _one_line, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image, in order of preference
 HF_EVAL_SPLITS = ("validation", "val", "test")
@@ -81,8 +82,9 @@ def _require(module: str):
         ) from None
 
 
-class EncodedImages(Dataset):
-    """Map-style base: item ``i`` is ``(transform(decoded image i), labels[i])``.
+class EncodedImages(SubstitutesUndecodable, Dataset):
+    """Map-style base: item ``i`` is ``(transform(decoded image i), labels[i])``; an image that does
+    not decode is :class:`~coatnet.data.SubstitutesUndecodable`'s.
 
     Subclasses implement ``_read(i) -> (encoded bytes, description for messages)``.
     """
@@ -90,15 +92,11 @@ class EncodedImages(Dataset):
     def __init__(self, labels: np.ndarray, transform: Callable):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
-        self._bad_at_load: set[int] = set()
+        self._watch_for_undecodable(len(self.labels))
 
     @property
     def targets(self) -> list[int]:
         return self.labels.tolist()
-
-    @property
-    def skipped_at_load(self) -> int:
-        return len(self._bad_at_load)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -106,21 +104,9 @@ class EncodedImages(Dataset):
     def _read(self, i: int) -> tuple[bytes, str]:
         raise NotImplementedError
 
-    def __getitem__(self, index: int):
-        n = len(self)
-        for k in range(n):
-            i = (int(index) + k) % n
-            if i in self._bad_at_load:
-                continue
-            try:
-                data, where = self._read(i)
-                image = decode_image(io.BytesIO(data), where)
-            except DataError as e:
-                self._bad_at_load.add(i)
-                warnings.warn(f"skipping at load: {e}", stacklevel=2)
-                continue
-            return self.transform(image), int(self.labels[i])
-        raise DataError("no decodable image left in the data set; check the data")
+    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+        data, where = self._read(i)
+        return self.transform(decode_image(io.BytesIO(data), where)), int(self.labels[i])
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +311,7 @@ def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: C
         source = "the labels"
     for ds in (train, val):
         _check_labels(ds, len(classes), source)
+    val.evaluation = True  # an undecodable image is left out of the evaluation
     return DataBundle(train, val, classes)
 
 
@@ -468,4 +455,5 @@ def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
     for ds in built:
         if ds.labels.max() >= len(classes):
             raise DataError(f"{ds.name} has label {ds.labels.max()}, outside 0..{len(classes) - 1} of its ClassLabel")
+    built[1].evaluation = True  # an undecodable image is left out of the evaluation
     return DataBundle(built[0], built[1], classes)

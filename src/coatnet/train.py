@@ -497,6 +497,7 @@ def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
 # part way through an epoch is found by its position in that order), and the input size its
 # weights' and optimizer state's shapes follow. Other settings may change (more epochs, another lr).
 KEPT_ON_RESUME = ("data", "data_dir", "batch_size", "seed", "img_size")
+RUN_FILES = ("metrics.jsonl", "curves.png", "summary.json")  # what a run writes beside its checkpoints
 
 
 def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) -> None:
@@ -514,9 +515,15 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if ckpt is None and holds_a_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
-    if ckpt and run_dir.resolve() != ckpt.path.parent.resolve() and holds_a_run(run_dir):
+    elsewhere = ckpt is None or run_dir.resolve() != ckpt.path.parent.resolve()  # not the resumed run's folder
+    if ckpt and elsewhere and holds_a_run(run_dir):
         raise ValueError(f"--output-dir {run_dir} holds another run; resuming {ckpt.path} there would overwrite it: "
                          f"give an empty --output-dir, or none to continue in {ckpt.path.parent}")
+    # A run writes these after its first checkpoint: in a folder without one, they are someone's own.
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if elsewhere and found:
+        raise ValueError(f"{run_dir} holds {', '.join(found)} of no run, which this run would overwrite; move them "
+                         f"or choose another --output-dir")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")
