@@ -291,6 +291,19 @@ def test_resume_keeps_the_runs_data_order_and_shapes(reference_run, tmp_path, ca
     assert (sorted(p.name for p in out.iterdir()), (out / "metrics.jsonl").read_text()) == before
 
 
+def test_resuming_an_earlier_checkpoint_says_the_later_ones_go(tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    shutil.copytree(out / "last", out / "epoch1")  # as `best` may be, behind `last`
+    assert main(["train", "--resume", "--output-dir", str(out), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "epoch1"), "--epochs", "2"]) == 0
+    said = capsys.readouterr()
+    assert "the run's last checkpoint is at step 22; going on from step 11 replaces it" in said.out + said.err
+
+
 def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path):
     """Only the checkpoints training names (ckpt-NNNNNNNN) are pruned, not a folder of the user's."""
     import shutil
@@ -378,7 +391,7 @@ def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tmp_path):
     assert json.loads((tmp_path / "micro" / "metrics.jsonl").read_text())["step"] == 1437 // 64
 
 
-def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path):
+def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path, monkeypatch):
     from test_data import make_tree
 
     root = make_tree(tmp_path / "data")
@@ -387,12 +400,14 @@ def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path):
     data = cut.read_bytes()
     cut.write_bytes(data[: data.index(b"\xff\xda") + 40])
     out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # a relative --data-dir is recorded absolute: eval finds it from anywhere
     with pytest.warns(UserWarning):
-        assert main(["train", "--data", "imagefolder", "--data-dir", str(root), "--img-size", "32",
+        assert main(["train", "--data", "imagefolder", "--data-dir", "data", "--img-size", "32",
                      "--batch-size", "4", "--epochs", "1", "--randaugment", "2,15", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "imagefolder" and summary["skipped_files"] == 2
-    assert load_checkpoint(out / "last").meta["pretrained_cfg"]["label_names"] == ["bird", "cat", "dog"]
+    meta = load_checkpoint(out / "last").meta
+    assert meta["pretrained_cfg"]["label_names"] == ["bird", "cat", "dog"] and meta["data_dir"] == str(root)
 
 
 def test_train_on_cifar10(tmp_path):

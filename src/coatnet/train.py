@@ -386,6 +386,9 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
     """
     if config.img_size is None:
         config = replace(config, img_size=model_img_size(config.model))
+    if not resume and config.data_dir is not None and os.path.exists(config.data_dir):
+        # recorded absolute: eval and --resume find the same folder from any working directory
+        config = replace(config, data_dir=os.path.abspath(config.data_dir))
     d = setup_distributed(config.device, config.fsdp)
     try:
         ckpt = _resume_checkpoint(resume, output_dir)
@@ -594,6 +597,12 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         _log(d, f"note: checkpoint written by {len(s['rng'])} process(es), resumed by {d.world_size}: "
                 f"random draws will differ from an uninterrupted run")
     _log(d, f"resumed {ckpt.path} at epoch {run.state.epoch + 1}, step {run.state.step}")
+    last = run.run_dir / "last"
+    if last.exists() and last.resolve() != ckpt.path.resolve():  # e.g. --resume RUN/best
+        later = read_model_meta(last)[1].get("step", 0)
+        if later > run.state.step:
+            _log(d, f"note: the run's last checkpoint is at step {later}; going on from step {run.state.step} "
+                    f"replaces it and drops its later epochs from metrics.jsonl as this run saves")
 
 
 def _resumed_progress(saved: dict, d: Dist) -> dict:
