@@ -105,8 +105,8 @@ def profile(case: str, job: bench.Job) -> None:
     print(f"self time by kind, ms a call ({calls} calls profiled, {profiled:.0f} ms a call with the profiler on):")
     for name, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
         print(f"  {name:40s} {ms:7.1f}  {ms / profiled:4.0%}")
-    print(f"matrix products: {flop / products / 1e9:.0f} GFLOP/s ({flop / products / peak:.0%} of the matmul, all of the "
-          f"call's FLOPs counted as theirs)")
+    print(f"matrix products: {flop / products / 1e9:.0f} GFLOP/s ({flop / products / peak:.0%} of the matmul, "
+          f"all of the call's FLOPs counted as theirs)")
     print(f"roofline: every product at the matmul's rate, the rest as measured: {flop / bound * 1e3:.0f} ms a call, "
           f"{bound / peak:.0%} of the matmul (measured {flop / wall / peak:.0%})")
     print("top operators (ms a call, input shapes):")
