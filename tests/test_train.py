@@ -313,7 +313,7 @@ def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path
     shutil.copytree(out / "last", out / "ckpt-keep-epoch2")
     (out / "ckpt-notes").mkdir()
     (out / "ckpt-notes" / "README.txt").write_text("mine")
-    run_cli("train", "--resume", "--output-dir", str(out), "--epochs", "3")
+    assert main(["train", "--resume", "--output-dir", str(out), "--epochs", "3"]) == 0
     assert (out / "ckpt-notes" / "README.txt").read_text() == "mine" and (out / "ckpt-keep-epoch2").is_dir()
     assert sum(bool(re.fullmatch(r"ckpt-\d{8}(\.\d+)?", p.name)) for p in out.iterdir()) <= 2  # still pruned
 
