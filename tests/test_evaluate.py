@@ -314,3 +314,26 @@ def test_a_non_square_model_predicts_on_its_own_input_size(tmp_path, capsys):
     assert predicted["probability"] == pytest.approx(probs.max().item(), rel=1e-5)
     one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", "digits"],
                    "takes 32x64 images and the evaluation data sets are square: pass --img-size SIDE")
+
+
+def test_a_grey_model_predicts_on_grey_images(tmp_path, capsys):
+    """A 1-channel model (create_model(in_chans=1)) gets each image as grey, normalised by the
+    weights' mean and std averaged, in predict and in data_transforms, whatever the file's mode."""
+    import coatnet
+
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=10, in_chans=1, img_size=32).eval()
+    folder = model.save_pretrained(tmp_path / "grey")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(folder), str(image), "--json", "--top-k", "1"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]
+    x = coatnet.data_transforms(model)(Image.open(image))
+    grey = torch.from_numpy(np.asarray(Image.open(image).convert("L").resize((32, 32), Image.BILINEAR)))
+    mean, std = sum(model.pretrained_cfg.mean) / 3, sum(model.pretrained_cfg.std) / 3
+    torch.testing.assert_close(x[0], (grey / 255 - mean) / std, atol=0.05, rtol=0)  # PIL's resize vs torchvision's
+    with torch.inference_mode():
+        probs = model(x[None]).softmax(1)[0]
+    assert predicted["probability"] == pytest.approx(probs.max().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="models of 1 or 3 input channels, not 4; prepare 4-channel inputs"):
+        coatnet.data_transforms(coatnet.create_model("coatnet_pico", in_chans=4, img_size=32))

@@ -95,6 +95,34 @@ def test_a_save_pretrained_folder_on_the_hub(hub):
     assert_same_outputs(coatnet.create_model("coatnet_pico", pretrained="hf-hub:me/pico", img_size=SIZE), model)
 
 
+def test_a_hub_repository_as_the_model_name(hub):
+    """timm's ``create_model("hf-hub:ORG/NAME", pretrained=...)``: the network its config.json names,
+    with its weights, or freshly initialised with its classes; options apply as to any name."""
+    theirs = timm_nano(num_classes=10)
+    timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)
+    name = "hf-hub:timm/coatnet_nano_rw_224.sw_in1k"
+    assert_same_outputs(coatnet.create_model(name, pretrained=True), theirs)
+    fresh = coatnet.create_model(name, img_size=SIZE)
+    assert fresh.config.name == "coatnet_nano_rw" and fresh.num_classes == 10
+    assert not torch.equal(fresh.state_dict()["stem.0.0.weight"], theirs.state_dict()["stem.conv1.weight"])
+    features = coatnet.create_model(name, pretrained=True, features_only=True, out_indices=(-1,))
+    assert [f.shape[1] for f in features(torch.randn(1, 3, SIZE, SIZE))] == [512]
+    with pytest.warns(UserWarning, match="classifier"):
+        assert coatnet.create_model(name, pretrained=True, num_classes=3).num_classes == 3
+
+
+def test_a_save_pretrained_folder_on_the_hub_as_the_model_name(hub):
+    """Our folder keeps its whole config (classes, size), not the registered network's defaults."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7, img_size=SIZE))
+    model.save_pretrained(hub("me/pico"))
+    assert_same_outputs(coatnet.create_model("hf-hub:me/pico", pretrained=True), model)
+    fresh = coatnet.create_model("hf-hub:me/pico@main", drop_path_rate=0.3)
+    assert fresh.config == model.config.__class__.from_dict(model.config.to_dict() | {"drop_path_rate": 0.3})
+    with pytest.raises(ValueError, match="takes its weights from that repository: pass pretrained=True or False"):
+        coatnet.create_model("hf-hub:me/pico", pretrained="weights.safetensors")
+
+
 @pytest.mark.parametrize("name,pretrained,message", [
     ("coatnet_0_rw_224.sw_in1k", True, "timm/coatnet_0_rw_224.sw_in1k is not in the Hugging Face cache "),
     ("coatnet_0_rw_224", True, "download it with `hf download timm/coatnet_0_rw_224.sw_in1k`, or unset HF_HUB_OFFLINE"),
@@ -144,7 +172,8 @@ def test_a_broken_config_json_is_one_line_naming_it(hub, config, message):
 
 def test_timm_weights_without_a_config_need_a_name(hub):
     save_file(timm_nano().state_dict(), str(hub("me/bare") / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"no config.json naming timm's architecture; load them with create_model"):
+    with pytest.raises(ValueError, match=r"me/bare has no config.json naming timm's architecture .*"
+                                         r"create_model\(NAME, pretrained='hf-hub:me/bare'\)"):
         coatnet.from_pretrained("hf-hub:me/bare")
 
 

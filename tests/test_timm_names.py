@@ -24,6 +24,25 @@ def test_timm_names_build_our_networks(timm_name, ours, img_size):
     assert model.config == reference.config
 
 
+@pytest.mark.parametrize("name,classes", [("coatnet_3_rw_224", 11821), ("coatnet_2_rw_224.sw_in12k", 11821),
+                                          ("coatnet_2_rw_224", 1000), ("coatnet_rmlp_2_rw_224.sw_in12k_ft_in1k", 1000),
+                                          ("coatnet_3_rw", 1000)])
+def test_a_timm_name_has_the_classes_of_its_weights(name, classes):
+    """As in timm: the classifier of the tag's weights (the default tag's for a name without one),
+    so that timm's weights load into create_model(name) as built; our own names keep 1000."""
+    with torch.device("meta"):
+        assert coatnet.create_model(name).num_classes == classes
+        assert coatnet.create_model(name, num_classes=5).num_classes == 5
+
+
+def test_every_published_name_has_timms_classes():
+    timm = pytest.importorskip("timm")
+    published = timm.list_pretrained("coatnet*")
+    for name in published + sorted({n.partition(".")[0] for n in published}):  # a name without a tag: the default
+        with torch.device("meta"):
+            assert coatnet.create_model(name).num_classes == timm.models.get_pretrained_cfg(name).num_classes, name
+
+
 def test_list_models_shows_timm_names_with_their_tags():
     names = coatnet.list_models(aliases=True)
     assert {"coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k", "coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k",

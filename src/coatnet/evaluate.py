@@ -149,7 +149,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{ckpt.path} has no classifier (0 classes): there is nothing to predict; give a "
                          f"checkpoint of a classifier")
     classes = [printable(str(c)) for c in class_names(model)]
-    transform = eval_transform(_img_size(args, model), model.pretrained_cfg)
+    transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
     loaded, errors = [], []
     for path in args.images:  # every file read before any output, so that the results print in one piece
         try:

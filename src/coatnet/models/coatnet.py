@@ -829,7 +829,7 @@ def _paper_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...],
                          drop_path_rate=drop_path_rate)
 
 
-def _build(config: CoAtNetConfig, **overrides) -> CoAtNet:
+def build_model(config: CoAtNetConfig, **overrides) -> CoAtNet:
     """Build ``config`` with fields overridden by keyword; None leaves a field as it is.
 
     A part of the network (stem, mbconv, transformer, head) is overridden field by field with a
@@ -861,7 +861,7 @@ def coatnet_0(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.2 (Table 10). ``mbconv=dict(stride_on="depthwise")`` gives the Table 9 variant (4.6B).
     """
-    return _build(_paper_config("coatnet_0", (2, 3, 5, 2), (64, 96, 192, 384, 768), drop_path_rate=0.2), **kwargs)
+    return build_model(_paper_config("coatnet_0", (2, 3, 5, 2), (64, 96, 192, 384, 768), drop_path_rate=0.2), **kwargs)
 
 
 @register_model(_paper(42e6, f224=8.4e9, f384=27.4e9))
@@ -870,7 +870,7 @@ def coatnet_1(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.3 (Table 10).
     """
-    return _build(_paper_config("coatnet_1", (2, 6, 14, 2), (64, 96, 192, 384, 768), drop_path_rate=0.3), **kwargs)
+    return build_model(_paper_config("coatnet_1", (2, 6, 14, 2), (64, 96, 192, 384, 768), drop_path_rate=0.3), **kwargs)
 
 
 @register_model(_paper(75e6, f224=15.7e9, f384=49.8e9, f512=96.7e9))
@@ -879,7 +879,7 @@ def coatnet_2(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.5 (Table 10).
     """
-    return _build(_paper_config("coatnet_2", (2, 6, 14, 2), (128, 128, 256, 512, 1024), drop_path_rate=0.5),
+    return build_model(_paper_config("coatnet_2", (2, 6, 14, 2), (128, 128, 256, 512, 1024), drop_path_rate=0.5),
                   **kwargs)
 
 
@@ -889,7 +889,7 @@ def coatnet_3(**kwargs) -> CoAtNet:
 
     Stochastic depth 0.7 (Table 10).
     """
-    return _build(_paper_config("coatnet_3", (2, 6, 14, 2), (192, 192, 384, 768, 1536), drop_path_rate=0.7),
+    return build_model(_paper_config("coatnet_3", (2, 6, 14, 2), (192, 192, 384, 768, 1536), drop_path_rate=0.7),
                   **kwargs)
 
 
@@ -899,13 +899,13 @@ def coatnet_4(**kwargs) -> CoAtNet:
 
     The paper trains it on ImageNet-21K/JFT and gives no ImageNet-1K stochastic-depth rate: 0 here.
     """
-    return _build(_paper_config("coatnet_4", (2, 12, 28, 2), (192, 192, 384, 768, 1536)), **kwargs)
+    return build_model(_paper_config("coatnet_4", (2, 12, 28, 2), (192, 192, 384, 768, 1536)), **kwargs)
 
 
 @register_model(_paper(688e6, f512=812e9))
 def coatnet_5(**kwargs) -> CoAtNet:
     """CoAtNet-5 (Table 3): L=2,2,12,28,2, D=192,256,512,1280,2048, head size 64; 688M params."""
-    return _build(_paper_config("coatnet_5", (2, 12, 28, 2), (192, 256, 512, 1280, 2048), head_size=64), **kwargs)
+    return build_model(_paper_config("coatnet_5", (2, 12, 28, 2), (192, 256, 512, 1280, 2048), head_size=64), **kwargs)
 
 
 def _split_s3_config(name: str, channels: tuple[int, int, int, int, int, int]) -> CoAtNetConfig:
@@ -923,7 +923,7 @@ def coatnet_6(**kwargs) -> CoAtNet:
 
     Head size 128; 1.47B params reported.
     """
-    return _build(_split_s3_config("coatnet_6", (192, 192, 384, 768, 1536, 2048)), **kwargs)
+    return build_model(_split_s3_config("coatnet_6", (192, 192, 384, 768, 1536, 2048)), **kwargs)
 
 
 @register_model(_paper(2.44e9, f512=2586e9))
@@ -932,7 +932,7 @@ def coatnet_7(**kwargs) -> CoAtNet:
 
     Head size 128; 2.44B params reported.
     """
-    return _build(_split_s3_config("coatnet_7", (192, 256, 512, 1024, 2048, 3072)), **kwargs)
+    return build_model(_split_s3_config("coatnet_7", (192, 256, 512, 1024, 2048, 3072)), **kwargs)
 
 
 # The controlled study of Section 2.2 (Figure 1): five layouts "of similar parameter count and
@@ -950,32 +950,32 @@ _STUDY_WIDTHS = (64, 96, 192, 384, 768)
 def vit_rel(**kwargs) -> CoAtNet:
     """VIT_REL (Section 2.2): ViT stem (16x16 patches), then 14 TFM_Rel blocks at width 384."""
     stages = (StageConfig("transformer", 14, 384, stride=1),)
-    return _build(CoAtNetConfig(name="vit_rel", stem=StemConfig(384, kind="patch", stride=16), stages=stages,
+    return build_model(CoAtNetConfig(name="vit_rel", stem=StemConfig(384, kind="patch", stride=16), stages=stages,
                                 head=HeadConfig(384)), **kwargs)
 
 
 @register_model()
 def c_c_c_c(**kwargs) -> CoAtNet:
     """C-C-C-C (Section 2.2): MBConv in S1..S4, depths 2, 3, 7, 2 at CoAtNet-0's widths."""
-    return _build(_paper_config("c_c_c_c", (2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCC"), **kwargs)
+    return build_model(_paper_config("c_c_c_c", (2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCC"), **kwargs)
 
 
 @register_model()
 def c_c_c_t(**kwargs) -> CoAtNet:
     """C-C-C-T (Section 2.2): MBConv in S1..S3, Transformer in S4, depths 2, 3, 7, 2."""
-    return _build(_paper_config("c_c_c_t", (2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCT"), **kwargs)
+    return build_model(_paper_config("c_c_c_t", (2, 3, 7, 2), _STUDY_WIDTHS, layout="CCCT"), **kwargs)
 
 
 @register_model()
 def c_c_t_t(**kwargs) -> CoAtNet:
     """C-C-T-T (Section 2.2): CoAtNet-0's network, without stochastic depth."""
-    return _build(_paper_config("c_c_t_t", (2, 3, 5, 2), _STUDY_WIDTHS, layout="CCTT"), **kwargs)
+    return build_model(_paper_config("c_c_t_t", (2, 3, 5, 2), _STUDY_WIDTHS, layout="CCTT"), **kwargs)
 
 
 @register_model()
 def c_t_t_t(**kwargs) -> CoAtNet:
     """C-T-T-T (Section 2.2): MBConv in S1, Transformer in S2..S4, depths 2, 3, 5, 2."""
-    return _build(_paper_config("c_t_t_t", (2, 3, 5, 2), _STUDY_WIDTHS, layout="CTTT"), **kwargs)
+    return build_model(_paper_config("c_t_t_t", (2, 3, 5, 2), _STUDY_WIDTHS, layout="CTTT"), **kwargs)
 
 
 # Small models for CPU work and small images: ours, not the paper's. The stem keeps full
@@ -991,13 +991,13 @@ def _small_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...])
 @register_model()
 def coatnet_pico(**kwargs) -> CoAtNet:
     """Ours, not the paper's: C-C-T-T, L=1,1,1,2,1, D=16,32,64,128,256, stride-1 stem, 32x32 input (1.4M)."""
-    return _build(_small_config("coatnet_pico", (1, 1, 2, 1), (16, 32, 64, 128, 256)), **kwargs)
+    return build_model(_small_config("coatnet_pico", (1, 1, 2, 1), (16, 32, 64, 128, 256)), **kwargs)
 
 
 @register_model()
 def coatnet_nano(**kwargs) -> CoAtNet:
     """Ours, not the paper's: C-C-T-T, L=2,2,2,3,2, D=32,48,96,192,384, stride-1 stem, 32x32 input (5.3M)."""
-    return _build(_small_config("coatnet_nano", (2, 2, 3, 2), (32, 48, 96, 192, 384)), **kwargs)
+    return build_model(_small_config("coatnet_nano", (2, 2, 3, 2), (32, 48, 96, 192, 384)), **kwargs)
 
 
 # timm's "rw" variants: not the paper's configurations but Ross Wightman's, trained for timm before
@@ -1031,7 +1031,7 @@ def _timm_rw_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...
 @register_model()
 def coatnet_nano_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_nano_rw_224, not the paper's: L=3,4,6,3, D=64..512; MBConv strides by pooling."""
-    return _build(_timm_rw_config("coatnet_nano_rw", (3, 4, 6, 3), _RW_NANO,
+    return build_model(_timm_rw_config("coatnet_nano_rw", (3, 4, 6, 3), _RW_NANO,
                                   mbconv=dict(stride_on="pool", **_RW_MAX_STYLE)), **kwargs)
 
 
@@ -1039,7 +1039,7 @@ def coatnet_nano_rw(**kwargs) -> CoAtNet:
 def coatnet_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_0_rw_224, not the paper's CoAtNet-0: L=2,3,7,2 (deeper S3), D=96..768; MBConv
     strides by pooling, SE before the depthwise BatchNorm; no bias on the Transformer shortcut."""
-    return _build(_timm_rw_config("coatnet_0_rw", (2, 3, 7, 2), _RW_0,
+    return build_model(_timm_rw_config("coatnet_0_rw", (2, 3, 7, 2), _RW_0,
                                   mbconv=dict(stride_on="pool", se_before_norm=True),
                                   transformer=dict(shortcut_bias=False)), **kwargs)
 
@@ -1048,14 +1048,14 @@ def coatnet_0_rw(**kwargs) -> CoAtNet:
 def coatnet_1_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_1_rw_224, not the paper's CoAtNet-1: L=2,6,14,2, D=96..768; SE before the
     depthwise BatchNorm; no bias on the Transformer shortcut."""
-    return _build(_timm_rw_config("coatnet_1_rw", (2, 6, 14, 2), _RW_0, mbconv=dict(se_before_norm=True),
+    return build_model(_timm_rw_config("coatnet_1_rw", (2, 6, 14, 2), _RW_0, mbconv=dict(se_before_norm=True),
                                   transformer=dict(shortcut_bias=False)), **kwargs)
 
 
 @register_model()
 def coatnet_2_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_2_rw_224, not the paper's CoAtNet-2: L=2,6,14,2, D=128..1024, stem 64/128; SiLU in SE."""
-    return _build(_timm_rw_config("coatnet_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
+    return build_model(_timm_rw_config("coatnet_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
                                   mbconv=dict(se_activation="silu")), **kwargs)
 
 
@@ -1063,7 +1063,7 @@ def coatnet_2_rw(**kwargs) -> CoAtNet:
 def coatnet_3_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_3_rw_224, not the paper's CoAtNet-3: L=2,6,14,2, D=192..1536, stem 96/192; SiLU
     in SE, layer scale 1e-6 on the Transformer branches."""
-    return _build(_timm_rw_config("coatnet_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
+    return build_model(_timm_rw_config("coatnet_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
                                   mbconv=dict(se_activation="silu"), transformer=dict(layer_scale_init=1e-6)),
                   **kwargs)
 
@@ -1074,13 +1074,13 @@ def coatnet_bn_0_rw(**kwargs) -> CoAtNet:
     BatchNorm instead of LayerNorm in the Transformer blocks and the head."""
     config = _timm_rw_config("coatnet_bn_0_rw", (2, 3, 7, 2), _RW_0, mbconv=dict(se_before_norm=True),
                              transformer=dict(shortcut_bias=False, norm="batchnorm"))
-    return _build(replace(config, head=replace(_RW_HEAD, norm="batchnorm")), **kwargs)
+    return build_model(replace(config, head=replace(_RW_HEAD, norm="batchnorm")), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_nano_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_nano_rw_224: L=3,4,6,3, D=64..512, MLP relative position bias (width 384)."""
-    return _build(_timm_rw_config("coatnet_rmlp_nano_rw", (3, 4, 6, 3), _RW_NANO, mbconv=_RW_MAX_STYLE,
+    return build_model(_timm_rw_config("coatnet_rmlp_nano_rw", (3, 4, 6, 3), _RW_NANO, mbconv=_RW_MAX_STYLE,
                                   transformer=dict(relative_position="mlp", relative_position_mlp_width=384)),
                   **kwargs)
 
@@ -1088,7 +1088,7 @@ def coatnet_rmlp_nano_rw(**kwargs) -> CoAtNet:
 @register_model()
 def coatnet_rmlp_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_0_rw_224 (no published weights): coatnet_0_rw's depths, MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_0_rw", (2, 3, 7, 2), _RW_0,
+    return build_model(_timm_rw_config("coatnet_rmlp_0_rw", (2, 3, 7, 2), _RW_0,
                                   transformer=dict(relative_position="mlp")), **kwargs)
 
 
@@ -1096,7 +1096,7 @@ def coatnet_rmlp_0_rw(**kwargs) -> CoAtNet:
 def coatnet_rmlp_1_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_1_rw_224: L=2,6,14,2, D=96..768; MBConv strides by pooling, 3x3 max Pool on
     the shortcuts and in attention, SE before the depthwise BatchNorm, MLP relative position bias (384)."""
-    return _build(_timm_rw_config("coatnet_rmlp_1_rw", (2, 6, 14, 2), _RW_0,
+    return build_model(_timm_rw_config("coatnet_rmlp_1_rw", (2, 6, 14, 2), _RW_0,
                                   mbconv=dict(stride_on="pool", pool="max3x3", se_before_norm=True),
                                   transformer=dict(pool="max3x3", shortcut_bias=False, relative_position="mlp",
                                                    relative_position_mlp_width=384)), **kwargs)
@@ -1105,7 +1105,7 @@ def coatnet_rmlp_1_rw(**kwargs) -> CoAtNet:
 @register_model()
 def coatnet_rmlp_1_rw2(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_1_rw2_224: L=2,6,14,2, D=96..768, MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_1_rw2", (2, 6, 14, 2), _RW_0,
+    return build_model(_timm_rw_config("coatnet_rmlp_1_rw2", (2, 6, 14, 2), _RW_0,
                                   transformer=dict(relative_position="mlp")), **kwargs)
 
 
@@ -1113,7 +1113,7 @@ def coatnet_rmlp_1_rw2(**kwargs) -> CoAtNet:
 def coatnet_rmlp_2_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_2_rw_224 (and _384 at img_size=384): coatnet_2_rw with layer scale 1e-6
     and the MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
+    return build_model(_timm_rw_config("coatnet_rmlp_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
                                   mbconv=dict(se_activation="silu"),
                                   transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
 
@@ -1121,7 +1121,7 @@ def coatnet_rmlp_2_rw(**kwargs) -> CoAtNet:
 @register_model()
 def coatnet_rmlp_3_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_3_rw_224 (no published weights): coatnet_3_rw with the MLP relative position bias."""
-    return _build(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
+    return build_model(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
                                   mbconv=dict(se_activation="silu"),
                                   transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor
+from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
-from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference
+from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference, repository_config
 from .preprocessing import PretrainedCfg
 from .registry import model_entry
 from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
@@ -49,10 +49,18 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     list of NCHW maps after the stages in ``out_indices`` (default S1..S4; as in timm, an int n
     takes the last n and negative indices count from the end), with
     ``feature_info.channels()`` and ``.reduction()``.
+
+    ``name`` may be a Hub repository too, as in timm: ``"hf-hub:ORG/NAME"`` (``@REVISION``
+    optional) is the network its ``config.json`` describes (timm's architecture, or a
+    ``save_pretrained`` folder's config), with the repository's weights when ``pretrained=True``.
     """
-    entry = model_entry(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
+    if name.startswith(HUB_PREFIX):
+        model = _hub_model(name, pretrained, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                           drop_path_rate=drop_path_rate, **kwargs)
+        return FeatureExtractor(model, out_indices) if features_only else model
+    entry = model_entry(name)
     if pretrained is None or (type(pretrained) in (bool, int) and not pretrained):  # timm's False: random weights
         weights = None
     else:
@@ -64,6 +72,34 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     if weights is not None:
         load_pretrained(model, weights, entry.name)
     return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def _hub_model(name: str, pretrained, **options) -> CoAtNet:
+    """``create_model("hf-hub:ORG/NAME", pretrained=...)``: the network the repository's ``config.json``
+    describes, with the repository's weights (``pretrained=True``) or freshly initialised (``False``)."""
+    if not (pretrained is None or type(pretrained) in (bool, int)):
+        raise ValueError(f"the model {name!r} takes its weights from that repository: pass pretrained=True or "
+                         f"False; for other weights, name its network and pass pretrained=PATH")
+    repo = hub_repository(name, "")
+    fetched = fetch(*repo) if pretrained else None
+    meta = hub_config(fetched) if fetched else repository_config(*repo)
+    if "model" in meta and "config" in meta:  # a save_pretrained folder: its own config, whole
+        try:
+            config = CoAtNetConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ModelFolderError(f"the config.json of {repo[0]} has no usable model config ({e})") from None
+        model = build_model(config, **options)
+        return load_pretrained(model, _read_weights(fetched, config.name, True), config.name) if fetched else model
+    architecture = meta.get("architecture")
+    if not isinstance(architecture, str):
+        raise ValueError(f"{repo[0]} has no config.json naming timm's architecture (or holding a save_pretrained "
+                         f"config); load its weights into a named network: create_model(NAME, pretrained={name!r})")
+    if not fetched:  # timm's architecture with the repository's classes, freshly initialised
+        classes = meta.get("num_classes") if options["num_classes"] is None else options["num_classes"]
+        return create_model(architecture, **options | {"num_classes": classes})
+    weights = _read_weights(fetched, architecture, from_hub=True)
+    return create_model(architecture, pretrained=weights,
+                        **options | {"img_size": options["img_size"] or timm_img_size(weights.state)})
 
 
 @dataclass(frozen=True)
@@ -106,21 +142,8 @@ def from_pretrained(path: str | Path) -> CoAtNet:
     ``create_model(name, pretrained=FILE)``.
     """
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
-        path = fetch(*hub_repository(path, ""))
-        if path.is_file():
-            return timm_model(path)
+        return create_model(path, pretrained=True).eval()
     return model_from_folder(read_model_folder(path))
-
-
-def timm_model(weights: Path) -> CoAtNet:
-    """timm's weights fetched from the Hub, in the network they fit: the architecture their
-    ``config.json`` names, at the resolution of their tables and with their classifier."""
-    architecture = hub_config(weights).get("architecture")
-    if not isinstance(architecture, str):
-        raise ValueError(f"{str(weights.parent)!r} holds weights but no config.json naming timm's architecture; "
-                         f"load them with create_model(NAME, pretrained='hf-hub:ORG/NAME')")
-    read = _read_weights(weights, architecture, from_hub=True)
-    return create_model(architecture, pretrained=read, img_size=timm_img_size(read.state)).eval()
 
 
 def model_from_folder(folder: ModelFolder) -> CoAtNet:

@@ -56,9 +56,18 @@ def fetch(repo: str, revision: str | None = None) -> Path:
     raise ValueError(_missing(repo, revision))
 
 
-def hub_config(weights: Path) -> dict:
-    """timm's ``config.json`` beside fetched weights (it names the architecture); {} when there is none."""
-    config = weights.parent / CONFIG
+def repository_config(repo: str, revision: str | None = None) -> dict:
+    """The repository's ``config.json`` alone (it names the network), without its weights."""
+    config = _fetch(repo, revision, CONFIG)
+    if config is None:
+        raise ValueError(_missing(repo, revision))
+    return _read_config(config)
+
+
+def hub_config(fetched: Path) -> dict:
+    """The ``config.json`` of what :func:`fetch` gave (beside timm's weights, naming the architecture,
+    or in a ``save_pretrained`` folder); {} when there is none."""
+    config = (fetched if fetched.is_dir() else fetched.parent) / CONFIG
     return _read_config(config) if config.is_file() else {}
 
 

@@ -127,27 +127,39 @@ def _interpolation(cfg: PretrainedCfg) -> v2.InterpolationMode:
     return v2.InterpolationMode(cfg.interpolation)
 
 
-def normalize(cfg: PretrainedCfg) -> list[v2.Transform]:
-    """The common tail: uint8 image -> float32 plain tensor, scaled by the weights' mean and std."""
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std)), v2.ToPureTensor()]
+def normalize(cfg: PretrainedCfg, in_chans: int = 3) -> list[v2.Transform]:
+    """The common tail: uint8 image -> float32 plain tensor, scaled by the weights' mean and std (for a
+    grey model, their averages: its input conv holds the RGB filters summed, ``fit_input_channels``)."""
+    mean, std = (cfg.mean, cfg.std) if in_chans == 3 else ((sum(cfg.mean) / 3,), (sum(cfg.std) / 3,))
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
 
 
-def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg) -> v2.Compose:
-    """Resize, centre crop and normalise an image (PIL or tensor, any size, grey or colour) as ``cfg`` says."""
+def _colour(in_chans: int) -> v2.Transform:
+    """Any image (grey, RGB, RGBA, palette) to the model's channels: RGB, or grey for a 1-channel model."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"images are prepared for models of 1 or 3 input channels, not {in_chans}; "
+                         f"prepare {in_chans}-channel inputs with your own transform")
+    return v2.RGB() if in_chans == 3 else v2.Grayscale(1)
+
+
+def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans: int = 3) -> v2.Compose:
+    """Resize, centre crop and normalise an image (PIL or tensor, any size, grey or colour) as ``cfg``
+    says, into ``in_chans`` channels."""
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     scaled = (int(height / cfg.crop_pct), int(width / cfg.crop_pct))
     # "center": the shorter side to its share of the crop, aspect kept; "squash": both sides.
     resize = v2.Resize(scaled if cfg.crop_mode == "squash" or height != width else scaled[0],
                        interpolation=_interpolation(cfg), antialias=True)
-    return v2.Compose([v2.ToImage(), v2.RGB(), resize, v2.CenterCrop((height, width)), *normalize(cfg)])
+    return v2.Compose([v2.ToImage(), _colour(in_chans), resize, v2.CenterCrop((height, width)),
+                       *normalize(cfg, in_chans)])
 
 
 def train_transform(img_size: int, cfg: PretrainedCfg, hflip: bool = True,
-                    randaugment: tuple[int, int] | None = None) -> v2.Compose:
+                    randaugment: tuple[int, int] | None = None, in_chans: int = 3) -> v2.Compose:
     """The training transform of ImageNet-style data: random resized crop, flip, RandAugment (Table 10)."""
-    return v2.Compose([v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(img_size, interpolation=_interpolation(cfg),
-                                                                  antialias=True),
-                       *augment(hflip, randaugment), *normalize(cfg)])
+    return v2.Compose([v2.ToImage(), _colour(in_chans), v2.RandomResizedCrop(img_size, interpolation=_interpolation(cfg),
+                                                                           antialias=True),
+                       *augment(hflip, randaugment), *normalize(cfg, in_chans)])
 
 
 def augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transform]:
@@ -161,7 +173,7 @@ def data_transforms(model: nn.Module, training: bool = False) -> v2.Compose:
     """The torchvision transform that prepares images for ``model`` as its weights expect (timm's
     ``create_transform(**resolve_data_config(model=model))``): evaluation by default, or with
     ``training`` the random resized crop and flip of fine-tuning, at the model's input size."""
-    size = model.config.img_size
+    size, channels = model.config.img_size, model.config.in_chans
     if training:
-        return train_transform(size[0] if size[0] == size[1] else size, model.pretrained_cfg)
-    return eval_transform(size, model.pretrained_cfg)
+        return train_transform(size[0] if size[0] == size[1] else size, model.pretrained_cfg, in_chans=channels)
+    return eval_transform(size, model.pretrained_cfg, channels)

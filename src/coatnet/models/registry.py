@@ -41,6 +41,10 @@ class _Alias:
     tags: tuple[str, ...]  # of the weights published under this name
 
 
+# Classes of the weights published under a tag, where not ImageNet-1k's 1000: a timm name with such a
+# tag (or whose default tag it is, e.g. coatnet_3_rw_224) is built with their classifier, as in timm.
+TAG_CLASSES = {"sw_in12k": 11821}  # the ImageNet-12k subset timm trains on
+
 _REGISTRY: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, _Alias] = {}
 
@@ -89,4 +93,6 @@ def model_entry(name: str) -> ModelEntry:
     if tag and tag not in alias.tags:
         published = ", ".join(alias.tags) or "none"
         raise ValueError(f"unknown pretrained tag {tag!r} for {base}; tags published for it: {published}")
-    return replace(_REGISTRY[alias.target], defaults=alias.defaults, tag=tag or None)
+    classes = TAG_CLASSES.get(tag or next(iter(alias.tags), ""))
+    defaults = alias.defaults | ({"num_classes": classes} if classes else {})
+    return replace(_REGISTRY[alias.target], defaults=defaults, tag=tag or None)
