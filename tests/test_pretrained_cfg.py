@@ -201,6 +201,7 @@ def test_finetune_on_a_folder_of_photos_from_timm_weights(timm_file, tmp_path, c
 @pytest.mark.parametrize("argv,message", [
     (["--pretrained", "w.pth", "--resume"], "--pretrained starts a new run from weights and --resume continues"),
     (["--pretrained", ""], "--pretrained was given an empty path"),
+    (["--model", "hf-hub:me/w"], "--model takes a model name (see `coatnet info`), not hf-hub:me/w; to start from"),
 ])
 def test_pretrained_misuse_is_one_line(tmp_path, capsys, argv, message):
     assert main(["train", *argv, "--output-dir", str(tmp_path / "run")]) == 2

@@ -102,6 +102,9 @@ class TrainConfig:
         check_fields(self, label=flag)
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
+        if self.model.startswith("hf-hub:"):
+            raise ValueError(f"--model takes a model name (see `coatnet info`), not {self.model}; to start from a "
+                             f"Hub repository's weights, give it to --pretrained, with --model naming its network")
         if self.pretrained == "":
             raise ValueError("--pretrained was given an empty path; give weights (a file, a folder or "
                              "hf-hub:ORG/NAME), or --pretrained alone for timm's weights of --model")
