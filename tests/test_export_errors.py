@@ -38,6 +38,30 @@ def test_output_that_is_a_folder(folder, tmp_path, capsys, format, suffix):
     assert tree(tmp_path) == before  # the folder as it was, no temporary file beside it
 
 
+def test_an_existing_output_is_replaced_only_with_overwrite(folder, tmp_path, capsys):
+    """Nothing already written is lost: not a user's file, not the checkpoint's own weights."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    weights = folder / "model.safetensors"
+    for existing in (notes, weights):
+        before = existing.read_bytes()
+        refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(existing)],
+                f"output '{existing}' exists; give another path, or --overwrite to replace it")
+        assert existing.read_bytes() == before
+    assert main(["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(notes),
+                 "--overwrite"]) == 0
+    assert torch.jit.load(str(notes)) is not None and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_output_under_a_file(folder, tmp_path, capsys):
+    (tmp_path / "m.onnx").write_bytes(b"an earlier export")
+    before = tree(tmp_path)
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "onnx", "--output",
+                     str(tmp_path / "m.onnx" / "sub.onnx")],
+            f"'{tmp_path / 'm.onnx'}' is a file, so it cannot hold '{tmp_path / 'm.onnx' / 'sub.onnx'}'")
+    assert tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--img-size", "100000", "image size 100000 is out of range; give a multiple of the model's stride 16 from 16 "
                              "to 4096"),

@@ -38,6 +38,26 @@ def test_save_pretrained_round_trips_exactly(pico, tmp_path):
         assert torch.equal(pico(x), loaded(x))
 
 
+def test_a_hand_replaced_classifier_is_refused_on_save_and_on_load(tmp_path):
+    """model.classifier = Linear(..., 5) leaves model.config at 10 classes: saving it would write a
+    folder that loads with a random 10-class head. Refused; and such a folder is refused on reading."""
+    model = coatnet.create_model("coatnet_pico", num_classes=10)
+    model.classifier = torch.nn.Linear(model.head_hidden_size, 5)
+    with pytest.raises(ValueError, match=r"do not fit model.config \(classifier.bias, classifier.weight\).*"
+                                         r"model.reset_classifier\(N\)"):
+        model.save_pretrained(tmp_path / "replaced")
+    assert not (tmp_path / "replaced").exists()
+    model.reset_classifier(5)
+    folder = model.save_pretrained(tmp_path / "five")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["num_classes"], meta["pretrained_cfg"]["label_names"] = 9, None  # edited by hand
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as e:
+        coatnet.from_pretrained(folder)
+    assert "holds weights that do not fit its own config.json" in str(e.value) and "classifier.weight" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", timm_variants())
 def test_timm_variant_configs_round_trip_through_json(name):
     with torch.device("meta"):
@@ -102,7 +122,8 @@ def test_onnx_without_the_onnx_package_is_one_line(pico, tmp_path, monkeypatch, 
     folder = pico.save_pretrained(tmp_path / "pico")
     earlier = tmp_path / "m.onnx"
     earlier.write_bytes(b"an earlier export")
-    assert main(["export", "--checkpoint", str(folder), "--format", "onnx", "--output", str(earlier)]) == 2
+    assert main(["export", "--checkpoint", str(folder), "--format", "onnx", "--output", str(earlier),
+                 "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ONNX export needs the onnx package: pip install 'coatnet[export]'" in err
     assert earlier.read_bytes() == b"an earlier export"  # nothing already written is lost
@@ -115,6 +136,16 @@ def test_torchscript(pico, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), pico(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bfloat16_model_at_a_non_square_size(tmp_path):
+    """The example input takes the model's dtype, and the Python API takes (height, width)."""
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=7).to(torch.bfloat16).eval()
+    program = torch.export.load(str(export_model(model, "exported", tmp_path / "m.pt2", img_size=(32, 48)))).module()
+    x = torch.randn(1, 3, 32, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x))
 
 
 def test_torch_export_dynamic_batch(pico, tmp_path):

@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Checked by coatnet.export, so that a wrong format is a one-line error like any other.
     p.add_argument("--format", required=True, help="onnx, torchscript or exported")
     p.add_argument("--output", required=True, help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the checkpoint's)")
     p.add_argument("--batch-size", type=POSITIVE, default=1, help="batch size of the example input")
     p.add_argument("--dynamic-batch", action="store_true", help="let the exported graph take any batch size")

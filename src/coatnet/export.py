@@ -37,28 +37,38 @@ PREPROCESSING_KEY = "preprocessing.json"
 
 
 def export_model(model_or_path: nn.Module | str | Path, format: str, output: str | Path,
-                 img_size: int | None = None, batch_size: int = 1, dynamic_batch: bool = False) -> Path:
+                 img_size: int | tuple[int, int] | None = None, batch_size: int = 1, dynamic_batch: bool = False,
+                 overwrite: bool = False) -> Path:
     """Export a model, or the one saved in a ``save_pretrained`` folder or training checkpoint.
 
-    The example input is ``batch_size`` x C x ``img_size`` x ``img_size``; with ``dynamic_batch``
-    the ONNX and ``exported`` graphs take any batch size. Returns the path written.
+    The example input is ``batch_size`` x C x ``img_size``, a side or (height, width), in the model's
+    dtype; with ``dynamic_batch`` the ONNX and ``exported`` graphs take any batch size. An existing
+    ``output`` is replaced only with ``overwrite``. Returns the path written.
     """
     if format not in _EXPORTERS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_EXPORTERS)}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     output = Path(output)
-    if output.is_dir():  # refused before the export, which would only fail at its end, at the rename
+    # Refused before the export, which would only fail (or overwrite) at its end, at the rename.
+    if output.is_dir():
         raise ValueError(f"output {str(output)!r} is a folder; give a file path like "
                          f"{str(output / ('model' + _SUFFIXES[format]))!r}")
+    if output.exists() and not overwrite:
+        raise ValueError(f"output {str(output)!r} exists; give another path, or --overwrite to replace it")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{str(blocking)!r} is a file, so it cannot hold {str(output)!r}; give an output in a folder")
     model = model_or_path if isinstance(model_or_path, nn.Module) else from_pretrained(model_or_path)
-    config = model.config
+    height, width = model.config.img_size if img_size is None else \
+        img_size if isinstance(img_size, tuple) else (img_size, img_size)
     if img_size is not None:  # a wrong size fails here, in one line, not deep inside a tracer
-        check_img_size(model, img_size)
-    height, width = (img_size, img_size) if img_size is not None else config.img_size
+        check_img_size(model, height)
+        check_img_size(model, width)
     # torch.export fixes a dimension of size 1 to a constant: a dynamic batch needs an example of 2.
     batch = max(batch_size, 2) if dynamic_batch and format == "exported" else batch_size
-    example = torch.randn(batch, config.in_chans, height, width, device=next(model.parameters()).device)
+    weight = next(model.parameters())
+    example = torch.randn(batch, model.config.in_chans, height, width, device=weight.device, dtype=weight.dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Written in a temporary folder under its own name (TorchScript and .pt2 archives name their root
     # folder after the file) and renamed: a failed export never leaves a broken file where an earlier
@@ -137,7 +147,7 @@ def run_export(args: argparse.Namespace) -> int:
     (overridden by the flags given) recorded in it."""
     model = from_pretrained(args.checkpoint)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
-    path = export_model(model, args.format, args.output, img_size=args.img_size,
-                        batch_size=args.batch_size, dynamic_batch=args.dynamic_batch)
+    path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
+                        dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
     return 0

@@ -152,8 +152,13 @@ def model_from_folder(folder: ModelFolder) -> CoAtNet:
         config = CoAtNetConfig.from_dict(folder.meta["config"])
     except (TypeError, ValueError) as e:
         raise ModelFolderError(f"{str(folder.path / 'config.json')!r} has no usable model config ({e})") from None
-    return load_pretrained(CoAtNet(config), PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder)),
-                           config.name).eval()
+    model = CoAtNet(config)
+    model.pretrained_cfg = read_pretrained_cfg(folder)
+    try:  # the config and the weights were saved together: every weight fits, the classifier too
+        return load_weights(model, folder.eval_weights, new_classifier=False).eval()
+    except ValueError as e:
+        raise ModelFolderError(f"{str(folder.path)!r} holds weights that do not fit its own config.json ({e}); "
+                               f"it was edited or written by hand: use another checkpoint") from None
 
 
 def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str) -> nn.Module:
@@ -213,14 +218,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> nn.Module:
-    """Load weights into ``model`` strictly, naming every mismatched key in a one-line ValueError.
+def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
+                 new_classifier: bool = True) -> nn.Module:
+    """Load weights into ``model`` strictly, naming every mismatched key in a one-line ValueError;
+    only a classifier of another size is left freshly initialised, with a warning (fine-tuning on new
+    classes), unless ``new_classifier`` is False.
 
     Weights saved by earlier versions load too: their renamed keys are given today's names.
     """
     state = upgrade_state_dict(dict(source) if isinstance(source, dict) else read_state_dict(source))
     own = model.state_dict()
-    is_head = lambda k: k.startswith("classifier.")  # noqa: E731
+    is_head = lambda k: new_classifier and k.startswith("classifier.")  # noqa: E731
     missing = sorted(k for k in set(own) - set(state) if not is_head(k))
     unexpected = sorted(k for k in set(state) - set(own) if not is_head(k))
     # Relative-position tables of another size are fine (interpolated on load); other shapes are not.

@@ -70,6 +70,15 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelFolderError(f"{str(directory)!r} is a file; give a folder to write {CONFIG} and {WEIGHTS} into")
+    # The folder is read back by building model.config and loading the weights into it: a module
+    # swapped in by hand (a new classifier) would not load, or worse, be replaced without a word.
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in type(model)(model.config).state_dict().items()}
+    differ = sorted(k for k, v in model.state_dict().items() if expected.pop(k, None) != v.shape) + sorted(expected)
+    if differ:
+        raise ModelFolderError(f"the model's weights do not fit model.config ({', '.join(differ[:4])}"
+                               f"{' ...' if len(differ) > 4 else ''}): a module replaced by hand changes the weights "
+                               f"but not the config; for a new classifier use model.reset_classifier(N)")
     directory.mkdir(parents=True, exist_ok=True)
     write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict(),
                                    "pretrained_cfg": model.pretrained_cfg.to_dict()}, model)
