@@ -338,6 +338,21 @@ def test_eval_transform_crops_centre_at_large_sizes():
     assert out32[:, :, 0].mean() > 1
 
 
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_a_non_square_centre_crop_keeps_the_aspect_ratio(crop_pct):
+    """A centred square in a square image stays square at a 32x64 input: the image is resized to
+    cover the crop, aspect kept, as timm's ResizeKeepRatio does, never squashed into it. Pickled, as
+    loader workers need it."""
+    arr = np.zeros((100, 100), np.uint8)
+    arr[35:65, 35:65] = 255
+    transform = pickle.loads(pickle.dumps(_eval_transform((32, 64), PretrainedCfg(crop_pct=crop_pct))))
+    out = transform(Image.fromarray(arr))
+    assert out.shape == (3, 32, 64)
+    rows, cols = (out[0] > 0).nonzero().unbind(1)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(height - width) <= 1, (height, width)  # as high as wide, not twice as wide
+
+
 # ----------------------------------------------------------------------------- mixup / cutmix
 
 

@@ -127,9 +127,12 @@ def test_predict_prepares_images_as_recorded_unless_flags_say_otherwise(folder, 
 
 @pytest.mark.parametrize("flags,message", [
     (["--crop-pct", "0"], "argument --crop-pct: must be a finite number >= 0.1 and <= 1, got '0'"),
-    (["--std", "1", "0", "1"], "std must be 3 finite numbers (one per channel) above 0"),
-    (["--mean", "nan", "0", "0"], "mean must be 3 finite numbers (one per channel), got (nan, 0.0, 0.0)"),
-    (["--std", "inf", "1", "1"], "std must be 3 finite numbers"),
+    (["--std", "1", "0", "1"], "std must be 3 numbers (one per channel) from 0.001 to 1, on pixels scaled to [0, 1]"),
+    (["--mean", "nan", "0", "0"], "mean must be 3 numbers (one per channel) from 0 to 1, on pixels scaled to [0, 1] "
+                                  "(divide 0-255 values by 255), got (nan, 0.0, 0.0)"),
+    (["--std", "inf", "1", "1"], "std must be 3 numbers"),
+    (["--std", "1e-300", "1", "1"], "std must be 3 numbers"),  # 0 in float32: NaN logits
+    (["--mean", "123.7", "116.3", "103.5"], "(divide 0-255 values by 255)"),
     (["--interpolation", "lanczos"], "argument --interpolation: invalid choice: 'lanczos'"),
 ])
 def test_bad_preprocessing_flags_are_one_line(folder, tmp_path, capsys, flags, message):
@@ -140,8 +143,8 @@ def test_bad_preprocessing_flags_are_one_line(folder, tmp_path, capsys, flags, m
 
 @pytest.mark.parametrize("field,value,message", [
     ("interpolation", "sinc", "interpolation must be one of"),
-    ("mean", [float("nan"), 0.5, 0.5], "mean must be 3 finite numbers"),
-    ("mean", [True, False, True], "mean must be 3 finite numbers"),
+    ("mean", [float("nan"), 0.5, 0.5], "mean must be 3 numbers"),
+    ("mean", [True, False, True], "mean must be 3 numbers"),
     ("label_names", "abc", "label_names must be a list of strings"),
     ("label_names", [None, "b", "c"], "label_names must be a list of strings"),
 ])

@@ -19,7 +19,6 @@ its weights were trained at is fed at the size it was built for.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal
 
@@ -60,13 +59,14 @@ class PretrainedCfg:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("mean", "std"):
+        # Pixels are scaled to [0, 1] before they are normalised: a mean outside it, or a std that
+        # blows them past float32 (or 0-255 values), would give garbage logits without an error.
+        for name, low in (("mean", 0.0), ("std", 1e-3)):
             value = getattr(self, name)
-            numbers = isinstance(value, tuple) and len(value) == 3 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-            if not (numbers and (name == "mean" or all(v > 0 for v in value))):
-                above = " above 0" if name == "std" else ""
-                raise ValueError(f"{name} must be 3 finite numbers (one per channel){above}, got {value!r}")
+            if not (isinstance(value, tuple) and len(value) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= 1 for v in value)):
+                raise ValueError(f"{name} must be 3 numbers (one per channel) from {low:g} to 1, on pixels scaled to "
+                                 f"[0, 1] (divide 0-255 values by 255), got {value!r}")
         names = self.label_names
         if names is not None and not (isinstance(names, tuple) and all(isinstance(n, str) for n in names)):
             raise ValueError(f"label_names must be a list of strings (one per output) or null, got {names!r}")
@@ -147,11 +147,30 @@ def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans
     says, into ``in_chans`` channels."""
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     scaled = (int(height / cfg.crop_pct), int(width / cfg.crop_pct))
-    # "center": the shorter side to its share of the crop, aspect kept; "squash": both sides.
-    resize = v2.Resize(scaled if cfg.crop_mode == "squash" or height != width else scaled[0],
-                       interpolation=_interpolation(cfg), antialias=True)
+    # "center": the image, aspect kept, to the least size that covers the crop's share ("the shorter
+    # side" for a square); "squash": both sides to it.
+    resize = v2.Resize(scaled if cfg.crop_mode == "squash" else scaled[0], interpolation=_interpolation(cfg),
+                       antialias=True) if cfg.crop_mode == "squash" or height == width else \
+        ResizeToCover(scaled, _interpolation(cfg))
     return v2.Compose([v2.ToImage(), _colour(in_chans), resize, v2.CenterCrop((height, width)),
                        *normalize(cfg, in_chans)])
+
+
+class ResizeToCover(v2.Transform):
+    """Resize, keeping the aspect ratio, to the least size that covers (height, width): the centre
+    crop of a non-square input then cuts only what overhangs (timm's ``ResizeKeepRatio``)."""
+
+    def __init__(self, size: tuple[int, int], interpolation: v2.InterpolationMode):
+        super().__init__()
+        self.size, self.interpolation = size, interpolation
+
+    def transform(self, inpt, params):
+        height, width = v2.functional.get_size(inpt)
+        ratio = min(height / self.size[0], width / self.size[1])
+        return v2.functional.resize(inpt, [round(height / ratio), round(width / ratio)],
+                                    interpolation=self.interpolation, antialias=True)
+
+    _transform = transform  # the name torchvision before 0.21 calls
 
 
 def train_transform(img_size: int, cfg: PretrainedCfg, hflip: bool = True,
