@@ -127,6 +127,33 @@ def test_eval_bad_input(run_dir, tmp_path, capsys):
                             str(tmp_path / "nothing")], "nothing")
 
 
+def test_predict_runs_in_batches_of_batch_size(run_dir, tmp_path, capsys, monkeypatch):
+    """Memory is bounded by --batch-size, not the number of files; the results are those of one batch."""
+    files = [str(f) for f in digit_files(tmp_path, sizes=((8, 8), (20, 30), (37, 50), (9, 9), (40, 40)))]
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    files.insert(2, str(bad))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir), *files, "--json"]) == 1
+    whole = json.loads(capsys.readouterr().out)
+    batches = []
+    real = coatnet.evaluate.model_from_folder
+
+    def recording(folder):
+        model = real(folder)
+        model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+        return model
+
+    monkeypatch.setattr(coatnet.evaluate, "model_from_folder", recording)
+    assert main(["predict", "--checkpoint", str(run_dir), *files, "--json", "--batch-size", "2"]) == 1
+    batched = json.loads(capsys.readouterr().out)
+    assert batches == [2, 1, 2]  # 6 files; the unreadable third leaves its batch one short
+    assert batched["errors"] == whole["errors"] and len(batched["predictions"]) == 5
+    for a, b in zip(batched["predictions"], whole["predictions"]):
+        assert a["image"] == b["image"] and [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-5)
+
+
 def test_plots_write_pngs(tmp_path):
     history = [dict(epoch=e, train_loss=2 / e, eval_loss=2.2 / e, train_top1=10 * e, top1=9 * e, top5=20 * e)
                for e in (1, 2, 3)]

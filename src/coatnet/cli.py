@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
     p.add_argument("--top-k", type=POSITIVE, default=5)
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")

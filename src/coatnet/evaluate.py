@@ -150,24 +150,29 @@ def run_predict(args: argparse.Namespace) -> int:
                          f"checkpoint of a classifier")
     classes = [printable(str(c)) for c in class_names(model)]
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
-    loaded, errors = [], []
-    for path in args.images:  # every file read before any output, so that the results print in one piece
-        try:
-            loaded.append((path, load_image(path)))
-        except DataError as e:  # costs that image's prediction only
-            errors.append(dict(image=printable(path), message=str(e)))
-    results = []
-    if loaded:
-        _say_which(ckpt, args)
-        model.to(device)
-        batch = torch.stack([transform(img) for _, img in loaded]).to(device)
+    k = min(args.top_k, len(classes))
+    model.to(device)
+    results, errors = [], []
+    # Decoded and run --batch-size images at a time, so memory does not grow with the number of files;
+    # the results print once every file is done, in one piece.
+    for start in range(0, len(args.images), args.batch_size):
+        loaded = []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                loaded.append((path, transform(load_image(path))))
+            except DataError as e:  # costs that image's prediction only
+                errors.append(dict(image=printable(path), message=str(e)))
+        if not loaded:
+            continue
+        if not results:
+            _say_which(ckpt, args)
         with torch.inference_mode():
-            probs = model(batch).float().softmax(dim=1).cpu()
-        top = probs.topk(min(args.top_k, len(classes)), dim=1)
+            probs = model(torch.stack([x for _, x in loaded]).to(device)).float().softmax(dim=1).cpu()
+        top = probs.topk(k, dim=1)
         # A file name that is not UTF-8 would fail the print to stdout: shown with \xNN, as in the figures.
-        results = [dict(image=printable(path), top=[dict(label=classes[i], probability=p) for p, i in
-                                                    zip(values.tolist(), indices.tolist())])
-                   for (path, _), values, indices in zip(loaded, top.values, top.indices)]
+        results += [dict(image=printable(path), top=[dict(label=classes[i], probability=p) for p, i in
+                                                     zip(values.tolist(), indices.tolist())])
+                    for (path, _), values, indices in zip(loaded, top.values, top.indices)]
     for e in errors:
         print(f"coatnet predict: error: {e['message']}", file=sys.stderr)
     if args.json:
