@@ -65,6 +65,25 @@ def test_digits_split_is_the_documented_one():
         torch.testing.assert_close(img, normalized(np.stack([expected] * 3)))
 
 
+@pytest.mark.parametrize("cfg", [None, PretrainedCfg(crop_pct=0.5, interpolation="nearest")])
+def test_digits_are_prepared_as_predict_prepares_a_scan(cfg):
+    """An 8x8 scan given to ``coatnet predict`` (eval_transform) becomes the image the data set holds,
+    as the preprocessing says: by default, at 64 px too, the whole scan without a crop."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from coatnet.data import default_preprocessing
+
+    cfg = cfg or default_preprocessing("digits", 64)
+    assert cfg.crop_pct == (1.0 if cfg.interpolation == "bilinear" else 0.5)
+    d = load_digits()
+    _, x_va, _, _ = train_test_split(d.images, d.target, test_size=0.2, stratify=d.target, random_state=0)
+    held = build_datasets("digits", img_size=64, preprocessing=cfg).val
+    for i in (0, 7):
+        scan = Image.fromarray(np.rint(x_va[i] * 255 / 16).astype(np.uint8))
+        torch.testing.assert_close(held[i][0], _eval_transform(64, cfg)(scan))
+
+
 def test_digits_deterministic_across_builds(digits):
     other = build_datasets("digits", img_size=32, data_dir="/ignored/for/digits")
     for split in ("train", "val"):

@@ -362,5 +362,14 @@ def test_a_grey_model_predicts_on_grey_images(tmp_path, capsys):
     with torch.inference_mode():
         probs = model(x[None]).softmax(1)[0]
     assert predicted["probability"] == pytest.approx(probs.max().item(), rel=1e-5)
+    one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", "digits"],
+                   "takes 1-channel images and the evaluation data sets are RGB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey", "x.png"]  # no eval folder left behind
+    from coatnet.export import PREPROCESSING_KEY, export_model
+
+    files = {PREPROCESSING_KEY: ""}
+    torch.jit.load(str(export_model(model, "torchscript", tmp_path / "grey.pt")), _extra_files=files)
+    recorded = json.loads(files[PREPROCESSING_KEY])
+    assert recorded["input_size"] == [1, 32, 32] and recorded["mean"] == [mean] and recorded["std"] == [std]
     with pytest.raises(ValueError, match="models of 1 or 3 input channels, not 4; prepare 4-channel inputs"):
         coatnet.data_transforms(coatnet.create_model("coatnet_pico", in_chans=4, img_size=32))

@@ -271,11 +271,14 @@ def _build_digits(img_size: int, hflip: bool, randaugment: tuple[int, int] | Non
     # 0..16 intensities -> 0..255 uint8, one channel.
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     # Upsample all 1797 images once, here, instead of per sample every epoch (this is the first
-    # and only deterministic op; a whole-image bilinear resize, no crop, because the strokes touch
-    # the 8x8 border). Memory is small: 1797 x img_size^2 bytes (1.8 MB at 32, 90 MB at 224).
-    images = v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BILINEAR)(
-        tv_tensors.Image(torch.from_numpy(images))
-    ).as_subclass(torch.Tensor).numpy()
+    # and only deterministic op), as ``cfg`` says, so that predict and export, which follow it,
+    # prepare an image of a digit as training did: by default a whole-image bilinear resize without a
+    # crop (default_preprocessing), because the strokes touch the 8x8 border. Memory is small:
+    # 1797 x img_size^2 bytes (1.8 MB at 32, 90 MB at 224).
+    scaled = int(img_size / cfg.crop_pct)
+    resize = v2.Compose([v2.Resize((scaled, scaled), interpolation=v2.InterpolationMode(cfg.interpolation)),
+                         v2.CenterCrop(img_size)])
+    images = resize(tv_tensors.Image(torch.from_numpy(images))).as_subclass(torch.Tensor).numpy()
     labels = digits.target.astype(np.int64)
     # Fixed, stratified 80/20 split: identical on every call and machine (seeded numpy RandomState).
     x_tr, x_va, y_tr, y_va = train_test_split(
@@ -479,6 +482,12 @@ def _build_imagefolder(
     return DataBundle(train, val, tuple(classes), skipped_files=train.skipped + val.skipped)
 
 
+def default_preprocessing(name: str, img_size: int) -> PretrainedCfg:
+    """How a model trained from scratch on ``name`` prepares images: ours at ``img_size``
+    (:meth:`PretrainedCfg.for_size`); for digits, 8x8 scans, never a crop."""
+    return PretrainedCfg.for_size(img_size, **({"crop_pct": 1.0} if name.lower() == "digits" else {}))
+
+
 def build_datasets(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -492,8 +501,8 @@ def build_datasets(
     ``randaugment`` is ``(num_ops, magnitude)`` for the train split only. ``hflip=None`` means the
     data set's default: on for imagefolder/CIFAR, off for digits (a mirrored digit is another
     symbol). ``data_dir`` is ignored for digits (it ships inside scikit-learn). ``preprocessing``:
-    the mean, std, interpolation and evaluation crop of the weights trained on (default: ours at
-    ``img_size``, :meth:`PretrainedCfg.for_size`).
+    the mean, std, interpolation and evaluation crop of the weights trained on (default:
+    :func:`default_preprocessing`).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
@@ -503,7 +512,7 @@ def build_datasets(
     if randaugment is not None:
         randaugment = (int(randaugment[0]), int(randaugment[1]))
 
-    cfg = preprocessing or PretrainedCfg.for_size(img_size)
+    cfg = preprocessing or default_preprocessing(key, img_size)
     if key == "digits":
         return _build_digits(img_size, bool(hflip), randaugment, cfg)
 

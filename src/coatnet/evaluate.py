@@ -104,6 +104,9 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or (meta.get("data_dir") if data_name == meta.get("dataset") else None)
     if data_name is None:
         raise ValueError(f"{ckpt.path} does not record its data set; pass --data (and --data-dir)")
+    if model.config.in_chans != 3:
+        raise ValueError(f"{ckpt.path} takes {model.config.in_chans}-channel images and the evaluation data sets "
+                         f"are RGB; evaluate it in Python, preparing images with coatnet.data_transforms(model)")
     img_size = _img_size(args, model)
     if isinstance(img_size, tuple):
         raise ValueError(f"{ckpt.path} takes {img_size[0]}x{img_size[1]} images and the evaluation data sets are "

@@ -107,7 +107,9 @@ def check_img_size(model: nn.Module, img_size: int) -> None:
 def _preprocessing(model: nn.Module, size: tuple[int, int]) -> str:
     """What a server must do to an image before the graph (JSON): the model's ``pretrained_cfg`` and
     the input size, recorded in the file as :data:`PREPROCESSING_KEY`."""
-    return json.dumps(dict(input_size=[model.config.in_chans, *size], **model.pretrained_cfg.to_dict()))
+    mean, std = model.pretrained_cfg.channel_stats(model.config.in_chans)
+    return json.dumps(model.pretrained_cfg.to_dict() | dict(input_size=[model.config.in_chans, *size], mean=mean,
+                                                            std=std))
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool, preprocessing: str) -> None:

@@ -37,12 +37,11 @@ from . import sharding
 from .checkpoint import (OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
                          locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
-from .data import DataBundle, build_datasets, mixup_cutmix
+from .data import DataBundle, build_datasets, default_preprocessing, mixup_cutmix
 from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.factory import read_pretrained
 from .models.folder import read_model_meta, read_pretrained_cfg
-from .models.preprocessing import PretrainedCfg
 from .plots import plot_curves
 from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_fields,
                        resolve_device)
@@ -433,7 +432,7 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     # Images are prepared as the weights expect: the resumed run's way, the pretrained weights', or ours.
     weights = read_pretrained(cfg.pretrained, cfg.model) if cfg.pretrained and not ckpt else None
     preprocessing = (read_pretrained_cfg(ckpt) if ckpt else weights.pretrained_cfg if weights else None) \
-        or PretrainedCfg.for_size(cfg.img_size)
+        or default_preprocessing(cfg.data, cfg.img_size)
     data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment,
                           preprocessing=preprocessing)
     if len(data.train) < cfg.batch_size:

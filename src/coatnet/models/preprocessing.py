@@ -103,6 +103,13 @@ class PretrainedCfg:
         given = {f.name: values.get(f.name) for f in fields(self) if f.name not in ("label_names", "input_size")}
         return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
 
+    def channel_stats(self, in_chans: int) -> tuple[list[float], list[float]]:
+        """Mean and std for a model of ``in_chans`` channels: ours, or for a grey model their averages
+        (its input conv holds the RGB filters summed: ``fit_input_channels``)."""
+        if in_chans == 3:
+            return list(self.mean), list(self.std)
+        return [sum(self.mean) / 3] * in_chans, [sum(self.std) / 3] * in_chans
+
     def with_classes(self, num_classes: int, names=None) -> PretrainedCfg:
         """This preprocessing for a head of ``num_classes`` outputs named ``names``; names that do not
         fit the head (a replaced classifier) are dropped."""
@@ -128,10 +135,9 @@ def _interpolation(cfg: PretrainedCfg) -> v2.InterpolationMode:
 
 
 def normalize(cfg: PretrainedCfg, in_chans: int = 3) -> list[v2.Transform]:
-    """The common tail: uint8 image -> float32 plain tensor, scaled by the weights' mean and std (for a
-    grey model, their averages: its input conv holds the RGB filters summed, ``fit_input_channels``)."""
-    mean, std = (cfg.mean, cfg.std) if in_chans == 3 else ((sum(cfg.mean) / 3,), (sum(cfg.std) / 3,))
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), v2.ToPureTensor()]
+    """The common tail: uint8 image -> float32 plain tensor, scaled by the weights' mean and std."""
+    mean, std = cfg.channel_stats(in_chans)
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
 def _colour(in_chans: int) -> v2.Transform:
