@@ -276,6 +276,14 @@ def _edit_config(**fields):
     return damage
 
 
+def _edit_train_config(edit):
+    """Damage config.json's training settings: ``edit`` takes them and returns what is written."""
+    def damage(path: Path) -> None:
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps(meta | {"train_config": edit(meta["train_config"])}))
+    return damage
+
+
 ALL, READERS = ("resume", "eval", "predict"), ("eval", "predict")  # READERS: build the model from config.json
 CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
     "config.json, not JSON": ("config.json", lambda p: p.write_text("{not json"), "config.json' is corrupt", ALL),
@@ -288,6 +296,15 @@ CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
     "config.json, fewer classes than the head": ("config.json", lambda p: p.write_text(json.dumps(
         json.loads(p.read_text()) | {"pretrained_cfg": {"label_names": ["0", "1"]}})),
         "lists 2 class names but the model has 10 outputs", ALL),
+    "train_config, a setting of another version": ("config.json", _edit_train_config(lambda c: c | {"foo": 1}),
+                                                   "holds no usable train_config (unknown foo)", ("resume",)),
+    "train_config, a wrong type": ("config.json", _edit_train_config(lambda c: c | {"randaugment": 5}),
+                                   "holds no usable train_config (randaugment must be", ("resume",)),
+    "train_config, without the seed": ("config.json", _edit_train_config(lambda c: {k: v for k, v in c.items()
+                                                                                   if k != "seed"}),
+                                       "holds no usable train_config (no seed)", ("resume",)),
+    "train_config, a list": ("config.json", _edit_train_config(lambda c: list(c)),
+                             "holds no usable train_config (a JSON list, not an object)", ("resume",)),
     "model.safetensors, truncated": ("model.safetensors", _truncate, "model.safetensors' is corrupt or truncated", ALL),
     "model.safetensors, empty": ("model.safetensors", lambda p: p.write_bytes(b""), "is corrupt or truncated", ALL),
     "train_state.pt, truncated": ("train_state.pt", _truncate, "train_state.pt' cannot be read safely", ("resume",)),

@@ -338,7 +338,7 @@ def test_finetune_from_another_model_names_the_keys(reference_run, tmp_path, cap
     assert "weights do not fit coatnet_nano" in err and "wrong shape" in err
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+def test_torchrun_two_processes_match_one(tmp_path, capsys):
     """DDP over 2 gloo processes with the same global batch as 1 process: same samples in each step.
 
     BatchNorm normalises each process's half batch on its own (SyncBatchNorm needs CUDA), and AdamW
@@ -349,7 +349,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     """
     common = ["train", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--warmup-steps", "2",
               "--seed", "5", "--label-smoothing", "0"]
-    run_cli(*common, "--output-dir", str(tmp_path / "one"))
+    assert main([*common, "--output-dir", str(tmp_path / "one")]) == 0
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "coatnet", *common, "--output-dir", str(tmp_path / "two")],
                          capture_output=True, text=True, env=ENV)
@@ -368,9 +368,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     # Only rank 0 writes: one set of files, one checkpoint.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    # A DDP checkpoint resumes in a single process.
-    run_cli("train", "--resume", "--epochs", "2", "--output-dir", str(tmp_path / "two"))
+    # The figures each process recorded on its share of the images are the saved checkpoint's: the
+    # processes evaluate with the first one's BatchNorm statistics, which it saves.
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "two"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["top1"], result["top5"]) == (m2["top1"], m2["top5"])
+    assert result["loss"] == pytest.approx(m2["eval_loss"], rel=1e-5)
+    # Resumed with no epochs left, the run's summary stays its own; a DDP checkpoint resumes in one process.
+    summary = (tmp_path / "two" / "summary.json").read_text()
+    assert main(["train", "--resume", "--epochs", "1", "--output-dir", str(tmp_path / "two")]) == 0
+    assert (tmp_path / "two" / "summary.json").read_text() == summary
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(tmp_path / "two")]) == 0
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["epochs"] == 2
 
 
 def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tmp_path):

@@ -430,7 +430,7 @@ def _check_img_size(img_size: int) -> None:
         raise DataError(f"img_size must be an integer >= {_MIN_IMG_SIZE}, got {img_size!r}")
 
 
-def _check_randaugment(randaugment: tuple[int, int] | None) -> None:
+def check_randaugment(randaugment: tuple[int, int] | None) -> None:
     if randaugment is None:
         return
     ok = (
@@ -508,7 +508,7 @@ def build_datasets(
     if key not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
     _check_img_size(img_size)
-    _check_randaugment(randaugment)
+    check_randaugment(randaugment)
     if randaugment is not None:
         randaugment = (int(randaugment[0]), int(randaugment[1]))
 

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from . import sharding
 from .checkpoint import (OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
                          locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
-from .data import DataBundle, build_datasets, default_preprocessing, mixup_cutmix
+from .data import DataBundle, build_datasets, check_randaugment, default_preprocessing, mixup_cutmix
 from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.factory import read_pretrained
@@ -99,6 +99,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, label=flag)
+        check_randaugment(self.randaugment)  # a pair: it checks itself, as check_fields leaves tuples
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
         if self.model.startswith("hf-hub:"):
@@ -145,14 +146,23 @@ def resumed_config(resume: bool | str | Path | None, output_dir: str | Path | No
     path = _resume_path(resume, output_dir)
     if os.environ.get("RANK", "0") == "0":  # the process that takes the lock (the others would race it)
         refuse_if_in_use(path if path.is_dir() and not (path / "config.json").exists() else path.parent)
-    _, meta = read_model_meta(path)
-    if "train_config" in meta:
-        values = dict(meta["train_config"])
-    else:
-        values = dict(_resume_checkpoint(resume, output_dir).train_state["train_config"])
-    if values.get("randaugment") is not None:
-        values["randaugment"] = tuple(values["randaugment"])  # saved as a list
-    return TrainConfig(**values)
+    path, meta = read_model_meta(path)
+    values = meta["train_config"] if "train_config" in meta else \
+        _resume_checkpoint(resume, output_dir).train_state.get("train_config")
+    try:  # a config.json edited by hand, or written by another version, is refused in one line
+        if not isinstance(values, dict):
+            raise ValueError("none recorded" if values is None else f"a JSON {type(values).__name__}, not an object")
+        unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+        missing = [k for k in KEPT_ON_RESUME if k not in values]
+        if unknown or missing:
+            raise ValueError("; ".join(([f"unknown {', '.join(unknown)}"] if unknown else [])
+                                       + ([f"no {', '.join(missing)}"] if missing else [])))
+        if isinstance(values.get("randaugment"), list):
+            values = values | {"randaugment": tuple(values["randaugment"])}  # saved as a list
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path / 'config.json')!r} holds no usable train_config ({e}); resume another "
+                              f"checkpoint, or start a new run from its weights with --pretrained {path}") from None
 
 
 def _resume_path(resume: bool | str | Path, output_dir: str | Path | None) -> Path:
@@ -401,6 +411,8 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
             if run.state.epoch >= config.epochs:
                 _log(d, f"{run_dir} has trained {run.state.epoch} of {config.epochs} epochs: nothing left to do "
                         f"(pass --epochs N with more epochs to extend it)")
+                if (run_dir / "summary.json").exists():  # the run's own, left as it is
+                    return json.loads((run_dir / "summary.json").read_text())
             while run.state.epoch < config.epochs:
                 train_one_epoch(run)
                 metrics = evaluate_epoch(run)
@@ -696,6 +708,7 @@ def evaluate_epoch(run: Run) -> dict:
     """The epoch's line of metrics.jsonl: the evaluated model (the EMA when there is one) on the
     validation set, and the training loss and accuracy summed over all processes."""
     cfg, d, s = run.config, run.dist, run.state
+    share_buffers(run)
     eval_model = run.ema.module if run.ema is not None else run.model
     eval_model.eval()
     result = evaluate(eval_model, run.val_loader, d.device, run.data.num_classes, amp=cfg.amp,
@@ -729,10 +742,24 @@ def record_epoch(run: Run, metrics: dict) -> bool:
     return improved
 
 
+def share_buffers(run: Run) -> None:
+    """Give every process the first one's BatchNorm statistics, the ones its checkpoint holds: DDP
+    broadcasts them only at the start of each forward, so each process's last step leaves its own;
+    FSDP never does. Evaluated by every process on its share of the images, the metrics are then the
+    checkpoint's, and a resumed run starts each process where the uninterrupted one was. Training
+    normalises by each batch's own statistics, so it is unchanged."""
+    if run.dist.world_size == 1:
+        return
+    for module in (run.model, run.ema.module if run.ema is not None else None):
+        for buffer in module.buffers() if module is not None else ():
+            dist.broadcast(buffer, src=0)
+
+
 def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> None:
     """Checkpoint the run as it is now and point ``links`` at it. Every process takes part (each
     hands in its RNG state and its sums of the epoch so far, to pick them up on resume); the first writes."""
     cfg, d, s = run.config, run.dist, run.state
+    share_buffers(run)
     rng, progress = _gather(torch.get_rng_state(), d), _gather(dict(s.progress), d)
     cuda_rng = _gather(torch.cuda.get_rng_state(d.device), d) if d.device.type == "cuda" else None
     model, ema_model, shards = run.model, run.ema.module if run.ema else None, None
@@ -784,7 +811,7 @@ def finish_run(run: Run) -> dict:
     # Files refused when listing the data, plus files that failed to decode while training (counted
     # in this process only: with --workers > 0 the workers' own counts are not seen here).
     skipped_files = data.skipped_files + sum(getattr(ds, "skipped_at_load", 0) for ds in (data.train, data.val))
-    summary = dict(model=cfg.model, dataset=cfg.data, epochs=cfg.epochs, top1=last["top1"], top5=last["top5"],
+    summary = dict(model=cfg.model, dataset=cfg.data, epochs=s.epoch, top1=last["top1"], top5=last["top5"],
                    best_top1=s.best_top1, train_loss=last["train_loss"], eval_loss=last["eval_loss"],
                    images_per_second=sum(h["images_per_second"] for h in s.history) / len(s.history),
                    wall_seconds=run.wall_seconds(), skipped_files=skipped_files,
