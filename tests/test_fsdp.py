@@ -86,6 +86,16 @@ def test_a_sharded_checkpoint_is_a_model_folder_and_resumes_on_one_process(fsdp_
     # DCP reshards the 2 processes' optimizer state for 1 process (FSDP over a group of one).
     assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 0
     assert load_checkpoint(out / "last").train_state["step"] == 44
+    # A missing or damaged shard of the optimizer state is one line, the checkpoint left as it was.
+    last = out / "last"
+    for damage in (lambda: next((last / "optimizer").glob("*.distcp")).write_bytes(b"damaged"),
+                   lambda: shutil.rmtree(last / "optimizer")):
+        damage()
+        capsys.readouterr()
+        assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "/optimizer' cannot be read (" in err and "a shard is missing or damaged" in err
+    assert load_checkpoint(out / "last").train_state["step"] == 44
     # A run without --fsdp cannot resume it: the optimizer state is sharded.
     with pytest.raises(CheckpointError, match="was written by a run with --fsdp and resumes only so"):
         train(replace(resumed_config(True, out), fsdp=False, epochs=3), output_dir=out, resume=True)

@@ -31,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .checkpoint import CheckpointError
+
 def shard(model: nn.Module, amp: bool) -> nn.Module:
     """Shard ``model`` (a CoAtNet) across the process group: each block a unit, the root the rest."""
     float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -74,7 +76,16 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Read this process's shard of the optimizer state from ``folder``, resharded to this run (collective)."""
+    """Read this process's shard of the optimizer state from ``folder``, resharded to this run
+    (collective); a missing or damaged shard is a one-line :class:`CheckpointError` in every process."""
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill
-    dcp.load(state, checkpoint_id=folder)
+    try:
+        if not folder.is_dir():
+            raise FileNotFoundError("the folder is missing")
+        dcp.load(state, checkpoint_id=folder)
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's failure in its own
+        reason = next(iter(str(e).strip().splitlines()), "")[:200] or type(e).__name__
+        raise CheckpointError(f"the optimizer state in {str(folder)!r} cannot be read ({reason}): a shard is missing "
+                              f"or damaged; resume another checkpoint of the run, or start a new run from its "
+                              f"weights with --pretrained {folder.parent}") from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

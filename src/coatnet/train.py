@@ -575,7 +575,7 @@ def _check_free_space(run: Run) -> None:
 def _restore(run: Run, ckpt: Checkpoint) -> None:
     """Weights, optimizer, EMA, state and this rank's RNG as the checkpoint saved them."""
     s, d = ckpt.train_state, run.dist
-    sharded = (ckpt.path / OPTIMIZER_SHARDS).is_dir()
+    sharded = s["optimizer"] is None  # an --fsdp run writes its optimizer state apart, sharded
     if sharded != run.config.fsdp:
         raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
                               f"and resumes only so; or start a new run from its weights with --pretrained")
