@@ -79,10 +79,32 @@ def test_bad_input(tmp_path, capsys, argv, message):
     assert err.count("\n") == 1 and message in err
 
 
+def one_line(capsys, argv, message):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_other_settings_in_the_same_directory_are_refused(tmp_path, capsys):
     assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(tmp_path)]) == 0
-    assert main([*ARGS, "--layouts", "c_c_t_t", "--lr", "0.01", "--output-dir", str(tmp_path)]) == 2
-    assert "other settings (lr)" in capsys.readouterr().err
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--lr", "0.01", "--output-dir", str(tmp_path)],
+             "other settings (lr)")
+    # Without study.json (deleted, or a study stopped in its first run), each run's own record decides.
+    (tmp_path / "study.json").unlink()
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--epochs", "3", "--output-dir", str(tmp_path)],
+             f"{tmp_path / 'runs' / 'c_c_t_t-seed0'} was trained with other settings (epochs) than this study's")
+    # Another layout with the same settings joins the study; the finished one stays in its files.
+    assert main([*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)]) == 0
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert [r["layout"] for r in study["runs"]] == ["VIT_REL", "C-C-T-T"] and len(study["summary"]) == 2
+    # Damaged files are one line that names them and what to do.
+    (tmp_path / "runs" / "vit_rel-seed0" / "summary.json").write_text("")
+    one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)],
+             "summary.json cannot be read (Expecting value: line 1 column 1 (char 0)); delete it (it is rebuilt")
+    (tmp_path / "study.json").write_text("{}")
+    one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)],
+             "study.json holds no study settings; delete it (it is rebuilt from the runs) and rerun")
 
 
 def test_study_under_torchrun(tmp_path):
@@ -96,6 +118,6 @@ def test_study_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1
     runs = json.loads((out / "study.json").read_text())["runs"]
-    assert [r["layout"] for r in runs] == ["C-C-T-T", "VIT_REL"]
+    assert [r["layout"] for r in runs] == ["VIT_REL", "C-C-T-T"]  # the paper's order
     for name in ("c_c_t_t", "vit_rel"):
         assert json.loads((out / "runs" / f"{name}-seed0" / "summary.json").read_text())["world_size"] == 2

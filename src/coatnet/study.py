@@ -36,7 +36,7 @@ from .checkpoint import atomic_write
 from .complexity import count_flops, count_parameters
 from .models import CoAtNet, CoAtNetConfig, create_model
 from .plots import save_figure
-from .train import RECIPES, TrainConfig, setup_distributed, train
+from .train import RECIPES, TrainConfig, same_setting, setup_distributed, train
 
 LAYOUTS = ("vit_rel", "c_c_c_c", "c_c_c_t", "c_c_t_t", "c_t_t_t")
 LABELS = {"vit_rel": "VIT_REL", "c_c_c_c": "C-C-C-C", "c_c_c_t": "C-C-C-T", "c_c_t_t": "C-C-T-T",
@@ -88,23 +88,59 @@ def _layout_names(text: str | None) -> list[str]:
 def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
     """Train (or finish, or read back) one layout at one seed; returns its record for study.json."""
     overrides = small_layout(name) if settings["size"] == "small" else None
+    config = dataclasses.replace(TrainConfig(**{k: v for k, v in settings.items() if k != "size"}),
+                                 model=name, model_config=overrides, seed=seed)
+    if (run_dir / "last").exists():
+        _check_same_run(run_dir, config)
     if not (run_dir / "summary.json").exists():
-        config = dataclasses.replace(TrainConfig(**{k: v for k, v in settings.items() if k != "size"}),
-                                     model=name, model_config=overrides, seed=seed)
         resume = True if (run_dir / "last").exists() else None
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             train(config, output_dir=run_dir, resume=resume)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun")
+    history = _read_json(run_dir / "metrics.jsonl", DAMAGED_RUN, lines=True)
+    meta = _read_json(run_dir / "last" / "config.json", DAMAGED_RUN)
     with torch.device("meta"):  # the network exactly as trained, counted without its weights
-        config = CoAtNetConfig.from_dict(json.loads((run_dir / "last" / "config.json").read_text())["config"])
-        model = CoAtNet(config).eval()
+        model = CoAtNet(CoAtNetConfig.from_dict(meta["config"])).eval()
     return dict(layout=LABELS[name], model=name, seed=seed, params=count_parameters(model),
                 flops=count_flops(model, settings["img_size"]),
                 train_loss=summary["train_loss"], top1=summary["top1"], wall_seconds=summary["wall_seconds"],
                 curves=dict(epoch=[h["epoch"] for h in history], train_loss=[h["train_loss"] for h in history],
                             eval_loss=[h["eval_loss"] for h in history], top1=[h["top1"] for h in history]))
+
+
+def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse a run already in the study's folder that was trained (or begun) with other settings
+    than this study's: picked up, it would be reported under settings it never had."""
+    recorded = _read_json(run_dir / "last" / "config.json", DAMAGED_RUN).get("train_config") or {}
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as recorded: tuples become lists
+    changed = sorted(k for k in wanted if k != "device" and not same_setting(k, wanted[k], recorded.get(k)))
+    if changed:
+        raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}) than this study's; "
+                         f"rerun with its flags to finish that study, or choose another --output-dir")
+
+
+DAMAGED_RUN = "the run is damaged: delete its folder to train it again"
+
+
+def _read_json(path: Path, fix: str, lines: bool = False):
+    """A file the study or its runs wrote (JSON, or one JSON per line); a damaged one is one line
+    that says what to do (``fix``)."""
+    try:
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); {fix}") from None
+
+
+def _finished_runs(out: Path) -> list[tuple[str, int]]:
+    """(layout, seed) of every finished run in the study's folder."""
+    found = []
+    for run_dir in sorted((out / "runs").glob("*-seed*")):
+        name, _, seed = run_dir.name.rpartition("-seed")
+        if name in LAYOUTS and seed.isdigit() and (run_dir / "summary.json").exists():
+            found.append((name, int(seed)))
+    return found
 
 
 def run_layout_study(args: argparse.Namespace) -> int:
@@ -113,7 +149,11 @@ def run_layout_study(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     previous = out / "study.json"
     if previous.exists():
-        before = json.loads(previous.read_text())["settings"]
+        rebuilt = "delete it (it is rebuilt from the runs) and rerun"
+        before = _read_json(previous, rebuilt)
+        if not isinstance(before, dict) or not isinstance(before.get("settings"), dict):
+            raise ValueError(f"{previous} holds no study settings; {rebuilt}")
+        before = before["settings"]
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
             raise ValueError(f"{out} holds a study run with other settings ({', '.join(changed)}); "
@@ -124,12 +164,15 @@ def run_layout_study(args: argparse.Namespace) -> int:
     d = setup_distributed(settings["device"])
     main = d.main
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
-    records = []
+    # Runs finished by earlier invocations (other --layouts or --seeds) stay in the study's files.
+    records = [run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}")
+               for name, seed in _finished_runs(out) if (name, seed) not in jobs]
     show = main and sys.stderr.isatty()  # a bar, not hundreds of lines in a log file
     with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True, disable=not show) as bar:
         for name, seed in bar:
             bar.set_postfix_str(f"{LABELS[name]} seed {seed}")
             records.append(run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}"))
+            records.sort(key=lambda r: (r["seed"], LAYOUTS.index(r["model"])))
             if main:
                 write_study(out, settings, records)
     if main:

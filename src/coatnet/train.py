@@ -524,7 +524,7 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
                               f"drop --model to resume it, or start a new run from its weights with --pretrained")
     saved = ckpt and (ckpt.meta.get("train_config") or ckpt.train_state["train_config"])
     for name in KEPT_ON_RESUME if ckpt else ():
-        if name in saved and not _same_setting(name, getattr(cfg, name), saved.get(name)):
+        if name in saved and not same_setting(name, getattr(cfg, name), saved.get(name)):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {getattr(cfg, name)} differs from the resumed run's {saved.get(name)}: a resumed "
                              f"run keeps its data, batch size, seed and image size; drop {flag} to resume it, or "
@@ -550,7 +550,7 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
                          f"{d.world_size * cfg.grad_accum_steps}")
 
 
-def _same_setting(name: str, given, saved) -> bool:
+def same_setting(name: str, given, saved) -> bool:
     """Whether ``given`` is the resumed run's ``saved`` setting: the same data set, whatever its case;
     the same folder, however it is written."""
     if name == "data":
