@@ -114,7 +114,9 @@ def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
     than this study's: picked up, it would be reported under settings it never had."""
     recorded = _read_json(run_dir / "last" / "config.json", DAMAGED_RUN).get("train_config") or {}
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as recorded: tuples become lists
-    changed = sorted(k for k in wanted if k != "device" and not same_setting(k, wanted[k], recorded.get(k)))
+    # A setting a run of an earlier version did not record had its default then: not checked.
+    changed = sorted(k for k in wanted
+                     if k != "device" and k in recorded and not same_setting(k, wanted[k], recorded[k]))
     if changed:
         raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}) than this study's; "
                          f"rerun with its flags to finish that study, or choose another --output-dir")

@@ -880,7 +880,7 @@ def coatnet_2(**kwargs) -> CoAtNet:
     Stochastic depth 0.5 (Table 10).
     """
     return build_model(_paper_config("coatnet_2", (2, 6, 14, 2), (128, 128, 256, 512, 1024), drop_path_rate=0.5),
-                  **kwargs)
+                       **kwargs)
 
 
 @register_model(_paper(168e6, f224=34.7e9, f384=107.4e9, f512=203.1e9))
@@ -890,7 +890,7 @@ def coatnet_3(**kwargs) -> CoAtNet:
     Stochastic depth 0.7 (Table 10).
     """
     return build_model(_paper_config("coatnet_3", (2, 6, 14, 2), (192, 192, 384, 768, 1536), drop_path_rate=0.7),
-                  **kwargs)
+                       **kwargs)
 
 
 @register_model(_paper(275e6, f384=189.5e9, f512=360.9e9))
@@ -951,7 +951,7 @@ def vit_rel(**kwargs) -> CoAtNet:
     """VIT_REL (Section 2.2): ViT stem (16x16 patches), then 14 TFM_Rel blocks at width 384."""
     stages = (StageConfig("transformer", 14, 384, stride=1),)
     return build_model(CoAtNetConfig(name="vit_rel", stem=StemConfig(384, kind="patch", stride=16), stages=stages,
-                                head=HeadConfig(384)), **kwargs)
+                                     head=HeadConfig(384)), **kwargs)
 
 
 @register_model()
@@ -1032,7 +1032,7 @@ def _timm_rw_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...
 def coatnet_nano_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_nano_rw_224, not the paper's: L=3,4,6,3, D=64..512; MBConv strides by pooling."""
     return build_model(_timm_rw_config("coatnet_nano_rw", (3, 4, 6, 3), _RW_NANO,
-                                  mbconv=dict(stride_on="pool", **_RW_MAX_STYLE)), **kwargs)
+                                       mbconv=dict(stride_on="pool", **_RW_MAX_STYLE)), **kwargs)
 
 
 @register_model()
@@ -1040,8 +1040,8 @@ def coatnet_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_0_rw_224, not the paper's CoAtNet-0: L=2,3,7,2 (deeper S3), D=96..768; MBConv
     strides by pooling, SE before the depthwise BatchNorm; no bias on the Transformer shortcut."""
     return build_model(_timm_rw_config("coatnet_0_rw", (2, 3, 7, 2), _RW_0,
-                                  mbconv=dict(stride_on="pool", se_before_norm=True),
-                                  transformer=dict(shortcut_bias=False)), **kwargs)
+                                       mbconv=dict(stride_on="pool", se_before_norm=True),
+                                       transformer=dict(shortcut_bias=False)), **kwargs)
 
 
 @register_model()
@@ -1049,14 +1049,14 @@ def coatnet_1_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_1_rw_224, not the paper's CoAtNet-1: L=2,6,14,2, D=96..768; SE before the
     depthwise BatchNorm; no bias on the Transformer shortcut."""
     return build_model(_timm_rw_config("coatnet_1_rw", (2, 6, 14, 2), _RW_0, mbconv=dict(se_before_norm=True),
-                                  transformer=dict(shortcut_bias=False)), **kwargs)
+                                       transformer=dict(shortcut_bias=False)), **kwargs)
 
 
 @register_model()
 def coatnet_2_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_2_rw_224, not the paper's CoAtNet-2: L=2,6,14,2, D=128..1024, stem 64/128; SiLU in SE."""
     return build_model(_timm_rw_config("coatnet_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
-                                  mbconv=dict(se_activation="silu")), **kwargs)
+                                       mbconv=dict(se_activation="silu")), **kwargs)
 
 
 @register_model()
@@ -1064,8 +1064,8 @@ def coatnet_3_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_3_rw_224, not the paper's CoAtNet-3: L=2,6,14,2, D=192..1536, stem 96/192; SiLU
     in SE, layer scale 1e-6 on the Transformer branches."""
     return build_model(_timm_rw_config("coatnet_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
-                                  mbconv=dict(se_activation="silu"), transformer=dict(layer_scale_init=1e-6)),
-                  **kwargs)
+                                       mbconv=dict(se_activation="silu"), transformer=dict(layer_scale_init=1e-6)),
+                       **kwargs)
 
 
 @register_model()
@@ -1081,15 +1081,15 @@ def coatnet_bn_0_rw(**kwargs) -> CoAtNet:
 def coatnet_rmlp_nano_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_nano_rw_224: L=3,4,6,3, D=64..512, MLP relative position bias (width 384)."""
     return build_model(_timm_rw_config("coatnet_rmlp_nano_rw", (3, 4, 6, 3), _RW_NANO, mbconv=_RW_MAX_STYLE,
-                                  transformer=dict(relative_position="mlp", relative_position_mlp_width=384)),
-                  **kwargs)
+                                       transformer=dict(relative_position="mlp", relative_position_mlp_width=384)),
+                       **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_0_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_0_rw_224 (no published weights): coatnet_0_rw's depths, MLP relative position bias."""
     return build_model(_timm_rw_config("coatnet_rmlp_0_rw", (2, 3, 7, 2), _RW_0,
-                                  transformer=dict(relative_position="mlp")), **kwargs)
+                                       transformer=dict(relative_position="mlp")), **kwargs)
 
 
 @register_model()
@@ -1097,16 +1097,16 @@ def coatnet_rmlp_1_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_1_rw_224: L=2,6,14,2, D=96..768; MBConv strides by pooling, 3x3 max Pool on
     the shortcuts and in attention, SE before the depthwise BatchNorm, MLP relative position bias (384)."""
     return build_model(_timm_rw_config("coatnet_rmlp_1_rw", (2, 6, 14, 2), _RW_0,
-                                  mbconv=dict(stride_on="pool", pool="max3x3", se_before_norm=True),
-                                  transformer=dict(pool="max3x3", shortcut_bias=False, relative_position="mlp",
-                                                   relative_position_mlp_width=384)), **kwargs)
+                                       mbconv=dict(stride_on="pool", pool="max3x3", se_before_norm=True),
+                                       transformer=dict(pool="max3x3", shortcut_bias=False, relative_position="mlp",
+                                                        relative_position_mlp_width=384)), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_1_rw2(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_1_rw2_224: L=2,6,14,2, D=96..768, MLP relative position bias."""
     return build_model(_timm_rw_config("coatnet_rmlp_1_rw2", (2, 6, 14, 2), _RW_0,
-                                  transformer=dict(relative_position="mlp")), **kwargs)
+                                       transformer=dict(relative_position="mlp")), **kwargs)
 
 
 @register_model()
@@ -1114,16 +1114,16 @@ def coatnet_rmlp_2_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_2_rw_224 (and _384 at img_size=384): coatnet_2_rw with layer scale 1e-6
     and the MLP relative position bias."""
     return build_model(_timm_rw_config("coatnet_rmlp_2_rw", (2, 6, 14, 2), _RW_2, stem=(64, 128),
-                                  mbconv=dict(se_activation="silu"),
-                                  transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
+                                       mbconv=dict(se_activation="silu"),
+                                       transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
 
 
 @register_model()
 def coatnet_rmlp_3_rw(**kwargs) -> CoAtNet:
     """timm's coatnet_rmlp_3_rw_224 (no published weights): coatnet_3_rw with the MLP relative position bias."""
     return build_model(_timm_rw_config("coatnet_rmlp_3_rw", (2, 6, 14, 2), _RW_3, stem=(96, 192),
-                                  mbconv=dict(se_activation="silu"),
-                                  transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
+                                       mbconv=dict(se_activation="silu"),
+                                       transformer=dict(layer_scale_init=1e-6, relative_position="mlp")), **kwargs)
 
 
 # timm's names for these networks (its name adds the input size), each with the tags of the weights

@@ -153,11 +153,14 @@ def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans
     says, into ``in_chans`` channels."""
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     scaled = (int(height / cfg.crop_pct), int(width / cfg.crop_pct))
-    # "center": the image, aspect kept, to the least size that covers the crop's share ("the shorter
-    # side" for a square); "squash": both sides to it.
-    resize = v2.Resize(scaled if cfg.crop_mode == "squash" else scaled[0], interpolation=_interpolation(cfg),
-                       antialias=True) if cfg.crop_mode == "squash" or height == width else \
-        ResizeToCover(scaled, _interpolation(cfg))
+    # "squash": both sides to the crop's share; "center": the image, aspect kept, to the least size
+    # that covers it (for a square, its shorter side to the square's).
+    if cfg.crop_mode == "squash":
+        resize = v2.Resize(scaled, interpolation=_interpolation(cfg), antialias=True)
+    elif height == width:
+        resize = v2.Resize(scaled[0], interpolation=_interpolation(cfg), antialias=True)
+    else:
+        resize = ResizeToCover(scaled, _interpolation(cfg))
     return v2.Compose([v2.ToImage(), _colour(in_chans), resize, v2.CenterCrop((height, width)),
                        *normalize(cfg, in_chans)])
 
@@ -182,9 +185,8 @@ class ResizeToCover(v2.Transform):
 def train_transform(img_size: int, cfg: PretrainedCfg, hflip: bool = True,
                     randaugment: tuple[int, int] | None = None, in_chans: int = 3) -> v2.Compose:
     """The training transform of ImageNet-style data: random resized crop, flip, RandAugment (Table 10)."""
-    return v2.Compose([v2.ToImage(), _colour(in_chans), v2.RandomResizedCrop(img_size, interpolation=_interpolation(cfg),
-                                                                           antialias=True),
-                       *augment(hflip, randaugment), *normalize(cfg, in_chans)])
+    crop = v2.RandomResizedCrop(img_size, interpolation=_interpolation(cfg), antialias=True)
+    return v2.Compose([v2.ToImage(), _colour(in_chans), crop, *augment(hflip, randaugment), *normalize(cfg, in_chans)])
 
 
 def augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transform]:
