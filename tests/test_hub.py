@@ -102,6 +102,7 @@ def test_a_hub_repository_as_the_model_name(hub):
     timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)
     name = "hf-hub:timm/coatnet_nano_rw_224.sw_in1k"
     assert_same_outputs(coatnet.create_model(name, pretrained=True), theirs)
+    assert_same_outputs(coatnet.create_model("coatnet_nano_rw_224.sw_in1k", pretrained=1, img_size=SIZE), theirs)
     fresh = coatnet.create_model(name, img_size=SIZE)
     assert fresh.config.name == "coatnet_nano_rw" and fresh.num_classes == 10
     assert not torch.equal(fresh.state_dict()["stem.0.0.weight"], theirs.state_dict()["stem.conv1.weight"])

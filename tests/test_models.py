@@ -101,10 +101,21 @@ def test_coatnet_6_intermediates_skip_the_split_stage():
     (torch.randn(1, 1, 3, 32, 32), "expected a 4-D batch"),
     (torch.randn(1, 1, 32, 32), "expected 3 input channels, got 1"),
     (torch.randn(1, 3, 40, 32), r"input size 40x32 is not a multiple of the model's stride 16.*48x32"),
+    (torch.randn(1, 3, 0, 32), r"the images are empty \(input shape \(1, 3, 0, 32\)\); give images of at least 16x16"),
+    (torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), "the batch is torch.uint8, not floating point; scale"),
+    (torch.randn(1, 3, 32, 32, dtype=torch.float64), "the batch is torch.float64 and the model torch.float32; convert"),
 ])
 def test_bad_input_raises_clear_value_error(bad, message):
-    with pytest.raises(ValueError, match=message):
-        tiny()(bad)
+    model = tiny()
+    for mode in (torch.enable_grad, torch.no_grad):  # the plain path and the fast one
+        with mode(), pytest.raises(ValueError, match=message):
+            model(bad)
+
+
+def test_a_batch_of_another_float_type_runs_under_autocast():
+    model = tiny().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 3, 32, 32)).dtype == torch.bfloat16
 
 
 def test_bad_img_size_at_build():
@@ -218,6 +229,17 @@ def test_pretrained_with_new_classes_drops_the_classifier(tmp_path):
     with pytest.warns(UserWarning, match="classifier"):
         model = coatnet.create_model("coatnet_pico", num_classes=3, pretrained=tmp_path / "w.pth")
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_weights_without_a_classifier_leave_the_models_fresh(tmp_path):
+    """Features-only weights (num_classes=0, ours or timm's) into a classifier: only the head is new."""
+    headless = coatnet.create_model("coatnet_pico", num_classes=0).state_dict()
+    for load in (lambda: coatnet.load_weights(coatnet.create_model("coatnet_pico", num_classes=10), headless),
+                 lambda: coatnet.create_model("coatnet_pico", num_classes=5, pretrained=tmp_path / "w.pth")):
+        torch.save(headless, tmp_path / "w.pth")
+        with pytest.warns(UserWarning, match="the checkpoint has no classifier; the model's classifier is left fresh"):
+            model = load()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in headless.items())
 
 
 def test_pretrained_without_a_classifier_drops_theirs_without_a_warning(tmp_path):
@@ -376,6 +398,10 @@ def test_a_version_1_folder_loads(tmp_path):
     (dict(drop_path_rate=1.0), "drop_path_rate must be a finite number >= 0 and < 1, got 1.0"),
     (dict(num_classes=-1), "num_classes must be an integer >= 0 and <= 1000000, got -1"),
     (dict(stages=[dict(block="conv", depth=1, channels=8)]), "block must be one of 'mbconv', 'transformer'"),
+    (dict(img_size=32.0), "img_size must be one or two integers"),
+    # [rw] attention at the input width: S3's first block attends at S2's 64 channels
+    (dict(transformer=dict(attention_width="input", head_size=128)), "transformer width 64 is not a multiple of head "
+                                                                     "size 128"),
 ])
 def test_bad_config_values_are_one_line(overrides, message):
     with pytest.raises(ValueError) as e:

@@ -91,6 +91,9 @@ def test_features_only():
             torch.testing.assert_close(got, maps[i - 1])
     with pytest.raises(ValueError, match="pass features_only=True"):
         coatnet.create_model("coatnet_pico", out_indices=(1,))
+    # timm's data helpers and ours read a feature extractor as they read its model
+    prepare = coatnet.data_transforms(extractor)
+    assert prepare(torch.zeros(3, 300, 200, dtype=torch.uint8)).shape == (3, 224, 224)
 
 
 def test_features_plug_into_torchvision_faster_rcnn():

@@ -165,15 +165,19 @@ class CoAtNetConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        img = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+        img = tuple(self.img_size) if isinstance(self.img_size, (tuple, list)) else (self.img_size, self.img_size)
         object.__setattr__(self, "img_size", img)
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages or not all(isinstance(s, StageConfig) for s in self.stages):
             raise ValueError("stages must be one or more StageConfig")
-        for s in self.stages:
-            if s.block == "transformer" and s.channels % self.transformer.head_size:
-                raise ValueError(f"transformer width {s.channels} is not a multiple of head size "
-                                 f"{self.transformer.head_size}")
+        widths = [self.stem.channels] + [s.channels for s in self.stages]
+        for s, width_in in zip(self.stages, widths):
+            # Each block attends at its output width, or [rw] at its input width (the first's is the last stage's).
+            attended = {s.channels} | ({width_in} if self.transformer.attention_width == "input" else set())
+            for width in sorted(attended) if s.block == "transformer" else ():
+                if width % self.transformer.head_size:
+                    raise ValueError(f"transformer width {width} is not a multiple of head size "
+                                     f"{self.transformer.head_size}")
         if len(img) != 2 or any(not isinstance(side, int) or side > MAX_IMG_SIZE for side in img):
             raise ValueError(f"img_size must be one or two integers up to {MAX_IMG_SIZE}, got {self.img_size!r}")
         if any(side <= 0 or side % self.stride for side in img):
@@ -650,7 +654,18 @@ class CoAtNet(nn.Module):
         if x.shape[1] != c.in_chans:
             raise ValueError(f"expected {c.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
                              f"build the model with in_chans={x.shape[1]} or convert the images")
+        if not x.is_floating_point():
+            raise ValueError(f"the batch is {x.dtype}, not floating point; scale and normalise the images, as "
+                             f"coatnet.data_transforms(model) does")
+        weight = next(self.stem.parameters())  # the first conv's (FSDP's gathered one in its forward)
+        # (On the meta device only the shape is checked: sizes are checked so, before any tensor exists.)
+        if x.dtype != weight.dtype and x.device.type != "meta" and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"the batch is {x.dtype} and the model {weight.dtype}; convert one to the other, "
+                             f"e.g. x.to({weight.dtype}), or run under torch.autocast")
         height, width = x.shape[-2:]
+        if height == 0 or width == 0:
+            raise ValueError(f"the images are empty (input shape {tuple(x.shape)}); give images of at least "
+                             f"{c.stride}x{c.stride}")
         if height % c.stride or width % c.stride:
             near = [max(c.stride, math.ceil(side / c.stride) * c.stride) for side in (height, width)]
             raise ValueError(f"input size {height}x{width} is not a multiple of the model's stride {c.stride}; "
@@ -787,6 +802,11 @@ class FeatureExtractor(nn.Module):
         self.out_indices = tuple(model.feature_indices(out_indices))
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
         self.pretrained_cfg = model.pretrained_cfg
+
+    @property
+    def config(self) -> CoAtNetConfig:
+        """The network's config, as its model's (input size and channels, for ``data_transforms``)."""
+        return self.model.config
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)

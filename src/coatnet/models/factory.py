@@ -54,6 +54,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     optional) is the network its ``config.json`` describes (timm's architecture, or a
     ``save_pretrained`` folder's config), with the repository's weights when ``pretrained=True``.
     """
+    if type(pretrained) is int:  # timm's 0 and 1
+        pretrained = bool(pretrained)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
     if name.startswith(HUB_PREFIX):
@@ -61,7 +63,7 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
                            drop_path_rate=drop_path_rate, **kwargs)
         return FeatureExtractor(model, out_indices) if features_only else model
     entry = model_entry(name)
-    if pretrained is None or (type(pretrained) in (bool, int) and not pretrained):  # timm's False: random weights
+    if pretrained is None or pretrained is False:  # random weights
         weights = None
     else:
         weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
@@ -77,7 +79,7 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
 def _hub_model(name: str, pretrained, **options) -> CoAtNet:
     """``create_model("hf-hub:ORG/NAME", pretrained=...)``: the network the repository's ``config.json``
     describes, with the repository's weights (``pretrained=True``) or freshly initialised (``False``)."""
-    if not (pretrained is None or type(pretrained) in (bool, int)):
+    if not (pretrained is None or type(pretrained) is bool):
         raise ValueError(f"the model {name!r} takes its weights from that repository: pass pretrained=True or "
                          f"False; for other weights, name its network and pass pretrained=PATH")
     repo = hub_repository(name, "")
@@ -239,12 +241,14 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
                          + "; ".join(parts) + "; check the model name and options the weights were saved with")
-    # Only the classifier differs: new classes, as in fine-tuning; it keeps its fresh initialisation.
-    # Without one (num_classes=0, features), the weights' classifier is dropped without a word, as in timm.
-    if any(k not in own or own[k].shape != state[k].shape for k in state if is_head(k)):
+    # Only the classifier differs (another size, or none in the weights): new classes, as in
+    # fine-tuning; it keeps its fresh initialisation. Without one (num_classes=0, features), the
+    # weights' classifier is dropped without a word, as in timm.
+    theirs, ours = ({k: v.shape for k, v in d.items() if is_head(k)} for d in (state, own))
+    if theirs != ours:
         if model.num_classes:
-            warnings.warn(f"classifier weights in the checkpoint do not fit {model.num_classes} classes; "
-                          f"the classifier is left freshly initialised", stacklevel=2)
+            why = "has no classifier" if not theirs else f"has a classifier that does not fit {model.num_classes} classes"
+            warnings.warn(f"the checkpoint {why}; the model's classifier is left freshly initialised", stacklevel=2)
         state = {k: v for k, v in state.items() if not is_head(k)} | {k: v for k, v in own.items() if is_head(k)}
     model.load_state_dict(state)
     return model
