@@ -154,6 +154,22 @@ def test_predict_runs_in_batches_of_batch_size(run_dir, tmp_path, capsys, monkey
         assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-5)
 
 
+def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
+    """A folder stands for its image files, sorted; a folder without any is one error line."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    files = digit_files(photos, sizes=((8, 8), (20, 30)))
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "sub").mkdir()
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir), str(photos), str(tmp_path / "empty"), "--json"]) == 1
+    output = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in output["predictions"]] == sorted(map(str, files))
+    assert [e["message"] for e in output["errors"]] == [f"'{tmp_path / 'empty'}' is a folder without image files "
+                                                        f"(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)"]
+
+
 def test_plots_write_pngs(tmp_path):
     history = [dict(epoch=e, train_loss=2 / e, eval_loss=2.2 / e, train_top1=10 * e, top1=9 * e, top5=20 * e)
                for e in (1, 2, 3)]

@@ -158,6 +158,26 @@ def test_a_repository_with_neither_format_says_which_files_it_needs(hub, monkeyp
                                    "nor a save_pretrained folder") and "\n" not in str(e.value)
 
 
+def test_an_unreachable_hub_is_one_line_after_its_first_file(hub, monkeypatch):
+    """Online (HF_HUB_OFFLINE unset) without a network, huggingface_hub retries each file for a while;
+    the first file's failure ends the load, naming the cause, instead of trying every other file."""
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    calls = []
+
+    def unreachable(repo, filename, **kwargs):
+        calls.append(filename)
+        raise LocalEntryNotFoundError("Connection error, and the file is not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model("coatnet_0_rw_224.sw_in1k", pretrained=True)
+    assert str(e.value).startswith("the Hugging Face Hub could not be reached and its cache (")
+    assert "lacks timm/coatnet_0_rw_224.sw_in1k" in str(e.value) and calls == ["config.json"]
+
+
 @pytest.mark.parametrize("config,message", [("{not json", "is not valid JSON"),
                                             ("[1, 2]", "holds a JSON list, not the object of a model's config")])
 def test_a_broken_config_json_is_one_line_naming_it(hub, config, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .checkpoint import atomic_write
 from .data import IGNORED_LABEL, DataError, build_datasets, load_image
@@ -143,9 +145,16 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def images_in(folder: str) -> list[str]:
+    """A folder's image files (by extension, sorted, hidden ones left out; not its subfolders')."""
+    return sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
+                  and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
-    ``errors``; the exit status is 1 when some images could not be read, 2 when none could."""
+    ``errors``; the exit status is 1 when some images could not be read, 2 when none could. A folder
+    stands for its image files."""
     device = resolve_device(args.device)  # a bad flag fails before anything is read
     ckpt, model = load_for_inference(args)
     if not model.num_classes:
@@ -155,12 +164,18 @@ def run_predict(args: argparse.Namespace) -> int:
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
     k = min(args.top_k, len(classes))
     model.to(device)
-    results, errors = [], []
+    images, errors, results = [], [], []
+    for path in args.images:  # a folder stands for its image files
+        found = images_in(path) if os.path.isdir(path) else [path]
+        images += found
+        if not found:
+            errors.append(dict(image=printable(path), message=f"'{printable(path)}' is a folder without image "
+                                                              f"files ({', '.join(IMG_EXTENSIONS)})"))
     # Decoded and run --batch-size images at a time, so memory does not grow with the number of files;
     # the results print once every file is done, in one piece.
-    for start in range(0, len(args.images), args.batch_size):
+    for start in range(0, len(images), args.batch_size):
         loaded = []
-        for path in args.images[start:start + args.batch_size]:
+        for path in images[start:start + args.batch_size]:
             try:
                 loaded.append((path, transform(load_image(path))))
             except DataError as e:  # costs that image's prediction only

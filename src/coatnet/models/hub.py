@@ -105,13 +105,22 @@ def hub_offline() -> bool:
 def _fetch(repo: str, revision: str | None, filename: str) -> Path | None:
     """One file of the repository, or None when the repository (or the cache, offline) lacks it."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import (EntryNotFoundError, HFValidationError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
 
+    offline = hub_offline()
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=hub_cache(),
-                                    local_files_only=hub_offline()))
-    except EntryNotFoundError:  # not in the repository, or (offline, unreachable) not in the cache
+                                    local_files_only=offline))
+    except LocalEntryNotFoundError:
+        if offline:  # not in the cache: the caller tries the repository's other files
+            return None
+        # Online, the Hub could not be reached (huggingface_hub has retried): every other file would
+        # wait as long, so the first one's failure is the answer.
+        raise ValueError(f"the Hugging Face Hub could not be reached and its cache ({hub_cache()}) lacks {repo}: "
+                         f"check the connection, or download its files where there is one and pass "
+                         f"pretrained=PATH") from None
+    except EntryNotFoundError:  # not in the repository
         return None
     except RevisionNotFoundError:
         raise ValueError(f"{repo} has no revision {revision!r}; give a branch, tag or commit of it") from None
