@@ -247,3 +247,17 @@ def test_timms_data_config_reads_our_models():
     assert cfg.get("test_input_size", "none") == "none" and "input_size" not in cfg.to_dict()
     with pytest.raises(KeyError):
         cfg["num_classes"]
+
+
+@pytest.mark.parametrize("name", ["coatnet_0_rw_224.sw_in1k", "coatnet_rmlp_2_rw_384", "coatnet_2_rw_224"])
+def test_a_timm_name_built_without_weights_prepares_images_as_timm(name):
+    """As in timm: its name of published weights carries their preprocessing even without them;
+    our own names keep ours."""
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_model_data_config
+
+    with torch.device("meta"):
+        ours = resolve_model_data_config(coatnet.create_model(name))
+        theirs = resolve_model_data_config(timm.create_model(name, pretrained=False))
+    assert ours == theirs
+    assert coatnet.create_model("coatnet_0_rw").pretrained_cfg == PretrainedCfg()

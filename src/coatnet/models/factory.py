@@ -13,7 +13,7 @@ from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
 from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference, repository_config
 from .preprocessing import PretrainedCfg
-from .registry import model_entry
+from .registry import list_models, model_entry
 from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
                            timm_pretrained_cfg, timm_variant_of)
 
@@ -42,8 +42,9 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     relative-position tables interpolated; a classifier of another size is dropped with a warning and
     left freshly initialised (fine-tuning on new classes); RGB weights fit a model of other
     ``in_chans`` as timm fits them (:func:`fit_input_channels`). The model takes the weights' preprocessing
-    (``model.pretrained_cfg``: mean, std, interpolation, crop, class names; timm's for timm's weights),
-    which :func:`coatnet.data_transforms` turns into a transform.
+    (``model.pretrained_cfg``: mean, std, interpolation, crop, class names; timm's for timm's weights,
+    and, as in timm, for timm's name of published weights built without them), which
+    :func:`coatnet.data_transforms` turns into a transform.
 
     ``features_only=True`` returns a :class:`FeatureExtractor`, timm's way: a module that gives the
     list of NCHW maps after the stages in ``out_indices`` (default S1..S4; as in timm, an int n
@@ -73,6 +74,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
                         drop_path_rate=drop_path_rate, **kwargs)
     if weights is not None:
         load_pretrained(model, weights, entry.name)
+    elif list_models(f"{name.partition('.')[0]}.*", aliases=True):  # timm's name of its weights, as in timm
+        model.pretrained_cfg = timm_pretrained_cfg(entry.name, min(model.config.img_size), model.num_classes)
     return FeatureExtractor(model, out_indices) if features_only else model
 
 
