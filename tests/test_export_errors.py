@@ -46,7 +46,7 @@ def test_an_existing_output_is_replaced_only_with_overwrite(folder, tmp_path, ca
     for existing in (notes, weights):
         before = existing.read_bytes()
         refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(existing)],
-                f"output '{existing}' exists; give another path, or --overwrite to replace it")
+                f"output '{existing}' exists; give another path, or overwrite it (--overwrite")
         assert existing.read_bytes() == before
     assert main(["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(notes),
                  "--overwrite"]) == 0

@@ -67,6 +67,8 @@ def test_commands_take_timm_names(capsys, tmp_path):
     assert "coatnet_0_224" in capsys.readouterr().out
     assert main(["train", "--model", "coatnet_rmlp_nano_rw_224", "--epochs", "1", "--img-size", "32",
                  "--batch-size", "128", "--output-dir", str(tmp_path / "run")]) == 0
+    # 11 steps, all of them warm-up at the default 50: said, not silently a run that never decays
+    assert "note: --warmup-steps 50 covers the whole run of 11 steps" in capsys.readouterr().out
 
 
 def test_features_only():

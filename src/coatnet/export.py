@@ -55,7 +55,8 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         raise ValueError(f"output {str(output)!r} is a folder; give a file path like "
                          f"{str(output / ('model' + _SUFFIXES[format]))!r}")
     if output.exists() and not overwrite:
-        raise ValueError(f"output {str(output)!r} exists; give another path, or --overwrite to replace it")
+        raise ValueError(f"output {str(output)!r} exists; give another path, or overwrite it (--overwrite, "
+                         f"overwrite=True)")
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"{str(blocking)!r} is a file, so it cannot hold {str(output)!r}; give an output in a folder")

@@ -502,6 +502,9 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
             f"head) on {cfg.data}: {len(data.train)} train / {len(data.val)} val images at {cfg.img_size}x"
             f"{cfg.img_size}, {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, "
             f"{d.world_size} process(es) on {d.device.type}; output {run_dir}")
+    if ckpt is None and cfg.warmup_steps >= schedule_steps:
+        _log(d, f"note: --warmup-steps {cfg.warmup_steps} covers the whole run of {schedule_steps} steps: the rate "
+                f"rises to --lr and never decays; give fewer (e.g. --warmup-steps {schedule_steps // 10})")
     return run
 
 
