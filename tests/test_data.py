@@ -172,6 +172,19 @@ def test_imagefolder_skips_garbage_and_loads_everything(tmp_path):
     assert b.train.skipped_at_load == 0
 
 
+def test_imagefolder_for_evaluation_leaves_train_unread(tmp_path):
+    """`coatnet eval` builds the validation split alone: train/'s files (1.28M for ImageNet) are not
+    scanned, a broken one there is not reported, and its class folders still name the classes."""
+    import warnings
+
+    root = make_tree(tmp_path)
+    (root / "train" / "dog" / "broken.png").write_bytes(b"this is not a png at all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = build_datasets("imagefolder", root, img_size=16, train=False)
+    assert b.train is None and len(b.val) == 9 and b.skipped_files == 0 and b.classes == ("bird", "cat", "dog")
+
+
 def test_imagefolder_val_is_deterministic(tmp_path):
     b = build_datasets("imagefolder", make_tree(tmp_path), img_size=16)
     torch.manual_seed(0)

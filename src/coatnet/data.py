@@ -41,7 +41,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DataBundle:
-    train: Dataset
+    train: Dataset | None  # None: an image folder built for evaluation only (build_datasets(train=False))
     val: Dataset
     classes: tuple[str, ...]  # class names, index = label
     # Files that failed the header check at construction (both splits). Files that only fail when
@@ -446,7 +446,8 @@ def check_randaugment(randaugment: tuple[int, int] | None) -> None:
 
 
 def _build_imagefolder(
-    data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg
+    data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg,
+    with_train: bool = True,
 ) -> DataBundle:
     split_dirs = {s: data_dir / s for s in ("train", "val")}
     for split, d in split_dirs.items():
@@ -470,16 +471,18 @@ def _build_imagefolder(
             f"train/ and val/ in '{data_dir}' have different class folders "
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
         )
-    train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment))
+    # Evaluation alone leaves train/ unread: its file headers are checked one by one (ImageNet: 1.28M).
+    train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment)) \
+        if with_train else None
     val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg), evaluation=True)
-    for split, ds in (("train", train), ("val", val)):
+    for split, ds in (("train", train), ("val", val)) if with_train else (("val", val),):
         if len(ds) == 0:
             raise DataError(
                 f"empty data directory: no readable images in '{split_dirs[split]}' "
                 f"(looked for {', '.join(IMG_EXTENSIONS)}); put images in "
                 f"{split_dirs[split]}/<class>/"
             )
-    return DataBundle(train, val, tuple(classes), skipped_files=train.skipped + val.skipped)
+    return DataBundle(train, val, tuple(classes), skipped_files=(train.skipped if train else 0) + val.skipped)
 
 
 def default_preprocessing(name: str, img_size: int) -> PretrainedCfg:
@@ -495,6 +498,7 @@ def build_datasets(
     randaugment: tuple[int, int] | None = None,
     hflip: bool | None = None,
     preprocessing: PretrainedCfg | None = None,
+    train: bool = True,
 ) -> DataBundle:
     """Build train/val datasets for ``name`` (one of :data:`DATASETS`).
 
@@ -502,7 +506,9 @@ def build_datasets(
     data set's default: on for imagefolder/CIFAR, off for digits (a mirrored digit is another
     symbol). ``data_dir`` is ignored for digits (it ships inside scikit-learn). ``preprocessing``:
     the mean, std, interpolation and evaluation crop of the weights trained on (default:
-    :func:`default_preprocessing`).
+    :func:`default_preprocessing`). ``train=False``, for evaluation alone: an image folder's
+    ``train/`` is not scanned (its class folders still name the classes) and the bundle's ``train``
+    is None; the other data sets are cheap to build whole.
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
@@ -528,5 +534,5 @@ def build_datasets(
     if not root.is_dir():
         raise DataError(f"data directory '{root}' does not exist or is not a folder; check the path")
     if key == "imagefolder":
-        return _build_imagefolder(root, img_size, hflip, randaugment, cfg)
+        return _build_imagefolder(root, img_size, hflip, randaugment, cfg, with_train=train)
     return _build_cifar(key, root, img_size, hflip, randaugment, cfg)

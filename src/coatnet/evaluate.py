@@ -113,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if isinstance(img_size, tuple):
         raise ValueError(f"{ckpt.path} takes {img_size[0]}x{img_size[1]} images and the evaluation data sets are "
                          f"square: pass --img-size SIDE to evaluate it on SIDExSIDE images")
-    data = build_datasets(data_name, data_dir, img_size, preprocessing=model.pretrained_cfg)
+    data = build_datasets(data_name, data_dir, img_size, preprocessing=model.pretrained_cfg, train=False)
     if model.pretrained_cfg.label_names and list(data.classes) != classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
                          f"classes; evaluate on the data set it was trained on")
