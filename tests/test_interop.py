@@ -236,6 +236,10 @@ def test_convert_timm_cli_writes_a_pretrained_folder(tmp_path, capsys):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    # Without --model, the variant the weights fit.
+    assert main(["convert-timm", str(source), "--output", str(tmp_path / "found")]) == 0
+    assert "coatnet_nano_rw, 10 classes, 64x64 input" in capsys.readouterr().out
+    assert coatnet.from_pretrained(tmp_path / "found").config == ours.config
 
 
 def test_weights_of_the_wrong_model_name_the_keys(tmp_path, capsys):

@@ -63,18 +63,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
-    from .models import create_model
-    from .models.factory import read_pretrained
-    from .models.timm_convert import classifier_size, is_timm_state_dict, timm_img_size
+    from .models import create_model, read_state_dict
+    from .models.factory import timm_weights
+    from .models.timm_convert import classifier_size, is_timm_state_dict, timm_img_size, timm_variant_of
 
-    weights = read_pretrained(args.source, args.model)
-    if not is_timm_state_dict(weights.state):
+    state = read_state_dict(args.source)
+    if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
-    model = create_model(args.model, pretrained=weights, img_size=timm_img_size(weights.state),
-                         num_classes=classifier_size(weights.state))
+    name = args.model or timm_variant_of(state)
+    if name is None:
+        raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "
+                         f"told which weights differ")
+    model = create_model(name, pretrained=timm_weights(state, name), img_size=timm_img_size(state),
+                         num_classes=classifier_size(state))
     folder = model.save_pretrained(args.output)
-    print(f"wrote {folder}: {args.model}, {model.config.num_classes} classes, "
+    print(f"wrote {folder}: {name}, {model.config.num_classes} classes, "
           f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
     return 0
 
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-timm", help="convert a timm CoAtNet state dict into a save_pretrained folder")
     p.add_argument("source", metavar="SRC", help="timm weights: .safetensors or .pth")
-    p.add_argument("--model", required=True, help="our name of the matching configuration")
+    p.add_argument("--model", default=None, help="our name of the matching configuration (default: the variant "
+                                                 "the weights fit)")
     p.add_argument("--output", required=True, help="folder to write (config.json, model.safetensors)")
     p.set_defaults(func=cmd_convert_timm)
 

@@ -131,10 +131,16 @@ def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
     state = read_state_dict(path)
     if not is_timm_state_dict(state):
         return PretrainedWeights(state, None, whole=from_hub)
+    return timm_weights(state, name, hub_config(path) if from_hub else None)
+
+
+def timm_weights(state: dict[str, torch.Tensor], name: str, hub_config: dict | None = None) -> PretrainedWeights:
+    """timm's weights for our ``name``, with timm's preprocessing (its repository's ``hub_config``
+    when fetched from the Hub, which also keeps their classifier by default)."""
     entry = model_entry(name)
     img_size = timm_img_size(state) or entry.defaults.get("img_size")
-    return PretrainedWeights(state, timm_pretrained_cfg(entry.name, img_size, classifier_size(state),
-                                                        hub_config(path) if from_hub else None), whole=from_hub)
+    return PretrainedWeights(state, timm_pretrained_cfg(entry.name, img_size, classifier_size(state), hub_config),
+                             whole=hub_config is not None)
 
 
 def from_pretrained(path: str | Path) -> CoAtNet:
