@@ -45,6 +45,18 @@ def test_bench_reports_every_field(capsys, monkeypatch):
     assert inference["gflop_per_image"] == pytest.approx(0.032, rel=0.02)
 
 
+@pytest.mark.parametrize("name", ["coatnet_0", "coatnet_nano_rw", "coatnet_rmlp_nano_rw"])
+def test_timms_model_is_ours_in_size(name):
+    """The model timm's row times is ours in timm's code: the same parameters (within the 64-192 of
+    the paper-style models' extra biases)."""
+    pytest.importorskip("timm")
+    from coatnet.bench import build
+    from coatnet.complexity import count_parameters
+
+    ours, theirs = build("coatnet", name, 64), build("timm", name, 64)
+    assert count_parameters(theirs) == pytest.approx(count_parameters(ours), rel=1e-4)
+
+
 def test_bench_bfloat16(capsys):
     result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--dtype", "bfloat16")
     assert result["dtype"] == "bfloat16" and len(result["rows"]) == 2
@@ -52,7 +64,7 @@ def test_bench_bfloat16(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "coatnet_pico", "--compare", "timm"], "timm has no paper-style counterpart of coatnet_pico"),
+    (["--model", "coatnet_pico", "--compare", "timm"], "timm has no counterpart of coatnet_pico"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import compile_for_inference
+from .models import compile_for_inference, timm_variants
 from .train import make_optimizer
 from .validate import resolve_device
 
@@ -70,7 +70,8 @@ REPLY_TIMEOUT_S = 3600.0
 # How long the measurements' processes that answered their last request get, all together, to exit
 # on their own, cleaning up after themselves (a compiled model's worker pool); past it, they are killed.
 EXIT_TIMEOUT_S = 60.0
-TIMM_MODELS = {f"coatnet_{n}": f"coatnet_{n}_224" for n in range(6)}  # timm's paper-style CoAtNet-0..5
+# timm's model of each of ours: its paper-style CoAtNet-0..5, and the rw variants its weights are of.
+TIMM_MODELS = {f"coatnet_{n}": f"coatnet_{n}_224" for n in range(6)} | {v: f"{v}_224" for v in timm_variants()}
 
 
 def _import_timm():
@@ -103,7 +104,7 @@ class Job:
 
 
 def build(implementation: str, name: str, img_size: int) -> nn.Module:
-    """Our ``name``, or timm's matching paper-style CoAtNet (random init, nothing downloaded).
+    """Our ``name``, or timm's matching CoAtNet (random init, nothing downloaded).
 
     Both train with the stochastic depth rate of the paper's recipe (Table 10), ours by default;
     timm's default is none, which would leave it less work per training step.
@@ -289,7 +290,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.compare == "timm":
         _import_timm()
         if name not in TIMM_MODELS:  # before building anything
-            raise ValueError(f"timm has no paper-style counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
+            raise ValueError(f"timm has no counterpart of {args.model}; compare {', '.join(TIMM_MODELS)}")
         implementations.append("timm")
     if args.dtype == "tf32" and (device.type != "cuda" or torch.version.hip
                                  or torch.cuda.get_device_capability(device) < (8, 0)):
