@@ -47,8 +47,8 @@ def test_bench_reports_every_field(capsys, monkeypatch):
 
 @pytest.mark.parametrize("name", ["coatnet_0", "coatnet_nano_rw", "coatnet_rmlp_nano_rw"])
 def test_timms_model_is_ours_in_size(name):
-    """The model timm's row times is ours in timm's code: the same parameters (within the 64-192 of
-    the paper-style models' extra biases)."""
+    """The model timm's row times is ours in timm's code: the same parameters (the rw variants exactly;
+    timm's paper-style models differ by 64-192 of 25-75M)."""
     pytest.importorskip("timm")
     from coatnet.bench import build
     from coatnet.complexity import count_parameters
