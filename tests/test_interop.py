@@ -287,3 +287,20 @@ def test_convert_keeps_keys_it_does_not_know():
     assert set(converted) == {"stem.0.0.weight", "something.else"}
     with pytest.raises(ValueError, match="weights do not fit"):
         load_weights(coatnet.create_model("coatnet_nano_rw", img_size=64), converted)
+
+
+def test_a_folder_at_another_size_is_built_at_its_own(tmp_path):
+    """A 64 px fine-tune loaded by name without img_size is built at 64 px, as it was saved, not at
+    the name's 32 with its tables shrunk (and stretched back by a 64 px input, 9e-5 off); given
+    img_size, it is built at that size, tables interpolated once."""
+    torch.manual_seed(0)
+    tuned = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7, img_size=64)).eval()
+    for table in (p for n, p in tuned.named_parameters() if n.endswith("relative_position.table")):
+        torch.nn.init.normal_(table)
+    folder = tuned.save_pretrained(tmp_path / "tuned")
+    loaded = coatnet.create_model("coatnet_pico", pretrained=folder).eval()
+    assert loaded.config.img_size == (64, 64) and loaded.num_classes == 7
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), tuned(x))
+    assert coatnet.create_model("coatnet_pico", pretrained=folder, img_size=32).config.img_size == (32, 32)

@@ -38,9 +38,10 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
     (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional) a
     repository of timm's weights or a ``save_pretrained`` folder. Weights from a folder or the Hub
-    keep their own classifier unless ``num_classes`` is given. Weights saved at another resolution load with their
-    relative-position tables interpolated; a classifier of another size is dropped with a warning and
-    left freshly initialised (fine-tuning on new classes); RGB weights fit a model of other
+    keep their own classifier and input size unless ``num_classes`` or ``img_size`` is given.
+    Weights saved at another resolution load with their relative-position tables interpolated; a
+    classifier of another size is dropped with a warning and left freshly initialised (fine-tuning
+    on new classes); RGB weights fit a model of other
     ``in_chans`` as timm fits them (:func:`fit_input_channels`). The model takes the weights' preprocessing
     (``model.pretrained_cfg``: mean, std, interpolation, crop, class names; timm's for timm's weights,
     and, as in timm, for timm's name of published weights built without them), which
@@ -68,8 +69,9 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
         weights = None
     else:
         weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
-    if weights is not None and weights.whole and num_classes is None:
-        num_classes = classifier_size(weights.state)
+    if weights is not None and weights.whole:  # their classifier and size, unless told otherwise
+        num_classes = classifier_size(weights.state) if num_classes is None else num_classes
+        img_size = weights.img_size if img_size is None else img_size
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         drop_path_rate=drop_path_rate, **kwargs)
     if weights is not None:
@@ -102,9 +104,7 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
     if not fetched:  # timm's architecture with the repository's classes, freshly initialised
         classes = meta.get("num_classes") if options["num_classes"] is None else options["num_classes"]
         return create_model(architecture, **options | {"num_classes": classes})
-    weights = _read_weights(fetched, architecture, from_hub=True)
-    return create_model(architecture, pretrained=weights,
-                        **options | {"img_size": options["img_size"] or timm_img_size(weights.state)})
+    return create_model(architecture, pretrained=_read_weights(fetched, architecture, from_hub=True), **options)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ class PretrainedWeights:
 
     state: dict[str, torch.Tensor]
     pretrained_cfg: PretrainedCfg | None
-    whole: bool = False  # published (Hub) or saved as a model (folder): keep their classifier by default
+    whole: bool = False  # published (Hub) or saved as a model (folder): keep their classifier and size by default
+    img_size: tuple[int, int] | int | None = None  # the input size they were trained at, where known
 
 
 def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeights:
@@ -127,7 +128,9 @@ def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
     """The weights at ``path`` (a folder or a file, fetched from the Hub or not), for the model ``name``."""
     if path.is_dir():
         folder = read_model_folder(path)
-        return PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder), whole=True)
+        size = folder.meta["config"].get("img_size")
+        return PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder), whole=True,
+                                 img_size=tuple(size) if isinstance(size, list) else size)
     state = read_state_dict(path)
     if not is_timm_state_dict(state):
         return PretrainedWeights(state, None, whole=from_hub)
@@ -140,7 +143,7 @@ def timm_weights(state: dict[str, torch.Tensor], name: str, hub_config: dict | N
     entry = model_entry(name)
     img_size = timm_img_size(state) or entry.defaults.get("img_size")
     return PretrainedWeights(state, timm_pretrained_cfg(entry.name, img_size, classifier_size(state), hub_config),
-                             whole=hub_config is not None)
+                             whole=hub_config is not None, img_size=timm_img_size(state))
 
 
 def from_pretrained(path: str | Path) -> CoAtNet:
@@ -256,7 +259,7 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
     theirs, ours = ({k: v.shape for k, v in d.items() if is_head(k)} for d in (state, own))
     if theirs != ours:
         if model.num_classes:
-            why = "has no classifier" if not theirs else f"has a classifier that does not fit {model.num_classes} classes"
+            why = f"has a classifier that does not fit {model.num_classes} classes" if theirs else "has no classifier"
             warnings.warn(f"the checkpoint {why}; the model's classifier is left freshly initialised", stacklevel=2)
         state = {k: v for k, v in state.items() if not is_head(k)} | {k: v for k, v in own.items() if is_head(k)}
     model.load_state_dict(state)
