@@ -141,13 +141,33 @@ def test_sigkill_and_resume_matches_uninterrupted_run(reference_run, tmp_path):
 
 
 def test_resume_extends_a_finished_run(reference_run, tmp_path):
+    """Extended with another --weight-decay and --min-lr, the run steps with them, as config.json
+    records: AdamW's moments come from the checkpoint, its settings from this run."""
     import shutil
 
     out = tmp_path / "extended"
     shutil.copytree(reference_run, out, symlinks=True)
-    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 0
+    assert main(["train", "--resume", "--epochs", "3", "--weight-decay", "0.3", "--min-lr", "2e-5",
+                 "--output-dir", str(out)]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+    groups = torch.load(out / "last" / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.3, 0.0]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == pytest.approx(2e-5)
+
+
+def test_no_weight_decay_on_the_relative_position_bias():
+    """Eq. 3's tables, and [rw] the MLP that computes the bias (as timm), are not decayed; nor are
+    biases and norms. Weights are."""
+    from coatnet.train import param_groups
+
+    for name in ("coatnet_pico", "coatnet_rmlp_nano_rw"):
+        model = create_model(name)
+        decay, no_decay = ({id(p) for p in g["params"]} for g in param_groups(model, 0.05))
+        for key, p in model.named_parameters():
+            undecayed = p.ndim == 1 or ".relative_position." in key
+            assert (id(p) in no_decay) == undecayed and (id(p) in decay) != undecayed, key
+        assert any(".relative_position." in key for key, _ in model.named_parameters())
 
 
 def test_extending_a_finished_run_never_raises_the_lr(reference_run, tmp_path):

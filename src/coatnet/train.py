@@ -291,12 +291,13 @@ def make_loader(dataset: Dataset, indices: list, batch_size: int, workers: int, 
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: not on biases, norms or the relative-position tables."""
+    """Weight decay on weights only: not on biases, norms or the relative-position bias (Eq. 3's
+    tables, or [rw] the MLP that computes it, which timm leaves undecayed too)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith("relative_position.table") else decay).append(p)
+        (no_decay if p.ndim <= 1 or ".relative_position." in name else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
@@ -504,7 +505,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
             f"{d.world_size} process(es) on {d.device.type}; output {run_dir}")
     if ckpt is None and cfg.warmup_steps >= schedule_steps:
         _log(d, f"note: --warmup-steps {cfg.warmup_steps} covers the whole run of {schedule_steps} steps: the rate "
-                f"rises to --lr and never decays; give fewer (e.g. --warmup-steps {schedule_steps // 10})")
+                f"reaches --lr at its last step and never decays; give fewer (e.g. --warmup-steps "
+                f"{schedule_steps // 10})")
     return run
 
 
@@ -582,12 +584,17 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     if sharded != run.config.fsdp:
         raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
                               f"and resumes only so; or start a new run from its weights with --pretrained")
+    # The checkpoint gives AdamW's moments and steps; the settings (weight decay, the rate at this
+    # step) stay this run's, which --resume may have changed (--weight-decay, --lr).
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
     if sharded:
         sharding.load_full_state_dict(run.model, ckpt.weights)
         sharding.load_optimizer(run.model, run.optimizer, ckpt.path / OPTIMIZER_SHARDS)
     else:
         load_weights(run.model, ckpt.weights)
         run.optimizer.load_state_dict(s["optimizer"])
+    for group, own in zip(run.optimizer.param_groups, settings):
+        group.update(own)
     # The optimizer state keeps the layout it was saved in, and CPU fused AdamW pairs elements by
     # memory position: lay each moment out like its parameter (checkpoints written before the weights
     # were channels-last).
