@@ -145,6 +145,11 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def is_image_file(name: str) -> bool:
+    """Whether a file named ``name`` is read as an image: by its extension, hidden ones left out."""
+    return not _is_hidden(name) and has_file_allowed_extension(name, IMG_EXTENSIONS)
+
+
 # The label of a sample evaluation leaves out (:func:`coatnet.evaluate.evaluate`): a stand-in for a
 # validation image that failed to decode.
 IGNORED_LABEL = -1
@@ -226,7 +231,7 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
             for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls)):
                 dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
                 for fname in sorted(filenames):
-                    if _is_hidden(fname) or not has_file_allowed_extension(fname, IMG_EXTENSIONS):
+                    if not is_image_file(fname):
                         continue  # not an image by name (e.g. .txt): silently not part of the set
                     path = os.path.join(dirpath, fname)
                     if _header_ok(path):

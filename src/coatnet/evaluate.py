@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
-from .data import IGNORED_LABEL, DataError, build_datasets, load_image
+from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image
 from .export import check_img_size
 from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder
@@ -146,9 +146,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def images_in(folder: str) -> list[str]:
-    """A folder's image files (by extension, sorted, hidden ones left out; not its subfolders')."""
-    return sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
-                  and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
+    """A folder's image files, sorted (not its subfolders')."""
+    return sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and is_image_file(p.name))
 
 
 def run_predict(args: argparse.Namespace) -> int:

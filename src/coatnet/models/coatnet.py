@@ -170,11 +170,12 @@ class CoAtNetConfig(_Checked):
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages or not all(isinstance(s, StageConfig) for s in self.stages):
             raise ValueError("stages must be one or more StageConfig")
-        widths = [self.stem.channels] + [s.channels for s in self.stages]
-        for s, width_in in zip(self.stages, widths):
+        widths_in = [self.stem.channels] + [s.channels for s in self.stages]
+        for s, width_in in zip(self.stages, widths_in):
+            if s.block != "transformer":
+                continue
             # Each block attends at its output width, or [rw] at its input width (the first's is the last stage's).
-            attended = {s.channels} | ({width_in} if self.transformer.attention_width == "input" else set())
-            for width in sorted(attended) if s.block == "transformer" else ():
+            for width in (s.channels, width_in) if self.transformer.attention_width == "input" else (s.channels,):
                 if width % self.transformer.head_size:
                     raise ValueError(f"transformer width {width} is not a multiple of head size "
                                      f"{self.transformer.head_size}")
