@@ -55,6 +55,16 @@ def test_outputs(reference_run):
     for line in lines:
         m = json.loads(line)
         assert {"epoch", "train_loss", "eval_loss", "top1", "top5", "lr", "images_per_second"} <= m.keys()
+    # Each epoch's LR is the one its last step took (steps 10 and 21 of 22), not the next step's.
+    from coatnet.train import TrainConfig, lr_schedule
+
+    cfg = TrainConfig(**load_checkpoint(reference_run / "last").meta["train_config"])
+    rates = []
+    for step in (10, 21):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        lr_schedule(optimizer, cfg, total_steps=22, step=step)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert [json.loads(line)["lr"] for line in lines] == pytest.approx(rates, rel=1e-9) and rates[1] > cfg.min_lr
     summary = json.loads((reference_run / "summary.json").read_text())
     assert {"model", "dataset", "epochs", "top1", "top5", "train_loss", "images_per_second", "wall_seconds",
             "skipped_files"} <= summary.keys()
@@ -178,7 +188,7 @@ def test_extending_a_finished_run_never_raises_the_lr(reference_run, tmp_path):
     shutil.copytree(reference_run, out, symlinks=True)
     assert main(["train", "--resume", "--epochs", "4", "--output-dir", str(out)]) == 0
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(lrs) == 4 and lrs[1] == pytest.approx(1e-5)  # the first run decayed to min_lr
+    assert len(lrs) == 4 and lrs[2:] == pytest.approx([1e-5] * 2)  # the first run decayed to min_lr
     assert max(lrs[2:]) <= lrs[1]
 
 

@@ -716,7 +716,8 @@ def _gradient_sync(run: Run, sync: bool):
 
 def evaluate_epoch(run: Run) -> dict:
     """The epoch's line of metrics.jsonl: the evaluated model (the EMA when there is one) on the
-    validation set, and the training loss and accuracy summed over all processes."""
+    validation set, the training loss and accuracy summed over all processes, and the learning rate
+    of the epoch's last step (the optimizer's already holds the next step's)."""
     cfg, d, s = run.config, run.dist, run.state
     share_buffers(run)
     eval_model = run.ema.module if run.ema is not None else run.model
@@ -730,7 +731,7 @@ def evaluate_epoch(run: Run) -> dict:
     loss_sum, correct, count = totals.tolist()
     metrics = dict(epoch=s.epoch + 1, step=s.step, train_loss=loss_sum / count, train_top1=100 * correct / count,
                    eval_loss=result["loss"], top1=result["top1"], top5=result["top5"],
-                   lr=run.optimizer.param_groups[0]["lr"], images_per_second=count / max(seconds, 1e-9),
+                   lr=cfg.lr * run.scheduler.lr_lambdas[0](s.step - 1), images_per_second=count / max(seconds, 1e-9),
                    epoch_seconds=seconds)
     if d.device.type == "cuda":  # the most any process held so far: what `coatnet plan` predicts
         # allocated: its tensors; reserved: what PyTorch's caching allocator took from the GPU for them
