@@ -520,3 +520,32 @@ def test_cifar_corrupt_pickle(tmp_path):
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"\x80\x02garbage")
     with pytest.raises(DataError, match=r"cannot read CIFAR file .*test.*corrupt"):
         build_datasets("cifar100", tmp_path)
+
+
+@pytest.mark.parametrize("change", ["renamed", "added", "removed"])
+def test_resume_on_other_classes_is_refused(tmp_path, capsys, change):
+    """A class renamed (labels would silently mean other classes), added or removed (the head and
+    AdamW's moments no longer fit: before, a crash or a segfault) since the run began: one line,
+    exit 2, the run's checkpoint as it was."""
+    import shutil
+
+    from coatnet.cli import main
+
+    root, out = make_tree(tmp_path / "data", per_class=4), tmp_path / "run"
+    argv = ["train", "--data", "imagefolder", "--data-dir", str(root), "--model", "coatnet_pico", "--img-size", "16",
+            "--batch-size", "4", "--epochs", "1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    last = os.readlink(out / "last")
+    capsys.readouterr()
+    for split in ("train", "val"):
+        if change == "renamed":
+            (root / split / "cat").rename(root / split / "zebra")
+        elif change == "added":
+            shutil.copytree(root / split / "cat", root / split / "ant")
+        else:
+            shutil.rmtree(root / split / "bird")
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = {"renamed": "(gone: cat; new: zebra)", "added": "(new: ant)", "removed": "(gone: bird)"}[change]
+    assert len(err.strip().splitlines()) == 1 and expected in err and "--pretrained" in err, err
+    assert os.readlink(out / "last") == last and len((out / "metrics.jsonl").read_text().splitlines()) == 1

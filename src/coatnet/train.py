@@ -448,6 +448,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
         or default_preprocessing(cfg.data, cfg.img_size)
     data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment,
                           preprocessing=preprocessing)
+    if ckpt is not None:
+        _check_same_classes(ckpt, preprocessing.label_names, data.classes)
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
     sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
@@ -508,6 +510,20 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
                 f"reaches --lr at its last step and never decays; give fewer (e.g. --warmup-steps "
                 f"{schedule_steps // 10})")
     return run
+
+
+def _check_same_classes(ckpt: Checkpoint, recorded: list[str] | None, classes: list[str]) -> None:
+    """A resumed run goes on with the classes it trained on, label for label: with a class added or
+    removed its head and optimizer state no longer fit, and with one renamed (or reordered) each
+    label would silently mean another class."""
+    if recorded is None or list(recorded) == list(classes):
+        return
+    removed, added = [c for c in recorded if c not in classes], [c for c in classes if c not in recorded]
+    change = "; ".join(part for part in (f"gone: {', '.join(removed[:5])}" if removed else "",
+                                         f"new: {', '.join(added[:5])}" if added else "") if part) or "another order"
+    raise ValueError(f"the data's {len(classes)} classes are not the {len(recorded)} this run trained on ({change}); "
+                     f"resume with the data as it was, or fine-tune on the new classes in a new run with "
+                     f"--pretrained {ckpt.path}")
 
 
 def _new_run_dir(cfg: TrainConfig, d: Dist) -> Path:
