@@ -549,3 +549,20 @@ def test_resume_on_other_classes_is_refused(tmp_path, capsys, change):
     expected = {"renamed": "(gone: cat; new: zebra)", "added": "(new: ant)", "removed": "(gone: bird)"}[change]
     assert len(err.strip().splitlines()) == 1 and expected in err and "--pretrained" in err, err
     assert os.readlink(out / "last") == last and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_loader_workers_error_is_its_own_one_line(tmp_path, capsys):
+    """An error met in a DataLoader worker process (--workers 1) reads as the same one line as in the
+    main process, not as the worker's traceback."""
+    from coatnet.cli import main
+
+    root = make_tree(tmp_path / "data", per_class=4)
+    for image in (root / "train").rglob("*.*"):
+        image.write_bytes(image.read_bytes()[:-200])  # every training image cut short: its header reads
+    errors = []
+    for workers in ("0", "1"):
+        assert main(["train", "--data", "imagefolder", "--data-dir", str(root), "--model", "coatnet_pico",
+                     "--img-size", "16", "--batch-size", "4", "--epochs", "1", "--workers", workers,
+                     "--output-dir", str(tmp_path / f"run{workers}")]) == 2
+        errors.append([line for line in capsys.readouterr().err.splitlines() if "error" in line])
+    assert len(errors[1]) == 1 and errors[1] == [errors[0][0].replace("run0", "run1")], errors

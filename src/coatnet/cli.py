@@ -304,6 +304,15 @@ def _lazy(module: str, name: str):
     return getattr(importlib.import_module(f"coatnet.{module}"), name)
 
 
+def _message(error: Exception) -> str:
+    """The error's own message. One raised in a DataLoader worker process comes back as the same
+    kind of error whose message is the worker's whole traceback: its own message is the last line."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -318,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2
-        print(f"coatnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"coatnet {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: what, where
         where = f": {e.filename}" if e.filename else ""
-        print(f"coatnet {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"coatnet {args.command}: error: {e.strerror or _message(e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"coatnet {args.command}: interrupted", file=sys.stderr)
