@@ -291,6 +291,21 @@ def test_hf_parquet(tmp_path, layout):
     assert (sorted(os.listdir(hf_cache)) if os.path.isdir(hf_cache) else None) == before
 
 
+def test_hf_null_image_is_skipped_at_load(tmp_path):
+    """A row whose image is null is an undecodable sample: warned about, counted, the next one in
+    its place (before: an AttributeError traceback in the middle of an epoch)."""
+    split = datasets.Dataset.from_dict(
+        {"image": [None, *({"bytes": encode(s["rgb"], s["ext"]), "path": None} for s in TRAIN[1:])],
+         "label": [s["label"] for s in TRAIN]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)}))
+    datasets.DatasetDict(train=split, validation=hf_split(VAL)).save_to_disk(str(tmp_path / "ds"))
+    train = build_hf(str(tmp_path / "ds"), to_tensor, to_tensor).train
+    with pytest.warns(UserWarning, match="no image in row 0"):
+        item = train[0]
+    check_item(item, TRAIN[1])
+    assert train.skipped_at_load == 1
+
+
 def _save(dd_or_ds):
     return lambda root: dd_or_ds().save_to_disk(str(root))
 

@@ -334,6 +334,8 @@ class HFImageDataset(EncodedImages):
     def _read(self, i: int) -> tuple[bytes, str]:
         value = self.hf[i][self.image_column]
         where = f"row {i} of {self.name}"
+        if value is None or value.get("bytes") is value.get("path") is None:  # a null in the column
+            raise DataError(f"no image in {where}")
         if value.get("bytes") is None:  # stored as a path to an image file
             try:
                 return Path(value["path"]).read_bytes(), f"'{value['path']}' ({where})"
