@@ -566,3 +566,15 @@ def test_a_loader_workers_error_is_its_own_one_line(tmp_path, capsys):
                      "--output-dir", str(tmp_path / f"run{workers}")]) == 2
         errors.append([line for line in capsys.readouterr().err.splitlines() if "error" in line])
     assert len(errors[1]) == 1 and errors[1] == [errors[0][0].replace("run0", "run1")], errors
+
+
+def test_training_on_a_single_class_is_refused(tmp_path, capsys):
+    """One class is a 100% top-1 from the first step, with nothing learnt (before: trained and reported)."""
+    from coatnet.cli import main
+
+    root = make_tree(tmp_path / "data", classes=("cat",), per_class=4)
+    assert main(["train", "--data", "imagefolder", "--data-dir", str(root), "--model", "coatnet_pico", "--img-size",
+                 "16", "--batch-size", "4", "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("coatnet train: error: the data has 1 class (cat): training a classifier needs "
+                                       "at least 2; add the other classes' folders (or samples)\n")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

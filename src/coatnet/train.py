@@ -450,6 +450,9 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
                           preprocessing=preprocessing)
     if ckpt is not None:
         _check_same_classes(ckpt, preprocessing.label_names, data.classes)
+    if data.num_classes < 2:  # every label the same: 100% from the first step, and nothing learnt
+        raise ValueError(f"the data has {data.num_classes} class ({', '.join(data.classes)}): training a classifier "
+                         f"needs at least 2; add the other classes' folders (or samples)")
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
     sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
