@@ -578,3 +578,33 @@ def test_training_on_a_single_class_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err == ("coatnet train: error: the data has 1 class (cat): training a classifier needs "
                                        "at least 2; add the other classes' folders (or samples)\n")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_imagefolder_says_what_it_does_not_read(tmp_path, monkeypatch):
+    """Files not named as images (a .gif, a README) and a class folder with no images are said in a
+    warning, not dropped without a word; a folder that cannot be listed is an error, not an empty class."""
+    root = make_tree(tmp_path, per_class=2)
+    for split in ("train", "val"):
+        write_image(root / split / "dog" / "x.gif", 1, "GIF", "RGB")
+        (root / split / "cat" / "README").write_text("notes")
+        (root / split / "cat" / ".DS_Store").write_text("")  # hidden: not worth a word
+        (root / split / "empty").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        b = build_datasets("imagefolder", root, img_size=16)
+    messages = [str(w.message) for w in caught]
+    assert b.classes == ("bird", "cat", "dog", "empty") and len(b.train) == len(b.val) == 6
+    for split in ("train", "val"):
+        assert f"class 'empty' has no images in '{root / split}'" in messages
+        assert any(m.startswith(f"2 files in '{root / split}' not read, as their names are not of images "
+                                f"(.gif x1, README x1)") for m in messages), messages
+    walk = os.walk
+
+    def unlistable(top, onerror=None, **kwargs):
+        if top.endswith("dog"):
+            onerror(PermissionError(13, "Permission denied", top))
+        return walk(top, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(os, "walk", unlistable)
+    with pytest.raises(PermissionError, match="Permission denied"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_datasets("imagefolder", root, img_size=16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -224,21 +225,35 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         Replaces torchvision's walk, which follows symlinked folders and lists hidden ones. The base
         class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
         """
-        samples = []
+        samples, not_images = [], Counter()
+
+        def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
+            raise error
+
         for cls, label in class_to_idx.items():
+            found = len(samples)
             # Top-down walk with sorted, pruned dirnames; followlinks=False (the default) keeps
             # symlinked folders out of it.
-            for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls)):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls), onerror=unreadable):
                 dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
                 for fname in sorted(filenames):
                     if not is_image_file(fname):
-                        continue  # not an image by name (e.g. .txt): silently not part of the set
+                        if not _is_hidden(fname):
+                            not_images[os.path.splitext(fname)[1].lower() or fname] += 1
+                        continue
                     path = os.path.join(dirpath, fname)
                     if _header_ok(path):
                         samples.append((path, label))
                     else:
                         self.skipped += 1
                         warnings.warn(f"skipping '{path}': not an image file or corrupt", stacklevel=2)
+            if len(samples) == found:
+                warnings.warn(f"class '{cls}' has no images in '{directory}'", stacklevel=2)
+        if not_images:
+            commonest = sorted(not_images.items(), key=lambda kind_count: (-kind_count[1], kind_count[0]))
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in commonest[:5])
+            warnings.warn(f"{sum(not_images.values())} files in '{directory}' not read, as their names are not of "
+                          f"images ({kinds}); images must end in one of {', '.join(IMG_EXTENSIONS)}", stacklevel=2)
         return samples
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
