@@ -469,7 +469,8 @@ def _build_imagefolder(
     data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg,
     with_train: bool = True,
 ) -> DataBundle:
-    split_dirs = {s: data_dir / s for s in ("train", "val")}
+    # Evaluation alone needs only val/: train/ is neither listed nor required.
+    split_dirs = {s: data_dir / s for s in (("train", "val") if with_train else ("val",))}
     for split, d in split_dirs.items():
         if not d.is_dir():
             raise DataError(
@@ -477,13 +478,11 @@ def _build_imagefolder(
                 f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg"
             )
     # Compare the class folders before the (slow) header scan of every file.
-    classes, _ = ImageFolderDataset.find_classes(split_dirs["train"])
+    first = next(iter(split_dirs.values()))
+    classes, _ = ImageFolderDataset.find_classes(first)
     val_classes, _ = ImageFolderDataset.find_classes(split_dirs["val"])
     if not classes:
-        raise DataError(
-            f"empty data directory: '{split_dirs['train']}' has no class folders; "
-            f"put images in {split_dirs['train']}/<class>/"
-        )
+        raise DataError(f"empty data directory: '{first}' has no class folders; put images in {first}/<class>/")
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
@@ -491,7 +490,7 @@ def _build_imagefolder(
             f"train/ and val/ in '{data_dir}' have different class folders "
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
         )
-    # Evaluation alone leaves train/ unread: its file headers are checked one by one (ImageNet: 1.28M).
+    # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.
     train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment)) \
         if with_train else None
     val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg), evaluation=True)
