@@ -240,6 +240,19 @@ def test_convert_timm_cli_writes_a_pretrained_folder(tmp_path, capsys):
     assert main(["convert-timm", str(source), "--output", str(tmp_path / "found")]) == 0
     assert "coatnet_nano_rw, 10 classes, 64x64 input" in capsys.readouterr().out
     assert coatnet.from_pretrained(tmp_path / "found").config == ours.config
+    # A folder with files in it (a checkpoint, say, with its EMA weights) is written only with
+    # --overwrite, and then the old EMA weights, which would be read in place of these, are gone.
+    other = tmp_path / "other"
+    coatnet.create_model("coatnet_pico").save_pretrained(other)
+    (other / "ema.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    before = {f.name: f.read_bytes() for f in other.iterdir()}
+    assert main(["convert-timm", str(source), "--output", str(other)]) == 2
+    assert "is a folder with files in it" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in other.iterdir()} == before
+    assert main(["convert-timm", str(source), "--output", str(other), "--overwrite"]) == 0
+    assert not (other / "ema.safetensors").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(coatnet.from_pretrained(other)(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
 def test_weights_of_the_wrong_model_name_the_keys(tmp_path, capsys):

@@ -71,6 +71,9 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise ValueError(f"output {args.output!r} is a folder with files in it; give a new or empty one, or replace "
+                         f"its config.json and weights with --overwrite")
     name = args.model or timm_variant_of(state)
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "
@@ -269,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="our name of the matching configuration (default: the variant "
                                                  "the weights fit)")
     p.add_argument("--output", required=True, help="folder to write (config.json, model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
     p.set_defaults(func=cmd_convert_timm)
 
     p = sub.add_parser("study", help="the paper's controlled studies")

@@ -63,6 +63,8 @@ def write_model_folder(directory: Path, meta: dict, model: nn.Module | dict,
     write_weights(model, directory / WEIGHTS)
     if ema_model is not None:
         write_weights(ema_model, directory / EMA_WEIGHTS)
+    else:  # an older folder's EMA weights left here would be read in place of these (ModelFolder.eval_weights)
+        (directory / EMA_WEIGHTS).unlink(missing_ok=True)
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
