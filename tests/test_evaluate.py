@@ -294,6 +294,19 @@ def test_confusion_plot_of_names_that_are_not_utf8(tmp_path):
     assert (tmp_path / "cm.png").read_bytes()[:4] == PNG
 
 
+def test_confusion_plot_of_names_with_dollar_signs(tmp_path, monkeypatch):
+    """Class names are drawn as written: matplotlib would read `$x^$` as broken math (an error) and
+    `$\\alpha$` as a Greek letter."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    set_yticks = Axes.set_yticks
+    monkeypatch.setattr(Axes, "set_yticks", lambda ax, ticks, labels, **kw: (drawn.extend(labels),
+                                                                            set_yticks(ax, ticks, labels, **kw)))
+    plot_confusion(np.eye(3, dtype=int), ["$x^$", "$\\alpha$", "b"], tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").read_bytes()[:4] == PNG and drawn == ["\\$x^\\$", "\\$\\alpha\\$", "b"]
+
+
 @pytest.mark.parametrize("count,length", [(3, 80), (5, 40), (12, 8), (40, 12), (100, 30)])
 def test_confusion_labels_neither_overlap_nor_get_cut_off(tmp_path, monkeypatch, count, length):
     from matplotlib.backends.backend_agg import FigureCanvasAgg

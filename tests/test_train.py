@@ -348,6 +348,20 @@ def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path
     assert sum(bool(re.fullmatch(r"ckpt-\d{8}(\.\d+)?", p.name)) for p in out.iterdir()) <= 2  # still pruned
 
 
+@pytest.mark.parametrize("written", ["absolute", "dot-slash"])
+def test_a_link_written_by_hand_keeps_its_checkpoint(tmp_path, written):
+    """`best` re-pointed by hand (`ln -sfn $PWD/run/ckpt-N best`, or `./ckpt-N`) keeps its checkpoint
+    through the next save's pruning (before: deleted, `best` left dangling)."""
+    from coatnet.checkpoint import _remove_unreferenced
+
+    for step in (11, 22, 33):
+        (tmp_path / f"ckpt-{step:08d}").mkdir()
+    (tmp_path / "last").symlink_to("ckpt-00000033")
+    (tmp_path / "best").symlink_to(tmp_path / "ckpt-00000011" if written == "absolute" else "./ckpt-00000011")
+    _remove_unreferenced(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000011", "ckpt-00000033"]
+
+
 @pytest.mark.parametrize("victim", ["train_state.pt", "model.safetensors"])
 def test_truncated_checkpoint(reference_run, tmp_path, capsys, victim):
     import shutil

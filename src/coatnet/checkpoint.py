@@ -120,9 +120,10 @@ _OURS = re.compile(r"(ckpt-\d{8}(\.\d+)?)|(\.ckpt-\d{8}(\.\d+)?\.tmp)|(\.shards-
 def _remove_unreferenced(run_dir: Path) -> None:
     """Delete checkpoint directories that neither ``last`` nor ``best`` points at, and what a save cut
     off by a crash left under a temporary name (the run's lock means no other save is under way)."""
-    keep = {os.readlink(run_dir / link) for link in ("last", "best") if (run_dir / link).is_symlink()}
+    # Where the links lead, not how they are written: `ln -s $PWD/run/ckpt-N best` keeps ckpt-N too.
+    keep = {(run_dir / link).resolve() for link in ("last", "best") if (run_dir / link).is_symlink()}
     for d in run_dir.iterdir():
-        if _OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and d.name not in keep:
+        if _OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and d.resolve() not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -62,7 +62,7 @@ def plot_confusion(matrix, classes: list[str], path: str | Path, title: str = "c
     The figure and font are sized from the number of classes and the longest name, so that the
     labels of up to :data:`MAX_NAMED_CLASSES` classes neither overlap nor get cut off.
     """
-    labels = [printable(str(c)) for c in classes]
+    labels = [printable(str(c)).replace("$", r"\$") for c in classes]  # a name, not matplotlib's $math$
     n = len(labels)
     named = n <= MAX_NAMED_CLASSES
     fontsize = max(6.0, min(10.0, 200 / max(n, 1)))
