@@ -348,6 +348,34 @@ def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path
     assert sum(bool(re.fullmatch(r"ckpt-\d{8}(\.\d+)?", p.name)) for p in out.iterdir()) <= 2  # still pruned
 
 
+def test_a_run_stopped_before_its_report_is_reported_on_resume(reference_run, tmp_path, monkeypatch):
+    """Stopped after its last checkpoint but before metrics.jsonl, curves.png and summary.json were
+    written (a kill, a plot that fails): `--resume` with nothing left to train writes them from the
+    checkpoint (before: the previous epochs' files stayed, as if they were the run's)."""
+    import shutil
+
+    from coatnet import train as train_module
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out, symlinks=True)
+    curves = (out / "curves.png").read_bytes()
+
+    def stopped(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "report_epoch", stopped)
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 130
+    assert load_checkpoint(out / "last").train_state["epoch"] == 3
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2  # the stale report
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 0
+    history = load_checkpoint(out / "last").train_state["history"]
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == history
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["top1"] == history[-1]["top1"]
+    assert (out / "curves.png").read_bytes() != curves
+
+
 @pytest.mark.parametrize("written", ["absolute", "dot-slash"])
 def test_a_link_written_by_hand_keeps_its_checkpoint(tmp_path, written):
     """`best` re-pointed by hand (`ln -sfn $PWD/run/ckpt-N best`, or `./ckpt-N`) keeps its checkpoint

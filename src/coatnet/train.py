@@ -412,8 +412,11 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
             if run.state.epoch >= config.epochs:
                 _log(d, f"{run_dir} has trained {run.state.epoch} of {config.epochs} epochs: nothing left to do "
                         f"(pass --epochs N with more epochs to extend it)")
-                if (run_dir / "summary.json").exists():  # the run's own, left as it is
-                    return json.loads((run_dir / "summary.json").read_text())
+                summary = _summary_of(run)
+                if summary is not None:  # the run's own, left as it is
+                    return summary
+                # Stopped between its last checkpoint and its report: the report, from the checkpoint.
+                report_epoch(run)
             while run.state.epoch < config.epochs:
                 train_one_epoch(run)
                 metrics = evaluate_epoch(run)
@@ -813,6 +816,16 @@ def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> Non
                  wall_seconds=run.wall_seconds(),
                  ema_n_averaged=int(run.ema.n_averaged) if run.ema is not None else 0, world_size=d.world_size)
     save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, model, ema_model, state, links, shards)
+
+
+def _summary_of(run: Run) -> dict | None:
+    """The run's summary.json where it reports the checkpoint's epoch; None where it is missing,
+    unreadable or older (a run stopped after its last checkpoint, before writing its summary)."""
+    try:
+        summary = json.loads((run.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("epochs") == run.state.epoch else None
 
 
 def report_epoch(run: Run) -> None:
