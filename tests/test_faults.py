@@ -303,6 +303,12 @@ CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
     "train_config, without the seed": ("config.json", _edit_train_config(lambda c: {k: v for k, v in c.items()
                                                                                    if k != "seed"}),
                                        "holds no usable train_config (no seed)", ("resume",)),
+    "train_config, another image size": ("config.json", _edit_train_config(lambda c: c | {"img_size": 32}),
+                                         "holds a model at [16, 16] px but its train_config says img_size 32",
+                                         ("resume",)),
+    "train_config, a model_config of what the run sets": (
+        "config.json", _edit_train_config(lambda c: c | {"model_config": {"drop_path_rate": 0.5}}),
+        "holds no usable train_config (model_config sets drop_path_rate, which the run sets", ("resume",)),
     "train_config, a list": ("config.json", _edit_train_config(lambda c: list(c)),
                              "holds no usable train_config (a JSON list, not an object)", ("resume",)),
     "model.safetensors, truncated": ("model.safetensors", _truncate, "model.safetensors' is corrupt or truncated", ALL),

@@ -108,6 +108,10 @@ class TrainConfig:
         if self.pretrained == "":
             raise ValueError("--pretrained was given an empty path; give weights (a file, a folder or "
                              "hf-hub:ORG/NAME), or --pretrained alone for timm's weights of --model")
+        set_by_the_run = sorted({"num_classes", "img_size", "drop_path_rate", "pretrained"} & set(self.model_config or {}))
+        if set_by_the_run:
+            raise ValueError(f"model_config sets {', '.join(set_by_the_run)}, which the run sets from its data and "
+                             f"settings (the data's classes, --img-size, --drop-path, --pretrained); give them there")
         if self.grad_checkpointing and self.compile:
             raise ValueError("--grad-checkpointing does not work with --compile (torch.compile cannot trace the "
                              "checkpointed blocks); drop one of them")
@@ -549,6 +553,10 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if ckpt and ckpt.meta["model"] != cfg.model:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
                               f"drop --model to resume it, or start a new run from its weights with --pretrained")
+    if ckpt and list(ckpt.meta["config"].get("img_size") or ()) not in ([cfg.img_size] * 2, []):
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds a model at {ckpt.meta['config']['img_size']} px "
+                              f"but its train_config says img_size {cfg.img_size} (config.json edited?); put back "
+                              f"the model's size, or start a new run from its weights with --pretrained")
     saved = ckpt and (ckpt.meta.get("train_config") or ckpt.train_state["train_config"])
     for name in KEPT_ON_RESUME if ckpt else ():
         if name in saved and not same_setting(name, getattr(cfg, name), saved.get(name)):
