@@ -108,7 +108,8 @@ class TrainConfig:
         if self.pretrained == "":
             raise ValueError("--pretrained was given an empty path; give weights (a file, a folder or "
                              "hf-hub:ORG/NAME), or --pretrained alone for timm's weights of --model")
-        set_by_the_run = sorted({"num_classes", "img_size", "drop_path_rate", "pretrained"} & set(self.model_config or {}))
+        set_by_the_run = sorted({"num_classes", "img_size", "drop_path_rate", "pretrained"}
+                                & set(self.model_config or {}))
         if set_by_the_run:
             raise ValueError(f"model_config sets {', '.join(set_by_the_run)}, which the run sets from its data and "
                              f"settings (the data's classes, --img-size, --drop-path, --pretrained); give them there")
