@@ -138,6 +138,29 @@ def test_a_real_full_disk(tmp_path, capsys):
         subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("name", ["curves.png", "summary.json", "last"])
+def test_a_folder_in_place_of_a_run_file_is_refused_before_training(finished_run, tmp_path, capsys, monkeypatch, name):
+    """A folder where the run writes a file or keeps its `last` link (`cp -rL` makes `last` one, then
+    resumed as `--resume RUN/last`) is refused before an epoch is trained, naming it (before: after
+    an epoch, naming our temporary file)."""
+    out = copy_run(finished_run, tmp_path)
+    target = out / name
+    if target.is_symlink():
+        checkpoint = target.resolve()
+        target.unlink()
+        shutil.copytree(checkpoint, target)
+    else:
+        target.unlink()
+        target.mkdir()
+    before = snapshot(out)
+    trained = []
+    monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
+    resume = ["--resume", str(target)] if name == "last" else ["--resume", "--output-dir", str(out)]
+    one_line_exit_2(capsys, ["train", *resume, "--epochs", "2"],
+                    f"'{target}' is a folder, where the run keeps its {name}", "rename or move it")
+    assert trained == [] and snapshot(out) == before
+
+
 def test_read_only_output_folder(finished_run, tmp_path, capsys, monkeypatch):
     """A folder that cannot be written is refused before any training (not after an epoch)."""
     out = copy_run(finished_run, tmp_path)

@@ -572,6 +572,12 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if ckpt and elsewhere and holds_a_run(run_dir):
         raise ValueError(f"--output-dir {run_dir} holds another run; resuming {ckpt.path} there would overwrite it: "
                          f"give an empty --output-dir, or none to continue in {ckpt.path.parent}")
+    # Found now, not when the first epoch's report or checkpoint would replace it (naming our temporary file).
+    for name in (*RUN_FILES, "last", "best"):
+        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
+            raise ValueError(f"'{run_dir / name}' is a folder, where the run keeps its {name} "
+                             f"{'link' if name in ('last', 'best') else 'file'}; rename or move it, or choose "
+                             f"another --output-dir")
     # A run writes these after its first checkpoint: in a folder without one, they are someone's own.
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if elsewhere and found:
