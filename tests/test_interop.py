@@ -294,6 +294,38 @@ def test_convert_timm_bad_input_is_one_line_exit_2(pico, tmp_path, capsys, argv,
     assert err.count("\n") == 1 and err.startswith("coatnet convert-timm: error: ") and message in err
 
 
+def _damaged(state: dict, edit) -> dict:
+    state = dict(state)
+    edit(state)
+    return state
+
+
+S3_TABLE = "stages.2.blocks.0.attn.rel_pos.relative_position_bias_table"
+DAMAGES = {  # what is wrong with timm's weights, what the one line says
+    "a table with a dimension too many": (lambda s: s.update({S3_TABLE: s[S3_TABLE][None]}),
+                                          "has shape (1, 49, 4); timm's tables are (offsets, heads)"),
+    "a table no grid gives": (lambda s: s.update({S3_TABLE: torch.zeros(100, s[S3_TABLE].shape[1])}),
+                              "has 100 offsets, a side of 10: no grid gives that"),
+    "a table of another grid": (lambda s: s.update({S3_TABLE: torch.zeros(81, s[S3_TABLE].shape[1])}),
+                                "holds relative-position tables of other sizes than its last stage's"),
+    "a classifier bias of another size": (lambda s: s.update({"head.fc.bias": s["head.fc.bias"][:-1]}),
+                                          "wrong shape: classifier.bias"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_convert_timm_takes_the_weights_as_they_are_or_refuses(tmp_path, capsys, damage):
+    """With --model named, damaged weights are refused in one line: not a traceback, not a table
+    resized to fit, not a classifier left random in a folder that claims timm's ImageNet head."""
+    edit, message = DAMAGES[damage]
+    source = tmp_path / "nano.safetensors"
+    save_file(_damaged(_timm_model("coatnet_nano_rw").state_dict(), edit), str(source))
+    assert main(["convert-timm", str(source), "--model", "coatnet_nano_rw", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_convert_keeps_keys_it_does_not_know():
     state = {"stem.conv1.weight": torch.zeros(1), "something.else": torch.ones(1)}
     converted = convert_timm_state_dict(state, "coatnet_0_rw")

@@ -63,9 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
-    from .models import create_model, read_state_dict
+    from .models import create_model, load_weights, read_state_dict
     from .models.factory import timm_weights
-    from .models.timm_convert import classifier_size, is_timm_state_dict, timm_img_size, timm_variant_of
+    from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
+                                      timm_variant_of)
 
     state = read_state_dict(args.source)
     if not is_timm_state_dict(state):
@@ -78,8 +79,17 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "
                          f"told which weights differ")
-    model = create_model(name, pretrained=timm_weights(state, name), img_size=timm_img_size(state),
-                         num_classes=classifier_size(state))
+    # Converted as they are, strictly: no classifier left random, no table resized to fit.
+    model = create_model(name, img_size=timm_img_size(state), num_classes=classifier_size(state))
+    converted, own = convert_timm_state_dict(state, name), model.state_dict()
+    resized = sorted(k for k in own.keys() & converted.keys() if own[k].shape != converted[k].shape
+                     and k.endswith("relative_position.table"))
+    if resized:
+        raise ValueError(f"{args.source!r} holds relative-position tables of other sizes than its last stage's "
+                         f"({', '.join(f'{k} {tuple(converted[k].shape)}' for k in resized[:3])}, where "
+                         f"{model.config.img_size[0]} px needs {tuple(own[resized[0]].shape)}); check the file")
+    load_weights(model, converted, new_classifier=False)
+    model.pretrained_cfg = timm_weights(state, name).pretrained_cfg
     folder = model.save_pretrained(args.output)
     print(f"wrote {folder}: {name}, {model.config.num_classes} classes, "
           f"{model.config.img_size[0]}x{model.config.img_size[1]} input")

@@ -56,9 +56,13 @@ def _rename(module: str, param: str, table: dict[str, str]) -> str | None:
 
 
 def _square_side(num_offsets: int, key: str) -> int:
+    """The side 2G-1 of the table of a G x G grid's offsets."""
     side = math.isqrt(num_offsets)
     if side * side != num_offsets:
         raise ValueError(f"{key} has {num_offsets} offsets, not a square table; only square inputs are supported")
+    if side % 2 == 0:
+        raise ValueError(f"{key} has {num_offsets} offsets, a side of {side}: no grid gives that (a G x G grid has "
+                         f"(2G-1)^2); check the file")
     return side
 
 
@@ -83,6 +87,8 @@ def _convert(key: str, value: Tensor, state_dict: dict[str, Tensor]) -> tuple[st
         ours = _rename(inner, param, _MBCONV | _DEPTHWISE[early_se])
         return (f"stages.{stage}.{index}.{ours}" if ours else key), value
     if key.endswith(_TIMM_TABLE):  # (offsets, heads) -> (heads, 2H-1, 2W-1), square grids only
+        if value.dim() != 2:
+            raise ValueError(f"{key} has shape {tuple(value.shape)}; timm's tables are (offsets, heads): check the file")
         side = _square_side(value.shape[0], key)
         return f"stages.{stage}.blocks.{index}.attn.relative_position.table", value.t().reshape(-1, side, side)
     ours = _rename(inner, param, _TRANSFORMER)
