@@ -222,6 +222,9 @@ WDS_ERRORS = {
     "no label": (_write_then(_without("cls")), "", "'lonely' in shard"),
     "label not an int": (_write_then(lambda r: write_shard(r / "val-000001.tar", [dict(VAL[0], label="cat")])), "",
                          "val-000001.tar"),
+    "a label far beyond the samples": (_write_then(lambda r: write_shard(r / "val-000001.tar",
+                                                                         [dict(VAL[0], label=10**9)])), "",
+                                       "the largest label, 1000000000, would make a 1000000001-class head"),
     "label outside classes.txt": (_write_then(lambda r: (r / "classes.txt").write_text("a\nb\n")), "",
                                   "classes.txt"),
     "missing pattern shard": (_write_then(lambda r: None), "/train-{000000..000002}.tar", "train-000002.tar"),
@@ -323,6 +326,9 @@ HF_ERRORS = {
     "unlabelled eval split": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, class_label=False), test=hf_split([dict(s, label=-1) for s in VAL], class_label=False))),
         "split 'test'"),
+    "a label far beyond the samples": (_save(lambda: datasets.DatasetDict(
+        train=hf_split(TRAIN, class_label=False), validation=hf_split([dict(VAL[0], label=10**9)], class_label=False))),
+        "would make a 1000000001-class head for 19 samples; check the labels, or give the label column a ClassLabel"),
     "corrupt parquet": (lambda root: (root.mkdir(), hf_split(TRAIN).to_parquet(str(root / "train-0.parquet")),
                                       (root / "validation-0.parquet").write_bytes(b"PAR1 garbage")),
                         "validation-0.parquet"),

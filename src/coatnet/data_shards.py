@@ -307,7 +307,8 @@ def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: C
         classes = _read_classes_txt(classes_txt)
         source = f"'{classes_txt}'"
     else:
-        classes = tuple(str(c) for c in range(int(max(train.labels.max(), val.labels.max())) + 1))
+        classes = numbered_classes((train, val), "write the class names to classes.txt next to the shards "
+                                                 "(line i: the name of label i)")
         source = "the labels"
     for ds in (train, val):
         _check_labels(ds, len(classes), source)
@@ -318,6 +319,21 @@ def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: C
 # --------------------------------------------------------------------------------------------
 # Hugging Face datasets
 # --------------------------------------------------------------------------------------------
+
+
+# Labels without names number the classes up to the largest: at most this many, or one per sample.
+# (ImageNet-21k has 21,841 classes.)
+MAX_NUMBERED_CLASSES = 100_000
+
+
+def numbered_classes(splits: tuple[EncodedImages, ...] | list[EncodedImages], remedy: str) -> tuple[str, ...]:
+    """Class names "0".."N-1" for labels without names, N the largest label + 1; refused where that
+    is far more classes than samples (one bad label, 10**9, would make a head of 10**9 outputs)."""
+    largest, samples = int(max(ds.labels.max() for ds in splits)), sum(len(ds) for ds in splits)
+    if largest >= max(samples, MAX_NUMBERED_CLASSES):
+        raise DataError(f"the largest label, {largest}, would make a {largest + 1}-class head for {samples} samples; "
+                        f"check the labels, or {remedy}")
+    return tuple(str(c) for c in range(largest + 1))
 
 
 class HFImageDataset(EncodedImages):
@@ -453,7 +469,7 @@ def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
         classes = classes or names
         built.append(HFImageDataset(ds, image, labels, transform, where))
     if classes is None:
-        classes = tuple(str(c) for c in range(int(max(d.labels.max() for d in built)) + 1))
+        classes = numbered_classes(built, "give the label column a ClassLabel (datasets' class_encode_column)")
     for ds in built:
         if ds.labels.max() >= len(classes):
             raise DataError(f"{ds.name} has label {ds.labels.max()}, outside 0..{len(classes) - 1} of its ClassLabel")
