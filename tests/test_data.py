@@ -355,6 +355,16 @@ def test_load_image_16bit_png_keeps_intensities(tmp_path):
         np.testing.assert_array_equal(rgb[..., c], expected)
 
 
+@pytest.mark.parametrize("pixels,kind", [(np.linspace(0, 1, 64, dtype=np.float32), "float"),
+                                          (np.linspace(0, 2**31 - 1, 64).astype(np.int32), "32-bit integer")])
+def test_load_image_without_a_range_is_refused(tmp_path, pixels, kind):
+    """A float TIFF (decoded black before) or one of 32-bit integers past 16 bits (clipped to white)
+    has no range to scale from: a one-line DataError, not pixels silently wrong."""
+    Image.fromarray(pixels.reshape(8, 8)).save(tmp_path / "deep.tif")
+    with pytest.raises(DataError, match=f"its {kind} pixels have no range to scale from; save it as an 8- or 16-bit"):
+        load_image(tmp_path / "deep.tif")
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_eval_transform_non_square(size):
     img = Image.fromarray(np.full((30, 50), 128, dtype=np.uint8))  # 50 wide x 30 high, grayscale

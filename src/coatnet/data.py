@@ -118,9 +118,14 @@ def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
     :class:`DataError` naming ``where``."""
     try:
         with Image.open(source) as im:
-            if im.mode.startswith("I"):  # 16/32-bit integer grayscale, e.g. a 16-bit PNG ("I;16")
-                # convert("RGB") would clip every value above 255 to white: scale 0..65535 to 0..255.
-                wide = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
+            if im.mode == "F" or im.mode.startswith("I"):  # one channel of 16/32-bit integers or floats
+                wide = np.asarray(im, dtype=np.float64)
+                # 32-bit integers beyond 16 bits, or floats, have no range to scale from: convert("RGB")
+                # would clip them to white, or make 0..1 floats black. Refused, not guessed.
+                if im.mode == "F" or wide.min() < 0 or wide.max() > 65535:
+                    raise DataError(f"cannot read image {where}: its {'float' if im.mode == 'F' else '32-bit integer'} "
+                                    f"pixels have no range to scale from; save it as an 8- or 16-bit image")
+                # 16 bits, e.g. a 16-bit PNG ("I;16"): 0..65535 scaled to 0..255 (convert() would clip).
                 return Image.fromarray(np.rint(wide / 257).astype(np.uint8)).convert("RGB")
             # convert() forces the full decode (so a truncated file fails here, not later in a
             # transform) and returns a copy that no longer needs the open file handle.
