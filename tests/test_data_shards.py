@@ -326,6 +326,15 @@ HF_ERRORS = {
     "unlabelled eval split": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, class_label=False), test=hf_split([dict(s, label=-1) for s in VAL], class_label=False))),
         "split 'test'"),
+    "string labels": (_save(lambda: datasets.DatasetDict(
+        train=hf_split(TRAIN).cast_column("label", datasets.Value("string")), validation=hf_split(VAL))),
+        "label column 'label' is Value('string'), not a ClassLabel or an integer; save the data set with it encoded "
+        "(ds.class_encode_column('label'))"),
+    "images as bytes": (_save(lambda: datasets.DatasetDict(
+        train=hf_split(TRAIN).cast_column("image", datasets.Image(decode=False)).map(
+            lambda row: {"raw": row["image"]["bytes"]}, remove_columns="image").rename_column("raw", "image"),
+        validation=hf_split(VAL))),
+        "column 'image' is Value('binary'), not an Image; save the data set with the column cast to one"),
     "a label far beyond the samples": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, class_label=False), validation=hf_split([dict(VAL[0], label=10**9)], class_label=False))),
         "would make a 1000000001-class head for 19 samples; check the labels, or give the label column a ClassLabel"),

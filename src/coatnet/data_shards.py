@@ -428,15 +428,19 @@ def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
     feats = ds.features
     image = next((c for c in ("image", "img") if c in feats), None)
     label = next((c for c in ("label", "labels") if c in feats), None)
-    if image is None or not isinstance(feats[image], datasets.Image):
+    if image is None:
         raise DataError(f"{where} has no image column ('image' or 'img' of type Image); columns: {', '.join(feats)}")
+    if not isinstance(feats[image], datasets.Image):  # e.g. parquet written without datasets' metadata
+        raise DataError(f"{where}: column '{image}' is {feats[image]}, not an Image; save the data set with the "
+                        f"column cast to one (ds.cast_column('{image}', datasets.Image()))")
     if label is None:
         raise DataError(f"{where} has no label column ('label' or 'labels'); columns: {', '.join(feats)}")
     if isinstance(feats[label], datasets.ClassLabel):
         return image, label, tuple(feats[label].names)
     if isinstance(feats[label], datasets.Value) and feats[label].dtype.startswith(("int", "uint")):
         return image, label, None
-    raise DataError(f"{where}: label column '{label}' is {feats[label]}, not a ClassLabel or an integer")
+    raise DataError(f"{where}: label column '{label}' is {feats[label]}, not a ClassLabel or an integer; save the "
+                    f"data set with it encoded (ds.class_encode_column('{label}'))")
 
 
 def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
