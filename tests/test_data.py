@@ -528,6 +528,15 @@ def test_cifar_refuses_malicious_pickle(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("labels,kind", [([0.5, 1.0, 2.0], "float64"), (["a", "b", "c"], "<U1")])
+def test_cifar_labels_that_are_not_integers(tmp_path, labels, kind):
+    """0.5 would have been truncated to class 0 without a word, "a" a ValueError traceback."""
+    batches = make_cifar(tmp_path, "cifar10")
+    official_pickle(batches["test_batch"] | {b"labels": labels}, tmp_path / "cifar-10-batches-py" / "test_batch")
+    with pytest.raises(DataError, match=f"test_batch' has {kind} labels, not integers; re-download"):
+        build_datasets("cifar10", tmp_path)
+
+
 def test_cifar_corrupt_pickle(tmp_path):
     make_cifar(tmp_path, "cifar100")
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"\x80\x02garbage")

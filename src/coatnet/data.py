@@ -405,8 +405,11 @@ def _cifar_split(
                 f"CIFAR file '{root / fname}' lacks uint8 b'data' (N x 3072) with matching "
                 f"{label_key!r}; re-download the data set"
             )
+        lab = np.asarray(lab)
+        if lab.dtype.kind not in "iu":  # np.int64 would truncate 0.5 to class 0, and fail on strings in a traceback
+            raise DataError(f"CIFAR file '{root / fname}' has {lab.dtype} labels, not integers; re-download the data set")
         datas.append(data)
-        labels.append(np.asarray(lab, dtype=np.int64))
+        labels.append(lab.astype(np.int64))
     # concatenate copies into one fresh, writable array (torch.from_numpy needs writable memory).
     images = np.concatenate(datas).reshape(-1, 3, 32, 32)  # rows are R(1024) G(1024) B(1024)
     y = np.concatenate(labels)
