@@ -474,7 +474,7 @@ def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tmp_path):
     assert json.loads((tmp_path / "micro" / "metrics.jsonl").read_text())["step"] == 1437 // 64
 
 
-def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path, monkeypatch):
+def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path, monkeypatch, capsys):
     from test_data import make_tree
 
     root = make_tree(tmp_path / "data")
@@ -489,6 +489,9 @@ def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path, monkeypatch):
                      "--batch-size", "4", "--epochs", "1", "--randaugment", "2,15", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "imagefolder" and summary["skipped_files"] == 2
+    # The cut validation image is left out of the evaluation, and out of the count the last line gives.
+    assert json.loads((out / "metrics.jsonl").read_text())["eval_images"] == 8
+    assert " on 8 held-out imagefolder images in " in capsys.readouterr().out
     meta = load_checkpoint(out / "last").meta
     assert meta["pretrained_cfg"]["label_names"] == ["bird", "cat", "dog"] and meta["data_dir"] == str(root)
 

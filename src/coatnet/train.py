@@ -767,7 +767,7 @@ def evaluate_epoch(run: Run) -> dict:
         dist.all_reduce(totals)
     loss_sum, correct, count = totals.tolist()
     metrics = dict(epoch=s.epoch + 1, step=s.step, train_loss=loss_sum / count, train_top1=100 * correct / count,
-                   eval_loss=result["loss"], top1=result["top1"], top5=result["top5"],
+                   eval_loss=result["loss"], top1=result["top1"], top5=result["top5"], eval_images=result["count"],
                    lr=cfg.lr * run.scheduler.lr_lambdas[0](s.step - 1), images_per_second=count / max(seconds, 1e-9),
                    epoch_seconds=seconds)
     if d.device.type == "cuda":  # the most any process held so far: what `coatnet plan` predicts
@@ -878,8 +878,9 @@ def finish_run(run: Run) -> dict:
                    device=d.device.type, output_dir=str(run.run_dir))
     if d.main:
         atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=2))
+        scored = last.get("eval_images", len(data.val))  # those that decoded (older histories: all)
         print(f"done: top-1 {summary['top1']:.2f}% (best {s.best_top1:.2f}%), top-5 {summary['top5']:.2f}% on "
-              f"{len(data.val)} held-out {cfg.data} images in {summary['wall_seconds']:.0f} s; "
+              f"{scored} held-out {cfg.data} images in {summary['wall_seconds']:.0f} s; "
               f"skipped files: {skipped_files}; run directory {run.run_dir}", flush=True)
     if d.world_size > 1:
         dist.barrier()
