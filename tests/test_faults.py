@@ -161,6 +161,16 @@ def test_a_folder_in_place_of_a_run_file_is_refused_before_training(finished_run
     assert trained == [] and snapshot(out) == before
 
 
+def test_a_users_own_lock_file_is_left_as_it_is(tmp_path, capsys):
+    """A `.lock` of the user's in --output-dir (not a pid of ours) is refused, not emptied."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / ".lock").write_text("my notes")
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)],
+                    f"{out / '.lock'} is not a lock of coatnet's", "move the file")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"] and (out / ".lock").read_text() == "my notes"
+
+
 def test_read_only_output_folder(finished_run, tmp_path, capsys, monkeypatch):
     """A folder that cannot be written is refused before any training (not after an epoch)."""
     out = copy_run(finished_run, tmp_path)

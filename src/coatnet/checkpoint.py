@@ -151,6 +151,9 @@ def locked_run_dir(run_dir: Path):
     with handle:
         _lock(handle, run_dir)
         previous = handle.read().strip()
+        if previous and not previous.isdigit():  # ours holds a pid or nothing: this one is a file of the user's
+            raise CheckpointError(f"{run_dir / LOCK} is not a lock of coatnet's (it holds other text), and a run "
+                                  f"keeps its lock there; move the file, or choose another --output-dir")
         if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
             print(f"note: process {previous}, which ended without releasing {run_dir}, no longer holds it",
                   file=sys.stderr)
