@@ -161,6 +161,18 @@ def test_a_folder_in_place_of_a_run_file_is_refused_before_training(finished_run
     assert trained == [] and snapshot(out) == before
 
 
+def test_an_ema_asked_of_a_run_without_one(finished_run, tmp_path, capsys):
+    """--ema on resuming a run that kept none: one line that says what to do; the run unchanged.
+    Resumed without it, the run says where it goes on from: after its last epoch."""
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--ema", "0.9", "--output-dir", str(out)],
+                    "has no EMA weights but the run keeps an EMA; resume it without --ema")
+    assert snapshot(out) == before
+    assert main(["train", "--resume", "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert f"resumed {out / 'last'} after epoch 1, step 11" in capsys.readouterr().out
+
+
 def test_a_users_own_lock_file_is_left_as_it_is(tmp_path, capsys):
     """A `.lock` of the user's in --output-dir (not a pid of ours) is refused, not emptied."""
     out = tmp_path / "mine"

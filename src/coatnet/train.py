@@ -641,7 +641,8 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
                 p_state[key] = torch.empty_like(p).copy_(value)
     if run.ema is not None:
         if ckpt.ema_weights is None:
-            raise CheckpointError(f"{str(ckpt.path)!r} has no EMA weights but the run keeps an EMA")
+            raise CheckpointError(f"{str(ckpt.path)!r} has no EMA weights but the run keeps an EMA; resume it without "
+                                  f"--ema, or start a new run from its weights with --pretrained and --ema")
         if sharded:
             sharding.load_full_state_dict(run.ema.module, ckpt.ema_weights)
         else:
@@ -657,7 +658,8 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     else:
         _log(d, f"note: checkpoint written by {len(s['rng'])} process(es), resumed by {d.world_size}: "
                 f"random draws will differ from an uninterrupted run")
-    _log(d, f"resumed {ckpt.path} at epoch {run.state.epoch + 1}, step {run.state.step}")
+    where = (f"in epoch {run.state.epoch + 1}" if run.state.batch_in_epoch else f"after epoch {run.state.epoch}")
+    _log(d, f"resumed {ckpt.path} {where}, step {run.state.step}")
     last = run.run_dir / "last"
     if last.exists() and last.resolve() != ckpt.path.resolve():  # e.g. --resume RUN/best
         later = read_model_meta(last)[1].get("step", 0)
