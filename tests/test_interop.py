@@ -294,6 +294,24 @@ def test_convert_timm_bad_input_is_one_line_exit_2(pico, tmp_path, capsys, argv,
     assert err.count("\n") == 1 and err.startswith("coatnet convert-timm: error: ") and message in err
 
 
+def test_convert_timm_rmlp_weights_take_their_input_size(tmp_path, capsys):
+    """The rmlp variants' weights hold no table to read the input size from: converted at the model's
+    own with a note that says how to give another (timm's 384 px fine-tunes), or at --img-size, with
+    timm's preprocessing for that size; weights with tables refuse a size other than theirs."""
+    source = tmp_path / "rmlp.safetensors"
+    save_file(_timm_model("coatnet_rmlp_nano_rw").state_dict(), str(source))
+    assert main(["convert-timm", str(source), "--output", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "coatnet_rmlp_nano_rw, 1000 classes, 224x224 input" in out and "need --img-size 384" in out
+    assert main(["convert-timm", str(source), "--img-size", "384", "--output", str(tmp_path / "b")]) == 0
+    model = coatnet.from_pretrained(tmp_path / "b")
+    assert model.config.img_size == (384, 384) and model.pretrained_cfg.crop_pct == 1.0
+    tables = tmp_path / "nano.safetensors"
+    save_file(_timm_model("coatnet_nano_rw").state_dict(), str(tables))
+    assert main(["convert-timm", str(tables), "--img-size", "384", "--output", str(tmp_path / "c")]) == 2
+    assert "these weights' relative-position tables are for 64 px; drop --img-size" in capsys.readouterr().err
+
+
 def _damaged(state: dict, edit) -> dict:
     state = dict(state)
     edit(state)

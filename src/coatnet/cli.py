@@ -64,9 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
     from .models import create_model, load_weights, read_state_dict
-    from .models.factory import timm_weights
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
-                                      timm_variant_of)
+                                      timm_pretrained_cfg, timm_variant_of)
 
     state = read_state_dict(args.source)
     if not is_timm_state_dict(state):
@@ -79,8 +78,13 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "
                          f"told which weights differ")
+    # The input size is read from the tables; the rmlp variants have none: the user's, or the model's own.
+    tables = timm_img_size(state)
+    if tables and args.img_size not in (None, tables):
+        raise ValueError(f"--img-size {args.img_size}: these weights' relative-position tables are for {tables} px; "
+                         f"drop --img-size")
     # Converted as they are, strictly: no classifier left random, no table resized to fit.
-    model = create_model(name, img_size=timm_img_size(state), num_classes=classifier_size(state))
+    model = create_model(name, img_size=tables or args.img_size, num_classes=classifier_size(state))
     converted, own = convert_timm_state_dict(state, name), model.state_dict()
     resized = sorted(k for k in own.keys() & converted.keys() if own[k].shape != converted[k].shape
                      and k.endswith("relative_position.table"))
@@ -89,10 +93,14 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
                          f"({', '.join(f'{k} {tuple(converted[k].shape)}' for k in resized[:3])}, where "
                          f"{model.config.img_size[0]} px needs {tuple(own[resized[0]].shape)}); check the file")
     load_weights(model, converted, new_classifier=False)
-    model.pretrained_cfg = timm_weights(state, name).pretrained_cfg
+    model.pretrained_cfg = timm_pretrained_cfg(name, min(model.config.img_size), model.num_classes)
     folder = model.save_pretrained(args.output)
     print(f"wrote {folder}: {name}, {model.config.num_classes} classes, "
           f"{model.config.img_size[0]}x{model.config.img_size[1]} input")
+    if not tables and args.img_size is None:
+        print(f"note: these weights hold no relative-position table to read their input size from, so they were "
+              f"taken as {model.config.img_size[0]} px; weights trained at another size (timm's *_384) need "
+              f"--img-size 384")
     return 0
 
 
@@ -282,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="our name of the matching configuration (default: the variant "
                                                  "the weights fit)")
     p.add_argument("--output", required=True, help="folder to write (config.json, model.safetensors)")
+    p.add_argument("--img-size", type=POSITIVE, default=None,
+                   help="the input size the weights were trained at, for the rmlp variants (others: read from the "
+                        "weights)")
     p.add_argument("--overwrite", action="store_true", help="write into --output even if it holds files")
     p.set_defaults(func=cmd_convert_timm)
 
