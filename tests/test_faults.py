@@ -244,6 +244,10 @@ def test_dangling_last_is_not_an_empty_folder(finished_run, tmp_path, capsys):
     one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)], "already holds a run")
     one_line_exit_2(capsys, ["train", "--resume", "--output-dir", str(out)], "which is missing", "best")
     assert snapshot(out) == before
+    # Without `best` either, the line does not point at it: there is no other checkpoint.
+    (out / "best").unlink()
+    one_line_exit_2(capsys, ["train", "--resume", "--output-dir", str(out)], "which is missing",
+                    "this folder holds none; start a new run")
 
 
 def test_resume_into_another_runs_folder_is_refused(finished_run, tmp_path, capsys):

@@ -124,8 +124,12 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     path = Path(path)
     if (path / "last").is_symlink() and not (path / CONFIG).exists():
         if not (path / "last").exists():
+            others = sorted(str(p) for p in path.glob("ckpt-*") if (p / CONFIG).exists())
+            other = (f"(e.g. {str(path / 'best')!r})" if (path / "best").exists() else
+                     f"({', '.join(repr(o) for o in others[-2:])})" if others else
+                     "if there is one: this folder holds none; start a new run")
             raise ModelFolderError(f"{str(path / 'last')!r} points at {os.readlink(path / 'last')}, which is missing; "
-                                   f"give another checkpoint of the run (e.g. {str(path / 'best')!r})")
+                                   f"give another checkpoint of the run {other}")
         path = path / "last"
     if not path.exists():
         raise ModelFolderError(f"{str(path)!r} does not exist; give a save_pretrained folder, a checkpoint "
