@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
-    from .models import create_model, load_weights, read_state_dict
+    from .models import create_model, read_state_dict
+    from .models.factory import PretrainedWeights, load_pretrained
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
                                       timm_pretrained_cfg, timm_variant_of)
 
@@ -85,14 +86,15 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
                          f"drop --img-size")
     # Converted as they are, strictly: no classifier left random, no table resized to fit.
     model = create_model(name, img_size=tables or args.img_size, num_classes=classifier_size(state))
-    converted, own = convert_timm_state_dict(state, name), model.state_dict()
-    resized = sorted(k for k in own.keys() & converted.keys() if own[k].shape != converted[k].shape
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    load_pretrained(model, PretrainedWeights(state, None), name, new_classifier=False)
+    converted = convert_timm_state_dict(state, name)
+    resized = sorted(k for k in own.keys() & converted.keys() if own[k] != converted[k].shape
                      and k.endswith("relative_position.table"))
     if resized:
         raise ValueError(f"{args.source!r} holds relative-position tables of other sizes than its last stage's "
                          f"({', '.join(f'{k} {tuple(converted[k].shape)}' for k in resized[:3])}, where "
-                         f"{model.config.img_size[0]} px needs {tuple(own[resized[0]].shape)}); check the file")
-    load_weights(model, converted, new_classifier=False)
+                         f"{model.config.img_size[0]} px needs {tuple(own[resized[0]])}); check the file")
     model.pretrained_cfg = timm_pretrained_cfg(name, min(model.config.img_size), model.num_classes)
     folder = model.save_pretrained(args.output)
     print(f"wrote {folder}: {name}, {model.config.num_classes} classes, "

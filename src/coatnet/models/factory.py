@@ -175,17 +175,18 @@ def model_from_folder(folder: ModelFolder) -> CoAtNet:
                                f"it was edited or written by hand: use another checkpoint") from None
 
 
-def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str) -> nn.Module:
+def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str, new_classifier: bool = True) -> nn.Module:
     """Load weights: ours as they are, timm's converted to ``name``'s keys; the model takes their
     preprocessing (with their class names while its classifier is theirs). timm weights of another
-    variant are named in the error (not only the keys that differ)."""
+    variant are named in the error (not only the keys that differ). ``new_classifier``: as in
+    :func:`load_weights`."""
     if weights.pretrained_cfg is not None:
         model.pretrained_cfg = weights.pretrained_cfg.with_classes(model.num_classes)
     state = weights.state
     if not is_timm_state_dict(state):
-        return load_weights(model, fit_input_channels(state, model))
+        return load_weights(model, fit_input_channels(state, model), new_classifier)
     try:
-        return load_weights(model, fit_input_channels(convert_timm_state_dict(state, name), model))
+        return load_weights(model, fit_input_channels(convert_timm_state_dict(state, name), model), new_classifier)
     except ValueError:
         match = timm_variant_of(state)
         if match is None or match == name:
