@@ -554,10 +554,6 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if ckpt and ckpt.meta["model"] != cfg.model:
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
                               f"drop --model to resume it, or start a new run from its weights with --pretrained")
-    if ckpt and list(ckpt.meta["config"].get("img_size") or ()) not in ([cfg.img_size] * 2, []):
-        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds a model at {ckpt.meta['config']['img_size']} px "
-                              f"but its train_config says img_size {cfg.img_size} (config.json edited?); put back "
-                              f"the model's size, or start a new run from its weights with --pretrained")
     saved = ckpt and (ckpt.meta.get("train_config") or ckpt.train_state["train_config"])
     for name in KEPT_ON_RESUME if ckpt else ():
         if name in saved and not same_setting(name, getattr(cfg, name), saved.get(name)):
@@ -565,6 +561,11 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
             raise ValueError(f"{flag} {getattr(cfg, name)} differs from the resumed run's {saved.get(name)}: a resumed "
                              f"run keeps its data, batch size, seed and image size; drop {flag} to resume it, or "
                              f"start a new run from its weights with --pretrained {ckpt.path}")
+    # Given no --img-size, a resumed run takes its train_config's: it must be its model's.
+    if ckpt and list(ckpt.meta["config"].get("img_size") or ()) not in ([cfg.img_size] * 2, []):
+        raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds a model at {ckpt.meta['config']['img_size']} px "
+                              f"but its train_config says img_size {cfg.img_size} (config.json edited?); put back "
+                              f"the model's size, or start a new run from its weights with --pretrained")
     if ckpt is None and holds_a_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
