@@ -110,37 +110,11 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
     assert noisy[2].startswith("note: the matmul's rounds differ by 2.5x: something else is using this machine")
 
 
-@pytest.mark.parametrize("dies", ["train", "matmul"])
-def test_a_process_dying_while_timed_fails_its_row_only(capsys, monkeypatch, dies):
-    """A measurement that dies between rounds (the OOM killer, say) is its row's one-line failure;
-    the other rows are still timed and reported, and the command exits with status 1. The matmul
-    is every row's measure: without it the command stops, in one line, with status 2."""
-    from coatnet import bench
-
-    time_one = bench.Runner.time_one
-
-    def dying(runner):
-        if runner.job.mode == dies and len(runner.seconds) == 1:
-            runner.process.kill()
-            runner.process.join()
-        time_one(runner)
-
-    monkeypatch.setattr(bench.Runner, "time_one", dying)
-    argv = ["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3", "--json"]
-    if dies == "matmul":
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err == "coatnet bench: error: the matmul, the measure of every row, failed: mm matmul: its process ended\n"
-        return
-    assert main(argv) == 1
-    rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert rows["train"]["error"] == "coatnet_pico train: its process ended"
-    assert rows["inference"]["images_per_s"]["median"] > 0 and "error" not in rows["inference"]
-
-
-def test_a_hung_process_fails_its_row_only(capsys, monkeypatch):
-    """A measurement that stops answering (stopped here with SIGSTOP) fails its row after
-    REPLY_TIMEOUT_S instead of holding the bench forever; the others go on."""
+def test_a_process_dying_or_hanging_while_timed_fails_its_row_only(capsys, monkeypatch):
+    """A measurement that dies between rounds (the OOM killer, say; train here) or stops answering
+    (stopped with SIGSTOP; onnxruntime's here) is its row's one-line failure, the hung one after
+    REPLY_TIMEOUT_S instead of holding the bench forever; the other rows are still timed and
+    reported, and the command exits with status 1."""
     import os
     import signal
 
@@ -148,15 +122,39 @@ def test_a_hung_process_fails_its_row_only(capsys, monkeypatch):
 
     time_one = bench.Runner.time_one
 
-    def hanging(runner):
-        if runner.job.mode == "train" and len(runner.seconds) == 1:
+    def dying_or_hanging(runner):
+        if len(runner.seconds) == 1 and runner.job.mode == "train":
+            runner.process.kill()
+            runner.process.join()
+        if len(runner.seconds) == 1 and runner.job.implementation == "onnxruntime":
             os.kill(runner.process.pid, signal.SIGSTOP)
             monkeypatch.setattr(bench, "REPLY_TIMEOUT_S", 3.0)  # the others answer in ms
         time_one(runner)
 
-    monkeypatch.setattr(bench.Runner, "time_one", hanging)
+    monkeypatch.setattr(bench.Runner, "time_one", dying_or_hanging)
     assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3",
-                 "--json"]) == 1
-    rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert rows["train"]["error"] == "coatnet_pico train: no answer in 3 s, its process hangs"
-    assert rows["inference"]["images_per_s"]["median"] > 0 and "error" not in rows["inference"]
+                 "--onnx", "--json"]) == 1
+    rows = {r["model"] + " " + r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["coatnet_pico train"]["error"] == "coatnet_pico train: its process ended"
+    assert rows["coatnet_pico (onnxruntime) inference"]["error"] == ("coatnet_pico (onnxruntime) inference: no answer "
+                                                                     "in 3 s, its process hangs")
+    ok = rows["coatnet_pico inference"]
+    assert ok["images_per_s"]["median"] > 0 and "error" not in ok
+
+
+def test_the_matmul_dying_stops_the_bench(capsys, monkeypatch):
+    """The matmul is every row's measure: without it the command stops, in one line, with status 2."""
+    from coatnet import bench
+
+    time_one = bench.Runner.time_one
+
+    def dying(runner):
+        if runner.job.mode == "matmul" and len(runner.seconds) == 1:
+            runner.process.kill()
+            runner.process.join()
+        time_one(runner)
+
+    monkeypatch.setattr(bench.Runner, "time_one", dying)
+    assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "coatnet bench: error: the matmul, the measure of every row, failed: mm matmul: its process ended\n"

@@ -207,28 +207,26 @@ def test_read_only_output_folder(finished_run, tmp_path, capsys, monkeypatch):
 # -- two runs on one folder, and a stale lock ------------------------------------------------------
 
 
-def test_second_run_on_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+def test_second_run_on_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, capsys):
+    """The first run in a process of its own; the second and the one after its death here."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "50", "--output-dir", str(out)]
-    first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["train", *TINY, "--epochs", "50", "--output-dir", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "coatnet", *argv], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while not ((out / ".lock").exists() and (out / ".lock").read_text().strip() == str(first.pid)):
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.02)
-        second = subprocess.run(argv + ["--resume"], env=ENV, capture_output=True, text=True)
-        assert second.returncode == 2 and second.stderr.count("\n") == 1
-        assert f"is in use by another `coatnet train` (pid {first.pid})" in second.stderr
+        one_line_exit_2(capsys, argv + ["--resume"], f"is in use by another `coatnet train` (pid {first.pid})")
         while not (out / "last").is_symlink():
             assert time.time() < deadline
             time.sleep(0.02)
     finally:
         first.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it, its pid stays
         first.wait()
-    resumed = subprocess.run([sys.executable, "-m", "coatnet", "train", "--resume", "--epochs", "1",
-                              "--output-dir", str(out)], env=ENV, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"process {first.pid}, which ended without releasing" in resumed.stderr
+    assert main(["train", "--resume", "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert f"process {first.pid}, which ended without releasing" in capsys.readouterr().err
 
 
 # -- runs that would overwrite another -------------------------------------------------------------
