@@ -4,6 +4,7 @@ Small shards / datasets are written from generated images: 3 classes, each image
 that is unique to it, so an item read back can be matched to the sample written.
 """
 
+import gzip
 import io
 import json
 import os
@@ -144,8 +145,9 @@ def test_webdataset_bad_image_is_skipped_at_load(tmp_path):
     with wds.TarWriter(str(tmp_path / "train-000002.tar")) as w:
         w.write({"__key__": "broken", "png": b"not a png", "cls": b"1"})
     train = build_webdataset(str(tmp_path), to_tensor, to_tensor).train
-    with pytest.warns(UserWarning, match="broken"):
+    with pytest.warns(UserWarning, match="broken") as caught:
         x, label = train[18]  # the last sample: replaced by the next decodable one, sample 0
+    assert "not an image file or corrupt (no image format PIL knows)" in str(caught[0].message)  # not a repr
     check_item((x, label), TRAIN[0])
     assert train.skipped_at_load == 1
 
@@ -214,6 +216,9 @@ def _write_then(edit):
 WDS_ERRORS = {
     "empty folder": (lambda root: None, "", "train-*.tar"),
     "no val shards": (_write_then(lambda r: [p.unlink() for p in r.glob("val-*")]), "", "val-*.tar"),
+    "compressed shards": (_write_then(lambda r: [(p.with_name(p.name + ".gz").write_bytes(gzip.compress(
+        p.read_bytes())), p.unlink()) for p in r.glob("train-*.tar")]), "",
+        "found compressed ones (train-000000.tar.gz, ...), which cannot be read by index: decompress them"),
     "not a tar": (_write_then(lambda r: (r / "train-000002.tar").write_bytes(b"garbage" * 200)), "",
                   "train-000002.tar"),
     "truncated in a member": (_write_then(lambda r: _truncate(r / "val-000001.tar", False)), "", "val-000001.tar"),

@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
@@ -130,10 +130,14 @@ def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
             # convert() forces the full decode (so a truncated file fails here, not later in a
             # transform) and returns a copy that no longer needs the open file handle.
             return im.convert("RGB")
+    except DataError:
+        raise
     # Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError,
     # "image file is truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {where}: not an image file or corrupt ({_one_line(e)}); "
+        # PIL names a file object it cannot identify by its repr (<_io.BytesIO object at 0x...>)
+        reason = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else _one_line(e)
+        raise DataError(f"cannot read image {where}: not an image file or corrupt ({reason}); "
                         "give a JPEG/PNG/... file") from None
 
 

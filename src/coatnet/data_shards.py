@@ -263,9 +263,12 @@ def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
         )
     train, val = (sorted(str(p) for p in root.glob(f"{s}-*.tar") if p.is_file()) for s in ("train", "val"))
     if not train or not val:
+        split = "train" if not train else "val"
+        compressed = sorted(p.name for p in root.glob(f"{split}-*.tar.*"))  # a .tar.gz has no offsets to read at
         raise DataError(
-            f"no {'train' if not train else 'val'} shards found: looked for '{root}/train-*.tar' and "
-            f"'{root}/val-*.tar'; put the WebDataset shards there"
+            f"no {split} shards found: looked for '{root}/train-*.tar' and '{root}/val-*.tar'; "
+            + (f"found compressed ones ({compressed[0]}, ...), which cannot be read by index: decompress them "
+               f"(gunzip)" if compressed else "put the WebDataset shards there")
         )
     return train, val, root
 
