@@ -374,6 +374,13 @@ def test_a_run_stopped_before_its_report_is_reported_on_resume(reference_run, tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["top1"] == history[-1]["top1"]
     assert (out / "curves.png").read_bytes() != curves
+    # An earlier checkpoint resumed with nothing left to train leaves the run's report as it is.
+    earlier = out / "ckpt-00000022"
+    shutil.rmtree(earlier, ignore_errors=True)
+    shutil.copytree((reference_run / "last").resolve(), earlier)
+    reports = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "curves.png", "summary.json")}
+    assert main(["train", "--resume", str(earlier), "--epochs", "2"]) == 0
+    assert {name: (out / name).read_bytes() for name in reports} == reports
 
 
 @pytest.mark.parametrize("written", ["absolute", "dot-slash"])

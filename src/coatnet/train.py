@@ -417,11 +417,11 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
             if run.state.epoch >= config.epochs:
                 _log(d, f"{run_dir} has trained {run.state.epoch} of {config.epochs} epochs: nothing left to do "
                         f"(pass --epochs N with more epochs to extend it)")
-                summary = _summary_of(run)
-                if summary is not None:  # the run's own, left as it is
-                    return summary
-                # Stopped between its last checkpoint and its report: the report, from the checkpoint.
-                report_epoch(run)
+                report = _broadcast(_report_to_write(run, ckpt), d)  # the first process decides for all
+                if report == "none":  # the run's own, left as it is
+                    return json.loads((run_dir / "summary.json").read_text())
+                if report == "all":  # stopped between its last checkpoint and its report: written from the checkpoint
+                    report_epoch(run)
             while run.state.epoch < config.epochs:
                 train_one_epoch(run)
                 metrics = evaluate_epoch(run)
@@ -836,14 +836,21 @@ def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> Non
     save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, model, ema_model, state, links, shards)
 
 
-def _summary_of(run: Run) -> dict | None:
-    """The run's summary.json where it reports the checkpoint's epoch; None where it is missing,
-    unreadable or older (a run stopped after its last checkpoint, before writing its summary)."""
-    try:
-        summary = json.loads((run.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and summary.get("epochs") == run.state.epoch else None
+def _report_to_write(run: Run, ckpt: Checkpoint) -> str:
+    """What a resumed run with no epoch left to train writes: "all" (metrics.jsonl, curves.png and
+    summary.json) where it resumed its ``last`` checkpoint and summary.json is missing, unreadable or
+    of an earlier epoch (it stopped after that checkpoint, before its report); else "summary" where
+    there is none, and "none" where there is one (an earlier checkpoint's resume leaves it as it is)."""
+    summary_file = run.run_dir / "summary.json"
+    last = run.run_dir / "last"
+    if os.path.realpath(last) == os.path.realpath(ckpt.path):
+        try:
+            summary = json.loads(summary_file.read_text())
+        except (OSError, ValueError):
+            summary = None
+        if not (isinstance(summary, dict) and summary.get("epochs") == run.state.epoch):
+            return "all"
+    return "none" if summary_file.exists() else "summary"
 
 
 def report_epoch(run: Run) -> None:
