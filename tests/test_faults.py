@@ -173,14 +173,22 @@ def test_an_ema_asked_of_a_run_without_one(finished_run, tmp_path, capsys):
     assert f"resumed {out / 'last'} after epoch 1, step 11" in capsys.readouterr().out
 
 
-def test_a_users_own_lock_file_is_left_as_it_is(tmp_path, capsys):
+@pytest.mark.parametrize("content", [b"my notes", b"\xff\xfe\x00binary", "\u00b2".encode()])  # "²" is a digit to isdigit()
+def test_a_users_own_lock_file_is_left_as_it_is(tmp_path, capsys, content):
     """A `.lock` of the user's in --output-dir (not a pid of ours) is refused, not emptied."""
     out = tmp_path / "mine"
     out.mkdir()
-    (out / ".lock").write_text("my notes")
+    (out / ".lock").write_bytes(content)
     one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)],
                     f"{out / '.lock'} is not a lock of coatnet's", "move the file")
-    assert sorted(p.name for p in out.iterdir()) == [".lock"] and (out / ".lock").read_text() == "my notes"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"] and (out / ".lock").read_bytes() == content
+
+
+def test_a_lock_the_machines_crash_left_as_nuls_is_taken(finished_run, tmp_path):
+    """A lock whose pid never reached the disk (the machine crashed: the file reads as NULs) is ours."""
+    out = copy_run(finished_run, tmp_path)
+    (out / ".lock").write_bytes(b"\x00" * 6)
+    assert main(["train", "--resume", "--epochs", "1", "--output-dir", str(out)]) == 0
 
 
 def test_read_only_output_folder(finished_run, tmp_path, capsys, monkeypatch):

@@ -145,13 +145,17 @@ def locked_run_dir(run_dir: Path):
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        # ascii with errors replaced: a file of the user's in another encoding reads, and is then refused
+        handle = open(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="ascii",
+                      errors="replace")
     except OSError as e:
         raise CheckpointError(f"cannot write to {run_dir} ({e.strerror or e}); choose another --output-dir") from None
     with handle:
         _lock(handle, run_dir)
-        previous = handle.read().strip()
-        if previous and not previous.isdigit():  # ours holds a pid or nothing: this one is a file of the user's
+        # Ours holds a pid, or nothing (released), or NULs (a crash of the machine before the pid reached
+        # the disk): anything else is a file of the user's.
+        previous = handle.read().strip("\x00 \t\r\n")
+        if previous and not previous.isdigit():
             raise CheckpointError(f"{run_dir / LOCK} is not a lock of coatnet's (it holds other text), and a run "
                                   f"keeps its lock there; move the file, or choose another --output-dir")
         if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
@@ -184,7 +188,7 @@ def refuse_if_in_use(run_dir: Path) -> None:
     """Refuse, as :func:`locked_run_dir` would, a run directory another process is training in (its
     files are not complete yet); a directory without a lock file is not in use."""
     try:
-        handle = open(run_dir / LOCK)
+        handle = open(run_dir / LOCK, encoding="ascii", errors="replace")
     except OSError:
         return
     with handle:
