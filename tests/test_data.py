@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -546,7 +547,7 @@ def test_cifar_corrupt_pickle(tmp_path):
         build_datasets("cifar100", tmp_path)
 
 
-@pytest.mark.parametrize("change", ["renamed", "added", "removed"])
+@pytest.mark.parametrize("change", ["renamed", "added", "removed", "added, names not recorded"])
 def test_resume_on_other_classes_is_refused(tmp_path, capsys, change):
     """A class renamed (labels would silently mean other classes), added or removed (the head and
     AdamW's moments no longer fit: before, a crash or a segfault) since the run began: one line,
@@ -559,16 +560,23 @@ def test_resume_on_other_classes_is_refused(tmp_path, capsys, change):
     assert main(argv) == 0
     last = os.readlink(out / "last")
     capsys.readouterr()
+    if change == "added, names not recorded":  # config.json edited: the head's size is what is left to compare
+        config = out / "last" / "config.json"
+        meta = json.loads(config.read_text())
+        meta["pretrained_cfg"]["label_names"] = None
+        config.write_text(json.dumps(meta))
     for split in ("train", "val"):
         if change == "renamed":
             (root / split / "cat").rename(root / split / "zebra")
-        elif change == "added":
+        elif change.startswith("added"):
             shutil.copytree(root / split / "cat", root / split / "ant")
         else:
             shutil.rmtree(root / split / "bird")
     assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    expected = {"renamed": "(gone: cat; new: zebra)", "added": "(new: ant)", "removed": "(gone: bird)"}[change]
+    expected = {"renamed": "(gone: cat; new: zebra)", "added": "(new: ant)", "removed": "(gone: bird)",
+                "added, names not recorded": "classes are not the 3 this run trained on (their names not recorded)"
+                }[change]
     assert len(err.strip().splitlines()) == 1 and expected in err and "--pretrained" in err, err
     assert os.readlink(out / "last") == last and len((out / "metrics.jsonl").read_text().splitlines()) == 1
 

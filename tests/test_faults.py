@@ -173,7 +173,8 @@ def test_an_ema_asked_of_a_run_without_one(finished_run, tmp_path, capsys):
     assert f"resumed {out / 'last'} after epoch 1, step 11" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content", [b"my notes", b"\xff\xfe\x00binary", "\u00b2".encode()])  # "²" is a digit to isdigit()
+# "²" is a digit to str.isdigit()
+@pytest.mark.parametrize("content", [b"my notes", b"\xff\xfe\x00binary", "\u00b2".encode()])
 def test_a_users_own_lock_file_is_left_as_it_is(tmp_path, capsys, content):
     """A `.lock` of the user's in --output-dir (not a pid of ours) is refused, not emptied."""
     out = tmp_path / "mine"

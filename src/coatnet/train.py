@@ -526,13 +526,19 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
 def _check_same_classes(ckpt: Checkpoint, recorded: list[str] | None, classes: list[str]) -> None:
     """A resumed run goes on with the classes it trained on, label for label: with a class added or
     removed its head and optimizer state no longer fit, and with one renamed (or reordered) each
-    label would silently mean another class."""
-    if recorded is None or list(recorded) == list(classes):
+    label would silently mean another class. Without names recorded (a config.json edited), their number."""
+    if recorded is None:
+        trained, change = ckpt.meta["config"].get("num_classes", len(classes)), "their names not recorded"
+        if trained == len(classes):
+            return
+    elif list(recorded) == list(classes):
         return
-    removed, added = [c for c in recorded if c not in classes], [c for c in classes if c not in recorded]
-    change = "; ".join(part for part in (f"gone: {', '.join(removed[:5])}" if removed else "",
-                                         f"new: {', '.join(added[:5])}" if added else "") if part) or "another order"
-    raise ValueError(f"the data's {len(classes)} classes are not the {len(recorded)} this run trained on ({change}); "
+    else:
+        removed, added = [c for c in recorded if c not in classes], [c for c in classes if c not in recorded]
+        trained = len(recorded)
+        change = "; ".join(part for part in (f"gone: {', '.join(removed[:5])}" if removed else "",
+                                             f"new: {', '.join(added[:5])}" if added else "") if part) or "another order"
+    raise ValueError(f"the data's {len(classes)} classes are not the {trained} this run trained on ({change}); "
                      f"resume with the data as it was, or fine-tune on the new classes in a new run with "
                      f"--pretrained {ckpt.path}")
 
