@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 import struct
+import sys
 import warnings
 from pathlib import Path
 
@@ -305,8 +306,10 @@ def test_imagefolder_bad_directories(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets("imagefolder", tmp_path / "nope")
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="no val/ folder"):
+    with pytest.raises(DataError, match="no val/ folder; lay out images as .*/train/<class>/.* and .*/val/<class>/"):
         build_datasets("imagefolder", tmp_path)
+    with pytest.raises(DataError, match=r"no val/ folder; lay out images as \S*/val/<class>/\*.jpg$"):  # evaluation
+        build_datasets("imagefolder", tmp_path, train=False)
     (tmp_path / "val" / "a").mkdir(parents=True)
     (tmp_path / "train" / "a" / "readme.txt").write_text("x")
     with pytest.raises(DataError, match=r"empty data directory.*train.*put images in"):
@@ -624,9 +627,9 @@ def test_imagefolder_says_what_it_does_not_read(tmp_path, monkeypatch):
     messages = [str(w.message) for w in caught]
     assert b.classes == ("bird", "cat", "dog", "empty") and len(b.train) == len(b.val) == 6
     for split in ("train", "val"):
-        assert f"class 'empty' has no images in '{root / split}'" in messages
-        assert any(m.startswith(f"2 files in '{root / split}' not read, as their names are not of images "
-                                f"(.gif x1, README x1)") for m in messages), messages
+        assert f"1 class with no images in '{root / split}': empty" in messages
+        assert any(m.startswith(f"2 files in '{root / split}' not read, not named as images (.gif x1, README x1)")
+                   for m in messages), messages
     walk = os.walk
 
     def unlistable(top, onerror=None, **kwargs):
@@ -638,3 +641,21 @@ def test_imagefolder_says_what_it_does_not_read(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="Permission denied"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         build_datasets("imagefolder", root, img_size=16)
+
+
+def test_a_warning_of_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
+    """As the errors are: the command's name and what is wrong, not the library line that noticed it."""
+    from coatnet.cli import main
+
+    root = make_tree(tmp_path / "data", per_class=4)
+    write_image(root / "train" / "dog" / "x.gif", 1, "GIF", "RGB")
+    shown = lambda *args, **kwargs: sys.stderr.write(warnings.formatwarning(*args[:4]))  # noqa: E731
+    monkeypatch.setattr(warnings, "showwarning", shown)  # the default's way, past pytest's recording
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["train", "--data", "imagefolder", "--data-dir", str(root), "--model", "coatnet_pico", "--img-size",
+                     "16", "--batch-size", "4", "--epochs", "1", "--output-dir", str(tmp_path / "r")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert f"coatnet train: warning: 1 file in '{root / 'train'}' not read, not named as images " \
+           f"(.gif x1); images must end in one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp" in lines
+    assert not any("folder.py" in line or "make_dataset" in line for line in lines)

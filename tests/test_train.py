@@ -383,18 +383,21 @@ def test_a_run_stopped_before_its_report_is_reported_on_resume(reference_run, tm
     assert {name: (out / name).read_bytes() for name in reports} == reports
 
 
-@pytest.mark.parametrize("written", ["absolute", "dot-slash"])
+@pytest.mark.parametrize("written", ["absolute", "dot-slash", "a loop"])
 def test_a_link_written_by_hand_keeps_its_checkpoint(tmp_path, written):
     """`best` re-pointed by hand (`ln -sfn $PWD/run/ckpt-N best`, or `./ckpt-N`) keeps its checkpoint
-    through the next save's pruning (before: deleted, `best` left dangling)."""
+    through the next save's pruning (before: deleted, `best` left dangling); one that loops on
+    itself keeps none, without an error."""
     from coatnet.checkpoint import _remove_unreferenced
 
     for step in (11, 22, 33):
         (tmp_path / f"ckpt-{step:08d}").mkdir()
     (tmp_path / "last").symlink_to("ckpt-00000033")
-    (tmp_path / "best").symlink_to(tmp_path / "ckpt-00000011" if written == "absolute" else "./ckpt-00000011")
+    (tmp_path / "best").symlink_to({"absolute": tmp_path / "ckpt-00000011", "dot-slash": "./ckpt-00000011",
+                                    "a loop": "best"}[written])
     _remove_unreferenced(tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000011", "ckpt-00000033"]
+    kept = ["ckpt-00000033"] if written == "a loop" else ["ckpt-00000011", "ckpt-00000033"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == kept
 
 
 @pytest.mark.parametrize("victim", ["train_state.pt", "model.safetensors"])

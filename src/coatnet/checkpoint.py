@@ -121,9 +121,10 @@ def _remove_unreferenced(run_dir: Path) -> None:
     """Delete checkpoint directories that neither ``last`` nor ``best`` points at, and what a save cut
     off by a crash left under a temporary name (the run's lock means no other save is under way)."""
     # Where the links lead, not how they are written: `ln -s $PWD/run/ckpt-N best` keeps ckpt-N too.
-    keep = {(run_dir / link).resolve() for link in ("last", "best") if (run_dir / link).is_symlink()}
+    # (realpath: a link looping on itself leads nowhere, where resolve() would raise)
+    keep = {os.path.realpath(run_dir / link) for link in ("last", "best") if (run_dir / link).is_symlink()}
     for d in run_dir.iterdir():
-        if _OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and d.resolve() not in keep:
+        if _OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and os.path.realpath(d) not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
 

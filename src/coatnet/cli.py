@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Annotated
 
 from .validate import NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
@@ -351,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()  # CPU steps without page faults (coatnet.allocator)
+    # A warning is one line too, as the errors are: what, not the library line that noticed it.
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *where, **_: (
+        f"coatnet {args.command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{message}\n")
     try:
         return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2
@@ -363,3 +368,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"coatnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning

@@ -234,7 +234,7 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         Replaces torchvision's walk, which follows symlinked folders and lists hidden ones. The base
         class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
         """
-        samples, not_images = [], Counter()
+        samples, not_images, empty = [], Counter(), []
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
             raise error
@@ -257,12 +257,16 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                         self.skipped += 1
                         warnings.warn(f"skipping '{path}': not an image file or corrupt", stacklevel=2)
             if len(samples) == found:
-                warnings.warn(f"class '{cls}' has no images in '{directory}'", stacklevel=2)
+                empty.append(cls)
+        if empty:
+            warnings.warn(f"{len(empty)} class{'es' if len(empty) > 1 else ''} with no images in '{directory}': "
+                          f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", stacklevel=2)
         if not_images:
             commonest = sorted(not_images.items(), key=lambda kind_count: (-kind_count[1], kind_count[0]))
             kinds = ", ".join(f"{kind} x{n}" for kind, n in commonest[:5])
-            warnings.warn(f"{sum(not_images.values())} files in '{directory}' not read, as their names are not of "
-                          f"images ({kinds}); images must end in one of {', '.join(IMG_EXTENSIONS)}", stacklevel=2)
+            count = sum(not_images.values())
+            warnings.warn(f"{count} file{'s' if count > 1 else ''} in '{directory}' not read, not named as images "
+                          f"({kinds}); images must end in one of {', '.join(IMG_EXTENSIONS)}", stacklevel=2)
         return samples
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
@@ -485,10 +489,8 @@ def _build_imagefolder(
     split_dirs = {s: data_dir / s for s in (("train", "val") if with_train else ("val",))}
     for split, d in split_dirs.items():
         if not d.is_dir():
-            raise DataError(
-                f"'{data_dir}' has no {split}/ folder; lay out images as "
-                f"{data_dir}/train/<class>/*.jpg and {data_dir}/val/<class>/*.jpg"
-            )
+            raise DataError(f"'{data_dir}' has no {split}/ folder; lay out images as "
+                            + " and ".join(f"{data_dir}/{s}/<class>/*.jpg" for s in split_dirs))
     # Compare the class folders before the (slow) header scan of every file.
     first = next(iter(split_dirs.values()))
     classes, _ = ImageFolderDataset.find_classes(first)
