@@ -543,6 +543,14 @@ def test_cifar_labels_that_are_not_integers(tmp_path, labels, kind):
         build_datasets("cifar10", tmp_path)
 
 
+def test_cifar_classes_named_twice(tmp_path):
+    make_cifar(tmp_path, "cifar10")
+    official_pickle({b"label_names": [b"cat", b"dog", b"cat", *[b"c%d" % i for i in range(3, 10)]]},
+                    tmp_path / "cifar-10-batches-py" / "batches.meta")
+    with pytest.raises(DataError, match=r"batches.meta' names classes twice \(cat\); re-download"):
+        build_datasets("cifar10", tmp_path)
+
+
 def test_cifar_corrupt_pickle(tmp_path):
     make_cifar(tmp_path, "cifar100")
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"\x80\x02garbage")

@@ -446,6 +446,10 @@ def _build_cifar(
     if not isinstance(names, (list, tuple)) or not names:
         raise DataError(f"CIFAR meta file '{root / spec['meta']}' lacks {spec['names_key']!r}")
     classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+    if len(set(classes)) < len(classes):  # two labels of one name: predictions and evaluations could not tell them
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise DataError(f"CIFAR meta file '{root / spec['meta']}' names classes twice ({', '.join(twice[:5])}); "
+                        f"re-download the data set")
     x_tr, y_tr = _cifar_split(root, spec["train"], spec["label_key"], len(classes))
     x_va, y_va = _cifar_split(root, spec["test"], spec["label_key"], len(classes))
     return DataBundle(
