@@ -512,8 +512,8 @@ def _build_imagefolder(
     train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment)) \
         if with_train else None
     val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg), evaluation=True)
-    for split, ds in (("train", train), ("val", val)) if with_train else (("val", val),):
-        if len(ds) == 0:
+    for split, ds in {"train": train, "val": val}.items():
+        if split in split_dirs and len(ds) == 0:
             raise DataError(
                 f"empty data directory: no readable images in '{split_dirs[split]}' "
                 f"(looked for {', '.join(IMG_EXTENSIONS)}); put images in "
