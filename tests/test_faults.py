@@ -141,7 +141,7 @@ def test_a_real_full_disk(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["curves.png", "summary.json", "last"])
 def test_a_folder_in_place_of_a_run_file_is_refused_before_training(finished_run, tmp_path, capsys, monkeypatch, name):
     """A folder where the run writes a file or keeps its `last` link (`cp -rL` makes `last` one, then
-    resumed as `--resume RUN/last`) is refused before an epoch is trained, naming it (before: after
+    resumed as `--resume RUN/last` or `--resume RUN`) is refused before an epoch is trained, naming it (before: after
     an epoch, naming our temporary file)."""
     out = copy_run(finished_run, tmp_path)
     target = out / name
@@ -155,9 +155,12 @@ def test_a_folder_in_place_of_a_run_file_is_refused_before_training(finished_run
     before = snapshot(out)
     trained = []
     monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
-    resume = ["--resume", str(target)] if name == "last" else ["--resume", "--output-dir", str(out)]
-    one_line_exit_2(capsys, ["train", *resume, "--epochs", "2"],
-                    f"'{target}' is a folder, where the run keeps its {name}", "rename or move it")
+    # `last` by its path, or as the run directory's (before: "not a coatnet checkpoint").
+    resumes = [["--resume", str(target)], ["--resume", str(out)]] if name == "last" else \
+        [["--resume", "--output-dir", str(out)]]
+    for resume in resumes:
+        one_line_exit_2(capsys, ["train", *resume, "--epochs", "2"],
+                        f"'{target}' is a folder, where the run keeps its {name}", "rename or move it")
     assert trained == [] and snapshot(out) == before
 
 

@@ -247,6 +247,7 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--data", "imagefolder"], "data"),
     (["--data", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--randaugment", "2"], "N,M"),
+    (["--randaugment", "-1,5"], "num_ops >= 0"),  # a value starting with "-" is checked, not taken for a flag
     (["--data-dir", "/some/dir"], "pass --data imagefolder|cifar10|cifar100"),  # not digits, silently
     # Every setting is checked against the range its field declares, before anything runs.
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),

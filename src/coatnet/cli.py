@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Annotated
@@ -152,6 +153,12 @@ class _FlagError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts like a negative number ("-1,5", "-0.5e-3") is a value, not a flag, so its
+        # own check can say what is wrong with it; Python 3.13's argparse does the same.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
     def error(self, message: str):  # argparse's own: a usage block, then exit
         raise _FlagError(f"{self.prog}: error: {message}")
 

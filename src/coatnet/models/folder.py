@@ -122,7 +122,7 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     """The folder :func:`read_model_folder` would read (a run directory's ``last``) and its
     ``config.json``, checked, without reading the weights."""
     path = Path(path)
-    if (path / "last").is_symlink() and not (path / CONFIG).exists():
+    if os.path.lexists(path / "last") and not (path / CONFIG).exists():  # a link, or a folder (a copy with cp -L)
         if not (path / "last").exists():
             others = sorted(str(p) for p in path.glob("ckpt-*") if (p / CONFIG).exists())
             other = (f"(e.g. {str(path / 'best')!r})" if (path / "best").exists() else
