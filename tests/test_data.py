@@ -667,3 +667,26 @@ def test_a_warning_of_the_cli_is_one_line(tmp_path, capsys, monkeypatch):
     assert f"coatnet train: warning: 1 file in '{root / 'train'}' not read, not named as images " \
            f"(.gif x1); images must end in one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp" in lines
     assert not any("folder.py" in line or "make_dataset" in line for line in lines)
+
+
+def test_under_torchrun_only_the_first_process_warns_of_what_the_folder_holds(tmp_path, monkeypatch):
+    """Every process lists the same image folder: its warnings come once for the job, from the first."""
+    from coatnet.train import Dist, TrainConfig, start_run
+
+    root = make_tree(tmp_path / "data", per_class=4)
+    write_image(root / "train" / "dog" / "x.gif", 1, "GIF", "RGB")
+    cfg = TrainConfig(data="imagefolder", data_dir=str(root), img_size=16, batch_size=4)
+
+    class Listed(Exception):
+        pass
+
+    def listed(*args, **kwargs):  # the data is built: stop before the model
+        raise Listed
+
+    monkeypatch.setattr("coatnet.train.DistributedSampler", listed)
+    for rank in (1, 0):
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(Listed):
+            warnings.simplefilter("always")
+            start_run(cfg, Dist(rank, 2, torch.device("cpu")), tmp_path / "run")
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == (rank == 0) and all("not read, not named as images" in m for m in messages), messages

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -454,8 +455,11 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     weights = read_pretrained(cfg.pretrained, cfg.model) if cfg.pretrained and not ckpt else None
     preprocessing = (read_pretrained_cfg(ckpt) if ckpt else weights.pretrained_cfg if weights else None) \
         or default_preprocessing(cfg.data, cfg.img_size)
-    data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment,
-                          preprocessing=preprocessing)
+    with warnings.catch_warnings():
+        if not d.main:  # every process lists the same files: the first one says what it found
+            warnings.simplefilter("ignore")
+        data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment,
+                              preprocessing=preprocessing)
     if ckpt is not None:
         _check_same_classes(ckpt, preprocessing.label_names, data.classes)
     if data.num_classes < 2:  # every label the same: 100% from the first step, and nothing learnt
