@@ -7,6 +7,7 @@ commit hash, ``snapshots/HASH/`` the files of that commit.
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,10 +117,12 @@ def test_a_save_pretrained_folder_on_the_hub_as_the_model_name(hub):
     """Our folder keeps its whole config (classes, size), not the registered network's defaults."""
     torch.manual_seed(0)
     model = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7, img_size=SIZE))
+    model.pretrained_cfg = replace(model.pretrained_cfg, mean=(0.4, 0.4, 0.4), label_names=tuple("abcdefg"))
     model.save_pretrained(hub("me/pico"))
     assert_same_outputs(coatnet.create_model("hf-hub:me/pico", pretrained=True), model)
     fresh = coatnet.create_model("hf-hub:me/pico@main", drop_path_rate=0.3)
     assert fresh.config == model.config.__class__.from_dict(model.config.to_dict() | {"drop_path_rate": 0.3})
+    assert fresh.pretrained_cfg == model.pretrained_cfg  # without the weights, prepared for as they are (timm's way)
     with pytest.raises(ValueError, match="takes its weights from that repository: pass pretrained=True or False"):
         coatnet.create_model("hf-hub:me/pico", pretrained="weights.safetensors")
 
@@ -201,3 +204,23 @@ def test_timm_weights_without_a_config_need_a_name(hub):
 def test_huggingface_hub_is_imported_only_for_the_hub():
     code = "import sys, coatnet; coatnet.create_model('coatnet_pico'); assert 'huggingface_hub' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_repository_written_by_timm_keeps_its_model_args(hub):
+    """timm's push_to_hf_hub records the options a model was built with (model_args) and one mean
+    and std for a grey model: the model is built with them, and fed as timm feeds it."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    theirs = randomise_norms(timm.create_model("coatnet_nano_rw_224", img_size=SIZE, num_classes=10, in_chans=1))
+    save_for_hf(theirs.eval(), hub("someone/nano-grey"), safe_serialization=True)
+    ours = coatnet.create_model("hf-hub:someone/nano-grey", pretrained=True).eval()
+    assert (ours.config.in_chans, ours.config.img_size, ours.num_classes) == (1, (SIZE, SIZE), 10)
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-4)
+    cfg = ours.pretrained_cfg
+    assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.9)
+    image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
+    assert coatnet.data_transforms(ours)(image).shape == (1, SIZE, SIZE)

@@ -1,5 +1,6 @@
 """Interoperability: save_pretrained / from_pretrained, training checkpoints, export, timm weights."""
 
+import argparse
 import json
 import sys
 
@@ -187,7 +188,8 @@ def _timm_model(name: str, img_size: int = TIMM_SIZE, **kwargs):
 
 def _assert_parity(theirs, name, tmp_path, **switches):
     """timm's weights, saved and loaded by create_model(pretrained=FILE), give timm's outputs: the
-    logits, and ``forward_features`` (the last map, normalised where timm's head norms before pooling).
+    logits, ``forward_features`` (the last map, normalised where timm's head norms before pooling) and
+    ``forward_intermediates`` with timm's arguments.
 
     In float32 to 1e-5 of the logits' scale (they reach ~20 with randomised norms, where float32
     rounding alone is ~1e-6); in float64 to 1e-10, which shows the conversion itself is exact.
@@ -202,6 +204,9 @@ def _assert_parity(theirs, name, tmp_path, **switches):
         ours, theirs, x = ours.double(), theirs.double(), x.double()
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=1e-10, atol=1e-10)
+        for args in (dict(indices=[0, 4], norm=True), dict(indices=2, stop_early=True)):  # timm's arguments
+            torch.testing.assert_close(ours.forward_intermediates(x, **args), theirs.forward_intermediates(x, **args),
+                                       rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", timm_variants())
@@ -236,10 +241,22 @@ def test_convert_timm_cli_writes_a_pretrained_folder(tmp_path, capsys):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
-    # Without --model, the variant the weights fit.
+    # Without --model, the variant the weights fit; --model in timm's name, with a tag, the same.
     assert main(["convert-timm", str(source), "--output", str(tmp_path / "found")]) == 0
-    assert "coatnet_nano_rw, 10 classes, 64x64 input" in capsys.readouterr().out
+    assert main(["convert-timm", str(source), "--model", "coatnet_nano_rw_224.sw_in1k", "--output",
+                 str(tmp_path / "named")]) == 0
+    assert capsys.readouterr().out.count("coatnet_nano_rw, 10 classes, 64x64 input") == 2
     assert coatnet.from_pretrained(tmp_path / "found").config == ours.config
+    assert coatnet.from_pretrained(tmp_path / "named").config == ours.config
+    # A training checkpoint of timm's train.py: its flags saved as a Namespace, the EMA's weights
+    # beside the model's (taken, as timm's loader takes them), saved from DDP ("module." keys).
+    checkpoint = tmp_path / "checkpoint-3.pth.tar"
+    torch.save({"epoch": 3, "args": argparse.Namespace(model="coatnet_nano_rw_224", lr=1e-3),
+                "state_dict": {k: v + 1 if v.is_floating_point() else v for k, v in theirs.state_dict().items()},
+                "state_dict_ema": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(coatnet.create_model("coatnet_nano_rw", img_size=64, pretrained=checkpoint,
+                                                        num_classes=10).eval()(x), theirs(x), atol=1e-5, rtol=1e-5)
     # A folder with files in it (a checkpoint, say, with its EMA weights) is written only with
     # --overwrite, and then the old EMA weights, which would be read in place of these, are gone.
     other = tmp_path / "other"
@@ -367,3 +384,30 @@ def test_a_folder_at_another_size_is_built_at_its_own(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), tuned(x))
     assert coatnet.create_model("coatnet_pico", pretrained=folder, img_size=32).config.img_size == (32, 32)
+
+
+def test_a_folder_of_another_network_is_refused_by_name(tmp_path):
+    """A folder's settings that leave the weights' shapes as they are (an activation, where a block
+    strides) are the network's too: loaded by another name or settings, it would give other outputs
+    without a word. What loading adapts (classes, size, channels) and drop_path_rate may differ."""
+    torch.manual_seed(0)
+    silu = coatnet.create_model("coatnet_pico", num_classes=7, mbconv=dict(activation="silu")).eval()
+    folder = silu.save_pretrained(tmp_path / "silu")
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model("coatnet_pico", pretrained=folder)
+    assert f"the weights in '{folder}' were saved with a network that differs from coatnet_pico's in " \
+           f"mbconv.activation 'silu' (not 'gelu'): load the folder as it is with coatnet.from_pretrained(" in str(e.value)
+    with pytest.raises(ValueError, match="are coatnet_pico's, not coatnet_nano's: .*or name coatnet_pico$"):
+        coatnet.create_model("coatnet_nano", pretrained=folder)
+    same = coatnet.create_model("coatnet_pico", pretrained=folder, mbconv=dict(activation="silu"), in_chans=1,
+                                drop_path_rate=0.1, img_size=64).eval()
+    assert same.config.mbconv == silu.config.mbconv and same.num_classes == 7
+
+
+def test_timms_name_with_a_weights_file_keeps_timms_preprocessing(tmp_path):
+    """Our converted weights (no config beside them) under timm's name: prepared as timm prepares
+    them, as the name without weights is; a folder or timm's own keys carry their own."""
+    named = coatnet.create_model("coatnet_nano_rw_224.sw_in1k")
+    save_file(named.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = coatnet.create_model("coatnet_nano_rw_224.sw_in1k", pretrained=tmp_path / "w.safetensors")
+    assert loaded.pretrained_cfg == named.pretrained_cfg and loaded.pretrained_cfg.crop_pct == 0.9

@@ -56,6 +56,18 @@ def test_head_interface():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5) and model.config.num_classes == 5
     model.reset_classifier(0)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.num_features)
+    assert model.default_cfg == model.pretrained_cfg  # timm's older name
+
+
+def test_a_new_classifier_is_where_the_model_is_in_its_dtype():
+    model = tiny().to(torch.bfloat16)
+    model.reset_classifier(5)
+    assert model.classifier.weight.dtype == torch.bfloat16
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with torch.device("meta"):
+        model = coatnet.create_model("coatnet_pico")
+    model.reset_classifier(4)
+    assert model.classifier.weight.device.type == "meta"
 
 
 def test_pre_logits_layer_of_paper_models():
@@ -243,14 +255,19 @@ def test_weights_without_a_classifier_leave_the_models_fresh(tmp_path):
 
 
 def test_pretrained_without_a_classifier_drops_theirs_without_a_warning(tmp_path):
-    """num_classes=0 (features, pooled): nothing is left freshly initialised, so nothing to warn of."""
+    """num_classes=0 (features, pooled) or features_only: nothing is left freshly initialised, so
+    nothing to warn of."""
     import warnings
 
-    torch.save(tiny().state_dict(), tmp_path / "w.pth")
+    saved = tiny().state_dict()  # 10 classes, where the name's default is 1000
+    torch.save(saved, tmp_path / "w.pth")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = coatnet.create_model("coatnet_pico", num_classes=0, pretrained=tmp_path / "w.pth").eval()
+        features = coatnet.create_model("coatnet_pico", features_only=True, pretrained=tmp_path / "w.pth")
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, model.head_hidden_size)
+    loaded = features.model.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in saved.items() if not k.startswith("classifier."))
 
 
 @pytest.mark.parametrize("in_chans", [1, 6])
@@ -398,6 +415,7 @@ def test_a_version_1_folder_loads(tmp_path):
     (dict(drop_path_rate=1.0), "drop_path_rate must be a finite number >= 0 and < 1, got 1.0"),
     (dict(num_classes=-1), "num_classes must be an integer >= 0 and <= 1000000, got -1"),
     (dict(stages=[dict(block="conv", depth=1, channels=8)]), "block must be one of 'mbconv', 'transformer'"),
+    (dict(stages=[dict(block="mbconv")]), "stages option(s) depth, channels missing from {'block': 'mbconv'}"),
     (dict(img_size=32.0), "img_size must be one or two integers"),
     # [rw] attention at the input width: S3's first block attends at S2's 64 channels
     (dict(transformer=dict(attention_width="input", head_size=128)), "transformer width 64 is not a multiple of head "

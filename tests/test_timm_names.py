@@ -48,13 +48,20 @@ def test_list_models_shows_timm_names_with_their_tags():
     assert {"coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k", "coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k",
             "coatnet_0_224"} <= set(names)
     assert "coatnet_0_rw_224" not in coatnet.list_models()  # ours only, by default
+    # timm's other forms: a list of patterns, and only the names of published weights
+    assert coatnet.list_models(["coatnet_0", "coatnet_1"]) == ["coatnet_0", "coatnet_1"]
+    timm = pytest.importorskip("timm")
+    assert sorted(coatnet.list_models(pretrained=True)) == sorted(timm.list_models("coatnet*", pretrained=True))
 
 
 @pytest.mark.parametrize("name,message", [
     ("coatnet_0_rw_224.sw_in2k", "unknown pretrained tag 'sw_in2k' for coatnet_0_rw_224; tags published for it: "
                                  "sw_in1k"),
     ("coatnet_0.sw_in1k", "a pretrained tag goes with timm's name"),
-    ("coatnet_9_224", "unknown model 'coatnet_9_224'"),
+    ("coatnet_9_224", "unknown model 'coatnet_9_224'; known models: "),  # as near each of coatnet_0..7_224
+    ("coatnet_0_rw_244", "unknown model 'coatnet_0_rw_244'; did you mean coatnet_0_rw_224?"),
+    ("coatnet_pic", "did you mean coatnet_pico?"),
+    (None, "a model name is a string, e.g. 'coatnet_0', got None"),
 ])
 def test_unknown_names_and_tags_are_one_line(name, message):
     with pytest.raises(ValueError) as e:

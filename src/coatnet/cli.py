@@ -67,6 +67,7 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
     from .models import create_model, read_state_dict
     from .models.factory import PretrainedWeights, load_pretrained
+    from .models.registry import model_entry
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
                                       timm_pretrained_cfg, timm_variant_of)
 
@@ -77,7 +78,7 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise ValueError(f"output {args.output!r} is a folder with files in it; give a new or empty one, or replace "
                          f"its config.json and weights with --overwrite")
-    name = args.model or timm_variant_of(state)
+    name = model_entry(args.model).name if args.model else timm_variant_of(state)  # timm's name -> ours
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "
                          f"told which weights differ")
@@ -87,7 +88,7 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size {args.img_size}: these weights' relative-position tables are for {tables} px; "
                          f"drop --img-size")
     # Converted as they are, strictly: no classifier left random, no table resized to fit.
-    model = create_model(name, img_size=tables or args.img_size, num_classes=classifier_size(state))
+    model = create_model(args.model or name, img_size=tables or args.img_size, num_classes=classifier_size(state))
     own = {k: v.shape for k, v in model.state_dict().items()}
     load_pretrained(model, PretrainedWeights(state, None), name, new_classifier=False)
     converted = convert_timm_state_dict(state, name)

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -256,6 +256,9 @@ def _build_part(kind: type, value, name: str):
     unknown = sorted(set(value) - set(known))
     if unknown:
         raise ValueError(f"unknown {name} option(s) {', '.join(unknown)}; options: {', '.join(known)}")
+    missing = [f.name for f in fields(kind) if MISSING is f.default is f.default_factory and f.name not in value]
+    if missing:
+        raise ValueError(f"{name} option(s) {', '.join(missing)} missing from {value!r}; options: {', '.join(known)}")
     return kind(**value)
 
 
@@ -711,14 +714,21 @@ class CoAtNet(nn.Module):
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool {global_pool!r}: CoAtNet's head pools by the average only; pass 'avg' "
                              f"or nothing")
+        like = next(self.head_norm.parameters())  # the new head lives where the model does, in its dtype
         self.num_classes = num_classes
         self.config = replace(self.config, num_classes=num_classes)
-        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+        self.classifier = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
+                           if num_classes else nn.Identity())
         self.classifier.apply(_init_weights)
         self.pretrained_cfg = self.pretrained_cfg.with_classes(num_classes)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
+
+    @property
+    def default_cfg(self) -> PretrainedCfg:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (timm's
@@ -750,27 +760,31 @@ class CoAtNet(nn.Module):
                              f"negative ones count from the end)")
         return [i % count for i in indices]
 
-    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None,
-                              intermediates_only: bool = False,
-                              output_fmt: str = "NCHW") -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """NCHW feature maps after the stages in ``indices`` (into ``feature_info``, as
-        :meth:`feature_indices` reads them; 0 is the stem).
+        :meth:`feature_indices` reads them; 0 is the stem), with timm's arguments.
 
         The default is the last stage at each resolution: S1..S4, at strides 4, 8, 16 and 32 for the
         paper's models. Returns ``(final_features, maps)`` (``forward_features``'s output, and the maps
-        as the stages give them), or only ``maps`` with ``intermediates_only``.
+        as the stages give them), or only ``maps`` with ``intermediates_only``. ``norm``: the last
+        stage's map normalised as ``forward_features`` gives it; ``stop_early``: no stage runs past
+        the last map asked for (the final features are then that map).
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt {output_fmt!r}: the maps are NCHW; pass 'NCHW' or nothing")
         indices = self.feature_indices(indices)
         x = self.forward_stem(x)
         maps = [x] if 0 in indices else []
-        last = max(indices) if intermediates_only else len(self.stages)
+        last = max(indices) if intermediates_only or stop_early else len(self.stages)
         for i, stage in enumerate(self.stages[:last], 1):
             x = stage(x)
             if i in indices:
-                maps.append(x)
-        return maps if intermediates_only else (self._norm_map(x), maps)
+                maps.append(self._norm_map(x) if norm and i == len(self.stages) else x)
+        if intermediates_only:
+            return maps
+        return (self._norm_map(x) if last == len(self.stages) else x), maps
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``; ``coatnet.from_pretrained`` reads it."""
@@ -808,6 +822,9 @@ class FeatureExtractor(nn.Module):
     def config(self) -> CoAtNetConfig:
         """The network's config, as its model's (input size and channels, for ``data_transforms``)."""
         return self.model.config
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)

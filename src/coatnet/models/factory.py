@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     by value (``stages``), a part's fields by a dict, e.g. ``mbconv=dict(stride_on="depthwise")``
     for the Table 9 variant.
 
-    ``pretrained`` is a weights file (``.safetensors``, or a ``.pt``/``.pth`` state dict read with
-    ``weights_only=True``), timm's weights of the variant ``name`` reproduces (``coatnet_*_rw``,
-    converted on the fly), or a folder: a ``save_pretrained`` folder, a training checkpoint (its EMA
-    weights when it has them) or a run directory. From the Hugging Face Hub, through its cache
+    ``pretrained`` is a weights file (``.safetensors``, or a ``.pt``/``.pth`` state dict or timm's
+    training checkpoint, its EMA weights where kept, read with ``weights_only=True``), timm's weights
+    of the variant ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
+    ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
+    directory, whose network must be ``name``'s with ``kwargs`` (:func:`from_pretrained` builds its own). From the Hugging Face Hub, through its cache
     (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
     (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional) a
     repository of timm's weights or a ``save_pretrained`` folder. Weights from a folder or the Hub
@@ -56,6 +58,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     optional) is the network its ``config.json`` describes (timm's architecture, or a
     ``save_pretrained`` folder's config), with the repository's weights when ``pretrained=True``.
     """
+    if not isinstance(name, str):
+        raise ValueError(f"a model name is a string, e.g. 'coatnet_0', got {name!r}; coatnet.list_models() lists them")
     if type(pretrained) is int:  # timm's 0 and 1
         pretrained = bool(pretrained)
     if out_indices is not None and not features_only:
@@ -69,16 +73,46 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
         weights = None
     else:
         weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
-    if weights is not None and weights.whole:  # their classifier and size, unless told otherwise
+    if weights is not None and (weights.whole or features_only):  # their classifier and size, unless told otherwise
         num_classes = classifier_size(weights.state) if num_classes is None else num_classes
-        img_size = weights.img_size if img_size is None else img_size
+        img_size = weights.img_size if img_size is None and weights.whole else img_size
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         drop_path_rate=drop_path_rate, **kwargs)
-    if weights is not None:
-        load_pretrained(model, weights, entry.name)
-    elif list_models(f"{name.partition('.')[0]}.*", aliases=True):  # timm's name of its weights, as in timm
+    if weights is not None and weights.config is not None:
+        _check_same_network(model.config, weights)
+    if list_models(f"{name.partition('.')[0]}.*", aliases=True):  # timm's name of its weights, as in timm
         model.pretrained_cfg = timm_pretrained_cfg(entry.name, min(model.config.img_size), model.num_classes)
+    if weights is not None:  # their own preprocessing, where they hold one
+        load_pretrained(model, weights, entry.name)
     return FeatureExtractor(model, out_indices) if features_only else model
+
+
+# What loading weights adapts (the classifier, the input size and channels), and a training setting.
+_ADAPTED_ON_LOAD = {"version", "name", "num_classes", "img_size", "in_chans", "drop_path_rate"}
+
+
+def _check_same_network(built: CoAtNetConfig, weights: PretrainedWeights) -> None:
+    """Refuse weights saved with a network that differs from ``built`` where their shapes may not show
+    it (an activation, a pooling, where a block strides): loaded, they would give other outputs."""
+    try:
+        saved = CoAtNetConfig.from_dict(weights.config).to_dict()
+    except (TypeError, ValueError) as e:
+        raise ModelFolderError(f"{weights.origin!r} has no usable model config ({e})") from None
+    ours = built.to_dict()
+    differ = []
+    for key in sorted(set(saved) - _ADAPTED_ON_LOAD):
+        if isinstance(saved[key], dict):
+            differ += [f"{key}.{k} {v!r} (not {ours[key][k]!r})" for k, v in saved[key].items() if v != ours[key][k]]
+        elif saved[key] != ours[key]:
+            differ.append(key)
+    if not differ:
+        return
+    load = f"load the folder as it is with coatnet.from_pretrained({weights.origin!r})"
+    if saved["name"] != built.name:
+        raise ValueError(f"the weights in {weights.origin!r} are {saved['name']}'s, not {built.name}'s: {load}, or "
+                         f"name {saved['name']}")
+    raise ValueError(f"the weights in {weights.origin!r} were saved with a network that differs from "
+                     f"{built.name}'s in {'; '.join(differ)}: {load}, or pass those settings to create_model")
 
 
 def _hub_model(name: str, pretrained, **options) -> CoAtNet:
@@ -96,14 +130,30 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
         except (TypeError, ValueError) as e:
             raise ModelFolderError(f"the config.json of {repo[0]} has no usable model config ({e})") from None
         model = build_model(config, **options)
-        return load_pretrained(model, _read_weights(fetched, config.name, True), config.name) if fetched else model
+        if not fetched:  # freshly initialised, prepared for as the repository's weights are, as in timm
+            model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(repo[0]), meta, {}, None)).with_classes(
+                model.num_classes)
+            return model
+        return load_pretrained(model, _read_weights(fetched, config.name, True), config.name)
     architecture = meta.get("architecture")
     if not isinstance(architecture, str):
         raise ValueError(f"{repo[0]} has no config.json naming timm's architecture (or holding a save_pretrained "
                          f"config); load its weights into a named network: create_model(NAME, pretrained={name!r})")
+    # The options timm's push_to_hf_hub recorded (a grey model's in_chans, an rmlp model's img_size),
+    # under the caller's own, as timm's create_model takes them.
+    model_args = meta.get("model_args") or {}
+    if isinstance(model_args, dict) and model_args.get("global_pool") == "avg":  # the only pooling there is
+        model_args = {k: v for k, v in model_args.items() if k != "global_pool"}
+    known = ("num_classes", "in_chans", "img_size", "drop_path_rate")
+    unknown = sorted(set(model_args) - set(known)) if isinstance(model_args, dict) else model_args
+    if unknown:
+        raise ValueError(f"the config.json of {repo[0]} has model_args {unknown!r} that coatnet does not take "
+                         f"(it takes {', '.join(known)}); load its weights into a named network: "
+                         f"create_model(NAME, pretrained={name!r})")
+    model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}
+    options = model_args | {k: v for k, v in options.items() if v is not None}
     if not fetched:  # timm's architecture with the repository's classes, freshly initialised
-        classes = meta.get("num_classes") if options["num_classes"] is None else options["num_classes"]
-        return create_model(architecture, **options | {"num_classes": classes})
+        return create_model(architecture, **{"num_classes": meta.get("num_classes")} | options)
     return create_model(architecture, pretrained=_read_weights(fetched, architecture, from_hub=True), **options)
 
 
@@ -115,6 +165,8 @@ class PretrainedWeights:
     pretrained_cfg: PretrainedCfg | None
     whole: bool = False  # published (Hub) or saved as a model (folder): keep their classifier and size by default
     img_size: tuple[int, int] | int | None = None  # the input size they were trained at, where known
+    config: dict | None = None  # the network they were saved with (a folder's config.json), where known
+    origin: str = ""  # where they were read, for messages
 
 
 def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeights:
@@ -130,7 +182,8 @@ def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
         folder = read_model_folder(path)
         size = folder.meta["config"].get("img_size")
         return PretrainedWeights(folder.eval_weights, read_pretrained_cfg(folder), whole=True,
-                                 img_size=tuple(size) if isinstance(size, list) else size)
+                                 img_size=tuple(size) if isinstance(size, list) else size,
+                                 config=folder.meta["config"], origin=str(folder.path))
     state = read_state_dict(path)
     if not is_timm_state_dict(state):
         return PretrainedWeights(state, None, whole=from_hub)
@@ -222,14 +275,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py saves its flags so
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated or not a weights file at all
         raise ValueError(f"cannot read weights from {str(path)!r} ({type(e).__name__}); "
                          f"the file is corrupt, truncated or not a weights file") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    # A training checkpoint's weights, as timm's load_checkpoint takes them: the EMA's where kept.
+    key = next((k for k in ("state_dict_ema", "model_ema", "state_dict", "model")
+                if isinstance(state, dict) and isinstance(state.get(k), dict)), None)
+    if key is not None:
+        state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 

@@ -84,6 +84,9 @@ class PretrainedCfg:
         """Ours as written by :meth:`to_dict`, or timm's ``pretrained_cfg`` (its other keys ignored)."""
         known = {f.name for f in fields(cls)} - {"input_size"}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known and v is not None}
+        for key in ("mean", "std"):  # timm writes one number for a grey model's one channel
+            if isinstance(values.get(key), tuple) and len(values[key]) == 1:
+                values[key] = values[key] * 3
         return cls(**values)
 
     def get(self, key: str, default=None):

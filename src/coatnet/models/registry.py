@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -70,13 +71,20 @@ def register_alias(alias: str, target: str, tags: tuple[str, ...] = (), **defaul
     _ALIASES[alias] = _Alias(target, defaults, tags)
 
 
-def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
+def list_models(pattern: str | list[str] | None = None, aliases: bool = False, pretrained: bool = False) -> list[str]:
     """Registered model names, in registration order, then (with ``aliases``) timm's names for them
-    with each published pretrained tag; ``pattern`` is a shell-style filter."""
-    names = list(_REGISTRY)
-    if aliases:
-        names += [f"{alias}.{tag}" if tag else alias for alias, a in _ALIASES.items() for tag in (None, *a.tags)]
-    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+    with each published pretrained tag; ``pattern`` is a shell-style filter, or a list of them (a name
+    matching any). ``pretrained``: only timm's names of published weights, with their tags, as
+    ``timm.list_models(pretrained=True)`` gives them."""
+    published = [f"{alias}.{tag}" for alias, a in _ALIASES.items() for tag in a.tags]
+    if pretrained:
+        names = published
+    else:
+        names = list(_REGISTRY)
+        if aliases:
+            names += [f"{alias}.{tag}" if tag else alias for alias, a in _ALIASES.items() for tag in (None, *a.tags)]
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or ())
+    return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)] if patterns else names
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -87,7 +95,9 @@ def model_entry(name: str) -> ModelEntry:
         return _REGISTRY[base]
     alias = _ALIASES.get(base)
     if alias is None:
-        hint = "; a pretrained tag goes with timm's name, e.g. coatnet_0_rw_224.sw_in1k" if base in _REGISTRY else ""
+        close = _closest(base, [*_REGISTRY, *_ALIASES])
+        hint = ("; a pretrained tag goes with timm's name, e.g. coatnet_0_rw_224.sw_in1k" if base in _REGISTRY else
+                f"; did you mean {close}?" if close else "")
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(_REGISTRY)} "
                          f"(and timm's names for them: coatnet.list_models(aliases=True))")
     if tag and tag not in alias.tags:
@@ -96,3 +106,11 @@ def model_entry(name: str) -> ModelEntry:
     classes = TAG_CLASSES.get(tag or next(iter(alias.tags), ""))
     defaults = alias.defaults | ({"num_classes": classes} if classes else {})
     return replace(_REGISTRY[alias.target], defaults=defaults, tag=tag or None)
+
+
+def _closest(name: str, names: list[str]) -> str | None:
+    """The one name nearest to ``name`` (a typo's), or None where none is near or several are as near
+    (``coatnet_9`` is as near each of coatnet_0..7)."""
+    scores = sorted(((difflib.SequenceMatcher(None, name, n).ratio(), n) for n in names), reverse=True)
+    best = scores[0] if scores else (0, None)
+    return best[1] if best[0] >= 0.8 and (len(scores) == 1 or scores[1][0] < best[0]) else None
