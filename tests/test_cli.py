@@ -56,3 +56,31 @@ def test_under_torchrun_only_the_first_process_reports_a_bad_flag(monkeypatch, c
         monkeypatch.setenv("RANK", rank)
         assert main(["train", "--epochs", "zero"]) == 2
         assert capsys.readouterr().err.count("\n") == lines
+
+
+@pytest.mark.parametrize("error,size", [
+    # torch's CPU allocator (predict --img-size 4096: a relative bias of 512 GiB), and CUDA's paragraph
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 549755813888 bytes. Error "
+                  "code 12 (Cannot allocate memory)"), " (one tensor of 512.0 GiB)"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.1 GiB of "
+                  "which 1.2 GiB is free.\nIncluding non-PyTorch memory, ..."), " (one tensor of 20.00 GiB)"),
+    (MemoryError(), ""),
+])
+def test_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path, error, size):
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("coatnet.complexity.measure", exhausted)
+    assert main(["info", "coatnet_pico"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"coatnet info: error: out of memory{size}; give a smaller --batch-size or --img-size, or use a " \
+                  f"machine with more memory\n"
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_hidden(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("coatnet.complexity.measure", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info", "coatnet_pico"])

@@ -5,6 +5,7 @@ import torch
 
 import coatnet
 from coatnet.cli import main
+from coatnet.export import export_model
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,18 @@ def test_largest_size_is_accepted(folder):
     from coatnet.export import MAX_IMG_SIZE, check_img_size
 
     check_img_size(coatnet.from_pretrained(folder), MAX_IMG_SIZE)
+
+
+def test_a_model_over_two_gib_is_refused_as_onnx_and_nothing_is_left(tmp_path):
+    """CoAtNet-5's float32 weights (2.7 GB) exceed what one ONNX (protobuf) file holds. Said in one line
+    before anything is traced (here on the meta device: no weights exist), with what to use instead;
+    only the user's own folder of that name stays."""
+    with torch.device("meta"):
+        model = coatnet.create_model("coatnet_5", img_size=32)
+    (tmp_path / ".tmp-m.onnx").mkdir()  # a folder of the user's, named as an earlier version named its own
+    (tmp_path / ".tmp-m.onnx" / "keep").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="an ONNX file holds at most 2 GiB and coatnet_5's graph at 32x32 is more; "
+                                         "export it with --format exported"):
+        export_model(model, "onnx", tmp_path / "m.onnx")
+    assert tree(tmp_path) == before

@@ -373,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"coatnet {args.command}: error: {e.strerror or _message(e)}{where}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:  # out of memory (torch's CPU and CUDA allocators raise RuntimeErrors)
+        asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
+        if not (isinstance(e, MemoryError) or asked or "out of memory" in str(e)):
+            raise
+        size = (f" (one tensor of {int(asked[1]) / 2**30:.1f} GiB)" if asked and asked[1] else
+                f" (one tensor of {asked[2]})" if asked else "")
+        print(f"coatnet {args.command}: error: out of memory{size}; give a smaller --batch-size or --img-size, or "
+              f"use a machine with more memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"coatnet {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -71,11 +73,10 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     weight = next(model.parameters())
     example = torch.randn(batch, model.config.in_chans, height, width, device=weight.device, dtype=weight.dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Written in a temporary folder under its own name (TorchScript and .pt2 archives name their root
-    # folder after the file) and renamed: a failed export never leaves a broken file where an earlier
-    # good one was.
-    tmp = output.parent / f".tmp-{output.name}" / output.name
-    tmp.parent.mkdir(exist_ok=True)
+    # Written in a temporary folder of its own under its own name (TorchScript and .pt2 archives name
+    # their root folder after the file) and renamed: a failed export never leaves a broken file where
+    # an earlier good one was, nor anything else.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent)) / output.name
     was_training = model.training
     model.eval()
     try:
@@ -87,8 +88,7 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         os.replace(tmp, output)
     finally:
         model.train(was_training)
-        tmp.unlink(missing_ok=True)
-        tmp.parent.rmdir()
+        shutil.rmtree(tmp.parent, ignore_errors=True)
     return output
 
 
@@ -118,12 +118,22 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
         import onnx
     except ImportError:
         raise ValueError("ONNX export needs the onnx package: pip install 'coatnet[export]'") from None
+    from google.protobuf.message import EncodeError
+
+    # A protobuf message holds at most 2 GiB: CoAtNet-5..7's weights alone are more in float32.
+    too_big = (f"an ONNX file holds at most 2 GiB and {model.config.name}'s graph at "
+               f"{example.shape[-2]}x{example.shape[-1]} is more; export it with --format exported")
+    if sum(t.numel() * t.element_size() for t in model.state_dict().values()) >= 2**31:
+        raise ValueError(too_big)
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["logits"], dynamic_axes=axes)
-    graph = onnx.load(str(output))
-    onnx.helper.set_model_props(graph, {PREPROCESSING_KEY: preprocessing})
-    onnx.save(graph, str(output))
+    try:
+        graph = onnx.load(str(output))
+        onnx.helper.set_model_props(graph, {PREPROCESSING_KEY: preprocessing})
+        onnx.save(graph, str(output))
+    except EncodeError:  # the weights fit, but not with the relative biases the graph stores
+        raise ValueError(too_big) from None
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
