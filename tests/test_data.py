@@ -359,6 +359,20 @@ def test_load_image_16bit_png_keeps_intensities(tmp_path):
         np.testing.assert_array_equal(rgb[..., c], expected)
 
 
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_a_photo_stored_turned_is_read_as_it_is_shown(tmp_path, format):
+    """A phone's photo: pixels stored landscape, EXIF orientation 6 (shown turned 90 degrees clockwise).
+    Trained on and predicted as shown, as every viewer shows it, not as stored."""
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)
+    stored[:, :24] = 255  # the stored left half white: shown, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo", format=format, exif=exif)
+    shown = np.asarray(load_image(tmp_path / "photo"))
+    assert shown.shape == (48, 32, 3)
+    assert shown[:20].min() > 200 and shown[28:].max() < 50
+
+
 @pytest.mark.parametrize("pixels,kind", [(np.linspace(0, 1, 64, dtype=np.float32), "float"),
                                           (np.linspace(0, 2**31 - 1, 64).astype(np.int32), "32-bit integer")])
 def test_load_image_without_a_range_is_refused(tmp_path, pixels, kind):

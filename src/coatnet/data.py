@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
@@ -34,6 +34,7 @@ from .models.preprocessing import PretrainedCfg, augment, eval_transform, normal
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "webdataset", "hf")
 
 _MIN_IMG_SIZE = 8
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a stored image is turned for showing
 
 
 class DataError(ValueError):
@@ -114,10 +115,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
-    """Fully decode an image (a file, or a file object of its bytes) to RGB; a failure is a one-line
-    :class:`DataError` naming ``where``."""
+    """Fully decode an image (a file, or a file object of its bytes) to RGB, turned as its EXIF
+    orientation says it is shown; a failure is a one-line :class:`DataError` naming ``where``."""
     try:
         with Image.open(source) as im:
+            if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a photo stored turned: as it is shown, upright
+                im = ImageOps.exif_transpose(im)
             if im.mode == "F" or im.mode.startswith("I"):  # one channel of 16/32-bit integers or floats
                 wide = np.asarray(im, dtype=np.float64)
                 # 32-bit integers beyond 16 bits, or floats, have no range to scale from: convert("RGB")
