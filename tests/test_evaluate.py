@@ -125,6 +125,26 @@ def test_eval_bad_input(run_dir, tmp_path, capsys):
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--img-size", "20"], "multiple")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data", "cifar10", "--data-dir",
                             str(tmp_path / "nothing")], "nothing")
+    # Files of the user's where the report goes are kept; an evaluation's own are replaced.
+    for name, content in (("eval.json", b'{"mine": 1}'), ("confusion_matrix.png", b"my plot")):
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_bytes(content)
+        one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--output-dir", str(mine)],
+                       f"{mine} holds an eval.json or confusion_matrix.png that no evaluation wrote")
+        assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_bytes() == content
+    for _ in range(2):
+        assert main(["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "ours")]) == 0
+
+
+def test_predict_names_a_file_whose_name_is_not_utf8_as_valid_utf8(run_dir, tmp_path, capsys):
+    bad = os.path.join(str(tmp_path).encode(), b"bad\xfe.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    assert main(["predict", "--checkpoint", str(run_dir), os.fsdecode(bad), "--json"]) == 2
+    (error,) = json.loads(capsys.readouterr().out)["errors"]
+    assert error["image"].endswith("bad\\xfe.png") and f"'{error['image']}'" in error["message"]
+    error["message"].encode("utf-8")  # no lone surrogate, which strict JSON readers refuse
 
 
 def test_predict_runs_in_batches_of_batch_size(run_dir, tmp_path, capsys, monkeypatch):

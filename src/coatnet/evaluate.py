@@ -122,6 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
                          f"evaluate on the data set it was trained on")
     run_dir = ckpt.path.resolve().parent
     out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
+    _check_own_report(out)
     out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
     _say_which(ckpt, args)
     model.to(device)
@@ -143,6 +144,20 @@ def run_eval(args: argparse.Namespace) -> int:
               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return 0
+
+
+def _check_own_report(out: Path) -> None:
+    """An earlier evaluation's files in ``out`` are replaced; anyone else's are not."""
+    try:
+        report = json.loads((out / "eval.json").read_text())
+        ours = isinstance(report, dict) and {"checkpoint", "top1", "confusion_matrix"} <= set(report)
+    except FileNotFoundError:
+        ours = not (out / "confusion_matrix.png").exists()
+    except (OSError, ValueError):  # not JSON, or not text: not an evaluation's report
+        ours = False
+    if not ours:
+        raise ValueError(f"{out} holds an eval.json or confusion_matrix.png that no evaluation wrote, which this one "
+                         f"would replace; move them or choose another --output-dir")
 
 
 def images_in(folder: str) -> list[str]:
@@ -178,7 +193,7 @@ def run_predict(args: argparse.Namespace) -> int:
             try:
                 loaded.append((path, transform(load_image(path))))
             except DataError as e:  # costs that image's prediction only
-                errors.append(dict(image=printable(path), message=str(e)))
+                errors.append(dict(image=printable(path), message=printable(str(e))))
         if not loaded:
             continue
         if not results:
