@@ -12,7 +12,7 @@ from coatnet.models import coatnet as coatnet_module
 from coatnet.cli import build_parser, main
 from coatnet.complexity import count_parameters
 from coatnet.models import create_model
-from coatnet.plan import ADAMW_STATE_BYTES, GiB, make_plan, measure_activations
+from coatnet.plan import ADAMW_STATE_BYTES, GiB, _divisors, make_plan, measure_activations
 
 
 def _params(name: str, img_size: int) -> int:
@@ -75,6 +75,20 @@ def test_huge_model_on_small_gpus_shards_checkpoints_and_accumulates():
     assert plan.command.startswith("torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
                                    "--rdzv-endpoint HOST:29500 -m coatnet train --model coatnet_7 ")
     assert plan.command.endswith(f"--fsdp --amp --grad-checkpointing --grad-accum-steps {plan.grad_accum_steps}")
+
+
+def test_a_per_gpu_batch_that_divides_badly_is_said_with_a_better_one():
+    """509 images per GPU (a prime) that do not fit at once go one at a time; the plan says which
+    global batch would go 8 or more at a time. A batch of billions is planned as quickly as 4096."""
+    plan = make_plan("coatnet_pico", 128, batch_size=1018, gpus=2, gpu_memory_gib=2)
+    assert plan.micro_batch == 1 and plan.grad_accum_steps == 509
+    assert plan.note == ("note: no micro-batch of 8 or more divides 509 images per GPU, so each step takes 1 at a "
+                         "time; --batch-size 1024 (512 per GPU) would run 8 or more at a time")
+    better = make_plan("coatnet_pico", 128, batch_size=1024, gpus=2, gpu_memory_gib=2)
+    assert better.micro_batch >= 8 and better.note == ""
+    huge = make_plan("coatnet_pico", 32, batch_size=8 * 10**9, gpus=8)  # ran through 10**9 candidates before
+    assert huge.micro_batch * huge.grad_accum_steps == 10**9
+    assert _divisors(36) == [36, 18, 12, 9, 6, 4, 3, 2, 1] and _divisors(509) == [509, 1]
 
 
 def test_printed_command_parses_as_coatnet_train(capsys):

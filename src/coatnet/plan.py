@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from contextlib import nullcontext
 import time
 from dataclasses import asdict, dataclass
@@ -117,6 +118,7 @@ class Plan:
     options: tuple[Memory, ...]  # DDP, DDP + checkpointing, FSDP, FSDP + checkpointing
     command: str
     seconds: float  # to compute this plan
+    note: str = ""  # a better batch size, where this one divides badly
 
     @property
     def chosen(self) -> Memory:
@@ -240,12 +242,17 @@ def _memory(strategy: str, checkpointing: bool, micro_batch: int, params: int, l
 def _best(strategy: str, checkpointing: bool, per_gpu_batch: int, budget: int, **kwargs) -> Memory:
     """The configuration at the largest micro-batch dividing the per-GPU batch that fits ``budget``
     (micro-batch 0, at one image, when none does)."""
-    divisors = [d for d in range(per_gpu_batch, 0, -1) if per_gpu_batch % d == 0]
-    for micro_batch in divisors:
+    for micro_batch in _divisors(per_gpu_batch):
         memory = _memory(strategy, checkpointing, micro_batch, **kwargs)
         if memory.total <= budget:
             return memory
     return Memory(**asdict(_memory(strategy, checkpointing, 1, **kwargs)) | {"micro_batch": 0})
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n``, largest first, in sqrt(n) steps (a batch of 10**9 is a question too)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
 
 
 def command(plan_fields: dict) -> str:
@@ -287,10 +294,22 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
         raise ValueError(f"{model} at {img_size} px does not fit {gpu_memory_gib:g} GiB GPUs even with FSDP over "
                          f"{world} GPU{'s' * (world > 1)}, checkpointing and one image per step: it needs "
                          f"{least.total / GiB:.1f} GiB per GPU; use more or larger GPUs, or a smaller --img-size")
+    note = ""
+    if chosen.micro_batch < enough:
+        # Nothing fits a micro-batch of 8 that divides the per-GPU batch (a prime, say). Where some
+        # configuration fits 8 images, a global batch of a multiple of 8 per GPU would.
+        sizes = {k: v for k, v in shared.items() if k not in ("per_gpu_batch", "budget")}
+        if any(_memory(s, c, enough, **sizes).total <= budget for s in ("ddp", "fsdp") for c in (False, True)):
+            step = world * enough
+            better = max(step, round(batch_size / step) * step)
+            note = (f"note: no micro-batch of {enough} or more divides {per_gpu_batch} images per GPU, so each step "
+                    f"takes {chosen.micro_batch} at a time; --batch-size {better} ({better // world} per GPU) would "
+                    f"run {enough} or more at a time")
     fields = dict(model=model, img_size=img_size, params=params, batch_size=batch_size, gpus=gpus, nodes=nodes,
                   gpu_memory_gib=gpu_memory_gib, amp=amp, per_gpu_batch=per_gpu_batch, strategy=chosen.strategy,
                   grad_checkpointing=chosen.grad_checkpointing, micro_batch=chosen.micro_batch,
-                  grad_accum_steps=per_gpu_batch // chosen.micro_batch, activations=activations, options=options)
+                  grad_accum_steps=per_gpu_batch // chosen.micro_batch, activations=activations, options=options,
+                  note=note)
     return Plan(**fields, command=command(fields), seconds=round(time.perf_counter() - started, 2))
 
 
@@ -328,7 +347,7 @@ def format_plan(plan: Plan) -> str:
               + "; FSDP: the largest unit unsharded",
               f"chosen (*): {plan.strategy.upper()}{', checkpointing' if plan.grad_checkpointing else ''}, "
               f"micro-batch {plan.micro_batch} x {plan.grad_accum_steps} accumulation step(s) per GPU "
-              f"(planned in {plan.seconds:.1f} s)", "", plan.command]
+              f"(planned in {plan.seconds:.1f} s)", *([plan.note] if plan.note else []), "", plan.command]
     if plan.nodes > 1:
         lines.append(f"  (on each of the {plan.nodes} machines; HOST: the first one's address, port {PORT} open)")
     lines.append("  add --recipe, --data and --data-dir as for any training run")
