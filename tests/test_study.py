@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,7 @@ def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--layouts", "c_c_c_c,t_t_t_t"], "unknown layout(s) t_t_t_t"),
+    (["--layouts", "c_c_t_t,C-C-T-T"], "--layouts names C-C-T-T more than once; give each layout once"),
     (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
 ])
 def test_bad_input(tmp_path, capsys, argv, message):
@@ -105,6 +107,50 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path, capsys):
     (tmp_path / "study.json").write_text("{}")
     one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)],
              "study.json holds no study settings; delete it (it is rebuilt from the runs) and rerun")
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "s"
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("file,content,message", [
+    ("summary.json", "{}", "summary.json has no number under train_loss, top1, wall_seconds; delete it"),
+    ("summary.json", "[]", "summary.json holds list where a JSON object belongs; delete it"),
+    ("summary.json", '{"train_loss": 1, "top1": "abc", "wall_seconds": 3}', "has no number under top1"),
+    ("metrics.jsonl", '{"epoch": 1}\n', "metrics.jsonl has no number under train_loss, eval_loss, top1; the run is "
+                                        "damaged: delete its folder"),
+    ("last/config.json", "{}", "config.json holds no usable model config ('config'); the run is damaged"),
+])
+def test_damaged_run_files_are_one_line(finished_study, tmp_path, capsys, file, content, message):
+    """Valid JSON of the wrong shape, as well as text that is not JSON (before: a traceback)."""
+    out = tmp_path / "s"
+    shutil.copytree(finished_study, out, symlinks=True)
+    (out / "runs" / "c_c_t_t-seed0" / file).write_text(content)
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)], message)
+
+
+def test_continuing_a_study(finished_study, tmp_path, capsys):
+    """A study of an earlier version (settings it did not record) or on a named device goes on; a
+    blank line at the end of a run's metrics is no damage; study files of the user's are kept."""
+    out = tmp_path / "s"
+    shutil.copytree(finished_study, out, symlinks=True)
+    study_json = json.loads((out / "study.json").read_text())
+    del study_json["settings"]["grad_accum_steps"]
+    (out / "study.json").write_text(json.dumps(study_json))
+    with open(out / "runs" / "c_c_t_t-seed0" / "metrics.jsonl", "a") as f:
+        f.write("\n")
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--device", "cpu", "--output-dir", str(out)]) == 0
+    # study.json deleted, as a damaged one's message says: the study's own study.md and study.png are rebuilt.
+    (out / "study.json").unlink()
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)]) == 0
+    (out / "study.json").unlink()
+    (out / "study.md").write_text("my notes")
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)],
+             f"{out} holds study.md and study.png that no study wrote, which this study would overwrite")
+    assert (out / "study.md").read_text() == "my notes"
 
 
 def test_study_under_torchrun(tmp_path):

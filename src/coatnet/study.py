@@ -82,6 +82,10 @@ def _layout_names(text: str | None) -> list[str]:
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown or not names:
         raise ValueError(f"unknown layout(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(LAYOUTS)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # its one run would count as two seeds
+        raise ValueError(f"--layouts names {', '.join(LABELS[n] for n in twice)} more than once; give each layout "
+                         f"once (--seeds sets the runs of each)")
     return names
 
 
@@ -97,11 +101,17 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             train(config, output_dir=run_dir, resume=resume)
-    summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun")
-    history = _read_json(run_dir / "metrics.jsonl", DAMAGED_RUN, lines=True)
+    summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun",
+                         numbers=("train_loss", "top1", "wall_seconds"))
+    history = _read_json(run_dir / "metrics.jsonl", DAMAGED_RUN, lines=True,
+                         numbers=("epoch", "train_loss", "eval_loss", "top1"))
     meta = _read_json(run_dir / "last" / "config.json", DAMAGED_RUN)
-    with torch.device("meta"):  # the network exactly as trained, counted without its weights
-        model = CoAtNet(CoAtNetConfig.from_dict(meta["config"])).eval()
+    try:
+        with torch.device("meta"):  # the network exactly as trained, counted without its weights
+            model = CoAtNet(CoAtNetConfig.from_dict(meta["config"])).eval()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{run_dir / 'last' / 'config.json'} holds no usable model config ({e}); "
+                         f"{DAMAGED_RUN}") from None
     return dict(layout=LABELS[name], model=name, seed=seed, params=count_parameters(model),
                 flops=count_flops(model, settings["img_size"]),
                 train_loss=summary["train_loss"], top1=summary["top1"], wall_seconds=summary["wall_seconds"],
@@ -125,14 +135,21 @@ def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
 DAMAGED_RUN = "the run is damaged: delete its folder to train it again"
 
 
-def _read_json(path: Path, fix: str, lines: bool = False):
-    """A file the study or its runs wrote (JSON, or one JSON per line); a damaged one is one line
-    that says what to do (``fix``)."""
+def _read_json(path: Path, fix: str, lines: bool = False, numbers: tuple[str, ...] = ()):
+    """A file the study or its runs wrote: a JSON object, or (``lines``) one per line, each with a
+    number under every key of ``numbers``. A damaged one is one line that says what to do (``fix``)."""
     try:
         text = path.read_text()
-        return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+        data = [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} cannot be read ({e}); {fix}") from None
+    for item in data if lines else [data]:
+        if not isinstance(item, dict):
+            raise ValueError(f"{path} holds {type(item).__name__} where a JSON object belongs; {fix}")
+        bad = [k for k in numbers if not isinstance(item.get(k), (int, float)) or isinstance(item.get(k), bool)]
+        if bad:
+            raise ValueError(f"{path} has no number under {', '.join(bad)}; {fix}")
+    return data
 
 
 def _finished_runs(out: Path) -> list[tuple[str, int]]:
@@ -156,10 +173,18 @@ def run_layout_study(args: argparse.Namespace) -> int:
         if not isinstance(before, dict) or not isinstance(before.get("settings"), dict):
             raise ValueError(f"{previous} holds no study settings; {rebuilt}")
         before = before["settings"]
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        # As for each run: the device may change, and a setting an earlier version did not record had
+        # its default then.
+        changed = sorted(k for k in settings if k != "device" and k in before and before[k] != settings[k])
         if changed:
             raise ValueError(f"{out} holds a study run with other settings ({', '.join(changed)}); "
                              f"rerun with the same flags to finish it, or choose another --output-dir")
+    else:  # study.json deleted (as a damaged one's message says), or files of the user's: ours only are replaced
+        found = [name for name in ("study.md", "study.png") if (out / name).exists()]
+        md = out / "study.md"
+        if found and not (md.is_file() and md.read_text(errors="replace").startswith(MARKDOWN_START)):
+            raise ValueError(f"{out} holds {' and '.join(found)} that no study wrote, which this study would "
+                             f"overwrite; move them or choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun every process takes part in each training run (one DDP job, one process group
     # for the whole study); only the first writes the study's files and shows progress.
@@ -215,9 +240,12 @@ def write_study(out: Path, settings: dict, records: list[dict]) -> None:
     plot_study(records, out / "study.png")
 
 
+MARKDOWN_START = "Layout study on "  # how study.md begins: a study's own, replaced by the next
+
+
 def study_markdown(settings: dict, summary: dict, by_top1: list[str], by_loss: list[str]) -> str:
     seeds = max(s["top1"]["n"] for s in summary.values())
-    lines = [f"Layout study on {settings['data']} at {settings['img_size']} px ({settings['size']} layouts), "
+    lines = [f"{MARKDOWN_START}{settings['data']} at {settings['img_size']} px ({settings['size']} layouts), "
              f"{settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']}, no regularisation "
              f"or augmentation; {seeds} seed(s). Mean ± standard deviation over seeds [min, max].", "",
              "| layout | params | FLOPs | eval top-1 (%) | final train loss |", "|---|---:|---:|---:|---:|"]
