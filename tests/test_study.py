@@ -88,32 +88,33 @@ def one_line(capsys, argv, message):
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_other_settings_in_the_same_directory_are_refused(tmp_path, capsys):
-    assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(tmp_path)]) == 0
-    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--lr", "0.01", "--output-dir", str(tmp_path)],
-             "other settings (lr)")
-    # Without study.json (deleted, or a study stopped in its first run), each run's own record decides.
-    (tmp_path / "study.json").unlink()
-    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--epochs", "3", "--output-dir", str(tmp_path)],
-             f"{tmp_path / 'runs' / 'c_c_t_t-seed0'} was trained with other settings (epochs) than this study's")
-    # Another layout with the same settings joins the study; the finished one stays in its files.
-    assert main([*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)]) == 0
-    study = json.loads((tmp_path / "study.json").read_text())
-    assert [r["layout"] for r in study["runs"]] == ["VIT_REL", "C-C-T-T"] and len(study["summary"]) == 2
-    # Damaged files are one line that names them and what to do.
-    (tmp_path / "runs" / "vit_rel-seed0" / "summary.json").write_text("")
-    one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)],
-             "summary.json cannot be read (Expecting value: line 1 column 1 (char 0)); delete it (it is rebuilt")
-    (tmp_path / "study.json").write_text("{}")
-    one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(tmp_path)],
-             "study.json holds no study settings; delete it (it is rebuilt from the runs) and rerun")
-
-
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "s"
     assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)]) == 0
     return out
+
+
+def test_other_settings_in_the_same_directory_are_refused(finished_study, tmp_path, capsys):
+    out = tmp_path / "s"
+    shutil.copytree(finished_study, out, symlinks=True)
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--lr", "0.01", "--output-dir", str(out)],
+             "other settings (lr)")
+    # Without study.json (deleted, or a study stopped in its first run), each run's own record decides.
+    (out / "study.json").unlink()
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--epochs", "3", "--output-dir", str(out)],
+             f"{out / 'runs' / 'c_c_t_t-seed0'} was trained with other settings (epochs) than this study's")
+    # Another layout with the same settings joins the study; the finished one stays in its files.
+    assert main([*ARGS, "--layouts", "vit_rel", "--output-dir", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [r["layout"] for r in study["runs"]] == ["VIT_REL", "C-C-T-T"] and len(study["summary"]) == 2
+    # Damaged files are one line that names them and what to do.
+    (out / "runs" / "vit_rel-seed0" / "summary.json").write_text("")
+    one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(out)],
+             "summary.json cannot be read (Expecting value: line 1 column 1 (char 0)); delete it (it is rebuilt")
+    (out / "study.json").write_text("{}")
+    one_line(capsys, [*ARGS, "--layouts", "vit_rel", "--output-dir", str(out)],
+             "study.json holds no study settings; delete it (it is rebuilt from the runs) and rerun")
 
 
 @pytest.mark.parametrize("file,content,message", [

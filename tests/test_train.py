@@ -418,7 +418,7 @@ def test_finetune_from_another_model_names_the_keys(reference_run, tmp_path, cap
     assert main(["train", "--model", "coatnet_nano", "--finetune", str(reference_run / "best"), *TINY,
                  "--epochs", "1", "--output-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "weights do not fit coatnet_nano" in err and "wrong shape" in err
+    assert "are coatnet_pico's, not coatnet_nano's" in err and "name coatnet_pico" in err
 
 
 def test_torchrun_two_processes_match_one(tmp_path, capsys):

@@ -36,17 +36,17 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     training checkpoint, its EMA weights where kept, read with ``weights_only=True``), timm's weights
     of the variant ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
     ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
-    directory, whose network must be ``name``'s with ``kwargs`` (:func:`from_pretrained` builds its own). From the Hugging Face Hub, through its cache
-    (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
-    (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional) a
-    repository of timm's weights or a ``save_pretrained`` folder. Weights from a folder or the Hub
-    keep their own classifier and input size unless ``num_classes`` or ``img_size`` is given.
-    Weights saved at another resolution load with their relative-position tables interpolated; a
-    classifier of another size is dropped with a warning and left freshly initialised (fine-tuning
-    on new classes); RGB weights fit a model of other
-    ``in_chans`` as timm fits them (:func:`fit_input_channels`). The model takes the weights' preprocessing
+    directory, whose network must be ``name``'s with ``kwargs`` (:func:`from_pretrained` builds its
+    own). From the Hugging Face Hub, through its cache (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is
+    timm's repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
+    (``@REVISION`` optional) a repository of timm's weights or a ``save_pretrained`` folder. Weights
+    from a folder or the Hub keep their own classifier and input size unless ``num_classes`` or
+    ``img_size`` is given. Weights saved at another resolution load with their relative-position
+    tables interpolated; a classifier of another size is dropped with a warning and left freshly
+    initialised (fine-tuning on new classes); RGB weights fit a model of other ``in_chans`` as timm
+    fits them (:func:`fit_input_channels`). The model takes the weights' preprocessing
     (``model.pretrained_cfg``: mean, std, interpolation, crop, class names; timm's for timm's weights,
-    and, as in timm, for timm's name of published weights built without them), which
+    and, as in timm, for timm's name of published weights, with or without weights of their own), which
     :func:`coatnet.data_transforms` turns into a transform.
 
     ``features_only=True`` returns a :class:`FeatureExtractor`, timm's way: a module that gives the
@@ -107,12 +107,12 @@ def _check_same_network(built: CoAtNetConfig, weights: PretrainedWeights) -> Non
             differ.append(key)
     if not differ:
         return
-    load = f"load the folder as it is with coatnet.from_pretrained({weights.origin!r})"
+    load = f"coatnet.from_pretrained({weights.origin!r}) builds the network as saved"
     if saved["name"] != built.name:
-        raise ValueError(f"the weights in {weights.origin!r} are {saved['name']}'s, not {built.name}'s: {load}, or "
-                         f"name {saved['name']}")
+        raise ValueError(f"the weights in {weights.origin!r} are {saved['name']}'s, not {built.name}'s: name "
+                         f"{saved['name']} ({load})")
     raise ValueError(f"the weights in {weights.origin!r} were saved with a network that differs from "
-                     f"{built.name}'s in {'; '.join(differ)}: {load}, or pass those settings to create_model")
+                     f"{built.name}'s in {'; '.join(differ)}: pass those settings to create_model ({load})")
 
 
 def _hub_model(name: str, pretrained, **options) -> CoAtNet:

@@ -76,9 +76,8 @@ def list_models(pattern: str | list[str] | None = None, aliases: bool = False, p
     with each published pretrained tag; ``pattern`` is a shell-style filter, or a list of them (a name
     matching any). ``pretrained``: only timm's names of published weights, with their tags, as
     ``timm.list_models(pretrained=True)`` gives them."""
-    published = [f"{alias}.{tag}" for alias, a in _ALIASES.items() for tag in a.tags]
     if pretrained:
-        names = published
+        names = [f"{alias}.{tag}" for alias, a in _ALIASES.items() for tag in a.tags]
     else:
         names = list(_REGISTRY)
         if aliases:
