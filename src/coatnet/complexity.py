@@ -77,5 +77,8 @@ def measure(name: str, img_size: int | None = None, **kwargs) -> Complexity:
         model = create_model(name, img_size=img_size, **kwargs).eval()
     size = model.config.img_size[0]
     paper = model_entry(name).paper
+    # The paper counts parameters once, for the sizes it reports (224, 384, 512): at others the
+    # relative-position tables, which grow with the grid, would be compared with a count that lacks them.
+    paper_params = paper.params if size == 224 or size in paper.flops else None
     return Complexity(name, model.config.layout, size, count_parameters(model), count_flops(model, size),
-                      paper.params, paper.flops.get(size))
+                      paper_params, paper.flops.get(size))
