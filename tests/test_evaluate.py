@@ -135,6 +135,8 @@ def test_eval_bad_input(run_dir, tmp_path, capsys):
         assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_bytes() == content
     for _ in range(2):
         assert main(["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "ours")]) == 0
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "ours" / "eval.json")],
+                   "a file is where a folder was to be made; give a folder's path")
 
 
 def test_predict_names_a_file_whose_name_is_not_utf8_as_valid_utf8(run_dir, tmp_path, capsys):

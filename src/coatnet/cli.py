@@ -371,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: what, where
         where = f": {e.filename}" if e.filename else ""
-        print(f"coatnet {args.command}: error: {e.strerror or _message(e)}{where}", file=sys.stderr)
+        what = e.strerror or _message(e)
+        if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename and os.path.isfile(e.filename):
+            what = "a file is where a folder was to be made; give a folder's path"  # mkdir of a file's path
+        print(f"coatnet {args.command}: error: {what}{where}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # out of memory (torch's CPU and CUDA allocators raise RuntimeErrors)
         asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))

@@ -148,6 +148,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _check_own_report(out: Path) -> None:
     """An earlier evaluation's files in ``out`` are replaced; anyone else's are not."""
+    if not out.is_dir():  # nothing there yet, or a file (which making the folder reports)
+        return
     try:
         report = json.loads((out / "eval.json").read_text())
         ours = isinstance(report, dict) and {"checkpoint", "top1", "confusion_matrix"} <= set(report)
