@@ -177,15 +177,22 @@ def test_predict_runs_in_batches_of_batch_size(run_dir, tmp_path, capsys, monkey
 
 
 def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
-    """A folder stands for its image files, sorted; a folder without any is one error line."""
+    """A folder stands for its image files, sorted; the other files are counted in a warning (a
+    hidden one goes without a word); a folder without any is one error line."""
     photos = tmp_path / "photos"
     photos.mkdir()
     files = digit_files(photos, sizes=((8, 8), (20, 30)))
     (photos / "notes.txt").write_text("not an image")
+    (photos / "clip.gif").write_bytes(b"GIF89a")
+    (photos / ".DS_Store").write_bytes(b"")
     (photos / "sub").mkdir()
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(run_dir), str(photos), str(tmp_path / "empty"), "--json"]) == 1
+    with pytest.warns(UserWarning) as warned:
+        assert main(["predict", "--checkpoint", str(run_dir), str(photos), str(tmp_path / "empty"), "--json"]) == 1
+    assert [str(w.message) for w in warned] == [f"2 files in '{photos}' not read, not named as images (.gif x1, .txt "
+                                                f"x1); images must end in one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, "
+                                                f".tif, .tiff, .webp"]
     output = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in output["predictions"]] == sorted(map(str, files))
     assert [e["message"] for e in output["errors"]] == [f"'{tmp_path / 'empty'}' is a folder without image files "

@@ -208,6 +208,17 @@ class SubstitutesUndecodable:
         raise DataError(f"no decodable image left in {self.source}; check the data")
 
 
+def warn_not_images(directory: str, names: list[str]) -> None:
+    """One warning for the files of ``directory`` (``names``) that are not read, not being named as
+    images (a ``.gif``, a ``README``), counted by kind; hidden files go without a word."""
+    kinds = Counter(os.path.splitext(n)[1].lower() or n for n in names if not _is_hidden(n))
+    if kinds:
+        commonest = ", ".join(f"{kind} x{n}" for kind, n in sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0]))[:5])
+        count = sum(kinds.values())
+        warnings.warn(f"{count} file{'s' if count > 1 else ''} in '{directory}' not read, not named as images "
+                      f"({commonest}); images must end in one of {', '.join(IMG_EXTENSIONS)}", stacklevel=3)
+
+
 class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
     """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
 
@@ -237,7 +248,7 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         Replaces torchvision's walk, which follows symlinked folders and lists hidden ones. The base
         class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
         """
-        samples, not_images, empty = [], Counter(), []
+        samples, not_images, empty = [], [], []
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
             raise error
@@ -250,8 +261,7 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                 dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
                 for fname in sorted(filenames):
                     if not is_image_file(fname):
-                        if not _is_hidden(fname):
-                            not_images[os.path.splitext(fname)[1].lower() or fname] += 1
+                        not_images.append(fname)
                         continue
                     path = os.path.join(dirpath, fname)
                     if _header_ok(path):
@@ -264,12 +274,7 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         if empty:
             warnings.warn(f"{len(empty)} class{'es' if len(empty) > 1 else ''} with no images in '{directory}': "
                           f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", stacklevel=2)
-        if not_images:
-            commonest = sorted(not_images.items(), key=lambda kind_count: (-kind_count[1], kind_count[0]))
-            kinds = ", ".join(f"{kind} x{n}" for kind, n in commonest[:5])
-            count = sum(not_images.values())
-            warnings.warn(f"{count} file{'s' if count > 1 else ''} in '{directory}' not read, not named as images "
-                          f"({kinds}); images must end in one of {', '.join(IMG_EXTENSIONS)}", stacklevel=2)
+        warn_not_images(directory, not_images)
         return samples
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
-from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image
+from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, warn_not_images
 from .export import check_img_size
 from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder
@@ -163,8 +163,10 @@ def _check_own_report(out: Path) -> None:
 
 
 def images_in(folder: str) -> list[str]:
-    """A folder's image files, sorted (not its subfolders')."""
-    return sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and is_image_file(p.name))
+    """A folder's image files, sorted (not its subfolders'); the others are counted in a warning."""
+    files = [p for p in Path(folder).iterdir() if p.is_file()]
+    warn_not_images(folder, [p.name for p in files if not is_image_file(p.name)])
+    return sorted(str(p) for p in files if is_image_file(p.name))
 
 
 def run_predict(args: argparse.Namespace) -> int:
