@@ -71,6 +71,8 @@ def test_under_torchrun_only_the_first_process_reports_a_bad_flag(monkeypatch, c
                   "code 12 (Cannot allocate memory)"), " (one tensor of 512.0 GiB)"),
     (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.1 GiB of "
                   "which 1.2 GiB is free.\nIncluding non-PyTorch memory, ..."), " (one tensor of 20.00 GiB)"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3145728 bytes."),
+     " (one tensor of 3.0 MiB)"),
     (MemoryError(), ""),
 ])
 def test_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path, error, size):

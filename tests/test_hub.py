@@ -214,7 +214,8 @@ def test_a_repository_written_by_timm_keeps_its_model_args(hub):
 
     torch.manual_seed(0)
     theirs = randomise_norms(timm.create_model("coatnet_nano_rw_224", img_size=SIZE, num_classes=10, in_chans=1))
-    save_for_hf(theirs.eval(), hub("someone/nano-grey"), safe_serialization=True)
+    save_for_hf(theirs.eval(), hub("someone/nano-grey"), safe_serialization=True,
+                model_args=dict(img_size=SIZE, num_classes=10, in_chans=1, global_pool="avg", drop_rate=0.1))
     ours = coatnet.create_model("hf-hub:someone/nano-grey", pretrained=True).eval()
     assert (ours.config.in_chans, ours.config.img_size, ours.num_classes) == (1, (SIZE, SIZE), 10)
     x = torch.randn(2, 1, SIZE, SIZE)

@@ -254,6 +254,17 @@ def test_weights_without_a_classifier_leave_the_models_fresh(tmp_path):
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in headless.items())
 
 
+def test_a_checkpoint_with_an_averaged_model_loads_its_average(tmp_path):
+    """{"state_dict", "model_ema"} where the EMA is torch.optim.swa_utils.AveragedModel's state dict
+    ("module." keys and its counter n_averaged): the average is loaded, as timm's loader takes it."""
+    model = tiny()
+    average = torch.optim.swa_utils.AveragedModel(model)
+    torch.save({"state_dict": {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()},
+                "model_ema": average.state_dict()}, tmp_path / "checkpoint.pth")
+    loaded = coatnet.create_model("coatnet_pico", num_classes=10, pretrained=tmp_path / "checkpoint.pth")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_pretrained_without_a_classifier_drops_theirs_without_a_warning(tmp_path):
     """num_classes=0 (features, pooled) or features_only: nothing is left freshly initialised, so
     nothing to warn of."""

@@ -82,8 +82,8 @@ def test_a_per_gpu_batch_that_divides_badly_is_said_with_a_better_one():
     global batch would go 8 or more at a time. A batch of billions is planned as quickly as 4096."""
     plan = make_plan("coatnet_pico", 128, batch_size=1018, gpus=2, gpu_memory_gib=2)
     assert plan.micro_batch == 1 and plan.grad_accum_steps == 509
-    assert plan.note == ("note: no micro-batch of 8 or more divides 509 images per GPU, so each step takes 1 at a "
-                         "time; --batch-size 1024 (512 per GPU) would run 8 or more at a time")
+    assert plan.note == ("note: no micro-batch of 8 or more that divides 509 images per GPU fits, so each step takes 1 "
+                         "at a time; --batch-size 1024 (512 per GPU) would run 8 or more at a time")
     better = make_plan("coatnet_pico", 128, batch_size=1024, gpus=2, gpu_memory_gib=2)
     assert better.micro_batch >= 8 and better.note == ""
     huge = make_plan("coatnet_pico", 32, batch_size=8 * 10**9, gpus=8)  # ran through 10**9 candidates before

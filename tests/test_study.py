@@ -150,8 +150,13 @@ def test_continuing_a_study(finished_study, tmp_path, capsys):
     (out / "study.json").unlink()
     (out / "study.md").write_text("my notes")
     one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)],
-             f"{out} holds study.md and study.png that no study wrote, which this study would overwrite")
+             f"{out} holds a study.md that no study wrote, which this study would overwrite")
     assert (out / "study.md").read_text() == "my notes"
+    (out / "study.md").unlink()
+    png = (out / "study.png").read_bytes()
+    one_line(capsys, [*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)],
+             f"{out} holds a study.png but no study.md or study.json of a study")
+    assert (out / "study.png").read_bytes() == png
 
 
 def test_study_under_torchrun(tmp_path):

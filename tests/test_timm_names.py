@@ -59,7 +59,7 @@ def test_list_models_shows_timm_names_with_their_tags():
                                  "sw_in1k"),
     ("coatnet_0.sw_in1k", "a pretrained tag goes with timm's name"),
     ("coatnet_9_224", "unknown model 'coatnet_9_224'; known models: "),  # as near each of coatnet_0..7_224
-    ("coatnet_0_rw_244", "unknown model 'coatnet_0_rw_244'; did you mean coatnet_0_rw_224?"),
+    ("coatnet_0_rw_244", "unknown model 'coatnet_0_rw_244' (did you mean coatnet_0_rw_224?); known models: "),
     ("coatnet_pic", "did you mean coatnet_pico?"),
     (None, "a model name is a string, e.g. 'coatnet_0', got None"),
 ])

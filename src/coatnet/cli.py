@@ -25,6 +25,13 @@ def _si(n: float | None, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def _bytes(n: int) -> str:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _pct(p: float | None) -> str:
     return "-" if p is None else f"{p:+.1f}%"
 
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
         if not (isinstance(e, MemoryError) or asked or "out of memory" in str(e)):
             raise
-        size = (f" (one tensor of {int(asked[1]) / 2**30:.1f} GiB)" if asked and asked[1] else
+        size = (f" (one tensor of {_bytes(int(asked[1]))})" if asked and asked[1] else
                 f" (one tensor of {asked[2]})" if asked else "")
         print(f"coatnet {args.command}: error: out of memory{size}; give a smaller --batch-size or --img-size, or "
               f"use a machine with more memory", file=sys.stderr)

@@ -302,9 +302,9 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
         if any(_memory(s, c, enough, **sizes).total <= budget for s in ("ddp", "fsdp") for c in (False, True)):
             step = world * enough
             better = max(step, round(batch_size / step) * step)
-            note = (f"note: no micro-batch of {enough} or more divides {per_gpu_batch} images per GPU, so each step "
-                    f"takes {chosen.micro_batch} at a time; --batch-size {better} ({better // world} per GPU) would "
-                    f"run {enough} or more at a time")
+            note = (f"note: no micro-batch of {enough} or more that divides {per_gpu_batch} images per GPU fits, so "
+                    f"each step takes {chosen.micro_batch} at a time; --batch-size {better} ({better // world} per GPU) "
+                    f"would run {enough} or more at a time")
     fields = dict(model=model, img_size=img_size, params=params, batch_size=batch_size, gpus=gpus, nodes=nodes,
                   gpu_memory_gib=gpu_memory_gib, amp=amp, per_gpu_batch=per_gpu_batch, strategy=chosen.strategy,
                   grad_checkpointing=chosen.grad_checkpointing, micro_batch=chosen.micro_batch,

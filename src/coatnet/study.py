@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -180,11 +181,13 @@ def run_layout_study(args: argparse.Namespace) -> int:
             raise ValueError(f"{out} holds a study run with other settings ({', '.join(changed)}); "
                              f"rerun with the same flags to finish it, or choose another --output-dir")
     else:  # study.json deleted (as a damaged one's message says), or files of the user's: ours only are replaced
-        found = [name for name in ("study.md", "study.png") if (out / name).exists()]
-        md = out / "study.md"
-        if found and not (md.is_file() and md.read_text(errors="replace").startswith(MARKDOWN_START)):
-            raise ValueError(f"{out} holds {' and '.join(found)} that no study wrote, which this study would "
-                             f"overwrite; move them or choose another --output-dir")
+        md, png = out / "study.md", out / "study.png"
+        if os.path.lexists(md) and not (md.is_file() and md.read_text(errors="replace").startswith(MARKDOWN_START)):
+            raise ValueError(f"{out} holds a study.md that no study wrote, which this study would overwrite; move it "
+                             f"or choose another --output-dir")
+        if os.path.lexists(png) and not md.is_file():
+            raise ValueError(f"{out} holds a study.png but no study.md or study.json of a study, which this study would "
+                             f"overwrite; move it or choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun every process takes part in each training run (one DDP job, one process group
     # for the whole study); only the first writes the study's files and shows progress.

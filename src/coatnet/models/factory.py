@@ -97,7 +97,8 @@ def _check_same_network(built: CoAtNetConfig, weights: PretrainedWeights) -> Non
     try:
         saved = CoAtNetConfig.from_dict(weights.config).to_dict()
     except (TypeError, ValueError) as e:
-        raise ModelFolderError(f"{weights.origin!r} has no usable model config ({e})") from None
+        raise ModelFolderError(f"{weights.origin!r} has no usable model config ({e}); if a newer coatnet wrote it, "
+                               f"upgrade coatnet") from None
     ours = built.to_dict()
     differ = []
     for key in sorted(set(saved) - _ADAPTED_ON_LOAD):
@@ -110,7 +111,7 @@ def _check_same_network(built: CoAtNetConfig, weights: PretrainedWeights) -> Non
     load = f"coatnet.from_pretrained({weights.origin!r}) builds the network as saved"
     if saved["name"] != built.name:
         raise ValueError(f"the weights in {weights.origin!r} are {saved['name']}'s, not {built.name}'s: name "
-                         f"{saved['name']} ({load})")
+                         f"{saved['name']} (coatnet train --model {saved['name']}; {load})")
     raise ValueError(f"the weights in {weights.origin!r} were saved with a network that differs from "
                      f"{built.name}'s in {'; '.join(differ)}: pass those settings to create_model ({load})")
 
@@ -142,8 +143,8 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
     # The options timm's push_to_hf_hub recorded (a grey model's in_chans, an rmlp model's img_size),
     # under the caller's own, as timm's create_model takes them.
     model_args = meta.get("model_args") or {}
-    if isinstance(model_args, dict) and model_args.get("global_pool") == "avg":  # the only pooling there is
-        model_args = {k: v for k, v in model_args.items() if k != "global_pool"}
+    if isinstance(model_args, dict):  # the only pooling there is, and the head's dropout, a training setting
+        model_args = {k: v for k, v in model_args.items() if (k, v) != ("global_pool", "avg") and k != "drop_rate"}
     known = ("num_classes", "in_chans", "img_size", "drop_path_rate")
     unknown = sorted(set(model_args) - set(known)) if isinstance(model_args, dict) else model_args
     if unknown:
@@ -287,8 +288,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    # Saved from DistributedDataParallel, or torch.optim.swa_utils.AveragedModel (with its counter).
+    keys = [k for k in state if k != "n_averaged"]
+    if keys and all(k.startswith("module.") for k in keys):
+        state = {k.removeprefix("module."): state[k] for k in keys}
     return state
 
 

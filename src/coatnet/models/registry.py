@@ -96,7 +96,7 @@ def model_entry(name: str) -> ModelEntry:
     if alias is None:
         close = _closest(base, [*_REGISTRY, *_ALIASES])
         hint = ("; a pretrained tag goes with timm's name, e.g. coatnet_0_rw_224.sw_in1k" if base in _REGISTRY else
-                f"; did you mean {close}?" if close else "")
+                f" (did you mean {close}?)" if close else "")
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(_REGISTRY)} "
                          f"(and timm's names for them: coatnet.list_models(aliases=True))")
     if tag and tag not in alias.tags:
