@@ -704,3 +704,18 @@ def test_under_torchrun_only_the_first_process_warns_of_what_the_folder_holds(tm
             start_run(cfg, Dist(rank, 2, torch.device("cpu")), tmp_path / "run")
         messages = [str(w.message) for w in caught]
         assert len(messages) == (rank == 0) and all("not read, not named as images" in m for m in messages), messages
+
+
+def test_a_data_dir_given_again_on_resume_is_recorded_absolute(tmp_path, monkeypatch):
+    """`--data-dir imgs` on --resume (the same folder, relative): recorded as the absolute path, so the
+    run resumes and evaluates from any folder (before: as typed, found only from that folder)."""
+    from coatnet.cli import main
+
+    make_tree(tmp_path / "imgs", per_class=4)
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "--data", "imagefolder", "--data-dir", "imgs", "--model", "coatnet_pico", "--img-size", "16",
+              "--batch-size", "4", "--output-dir", "run"]
+    assert main([*common, "--epochs", "1"]) == 0
+    assert main([*common, "--resume", "--epochs", "2"]) == 0
+    recorded = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert recorded["data_dir"] == recorded["train_config"]["data_dir"] == str(tmp_path / "imgs")

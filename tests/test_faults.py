@@ -283,6 +283,40 @@ def test_a_folder_of_files_of_no_run_is_not_overwritten(finished_run, tmp_path, 
     assert snapshot(out) == before
 
 
+def test_files_of_the_users_named_like_a_runs_are_not_taken_for_one(tmp_path, capsys, monkeypatch):
+    """A folder `ckpt-notes` is not a checkpoint (a run starts beside it and keeps it); a file named
+    `last` is where the run keeps its link: refused by name (before: "already holds a run", then on
+    --resume "not a checkpoint")."""
+    out = tmp_path / "run"
+    (out / "ckpt-notes").mkdir(parents=True)
+    (out / "ckpt-notes" / "mine.txt").write_text("mine")
+    trained = []
+    monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
+    (out / "last").write_text("my notes")
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)],
+                    f"'{out / 'last'}' is a file, where the run keeps its last link; rename or move it")
+    assert trained == [] and snapshot(out) == before
+    (out / "last").unlink()
+    monkeypatch.undo()
+    assert main(["train", *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert (out / "ckpt-notes" / "mine.txt").read_text() == "mine"
+
+
+def test_a_run_continued_in_a_new_folder_has_its_best_there(finished_run, tmp_path, capsys):
+    """`--resume RUN --output-dir NEW`: NEW's `best` is the best of its own checkpoints (before: none,
+    while a better epoch stayed in RUN, so `eval --checkpoint NEW/best` failed)."""
+    run = copy_run(finished_run, tmp_path)
+    state_file = run / "last" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save(state | {"best_top1": 100.0}, state_file)  # an epoch in RUN that the next cannot beat
+    new = tmp_path / "new"
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--output-dir", str(new)]) == 0
+    assert (new / "best").is_symlink() and (new / "best").resolve().parent == new.resolve()
+    summary = json.loads((new / "summary.json").read_text())
+    assert summary["best_top1"] == json.loads((new / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
+
+
 # -- a run that diverges ---------------------------------------------------------------------------
 
 

@@ -130,8 +130,9 @@ def _remove_unreferenced(run_dir: Path) -> None:
 
 def holds_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run or its remains: a ``last`` or ``best`` link (even one whose
-    checkpoint is gone) or a checkpoint directory."""
-    return any(os.path.lexists(run_dir / link) for link in ("last", "best")) or any(run_dir.glob("ckpt-*"))
+    checkpoint is gone; or a copy's folder), or a checkpoint directory as training names them."""
+    links = any((run_dir / link).is_symlink() or (run_dir / link).is_dir() for link in ("last", "best"))
+    return links or (run_dir.is_dir() and any(_OURS.fullmatch(p.name) for p in run_dir.iterdir()))
 
 
 @contextlib.contextmanager

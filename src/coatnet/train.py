@@ -405,8 +405,9 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
     """
     if config.img_size is None:
         config = replace(config, img_size=model_img_size(config.model))
-    if not resume and config.data_dir is not None and os.path.exists(config.data_dir):
-        # recorded absolute: eval and --resume find the same folder from any working directory
+    if config.data_dir is not None and os.path.exists(config.data_dir):
+        # recorded absolute (also when given again on --resume): eval and --resume find the same folder
+        # from any working directory
         config = replace(config, data_dir=os.path.abspath(config.data_dir))
     d = setup_distributed(config.device, config.fsdp)
     try:
@@ -585,10 +586,10 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
                          f"give an empty --output-dir, or none to continue in {ckpt.path.parent}")
     # Found now, not when the first epoch's report or checkpoint would replace it (naming our temporary file).
     for name in (*RUN_FILES, "last", "best"):
-        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
-            raise ValueError(f"'{run_dir / name}' is a folder, where the run keeps its {name} "
-                             f"{'link' if name in ('last', 'best') else 'file'}; rename or move it, or choose "
-                             f"another --output-dir")
+        path, link = run_dir / name, name in ("last", "best")
+        if not path.is_symlink() and (path.is_dir() or link and path.exists()):
+            raise ValueError(f"'{path}' is a {'folder' if path.is_dir() else 'file'}, where the run keeps its {name} "
+                             f"{'link' if link else 'file'}; rename or move it, or choose another --output-dir")
     # A run writes these after its first checkpoint: in a folder without one, they are someone's own.
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if elsewhere and found:
@@ -659,9 +660,12 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         else:
             load_weights(run.ema.module, ckpt.ema_weights)
         run.ema.n_averaged.fill_(s["ema_n_averaged"])
+    # Continued in another folder (--resume RUN --output-dir NEW), `best` is the best of the checkpoints
+    # there: the next epoch's is the first, not one left in RUN.
+    best_here = os.path.lexists(run.run_dir / "best")
     run.state = RunState(step=s["step"], epoch=s["epoch"], batch_in_epoch=s["batch_in_epoch"],
-                         best_top1=s["best_top1"], history=s["history"], progress=_resumed_progress(s, d),
-                         earlier_seconds=s["wall_seconds"])
+                         best_top1=s["best_top1"] if best_here else -1.0, history=s["history"],
+                         progress=_resumed_progress(s, d), earlier_seconds=s["wall_seconds"])
     if len(s["rng"]) == d.world_size:
         torch.set_rng_state(s["rng"][d.rank])
         if d.device.type == "cuda" and s.get("cuda_rng"):

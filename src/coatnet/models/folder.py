@@ -122,15 +122,16 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     """The folder :func:`read_model_folder` would read (a run directory's ``last``) and its
     ``config.json``, checked, without reading the weights."""
     path = Path(path)
-    if os.path.lexists(path / "last") and not (path / CONFIG).exists():  # a link, or a folder (a copy with cp -L)
-        if not (path / "last").exists():
+    last = path / "last"
+    if (last.is_symlink() or last.is_dir()) and not (path / CONFIG).exists():  # a link, or a copy's folder (cp -L)
+        if not last.exists():
             others = sorted(str(p) for p in path.glob("ckpt-*") if (p / CONFIG).exists())
             other = (f"(e.g. {str(path / 'best')!r})" if (path / "best").exists() else
                      f"({', '.join(repr(o) for o in others[-2:])})" if others else
                      "if there is one: this folder holds none; start a new run")
-            raise ModelFolderError(f"{str(path / 'last')!r} points at {os.readlink(path / 'last')}, which is missing; "
+            raise ModelFolderError(f"{str(last)!r} points at {os.readlink(last)}, which is missing; "
                                    f"give another checkpoint of the run {other}")
-        path = path / "last"
+        path = last
     if not path.exists():
         raise ModelFolderError(f"{str(path)!r} does not exist; give a save_pretrained folder, a checkpoint "
                                f"directory (e.g. RUN_DIR/last or RUN_DIR/best) or a run directory")
