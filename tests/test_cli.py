@@ -65,6 +65,14 @@ def test_under_torchrun_only_the_first_process_reports_a_bad_flag(monkeypatch, c
         assert capsys.readouterr().err.count("\n") == lines
 
 
+def test_a_switch_a_resumed_run_inherited_can_be_turned_off():
+    """--amp, --compile, ... default to the recipe's or the resumed run's; --no-amp turns one off."""
+    from coatnet.cli import build_parser
+
+    for argv, amp in (([], None), (["--amp"], True), (["--no-amp"], False)):
+        assert build_parser().parse_args(["train", *argv]).amp is amp
+
+
 @pytest.mark.parametrize("error,size", [
     # torch's CPU allocator (predict --img-size 4096: a relative bias of 512 GiB), and CUDA's paragraph
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 549755813888 bytes. Error "

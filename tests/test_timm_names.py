@@ -61,6 +61,7 @@ def test_list_models_shows_timm_names_with_their_tags():
     ("coatnet_9_224", "unknown model 'coatnet_9_224'; known models: "),  # as near each of coatnet_0..7_224
     ("coatnet_0_rw_244", "unknown model 'coatnet_0_rw_244' (did you mean coatnet_0_rw_224?); known models: "),
     ("coatnet_pic", "did you mean coatnet_pico?"),
+    ("CoAtNet_0", "did you mean coatnet_0?"),  # as the paper writes it
     (None, "a model name is a string, e.g. 'coatnet_0', got None"),
 ])
 def test_unknown_names_and_tags_are_one_line(name, message):

@@ -248,6 +248,8 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--data", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
     (["--randaugment", "2"], "N,M"),
     (["--randaugment", "-1,5"], "num_ops >= 0"),  # a value starting with "-" is checked, not taken for a flag
+    (["--seed", "99999999999999999999999"], "--seed must be an integer >= -9223372036854775808 and <= "),
+    (["--resume", "--recipe", "digits"], "--recipe sets a new run's settings and a resumed run keeps its own"),
     (["--data-dir", "/some/dir"], "pass --data imagefolder|cifar10|cifar100"),  # not digits, silently
     # Every setting is checked against the range its field declares, before anything runs.
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
@@ -483,6 +485,22 @@ def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tmp_path):
     moved = sum((whole[k] - start[k]).square().sum() for k in params).sqrt()
     assert moved > 1 and apart / moved < 0.3, (apart, moved)
     assert json.loads((tmp_path / "micro" / "metrics.jsonl").read_text())["step"] == 1437 // 64
+
+
+def test_micro_batches_too_small_for_batchnorm_are_said(tmp_path, monkeypatch, capsys):
+    from coatnet.train import Dist, TrainConfig, start_run
+
+    def built(*args, **kwargs):  # the data is built: stop before the model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("coatnet.train.DistributedSampler", built)
+    for steps, said in ((8, True), (4, False)):  # micro-batches of 4, then of 8
+        with pytest.raises(KeyboardInterrupt):
+            start_run(TrainConfig(img_size=16, batch_size=32, grad_accum_steps=steps), Dist(0, 1, torch.device("cpu")),
+                      tmp_path)
+        out = capsys.readouterr().out
+        assert ("note: --grad-accum-steps 8 leaves micro-batches of 4 image(s): BatchNorm normalises each on its own"
+                in out) == said, out
 
 
 def test_train_on_imagefolder_skips_and_counts_bad_files(tmp_path, monkeypatch, capsys):

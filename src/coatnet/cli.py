@@ -63,8 +63,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume and args.pretrained is not None:
         raise ValueError("--pretrained starts a new run from weights and --resume continues a run from its own: "
                          "give one of them")
+    if resume and args.recipe is not None:
+        raise ValueError("--recipe sets a new run's settings and a resumed run keeps its own: drop --recipe, and "
+                         "change a setting with its own flag")
     # The flags given override the resumed run's settings, or else the recipe's.
-    base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe]
+    base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe or "digits"]
     given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
     train(replace(base, **given), output_dir=args.output_dir, resume=resume)
     return 0
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with the paper's recipe (Table 10). Flags override the --recipe's "
                                    "values; when resuming, they override the resumed run's settings.",
                        formatter_class=_RecipeDefaults)
-    p.add_argument("--recipe", default="digits",
+    p.add_argument("--recipe", default=None,
                    choices=["digits", "finetune", "imagenet1k-pretrain", "imagenet1k-finetune"],
                    help="preset of all settings (default: digits, a CPU run on the embedded digits; finetune: "
                         "timm's coatnet_0_rw_224.sw_in1k on your --data-dir photos)")
@@ -193,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="digits, imagefolder, cifar10, cifar100, webdataset or hf")
     p.add_argument("--data-dir", default=None,
                    help="folder of an imagefolder (train/, val/), CIFAR, WebDataset shards or HF data set")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (on --resume: in all)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay")
@@ -202,22 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
-    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
     p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M", help="RandAugment layers,magnitude")
     p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (0: off)")
-    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
-    p.add_argument("--channels-last", action="store_true", default=None,
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="timm's flag; the model always runs channels-last, its weights included")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--fsdp", action="store_true", default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard weights, gradients and optimizer state across the torchrun processes (FSDP2)")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block's activations in the backward pass: less memory, more compute")
     p.add_argument("--grad-accum-steps", type=int, default=None, metavar="N",
-                   help="split each step's batch into N micro-batches (same samples, less memory)")
-    p.add_argument("--seed", type=int, default=None)
+                   help="split each step's batch into N micro-batches (same samples, less memory; BatchNorm "
+                        "normalises each micro-batch on its own)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the weights' initialisation and the data order")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes")
     p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

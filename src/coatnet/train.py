@@ -23,6 +23,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ from .models import create_model, load_weights
 from .models.factory import read_pretrained
 from .models.folder import read_model_meta, read_pretrained_cfg
 from .plots import plot_curves
-from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_fields,
+from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields,
                        resolve_device)
 
 
@@ -93,7 +94,7 @@ class TrainConfig:
     fsdp: bool = False  # shard weights, gradients and optimizer state across processes (coatnet.sharding)
     grad_checkpointing: bool = False  # recompute each block's activations in the backward pass
     grad_accum_steps: PositiveInt = 1  # micro-batches per optimizer step (the batch is split, same samples)
-    seed: int = 0
+    seed: Annotated[int, Range(-2**63, 2**63 - 1)] = 0  # torch's generators take 64 bits
     workers: NonNegativeInt = 0
     save_every: NonNegativeInt = 0  # also checkpoint every N steps (0: at each epoch's end only)
     device: str | None = None
@@ -451,6 +452,11 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if workers < cfg.workers:
         _log(d, f"note: --workers {cfg.workers} capped at this machine's {workers} cores")
+    micro_batch = local_batch // cfg.grad_accum_steps
+    if cfg.grad_accum_steps > 1 and micro_batch < 8:  # as coatnet plan's smallest micro-batch
+        _log(d, f"note: --grad-accum-steps {cfg.grad_accum_steps} leaves micro-batches of {micro_batch} image(s): "
+                f"BatchNorm normalises each on its own, so its statistics are noisy and training differs from "
+                f"batches of {local_batch}; use fewer steps where memory allows")
 
     # Images are prepared as the weights expect: the resumed run's way, the pretrained weights', or ours.
     weights = read_pretrained(cfg.pretrained, cfg.model) if cfg.pretrained and not ckpt else None

@@ -77,8 +77,8 @@ def _describe(kind) -> str:
         return f"{_describe(args[0])} {bounds}".strip()
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in args)
+    if origin in (Union, types.UnionType):  # None is a setting left out (a flag not given), not a value to give
+        return " or ".join(_describe(arg) for arg in args if arg is not type(None)) or "None"
     if kind is type(None):
         return "None"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(kind, str(kind))

@@ -119,7 +119,7 @@ def _fetch(repo: str, revision: str | None, filename: str) -> Path | None:
         # wait as long, so the first one's failure is the answer.
         raise ValueError(f"the Hugging Face Hub could not be reached and its cache ({hub_cache()}) lacks {repo}: "
                          f"check the connection, or download its files where there is one and pass "
-                         f"pretrained=PATH") from None
+                         f"pretrained=PATH (--pretrained PATH)") from None
     except EntryNotFoundError:  # not in the repository
         return None
     except RevisionNotFoundError:
@@ -136,7 +136,8 @@ def _missing(repo: str, revision: str | None) -> str:
     download = f"`hf download {repo}{f' --revision {revision}' if revision else ''}`"
     if hub_offline():
         return (f"{repo} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE is set: download it "
-                f"with {download}, or unset HF_HUB_OFFLINE; or download its files yourself and pass pretrained=PATH")
+                f"with {download}, or unset HF_HUB_OFFLINE; or download its files yourself and pass pretrained=PATH "
+                f"(--pretrained PATH)")
     return (f"{repo} holds neither timm weights ({' or '.join(TIMM_WEIGHTS)}) nor a save_pretrained folder "
             f"({CONFIG} with \"model\" and \"config\", and {WEIGHTS}), or the Hub is unreachable and the "
             f"cache ({hub_cache()}) lacks it: check the name and connection, or download it with {download}")

@@ -94,7 +94,7 @@ def model_entry(name: str) -> ModelEntry:
         return _REGISTRY[base]
     alias = _ALIASES.get(base)
     if alias is None:
-        close = _closest(base, [*_REGISTRY, *_ALIASES])
+        close = _closest(base.lower(), [*_REGISTRY, *_ALIASES])  # CoAtNet_0, as the paper writes it, too
         hint = ("; a pretrained tag goes with timm's name, e.g. coatnet_0_rw_224.sw_in1k" if base in _REGISTRY else
                 f" (did you mean {close}?)" if close else "")
         raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(_REGISTRY)} "
