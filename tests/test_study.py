@@ -11,7 +11,7 @@ import pytest
 import coatnet.study as study
 from coatnet.cli import main
 
-ARGS = ["study", "layouts", "--img-size", "16", "--epochs", "1", "--batch-size", "128", "--seeds", "1"]
+ARGS = ["study", "layouts", "--img-size", "16", "--epochs", "1", "--batch-size", "256", "--seeds", "1"]
 
 
 def test_small_layouts_are_comparable():
