@@ -46,8 +46,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch

@@ -44,6 +44,7 @@ from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.factory import read_pretrained
 from .models.folder import read_model_meta, read_pretrained_cfg
+from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
 from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields,
                        resolve_device)
@@ -453,7 +454,7 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     if workers < cfg.workers:
         _log(d, f"note: --workers {cfg.workers} capped at this machine's {workers} cores")
     micro_batch = local_batch // cfg.grad_accum_steps
-    if cfg.grad_accum_steps > 1 and micro_batch < 8:  # as coatnet plan's smallest micro-batch
+    if cfg.grad_accum_steps > 1 and micro_batch < MIN_MICRO_BATCH:
         _log(d, f"note: --grad-accum-steps {cfg.grad_accum_steps} leaves micro-batches of {micro_batch} image(s): "
                 f"BatchNorm normalises each on its own, so its statistics are noisy and training differs from "
                 f"batches of {local_batch}; use fewer steps where memory allows")
