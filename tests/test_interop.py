@@ -29,6 +29,9 @@ def test_save_pretrained_round_trips_exactly(pico, tmp_path):
     meta = json.loads((folder / "config.json").read_text())
     assert meta["model"] == "coatnet_pico" and meta["config"] == pico.config.to_dict()
     assert (folder / "model.safetensors").is_file()
+    # readable as config.json is (safetensors alone writes its files 0600: a server of another user's
+    # could not read them)
+    assert (folder / "model.safetensors").stat().st_mode == (folder / "config.json").stat().st_mode
     loaded = coatnet.from_pretrained(folder)
     assert loaded.config == pico.config and not loaded.training
     theirs = loaded.state_dict()

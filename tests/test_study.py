@@ -81,6 +81,12 @@ def test_bad_input(tmp_path, capsys, argv, message):
     assert err.count("\n") == 1 and message in err
 
 
+def test_a_run_refused_by_training_leaves_no_folder(tmp_path, capsys):
+    # The study's first run turns the size down: no log and lock are left that look like a run begun.
+    one_line(capsys, [*ARGS, "--img-size", "7", "--output-dir", str(tmp_path)], "img_size must be an integer >= 8")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 def one_line(capsys, argv, message):
     capsys.readouterr()
     assert main(argv) == 2

@@ -254,7 +254,12 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     # Every setting is checked against the range its field declares, before anything runs.
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["--min-lr", "nan"], "--min-lr must be a finite number >= 0, got nan"),
-    (["--mixup", "nan"], "--mixup must be a finite number >= 0"),
+    (["--mixup", "nan"], "--mixup must be 0 or a finite number >= 0.01 and <= 1e+38, got nan"),
+    # torch's Beta sampler returns 0.5 (full mixing) for alphas this small, not the 0 or 1 they mean
+    (["--mixup", "1e-300"], "--mixup must be 0 or a finite number >= 0.01"),
+    (["--cutmix", "0.001"], "--cutmix must be 0 or a finite number >= 0.01"),
+    (["--weight-decay", "1000"], "--weight-decay 1000 with --lr 0.002: AdamW multiplies the weights by 1 - lr x "
+                                 "weight-decay = -1 at each step"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
     (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
     (["--drop-path", "nan"], "--drop-path must be a finite number >= 0 and < 1"),

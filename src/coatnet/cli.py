@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
     p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M", help="RandAugment layers,magnitude")
-    p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off)")
+    p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off, else 0.01 or more)")
+    p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off, else 0.01 or more)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (0: off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import LOCK, atomic_write
 from .complexity import count_flops, count_parameters
 from .models import CoAtNet, CoAtNetConfig, create_model
 from .plots import save_figure
@@ -99,9 +100,18 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
         _check_same_run(run_dir, config)
     if not (run_dir / "summary.json").exists():
         resume = True if (run_dir / "last").exists() else None
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            train(config, output_dir=run_dir, resume=resume)
+        try:
+            with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                train(config, output_dir=run_dir, resume=resume)
+        except BaseException:
+            # Refused before its first checkpoint (settings training turns down): the folder is left as it
+            # was, not holding a log and a lock that look like a run begun.
+            if created and {p.name for p in run_dir.iterdir()} <= {"train.log", LOCK}:
+                shutil.rmtree(run_dir, ignore_errors=True)  # every process of a torchrun study may try
+            raise
     summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun",
                          numbers=("train_loss", "top1", "wall_seconds"))
     history = _read_json(run_dir / "metrics.jsonl", DAMAGED_RUN, lines=True,

@@ -23,7 +23,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# A Beta(alpha, alpha) mixing weight, or 0 for off. Below 0.01 torch's Beta sampler is wrong: both of its
+# Gamma draws underflow to 0 and it returns 0.5 (the most mixing) where the weight should be 0 or 1 (the
+# least); past 1e38 the alpha overflows float32.
+MixAlpha = Literal[0] | Annotated[float, Range(0.01, 1e38)]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a run. The defaults are the ``digits`` recipe: a CPU run that needs no flags.
@@ -86,8 +92,8 @@ class TrainConfig:
     clip_grad: NonNegativeFloat = 1.0  # 0 is off
     label_smoothing: Fraction = 0.1
     randaugment: tuple[int, int] | None = None
-    mixup: NonNegativeFloat = 0.0
-    cutmix: NonNegativeFloat = 0.0
+    mixup: MixAlpha = 0.0
+    cutmix: MixAlpha = 0.0
     ema: Fraction = 0.0  # EMA decay; 0 is off
     amp: bool = False
     channels_last: bool = False
@@ -103,6 +109,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self, label=flag)
         check_randaugment(self.randaugment)  # a pair: it checks itself, as check_fields leaves tuples
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW multiplies the weights by "
+                             f"1 - lr x weight-decay = {1 - self.lr * self.weight_decay:.3g} at each step, which zeroes or "
+                             f"flips them; keep lr x weight-decay well below 1 (the paper: 1e-3 x 0.05)")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
         if self.model.startswith("hf-hub:"):

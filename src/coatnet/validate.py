@@ -33,7 +33,9 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
-        number = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+        def number(x: float) -> str:  # an int in full (a seed's 64-bit bounds), a float as short as it reads
+            return str(int(x)) if isinstance(x, int) or (float(x).is_integer() and abs(x) < 1e15) else f"{x:g}"
+
         parts = []
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {number(self.low)}")
@@ -76,7 +78,7 @@ def _describe(kind) -> str:
         bounds = " and ".join(str(r) for r in args[1:] if isinstance(r, Range))
         return f"{_describe(args[0])} {bounds}".strip()
     if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(map(repr, args))
     if origin in (Union, types.UnionType):  # None is a setting left out (a flag not given), not a value to give
         return " or ".join(_describe(arg) for arg in args if arg is not type(None)) or "None"
     if kind is type(None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def write_weights(model: nn.Module | dict[str, torch.Tensor], file: Path) -> Non
     """A model's state dict (or a state dict) as safetensors; it refuses views and shared storage, so
     contiguous copies."""
     state = model if isinstance(model, dict) else model.state_dict()
+    # safetensors writes a new file readable by its owner only (0600); it gets the permissions any other
+    # file written here gets (the umask's, as config.json), or keeps those of the file it replaces.
+    file.touch()
+    mode = stat.S_IMODE(file.stat().st_mode)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(file), metadata={"format": "pt"})
+    os.chmod(file, mode)
 
 
 def write_model_folder(directory: Path, meta: dict, model: nn.Module | dict,
