@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from coatnet.data import DATASETS, DataBundle, DataError, build_datasets, load_image, mixup_cutmix
 from coatnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
@@ -228,6 +229,27 @@ def test_undecodable_images_found_by_loader_workers_are_counted(tmp_path):
     b = build_datasets("imagefolder", root, img_size=16)
     labels = torch.cat([y for _, y in torch.utils.data.DataLoader(b.train, batch_size=4, num_workers=2)])
     assert len(labels) == 9 and b.train.skipped_at_load == 2
+
+
+def test_undecodable_images_found_by_other_processes_are_counted(tmp_path, monkeypatch):
+    """Under torchrun each process reads its share of the files: summary.json counts those any of them
+    found undecodable, each once (before: those of the first process alone)."""
+    import torch.distributed as dist
+
+    from coatnet.train import Dist, skipped_data_files
+
+    b = build_datasets("imagefolder", make_tree(tmp_path), img_size=16)
+    b.train.undecodable[1] = True  # this process read one bad file
+
+    def all_reduce(marks, op):  # the other process read that one too, and another
+        assert op == dist.ReduceOp.MAX
+        theirs = torch.zeros_like(marks)
+        theirs[[1, 4]] = 1
+        marks.copy_(torch.maximum(marks, theirs))
+
+    monkeypatch.setattr("coatnet.train.dist.all_reduce", all_reduce)
+    assert skipped_data_files(b, Dist(0, 2, torch.device("cpu"))) == 2
+    assert skipped_data_files(b, Dist(0, 1, torch.device("cpu"))) == 1
 
 
 def test_an_undecodable_validation_image_is_left_out_of_the_evaluation(tmp_path):
@@ -517,6 +539,22 @@ def test_cifar(tmp_path, name, layout):
     img, _ = b.train[len(b.train) - 1]
     assert img.shape == (3, 32, 32)
     assert build_datasets(name, folder, img_size=48).train[0][0].shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("weights", [None, PretrainedCfg(crop_pct=0.95, mean=(0.5, 0.5, 0.5))])
+def test_cifar_is_evaluated_whole_as_it_is_trained(tmp_path, weights):
+    """Training never zooms into a 32x32 photo (pad 4, crop 32, resize), so at 64 px and above the
+    evaluation (and predict and export, which follow the run's preprocessing) takes it whole too,
+    not 0.875 of it; from timm's weights too (their mean, not their crop)."""
+    from coatnet.data import default_preprocessing
+
+    batches = make_cifar(tmp_path, "cifar10")
+    cfg = default_preprocessing("cifar10", 64, weights)
+    assert cfg.crop_pct == 1.0 and cfg.mean == (weights or PretrainedCfg()).mean
+    img, _ = build_datasets("cifar10", tmp_path, img_size=64, preprocessing=cfg).val[0]
+    whole = torch.from_numpy(batches["test_batch"][b"data"][0].reshape(3, 32, 32))
+    whole = v2.functional.resize(whole, [64, 64], antialias=True).float() / 255
+    torch.testing.assert_close(img, v2.functional.normalize(whole, cfg.mean, cfg.std), atol=1e-4, rtol=0)
 
 
 def test_cifar_missing_files(tmp_path):

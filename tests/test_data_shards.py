@@ -169,6 +169,27 @@ def _without(ext):
     return make
 
 
+def _tar(path, members: list[tuple[str, bytes]], encoding: str = "utf-8") -> None:
+    """A shard written member by member as given (names, order), not as webdataset's writer would."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding=encoding) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_names_not_in_utf8_and_a_classes_txt_with_a_byte_order_mark(tmp_path):
+    """Member names in Latin-1 (an old tar) are read, as tar reads them; a byte-order mark (Notepad
+    writes one) is not part of the first class's name."""
+    write_shards(tmp_path)
+    _tar(tmp_path / "train-000001.tar", [("caf\xe9.png", encode((1, 2, 3), "png")), ("caf\xe9.cls", b"1")],
+         encoding="latin-1")
+    (tmp_path / "classes.txt").write_text("\ufeff" + "\n".join(NAMES) + "\n", encoding="utf-8")
+    data = build_webdataset(str(tmp_path), to_tensor, to_tensor)
+    assert data.classes == tuple(NAMES) and len(data.train) == 11
+    assert data.train[10][1] == 1 and data.train._read(10)[1].startswith("'caf\udce9' in shard")  # as os.fsdecode
+
+
 def test_the_index_is_cached_and_redone_for_a_changed_shard(tmp_path, index_cache, monkeypatch):
     write_shards(tmp_path)
     build_webdataset(str(tmp_path), to_tensor, to_tensor)
@@ -232,6 +253,11 @@ WDS_ERRORS = {
                                        "the largest label, 1000000000, would make a 1000000001-class head"),
     "label outside classes.txt": (_write_then(lambda r: (r / "classes.txt").write_text("a\nb\n")), "",
                                   "classes.txt"),
+    "classes.txt not UTF-8": (_write_then(lambda r: (r / "classes.txt").write_bytes(b"caf\xe9\nb\nc\n")), "",
+                              "classes.txt' is not UTF-8 text (invalid continuation byte at byte 3); save it as UTF-8"),
+    "a sample's files apart": (_write_then(lambda r: _tar(r / "val-000001.tar", [
+        ("a.png", encode((1, 2, 3), "png")), ("b.png", encode((1, 2, 3), "png")), ("a.cls", b"0"), ("b.cls", b"0")])),
+        "", "has files apart from each other"),
     "missing pattern shard": (_write_then(lambda r: None), "/train-{000000..000002}.tar", "train-000002.tar"),
     "missing val pattern shard": (_write_then(lambda r: (r / "val-000001.tar").unlink()), "/train-{000000..000001}.tar",
                                   "val-000001.tar"),

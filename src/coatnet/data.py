@@ -16,7 +16,7 @@ import os
 import pickle
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -182,11 +182,11 @@ class SubstitutesUndecodable:
     source = "the data set"  # for the message when no decodable image is left
 
     def _watch_for_undecodable(self, count: int) -> None:
-        self._undecodable = torch.zeros(count, dtype=torch.bool).share_memory_()
+        self.undecodable = torch.zeros(count, dtype=torch.bool).share_memory_()  # True: failed when read
 
     @property
     def skipped_at_load(self) -> int:
-        return int(self._undecodable.sum())
+        return int(self.undecodable.sum())
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
         """Sample ``i``, decoded and transformed; DataError when its image does not decode."""
@@ -196,12 +196,12 @@ class SubstitutesUndecodable:
         n = len(self)
         for k in range(n):
             i = (int(index) + k) % n
-            if self._undecodable[i]:
+            if self.undecodable[i]:
                 continue
             try:
                 image, label = self._load(i)
             except DataError as e:
-                self._undecodable[i] = True  # remembered, so each bad file is decoded and warned about once
+                self.undecodable[i] = True  # remembered, so each bad file is decoded and warned about once
                 warnings.warn(f"skipping at load: {e}", stacklevel=2)
                 continue
             return image, IGNORED_LABEL if self.evaluation and i != index else label
@@ -530,10 +530,17 @@ def _build_imagefolder(
     return DataBundle(train, val, tuple(classes), skipped_files=(train.skipped if train else 0) + val.skipped)
 
 
-def default_preprocessing(name: str, img_size: int) -> PretrainedCfg:
-    """How a model trained from scratch on ``name`` prepares images: ours at ``img_size``
-    (:meth:`PretrainedCfg.for_size`); for digits, 8x8 scans, never a crop."""
-    return PretrainedCfg.for_size(img_size, **({"crop_pct": 1.0} if name.lower() == "digits" else {}))
+# Whole, tightly framed images (8x8 digit scans whose strokes touch the border; 32x32 CIFAR photos)
+# that training never zooms into: evaluation, predict and export do not crop them either.
+WHOLE_IMAGE_DATA = ("digits", "cifar10", "cifar100")
+
+
+def default_preprocessing(name: str, img_size: int, weights: PretrainedCfg | None = None) -> PretrainedCfg:
+    """How a new run on ``name`` prepares images: as its ``weights`` expect (their mean, std,
+    interpolation and crop), else ours at ``img_size`` (:meth:`PretrainedCfg.for_size`); never a
+    crop for :data:`WHOLE_IMAGE_DATA`."""
+    cfg = weights or PretrainedCfg.for_size(img_size)
+    return replace(cfg, crop_pct=1.0) if name.lower() in WHOLE_IMAGE_DATA else cfg
 
 
 def build_datasets(

@@ -124,7 +124,7 @@ class TarShardDataset(EncodedImages):
         self.shard, self.offset, self.size, self.keys = shard, offset, size, keys
 
     def _read(self, i: int) -> tuple[bytes, str]:
-        path, key = self.shards[self.shard[i]], self.keys[i].decode()
+        path, key = self.shards[self.shard[i]], self.keys[i].decode("utf-8", "surrogateescape")
         try:
             with open(path, "rb") as f:
                 f.seek(int(self.offset[i]))
@@ -141,6 +141,7 @@ def _index_shard(path: str) -> list[tuple[str, int, int, int]]:
     from webdataset.tariterators import base_plus_ext
 
     samples: list[list] = []  # [key, {ext: TarInfo}, label], grouped as webdataset groups them
+    started: set[str] = set()
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
@@ -148,6 +149,11 @@ def _index_shard(path: str) -> list[tuple[str, int, int, int]]:
                 if not m.isreg() or key is None or re.match(_WDS_META, m.name):
                     continue
                 if not samples or samples[-1][0] != key:
+                    if key in started:  # webdataset reads a sample's files as one run of members
+                        raise DataError(f"sample '{key}' in shard '{path}' has files apart from each other (other "
+                                        f"samples' between them); re-create the shard with each sample's files "
+                                        f"together (tar them in sorted order)")
+                    started.add(key)
                     samples.append([key, {}, None])
                 samples[-1][1][ext.lower()] = m
                 if ext.lower() == "cls":
@@ -228,7 +234,7 @@ def _index_split(shards: list[str], transform: Callable) -> TarShardDataset:
     keys, offsets, sizes, labels = zip(*rows)
     shard_ids = np.repeat(np.arange(len(shards), dtype=np.int32), [len(p) for p in per_shard])
     return TarShardDataset(shards, shard_ids, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
-                           np.array([k.encode() for k in keys]), np.array(labels, dtype=np.int64), transform)
+                           np.array([k.encode("utf-8", "surrogateescape") for k in keys]), np.array(labels, dtype=np.int64), transform)
 
 
 def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
@@ -274,7 +280,10 @@ def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
 
 
 def _read_classes_txt(path: Path) -> tuple[str, ...]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: a byte-order mark (Windows' Notepad writes one) is not part of the first name
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     while lines and not lines[-1].strip():
         lines.pop()
     names = tuple(line.strip() for line in lines)
@@ -288,7 +297,7 @@ def _check_labels(ds: TarShardDataset, num_classes: int, source: str) -> None:
     if len(bad):
         i = bad[0]
         raise DataError(
-            f"sample '{ds.keys[i].decode()}' in shard '{ds.shards[ds.shard[i]]}' has label "
+            f"sample '{ds.keys[i].decode('utf-8', 'surrogateescape')}' in shard '{ds.shards[ds.shard[i]]}' has label "
             f"{ds.labels[i]}, outside 0..{num_classes - 1} of {source}; fix the label or the class list"
         )
 

@@ -39,7 +39,8 @@ from . import sharding
 from .checkpoint import (OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
                          locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
-from .data import DataBundle, build_datasets, check_randaugment, default_preprocessing, mixup_cutmix
+from .data import (DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment, default_preprocessing,
+                   mixup_cutmix)
 from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.factory import read_pretrained
@@ -471,8 +472,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
 
     # Images are prepared as the weights expect: the resumed run's way, the pretrained weights', or ours.
     weights = read_pretrained(cfg.pretrained, cfg.model) if cfg.pretrained and not ckpt else None
-    preprocessing = (read_pretrained_cfg(ckpt) if ckpt else weights.pretrained_cfg if weights else None) \
-        or default_preprocessing(cfg.data, cfg.img_size)
+    preprocessing = (read_pretrained_cfg(ckpt) if ckpt else None) \
+        or default_preprocessing(cfg.data, cfg.img_size, weights.pretrained_cfg if weights else None)
     with warnings.catch_warnings():
         if not d.main:  # every process lists the same files: the first one says what it found
             warnings.simplefilter("ignore")
@@ -903,13 +904,21 @@ def epoch_line(h: dict, epochs: int) -> str:
             f"top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  {h['images_per_second']:7.1f} img/s{peak}")
 
 
+def skipped_data_files(data: DataBundle, d: Dist) -> int:
+    """Files refused when the data was listed, and files that failed to decode when read by any of
+    the processes (each marks those it read; a resumed run, those read since it resumed)."""
+    marks = [ds.undecodable for ds in (data.train, data.val) if isinstance(ds, SubstitutesUndecodable)]
+    undecodable = torch.cat(marks).to(d.device, torch.uint8) if marks else torch.zeros(0, dtype=torch.uint8)
+    if d.world_size > 1:
+        dist.all_reduce(undecodable, op=dist.ReduceOp.MAX)  # a file two processes read is one file
+    return data.skipped_files + int(undecodable.sum())
+
+
 def finish_run(run: Run) -> dict:
     """The run's summary, written to summary.json by the first process, which the others wait for."""
     cfg, d, data, s = run.config, run.dist, run.data, run.state
     last = s.history[-1]
-    # Files refused when listing the data, plus files that failed to decode while training (counted
-    # in this process only: with --workers > 0 the workers' own counts are not seen here).
-    skipped_files = data.skipped_files + sum(getattr(ds, "skipped_at_load", 0) for ds in (data.train, data.val))
+    skipped_files = skipped_data_files(data, d)
     summary = dict(model=cfg.model, dataset=cfg.data, epochs=s.epoch, top1=last["top1"], top5=last["top5"],
                    best_top1=s.best_top1, train_loss=last["train_loss"], eval_loss=last["eval_loss"],
                    images_per_second=sum(h["images_per_second"] for h in s.history) / len(s.history),
