@@ -322,6 +322,33 @@ def test_imagefolder_class_mismatch(tmp_path):
         build_datasets("imagefolder", root)
 
 
+def test_class_folders_alike_but_in_other_code_points_are_named_as_such(tmp_path):
+    """'café' in train/ (NFC) and in val/ as a copy from macOS writes it (NFD) look the same: the
+    refusal says why they differ (before: only in train: ['café'], only in val: ['café'])."""
+    root = make_tree(tmp_path)
+    (root / "train" / "dog").rename(root / "train" / "caf\u00e9")
+    (root / "val" / "dog").rename(root / "val" / "cafe\u0301")
+    with pytest.raises(DataError, match="café: the same letters in other Unicode code points"):
+        build_datasets("imagefolder", root)
+
+
+def test_what_is_not_read_from_a_folder_is_said(tmp_path):
+    """An image directly in train/ has no class: it is said, not left out without a word. An image
+    over PIL's limit against decompression bombs is skipped saying so, not called corrupt."""
+    root = make_tree(tmp_path)
+    write_image(root / "train" / "loose.png", 1, "PNG")
+    Image.new("1", (20000, 10000)).save(root / "val" / "cat" / "huge.png")  # 200M pixels, 25 kB
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = build_datasets("imagefolder", root, img_size=16)
+    messages = [str(w.message) for w in caught]
+    assert f"1 image directly in '{root / 'train'}' not read: an image's class is the folder it is in; move it " \
+           f"into {root / 'train'}/<class>/" in messages
+    assert any("huge.png': Image size (200000000 pixels) exceeds limit" in m and m.endswith("downscale it")
+               for m in messages), messages
+    assert b.skipped_files == 1 and len(b.train) == 9
+
+
 def test_imagefolder_bad_directories(tmp_path):
     with pytest.raises(DataError, match="needs a data directory"):
         build_datasets("imagefolder")
@@ -555,6 +582,16 @@ def test_cifar_is_evaluated_whole_as_it_is_trained(tmp_path, weights):
     whole = torch.from_numpy(batches["test_batch"][b"data"][0].reshape(3, 32, 32))
     whole = v2.functional.resize(whole, [64, 64], antialias=True).float() / 255
     torch.testing.assert_close(img, v2.functional.normalize(whole, cfg.mean, cfg.std), atol=1e-4, rtol=0)
+
+
+def test_cifar_labels_as_numpy_scalars(tmp_path):
+    """Conversion scripts write labels as list(np.array): numpy scalars, which build nothing but a number."""
+    batches = make_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    batch = batches["test_batch"] | {b"labels": list(np.array(batches["test_batch"][b"labels"]))}
+    official_pickle(batch, folder / "test_batch")
+    assert b"\nscalar\n" in (folder / "test_batch").read_bytes()
+    assert build_datasets("cifar10", tmp_path).val.targets == batches["test_batch"][b"labels"]
 
 
 def test_cifar_missing_files(tmp_path):

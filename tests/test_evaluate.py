@@ -178,10 +178,12 @@ def test_predict_runs_in_batches_of_batch_size(run_dir, tmp_path, capsys, monkey
 
 def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
     """A folder stands for its image files, sorted; the other files are counted in a warning (a
-    hidden one goes without a word); a folder without any is one error line."""
+    hidden one goes without a word); a folder without any is one error line, and so is a link to an
+    image that is gone."""
     photos = tmp_path / "photos"
     photos.mkdir()
     files = digit_files(photos, sizes=((8, 8), (20, 30)))
+    (photos / "gone.png").symlink_to(tmp_path / "moved.png")
     (photos / "notes.txt").write_text("not an image")
     (photos / "clip.gif").write_bytes(b"GIF89a")
     (photos / ".DS_Store").write_bytes(b"")
@@ -196,7 +198,9 @@ def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
     output = json.loads(capsys.readouterr().out)
     assert [r["image"] for r in output["predictions"]] == sorted(map(str, files))
     assert [e["message"] for e in output["errors"]] == [f"'{tmp_path / 'empty'}' is a folder without image files "
-                                                        f"(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)"]
+                                                        f"(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)",
+                                                        f"cannot read image '{photos / 'gone.png'}': no such file; "
+                                                        f"check the path"]
 
 
 def test_plots_write_pngs(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -135,22 +136,31 @@ def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
             return im.convert("RGB")
     except DataError:
         raise
-    # Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError,
-    # "image file is truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # PIL names a file object it cannot identify by its repr (<_io.BytesIO object at 0x...>)
-        reason = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else _one_line(e)
-        raise DataError(f"cannot read image {where}: not an image file or corrupt ({reason}); "
-                        "give a JPEG/PNG/... file") from None
+    except _PIL_ERRORS as e:
+        raise DataError(f"cannot read image {where}: {_unreadable(e)}") from None
 
 
-def _header_ok(path: str) -> bool:
-    """Cheap validity check: PIL identifies the format from the header without decoding pixels."""
+# Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError, "image file is
+# truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _unreadable(e: Exception) -> str:
+    """Why PIL could not open or decode an image, and what to do."""
+    if isinstance(e, Image.DecompressionBombError):  # a real image, over PIL's limit against decompression bombs
+        return f"{_one_line(e)}; downscale it"
+    # PIL names a file object it cannot identify by its repr (<_io.BytesIO object at 0x...>)
+    reason = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else _one_line(e)
+    return f"not an image file or corrupt ({reason}); give a JPEG/PNG/... file"
+
+
+def _header_problem(path: str) -> str | None:
+    """Why PIL cannot identify the image from its header (a cheap check, no pixels decoded); None if it can."""
     try:
         with Image.open(path):
-            return True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False
+            return None
+    except _PIL_ERRORS as e:
+        return _unreadable(e)
 
 
 def _is_hidden(name: str) -> bool:
@@ -264,16 +274,22 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                         not_images.append(fname)
                         continue
                     path = os.path.join(dirpath, fname)
-                    if _header_ok(path):
+                    problem = _header_problem(path)
+                    if problem is None:
                         samples.append((path, label))
                     else:
                         self.skipped += 1
-                        warnings.warn(f"skipping '{path}': not an image file or corrupt", stacklevel=2)
+                        warnings.warn(f"skipping '{path}': {problem}", stacklevel=2)
             if len(samples) == found:
                 empty.append(cls)
         if empty:
             warnings.warn(f"{len(empty)} class{'es' if len(empty) > 1 else ''} with no images in '{directory}': "
                           f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", stacklevel=2)
+        loose = sum(1 for e in os.scandir(directory) if is_image_file(e.name) and not e.is_dir())
+        if loose:
+            warnings.warn(f"{loose} image{'s' if loose > 1 else ''} directly in '{directory}' not read: an image's "
+                          f"class is the folder it is in; move {'them' if loose > 1 else 'it'} into "
+                          f"{directory}/<class>/", stacklevel=2)
         warn_not_images(directory, not_images)
         return samples
 
@@ -343,8 +359,10 @@ def _build_digits(img_size: int, hflip: bool, randaugment: tuple[int, int] | Non
 
 try:  # numpy >= 2 (and the compatibility shim in late 1.26)
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
+    from numpy._core.multiarray import scalar as _np_scalar
 except ImportError:  # pragma: no cover - older numpy
     from numpy.core.multiarray import _reconstruct as _np_reconstruct
+    from numpy.core.multiarray import scalar as _np_scalar
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -356,6 +374,9 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,  # files written by numpy 2.x
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        # numpy scalars (labels as list(np.array), from conversion scripts): a dtype and its bytes
+        ("numpy.core.multiarray", "scalar"): _np_scalar,
+        ("numpy._core.multiarray", "scalar"): _np_scalar,
     }
 
     def find_class(self, module: str, name: str):
@@ -512,9 +533,14 @@ def _build_imagefolder(
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
+        # One name in other code points in each (a folder copied from macOS is in NFD): it looks the same.
+        nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731
+        alike = sorted(nfc(only_train) & nfc(only_val))
         raise DataError(
             f"train/ and val/ in '{data_dir}' have different class folders "
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
+            + (f" ({', '.join(alike)}: the same letters in other Unicode code points, as a copy from macOS may "
+               f"make; rename one of the two folders)" if alike else "")
         )
     # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.
     train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment)) \

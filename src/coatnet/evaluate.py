@@ -163,8 +163,9 @@ def _check_own_report(out: Path) -> None:
 
 
 def images_in(folder: str) -> list[str]:
-    """A folder's image files, sorted (not its subfolders'); the others are counted in a warning."""
-    files = [p for p in Path(folder).iterdir() if p.is_file()]
+    """A folder's image files, sorted (not its subfolders'); the others are counted in a warning. A
+    link to no file is listed, to be reported as unreadable, not left out without a word."""
+    files = [p for p in Path(folder).iterdir() if not p.is_dir()]
     warn_not_images(folder, [p.name for p in files if not is_image_file(p.name)])
     return sorted(str(p) for p in files if is_image_file(p.name))
 
