@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -303,13 +304,15 @@ def test_hf_save_to_disk(hf_dir):
     check_by_index(data.val, VAL)
 
 
-@pytest.mark.parametrize("layout", ["flat", "hub"])
-def test_hf_parquet(tmp_path, layout):
+@pytest.mark.parametrize("layout", ["flat", "hub", "in a Hub cache"])
+def test_hf_parquet(tmp_path, layout, monkeypatch):
     """Parquet (flat or the Hub's data/ layout), columns img/labels with plain ints, eval split 'test'.
 
-    The Arrow conversion lands beside the data folder, and nothing in datasets' own cache."""
-    root = tmp_path / "pq"
-    folder = root / "data" if layout == "hub" else root
+    The Arrow conversion lands beside the data folder, and nothing in datasets' own cache; for a
+    snapshot in a Hub cache, under the temp dir, where the Hub's tools see no second revision."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    root = tmp_path / "datasets--me--tiny" / "snapshots" / "abc123" if layout == "in a Hub cache" else tmp_path / "pq"
+    folder = root / "data" if layout != "flat" else root
     folder.mkdir(parents=True)
     for name, samples in (("train", TRAIN[:10]), ("train", TRAIN[10:]), ("test", VAL)):
         n = len(list(folder.glob(f"{name}-*")))
@@ -321,7 +324,10 @@ def test_hf_parquet(tmp_path, layout):
     assert data.classes == ("0", "1", "2")
     check_by_index(data.train, TRAIN)
     check_by_index(data.val, VAL)
-    assert (tmp_path / ".pq-arrow-cache").is_dir()
+    assert (tmp_path / ".pq-arrow-cache").is_dir() == (layout != "in a Hub cache")
+    assert (tmp_path / "tmp" / "coatnet-arrow-cache" / "abc123").is_dir() == (layout == "in a Hub cache")
+    if layout == "in a Hub cache":
+        assert os.listdir(root.parent) == [root.name]  # snapshots/ holds the one revision
     assert (sorted(os.listdir(hf_cache)) if os.path.isdir(hf_cache) else None) == before
 
 
@@ -456,3 +462,23 @@ def test_train_and_eval_read_them(kind, shard_dir, hf_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     names = list(NAMES) if kind == "hf" else ["0", "1", "2"]  # the shards have no classes.txt
     assert report["dataset"] == kind and report["count"] == len(VAL) and report["classes"] == names
+    # A held-out set without a train split is evaluated (before: "no train shards found"), reading
+    # nothing but its own split; its labels without names need not reach the model's last class.
+    held_out, unseen = tmp_path / "held-out", [s for s in VAL if s["label"] < 2]
+    if kind == "webdataset":
+        held_out.mkdir()
+        write_shard(held_out / "val-000000.tar", unseen)
+    else:
+        datasets.DatasetDict(validation=hf_split(unseen)).save_to_disk(str(held_out))
+    assert main(["eval", "--checkpoint", str(out), "--data-dir", str(held_out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == len(unseen) and report["classes"] == names
+
+
+def test_a_class_without_training_samples_is_said(tmp_path):
+    """Labels without names number the classes up to the largest of both splits: a class that only
+    the evaluation has is warned of, as an image folder's class without images is."""
+    write_shards(tmp_path, val=[*VAL, dict(VAL[0], key="val9999", label=3)])
+    with pytest.warns(UserWarning, match=r"1 class with no samples in the train shards of .*: 3 \(1 of them in the "
+                                         r"evaluation, which the model cannot learn\)"):
+        assert build_webdataset(str(tmp_path), to_tensor, to_tensor).classes == ("0", "1", "2", "3")

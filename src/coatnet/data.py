@@ -584,9 +584,9 @@ def build_datasets(
     data set's default: on for imagefolder/CIFAR, off for digits (a mirrored digit is another
     symbol). ``data_dir`` is ignored for digits (it ships inside scikit-learn). ``preprocessing``:
     the mean, std, interpolation and evaluation crop of the weights trained on (default:
-    :func:`default_preprocessing`). ``train=False``, for evaluation alone: an image folder's
-    ``train/`` is not scanned (its class folders still name the classes) and the bundle's ``train``
-    is None; the other data sets are cheap to build whole.
+    :func:`default_preprocessing`). ``train=False``, for evaluation alone: the bundle's ``train`` is
+    None, an image folder's ``train/`` is not scanned (its class folders still name the classes), and
+    shards or a Hugging Face dataset need no train split; digits and CIFAR are cheap to build whole.
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
@@ -607,7 +607,8 @@ def build_datasets(
         from . import data_shards
 
         build = data_shards.build_webdataset if key == "webdataset" else data_shards.build_hf
-        return build(str(data_dir), train_transform(img_size, cfg, hflip, randaugment), eval_transform(img_size, cfg))
+        return build(str(data_dir), train_transform(img_size, cfg, hflip, randaugment), eval_transform(img_size, cfg),
+                     train=train)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data directory '{root}' does not exist or is not a folder; check the path")

@@ -237,8 +237,9 @@ def _index_split(shards: list[str], transform: Callable) -> TarShardDataset:
                            np.array([k.encode("utf-8", "surrogateescape") for k in keys]), np.array(labels, dtype=np.int64), transform)
 
 
-def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
-    """Train and val shard paths, and the folder that may hold classes.txt."""
+def _find_shards(data_dir: str, with_train: bool = True) -> tuple[list[str], list[str], Path]:
+    """Train and val shard paths (``with_train=False``: val's alone, train's not looked for), and the
+    folder that may hold classes.txt."""
     if "{" in data_dir:  # brace pattern for the train shards
         braceexpand = _require("braceexpand")
 
@@ -251,7 +252,7 @@ def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
         split_paths = []
         for split, pattern in (("train", name), ("val", name.replace("train", "val"))):
             pattern = os.path.join(folder, pattern)
-            paths = list(braceexpand.braceexpand(pattern))
+            paths = list(braceexpand.braceexpand(pattern)) if split == "val" or with_train else []
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
                 raise DataError(
@@ -267,9 +268,10 @@ def _find_shards(data_dir: str) -> tuple[list[str], list[str], Path]:
             f"'{root}' is neither a folder of shards nor a brace pattern like "
             "'DIR/train-{000000..000099}.tar'; check --data-dir"
         )
-    train, val = (sorted(str(p) for p in root.glob(f"{s}-*.tar") if p.is_file()) for s in ("train", "val"))
-    if not train or not val:
-        split = "train" if not train else "val"
+    train, val = (sorted(str(p) for p in root.glob(f"{s}-*.tar") if p.is_file()) if s == "val" or with_train else []
+                  for s in ("train", "val"))
+    if (with_train and not train) or not val:
+        split = "train" if with_train and not train else "val"
         compressed = sorted(p.name for p in root.glob(f"{split}-*.tar.*"))  # a .tar.gz has no offsets to read at
         raise DataError(
             f"no {split} shards found: looked for '{root}/train-*.tar' and '{root}/val-*.tar'; "
@@ -302,30 +304,35 @@ def _check_labels(ds: TarShardDataset, num_classes: int, source: str) -> None:
         )
 
 
-def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: Callable) -> DataBundle:
+def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: Callable,
+                     train: bool = True) -> DataBundle:
     """WebDataset shards: ``data_dir`` is a folder holding ``train-*.tar`` and ``val-*.tar``, or a
     brace pattern for the train shards (``DIR/train-{000000..000099}.tar``) whose val shards are
-    the same pattern with ``train`` replaced by ``val`` in the file name.
+    the same pattern with ``train`` replaced by ``val`` in the file name. ``train=False``, for
+    evaluation alone: the val shards alone are read (the train shards need not be there).
 
     Class names come from ``classes.txt`` next to the shards (line i = label i), else they are
-    ``"0".."N-1"`` with N = the largest label of both splits + 1.
+    ``"0".."N-1"`` with N = the largest label of the splits read + 1.
     """
     _require("webdataset")
-    train_shards, val_shards, folder = _find_shards(str(data_dir))
-    train = _index_split(train_shards, train_transform)
-    val = _index_split(val_shards, eval_transform)
+    train_shards, val_shards, folder = _find_shards(str(data_dir), with_train=train)
+    splits = [_index_split(shards, transform) for shards, transform in
+              ((train_shards, train_transform), (val_shards, eval_transform)) if shards]
     classes_txt = folder / "classes.txt"
     if classes_txt.is_file():
         classes = _read_classes_txt(classes_txt)
         source = f"'{classes_txt}'"
     else:
-        classes = numbered_classes((train, val), "write the class names to classes.txt next to the shards "
-                                                 "(line i: the name of label i)")
+        classes = numbered_classes(splits, "write the class names to classes.txt next to the shards "
+                                           "(line i: the name of label i)")
         source = "the labels"
-    for ds in (train, val):
+    for ds in splits:
         _check_labels(ds, len(classes), source)
+    val = splits[-1]
     val.evaluation = True  # an undecodable image is left out of the evaluation
-    return DataBundle(train, val, classes)
+    if train:
+        warn_untrained(classes, splits[0].labels, val.labels, f"the train shards of '{data_dir}'")
+    return DataBundle(splits[0] if train else None, val, classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +343,17 @@ def build_webdataset(data_dir: str, train_transform: Callable, eval_transform: C
 # Labels without names number the classes up to the largest: at most this many, or one per sample.
 # (ImageNet-21k has 21,841 classes.)
 MAX_NUMBERED_CLASSES = 100_000
+
+
+def warn_untrained(classes: tuple[str, ...], train_labels: np.ndarray, val_labels: np.ndarray, where: str) -> None:
+    """One warning for the classes no training sample has: the model is scored on those it never saw."""
+    untrained = sorted(set(range(len(classes))) - set(np.unique(train_labels).tolist()))
+    if untrained:
+        scored = sorted(set(untrained) & set(np.unique(val_labels).tolist()))
+        names = ", ".join(classes[c] for c in untrained[:5]) + (" ..." if len(untrained) > 5 else "")
+        warnings.warn(f"{len(untrained)} class{'es' if len(untrained) > 1 else ''} with no samples in {where}: "
+                      f"{names}" + (f" ({len(scored)} of them in the evaluation, which the model cannot learn)"
+                                    if scored else ""), stacklevel=3)
 
 
 def numbered_classes(splits: tuple[EncodedImages, ...] | list[EncodedImages], remedy: str) -> tuple[str, ...]:
@@ -373,17 +391,22 @@ class HFImageDataset(EncodedImages):
 
 
 def _hf_cache_dir(root: Path) -> str:
-    """Where parquet is converted to Arrow: $COATNET_HF_CACHE, else next to the data, else /tmp."""
+    """Where parquet is converted to Arrow: $COATNET_HF_CACHE, else next to the data, else /tmp.
+
+    Not next to a snapshot of a Hub cache (``.../datasets--ORG--NAME/snapshots/REV``), where the
+    Hub's tools would take the folder for another revision of the repository."""
     if os.environ.get("COATNET_HF_CACHE"):
         return os.environ["COATNET_HF_CACHE"]
+    in_hub_cache = any(p.parent.name == "snapshots" for p in (root, *root.parents))
     root = root.resolve()
-    if os.access(root.parent, os.W_OK):
+    if os.access(root.parent, os.W_OK) and not in_hub_cache:
         return str(root.parent / f".{root.name}-arrow-cache")
     return os.path.join(tempfile.gettempdir(), "coatnet-arrow-cache", root.name)
 
 
-def _load_hf_splits(root: Path, cache_dir: str | None) -> tuple[dict, str]:
-    """``{"train": Dataset, <eval split>: Dataset}`` and the eval split's name."""
+def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) -> tuple[dict, str]:
+    """``{"train": Dataset, <eval split>: Dataset}`` (``with_train=False``: the eval split's alone)
+    and the eval split's name."""
     datasets = _require("datasets")
     if (root / "state.json").is_file():
         raise DataError(
@@ -411,16 +434,17 @@ def _load_hf_splits(root: Path, cache_dir: str | None) -> tuple[dict, str]:
             )
         found = list(files)
     eval_split = next((s for s in HF_EVAL_SPLITS if s in found), None)
-    if "train" not in found or eval_split is None:
+    if (with_train and "train" not in found) or eval_split is None:
         raise DataError(
-            f"'{root}' needs a 'train' split and one of {'/'.join(HF_EVAL_SPLITS)} "
+            f"'{root}' needs {'a train split and ' if with_train else ''}one of {'/'.join(HF_EVAL_SPLITS)} "
             f"(found: {', '.join(found) or 'none'})"
         )
+    read = ("train", eval_split) if with_train else (eval_split,)
     if files is None:
-        return {"train": dd["train"], eval_split: dd[eval_split]}, eval_split
+        return {s: dd[s] for s in read}, eval_split
     import pyarrow.parquet as pq
 
-    wanted = {s: files[s] for s in ("train", eval_split)}
+    wanted = {s: files[s] for s in read}
     for path in (p for ps in wanted.values() for p in ps):  # name the bad file, not just the folder
         try:
             pq.read_schema(path)
@@ -456,7 +480,7 @@ def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
 
 
 def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
-             cache_dir: str | None = None) -> DataBundle:
+             cache_dir: str | None = None, train: bool = True) -> DataBundle:
     """A Hugging Face dataset: ``data_dir`` is a ``DatasetDict.save_to_disk`` folder, or a folder of
     parquet files ``DIR/<split>-*.parquet`` or ``DIR/data/<split>-*.parquet`` (the Hub layout).
 
@@ -464,14 +488,18 @@ def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
     ``image``/``img`` (an Image feature) and ``label``/``labels`` (a ClassLabel, whose names become
     the classes, or integers, giving ``"0".."N-1"``). Nothing touches the network. Parquet is
     converted once into ``cache_dir``, default ``$COATNET_HF_CACHE``, else ``.<name>-arrow-cache``
-    beside ``data_dir``, else under the system temp dir; a ``save_to_disk`` folder is read in place.
+    beside ``data_dir`` (in a Hub cache: under the system temp dir), else under the system temp dir;
+    a ``save_to_disk`` folder is read in place. ``train=False``, for evaluation alone: the
+    evaluation split alone is read (a train split need not be there).
     """
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"Hugging Face data directory '{root}' does not exist or is not a folder")
-    splits, eval_split = _load_hf_splits(root, cache_dir)
+    splits, eval_split = _load_hf_splits(root, cache_dir, with_train=train)
     built, classes = [], None
     for split, transform in (("train", train_transform), (eval_split, eval_transform)):
+        if split not in splits:
+            continue
         ds, where = splits[split], f"split '{split}' of '{root}'"
         image, label, names = _hf_columns(ds, where)
         column = ds.with_format("arrow")[label]  # the whole column at once, not row by row
@@ -489,5 +517,7 @@ def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
     for ds in built:
         if ds.labels.max() >= len(classes):
             raise DataError(f"{ds.name} has label {ds.labels.max()}, outside 0..{len(classes) - 1} of its ClassLabel")
-    built[1].evaluation = True  # an undecodable image is left out of the evaluation
-    return DataBundle(built[0], built[1], classes)
+    built[-1].evaluation = True  # an undecodable image is left out of the evaluation
+    if train:
+        warn_untrained(classes, built[0].labels, built[1].labels, built[0].name)
+    return DataBundle(built[0] if train else None, built[-1], classes)

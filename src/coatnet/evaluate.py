@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -114,6 +115,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{ckpt.path} takes {img_size[0]}x{img_size[1]} images and the evaluation data sets are "
                          f"square: pass --img-size SIDE to evaluate it on SIDExSIDE images")
     data = build_datasets(data_name, data_dir, img_size, preprocessing=model.pretrained_cfg, train=False)
+    numbered = tuple(str(c) for c in range(data.num_classes))
+    if data.classes == numbered and tuple(classes[:len(numbered)]) == numbered:
+        # Labels without names, numbered up to the largest the evaluation split has: they index the
+        # model's classes, which may go further.
+        data = dataclasses.replace(data, classes=tuple(classes))
     if model.pretrained_cfg.label_names and list(data.classes) != classes:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
                          f"classes; evaluate on the data set it was trained on")
