@@ -12,6 +12,7 @@ import torch
 
 import coatnet
 from coatnet.checkpoint import CheckpointError, load_checkpoint
+from coatnet.cli import main
 from coatnet.train import resumed_config, train
 from test_train import ENV, _kill_when, assert_bitwise_equal, run_cli, weights
 
@@ -31,7 +32,7 @@ def fsdp_run(tmp_path_factory) -> tuple[Path, str]:
     return out, done.stdout
 
 
-def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path):
+def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path, capsys):
     """As for DDP (test_train.py::test_torchrun_two_processes_match_one): the same samples in each
     step, BatchNorm statistics per process, so close but not bit for bit."""
     out, stdout = fsdp_run
@@ -47,6 +48,17 @@ def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path):
               (tmp_path / "one", out))
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [22]
     assert abs(m1[0]["train_loss"] - m2[0]["train_loss"]) < 0.05 * m1[0]["train_loss"]
+    # `coatnet eval` evaluates as the --amp run did (bfloat16 autocast), so its figures come again;
+    # --no-amp in float32. (Not FSDP's: its gathered weights are bfloat16, which autocast's are not.)
+    reports = {}
+    for flag in ("--amp", "--no-amp", None):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(tmp_path / "one"), "--json", *[flag] * bool(flag)]) == 0
+        reports[flag] = json.loads(capsys.readouterr().out)
+    assert reports[None] == reports["--amp"] and reports["--amp"]["amp"] and not reports["--no-amp"]["amp"]
+    assert (reports[None]["top1"], reports[None]["top5"]) == (m1[0]["top1"], m1[0]["top5"])
+    assert reports[None]["loss"] == pytest.approx(m1[0]["eval_loss"], rel=1e-6)
+    assert reports["--no-amp"]["loss"] != pytest.approx(m1[0]["eval_loss"], rel=1e-4)
     # Each process holds half of the weights, gradients and AdamW state, and writes half of the latter.
     found = re.search(r"each process holds ([\d.]+) MiB .* \(([\d.]+) MiB unsharded\)", stdout)
     held, whole = map(float, found.groups())

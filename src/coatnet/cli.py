@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and eval.json go "
                                                       "(default: RUN_DIR/eval-CHECKPOINT-DATA)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: as the run evaluated, so its metrics.jsonl's figures come again)")
     _preprocessing_flags(p)
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_eval")(args))
 

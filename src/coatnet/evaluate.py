@@ -133,11 +133,13 @@ def run_eval(args: argparse.Namespace) -> int:
     _say_which(ckpt, args)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
-    result = evaluate(model, loader, device, data.num_classes)
+    # A run with --amp evaluated each epoch under autocast (and chose `best` so): by default, so does this.
+    amp = args.amp if args.amp is not None else bool((meta.get("train_config") or {}).get("amp"))
+    result = evaluate(model, loader, device, data.num_classes, amp=amp)
 
     confusion = result.pop("confusion")
     names = [printable(c) for c in data.classes]
-    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, img_size=img_size,
+    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, img_size=img_size, amp=amp,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
                   confusion_matrix=confusion.tolist(), classes=names)
     atomic_write(out / "eval.json", json.dumps(report, indent=2))
