@@ -111,3 +111,25 @@ def test_a_sharded_checkpoint_is_a_model_folder_and_resumes_on_one_process(fsdp_
     # A run without --fsdp cannot resume it: the optimizer state is sharded.
     with pytest.raises(CheckpointError, match="was written by a run with --fsdp and resumes only so"):
         train(replace(resumed_config(True, out), fsdp=False, epochs=3), output_dir=out, resume=True)
+
+
+def test_a_full_disk_while_writing_the_sharded_optimizer_state(tmp_path, monkeypatch):
+    """DCP reports a failed write of any process as a CheckpointException, a BaseException that no
+    `except Exception` stops: one line naming the failure in every process, the shards removed."""
+    import torch.distributed.checkpoint as dcp
+
+    from coatnet import sharding
+
+    def full(state, checkpoint_id):
+        Path(checkpoint_id).mkdir()
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
+        raise dcp.api.CheckpointException("save", {1: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full)
+    model = coatnet.create_model("coatnet_pico", num_classes=3)
+    with pytest.raises(CheckpointError) as e:
+        sharding.save_optimizer(model, torch.optim.AdamW(model.parameters()), tmp_path / ".shards-00000004.tmp")
+    assert str(e.value) == (f"cannot write checkpoint {tmp_path / '.shards-00000004.tmp'} (process 1: [Errno 28] No "
+                            f"space left on device); no checkpoint was kept; free some space or fix the folder's "
+                            f"permissions and continue with --resume")
+    assert list(tmp_path.iterdir()) == []

@@ -85,7 +85,10 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
         tmp.mkdir(parents=True)
         write_model_folder(tmp, meta, model, ema_model)
         if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
+            try:
+                torch.save(train_state, tmp / TRAIN_STATE)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as "unexpected pos"
+                raise OSError(f"writing {TRAIN_STATE} failed: {' '.join(str(e).split())[:200]}") from None
         if shards is not None:
             os.replace(shards, tmp / OPTIMIZER_SHARDS)  # DCP wrote and synced its files
         for f in tmp.iterdir():
@@ -98,10 +101,7 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
         shutil.rmtree(tmp, ignore_errors=True)
         if shards is not None:
             shutil.rmtree(shards, ignore_errors=True)
-        last = run_dir / "last"
-        kept = f"{last} still points at the previous checkpoint" if last.is_symlink() else "no checkpoint was kept"
-        raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); {kept}; free some space "
-                              f"or fix the folder's permissions and continue with --resume") from None
+        raise write_failed(final, e.strerror or str(e)) from None
     for link in links:
         tmp_link = run_dir / f".{link}.tmp"
         tmp_link.unlink(missing_ok=True)
@@ -110,6 +110,15 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
     _fsync_dir(run_dir)
     _remove_unreferenced(run_dir)
     return final
+
+
+def write_failed(path: Path, reason: str) -> CheckpointError:
+    """The one-line error of a checkpoint (or its part ``path``) that could not be written, whose
+    half-written copy is gone; the run's links are left as they were."""
+    last = path.parent / "last"
+    kept = f"{last} still points at the previous checkpoint" if last.is_symlink() else "no checkpoint was kept"
+    return CheckpointError(f"cannot write checkpoint {path} ({reason}); {kept}; free some space or fix the "
+                           f"folder's permissions and continue with --resume")
 
 
 # The names training gives its checkpoints (``ckpt-`` and the step, ``.N`` when that name was taken),

@@ -21,6 +21,7 @@ the processes and gathers one block's weights at a time for its forward and back
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, write_failed
 
 def shard(model: nn.Module, amp: bool) -> nn.Module:
     """Shard ``model`` (a CoAtNet) across the process group: each block a unit, the root the rest."""
@@ -71,8 +72,22 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every process writes its shard of the optimizer state into ``folder`` (collective)."""
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    """Every process writes its shard of the optimizer state into ``folder`` (collective); a write
+    that fails in any process (a full disk) is a one-line :class:`CheckpointError` in every process,
+    ``folder`` removed."""
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's failure in its own
+        shutil.rmtree(folder, ignore_errors=True)
+        raise write_failed(folder, _first_line(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    """Why DCP failed, in a line: the first failing process's own error, where DCP gathered them."""
+    if isinstance(e, dcp.api.CheckpointException) and e.failures:
+        rank, (error, _) = min(e.failures.items(), key=lambda kv: kv[0])
+        return f"process {rank}: {_first_line(error)}"
+    return next(iter(str(e).strip().splitlines()), "")[:200] or type(e).__name__
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -84,8 +99,7 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
             raise FileNotFoundError("the folder is missing")
         dcp.load(state, checkpoint_id=folder)
     except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's failure in its own
-        reason = next(iter(str(e).strip().splitlines()), "")[:200] or type(e).__name__
-        raise CheckpointError(f"the optimizer state in {str(folder)!r} cannot be read ({reason}): a shard is missing "
-                              f"or damaged; resume another checkpoint of the run, or start a new run from its "
+        raise CheckpointError(f"the optimizer state in {str(folder)!r} cannot be read ({_first_line(e)}): a shard is "
+                              f"missing or damaged; resume another checkpoint of the run, or start a new run from its "
                               f"weights with --pretrained {folder.parent}") from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
