@@ -101,3 +101,19 @@ def test_an_error_that_is_not_out_of_memory_is_not_hidden(monkeypatch):
     monkeypatch.setattr("coatnet.complexity.measure", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info", "coatnet_pico"])
+
+
+def test_a_world_size_without_torchrun_says_what_it_waits_for(monkeypatch, capsys):
+    """WORLD_SIZE=2 set by hand waits for processes nothing started (30 minutes, silently, before)."""
+    for name, value in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+
+    def waiting(*args, **kwargs):
+        raise ValueError("the test stops here")
+
+    monkeypatch.setattr("coatnet.train.dist.init_process_group", waiting)
+    assert main(["train", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "note: waiting for the 2 processes of WORLD_SIZE=2 at 127.0.0.1:29555, as the environment says; start them "
+        "with torchrun (or unset WORLD_SIZE for one process)")

@@ -119,6 +119,14 @@ def test_predict_bad_input(run_dir, tmp_path, capsys):
                    "--device foo is not a device")
 
 
+def test_eval_and_predict_under_torchrun_are_refused(run_dir, capsys, monkeypatch):
+    """Each process would evaluate everything and write (or print) the same results."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["eval"], ["predict", "x.png"]):
+        one_line_error(capsys, [*command, "--checkpoint", str(run_dir)],
+                       f"coatnet {command[0]} runs in one process: run it without torchrun")
+
+
 def test_eval_bad_input(run_dir, tmp_path, capsys):
     one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path)], "not a coatnet checkpoint")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--device", "foo"], "--device foo is not a device")

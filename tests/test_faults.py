@@ -272,6 +272,22 @@ def test_dangling_last_is_not_an_empty_folder(finished_run, tmp_path, capsys):
                     "this folder holds none; start a new run")
 
 
+def test_a_run_killed_in_its_first_save_starts_again(tmp_path, capsys):
+    """What a kill during the first save leaves (the lock, a temporary checkpoint and optimizer shards)
+    is no run (before: "already holds a run", and --resume "not a coatnet checkpoint"): --resume says
+    there is nothing to resume, and a new run starts there and clears them."""
+    out = tmp_path / "run"
+    for name in (".ckpt-00000011.tmp", ".shards-00000011.tmp"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_bytes(b"half")
+    (out / ".lock").write_text("")
+    for argv in (["--resume", "--output-dir", str(out)], ["--resume", str(out)]):
+        one_line_exit_2(capsys, ["train", *argv], f"{out} holds no checkpoint to resume: its run stopped before its "
+                                                  f"first save; start it again without --resume")
+    assert main(["train", *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert not list(out.glob(".*.tmp")) and (out / "last").is_symlink()
+
+
 def test_resume_into_another_runs_folder_is_refused(finished_run, tmp_path, capsys):
     other = copy_run(finished_run, tmp_path / "other")
     before = snapshot(other)

@@ -123,7 +123,8 @@ def write_failed(path: Path, reason: str) -> CheckpointError:
 
 # The names training gives its checkpoints (``ckpt-`` and the step, ``.N`` when that name was taken),
 # and what a save cut off by a crash leaves: only these are ever deleted, never a folder of the user's.
-_OURS = re.compile(r"(ckpt-\d{8}(\.\d+)?)|(\.ckpt-\d{8}(\.\d+)?\.tmp)|(\.shards-\d{8}\.tmp)")
+_CHECKPOINT = re.compile(r"ckpt-\d{8}(\.\d+)?")
+_OURS = re.compile(rf"({_CHECKPOINT.pattern})|(\.ckpt-\d{{8}}(\.\d+)?\.tmp)|(\.shards-\d{{8}}\.tmp)")
 
 
 def _remove_unreferenced(run_dir: Path) -> None:
@@ -139,9 +140,11 @@ def _remove_unreferenced(run_dir: Path) -> None:
 
 def holds_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run or its remains: a ``last`` or ``best`` link (even one whose
-    checkpoint is gone; or a copy's folder), or a checkpoint directory as training names them."""
+    checkpoint is gone; or a copy's folder), or a checkpoint directory as training names them. What
+    a first save cut off by a crash left (temporary names) is no run: a new one starts there, and its
+    first save removes them."""
     links = any((run_dir / link).is_symlink() or (run_dir / link).is_dir() for link in ("last", "best"))
-    return links or (run_dir.is_dir() and any(_OURS.fullmatch(p.name) for p in run_dir.iterdir()))
+    return links or (run_dir.is_dir() and any(_CHECKPOINT.fullmatch(p.name) for p in run_dir.iterdir()))
 
 
 @contextlib.contextmanager

@@ -98,7 +98,14 @@ def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
         print(f"coatnet {args.command}: using {ckpt.path} -> {ckpt.path.resolve().name}", file=sys.stderr)
 
 
+def _one_process(args: argparse.Namespace) -> None:
+    """Refuse torchrun: each process would do all of the work, and write or print the same results."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"coatnet {args.command} runs in one process: run it without torchrun")
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    _one_process(args)
     device = resolve_device(args.device)  # a bad flag fails before anything is read
     ckpt, model = load_for_inference(args)
     meta = ckpt.meta
@@ -182,6 +189,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could. A folder
     stands for its image files."""
+    _one_process(args)
     device = resolve_device(args.device)  # a bad flag fails before anything is read
     ckpt, model = load_for_inference(args)
     if not model.num_classes:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from . import sharding
-from .checkpoint import (OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
+from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
                          locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
 from .data import (DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment, default_preprocessing,
@@ -185,11 +185,13 @@ def resumed_config(resume: bool | str | Path | None, output_dir: str | Path | No
 
 
 def _resume_path(resume: bool | str | Path, output_dir: str | Path | None) -> Path:
-    if resume is not True:
-        return Path(resume)
-    if output_dir is None:
+    if resume is True and output_dir is None:
         raise ValueError("--resume without a path needs --output-dir (the run to continue)")
-    return Path(output_dir)
+    path = Path(output_dir if resume is True else resume)
+    if (path / LOCK).is_file() and not holds_a_run(path) and not (path / "config.json").exists():
+        raise CheckpointError(f"{path} holds no checkpoint to resume: its run stopped before its first save; "
+                              f"start it again without --resume")
+    return path
 
 
 def _resume_checkpoint(resume: bool | str | Path | None, output_dir: str | Path | None) -> Checkpoint | None:
@@ -237,6 +239,10 @@ def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
     owns_group = (world_size > 1 or fsdp) and not dist.is_initialized()
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if owns_group and world_size > 1:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun starts them all; another launcher may not have
+            print(f"note: waiting for the {world_size} processes of WORLD_SIZE={world_size} at "
+                  f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, as the environment says; "
+                  f"start them with torchrun (or unset WORLD_SIZE for one process)", file=sys.stderr, flush=True)
         dist.init_process_group(backend)
     elif owns_group:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
