@@ -185,6 +185,15 @@ def test_resize_relative_table():
     torch.testing.assert_close(big[:, 6, 8], table[:, 3, 4])
     torch.testing.assert_close(big[:, 0, 0], table[:, 0, 0])
     assert torch.allclose(resize_relative_table(torch.full((1, 5, 5), 3.0), (9, 9)), torch.tensor(3.0))
+    # A grid one token high (a 32x224 strip at S4): offset 0 alone in that direction, the centre row
+    # (before: the first, offset -3), in a bias computed for it and in weights loaded for it.
+    torch.testing.assert_close(resize_relative_table(table, (1, 13)), resize_relative_table(table[:, 3:4], (1, 13)))
+    torch.testing.assert_close(resize_relative_table(table, (1, 1)), table[:, 3:4, 4:5])
+    strip = coatnet.create_model("coatnet_pico", img_size=(16, 64))  # S4's grid: 1 x 4, its table 1 x 7
+    square = coatnet.create_model("coatnet_pico", img_size=64)  # 4 x 4, 7 x 7
+    strip.load_state_dict(square.state_dict())
+    key = "stages.3.blocks.0.attn.relative_position.table"
+    torch.testing.assert_close(strip.state_dict()[key], square.state_dict()[key][:, 3:4, :])
 
 
 def test_inference_bias_follows_the_table():

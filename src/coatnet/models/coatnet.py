@@ -369,8 +369,13 @@ def gather_relative_bias(table: Tensor, height: int, width: int) -> Tensor:
 def resize_relative_table(table: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinearly interpolate (heads, 2H-1, 2W-1) tables to (heads, *size) (Section 2.1).
 
-    ``align_corners=True`` keeps offset 0 at the centre and the largest offsets at the edges.
+    ``align_corners=True`` keeps offset 0 at the centre and the largest offsets at the edges. A side
+    of 1 (a grid one token high or wide: offset 0 alone) is the centre row or column, which
+    interpolation would not give (it samples the first, the largest negative offset).
     """
+    for dim, side in ((-2, size[0]), (-1, size[1])):
+        if side == 1:
+            table = table.narrow(dim, (table.shape[dim] - 1) // 2, 1)
     if tuple(table.shape[-2:]) == tuple(size):
         return table
     return F.interpolate(table.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=True)[0].to(table.dtype)
