@@ -554,3 +554,20 @@ def test_the_compiler_traces_the_model_in_one_graph():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_compiler_takes_checkpointed_blocks():
+    """With gradient checkpointing the compiler traces the blocks too (before: Dynamo refused the
+    context that puts BatchNorm's statistics back after a recomputation, which a compiled graph does
+    not need: it writes them once); gradients and statistics are those of the eager model without it
+    (AOTAutograd's partitioner, which decides what is recomputed, without Inductor's kernels)."""
+    model = _pico().train()
+    x = torch.randn(4, 3, 32, 32)
+    eager = _fresh_copy(model).train()
+    eager(x).square().mean().backward()
+    model.set_grad_checkpointing(True)
+    torch.compile(model, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    for a, b in zip(eager.buffers(), model.buffers()):
+        torch.testing.assert_close(b, a)

@@ -268,7 +268,6 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--device", "bogus"], "--device bogus is not a device; use cpu, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA here, or not 100 devices
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be an integer >= 1, got 0"),
-    (["--grad-checkpointing", "--compile"], "--grad-checkpointing does not work with --compile"),
     (["--grad-accum-steps", "5"], "--batch-size 64 (global) is not divisible by 1 process(es) x --grad-accum-steps 5"),
     (["--pretrained", "/nonexistent/w.safetensors"], "weights file '/nonexistent/w.safetensors' does not exist"),
 ])

@@ -127,9 +127,6 @@ class TrainConfig:
         if set_by_the_run:
             raise ValueError(f"model_config sets {', '.join(set_by_the_run)}, which the run sets from its data and "
                              f"settings (the data's classes, --img-size, --drop-path, --pretrained); give them there")
-        if self.grad_checkpointing and self.compile:
-            raise ValueError("--grad-checkpointing does not work with --compile (torch.compile cannot trace the "
-                             "checkpointed blocks); drop one of them")
 
 
 # The paper's recipe (Table 10), ImageNet-1K pre-training and fine-tuning, with CoAtNet-0..3.
