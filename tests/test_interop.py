@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -229,6 +230,29 @@ def test_timm_parity_layer_scale(tmp_path):
     """The layer scale of coatnet_3_rw and coatnet_rmlp_2_rw/_3_rw, on the smallest variant."""
     theirs = _timm_model("coatnet_rmlp_nano_rw", transformer_init_values=1e-6)
     _assert_parity(theirs, "coatnet_rmlp_nano_rw", tmp_path, transformer=dict(layer_scale_init=1e-6))
+
+
+@pytest.mark.parametrize("name", ["coatnet_pico", "coatnet_rmlp_nano_rw_224"])
+def test_timms_optimizer_factory_groups_as_training_does(name):
+    """timm's create_optimizer_v2 asks the model what not to decay and how to group by depth: the
+    relative-position bias goes undecayed, as in `coatnet train` (before: decayed), and layer-wise
+    decay gives the stem the smallest rate and the head the full one (before: one group, a warning)."""
+    import timm.optim
+
+    from coatnet.train import param_groups
+
+    model = coatnet.create_model(name, num_classes=10)
+    theirs = timm.optim.create_optimizer_v2(model, "adamw", weight_decay=0.05)
+    undecayed = lambda groups: {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}  # noqa: E731
+    assert undecayed(theirs.param_groups) == undecayed(param_groups(model, 0.05))
+    assert any(".relative_position." in n and id(p) in undecayed(theirs.param_groups) for n, p in model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layered = timm.optim.create_optimizer_v2(model, "adamw", weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in layered.param_groups for p in g["params"]}
+    stem, head = scale[id(model.stem[0][0].weight)], scale[id(model.classifier.weight)]
+    blocks = sorted({scale[id(p)] for n, p in model.named_parameters() if n.startswith("stages.")})
+    assert head == 1.0 and stem < blocks[0] and len(blocks) == sum(len(getattr(s, "blocks", s)) for s in model.stages)
 
 
 def test_timm_variants_are_the_rw_family():

@@ -313,13 +313,13 @@ def make_loader(dataset: Dataset, indices: list, batch_size: int, workers: int, 
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: not on biases, norms or the relative-position bias (Eq. 3's
-    tables, or [rw] the MLP that computes it, which timm leaves undecayed too)."""
-    decay, no_decay = [], []
+    """Weight decay on weights only: not on biases, norms or the relative-position bias
+    (``model.no_weight_decay()``, as timm's optimizer factory takes them)."""
+    decay, no_decay, skip = [], [], model.no_weight_decay()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or ".relative_position." in name else decay).append(p)
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 

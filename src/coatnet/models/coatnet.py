@@ -744,6 +744,17 @@ class CoAtNet(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters weight decay leaves out besides biases and norms (timm's optimizer factory
+        asks for them): Eq. 3's relative-position tables, or [rw] the MLP that computes them."""
+        return {name for name, _ in self.named_parameters() if ".relative_position." in name}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in the order of depth, for timm's layer-wise learning-rate decay: the stem,
+        then each stage (``coarse``) or each block, then the head."""
+        block = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(?:blocks\.)?(\d+)"
+        return dict(stem=r"^stem", blocks=[(block, None), (r"^head_norm", (99999,))])
+
     def default_feature_indices(self) -> list[int]:
         """Indices into ``feature_info`` of the last stage at each resolution (S1..S4)."""
         info = self.feature_info
