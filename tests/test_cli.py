@@ -115,5 +115,5 @@ def test_a_world_size_without_torchrun_says_what_it_waits_for(monkeypatch, capsy
     monkeypatch.setattr("coatnet.train.dist.init_process_group", waiting)
     assert main(["train", "--epochs", "1"]) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
-        "note: waiting for the 2 processes of WORLD_SIZE=2 at 127.0.0.1:29555, as the environment says; start them "
-        "with torchrun (or unset WORLD_SIZE for one process)")
+        "note: waiting for the 2 processes of WORLD_SIZE=2 at 127.0.0.1:29555, as the environment says (torchrun "
+        "starts them; unset WORLD_SIZE for one process)")

@@ -246,10 +246,15 @@ def test_undecodable_images_found_by_other_processes_are_counted(tmp_path, monke
         theirs = torch.zeros_like(marks)
         theirs[[1, 4]] = 1
         marks.copy_(torch.maximum(marks, theirs))
+        reduced.append(marks)
 
+    reduced = []
     monkeypatch.setattr("coatnet.train.dist.all_reduce", all_reduce)
     assert skipped_data_files(b, Dist(0, 2, torch.device("cpu"))) == 2
     assert skipped_data_files(b, Dist(0, 1, torch.device("cpu"))) == 1
+    # Data sets held in memory have nothing to count, nor to reduce (NCCL would refuse a CPU tensor).
+    assert skipped_data_files(build_datasets("digits", img_size=8), Dist(0, 2, torch.device("cpu"))) == 0
+    assert len(reduced) == 1
 
 
 def test_an_undecodable_validation_image_is_left_out_of_the_evaluation(tmp_path):

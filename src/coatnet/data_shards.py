@@ -397,8 +397,9 @@ def _hf_cache_dir(root: Path) -> str:
     Hub's tools would take the folder for another revision of the repository."""
     if os.environ.get("COATNET_HF_CACHE"):
         return os.environ["COATNET_HF_CACHE"]
-    in_hub_cache = any(p.parent.name == "snapshots" for p in (root, *root.parents))
     root = root.resolve()
+    in_hub_cache = any(p.parent.name == "snapshots" and p.parent.parent.name.startswith(("datasets--", "models--"))
+                       for p in (root, *root.parents))
     if os.access(root.parent, os.W_OK) and not in_hub_cache:
         return str(root.parent / f".{root.name}-arrow-cache")
     return os.path.join(tempfile.gettempdir(), "coatnet-arrow-cache", root.name)

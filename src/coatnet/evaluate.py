@@ -101,7 +101,7 @@ def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
 def _one_process(args: argparse.Namespace) -> None:
     """Refuse torchrun: each process would do all of the work, and write or print the same results."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"coatnet {args.command} runs in one process: run it without torchrun")
+        raise ValueError(f"coatnet {args.command} runs in one process: run it without torchrun (WORLD_SIZE unset)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -180,7 +180,7 @@ def _check_own_report(out: Path) -> None:
 def images_in(folder: str) -> list[str]:
     """A folder's image files, sorted (not its subfolders'); the others are counted in a warning. A
     link to no file is listed, to be reported as unreadable, not left out without a word."""
-    files = [p for p in Path(folder).iterdir() if not p.is_dir()]
+    files = [p for p in Path(folder).iterdir() if p.is_file() or p.is_symlink() and not p.exists()]
     warn_not_images(folder, [p.name for p in files if not is_image_file(p.name)])
     return sorted(str(p) for p in files if is_image_file(p.name))
 

@@ -106,10 +106,11 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
             with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), \
                     contextlib.redirect_stderr(log):
                 train(config, output_dir=run_dir, resume=resume)
-        except BaseException:
-            # Refused before its first checkpoint (settings training turns down): the folder is left as it
-            # was, not holding a log and a lock that look like a run begun.
-            if created and {p.name for p in run_dir.iterdir()} <= {"train.log", LOCK}:
+        except ValueError:
+            # Refused by training before it began (settings it turns down; nothing logged): the folder is
+            # left as it was, not holding an empty log and a lock that look like a run begun.
+            if created and {p.name for p in run_dir.iterdir()} <= {"train.log", LOCK} and \
+                    not (run_dir / "train.log").stat().st_size:
                 shutil.rmtree(run_dir, ignore_errors=True)  # every process of a torchrun study may try
             raise
     summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun",

@@ -548,7 +548,9 @@ def run_block(block: nn.Module, checkpointing: bool, *args) -> Tensor:
     the backward pass instead of stored. Outputs, gradients and statistics are the same."""
     if not (checkpointing and torch.is_grad_enabled()):
         return block(*args)
-    if torch.compiler.is_compiling():  # the compiled graph writes the buffers once, recomputed or not
+    # The compiled graph writes the buffers once, recomputed or not. (A block Dynamo cannot trace in one
+    # piece, for a forward hook calling .item() in it, runs eagerly without the restore: statistics move twice.)
+    if torch.compiler.is_compiling():
         return checkpoint(block, *args, use_reentrant=False)
     return checkpoint(block, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _keeping_buffers(block)))
