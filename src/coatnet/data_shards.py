@@ -233,8 +233,9 @@ def _index_split(shards: list[str], transform: Callable) -> TarShardDataset:
         raise DataError(f"the shards '{shards[0]}' ... hold no samples; check the data")
     keys, offsets, sizes, labels = zip(*rows)
     shard_ids = np.repeat(np.arange(len(shards), dtype=np.int32), [len(p) for p in per_shard])
+    keys = np.array([k.encode("utf-8", "surrogateescape") for k in keys])  # tar's names, as os.fsencode
     return TarShardDataset(shards, shard_ids, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
-                           np.array([k.encode("utf-8", "surrogateescape") for k in keys]), np.array(labels, dtype=np.int64), transform)
+                           keys, np.array(labels, dtype=np.int64), transform)
 
 
 def _find_shards(data_dir: str, with_train: bool = True) -> tuple[list[str], list[str], Path]:
@@ -299,8 +300,8 @@ def _check_labels(ds: TarShardDataset, num_classes: int, source: str) -> None:
     if len(bad):
         i = bad[0]
         raise DataError(
-            f"sample '{ds.keys[i].decode('utf-8', 'surrogateescape')}' in shard '{ds.shards[ds.shard[i]]}' has label "
-            f"{ds.labels[i]}, outside 0..{num_classes - 1} of {source}; fix the label or the class list"
+            f"sample '{ds.keys[i].decode('utf-8', 'surrogateescape')}' in shard '{ds.shards[ds.shard[i]]}' has "
+            f"label {ds.labels[i]}, outside 0..{num_classes - 1} of {source}; fix the label or the class list"
         )
 
 

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from . import sharding
-from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run, load_checkpoint,
-                         locked_run_dir, refuse_if_in_use, save_checkpoint)
+from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run,
+                         load_checkpoint, locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
 from .data import (DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment, default_preprocessing,
                    mixup_cutmix)
@@ -112,9 +112,10 @@ class TrainConfig:
         check_fields(self, label=flag)
         check_randaugment(self.randaugment)  # a pair: it checks itself, as check_fields leaves tuples
         if self.lr * self.weight_decay >= 1:
-            raise ValueError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW multiplies the weights by "
-                             f"1 - lr x weight-decay = {1 - self.lr * self.weight_decay:.3g} at each step, which zeroes or "
-                             f"flips them; keep lr x weight-decay well below 1 (the paper: 1e-3 x 0.05)")
+            kept = 1 - self.lr * self.weight_decay
+            raise ValueError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW multiplies the "
+                             f"weights by 1 - lr x weight-decay = {kept:.3g} at each step, which zeroes or flips "
+                             f"them; keep lr x weight-decay well below 1 (the paper: 1e-3 x 0.05)")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
         if self.model.startswith("hf-hub:"):
@@ -239,7 +240,8 @@ def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
     owns_group = (world_size > 1 or fsdp) and not dist.is_initialized()
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if owns_group and world_size > 1:
-        if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun starts them all; another launcher may not have
+        # torchrun starts them all; another launcher may not have. Said once, by the first.
+        if "TORCHELASTIC_RUN_ID" not in os.environ and os.environ.get("RANK", "0") == "0":
             print(f"note: waiting for the {world_size} processes of WORLD_SIZE={world_size} at "
                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, as the environment says "
                   f"(torchrun starts them; unset WORLD_SIZE for one process)", file=sys.stderr, flush=True)
