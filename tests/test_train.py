@@ -576,3 +576,25 @@ def test_cuda_without_an_index_is_each_processs_own_gpu(monkeypatch, device, loc
     monkeypatch.setenv("LOCAL_RANK", "2")  # a third process on a machine of two GPUs
     with pytest.raises(ValueError, match=r"--device cuda \(LOCAL_RANK 2\): this machine has 2 CUDA device"):
         train.setup_distributed("cuda")
+
+
+def test_the_paper_recipes_hold_table_10():
+    """FACTS.md's Table 10 values. RandAugment's magnitude 15 is on TensorFlow's scale (15/10 of each
+    operation's range); torchvision's scale stops at the range, so the recipes take all of it (the
+    full rotation of 30 degrees, shear of 0.3 and colour factor of 1 +- 0.9), as timm's rand-m15 does
+    (it clips at 10), not torchvision's 15, which is half of it: the paper's magnitude 5."""
+    from torchvision.transforms import v2
+
+    from coatnet.train import RECIPES
+
+    pre, fine = RECIPES["imagenet1k-pretrain"], RECIPES["imagenet1k-finetune"]
+    assert (pre.img_size, pre.epochs, pre.batch_size, pre.lr, pre.min_lr, pre.warmup_steps, pre.weight_decay,
+            pre.clip_grad, pre.label_smoothing, pre.mixup, pre.ema, pre.drop_path) == \
+        (224, 300, 4096, 1e-3, 1e-5, 10_000, 0.05, 1.0, 0.1, 0.8, 0.0, None)  # None: the model's 0.2/0.3/0.5/0.7
+    assert (fine.img_size, fine.epochs, fine.batch_size, fine.lr, fine.weight_decay, fine.ema) == \
+        (384, 30, 512, 5e-5, 1e-8, 0.9999)
+    space = v2.RandAugment._AUGMENTATION_SPACE
+    for recipe in (pre, fine):
+        layers, magnitude = recipe.randaugment
+        ranges = {op: float(space[op][0](31, 224, 224)[magnitude]) for op in ("Rotate", "ShearX", "Brightness")}
+        assert layers == 2 and ranges == pytest.approx(dict(Rotate=30.0, ShearX=0.3, Brightness=0.9))

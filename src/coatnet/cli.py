@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
-    p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M", help="RandAugment layers,magnitude")
+    p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M",
+                   help="RandAugment layers,magnitude (torchvision's scale, 0..30)")
     p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off, else 0.01 or more)")
     p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off, else 0.01 or more)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (0: off)")

@@ -133,16 +133,20 @@ class TrainConfig:
 
 # The paper's recipe (Table 10), ImageNet-1K pre-training and fine-tuning, with CoAtNet-0..3.
 # Stochastic depth is left to the model (Table 10: 0.2 / 0.3 / 0.5 / 0.7 for CoAtNet-0..3).
+# RandAugment's magnitude 15 is on TensorFlow's scale, where M is M/10 of each operation's range (15: 1.5
+# times it). torchvision's magnitude M is M/30 of the same range and stops at it: 30, the strongest it has,
+# is what timm's rand-m15 gives too (it clips M at 10); torchvision's 15 would be the paper's 5.
+PAPER_RANDAUGMENT = (2, 30)
 RECIPES: dict[str, TrainConfig] = {
     "digits": TrainConfig(),
     "imagenet1k-pretrain": replace(TrainConfig(), model="coatnet_0", data="imagefolder", img_size=224, epochs=300,
                                    batch_size=4096, lr=1e-3, min_lr=1e-5, warmup_steps=10_000, weight_decay=0.05,
-                                   drop_path=None, clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15),
-                                   mixup=0.8, ema=0.0, workers=8),
+                                   drop_path=None, clip_grad=1.0, label_smoothing=0.1,
+                                   randaugment=PAPER_RANDAUGMENT, mixup=0.8, ema=0.0, workers=8),
     "imagenet1k-finetune": replace(TrainConfig(), model="coatnet_0", data="imagefolder", img_size=384, epochs=30,
                                    batch_size=512, lr=5e-5, min_lr=1e-5, warmup_steps=0, weight_decay=1e-8,
-                                   drop_path=None, clip_grad=1.0, label_smoothing=0.1, randaugment=(2, 15),
-                                   mixup=0.8, ema=0.9999, workers=8),
+                                   drop_path=None, clip_grad=1.0, label_smoothing=0.1,
+                                   randaugment=PAPER_RANDAUGMENT, mixup=0.8, ema=0.9999, workers=8),
     # Fine-tuning timm's ImageNet weights on a folder of your own photos, on one machine: Table 10's
     # fine-tuning row (no warm-up, weight decay 1e-8, label smoothing, RandAugment) adapted to a few
     # hundred images: batch 32, 10 epochs, a rate high enough for the new head; no EMA and no Mixup,
