@@ -115,6 +115,20 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return decode_image(p, f"'{p}'")
 
 
+# Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError, "image file is
+# truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _unreadable(e: Exception) -> str:
+    """Why PIL could not open or decode an image, and what to do."""
+    if isinstance(e, Image.DecompressionBombError):  # a real image, over PIL's limit against decompression bombs
+        return f"{_one_line(e)}; downscale it"
+    # PIL names a file object it cannot identify by its repr (<_io.BytesIO object at 0x...>)
+    reason = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else _one_line(e)
+    return f"not an image file or corrupt ({reason}); give a JPEG/PNG/... file"
+
+
 def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
     """Fully decode an image (a file, or a file object of its bytes) to RGB, turned as its EXIF
     orientation says it is shown; a failure is a one-line :class:`DataError` naming ``where``."""
@@ -138,20 +152,6 @@ def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
         raise
     except _PIL_ERRORS as e:
         raise DataError(f"cannot read image {where}: {_unreadable(e)}") from None
-
-
-# Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError, "image file is
-# truncated"), SyntaxError / ValueError from some plugins, decompression bombs.
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def _unreadable(e: Exception) -> str:
-    """Why PIL could not open or decode an image, and what to do."""
-    if isinstance(e, Image.DecompressionBombError):  # a real image, over PIL's limit against decompression bombs
-        return f"{_one_line(e)}; downscale it"
-    # PIL names a file object it cannot identify by its repr (<_io.BytesIO object at 0x...>)
-    reason = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else _one_line(e)
-    return f"not an image file or corrupt ({reason}); give a JPEG/PNG/... file"
 
 
 def _header_problem(path: str) -> str | None:
