@@ -427,6 +427,28 @@ def test_a_photo_stored_turned_is_read_as_it_is_shown(tmp_path, format):
     assert shown[:20].min() > 200 and shown[28:].max() < 50
 
 
+@pytest.mark.parametrize("kind", ["P", "RGBA", "LA", "CMYK", "16-bit", "turned"])
+def test_data_transforms_prepare_an_opened_image_as_predict_reads_its_file(tmp_path, kind):
+    """`coatnet.data_transforms(model)(Image.open(f))`, as the README shows it, gives what `predict` gives
+    for the file: a palette's colours (before: its indices, as grey), alpha dropped and CMYK converted
+    (before: a traceback), 16 bits scaled, a phone's photo upright (before: as stored)."""
+    import coatnet
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    path = tmp_path / ("photo.jpg" if kind in ("CMYK", "turned") else "photo.png")
+    if kind == "16-bit":
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(path)
+    elif kind == "turned":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(rgb).save(path, exif=exif)
+    else:
+        Image.fromarray(rgb).convert(kind).save(path)
+    model = coatnet.create_model("coatnet_pico", num_classes=3)
+    torch.testing.assert_close(coatnet.data_transforms(model)(Image.open(path)),
+                               _eval_transform(32, model.pretrained_cfg)(load_image(path)), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("pixels,kind", [(np.linspace(0, 1, 64, dtype=np.float32), "float"),
                                           (np.linspace(0, 2**31 - 1, 64).astype(np.int32), "32-bit integer")])
 def test_load_image_without_a_range_is_refused(tmp_path, pixels, kind):
@@ -784,6 +806,28 @@ def test_under_torchrun_only_the_first_process_warns_of_what_the_folder_holds(tm
             start_run(cfg, Dist(rank, 2, torch.device("cpu")), tmp_path / "run")
         messages = [str(w.message) for w in caught]
         assert len(messages) == (rank == 0) and all("not read, not named as images" in m for m in messages), messages
+
+
+def test_a_run_whose_data_moved_resumes_from_its_new_place(tmp_path, capsys):
+    """The run's folder gone (renamed, mounted elsewhere): --data-dir at its new place resumes, its
+    classes checked (before: refused both without --data-dir, "does not exist", and with it, "differs").
+    Another folder while the run's is still there is still refused."""
+    from coatnet.cli import main
+
+    make_tree(tmp_path / "imgs", per_class=4)
+    common = ["train", "--data", "imagefolder", "--model", "coatnet_pico", "--img-size", "16", "--batch-size", "4",
+              "--output-dir", str(tmp_path / "run")]
+    assert main([*common, "--data-dir", str(tmp_path / "imgs"), "--epochs", "1"]) == 0
+    shutil.copytree(tmp_path / "imgs", tmp_path / "copy")
+    assert main([*common, "--resume", "--data-dir", str(tmp_path / "copy"), "--epochs", "2"]) == 2
+    assert "differs from the resumed run's" in capsys.readouterr().err
+    (tmp_path / "imgs").rename(tmp_path / "moved")
+    assert main([*common, "--resume", "--epochs", "2"]) == 2
+    assert f"the run's data directory {tmp_path / 'imgs'} does not exist; if it moved, give its new place with " \
+           f"--data-dir" in capsys.readouterr().err
+    assert main([*common, "--resume", "--data-dir", str(tmp_path / "moved"), "--epochs", "2"]) == 0
+    recorded = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert recorded["data_dir"] == str(tmp_path / "moved") and recorded["epoch"] == 2
 
 
 def test_a_data_dir_given_again_on_resume_is_recorded_absolute(tmp_path, monkeypatch):

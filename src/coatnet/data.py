@@ -23,19 +23,19 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from .models.preprocessing import PretrainedCfg, augment, eval_transform, normalize, train_transform
+from .models.preprocessing import (PixelRangeError, PretrainedCfg, as_shown, augment, eval_transform, normalize,
+                                   train_transform)
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "webdataset", "hf")
 
 _MIN_IMG_SIZE = 8
-EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a stored image is turned for showing
 
 
 class DataError(ValueError):
@@ -130,26 +130,13 @@ def _unreadable(e: Exception) -> str:
 
 
 def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
-    """Fully decode an image (a file, or a file object of its bytes) to RGB, turned as its EXIF
-    orientation says it is shown; a failure is a one-line :class:`DataError` naming ``where``."""
+    """Fully decode an image (a file, or a file object of its bytes) to RGB, :func:`as_shown`; a
+    failure is a one-line :class:`DataError` naming ``where``."""
     try:
         with Image.open(source) as im:
-            if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a photo stored turned: as it is shown, upright
-                im = ImageOps.exif_transpose(im)
-            if im.mode == "F" or im.mode.startswith("I"):  # one channel of 16/32-bit integers or floats
-                wide = np.asarray(im, dtype=np.float64)
-                # 32-bit integers beyond 16 bits, or floats, have no range to scale from: convert("RGB")
-                # would clip them to white, or make 0..1 floats black. Refused, not guessed.
-                if im.mode == "F" or wide.min() < 0 or wide.max() > 65535:
-                    raise DataError(f"cannot read image {where}: its {'float' if im.mode == 'F' else '32-bit integer'} "
-                                    f"pixels have no range to scale from; save it as an 8- or 16-bit image")
-                # 16 bits, e.g. a 16-bit PNG ("I;16"): 0..65535 scaled to 0..255 (convert() would clip).
-                return Image.fromarray(np.rint(wide / 257).astype(np.uint8)).convert("RGB")
-            # convert() forces the full decode (so a truncated file fails here, not later in a
-            # transform) and returns a copy that no longer needs the open file handle.
-            return im.convert("RGB")
-    except DataError:
-        raise
+            return as_shown(im)  # decoded in full here, so a truncated file fails now, not in a transform
+    except PixelRangeError as e:
+        raise DataError(f"cannot read image {where}: {e}") from None
     except _PIL_ERRORS as e:
         raise DataError(f"cannot read image {where}: {_unreadable(e)}") from None
 

@@ -602,6 +602,9 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
             raise ValueError(f"{flag} {getattr(cfg, name)} differs from the resumed run's {saved.get(name)}: a resumed "
                              f"run keeps its data, batch size, seed and image size; drop {flag} to resume it, or "
                              f"start a new run from its weights with --pretrained {ckpt.path}")
+    if ckpt and cfg.data_dir and not os.path.exists(cfg.data_dir):
+        raise ValueError(f"the run's data directory {cfg.data_dir} does not exist; if it moved, give its new place "
+                         f"with --data-dir")
     # Given no --img-size, a resumed run takes its train_config's: it must be its model's.
     if ckpt and list(ckpt.meta["config"].get("img_size") or ()) not in ([cfg.img_size] * 2, []):
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds a model at {ckpt.meta['config']['img_size']} px "
@@ -636,11 +639,12 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
 
 def same_setting(name: str, given, saved) -> bool:
     """Whether ``given`` is the resumed run's ``saved`` setting: the same data set, whatever its case;
-    the same folder, however it is written."""
+    the same folder, however it is written, or where it moved (the run's is gone: another mount, a
+    rename), whose classes are then checked against the run's."""
     if name == "data":
         return str(given).lower() == str(saved).lower()
     if name == "data_dir" and given is not None and saved is not None and os.path.exists(given):
-        return os.path.exists(saved) and os.path.samefile(given, saved)
+        return not os.path.exists(saved) or os.path.samefile(given, saved)
     return given == saved
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import v2
 
@@ -143,12 +145,40 @@ def normalize(cfg: PretrainedCfg, in_chans: int = 3) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
 
 
-def _colour(in_chans: int) -> v2.Transform:
-    """Any image (grey, RGB, RGBA, palette) to the model's channels: RGB, or grey for a 1-channel model."""
-    if in_chans not in (1, 3):
-        raise ValueError(f"images are prepared for models of 1 or 3 input channels, not {in_chans}; "
-                         f"prepare {in_chans}-channel inputs with your own transform")
-    return v2.RGB() if in_chans == 3 else v2.Grayscale(1)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a stored image is turned for showing
+
+
+class PixelRangeError(ValueError):
+    """Pixels of 32 bits or floats: no range to scale them to 8 bits from."""
+
+
+def as_shown(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """A PIL image as a viewer shows it, in ``mode`` ("RGB" or "L"), decoded: turned upright as its
+    EXIF orientation says (a phone's photo is stored turned), 16-bit pixels scaled to 8 bits (convert()
+    would clip them to white), palette, alpha (dropped, as timm does) and CMYK converted."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "F" or image.mode.startswith("I"):  # one channel of 16/32-bit integers or floats
+        wide = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" or wide.min() < 0 or wide.max() > 65535:  # refused, not guessed
+            raise PixelRangeError(f"its {'float' if image.mode == 'F' else '32-bit integer'} pixels have no range "
+                                  f"to scale from; save it as an 8- or 16-bit image")
+        image = Image.fromarray(np.rint(wide / 257).astype(np.uint8))
+    return image.convert(mode)  # a copy, decoded in full, that needs no open file
+
+
+class _Colour:
+    """Any image to the model's channels, RGB or grey: a PIL image :func:`as_shown`, a tensor as it is
+    (grey or RGB, which torchvision converts)."""
+
+    def __init__(self, in_chans: int):
+        if in_chans not in (1, 3):
+            raise ValueError(f"images are prepared for models of 1 or 3 input channels, not {in_chans}; "
+                             f"prepare {in_chans}-channel inputs with your own transform")
+        self.mode, self.tensor = ("RGB", v2.RGB()) if in_chans == 3 else ("L", v2.Grayscale(1))
+
+    def __call__(self, image):
+        return as_shown(image, self.mode) if isinstance(image, Image.Image) else self.tensor(image)
 
 
 def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans: int = 3) -> v2.Compose:
@@ -164,7 +194,7 @@ def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans
         resize = v2.Resize(scaled[0], interpolation=_interpolation(cfg), antialias=True)
     else:
         resize = ResizeToCover(scaled, _interpolation(cfg))
-    return v2.Compose([v2.ToImage(), _colour(in_chans), resize, v2.CenterCrop((height, width)),
+    return v2.Compose([_Colour(in_chans), v2.ToImage(), resize, v2.CenterCrop((height, width)),
                        *normalize(cfg, in_chans)])
 
 
@@ -189,7 +219,7 @@ def train_transform(img_size: int, cfg: PretrainedCfg, hflip: bool = True,
                     randaugment: tuple[int, int] | None = None, in_chans: int = 3) -> v2.Compose:
     """The training transform of ImageNet-style data: random resized crop, flip, RandAugment (Table 10)."""
     crop = v2.RandomResizedCrop(img_size, interpolation=_interpolation(cfg), antialias=True)
-    return v2.Compose([v2.ToImage(), _colour(in_chans), crop, *augment(hflip, randaugment), *normalize(cfg, in_chans)])
+    return v2.Compose([_Colour(in_chans), v2.ToImage(), crop, *augment(hflip, randaugment), *normalize(cfg, in_chans)])
 
 
 def augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transform]:
