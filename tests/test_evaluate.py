@@ -16,6 +16,7 @@ import coatnet.plots
 from coatnet.cli import main
 from coatnet.evaluate import evaluate
 from coatnet.plots import plot_confusion, plot_curves
+from test_data import make_tree
 
 PNG = b"\x89PNG"
 
@@ -133,6 +134,11 @@ def test_eval_bad_input(run_dir, tmp_path, capsys):
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--img-size", "20"], "multiple")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data", "cifar10", "--data-dir",
                             str(tmp_path / "nothing")], "nothing")
+    make_tree(tmp_path / "pets")
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data", "imagefolder", "--data-dir",
+                            str(tmp_path / "pets")], "the checkpoint's 10 classes differ from imagefolder's 3 classes "
+                                                     "(only the checkpoint's: ['0', '1', '2', '3', '4'], only the data's: "
+                                                     "['bird', 'cat', 'dog'])")
     # Files of the user's where the report goes are kept; an evaluation's own are replaced.
     for name, content in (("eval.json", b'{"mine": 1}'), ("confusion_matrix.png", b"my plot")):
         mine = tmp_path / f"mine-{name}"
@@ -197,9 +203,11 @@ def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
     (photos / ".DS_Store").write_bytes(b"")
     (photos / "sub").mkdir()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "sorted" / "cats").mkdir(parents=True)
     capsys.readouterr()
     with pytest.warns(UserWarning) as warned:
-        assert main(["predict", "--checkpoint", str(run_dir), str(photos), str(tmp_path / "empty"), "--json"]) == 1
+        assert main(["predict", "--checkpoint", str(run_dir), str(photos), str(tmp_path / "empty"),
+                     str(tmp_path / "sorted"), "--json"]) == 1
     assert [str(w.message) for w in warned] == [f"2 files in '{photos}' not read, not named as images (.gif x1, .txt "
                                                 f"x1); images must end in one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, "
                                                 f".tif, .tiff, .webp"]
@@ -207,6 +215,9 @@ def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
     assert [r["image"] for r in output["predictions"]] == sorted(map(str, files))
     assert [e["message"] for e in output["errors"]] == [f"'{tmp_path / 'empty'}' is a folder without image files "
                                                         f"(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)",
+                                                        f"'{tmp_path / 'sorted'}' is a folder without image files "
+                                                        f"(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp) "
+                                                        f"(its subfolders are not searched)",
                                                         f"cannot read image '{photos / 'gone.png'}': no such file; "
                                                         f"check the path"]
 

@@ -336,11 +336,16 @@ def test_weights_of_the_wrong_model_name_the_keys(tmp_path, capsys):
      "does not hold timm CoAtNet weights"),
     (["convert-timm", "{timm}", "--model", "coatnet_0", "--output", "{tmp}/o"],
      "'coatnet_0' is not one of timm's CoAtNet variants"),
+    # weights beside a run's checkpoints would stand for its `last` in every command
+    (["convert-timm", "{timm}", "--output", "{tmp}/run", "--overwrite"],
+     "holds a training run, whose checkpoints these weights would hide; give a new or empty folder"),
 ])
 def test_convert_timm_bad_input_is_one_line_exit_2(pico, tmp_path, capsys, argv, message):
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "timm.safetensors"
     save_file(pico.state_dict(), str(ours))
     save_file({"stem.conv1.weight": torch.zeros(32, 3, 3, 3)}, str(theirs))
+    (tmp_path / "run" / "ckpt-00000011").mkdir(parents=True)
+    (tmp_path / "run" / "last").symlink_to("ckpt-00000011")
     assert main([a.format(tmp=tmp_path, ours=ours, timm=theirs) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("coatnet convert-timm: error: ") and message in err

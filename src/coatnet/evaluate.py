@@ -128,8 +128,11 @@ def run_eval(args: argparse.Namespace) -> int:
         # model's classes, which may go further.
         data = dataclasses.replace(data, classes=tuple(classes))
     if model.pretrained_cfg.label_names and list(data.classes) != classes:
+        theirs, new = sorted(set(classes) - set(data.classes)), sorted(set(data.classes) - set(classes))
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
-                         f"classes; evaluate on the data set it was trained on")
+                         f"classes (" + (f"only the checkpoint's: {theirs[:5]}, only the data's: {new[:5]}"
+                                         if theirs or new else "the same names in another order")
+                         + "); evaluate on the data set it was trained on")
     if data.num_classes != len(classes):  # a checkpoint that records no class names
         raise ValueError(f"the model has {len(classes)} outputs but {data_name} has {data.num_classes} classes; "
                          f"evaluate on the data set it was trained on")
@@ -204,8 +207,9 @@ def run_predict(args: argparse.Namespace) -> int:
         found = images_in(path) if os.path.isdir(path) else [path]
         images += found
         if not found:
+            searched = " (its subfolders are not searched)" if any(p.is_dir() for p in Path(path).iterdir()) else ""
             errors.append(dict(image=printable(path), message=f"'{printable(path)}' is a folder without image "
-                                                              f"files ({', '.join(IMG_EXTENSIONS)})"))
+                                                              f"files ({', '.join(IMG_EXTENSIONS)}){searched}"))
     # Decoded and run --batch-size images at a time, so memory does not grow with the number of files;
     # the results print once every file is done, in one piece.
     for start in range(0, len(images), args.batch_size):

@@ -442,7 +442,9 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
         with locked_run_dir(run_dir) if d.main else nullcontext():
             run = start_run(config, d, run_dir, ckpt)
             if run.state.epoch >= config.epochs:
-                _log(d, f"{run_dir} has trained {run.state.epoch} of {config.epochs} epochs: nothing left to do "
+                done = (f"{run.state.epoch} of {config.epochs} epochs" if run.state.epoch == config.epochs else
+                        f"{run.state.epoch} epochs, more than --epochs {config.epochs}")
+                _log(d, f"{run_dir} has trained {done}: nothing left to do "
                         f"(pass --epochs N with more epochs to extend it)")
                 report = _broadcast(_report_to_write(run, ckpt), d)  # the first process decides for all
                 if report == "none":  # the run's own, left as it is
