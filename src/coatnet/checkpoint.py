@@ -85,10 +85,13 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
         tmp.mkdir(parents=True)
         write_model_folder(tmp, meta, model, ema_model)
         if train_state is not None:
-            try:
-                torch.save(train_state, tmp / TRAIN_STATE)
-            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as "unexpected pos"
-                raise OSError(f"writing {TRAIN_STATE} failed: {' '.join(str(e).split())[:200]}") from None
+            # A file of ours, closed however the write ends: torch's own, left open by a failed write until
+            # its exception is collected, would hold a full disk's space after the copy is deleted.
+            with open(tmp / TRAIN_STATE, "wb") as f:
+                try:
+                    torch.save(train_state, f)
+                except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
+                    raise OSError(f"writing {TRAIN_STATE} failed: {' '.join(str(e).split())[:200]}") from None
         if shards is not None:
             os.replace(shards, tmp / OPTIMIZER_SHARDS)  # DCP wrote and synced its files
         for f in tmp.iterdir():
