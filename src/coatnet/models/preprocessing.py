@@ -178,7 +178,11 @@ class _Colour:
         self.mode, self.tensor = ("RGB", v2.RGB()) if in_chans == 3 else ("L", v2.Grayscale(1))
 
     def __call__(self, image):
-        return as_shown(image, self.mode) if isinstance(image, Image.Image) else self.tensor(image)
+        if not isinstance(image, Image.Image):
+            return self.tensor(image)
+        # One already as shown (a data set's, decoded by coatnet) passes as it is: no second copy per sample.
+        shown = image.mode == self.mode and image.getexif().get(EXIF_ORIENTATION, 1) == 1
+        return image if shown else as_shown(image, self.mode)
 
 
 def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans: int = 3) -> v2.Compose:
