@@ -7,15 +7,18 @@
 #   bench-*  `coatnet bench --compare timm`: bfloat16 with compiled rows, float32, float32 compiled,
 #            TF32 compiled
 #   profile, profile-compiled  where the GPU's time goes, ours beside timm's (benchmarks/gpu_profile.py)
+#   modes    the bfloat16 training step with activation checkpointing, eager and compiled, and
+#            compiled inference with CUDA graphs (gpu_profile.py's ckpt and cudagraphs variants)
 # Usage, from the repository's root: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...] (default: all)
-# On an H100 fsdp took about 2.5 minutes; on an H200 parity 1, bench-bf16 2, bench-fp32 0.5,
-# bench-fp32-compiled and bench-tf32-compiled 1.5 each, profile 1 and profile-compiled 2: about 12 in all.
+# On an H100 fsdp took about 2.5 minutes; on an H200 parity 1-2, modes 4, bench-bf16 2, bench-fp32 0.5,
+# bench-fp32-compiled and bench-tf32-compiled 1.5 each (2 at batch 128), profile 1 and
+# profile-compiled 2: about 16 in all, more than one lease: name the stages you need.
 # The machine's python3 needs torch, torchvision, timm, safetensors, huggingface_hub, scikit-learn,
 # tqdm and matplotlib; the package itself is taken from src/.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...]}
 shift
-all_stages="fsdp parity bench-bf16 bench-fp32 bench-fp32-compiled bench-tf32-compiled profile profile-compiled"
+all_stages="fsdp parity modes bench-bf16 bench-fp32 bench-fp32-compiled bench-tf32-compiled profile profile-compiled"
 stages=${*:-$all_stages}
 for s in $stages; do
   [[ " $all_stages " == *" $s "* ]] || { echo "unknown stage '$s'; the stages: $all_stages" >&2; exit 2; }
@@ -24,6 +27,9 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 batch=${BENCH_BATCH:-128}
+# float32 compiled at half the batch by default: at 128 the nine processes need more than 80 GiB
+# together (an H100's); on an H200, COMPILED_BATCH=128
+compiled_batch=${COMPILED_BATCH:-$((batch / 2))}
 
 stage() {  # NAME SECONDS COMMAND...: the command's output and exit status in $out/NAME.txt
   local name=$1 limit=$2; shift 2
@@ -41,11 +47,13 @@ failed=
 } > "$out/env.txt" 2>&1
 stage fsdp 330 $py benchmarks/gpu_fsdp.py --model "${FSDP_MODEL:-coatnet_5}" --img-size 224 --batch-size 128
 stage parity 120 $py benchmarks/gpu_parity.py cuda
+stage modes 330 $py benchmarks/gpu_profile.py coatnet-bfloat16-inference-compiled \
+  coatnet-bfloat16-inference-compiled-cudagraphs coatnet-bfloat16-train coatnet-bfloat16-train-ckpt \
+  coatnet-bfloat16-train-compiled coatnet-bfloat16-train-compiled-ckpt
 stage bench-bf16 240 $py -m coatnet bench --compare timm --device cuda --dtype bfloat16 --compile --batch-size "$batch" --repeats 20
 stage bench-fp32 120 $py -m coatnet bench --compare timm --device cuda --batch-size "$batch" --repeats 20
-# float32 compiled at half the batch: at 128 the nine processes need more than 80 GiB together
-stage bench-fp32-compiled 240 $py -m coatnet bench --compare timm --device cuda --compile --batch-size $((batch / 2)) --repeats 20
-stage bench-tf32-compiled 240 $py -m coatnet bench --compare timm --device cuda --dtype tf32 --compile --batch-size $((batch / 2)) --repeats 20
+stage bench-fp32-compiled 240 $py -m coatnet bench --compare timm --device cuda --compile --batch-size "$compiled_batch" --repeats 20
+stage bench-tf32-compiled 240 $py -m coatnet bench --compare timm --device cuda --dtype tf32 --compile --batch-size "$compiled_batch" --repeats 20
 stage profile 150 $py benchmarks/gpu_profile.py coatnet-bfloat16-inference timm-bfloat16-inference \
   coatnet-bfloat16-train timm-bfloat16-train coatnet-float32-inference coatnet-bfloat16-inference-folded \
   coatnet-float32-inference-folded

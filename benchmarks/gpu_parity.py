@@ -1,6 +1,7 @@
 """Our CoAtNet-0 on a GPU against a float64 reference on the CPU: logits of every inference path
 (float32, bfloat16 autocast, a bfloat16 model, compile_for_inference) and the gradients of a
-training step. Prints one line per path: relative error ||out - ref|| / ||ref|| and top-1 agreement.
+training step, eager and compiled with activation checkpointing. Prints one line per path:
+relative error ||out - ref|| / ||ref|| and top-1 agreement.
 
 Run by benchmarks/gpu_check.sh; ``python benchmarks/gpu_parity.py [DEVICE]`` (default cuda)."""
 
@@ -46,6 +47,7 @@ def main(device: str) -> None:
     bf16.load_state_dict(model.state_dict())
     check("model.to(bfloat16)", bf16.to(device, torch.bfloat16).eval(), dtype=torch.bfloat16)
 
+    start = copy.deepcopy(model.state_dict())
     model.train()
     for autocast in (False, True):
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
@@ -55,6 +57,22 @@ def main(device: str) -> None:
         rows.append((f"training step gradients, {'bfloat16 autocast' if autocast else 'float32'}",
                      rel(grad, ref_grad), float("nan")))
         model.zero_grad(set_to_none=True)
+
+    # --grad-checkpointing with --compile: the compiled recomputation gives the reference's
+    # gradients and moves BatchNorm's statistics once, as an eager step does.
+    eager, checkpointed = (coatnet.create_model("coatnet_0", drop_path_rate=0.0).to(device) for _ in range(2))
+    for m in (eager, checkpointed):
+        m.load_state_dict(start)
+    checkpointed.set_grad_checkpointing(True)
+    for m, forward in ((eager, eager), (checkpointed, torch.compile(checkpointed))):
+        F.cross_entropy(forward(xd), target.to(device)).backward()
+    grad = torch.cat([p.grad.flatten() for p in checkpointed.parameters()])
+    rows.append(("training step gradients, compiled + checkpointing", rel(grad, ref_grad), float("nan")))
+
+    def statistics(m):
+        return torch.cat([b.flatten().double().cpu() for n, b in m.named_buffers() if "running" in n])
+    rows.append(("  BatchNorm statistics after it, against eager", rel(statistics(checkpointed), statistics(eager)),
+                 float("nan")))
 
     print(f"coatnet_0 on {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
           f"torch {torch.__version__}; reference: float64 on the CPU")

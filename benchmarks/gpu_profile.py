@@ -9,11 +9,17 @@ built as ``coatnet bench`` builds it (``bench._prepare``) and timed back to back
   ``notf32``   cuDNN's convolutions in float32 too (``torch.backends.cudnn.allow_tf32 = False``)
   ``folded``   ours with BatchNorm folded into the convolutions at eager inference, as on the CPU
                (on a GPU the plain layers run: README, Performance)
+  ``ckpt``     the training step with activation checkpointing (``set_grad_checkpointing``, as
+               ``coatnet train --grad-checkpointing``): its cost in time, its saving in memory
+  ``cudagraphs`` compiled with ``mode="reduce-overhead"`` (CUDA graphs: one launch per graph
+               instead of one per kernel) instead of the default mode
+Variants combine: ``coatnet-bfloat16-train-compiled-ckpt``.
 The script exits 1 if a case failed (each is reported and the others still run).
 
 Run by benchmarks/gpu_check.sh (stage ``profile``); ``python benchmarks/gpu_profile.py CASE...``.
 """
 
+import functools
 import re
 import statistics
 import sys
@@ -27,7 +33,7 @@ from coatnet import bench
 from coatnet.models import fast_path
 
 IMPLEMENTATIONS, DTYPES, MODES = ("coatnet", "timm"), ("float32", "bfloat16"), ("inference", "train")
-VARIANTS = ("", "tf32", "notf32", "folded")
+VARIANTS = ("tf32", "notf32", "folded", "ckpt", "cudagraphs")
 
 KINDS = [  # first match wins; kernel names of cuBLAS, cuDNN, CUTLASS, PyTorch and Inductor
     ("matmul / conv", r"^triton_tem"),  # Inductor's matmul templates
@@ -41,6 +47,10 @@ KINDS = [  # first match wins; kernel names of cuBLAS, cuDNN, CUTLASS, PyTorch a
     ("optimizer", r"multi_tensor|adam|foreach"),
     ("elementwise", r"elementwise|vectorized|unrolled|gelu|sigmoid|mul|add"),
 ]
+
+
+plain_forward, plain_build, plain_compile = fast_path.ConvBNAct.forward, bench.build, torch.compile
+plain_compile_for_inference = bench.compile_for_inference
 
 
 def kind(name: str) -> str:
@@ -57,20 +67,43 @@ def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
     return act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
-def parse(case: str) -> tuple[str, str, str, bool, str]:
+def parse(case: str) -> tuple[str, str, str, bool, set[str]]:
     impl, dtype, mode, *rest = case.split("-")
     compiled = "compiled" in rest
-    variant = "-".join(r for r in rest if r != "compiled")
-    if impl not in IMPLEMENTATIONS or dtype not in DTYPES or mode not in MODES or variant not in VARIANTS:
-        raise ValueError(f"unknown case {case!r}: IMPL-DTYPE-MODE[-compiled][-VARIANT] with IMPL in {IMPLEMENTATIONS}, "
-                         f"DTYPE in {DTYPES}, MODE in {MODES}, VARIANT in {VARIANTS[1:]}")
-    return impl, dtype, mode, compiled, variant
+    variants = set(rest) - {"compiled"}
+    if impl not in IMPLEMENTATIONS or dtype not in DTYPES or mode not in MODES or not variants <= set(VARIANTS):
+        raise ValueError(f"unknown case {case!r}: IMPL-DTYPE-MODE[-compiled][-VARIANT...] with IMPL in {IMPLEMENTATIONS}, "
+                         f"DTYPE in {DTYPES}, MODE in {MODES}, VARIANT in {VARIANTS}")
+    return impl, dtype, mode, compiled, variants
+
+
+def with_variants(variants: set[str]) -> None:
+    """Point ``bench._prepare``'s building blocks at the case's variants."""
+    fast_path.ConvBNAct.forward = folded_forward if "folded" in variants else plain_forward
+
+    def build(*args, **kwargs):
+        model = plain_build(*args, **kwargs)
+        model.set_grad_checkpointing("ckpt" in variants)
+        return model
+    bench.build = build
+    cudagraphs = "cudagraphs" in variants
+    bench.torch.compile = functools.partial(plain_compile, mode="reduce-overhead" if cudagraphs else None)
+
+    def compile_for_inference(model):  # coatnet.compile_for_inference with CUDA graphs
+        compiled = plain_compile(model.eval(), mode="reduce-overhead")
+
+        def serve(x):
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(x)
+        return serve
+    bench.compile_for_inference = compile_for_inference if cudagraphs else plain_compile_for_inference
 
 
 def profile(case: str) -> None:
-    impl, dtype, mode, compiled, variant = parse(case)
-    torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
-    torch.backends.cudnn.allow_tf32 = variant != "notf32"
+    impl, dtype, mode, compiled, variants = parse(case)
+    with_variants(variants)
+    torch.backends.cuda.matmul.allow_tf32 = "tf32" in variants
+    torch.backends.cudnn.allow_tf32 = "notf32" not in variants
     batch = 64 if compiled and dtype == "float32" else 128
     job = bench.Job(impl, "coatnet_0", mode, compiled, 224, batch, None, "cuda", dtype)
     device = torch.device("cuda")
@@ -94,7 +127,10 @@ def profile(case: str) -> None:
         for _ in range(calls):
             run()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # Not the ranges that record_function marks on the GPU's timeline too (Inductor's "## Call
+    # CompiledFxGraph ... ##", "Optimizer.step#AdamW.step"): they span kernels counted on their own.
+    kernels = [e for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     busy = max(sum(e.self_device_time_total for e in kernels) / calls / 1e3, 1e-9)  # ms per call
     launches = sum(e.count for e in kernels) / calls
     print(f"\n## {case}: batch {batch}, {batch / wall:,.0f} images/s (median of 20, {min(times) * 1e3:.2f}.."
@@ -120,9 +156,7 @@ if __name__ == "__main__":
     cases = [(case, parse(case)) for case in sys.argv[1:]]  # a misspelt case fails before anything runs
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     failed = []
-    plain_forward = fast_path.ConvBNAct.forward
-    for case, (*_, variant) in cases:
-        fast_path.ConvBNAct.forward = folded_forward if variant == "folded" else plain_forward
+    for case, _ in cases:
         try:
             profile(case)
         except Exception as error:  # one case failing must not lose the others
