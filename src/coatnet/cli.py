@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: as the run evaluated, as `coatnet eval` does)")
     _preprocessing_flags(p)
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_predict")(args))
 

@@ -98,6 +98,11 @@ def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
         print(f"coatnet {args.command}: using {ckpt.path} -> {ckpt.path.resolve().name}", file=sys.stderr)
 
 
+def _amp(args: argparse.Namespace, ckpt: ModelFolder) -> bool:
+    """bfloat16 autocast or not: the flag, else as the run evaluated each epoch (and chose ``best``)."""
+    return args.amp if args.amp is not None else bool((ckpt.meta.get("train_config") or {}).get("amp"))
+
+
 def _one_process(args: argparse.Namespace) -> None:
     """Refuse torchrun: each process would do all of the work, and write or print the same results."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -143,8 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _say_which(ckpt, args)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
-    # A run with --amp evaluated each epoch under autocast (and chose `best` so): by default, so does this.
-    amp = args.amp if args.amp is not None else bool((meta.get("train_config") or {}).get("amp"))
+    amp = _amp(args, ckpt)
     result = evaluate(model, loader, device, data.num_classes, amp=amp)
 
     confusion = result.pop("confusion")
@@ -202,6 +206,7 @@ def run_predict(args: argparse.Namespace) -> int:
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
     k = min(args.top_k, len(classes))
     model.to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=_amp(args, ckpt))
     images, errors, results = [], [], []
     for path in args.images:  # a folder stands for its image files
         found = images_in(path) if os.path.isdir(path) else [path]
@@ -223,7 +228,7 @@ def run_predict(args: argparse.Namespace) -> int:
             continue
         if not results:
             _say_which(ckpt, args)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             probs = model(torch.stack([x for _, x in loaded]).to(device)).float().softmax(dim=1).cpu()
         top = probs.topk(k, dim=1)
         # A file name that is not UTF-8 would fail the print to stdout: shown with \xNN, as in the figures.
