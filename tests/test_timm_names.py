@@ -95,7 +95,10 @@ def test_features_only():
     # timm's other forms: an int n is the last n maps, a negative index counts from the end
     for out_indices, indices in ((2, (3, 4)), ((-1,), (4,)), ((-3, -2), (2, 3))):
         picked = coatnet.create_model("coatnet_0", features_only=True, out_indices=out_indices).eval()
-        picked.load_state_dict(extractor.state_dict())
+        # it holds the stages up to its last map (timm's extractors prune so too), the same weights
+        assert {k.split(".")[2] for k in picked.state_dict() if k.startswith("model.stages.")} == \
+            {str(i) for i in range(max(indices))}
+        picked.load_state_dict({k: v for k, v in extractor.state_dict().items() if k in picked.state_dict()})
         assert picked.out_indices == indices
         for got, i in zip(picked(x), indices, strict=True):
             torch.testing.assert_close(got, maps[i - 1])
@@ -104,6 +107,36 @@ def test_features_only():
     # timm's data helpers and ours read a feature extractor as they read its model
     prepare = coatnet.data_transforms(extractor)
     assert prepare(torch.zeros(3, 300, 200, dtype=torch.uint8)).shape == (3, 224, 224)
+
+
+def test_prune_intermediate_layers_keeps_what_the_maps_need(tmp_path):
+    """timm's prune_intermediate_layers: the stages after the last map asked for, the head and (if
+    asked) its norm go; the maps and the kept weights are unchanged."""
+    from coatnet.models.folder import ModelFolderError
+
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    maps = model.forward_intermediates(x, [1, 2], intermediates_only=True)
+    weights = model.state_dict()
+    assert model.prune_intermediate_layers((1, 2)) == [1, 2]
+    assert len(model.stages) == 2 and len(model.feature_info) == 3
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert not any(k.startswith(("stages.2.", "stages.3.", "head_norm.", "classifier.")) for k in model.state_dict())
+    for got, want in zip(model.forward_intermediates(x, [1, 2], intermediates_only=True), maps, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model(x), maps[1].mean(dim=(2, 3)))  # the last kept map, pooled
+    assert model.num_features == model.head_hidden_size == model.feature_info[-1]["num_chs"] == maps[1].shape[1]
+    with pytest.raises(ModelFolderError, match="pruned"):
+        model.save_pretrained(tmp_path)
+    model.reset_classifier(3)  # a new head on the kept stages
+    assert model(x).shape == (2, 3)
+    # the head reads the last stage: it cannot stay without it; the norm alone can go
+    with pytest.raises(ValueError, match="prune_head=True"):
+        coatnet.create_model("coatnet_pico").prune_intermediate_layers([2], prune_head=False)
+    whole = coatnet.create_model("coatnet_pico", num_classes=10)
+    assert whole.prune_intermediate_layers(prune_norm=True, prune_head=False) == [4]
+    assert whole(x).shape == (2, 10) and isinstance(whole.head_norm, nn.Identity)
 
 
 def test_features_plug_into_torchvision_faster_rcnn():

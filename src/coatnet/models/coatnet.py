@@ -723,7 +723,7 @@ class CoAtNet(nn.Module):
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool {global_pool!r}: CoAtNet's head pools by the average only; pass 'avg' "
                              f"or nothing")
-        like = next(self.head_norm.parameters())  # the new head lives where the model does, in its dtype
+        like = next(self.stem.parameters())  # the new head lives where the model does, in its dtype
         self.num_classes = num_classes
         self.config = replace(self.config, num_classes=num_classes)
         self.classifier = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
@@ -806,6 +806,34 @@ class CoAtNet(nn.Module):
             return maps
         return (self._norm_map(x) if last == len(self.stages) else x), maps
 
+    def prune_intermediate_layers(self, indices: int | list[int] | None = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what ``forward_intermediates(x, indices)`` does not use (timm's name): the stages after
+        the last map in ``indices``, the classifier and pre-logits (``prune_head``), and the head's
+        norm (``prune_norm``; always when a stage goes, being the last stage's width). Returns the
+        indices as :meth:`feature_indices` reads them.
+
+        The model is then a backbone: ``forward_intermediates`` and ``forward_features`` give the kept
+        stages' maps, ``forward`` the last one pooled. It no longer fits its config, so
+        ``save_pretrained`` refuses it: save its ``state_dict``.
+        """
+        take = self.feature_indices(indices)
+        keep = max(take)  # stages S1..S_keep stay; index 0 is the stem
+        if keep < len(self.stages) and not prune_head:
+            raise ValueError(f"feature indices {take} leave out stages that the head reads; pass prune_head=True "
+                             f"(the default) to drop the head with them")
+        if prune_head:
+            self.reset_classifier(0)
+            self.pre_logits = nn.Identity()
+        if prune_norm or keep < len(self.stages):
+            self.head_norm = nn.Identity()
+        self.stages = self.stages[:keep]
+        self.feature_info = self.feature_info[:keep + 1]
+        self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_head:
+            self.head_hidden_size = self.num_features
+        return take
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``; ``coatnet.from_pretrained`` reads it."""
         return save_pretrained(self, directory)
@@ -828,13 +856,13 @@ class FeatureExtractor(nn.Module):
     """``create_model(name, features_only=True)``: the NCHW maps after the stages in ``out_indices``
     (into the model's ``feature_info``, as :meth:`CoAtNet.feature_indices` reads them: 0 is the stem,
     default S1..S4, an int n the last n, negative ones from the end), as timm's feature extractors
-    give them, for detection and segmentation heads. The classifier is dropped."""
+    give them, for detection and segmentation heads. What no map needs is dropped, as timm drops it:
+    the head, and the stages after the last map (``prune_intermediate_layers``)."""
 
     def __init__(self, model: CoAtNet, out_indices: int | tuple[int, ...] | None = None):
         super().__init__()
-        model.reset_classifier(0)
+        self.out_indices = tuple(model.prune_intermediate_layers(out_indices, prune_norm=True))
         self.model = model
-        self.out_indices = tuple(model.feature_indices(out_indices))
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
         self.pretrained_cfg = model.pretrained_cfg
 

@@ -85,8 +85,9 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     differ = sorted(k for k, v in model.state_dict().items() if expected.pop(k, None) != v.shape) + sorted(expected)
     if differ:
         raise ModelFolderError(f"the model's weights do not fit model.config ({', '.join(differ[:4])}"
-                               f"{' ...' if len(differ) > 4 else ''}): a module replaced by hand changes the weights "
-                               f"but not the config; for a new classifier use model.reset_classifier(N)")
+                               f"{' ...' if len(differ) > 4 else ''}): a module replaced by hand, or pruned "
+                               f"(prune_intermediate_layers), changes the weights but not the config; for a new "
+                               f"classifier use model.reset_classifier(N), for a pruned one save its state_dict")
     directory.mkdir(parents=True, exist_ok=True)
     write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict(),
                                    "pretrained_cfg": model.pretrained_cfg.to_dict()}, model)
