@@ -424,7 +424,7 @@ CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
     "train_config, a setting of another version": ("config.json", _edit_train_config(lambda c: c | {"foo": 1}),
                                                    "holds no usable train_config (unknown foo)", ("resume",)),
     "train_config, a wrong type": ("config.json", _edit_train_config(lambda c: c | {"randaugment": 5}),
-                                   "holds no usable train_config (randaugment must be", ("resume",)),
+                                   "holds no usable train_config (--randaugment must be", ("resume",)),
     "train_config, without the seed": ("config.json", _edit_train_config(lambda c: {k: v for k, v in c.items()
                                                                                    if k != "seed"}),
                                        "holds no usable train_config (no seed)", ("resume",)),

@@ -83,8 +83,17 @@ def test_bad_input(tmp_path, capsys, argv, message):
 
 def test_a_run_refused_by_training_leaves_no_folder(tmp_path, capsys):
     # The study's first run turns the size down: no log and lock are left that look like a run begun.
-    one_line(capsys, [*ARGS, "--img-size", "7", "--output-dir", str(tmp_path)], "img_size must be an integer >= 8")
-    assert list((tmp_path / "runs").iterdir()) == []
+    one_line(capsys, [*ARGS, "--img-size", "7", "--output-dir", str(tmp_path)], "--img-size must be an integer >= 8")
+    assert not any((tmp_path / "runs").glob("*"))
+    # Neither when training logged a note before refusing (the ImageNet recipe's 8 workers, on fewer cores)
+    one_line(capsys, [*ARGS, "--data", "bogus", "--output-dir", str(tmp_path / "b")],
+             "unknown data set 'bogus'")
+    assert not any((tmp_path / "b" / "runs").glob("*"))
+
+
+def test_a_rate_below_the_recipes_minimum_is_refused_as_the_study_can_take_it(tmp_path, capsys):
+    one_line(capsys, [*ARGS, "--lr", "1e-6", "--output-dir", str(tmp_path)],
+             "--lr 1e-06 is below the recipe's minimum rate 1e-05, where its schedule ends; give --lr of at least")
 
 
 def one_line(capsys, argv, message):
@@ -99,6 +108,25 @@ def finished_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "s"
     assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)]) == 0
     return out
+
+
+def test_a_rerun_may_write_the_data_as_training_reads_it(finished_study, tmp_path, capsys, monkeypatch):
+    """The data set's name in capitals, and its folder written another way, are the same study's."""
+    from test_data import make_tree
+
+    def no_training(config, **kwargs):
+        raise AssertionError(f"{config.model} trained again")
+    out = tmp_path / "s"
+    shutil.copytree(finished_study, out, symlinks=True)
+    monkeypatch.setattr(study, "train", no_training)
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--data", "DIGITS", "--output-dir", str(out)]) == 0
+    monkeypatch.undo()
+    make_tree(tmp_path / "tree")
+    monkeypatch.chdir(tmp_path)
+    argv = [*ARGS, "--layouts", "c_c_t_t", "--data", "imagefolder", "--batch-size", "4", "--output-dir", "f"]
+    assert main([*argv, "--data-dir", "tree"]) == 0
+    monkeypatch.setattr(study, "train", no_training)
+    assert main([*argv, "--data-dir", "./tree/"]) == 0
 
 
 def test_other_settings_in_the_same_directory_are_refused(finished_study, tmp_path, capsys):

@@ -146,7 +146,7 @@ def _randaugment(text: str) -> tuple[int, int] | None:
     try:
         n, m = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--randaugment takes N,M (layers,magnitude) like 2,15, got {text!r}")
+        raise argparse.ArgumentTypeError(f"N,M (layers,magnitude) expected, like 2,15; got {text!r}")
     return n, m
 
 

@@ -35,7 +35,7 @@ from .models.preprocessing import (PixelRangeError, PretrainedCfg, as_shown, aug
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "webdataset", "hf")
 
-_MIN_IMG_SIZE = 8
+MIN_IMG_SIZE = 8
 
 
 class DataError(ValueError):
@@ -482,11 +482,11 @@ def _build_cifar(
 
 def _check_img_size(img_size: int) -> None:
     # Divisibility constraints belong to the model; here we only refuse nonsense.
-    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < _MIN_IMG_SIZE:
-        raise DataError(f"img_size must be an integer >= {_MIN_IMG_SIZE}, got {img_size!r}")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
+        raise DataError(f"img_size must be an integer >= {MIN_IMG_SIZE}, got {img_size!r}")
 
 
-def check_randaugment(randaugment: tuple[int, int] | None) -> None:
+def check_randaugment(randaugment: tuple[int, int] | None, label: str = "randaugment") -> None:
     if randaugment is None:
         return
     ok = (
@@ -496,7 +496,7 @@ def check_randaugment(randaugment: tuple[int, int] | None) -> None:
     )
     if not ok:
         raise DataError(
-            f"randaugment must be (num_ops, magnitude) with num_ops >= 0 and magnitude in 0..30, "
+            f"{label} must be (num_ops, magnitude) with num_ops >= 0 and magnitude in 0..30, "
             f"got {randaugment!r}"
         )
 

@@ -66,12 +66,16 @@ def small_layout(name: str) -> dict:
 def study_settings(args: argparse.Namespace) -> dict:
     """The training settings every run of the study shares."""
     # The digits recipe on the embedded data, else the paper's ImageNet-1K one (Table 10).
-    base = dataclasses.asdict(RECIPES["digits" if args.data == "digits" else "imagenet1k-pretrain"])
-    given = dict(data=args.data, data_dir=args.data_dir, img_size=args.img_size, epochs=args.epochs,
+    data = args.data.lower()  # as training names data sets
+    base = dataclasses.asdict(RECIPES["digits" if data == "digits" else "imagenet1k-pretrain"])
+    given = dict(data=data, data_dir=args.data_dir, img_size=args.img_size, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=args.device)
     settings = base | {k: v for k, v in given.items() if v is not None} | NO_REGULARISATION
-    if args.data == "digits" and args.epochs is None:
+    if data == "digits" and args.epochs is None:
         settings["epochs"] = 12  # the whole default study (15 runs) fits in 30 minutes on 2 CPU cores
+    if settings["lr"] < settings["min_lr"]:  # the study has no --min-lr to lower it with
+        raise ValueError(f"--lr {settings['lr']:g} is below the recipe's minimum rate {settings['min_lr']:g}, where "
+                         f"its schedule ends; give --lr of at least {settings['min_lr']:g}")
     size = args.size or ("small" if settings["img_size"] <= 64 else "paper")
     settings.pop("model")
     return dict(settings, size=size)
@@ -107,10 +111,10 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
                     contextlib.redirect_stderr(log):
                 train(config, output_dir=run_dir, resume=resume)
         except ValueError:
-            # Refused by training before it began (settings it turns down; nothing logged): the folder is
-            # left as it was, not holding an empty log and a lock that look like a run begun.
-            if created and {p.name for p in run_dir.iterdir()} <= {"train.log", LOCK} and \
-                    not (run_dir / "train.log").stat().st_size:
+            # Refused by training before it began (settings it turns down; at most a note logged): the
+            # folder is left as it was, not holding a log and a lock that look like a run begun. The
+            # refusal itself reaches the user as the study's error.
+            if created and {p.name for p in run_dir.iterdir()} <= {"train.log", LOCK}:
                 shutil.rmtree(run_dir, ignore_errors=True)  # every process of a torchrun study may try
             raise
     summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun",
@@ -187,7 +191,8 @@ def run_layout_study(args: argparse.Namespace) -> int:
         before = before["settings"]
         # As for each run: the device may change, and a setting an earlier version did not record had
         # its default then.
-        changed = sorted(k for k in settings if k != "device" and k in before and before[k] != settings[k])
+        changed = sorted(k for k in settings
+                         if k != "device" and k in before and not same_setting(k, settings[k], before[k]))
         if changed:
             raise ValueError(f"{out} holds a study run with other settings ({', '.join(changed)}); "
                              f"rerun with the same flags to finish it, or choose another --output-dir")

@@ -39,10 +39,11 @@ from . import sharding
 from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run,
                          load_checkpoint, locked_run_dir, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
-from .data import (DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment, default_preprocessing,
-                   mixup_cutmix)
+from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
+                   default_preprocessing, mixup_cutmix)
 from .evaluate import evaluate
 from .models import create_model, load_weights
+from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import read_pretrained
 from .models.folder import read_model_meta, read_pretrained_cfg
 from .plan import MIN_MICRO_BATCH
@@ -83,7 +84,7 @@ class TrainConfig:
     pretrained: str | bool | None = None
     data: str = "digits"
     data_dir: str | None = None
-    img_size: PositiveInt | None = 32  # None: the model's own (224 for most; 384 for a *_384 name)
+    img_size: Annotated[int, Range(MIN_IMG_SIZE, MAX_IMG_SIZE)] | None = 32  # None: the model's (224; 384: *_384)
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 64  # global: split across processes under torchrun
     lr: PositiveFloat = 2e-3
@@ -110,7 +111,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, label=flag)
-        check_randaugment(self.randaugment)  # a pair: it checks itself, as check_fields leaves tuples
+        check_randaugment(self.randaugment, "--randaugment")  # a pair: it checks itself, as check_fields leaves tuples
         if self.lr * self.weight_decay >= 1:
             kept = 1 - self.lr * self.weight_decay
             raise ValueError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW multiplies the "
