@@ -103,11 +103,50 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
     assert any(line.split()[:3] == ["no_such_model", "inference", "failed"] for line in lines)
     assert any(line.split()[:3] == ["coatnet_pico", "train", "5.00"] for line in lines)
     assert lines[-1] == f"failed: {runner.error}" and "\n" not in runner.error
-    assert not any(line.startswith("note:") for line in lines)  # the matmul steady: no note
+    assert not any(line.startswith("note:") for line in lines)  # the matmul and the rows steady: no note
     noisy = format_table(dict(model="coatnet_pico", img_size=32, batch_size=2, dtype="float32", device="cpu",
                               threads=1, torch="x", repeats=2, matmul_size=2048,
                               matmul_gflops=dict(median=2.0, min=1.0, max=2.5), rows=[ok])).splitlines()
     assert noisy[2].startswith("note: the matmul's rounds differ by 2.5x: something else is using this machine")
+    # a row whose rounds differ while the matmul's do not is named
+    swinging = dict(ok, mode="inference", images_per_s=dict(median=5.0, min=1.0, max=8.0))
+    lines = format_table(dict(model="coatnet_pico", img_size=32, batch_size=2, dtype="float32", device="cpu",
+                              threads=1, torch="x", repeats=2, matmul_size=2048,
+                              matmul_gflops=dict(median=2.0, min=2.0, max=2.0), rows=[swinging, ok])).splitlines()
+    assert lines[2].startswith("note: the rounds of coatnet_pico inference (8.0x) differ by more than 1.5x: something "
+                               "else is using this machine, so those figures are noisy")
+
+
+def test_more_threads_than_cores_are_said(capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["bench", "--model", "coatnet_pico", "--threads", "3", "--dtype", "tf32"]) == 2
+    note = capsys.readouterr().err.splitlines()[0]
+    assert note == "coatnet bench: note: --threads 3 is more than this machine's 2 cores: its threads take turns on them"
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    """Ctrl-C in a terminal reaches the bench and every measurement's process: one line, no tracebacks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    bench = subprocess.Popen([sys.executable, "-m", "coatnet", "bench", "--model", "coatnet_pico", "--img-size", "32",
+                              "--batch-size", "2", "--threads", "1", "--repeats", "100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(8)  # its processes started and measuring
+    # the signal reaches the measurements' processes before the bench acts on it (as it may, in a terminal)
+    for child in Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split():
+        os.kill(int(child), signal.SIGINT)
+    time.sleep(1)
+    os.kill(bench.pid, signal.SIGINT)
+    out, err = bench.communicate(timeout=60)
+    assert (bench.returncode, out, err) == (130, "", "coatnet bench: interrupted\n")
 
 
 def test_a_process_dying_or_hanging_while_timed_fails_its_row_only(capsys, monkeypatch):

@@ -34,6 +34,19 @@ def test_state_bytes_ddp_replicated_fsdp_sharded():
     assert ddp.total == sum((ddp.weights, ddp.gradients, ddp.optimizer, ddp.working, ddp.activations, ddp.allowance))
 
 
+def test_an_ema_is_planned_as_a_float32_copy_of_the_weights():
+    """--ema (the fine-tuning recipe's) keeps a float32 copy of the weights: 4 B per parameter,
+    sharded with FSDP; the printed command carries it."""
+    plain = make_plan("coatnet_pico", 32, batch_size=64, gpus=4, gpu_memory_gib=80)
+    averaged = make_plan("coatnet_pico", 32, batch_size=64, gpus=4, gpu_memory_gib=80, ema=0.9999)
+    params = plain.params
+    ddp, _, fsdp, _ = averaged.options
+    assert ddp.ema == 4 * params and fsdp.ema == -(-4 * params // 4) and all(m.ema == 0 for m in plain.options)
+    for before, after in zip(plain.options, averaged.options):
+        assert after.total - after.allowance == before.total - before.allowance + after.ema
+    assert averaged.command.endswith("--batch-size 64 --amp --ema 0.9999") and "--ema" not in plain.command
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_meta_activations_match_a_real_cpu_forward(amp, monkeypatch):
     # The same hooks on real tensors, running the same operations: SDPA's math path on both devices
@@ -118,6 +131,9 @@ def test_json(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "coatnet_pico", "--img-size", "32", "--gpu-memory", "0.5"],
      "coatnet plan: error: coatnet_pico at 32 px does not fit 0.5 GiB GPUs even with FSDP over 8 GPUs"),
+    # the need is rounded up: never shown at or below the memory it does not fit
+    (["--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2048", "--gpus", "1", "--gpu-memory", "1.52"],
+     "it needs 1.54 GiB per GPU"),
     (["--model", "coatnet_pico", "--batch-size", "100", "--gpus", "8"],
      "coatnet plan: error: --batch-size 100 does not split evenly across 8 GPUs"),
     (["--model", "coatnet_99"], "coatnet plan: error: unknown model 'coatnet_99'"),

@@ -44,7 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -234,7 +236,13 @@ class Runner:
         self.job = job
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_worker, args=(job, child), daemon=True)
-        self.process.start()
+        # Ctrl-C reaches every process of the terminal's group; the parent says so in one line and ends
+        # the others, which start with SIGINT ignored (a Python started so keeps it so), tracebacks unsaid.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self.seconds: list[float] = []
         self.flop = self.peak_mib = 0.0
         self.finished = False  # its process answered the last request and is ending on its own
@@ -286,6 +294,10 @@ def run_bench(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # a size the model refuses fails here in one line, not in every row
         create_model(name, img_size=args.img_size)
     device = resolve_device(args.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.threads and cores and args.threads > cores:
+        print(f"coatnet bench: note: --threads {args.threads} is more than this machine's {cores} cores: its "
+              f"threads take turns on them", file=sys.stderr)
     implementations = ["coatnet"]
     if args.compare == "timm":
         _import_timm()
@@ -379,9 +391,16 @@ def format_table(result: dict) -> str:
              f"{result['torch']}; median (min..max) of {result['repeats']} interleaved rounds",
              f"matmul {result['matmul_size']}x{result['matmul_size']}: {mm['median']:.1f} GFLOP/s "
              f"({mm['min']:.1f}..{mm['max']:.1f})", ""]
+    noisy = [f"{r['model']} {r['mode']} ({r['images_per_s']['max'] / r['images_per_s']['min']:.1f}x)"
+             for r in result["rows"] if "error" not in r
+             and r["images_per_s"]["max"] > NOISY_SPREAD * r["images_per_s"]["min"]]
     if mm["max"] > NOISY_SPREAD * mm["min"]:
         lines.insert(2, f"note: the matmul's rounds differ by {mm['max'] / mm['min']:.1f}x: something else is using "
                         f"this machine, so every figure here is noisy; measure again on a quiet machine to compare")
+    elif noisy:
+        lines.insert(2, f"note: the rounds of {', '.join(noisy)} differ by more than {NOISY_SPREAD}x: something "
+                        f"else is using this machine, so those figures are noisy; measure again on a quiet machine "
+                        f"to compare")
     header = ("model", "mode", "images/s", "vs timm", "GFLOP/s", "of matmul", "peak MiB")
     table = [header]
     for r in result["rows"]:

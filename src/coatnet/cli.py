@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import Annotated
 
-from .validate import NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
+from .validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
 
 POSITIVE, NON_NEGATIVE = flag_type(PositiveInt), flag_type(NonNegativeInt)
 
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "configuration that fits, its micro-batch and gradient accumulation.")
     p.add_argument("--model", required=True, help="model name (see `coatnet info`)")
     p.add_argument("--img-size", type=POSITIVE, default=None, help="training resolution (default: the model's own)")
-    p.add_argument("--batch-size", type=POSITIVE, default=4096, help="global batch size (default: 4096, the paper's)")
+    p.add_argument("--batch-size", type=flag_type(Annotated[int, Range(1, 2**40)]), default=4096,
+                   help="global batch size (default: 4096, the paper's)")
     p.add_argument("--gpus", type=POSITIVE, default=8, help="GPUs per machine (default: 8)")
     p.add_argument("--gpu-memory", type=flag_type(Annotated[float, Range(0, 2**20, low_open=True)]), default=80.0,
                    metavar="GIB",
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=POSITIVE, default=1, help="machines (default: 1)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bfloat16 mixed precision (default: on)")
+    p.add_argument("--ema", type=flag_type(Fraction), default=0.0, metavar="DECAY",
+                   help="an EMA of the weights, as train's --ema (the fine-tuning recipe's: 0.9999; default: none)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=lambda args: _lazy("plan", "run_plan")(args))
 

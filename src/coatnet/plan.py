@@ -12,6 +12,8 @@ Per GPU, in bytes:
   (the one computing and the next one prefetched), in the compute dtype (2 B bfloat16 with
   ``--amp``, else 4 B), plus that unit's unsharded gradient before the reduce-scatter (compute
   dtype, and a float32 copy to reduce in with ``--amp``).
+* **EMA** (``--ema DECAY``, on in the fine-tuning recipe): a float32 copy of the weights, 4 B per
+  parameter, sharded like them with FSDP.
 * **Activations**, measured, not guessed: the model is built on the ``meta`` device (shapes, no
   storage) and run forward in training mode under ``torch.autograd.graph.saved_tensors_hooks``,
   which sees every tensor autograd keeps for backward. Their storages are summed once each
@@ -93,6 +95,7 @@ class Memory:
     weights: int
     gradients: int
     optimizer: int
+    ema: int
     working: int
     activations: int
     allowance: int
@@ -109,6 +112,7 @@ class Plan:
     nodes: int
     gpu_memory_gib: float
     amp: bool
+    ema: float  # the EMA's decay; 0: none
     per_gpu_batch: int
     strategy: str
     grad_checkpointing: bool
@@ -224,19 +228,19 @@ def _unit_sizes(model: nn.Module) -> list[int]:
 
 
 def _memory(strategy: str, checkpointing: bool, micro_batch: int, params: int, largest_unit: int, world: int,
-            amp: bool, activations: Activations) -> Memory:
+            amp: bool, ema: bool, activations: Activations) -> Memory:
     compute_bytes = 2 if amp else 4
     if strategy == "ddp":
-        weights, gradients, optimizer = 4 * params, 4 * params, 8 * params
+        weights, gradients, optimizer, ema_weights = 4 * params, 4 * params, 8 * params, 4 * params * ema
         working = 4 * params + (2 * params if amp else 0)  # gradient buckets; autocast's bfloat16 weights
     else:
-        weights, gradients, optimizer = (-(-n * params // world) for n in (4, 4, 8))
+        weights, gradients, optimizer, ema_weights = (-(-n * params // world) for n in (4, 4, 8, 4 * ema))
         working = 2 * largest_unit * compute_bytes + largest_unit * (compute_bytes + (4 if amp else 0))
     kept = activations.at(micro_batch, checkpointing)
-    rest = weights + gradients + optimizer + working + kept
+    rest = weights + gradients + optimizer + ema_weights + working + kept
     allowance = ALLOWANCE_BYTES + round(ALLOWANCE_FRACTION * rest)
-    return Memory(strategy, checkpointing, micro_batch, weights, gradients, optimizer, working, kept, allowance,
-                  rest + allowance)
+    return Memory(strategy, checkpointing, micro_batch, weights, gradients, optimizer, ema_weights, working, kept,
+                  allowance, rest + allowance)
 
 
 def _best(strategy: str, checkpointing: bool, per_gpu_batch: int, budget: int, **kwargs) -> Memory:
@@ -259,7 +263,7 @@ def command(plan_fields: dict) -> str:
     p = plan_fields
     flags = [f"--model {p['model']}", f"--img-size {p['img_size']}", f"--batch-size {p['batch_size']}"]
     flags += ["--fsdp"] * (p["strategy"] == "fsdp") + ["--amp"] * p["amp"]
-    flags += ["--grad-checkpointing"] * p["grad_checkpointing"]
+    flags += [f"--ema {p['ema']:g}"] * (p["ema"] > 0) + ["--grad-checkpointing"] * p["grad_checkpointing"]
     flags += [f"--grad-accum-steps {p['grad_accum_steps']}"] * (p["grad_accum_steps"] > 1)
     nodes = (f"--nnodes {p['nodes']} " if p["nodes"] > 1 else "")
     rendezvous = f"--rdzv-backend c10d --rdzv-endpoint HOST:{PORT} " if p["nodes"] > 1 else ""
@@ -267,9 +271,10 @@ def command(plan_fields: dict) -> str:
 
 
 def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, gpus: int = 8,
-              gpu_memory_gib: float = 80.0, nodes: int = 1, amp: bool = True) -> Plan:
+              gpu_memory_gib: float = 80.0, nodes: int = 1, amp: bool = True, ema: float = 0.0) -> Plan:
     """The plan for training ``model`` with a global ``batch_size`` on ``nodes`` x ``gpus`` GPUs of
-    ``gpu_memory_gib`` each. Raises ValueError, in one line, when it cannot be done."""
+    ``gpu_memory_gib`` each, with an EMA of the weights of decay ``ema`` (0: none). Raises
+    ValueError, in one line, when it cannot be done."""
     started = time.perf_counter()
     with torch.device("meta"):
         net = create_model(model, img_size=img_size)
@@ -284,7 +289,7 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
     activations = _probe(model, img_size, amp)
     budget = int(gpu_memory_gib * GiB)
     shared = dict(per_gpu_batch=per_gpu_batch, budget=budget, params=params, largest_unit=max(_unit_sizes(net)),
-                  world=world, amp=amp, activations=activations)
+                  world=world, amp=amp, ema=ema > 0, activations=activations)
     options = tuple(_best(s, c, **shared) for s in ("ddp", "fsdp") for c in (False, True))
     enough = min(MIN_MICRO_BATCH, per_gpu_batch)
     chosen = next((m for m in options if m.micro_batch >= enough), None) \
@@ -293,7 +298,8 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
         least = options[-1]
         raise ValueError(f"{model} at {img_size} px does not fit {gpu_memory_gib:g} GiB GPUs even with FSDP over "
                          f"{world} GPU{'s' * (world > 1)}, checkpointing and one image per step: it needs "
-                         f"{least.total / GiB:.1f} GiB per GPU; use more or larger GPUs, or a smaller --img-size")
+                         f"{math.ceil(least.total / GiB * 100) / 100:.2f} GiB per GPU; use more or larger GPUs, or a "
+                         f"smaller --img-size")
     note = ""
     if chosen.micro_batch < enough:
         # Nothing fits a micro-batch of 8 that divides the per-GPU batch (a prime, say). Where some
@@ -306,7 +312,8 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
                     f"each step takes {chosen.micro_batch} at a time; --batch-size {better} ({better // world} per GPU) "
                     f"would run {enough} or more at a time")
     fields = dict(model=model, img_size=img_size, params=params, batch_size=batch_size, gpus=gpus, nodes=nodes,
-                  gpu_memory_gib=gpu_memory_gib, amp=amp, per_gpu_batch=per_gpu_batch, strategy=chosen.strategy,
+                  gpu_memory_gib=gpu_memory_gib, amp=amp, ema=ema, per_gpu_batch=per_gpu_batch,
+                  strategy=chosen.strategy,
                   grad_checkpointing=chosen.grad_checkpointing, micro_batch=chosen.micro_batch,
                   grad_accum_steps=per_gpu_batch // chosen.micro_batch, activations=activations, options=options,
                   note=note)
@@ -327,6 +334,7 @@ def format_plan(plan: Plan) -> str:
             ("weights (fp32)", [_gib(m.weights) for m in plan.options]),
             ("gradients (fp32)", [_gib(m.gradients) for m in plan.options]),
             ("optimizer state (AdamW)", [_gib(m.optimizer) for m in plan.options]),
+            *[("EMA weights (fp32)", [_gib(m.ema) for m in plan.options])] * (plan.ema > 0),
             ("working copies", [_gib(m.working) for m in plan.options]),
             ("activations (x micro-batch)", [_gib(m.activations) for m in plan.options]),
             (f"allowance (1.5 GiB + {ALLOWANCE_FRACTION:.0%})", [_gib(m.allowance) for m in plan.options]),
@@ -355,6 +363,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    plan = make_plan(args.model, args.img_size, args.batch_size, args.gpus, args.gpu_memory, args.nodes, args.amp)
+    plan = make_plan(args.model, args.img_size, args.batch_size, args.gpus, args.gpu_memory, args.nodes, args.amp,
+                     args.ema)
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0
