@@ -64,11 +64,10 @@ def test_an_output_under_a_file(folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--img-size", "100000", "image size 100000 is out of range; give a multiple of the model's stride 16 from 16 "
-                             "to 4096"),
-    ("--img-size", "4112", "image size 4112 is out of range"),  # a multiple of the stride, but above the bound
-    ("--img-size", "0", "image size 0 is out of range"),
-    ("--img-size", "-16", "image size -16 is out of range"),
+    ("--img-size", "100000", "image size 100000: give an integer multiple of the model's stride 16 from 16 to 4096"),
+    ("--img-size", "4112", "image size 4112: give"),  # a multiple of the stride, but above the bound
+    ("--img-size", "0", "image size 0: give"),
+    ("--img-size", "-16", "image size -16: give"),
     ("--img-size", "40", "not a multiple of the model's stride 16"),
     ("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got '0'"),
 ])
@@ -98,3 +97,79 @@ def test_a_model_over_two_gib_is_refused_as_onnx_and_nothing_is_left(tmp_path):
                                          "export it with --format exported"):
         export_model(model, "onnx", tmp_path / "m.onnx")
     assert tree(tmp_path) == before
+
+
+def test_an_output_that_appears_while_exporting_is_kept(folder, tmp_path, monkeypatch):
+    """Without overwrite, a file written at the output's path during the export (a second export, a
+    copy) is not replaced at its end: the export fails in one line and leaves nothing of its own."""
+    import coatnet.export as export
+
+    out = tmp_path / "m.pt"
+    trace = export._EXPORTERS["torchscript"]
+
+    def meanwhile(*args):
+        trace(*args)
+        out.write_text("written meanwhile")
+    monkeypatch.setitem(export._EXPORTERS, "torchscript", meanwhile)
+    with pytest.raises(ValueError, match="appeared while exporting, and is kept"):
+        export_model(coatnet.from_pretrained(folder), "torchscript", out)
+    assert out.read_text() == "written meanwhile" and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_a_refused_export_leaves_no_folder_and_clears_a_killed_ones_files(tmp_path):
+    """Folders the export made are removed when it fails; the temporary files of an export killed
+    outright (its process gone) are removed by the next one there, anyone else's kept."""
+    import os
+
+    model = coatnet.create_model("coatnet_pico", num_classes=7).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="onnxruntime runs no bfloat16 convolutions"):
+        export_model(model, "onnx", tmp_path / "a" / "b" / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    killed = tmp_path / ".tmp-m.pt-999999999-x1"  # no such process
+    running = tmp_path / f".tmp-m.pt-{os.getpid()}-x2"
+    mine = tmp_path / ".tmp-m.pt-999999999-x3"  # a user's folder of that shape
+    for path in (killed, running, mine):
+        path.mkdir()
+        (path / "m.pt").write_bytes(b"half")
+    (mine / "notes.txt").write_text("mine")
+    export_model(model.float(), "torchscript", tmp_path / "m.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.pt", running.name, mine.name])
+
+
+def test_python_api_sizes_and_suffixes(tmp_path):
+    import numpy as np
+
+    model = coatnet.create_model("coatnet_pico", num_classes=7).eval()
+    program = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "a.pt", img_size=[32, 64])))
+    assert program(torch.randn(1, 3, 32, 64)).shape == (1, 7)
+    export_model(model, "torchscript", tmp_path / "b.pt", img_size=np.int64(32).item())
+    for kwargs, message in ((dict(img_size=32.0), "image size 32.0: give an integer multiple"),
+                            (dict(batch_size=2.5), "batch size must be an integer of at least 1, got 2.5")):
+        with pytest.raises(ValueError, match=message):
+            export_model(model, "torchscript", tmp_path / "c.pt", **kwargs)
+    with pytest.raises(ValueError, match="torch.export's files end in .pt2; give an output like '.*m.pt2'"):
+        export_model(model, "exported", tmp_path / "m.bin")
+
+
+def test_sigterm_stops_an_export_as_ctrl_c_does(folder, tmp_path):
+    """Stopped by SIGTERM (timeout, a job scheduler) during the export: one line, status 130, and its
+    half-written file removed."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, time
+import coatnet.export as export
+from coatnet.cli import main
+
+def half_written(model, example, output, *rest):
+    output.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+export._EXPORTERS["torchscript"] = half_written
+raise SystemExit(main(["export", "--checkpoint", {str(folder)!r}, "--format", "torchscript",
+                       "--output", {str(tmp_path / "m.pt")!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "coatnet export: interrupted\n")
+    assert list(tmp_path.iterdir()) == []

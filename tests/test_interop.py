@@ -141,6 +141,11 @@ def test_torchscript(pico, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), pico(x), atol=1e-5, rtol=1e-5)
+    # The trace fixed the relative-position biases of the 32x32 grid: another size is refused, not
+    # run on them (it gave wrong logits without a word)
+    for shape in ((1, 3, 16, 16), (1, 3, 32, 16), (1, 3, 64, 64)):
+        with pytest.raises(torch.jit.Error, match=r"exported for \(N, C, 32, 32\) batches, got \["):
+            scripted(torch.randn(shape))
 
 
 def test_a_bfloat16_model_at_a_non_square_size(tmp_path):

@@ -175,7 +175,7 @@ def locked_run_dir(run_dir: Path):
         if previous and not previous.isdigit():
             raise CheckpointError(f"{run_dir / LOCK} is not a lock of coatnet's (it holds other text), and a run "
                                   f"keeps its lock there; move the file, or choose another --output-dir")
-        if previous.isdigit() and int(previous) != os.getpid() and not _alive(int(previous)):
+        if previous.isdigit() and int(previous) != os.getpid() and not process_alive(int(previous)):
             print(f"note: process {previous}, which ended without releasing {run_dir}, no longer holds it",
                   file=sys.stderr)
         handle.seek(0)
@@ -212,7 +212,8 @@ def refuse_if_in_use(run_dir: Path) -> None:
         _lock(handle, run_dir)  # released when the handle closes
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

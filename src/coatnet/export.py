@@ -22,9 +22,11 @@ interpolation, crop, class names). In ONNX it is a metadata property
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import process_alive
 from .models import from_pretrained
 from .models.coatnet import MAX_IMG_SIZE
 
@@ -49,8 +52,8 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     """
     if format not in _EXPORTERS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_EXPORTERS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be an integer of at least 1, got {batch_size!r}")
     output = Path(output)
     # Refused before the export, which would only fail (or overwrite) at its end, at the rename.
     if output.is_dir():
@@ -62,22 +65,35 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"{str(blocking)!r} is a file, so it cannot hold {str(output)!r}; give an output in a folder")
+    if format == "exported" and output.suffix != ".pt2":  # torch.export.load warns at every load otherwise
+        raise ValueError(f"torch.export's files end in .pt2; give an output like {str(output.with_suffix('.pt2'))!r}")
     model = model_or_path if isinstance(model_or_path, nn.Module) else from_pretrained(model_or_path)
-    height, width = model.config.img_size if img_size is None else \
-        img_size if isinstance(img_size, tuple) else (img_size, img_size)
-    if img_size is not None:  # a wrong size fails here, in one line, not deep inside a tracer
+    if img_size is None:
+        height, width = model.config.img_size
+    else:  # a wrong size fails here, in one line, not deep inside a tracer
+        height, width = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
         check_img_size(model, height)
         check_img_size(model, width)
     # torch.export fixes a dimension of size 1 to a constant: a dynamic batch needs an example of 2.
     batch = max(batch_size, 2) if dynamic_batch and format == "exported" else batch_size
     weight = next(model.parameters())
     example = torch.randn(batch, model.config.in_chans, height, width, device=weight.device, dtype=weight.dtype)
-    output.parent.mkdir(parents=True, exist_ok=True)
     # Written in a temporary folder of its own under its own name (TorchScript and .pt2 archives name
     # their root folder after the file) and renamed: a failed export never leaves a broken file where
-    # an earlier good one was, nor anything else.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output.name}-", dir=output.parent)) / output.name
-    was_training = model.training
+    # an earlier good one was, nor anything else, the folders it made included.
+    made = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".tmp-{output.name}-"
+    for stale in output.parent.glob(prefix + "*"):  # left by an export killed outright (SIGKILL)
+        pid = stale.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)) and stale.is_dir() and \
+                {p.name for p in stale.iterdir()} <= {output.name}:
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=output.parent)) / output.name
+    except OSError as e:  # named after the folder, not after a temporary name the user never gave
+        raise OSError(e.errno, f"{e.strerror} (cannot write in the output's folder)", str(output.parent)) from None
+    was_training, done = model.training, False
     model.eval()
     try:
         # The input checks and the table-resize test read shapes as Python values; the tracer warns
@@ -85,11 +101,33 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             _EXPORTERS[format](model, example, tmp, dynamic_batch, _preprocessing(model, (height, width)))
-        os.replace(tmp, output)
+        _put(tmp, output, overwrite)
+        done = True
     finally:
         model.train(was_training)
         shutil.rmtree(tmp.parent, ignore_errors=True)
+        for folder in made if not done else ():  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return output
+
+
+def _put(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished file to ``output``; without ``overwrite``, never over a file that appeared
+    there while exporting (a hard link fails if the name is taken)."""
+    if overwrite:
+        os.replace(tmp, output)
+        return
+    try:
+        os.link(tmp, output)
+    except FileExistsError:
+        raise ValueError(f"output {str(output)!r} appeared while exporting, and is kept; give another path, or "
+                         f"overwrite it (--overwrite, overwrite=True)") from None
+    except OSError:  # a file system without hard links: as near as it allows
+        if output.exists():
+            raise ValueError(f"output {str(output)!r} appeared while exporting, and is kept; give another path, or "
+                             f"overwrite it (--overwrite, overwrite=True)") from None
+        os.replace(tmp, output)
 
 
 def check_img_size(model: nn.Module, img_size: int) -> None:
@@ -100,8 +138,8 @@ def check_img_size(model: nn.Module, img_size: int) -> None:
     """
     stride = model.config.stride
     if isinstance(img_size, bool) or not isinstance(img_size, int) or not 0 < img_size <= MAX_IMG_SIZE:
-        raise ValueError(f"image size {img_size!r} is out of range; give a multiple of the model's stride {stride} "
-                         f"from {stride} to {MAX_IMG_SIZE // stride * stride}")
+        raise ValueError(f"image size {img_size!r}: give an integer multiple of the model's stride {stride} from "
+                         f"{stride} to {MAX_IMG_SIZE // stride * stride}")
     model.check_input(torch.empty(1, model.config.in_chans, img_size, img_size, device="meta"))
 
 
@@ -125,6 +163,9 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
                f"{example.shape[-2]}x{example.shape[-1]} is more; export it with --format exported")
     if sum(t.numel() * t.element_size() for t in model.state_dict().values()) >= 2**31:
         raise ValueError(too_big)
+    if example.dtype == torch.bfloat16:  # the file would be written, and then not load
+        raise ValueError("onnxruntime runs no bfloat16 convolutions: export the float32 model (model.float()), "
+                         "or a bfloat16 one with format 'exported' or 'torchscript'")
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["logits"], dynamic_axes=axes)
@@ -136,11 +177,33 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
         raise ValueError(too_big) from None
 
 
+@torch.jit.script_if_tracing
+def _exported_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if x.dim() != 4 or x.shape[-2] != height or x.shape[-1] != width:
+        raise ValueError("this model was exported for (N, C, " + str(height) + ", " + str(width) + ") batches, got "
+                         + str(x.shape) + "; resize the images as its preprocessing.json says")
+    return x
+
+
+class _FixedSize(nn.Module):
+    """The model behind a check of the input's size that the trace keeps (scripted into it). A trace
+    fixes the relative-position biases of the grid it saw; without the check, a smaller input would
+    run on them without a word, and give wrong logits."""
+
+    def __init__(self, model: nn.Module, height: int, width: int):
+        super().__init__()
+        self.model, self.height, self.width = model, height, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_exported_size(x, self.height, self.width))
+
+
 def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
                  preprocessing: str) -> None:
+    checked = _FixedSize(model, *example.shape[-2:])
     with warnings.catch_warnings():  # TorchScript is deprecated upstream; asking for it is a choice
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(output),
+        torch.jit.save(torch.jit.trace(checked, example, check_trace=False), str(output),
                        _extra_files={PREPROCESSING_KEY: preprocessing})
 
 
@@ -160,7 +223,12 @@ def run_export(args: argparse.Namespace) -> int:
     (overridden by the flags given) recorded in it."""
     model = from_pretrained(args.checkpoint)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
-    path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
-                        dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
+    # Stopped by SIGTERM (timeout, a scheduler) as by Ctrl-C: the half-written file is removed.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
+                            dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
     return 0
