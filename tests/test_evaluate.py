@@ -323,9 +323,9 @@ def test_eval_of_a_checkpoint_without_class_names_on_a_data_set_of_other_classes
                    "the model has 10 outputs but imagefolder has 3 classes")
 
 
-@pytest.mark.parametrize("size,message", [("100000", "out of range; give a multiple of the model's stride 16 "
-                                                     "from 16 to 4096"),
-                                          ("0", "out of range"), ("-16", "out of range"),
+@pytest.mark.parametrize("size,message", [("100000", "image size 100000: give an integer multiple of the model's "
+                                                     "stride 16 from 16 to 4096"),
+                                          ("0", "image size 0: give"), ("-16", "image size -16: give"),
                                           ("20", "not a multiple of the model's stride 16")])
 def test_img_size_is_refused_before_any_image_is_read(run_dir, tmp_path, capsys, monkeypatch, size, message):
     def read(*args, **kwargs):

@@ -168,7 +168,7 @@ def test_predict_refuses_a_model_without_a_classifier(tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["onnx", "exported"])
 def test_export_records_the_preprocessing(folder, tmp_path, fmt):
-    out = tmp_path / f"m.{fmt}"
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt2")
     assert main(["export", "--checkpoint", str(folder), "--format", fmt, "--output", str(out),
                  "--crop-pct", "0.8"]) == 0
     if fmt == "onnx":
