@@ -139,9 +139,13 @@ def test_ctrl_c_is_one_line(tmp_path):
     bench = subprocess.Popen([sys.executable, "-m", "coatnet", "bench", "--model", "coatnet_pico", "--img-size", "32",
                               "--batch-size", "2", "--threads", "1", "--repeats", "100000"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(8)  # its processes started and measuring
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+    deadline = time.monotonic() + 60
+    while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first measurement's process, beside multiprocessing's resource tracker
+    time.sleep(3)  # its Python started, building or measuring
     # the signal reaches the measurements' processes before the bench acts on it (as it may, in a terminal)
-    for child in Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split():
+    for child in children.read_text().split():
         os.kill(int(child), signal.SIGINT)
     time.sleep(1)
     os.kill(bench.pid, signal.SIGINT)
