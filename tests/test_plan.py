@@ -32,6 +32,9 @@ def test_state_bytes_ddp_replicated_fsdp_sharded():
     largest_unit = max(planner._unit_sizes(create_model("coatnet_pico", img_size=32)))
     assert fsdp.working == 2 * 2 * largest_unit + (2 + 4) * largest_unit
     assert ddp.total == sum((ddp.weights, ddp.gradients, ddp.optimizer, ddp.working, ddp.activations, ddp.allowance))
+    # one GPU trains without DDP (train.py wraps the model for more than one process): no buckets
+    alone = make_plan("coatnet_pico", 32, batch_size=64, gpus=1, gpu_memory_gib=80).options[0]
+    assert alone.working == 2 * params
 
 
 def test_an_ema_is_planned_as_a_float32_copy_of_the_weights():

@@ -7,8 +7,9 @@ Per GPU, in bytes:
   shards all of it: 16 B / world size per parameter.
 * **Working copies**, what a step holds besides the state. DDP: its gradient buckets (a second
   float32 copy of the gradients, 4 B/param, as ``train.py`` builds DDP without
-  ``gradient_as_bucket_view``) and, with ``--amp``, the bfloat16 weights autocast casts once per
-  forward and autograd keeps for backward (2 B/param). FSDP: the largest unit unsharded twice
+  ``gradient_as_bucket_view``; none on one GPU, which trains without DDP) and, with ``--amp``, the
+  bfloat16 weights autocast casts once per forward and autograd keeps for backward (2 B/param).
+  FSDP: the largest unit unsharded twice
   (the one computing and the next one prefetched), in the compute dtype (2 B bfloat16 with
   ``--amp``, else 4 B), plus that unit's unsharded gradient before the reduce-scatter (compute
   dtype, and a float32 copy to reduce in with ``--amp``).
@@ -232,7 +233,8 @@ def _memory(strategy: str, checkpointing: bool, micro_batch: int, params: int, l
     compute_bytes = 2 if amp else 4
     if strategy == "ddp":
         weights, gradients, optimizer, ema_weights = 4 * params, 4 * params, 8 * params, 4 * params * ema
-        working = 4 * params + (2 * params if amp else 0)  # gradient buckets; autocast's bfloat16 weights
+        # DDP's gradient buckets (one process trains without DDP); autocast's bfloat16 weights
+        working = 4 * params * (world > 1) + (2 * params if amp else 0)
     else:
         weights, gradients, optimizer, ema_weights = (-(-n * params // world) for n in (4, 4, 8, 4 * ema))
         working = 2 * largest_unit * compute_bytes + largest_unit * (compute_bytes + (4 if amp else 0))
