@@ -120,14 +120,15 @@ def _put(tmp: Path, output: Path, overwrite: bool) -> None:
         return
     try:
         os.link(tmp, output)
+        return
     except FileExistsError:
-        raise ValueError(f"output {str(output)!r} appeared while exporting, and is kept; give another path, or "
-                         f"overwrite it (--overwrite, overwrite=True)") from None
+        pass
     except OSError:  # a file system without hard links: as near as it allows
-        if output.exists():
-            raise ValueError(f"output {str(output)!r} appeared while exporting, and is kept; give another path, or "
-                             f"overwrite it (--overwrite, overwrite=True)") from None
-        os.replace(tmp, output)
+        if not output.exists():
+            os.replace(tmp, output)
+            return
+    raise ValueError(f"output {str(output)!r} appeared while exporting, and is kept; give another path, or "
+                     f"overwrite it (--overwrite, overwrite=True)")
 
 
 def check_img_size(model: nn.Module, img_size: int) -> None:
