@@ -57,6 +57,15 @@ def test_timms_model_is_ours_in_size(name):
     assert count_parameters(theirs) == pytest.approx(count_parameters(ours), rel=1e-4)
 
 
+def test_timms_row_names_the_size_it_was_built_at():
+    from coatnet.bench import Job
+
+    def label(img_size):
+        return Job("timm", "coatnet_0", "inference", True, img_size, 8, None, "cpu").label
+    assert label(224) == "coatnet_0_224 (compiled)"
+    assert label(256) == "coatnet_0_224 at 256 (compiled)"  # timm's name, built for 256
+
+
 def test_bench_bfloat16(capsys):
     result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--dtype", "bfloat16")
     assert result["dtype"] == "bfloat16" and len(result["rows"]) == 2
@@ -178,7 +187,8 @@ def test_a_process_dying_or_hanging_while_timed_fails_its_row_only(capsys, monke
     assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3",
                  "--onnx", "--json"]) == 1
     rows = {r["model"] + " " + r["mode"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert rows["coatnet_pico train"]["error"] == "coatnet_pico train: its process ended"
+    assert rows["coatnet_pico train"]["error"] == ("coatnet_pico train: its process ended (killed, most likely out of "
+                                                   "memory; lower --batch-size)")
     assert rows["coatnet_pico (onnxruntime) inference"]["error"] == ("coatnet_pico (onnxruntime) inference: no answer "
                                                                      "in 3 s, its process hangs")
     ok = rows["coatnet_pico inference"]
@@ -200,4 +210,23 @@ def test_the_matmul_dying_stops_the_bench(capsys, monkeypatch):
     monkeypatch.setattr(bench.Runner, "time_one", dying)
     assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--repeats", "3"]) == 2
     err = capsys.readouterr().err
-    assert err == "coatnet bench: error: the matmul, the measure of every row, failed: mm matmul: its process ended\n"
+    assert err.startswith("coatnet bench: error: the matmul, the measure of every row, failed: mm matmul: its process "
+                          "ended (killed") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:119] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "68719476736 bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_on_the_cpu_is_said_as_on_the_gpu(monkeypatch, error):
+    """The CPU allocator's refusal is the row's short out-of-memory line, not its message."""
+    import multiprocessing
+
+    from coatnet import bench
+
+    def prepare(job, device):
+        raise error
+    monkeypatch.setattr(bench, "_prepare", prepare)
+    parent, child = multiprocessing.Pipe()
+    bench._worker(bench.Job("coatnet", "coatnet_pico", "train", False, 32, 2, None, "cpu"), child)
+    assert parent.recv() == ("error", "coatnet_pico train: out of memory: every row's process holds its model on cpu "
+                                      "at once; lower --batch-size")

@@ -427,10 +427,10 @@ def test_a_photo_stored_turned_is_read_as_it_is_shown(tmp_path, format):
     assert shown[:20].min() > 200 and shown[28:].max() < 50
 
 
-@pytest.mark.parametrize("kind", ["P", "RGBA", "LA", "CMYK", "16-bit", "turned"])
+@pytest.mark.parametrize("kind", ["P", "RGBA", "LA", "CMYK", "16-bit", "turned", "keyed"])
 def test_data_transforms_prepare_an_opened_image_as_predict_reads_its_file(tmp_path, kind):
     """`coatnet.data_transforms(model)(Image.open(f))`, as the README shows it, gives what `predict` gives
-    for the file: a palette's colours (before: its indices, as grey), alpha dropped and CMYK converted
+    for the file: a palette's colours (before: its indices, as grey), transparency on white and CMYK converted
     (before: a traceback), 16 bits scaled, a phone's photo upright (before: as stored)."""
     import coatnet
 
@@ -442,11 +442,34 @@ def test_data_transforms_prepare_an_opened_image_as_predict_reads_its_file(tmp_p
         exif = Image.Exif()
         exif[0x0112] = 6
         Image.fromarray(rgb).save(path, exif=exif)
+    elif kind == "keyed":  # an RGB PNG with one colour transparent (a tRNS chunk)
+        Image.fromarray(rgb).save(path, transparency=tuple(int(c) for c in rgb[0, 0]))
     else:
         Image.fromarray(rgb).convert(kind).save(path)
     model = coatnet.create_model("coatnet_pico", num_classes=3)
     torch.testing.assert_close(coatnet.data_transforms(model)(Image.open(path)),
                                _eval_transform(32, model.pretrained_cfg)(load_image(path)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_read_on_white(tmp_path, mode):
+    """As a page shows them, not as the colour they hide (black here): dropping the alpha would give a
+    black logo on black, its background's colour."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # a transparent black background...
+    rgba[2:6, 2:6] = (200, 0, 0, 255)  # ...behind an opaque red square
+    rgba[0, 0] = (0, 0, 0, 128)  # and one half-transparent black pixel
+    image = Image.fromarray(rgba)
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":  # a palette with one transparent entry, as GIFs and small PNGs hold it
+        image = image.convert("RGB").quantize(4)
+        image.info["transparency"] = image.getpixel((7, 7))
+    image.save(tmp_path / "logo.png")
+    shown = np.asarray(load_image(tmp_path / "logo.png")).astype(int)
+    assert (shown[7, 7] == 255).all()  # transparent: white
+    assert (abs(shown[3, 3] - ((60,) * 3 if mode == "LA" else (200, 0, 0))) <= 1).all()  # opaque: its colour
+    if mode != "P":
+        assert (abs(shown[0, 0] - 127) <= 1).all()  # half: between
 
 
 @pytest.mark.parametrize("pixels,kind", [(np.linspace(0, 1, 64, dtype=np.float32), "float"),

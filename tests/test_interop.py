@@ -111,6 +111,19 @@ def test_onnx_dynamic_batch_runs_in_onnxruntime(pico, tmp_path):
         torch.testing.assert_close(torch.from_numpy(logits), pico(x), atol=1e-4, rtol=1e-4)
 
 
+def test_a_feature_extractors_onnx_outputs_are_its_maps_by_module(tmp_path):
+    """Named as feature_info names them, each with a dynamic batch, not "logits" and a number."""
+    ort = pytest.importorskip("onnxruntime")
+    features = coatnet.create_model("coatnet_pico", features_only=True, out_indices=(1, 3)).eval()
+    out = export_model(features, "onnx", tmp_path / "features.onnx", dynamic_batch=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [(o.name, o.shape[0]) for o in session.get_outputs()] == [("stages.0", "batch"), ("stages.2", "batch")]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for got, want in zip(session.run(None, {"images": x.numpy()}), features(x), strict=True):
+            torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
 def test_onnx_fixed_batch_at_another_size(pico, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     out = export_model(pico, "onnx", tmp_path / "pico48.onnx", img_size=48, batch_size=2)

@@ -100,7 +100,9 @@ class Job:
 
     @property
     def label(self) -> str:
-        name = TIMM_MODELS[self.model] if self.implementation == "timm" else self.model
+        name = self.model
+        if self.implementation == "timm":  # timm's name says 224; built at another size, the row says which
+            name = TIMM_MODELS[self.model] + ("" if self.img_size == 224 else f" at {self.img_size}")
         suffix = " (compiled)" if self.compiled else " (onnxruntime)" if self.implementation == "onnxruntime" else ""
         return name + suffix
 
@@ -222,11 +224,13 @@ def _worker(job: Job, conn) -> None:
             _sync(device)
             conn.send(time.perf_counter() - start)
         conn.send(_peak_mib(device) - base)
-    except torch.cuda.OutOfMemoryError:  # PyTorch's message is a paragraph; what to do is short
-        conn.send(("error", f"{job.label} {job.mode}: out of memory: every row's process holds its model on "
-                            f"{job.device} at once; lower --batch-size"))
     except Exception as e:  # reported by the parent as one line
-        conn.send(("error", f"{job.label} {job.mode}: {type(e).__name__}: {' '.join(str(e).split())}"))
+        # Out of memory, PyTorch's message is a paragraph (CUDA) or an allocator's (CPU); what to do is short
+        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
+            conn.send(("error", f"{job.label} {job.mode}: out of memory: every row's process holds its model on "
+                                f"{job.device} at once; lower --batch-size"))
+        else:
+            conn.send(("error", f"{job.label} {job.mode}: {type(e).__name__}: {' '.join(str(e).split())}"))
 
 
 class Runner:
@@ -261,7 +265,10 @@ class Runner:
                 self.process.kill()
                 reply = ("error", f"{name}: no answer in {REPLY_TIMEOUT_S:.0f} s, its process hangs")
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            reply = ("error", f"{name}: its process ended")
+            self.process.join(5)
+            killed = self.process.exitcode == -signal.SIGKILL  # on Linux, most often the out-of-memory killer
+            reply = ("error", f"{name}: its process ended" + (
+                " (killed, most likely out of memory; lower --batch-size)" if killed else ""))
         if isinstance(reply, tuple) and reply[0] == "error":
             self.error = reply[1]
             return None

@@ -386,20 +386,21 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory()  # CPU steps without page faults (coatnet.allocator)
     # A warning is one line too, as the errors are: what, not the library line that noticed it.
+    command = f"coatnet {args.command}" + (f" {args.study}" if args.command == "study" else "")  # as its flags' errors
     format_warning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *where, **_: (
-        f"coatnet {args.command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{message}\n")
+        f"{command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{message}\n")
     try:
         return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2
-        print(f"coatnet {args.command}: error: {_message(e)}", file=sys.stderr)
+        print(f"{command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: what, where
         where = f": {e.filename}" if e.filename else ""
         what = e.strerror or _message(e)
         if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename and os.path.isfile(e.filename):
             what = "a file is where a folder was to be made; give a folder's path"  # mkdir of a file's path
-        print(f"coatnet {args.command}: error: {what}{where}", file=sys.stderr)
+        print(f"{command}: error: {what}{where}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # out of memory (torch's CPU and CUDA allocators raise RuntimeErrors)
         asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
@@ -407,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         size = (f" (one tensor of {_bytes(int(asked[1]))})" if asked and asked[1] else
                 f" (one tensor of {asked[2]})" if asked else "")
-        print(f"coatnet {args.command}: error: out of memory{size}; give a smaller --batch-size or --img-size, or "
+        print(f"{command}: error: out of memory{size}; give a smaller --batch-size or --img-size, or "
               f"use a machine with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"coatnet {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = format_warning

@@ -36,7 +36,7 @@ from torch import nn
 
 from .checkpoint import process_alive
 from .models import from_pretrained
-from .models.coatnet import MAX_IMG_SIZE
+from .models.coatnet import MAX_IMG_SIZE, FeatureExtractor
 
 PREPROCESSING_KEY = "preprocessing.json"
 
@@ -167,9 +167,11 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
     if example.dtype == torch.bfloat16:  # the file would be written, and then not load
         raise ValueError("onnxruntime runs no bfloat16 convolutions: export the float32 model (model.float()), "
                          "or a bfloat16 one with format 'exported' or 'torchscript'")
-    axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    # A feature extractor's maps are named as its feature_info names their modules ("stages.1", ...)
+    outputs = model.feature_info.module_name() if isinstance(model, FeatureExtractor) else ["logits"]
+    axes = {name: {0: "batch"} for name in ("images", *outputs)} if dynamic_batch else None
     torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],
-                      output_names=["logits"], dynamic_axes=axes)
+                      output_names=outputs, dynamic_axes=axes)
     try:
         graph = onnx.load(str(output))
         onnx.helper.set_model_props(graph, {PREPROCESSING_KEY: preprocessing})

@@ -155,7 +155,9 @@ class PixelRangeError(ValueError):
 def as_shown(image: Image.Image, mode: str = "RGB") -> Image.Image:
     """A PIL image as a viewer shows it, in ``mode`` ("RGB" or "L"), decoded: turned upright as its
     EXIF orientation says (a phone's photo is stored turned), 16-bit pixels scaled to 8 bits (convert()
-    would clip them to white), palette, alpha (dropped, as timm does) and CMYK converted."""
+    would clip them to white), palette and CMYK converted, transparent pixels on white (as a page shows
+    them: convert() would drop the alpha, as timm does, and show the colours transparency hides,
+    often black)."""
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "F" or image.mode.startswith("I"):  # one channel of 16/32-bit integers or floats
@@ -164,6 +166,9 @@ def as_shown(image: Image.Image, mode: str = "RGB") -> Image.Image:
             raise PixelRangeError(f"its {'float' if image.mode == 'F' else '32-bit integer'} pixels have no range "
                                   f"to scale from; save it as an 8- or 16-bit image")
         image = Image.fromarray(np.rint(wide / 257).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert(mode)  # a copy, decoded in full, that needs no open file
 
 
@@ -181,7 +186,8 @@ class _Colour:
         if not isinstance(image, Image.Image):
             return self.tensor(image)
         # One already as shown (a data set's, decoded by coatnet) passes as it is: no second copy per sample.
-        shown = image.mode == self.mode and image.getexif().get(EXIF_ORIENTATION, 1) == 1
+        shown = (image.mode == self.mode and "transparency" not in image.info
+                 and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
         return image if shown else as_shown(image, self.mode)
 
 
