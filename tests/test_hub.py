@@ -50,6 +50,18 @@ def test_pretrained_true_loads_timms_repository_with_its_classes(hub):
     assert_same_outputs(ours, theirs)
 
 
+def test_a_timm_weights_file_keeps_the_size_its_tables_show(tmp_path):
+    """Built at the name's 224 before, its tables shrunk and its preprocessing (the 384 px one, for a
+    384 px fine-tune) for another size, without a word; the Hub's copy kept its size."""
+    theirs = timm_nano(num_classes=1000)
+    save_file(theirs.state_dict(), str(tmp_path / "nano.safetensors"))
+    ours = coatnet.create_model("coatnet_nano_rw_224", pretrained=tmp_path / "nano.safetensors")
+    assert ours.config.img_size == (SIZE, SIZE)
+    assert_same_outputs(ours, theirs)
+    assert coatnet.create_model("coatnet_nano_rw_224", pretrained=tmp_path / "nano.safetensors",
+                                img_size=96).config.img_size == (96, 96)  # unless told
+
+
 def test_pretrained_true_without_a_tag_takes_timms_default_tag(hub):
     theirs = timm_nano()
     timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), theirs)

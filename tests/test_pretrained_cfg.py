@@ -4,6 +4,7 @@ timm's weights are stood in for by a timm model with random weights: nothing is 
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,6 +49,9 @@ def test_a_new_model_has_ours_and_it_is_saved_and_read_back(tmp_path):
     with pytest.warns(UserWarning, match="classifier"):  # a new head: the names no longer apply
         other = coatnet.create_model("coatnet_pico", pretrained=folder, img_size=64, num_classes=5)
     assert other.pretrained_cfg == model.pretrained_cfg.with_classes(5) and other.pretrained_cfg.label_names is None
+    # nor after a fresh head of as many classes: they are no longer those classes (predict named them so)
+    again.reset_classifier(3)
+    assert again.pretrained_cfg == replace(model.pretrained_cfg, label_names=None)
 
 
 def test_timm_weights_bring_timms_preprocessing_and_imagenet_names(timm_file, tmp_path):

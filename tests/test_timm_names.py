@@ -109,6 +109,20 @@ def test_features_only():
     assert prepare(torch.zeros(3, 300, 200, dtype=torch.uint8)).shape == (3, 224, 224)
 
 
+@pytest.mark.parametrize("out_indices,message", [
+    ((3, 1), r"feature indices \[3, 1\] pick the maps \[3, 1\]; give them in increasing order, each once \(\[1, 3\]\)"),
+    ((2, 2), r"pick the maps \[2, 2\]; give them in increasing order, each once \(\[2\]\)"),
+    ((-1, 1), r"pick the maps \[4, 1\]"),
+    ((), "feature indices \\(\\): give an int n"), ([1.0], "feature indices \\[1.0\\]: give an int n"),
+    ("1", "feature indices '1': give an int n"), (True, "feature indices True: give an int n"),
+])
+def test_feature_indices_that_feature_info_would_not_follow_are_refused(out_indices, message):
+    """Maps come in stage order, once each: (3, 1) gave the maps of 1 and 3 under feature_info's
+    channels of 3 and 1, (2, 2) one map under two entries, without a word; other types, a traceback."""
+    with pytest.raises(ValueError, match=message):
+        coatnet.create_model("coatnet_pico", features_only=True, out_indices=out_indices)
+
+
 def test_prune_intermediate_layers_keeps_what_the_maps_need(tmp_path):
     """timm's prune_intermediate_layers: the stages after the last map asked for, the head and (if
     asked) its norm go; the maps and the kept weights are unchanged."""

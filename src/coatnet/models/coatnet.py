@@ -729,7 +729,8 @@ class CoAtNet(nn.Module):
         self.classifier = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
                            if num_classes else nn.Identity())
         self.classifier.apply(_init_weights)
-        self.pretrained_cfg = self.pretrained_cfg.with_classes(num_classes)
+        # A fresh head's classes are not the old one's, even as many of them: their names go
+        self.pretrained_cfg = replace(self.pretrained_cfg, label_names=None)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -769,16 +770,26 @@ class CoAtNet(nn.Module):
         count = len(self.feature_info)
         if indices is None:
             return self.default_feature_indices()
-        if isinstance(indices, int):
+        if isinstance(indices, int) and not isinstance(indices, bool):
             if not 0 < indices <= count:
                 raise ValueError(f"feature indices {indices}: an int takes the last n of {count} (0: the stem, then "
                                  f"one per stage); give 1..{count}")
             return list(range(count - indices, count))
+        if not (isinstance(indices, (list, tuple)) and indices
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+            raise ValueError(f"feature indices {indices!r}: give an int n (the last n maps) or a list of ints into the "
+                             f"{count} maps (0: the stem, then one per stage)")
         bad = [i for i in indices if not -count <= i < count]
         if bad:
             raise ValueError(f"feature indices {bad} out of range 0..{count - 1} (0: the stem, then one per stage; "
                              f"negative ones count from the end)")
-        return [i % count for i in indices]
+        picked = [i % count for i in indices]
+        # The maps come in stage order, once each: in any other order, feature_info (which follows the
+        # indices) would describe other maps than those given, without a word.
+        if picked != sorted(set(picked)):
+            raise ValueError(f"feature indices {list(indices)} pick the maps {picked}; give them in increasing order, "
+                             f"each once ({sorted(set(picked))}), as the stages give their maps")
+        return picked
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",

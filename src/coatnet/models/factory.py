@@ -40,7 +40,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     own). From the Hugging Face Hub, through its cache (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is
     timm's repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
     (``@REVISION`` optional) a repository of timm's weights or a ``save_pretrained`` folder. Weights
-    from a folder or the Hub keep their own classifier and input size unless ``num_classes`` or
+    from a folder or the Hub keep their own classifier unless ``num_classes`` is given, and weights whose
+    input size is known (a folder's, the Hub's, timm's with relative-position tables) keep it unless
     ``img_size`` is given. Weights saved at another resolution load with their relative-position
     tables interpolated; a classifier of another size is dropped with a warning and left freshly
     initialised (fine-tuning on new classes); RGB weights fit a model of other ``in_chans`` as timm
@@ -73,9 +74,10 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
         weights = None
     else:
         weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
-    if weights is not None and (weights.whole or features_only):  # their classifier and size, unless told otherwise
+    if weights is not None and (weights.whole or features_only):  # their classifier, unless told otherwise
         num_classes = classifier_size(weights.state) if num_classes is None else num_classes
-        img_size = weights.img_size if img_size is None and weights.whole else img_size
+    if weights is not None and img_size is None:  # the size they were trained at where known (a 384 px
+        img_size = weights.img_size  # fine-tune is not shrunk to 224 and its preprocessing kept), unless told
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         drop_path_rate=drop_path_rate, **kwargs)
     if weights is not None and weights.config is not None:
