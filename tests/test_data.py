@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from coatnet.data import DATASETS, DataBundle, DataError, build_datasets, load_image, mixup_cutmix
-from coatnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from coatnet.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PixelRangeError, PretrainedCfg, as_shown
 from coatnet.models.preprocessing import eval_transform as _eval_transform
 
 
@@ -282,25 +282,63 @@ def test_an_undecodable_validation_image_is_left_out_of_the_evaluation(tmp_path)
     assert result["confusion"].sum() == 8
 
 
-def test_imagefolder_does_not_follow_symlinked_folders(tmp_path):
+def test_imagefolder_follows_linked_folders_but_not_back_into_the_split(tmp_path):
+    """A linked folder inside a class folder is read, as torchvision reads it (before: left out without
+    a word); one leading back into the split or in a loop is skipped, saying so."""
     root = make_tree(tmp_path)
-    train = root / "train"
+    train, more = root / "train", tmp_path / "elsewhere" / "more"
     try:
         (train / "cat" / "up").symlink_to("..", target_is_directory=True)  # would list train/ again
     except OSError:
         pytest.skip("cannot create symlinks here")
-    (train / "dog" / "birds").symlink_to("../bird", target_is_directory=True)
+    (train / "dog" / "birds").symlink_to("../bird", target_is_directory=True)  # bird's images, as dogs
     (train / "dog" / "linked.png").symlink_to("../cat/0.png")  # a symlinked file is read
+    write_image(more / "3.png", 98, "PNG")
+    (more / "again").symlink_to(more, target_is_directory=True)  # a loop
+    (train / "cat" / "more").symlink_to(more, target_is_directory=True)
     (tmp_path / "elsewhere" / "fish").mkdir(parents=True)
     write_image(tmp_path / "elsewhere" / "fish" / "0.png", 99, "PNG")
     for split in ("train", "val"):  # a symlinked class folder is a class
         (root / split / "fish").symlink_to(tmp_path / "elsewhere" / "fish", target_is_directory=True)
-    b = build_datasets("imagefolder", root, img_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = build_datasets("imagefolder", root, img_size=16)
     assert b.classes == ("bird", "cat", "dog", "fish")
     assert [(Path(p).relative_to(train).as_posix(), label) for p, label in b.train.samples] == [
         ("bird/0.png", 0), ("bird/1.jpg", 0), ("bird/2.png", 0), ("cat/0.png", 1), ("cat/1.jpg", 1),
-        ("cat/2.png", 1), ("dog/0.png", 2), ("dog/1.jpg", 2), ("dog/2.png", 2), ("dog/linked.png", 2),
-        ("fish/0.png", 3)]
+        ("cat/2.png", 1), ("cat/more/3.png", 1), ("dog/0.png", 2), ("dog/1.jpg", 2), ("dog/2.png", 2),
+        ("dog/linked.png", 2), ("fish/0.png", 3)]
+    skipped = sorted(str(w.message).split("'")[1] for w in caught if str(w.message).startswith("skipping folder"))
+    assert skipped == [str(train / "cat" / "more" / "again"), str(train / "cat" / "up"), str(train / "dog" / "birds")]
+    assert all("its images are listed already, through another path or in a loop; remove the link" in str(w.message)
+               for w in caught if str(w.message).startswith("skipping folder"))
+
+
+@pytest.fixture
+def no_hang():
+    """Fails a test that blocks for 5 s (opening a FIFO waits for a writer) instead of hanging the run."""
+    import signal
+
+    def timeout(*_):  # pytest's failure, which no "except OSError" of the code under test catches
+        pytest.fail("blocked for 5 s: a FIFO was opened")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_as_an_image_is_skipped_and_counted(tmp_path, no_hang):
+    """Opening a FIFO waits for a writer: the header scan hung (before); it is skipped as not an image file."""
+    root = make_tree(tmp_path)
+    os.mkfifo(root / "val" / "cat" / "pipe.png")
+    with pytest.warns(UserWarning, match=r"pipe.png': not an image file but a FIFO \(named pipe\); give a JPEG"):
+        b = build_datasets("imagefolder", root, img_size=16)
+    assert b.skipped_files == 1 and len(b.val) == 9
+    with pytest.raises(DataError, match=r"pipe.png': not an image file but a FIFO"):
+        load_image(root / "val" / "cat" / "pipe.png")
 
 
 def test_imagefolder_skips_hidden_entries_at_any_depth(tmp_path):
@@ -484,6 +522,28 @@ def test_load_image_without_a_range_is_refused(tmp_path, pixels, kind):
                             f"from; save it as an 8- or 16-bit image")
 
 
+@pytest.mark.parametrize("source", ["32-bit TIFF", "convert('I')"])
+def test_32_bit_integers_within_8_bits_are_refused(tmp_path, source):
+    """A 32-bit image of 0..255 values may hold 8-bit pixels (100: mid grey) as well as a nearly black
+    16-bit image: no range to tell, refused (before: divided by 257, black). A 16-bit PGM, which
+    Pillow also opens as "I", is 16-bit still, however dark."""
+    pixels = np.full((8, 8), 100, dtype=np.int32)
+    path = tmp_path / "grey.tif"
+    if source == "32-bit TIFF":
+        Image.fromarray(pixels).save(path)
+    with Image.open(path) if source == "32-bit TIFF" else Image.fromarray(pixels.astype(np.uint8)).convert("I") as im:
+        assert im.mode == "I"
+        with pytest.raises(PixelRangeError, match=r"^its 32-bit integer pixels are all within 0..255, which may be "
+                                                  r"8-bit values or a nearly black 16-bit image; save it as an 8- or "
+                                                  r"16-bit image$"):
+            as_shown(im)
+    pgm = tmp_path / "dark.pgm"
+    pgm.write_bytes(b"P5 8 8 65535\n" + np.full((8, 8), 200, dtype=">u2").tobytes())
+    with Image.open(pgm) as im:
+        assert im.mode == "I"
+    assert np.asarray(load_image(pgm)).max() == 1  # 200 / 257, rounded
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_eval_transform_non_square(size):
     img = Image.fromarray(np.full((30, 50), 128, dtype=np.uint8))  # 50 wide x 30 high, grayscale
@@ -642,6 +702,51 @@ def test_cifar_labels_as_numpy_scalars(tmp_path):
     official_pickle(batch, folder / "test_batch")
     assert b"\nscalar\n" in (folder / "test_batch").read_bytes()
     assert build_datasets("cifar10", tmp_path).val.targets == batches["test_batch"][b"labels"]
+
+
+def test_cifar_labels_in_a_column_are_one_label_per_image(tmp_path):
+    """Labels of shape (N, 1), Keras' cifar10.load_data() layout pickled again, are N labels (before:
+    an AttributeError traceback in training); other shapes are refused in one line."""
+    batches = make_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    labels = batches["test_batch"][b"labels"]
+    official_pickle(batches["test_batch"] | {b"labels": np.array(labels)[:, None]}, folder / "test_batch")
+    val = build_datasets("cifar10", tmp_path).val
+    assert val.targets == labels and all(type(t) is int for t in val.targets)
+    official_pickle(batches["test_batch"] | {b"labels": np.array(labels)[:, None].repeat(2, axis=1)},
+                    folder / "test_batch")
+    with pytest.raises(DataError, match=r"test_batch' has b'labels' of shape \(3, 2\), not one label per image \(N or "
+                                        r"N x 1\); re-download"):
+        build_datasets("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2])
+def test_cifar_pickled_again_by_python3_at_an_old_protocol(tmp_path, protocol):
+    """Python 3 pickles bytes at protocols 0-2 as _codecs.encode(text, 'latin1') (an array's data too), and
+    empty bytes as bytes(): both are read (before: refused as unsafe); another codec is not."""
+    batches = make_cifar(tmp_path, "cifar10")
+    folder = tmp_path / "cifar-10-batches-py"
+    for name in ("test_batch", "batches.meta"):
+        obj = batches[name] | {b"filenames": [b""] * 3} if name == "test_batch" else pickle.loads(
+            (folder / name).read_bytes(), encoding="bytes")
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+    assert b"_codecs" in (folder / "test_batch").read_bytes() and b"bytes" in (folder / "test_batch").read_bytes()
+    b = build_datasets("cifar10", tmp_path)
+    assert b.classes[:2] == ("c0", "c1") and b.val.targets == batches["test_batch"][b"labels"]
+    assert torch.equal(b.val.images.reshape(3, -1), torch.from_numpy(batches["test_batch"][b"data"]))
+    data = pickle.dumps({b"data": b"x"}, protocol=protocol).replace(b"latin1", b"zlib  ")
+    (folder / "test_batch").write_bytes(data)
+    with pytest.raises(DataError, match="refusing the codec 'zlib  ' in a CIFAR pickle"):
+        build_datasets("cifar10", tmp_path)
+
+
+def test_cifar_class_names_of_another_type_are_named_so(tmp_path):
+    make_cifar(tmp_path, "cifar10")
+    official_pickle({b"label_names": np.array([b"c%d" % i for i in range(10)])},
+                    tmp_path / "cifar-10-batches-py" / "batches.meta")
+    with pytest.raises(DataError, match=r"^b'label_names' in CIFAR meta file '.*batches.meta' is of type ndarray, not a "
+                                        r"list of names; re-download the data set$"):
+        build_datasets("cifar10", tmp_path)
 
 
 def test_cifar_missing_files(tmp_path):

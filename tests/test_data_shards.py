@@ -331,6 +331,25 @@ def test_hf_parquet(tmp_path, layout, monkeypatch):
     assert (sorted(os.listdir(hf_cache)) if os.path.isdir(hf_cache) else None) == before
 
 
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_hf_evaluation_alone_names_the_classes_as_training_did(tmp_path, layout):
+    """Train split with a ClassLabel, validation split with plain integers: training names the classes by the
+    ClassLabel; so does an evaluation, which reads the validation split alone (before: "0", "1", "2", which
+    `coatnet eval` then refused as other classes than the checkpoint's)."""
+    root = tmp_path / "ds"
+    splits = dict(train=hf_split(TRAIN), validation=hf_split(VAL, class_label=False))
+    if layout == "save_to_disk":
+        datasets.DatasetDict(splits).save_to_disk(str(root))
+    else:
+        root.mkdir()
+        for name, split in splits.items():
+            split.to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
+    assert build_hf(str(root), to_tensor, to_tensor).classes == tuple(NAMES)
+    data = build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache"), train=False)
+    assert data.train is None and data.classes == tuple(NAMES)
+    check_by_index(data.val, VAL)
+
+
 def test_hf_null_image_is_skipped_at_load(tmp_path):
     """A row whose image is null is an undecodable sample: warned about, counted, the next one in
     its place (before: an AttributeError traceback in the middle of an epoch)."""
@@ -359,7 +378,8 @@ HF_ERRORS = {
     "no image column": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, image="picture"), validation=hf_split(VAL, image="picture"))), "columns: picture, label"),
     "no label column": (_save(lambda: datasets.DatasetDict(
-        train=hf_split(TRAIN, label="y"), validation=hf_split(VAL, label="y"))), "columns: image, y"),
+        train=hf_split(TRAIN, label="y"), validation=hf_split(VAL, label="y"))),
+        "columns: image, y; rename yours and save the data set again (dd.rename_column('y', 'label').save_to_disk(DIR))"),
     "unlabelled eval split": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, class_label=False), test=hf_split([dict(s, label=-1) for s in VAL], class_label=False))),
         "split 'test'"),

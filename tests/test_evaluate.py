@@ -16,7 +16,7 @@ import coatnet.plots
 from coatnet.cli import main
 from coatnet.evaluate import evaluate
 from coatnet.plots import plot_confusion, plot_curves
-from test_data import make_tree
+from test_data import make_tree, no_hang  # noqa: F401 (a fixture)
 
 PNG = b"\x89PNG"
 
@@ -316,6 +316,31 @@ def test_class_names_not_one_per_output_are_refused(run_dir, tmp_path, capsys, c
     one_line_error(capsys, ["eval", "--checkpoint", str(ckpt)], "config.json", expected)
 
 
+def test_eval_names_class_names_alike_in_other_code_points(run_dir, tmp_path, capsys):
+    """The checkpoint's 'café' (NFC) and the data's folder as a copy from macOS names it (NFD) look the
+    same: the refusal says why they differ, as the train/val comparison does."""
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=["caf\u00e9", *map(str, range(1, 10))])
+    data = image_folder(tmp_path / "data", ["cafe\u0301", *map(str, range(1, 10))])
+    one_line_error(capsys, ["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir", str(data)],
+                   "; evaluate on the data set it was trained on (caf\u00e9: the same letters in other Unicode code "
+                   "points, as a copy from macOS may make; rename the data's class as the checkpoint spells it)\n")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_predict_opens_no_fifo(run_dir, tmp_path, capsys, no_hang):
+    """A FIFO named x.png: opening it waited for a writer forever (before); in a folder it was left out
+    without a word. It is an error of its own, as a file that is not an image."""
+    os.mkfifo(tmp_path / "pipe.png")
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), str(tmp_path / "pipe.png")],
+                   "pipe.png': not an image file but a FIFO (named pipe); give a JPEG/PNG/... file")
+    digit_files(tmp_path, sizes=((8, 8),))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir), str(tmp_path), "--json"]) == 1
+    output = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in output["predictions"]] == [str(tmp_path / "digit0.png")]
+    assert [e["image"] for e in output["errors"]] == [str(tmp_path / "pipe.png")]
+
+
 def test_eval_of_a_checkpoint_without_class_names_on_a_data_set_of_other_classes(run_dir, tmp_path, capsys):
     ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=None)
     data = image_folder(tmp_path / "data", ["a", "b", "c"])
@@ -326,7 +351,12 @@ def test_eval_of_a_checkpoint_without_class_names_on_a_data_set_of_other_classes
 @pytest.mark.parametrize("size,message", [("100000", "image size 100000: give an integer multiple of the model's "
                                                      "stride 16 from 16 to 4096"),
                                           ("0", "image size 0: give"), ("-16", "image size -16: give"),
-                                          ("20", "not a multiple of the model's stride 16")])
+                                          ("20", "not a multiple of the model's stride 16"),
+                                          # they are resized to it: the advice names sizes to pass, not a resize
+                                          ("33", "--img-size 33 is not a multiple of the model's stride 16; pass "
+                                                 "--img-size 32 or --img-size 48\n"),
+                                          ("8", "--img-size 8 is not a multiple of the model's stride 16; pass "
+                                                "--img-size 16\n")])
 def test_img_size_is_refused_before_any_image_is_read(run_dir, tmp_path, capsys, monkeypatch, size, message):
     def read(*args, **kwargs):
         raise AssertionError("an image was read before --img-size was checked")

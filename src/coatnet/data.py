@@ -12,8 +12,10 @@ resumes with exactly the same augmentations.
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
+import stat
 import unicodedata
 import warnings
 from collections import Counter
@@ -112,7 +114,23 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     p = Path(path)
     if not p.exists():
         raise DataError(f"cannot read image '{p}': no such file; check the path")
+    if (other := _not_a_file(p)) is not None:
+        raise DataError(f"cannot read image '{p}': {other}")
     return decode_image(p, f"'{p}'")
+
+
+def _not_a_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (followed if a link) is not read as a file, None if it is one or cannot be looked at
+    (opening it then says why): opening a FIFO waits for a writer forever, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not an image file but {kind}; give a JPEG/PNG/... file"
 
 
 # Decoders signal bad input in several ways: OSError (incl. UnidentifiedImageError, "image file is
@@ -143,6 +161,8 @@ def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
 
 def _header_problem(path: str) -> str | None:
     """Why PIL cannot identify the image from its header (a cheap check, no pixels decoded); None if it can."""
+    if (other := _not_a_file(path)) is not None:
+        return other
     try:
         with Image.open(path):
             return None
@@ -219,9 +239,10 @@ def warn_not_images(directory: str, names: list[str]) -> None:
 class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
     """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
 
-    Hidden (dot-named) folders and files are skipped at every depth, and symlinked folders inside a
-    class folder are not descended into (``ln -s .. cat/up`` would list the split again, mislabelled,
-    or loop). A class folder may itself be a symlink; a symlinked file is read like any other.
+    Hidden (dot-named) folders and files are skipped at every depth. Symlinked folders are followed, as
+    torchvision does, except one that leads back into the split's folder or to a folder already walked
+    (``ln -s .. cat/up`` would list the split again, mislabelled, or loop): skipped, with a warning. A
+    class folder may itself be a symlink; a symlinked file is read like any other.
 
     Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning);
     one that fails to decode later is :class:`SubstitutesUndecodable`'s.
@@ -242,20 +263,38 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
     def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], **_) -> list[tuple[str, int]]:
         """``(path, label)`` for each image under each class folder, in the same order on every machine.
 
-        Replaces torchvision's walk, which follows symlinked folders and lists hidden ones. The base
-        class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
+        Replaces torchvision's walk, which lists hidden folders and loops on a link to a folder above.
+        The base class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
         """
         samples, not_images, empty = [], [], []
+        # Real paths (links resolved) of the split's folder and its class folders, and of the folders walked
+        homes = {os.path.realpath(directory), *(os.path.realpath(os.path.join(directory, c)) for c in class_to_idx)}
+        walked: set[str] = set()
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
             raise error
 
+        def followed(dirpath: str, name: str) -> bool:
+            """Whether to walk the subfolder ``name``: not hidden, and not one whose images are listed anyway
+            (a link into the split or above it, or to a folder walked already: twice, or forever)."""
+            path = os.path.join(dirpath, name)
+            if _is_hidden(name):
+                return False
+            real = os.path.realpath(path)
+            overlaps = any(os.path.commonpath([real, h]) in (real, h) for h in homes)  # in or above one of them
+            if real in walked or os.path.islink(path) and overlaps:
+                warnings.warn(f"skipping folder '{path}' (-> '{real}'): its images are listed already, through "
+                              f"another path or in a loop; remove the link", stacklevel=2)
+                return False
+            return True
+
         for cls, label in class_to_idx.items():
             found = len(samples)
-            # Top-down walk with sorted, pruned dirnames; followlinks=False (the default) keeps
-            # symlinked folders out of it.
-            for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls), onerror=unreadable):
-                dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            # Top-down walk with sorted, pruned dirnames, into linked folders too (see followed()).
+            for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls), onerror=unreadable,
+                                                        followlinks=True):
+                walked.add(os.path.realpath(dirpath))
+                dirnames[:] = sorted(d for d in dirnames if followed(dirpath, d))
                 for fname in sorted(filenames):
                     if not is_image_file(fname):
                         not_images.append(fname)
@@ -352,6 +391,15 @@ except ImportError:  # pragma: no cover - older numpy
     from numpy.core.multiarray import scalar as _np_scalar
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as pickles of Python 3 at protocols 0-2 call it, to rebuild bytes (an array's
+    data among them) from text: with latin-1 alone, so that no other codec runs."""
+    if encoding != "latin1":
+        raise DataError(f"refusing the codec {encoding!r} in a CIFAR pickle (only latin1 builds bytes); use the "
+                        "official files from https://www.cs.toronto.edu/~kriz/cifar.html")
+    return codecs.encode(text, "latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickler that can only rebuild numpy arrays: a pickle can run any callable it names, so
     everything except what the CIFAR files reference is refused."""
@@ -364,6 +412,10 @@ class _CifarUnpickler(pickle.Unpickler):
         # numpy scalars (labels as list(np.array), from conversion scripts): a dtype and its bytes
         ("numpy.core.multiarray", "scalar"): _np_scalar,
         ("numpy._core.multiarray", "scalar"): _np_scalar,
+        # bytes, as Python 3 pickles them at protocols 0-2 (a CIFAR dict loaded and dumped again): from text,
+        # or empty (bytes(), called with no arguments: a size would allocate that many)
+        ("_codecs", "encode"): _latin1,
+        ("__builtin__", "bytes"): lambda: b"",
     }
 
     def find_class(self, module: str, name: str):
@@ -429,7 +481,16 @@ def _cifar_split(
                 f"CIFAR file '{root / fname}' lacks uint8 b'data' (N x 3072) with matching "
                 f"{label_key!r}; re-download the data set"
             )
-        lab = np.asarray(lab)
+        try:
+            lab = np.asarray(lab)
+            shape = f"of shape {lab.shape}"
+        except ValueError:  # lists of several lengths
+            lab, shape = np.empty((0, 0)), "as lists of several lengths"
+        if lab.ndim == 2 and lab.shape[1] == 1:  # (N, 1): Keras' cifar10.load_data() layout, pickled again
+            lab = lab[:, 0]
+        if lab.ndim != 1:  # else each label would be a list, which training cannot take
+            raise DataError(f"CIFAR file '{root / fname}' has {label_key!r} {shape}, not one label per image "
+                            f"(N or N x 1); re-download the data set")
         if lab.dtype.kind not in "iu":  # np.int64 would truncate 0.5 to class 0, and fail on strings in a traceback
             raise DataError(f"CIFAR file '{root / fname}' has {lab.dtype} labels, not integers; re-download the data set")
         datas.append(data)
@@ -460,7 +521,10 @@ def _build_cifar(
         )
     names = _load_cifar_pickle(root / spec["meta"]).get(spec["names_key"])
     if not isinstance(names, (list, tuple)) or not names:
-        raise DataError(f"CIFAR meta file '{root / spec['meta']}' lacks {spec['names_key']!r}")
+        wrong = "missing" if names is None else "empty" if isinstance(names, (list, tuple)) else \
+            f"of type {type(names).__name__}, not a list of names"
+        raise DataError(f"{spec['names_key']!r} in CIFAR meta file '{root / spec['meta']}' is {wrong}; re-download "
+                        f"the data set")
     classes = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
     if len(set(classes)) < len(classes):  # two labels of one name: predictions and evaluations could not tell them
         twice = sorted({c for c in classes if classes.count(c) > 1})
@@ -501,6 +565,15 @@ def check_randaugment(randaugment: tuple[int, int] | None, label: str = "randaug
         )
 
 
+def same_letters(names: list[str], others: list[str], remedy: str) -> str:
+    """`` (café: the same letters in other Unicode code points ...; remedy)`` for the names of ``names`` that
+    ``others`` holds in other code points (a folder copied from macOS is in NFD): they look the same; else ""."""
+    nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731
+    alike = sorted(nfc(names) & nfc(others))
+    return (f" ({', '.join(alike[:5])}: the same letters in other Unicode code points, as a copy from macOS may make; "
+            f"{remedy})" if alike else "")
+
+
 def _build_imagefolder(
     data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg,
     with_train: bool = True,
@@ -520,14 +593,10 @@ def _build_imagefolder(
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
-        # One name in other code points in each (a folder copied from macOS is in NFD): it looks the same.
-        nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731
-        alike = sorted(nfc(only_train) & nfc(only_val))
         raise DataError(
             f"train/ and val/ in '{data_dir}' have different class folders "
             f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
-            + (f" ({', '.join(alike)}: the same letters in other Unicode code points, as a copy from macOS may "
-               f"make; rename one of the two folders)" if alike else "")
+            + same_letters(only_train, only_val, "rename one of the two folders")
         )
     # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.
     train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment)) \

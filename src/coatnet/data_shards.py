@@ -406,9 +406,10 @@ def _hf_cache_dir(root: Path) -> str:
     return os.path.join(tempfile.gettempdir(), "coatnet-arrow-cache", root.name)
 
 
-def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) -> tuple[dict, str]:
-    """``{"train": Dataset, <eval split>: Dataset}`` (``with_train=False``: the eval split's alone)
-    and the eval split's name."""
+def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) -> tuple[dict, str, dict | None]:
+    """``{"train": Dataset, <eval split>: Dataset}`` (``with_train=False``: the eval split's alone),
+    the eval split's name, and with ``with_train=False`` the train split's features, if it has one
+    that can be read without loading it (else None)."""
     datasets = _require("datasets")
     if (root / "state.json").is_file():
         raise DataError(
@@ -443,8 +444,15 @@ def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) 
         )
     read = ("train", eval_split) if with_train else (eval_split,)
     if files is None:
-        return {s: dd[s] for s in read}, eval_split
+        return {s: dd[s] for s in read}, eval_split, dd["train"].features if "train" in dd and not with_train else None
     import pyarrow.parquet as pq
+
+    train_features = None
+    if "train" in files and not with_train:
+        try:  # the schema of parquet written by datasets carries its features (ClassLabel names among them)
+            train_features = datasets.Features.from_arrow_schema(pq.read_schema(files["train"][0]))
+        except Exception:  # an evaluation does not read the train split: its bad files are training's to report
+            pass
 
     wanted = {s: files[s] for s in read}
     for path in (p for ps in wanted.values() for p in ps):  # name the bad file, not just the folder
@@ -456,7 +464,7 @@ def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) 
         dd = datasets.load_dataset("parquet", data_files=wanted, cache_dir=cache_dir or _hf_cache_dir(root))
     except Exception as e:
         raise DataError(f"cannot load the parquet files in '{root}' ({_one_line(e)})") from None
-    return dict(dd), eval_split
+    return dict(dd), eval_split, train_features
 
 
 def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
@@ -471,8 +479,11 @@ def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
     if not isinstance(feats[image], datasets.Image):  # e.g. parquet written without datasets' metadata
         raise DataError(f"{where}: column '{image}' is {feats[image]}, not an Image; save the data set with the "
                         f"column cast to one (ds.cast_column('{image}', datasets.Image()))")
-    if label is None:
-        raise DataError(f"{where} has no label column ('label' or 'labels'); columns: {', '.join(feats)}")
+    if label is None:  # there is no flag to name another: the data set is saved again
+        theirs = next((c for c in feats if isinstance(feats[c], datasets.ClassLabel)), None) or \
+            next((c for c in feats if "label" in c), "COLUMN")
+        raise DataError(f"{where} has no label column ('label' or 'labels'); columns: {', '.join(feats)}; rename yours "
+                        f"and save the data set again (dd.rename_column('{theirs}', 'label').save_to_disk(DIR))")
     if isinstance(feats[label], datasets.ClassLabel):
         return image, label, tuple(feats[label].names)
     if isinstance(feats[label], datasets.Value) and feats[label].dtype.startswith(("int", "uint")):
@@ -497,8 +508,15 @@ def build_hf(data_dir: str, train_transform: Callable, eval_transform: Callable,
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"Hugging Face data directory '{root}' does not exist or is not a folder")
-    splits, eval_split = _load_hf_splits(root, cache_dir, with_train=train)
-    built, classes = [], None
+    splits, eval_split, train_features = _load_hf_splits(root, cache_dir, with_train=train)
+    import datasets  # there, since the splits loaded
+
+    # An evaluation alone names the classes as training did: by the train split's ClassLabel when it has one,
+    # which the evaluation split's plain integers index
+    label = next((c for c in ("label", "labels") if c in (train_features or {})), None)
+    classes = tuple(train_features[label].names) if label and isinstance(train_features[label], datasets.ClassLabel) \
+        else None
+    built = []
     for split, transform in (("train", train_transform), (eval_split, eval_transform)):
         if split not in splits:
             continue

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
-from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, warn_not_images
+from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, warn_not_images
 from .export import check_img_size
+from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder
 from .models.preprocessing import class_names, eval_transform
@@ -80,7 +81,13 @@ def _img_size(args: argparse.Namespace, model: nn.Module) -> int | tuple[int, in
     if args.img_size is None:
         height, width = model.config.img_size
         return height if height == width else (height, width)
-    check_img_size(model, args.img_size)
+    size, stride = args.img_size, model.config.stride
+    # Images are resized to it here: model.check_input's advice, to resize or crop them, does not apply.
+    if type(size) is int and 0 < size <= MAX_IMG_SIZE and size % stride:
+        near = [s for s in (size // stride * stride, (size // stride + 1) * stride) if stride <= s <= MAX_IMG_SIZE]
+        raise ValueError(f"--img-size {size} is not a multiple of the model's stride {stride}; pass "
+                         + " or ".join(f"--img-size {s}" for s in near))
+    check_img_size(model, size)
     return args.img_size
 
 
@@ -137,7 +144,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
                          f"classes (" + (f"only the checkpoint's: {theirs[:5]}, only the data's: {new[:5]}"
                                          if theirs or new else "the same names in another order")
-                         + "); evaluate on the data set it was trained on")
+                         + "); evaluate on the data set it was trained on"
+                         + same_letters(theirs, new, "rename the data's class as the checkpoint spells it"))
     if data.num_classes != len(classes):  # a checkpoint that records no class names
         raise ValueError(f"the model has {len(classes)} outputs but {data_name} has {data.num_classes} classes; "
                          f"evaluate on the data set it was trained on")
@@ -186,8 +194,8 @@ def _check_own_report(out: Path) -> None:
 
 def images_in(folder: str) -> list[str]:
     """A folder's image files, sorted (not its subfolders'); the others are counted in a warning. A
-    link to no file is listed, to be reported as unreadable, not left out without a word."""
-    files = [p for p in Path(folder).iterdir() if p.is_file() or p.is_symlink() and not p.exists()]
+    link to no file, a FIFO and the like are listed, to be reported as unreadable, not left out without a word."""
+    files = [p for p in Path(folder).iterdir() if not p.is_dir()]
     warn_not_images(folder, [p.name for p in files if not is_image_file(p.name)])
     return sorted(str(p) for p in files if is_image_file(p.name))
 
