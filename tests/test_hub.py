@@ -145,6 +145,9 @@ def test_a_save_pretrained_folder_on_the_hub_as_the_model_name(hub):
     ("coatnet_0_rw", "hf-hub:me/w@v2", "`hf download me/w --revision v2`"),
     ("coatnet_0", True, "coatnet_0 has no published weights"),
     ("coatnet_0_224", True, "coatnet_0_224 has no published weights"),
+    # our name of an rw network: timm's name of its weights (not the paper's coatnet_0's, another network)
+    ("coatnet_0_rw", True, "coatnet_0_rw has no published weights; pretrained=True takes timm's name of its weights: "
+                           "coatnet_0_rw_224"),
     ("coatnet_0", "hf-hub:coatnet_0", "'hf-hub:coatnet_0' names no repository; write hf-hub:ORG/NAME"),
     ("coatnet_0", "hf-hub:me/w@", "names no repository"),
     ("coatnet_0_rw_224.sw_in2k", True, "unknown pretrained tag 'sw_in2k'"),
@@ -204,6 +207,16 @@ def test_a_broken_config_json_is_one_line_naming_it(hub, config, message):
         with pytest.raises(ValueError) as e:
             load()
         assert message in str(e.value) and str(snapshot / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_repository_of_another_family_says_so(hub):
+    """Not "unknown model" and the list of every model: the repository holds another network."""
+    snapshot = hub("timm/maxvit_nano_rw_256.sw_in1k")
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "maxvit_nano_rw_256", "num_classes": 1000}))
+    save_file({"stem.conv1.weight": torch.zeros(1)}, str(snapshot / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"^timm/maxvit_nano_rw_256.sw_in1k holds timm's maxvit_nano_rw_256, not a "
+                                         r"CoAtNet; coatnet builds the networks coatnet.list_models\(\) lists$"):
+        coatnet.from_pretrained("hf-hub:timm/maxvit_nano_rw_256.sw_in1k")
 
 
 def test_timm_weights_without_a_config_need_a_name(hub):

@@ -43,6 +43,34 @@ def test_save_pretrained_round_trips_exactly(pico, tmp_path):
         assert torch.equal(pico(x), loaded(x))
 
 
+def test_save_pretrained_replaces_only_a_model_folder_of_ours(pico, tmp_path):
+    """Over our own folder it writes the new model (Hugging Face's convention), other files kept (a
+    Hub clone's README); over a run, a checkpoint or another program's config.json it refuses in one
+    line, all kept: before, a run's new config.json stood for its `last`, a checkpoint lost its EMA."""
+    from coatnet.models.folder import ModelFolderError
+
+    folder = pico.save_pretrained(tmp_path / "pico")
+    (folder / "README.md").write_text("mine")
+    other = coatnet.create_model("coatnet_pico", num_classes=3)
+    assert coatnet.from_pretrained(other.save_pretrained(folder)).num_classes == 3
+    assert (folder / "README.md").read_text() == "mine"
+    run, checkpoint, foreign = tmp_path / "run", tmp_path / "ckpt", tmp_path / "foreign"
+    (run / "ckpt-00000001").mkdir(parents=True)
+    (run / "last").symlink_to("ckpt-00000001")
+    checkpoint.mkdir()
+    (checkpoint / "train_state.pt").write_bytes(b"state")
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
+    for where, message in ((run, "holds a training run, whose checkpoints these weights would hide"),
+                           (checkpoint, r"is a training checkpoint, whose weights \(and EMA\) these would replace"),
+                           (foreign, "config.json' is not a coatnet model's and would be replaced; move it")):
+        before = sorted(p.name for p in where.iterdir())
+        with pytest.raises(ModelFolderError, match=message):
+            pico.save_pretrained(where)
+        assert sorted(p.name for p in where.iterdir()) == before
+    assert (foreign / "config.json").read_text() == '{"architectures": ["BertModel"]}'
+
+
 def test_a_hand_replaced_classifier_is_refused_on_save_and_on_load(tmp_path):
     """model.classifier = Linear(..., 5) leaves model.config at 10 classes: saving it would write a
     folder that loads with a random 10-class head. Refused; and such a folder is refused on reading."""
@@ -93,6 +121,26 @@ def test_from_pretrained_bad_input(pico, tmp_path):
     with pytest.raises(ValueError, match=r"is a file; .*create_model\(NAME, pretrained=FILE\)"):
         coatnet.from_pretrained(weights)
     assert isinstance(coatnet.create_model("coatnet_pico", num_classes=7, pretrained=weights), coatnet.CoAtNet)
+
+
+def test_weights_as_users_save_them_load_or_say_what_to_do(pico, tmp_path):
+    """A torch.compile'd model's state dict (keys "_orig_mod.", under DDP's "module." too) loads; grey
+    weights name in_chans; a whole pickled model and a feature extractor's save say what to save
+    instead. Before: long key lists, "corrupt", an AttributeError."""
+    from coatnet.models.folder import ModelFolderError
+
+    compiled = {f"module._orig_mod.{k}": v for k, v in pico.state_dict().items()}
+    torch.save(compiled, tmp_path / "compiled.pt")
+    loaded = coatnet.create_model("coatnet_pico", num_classes=pico.num_classes, pretrained=tmp_path / "compiled.pt")
+    assert all(torch.equal(v, pico.state_dict()[k]) for k, v in loaded.state_dict().items())
+    save_file(coatnet.create_model("coatnet_pico", in_chans=1).state_dict(), str(tmp_path / "grey.safetensors"))
+    with pytest.raises(ValueError, match="these weights take 1 input channel: pass in_chans=1$"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "grey.safetensors")
+    torch.save(pico, tmp_path / "whole.pt")
+    with pytest.raises(ValueError, match=r"holds pickled Python objects.*save model.state_dict\(\)$"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "whole.pt")
+    with pytest.raises(ModelFolderError, match="for a FeatureExtractor save the model it was made from"):
+        coatnet.models.save_pretrained(coatnet.create_model("coatnet_pico", features_only=True), tmp_path / "f")
 
 
 # -- export -----------------------------------------------------------------------------------

@@ -24,6 +24,31 @@ def test_timm_names_build_our_networks(timm_name, ours, img_size):
     assert model.config == reference.config
 
 
+def test_timms_spellings_of_create_models_arguments(tmp_path):
+    """timm's checkpoint_path and pretrained_cfg_overlay (its file, and preprocessing over the
+    weights'), global_pool="avg" and drop_rate=0: what users type, taken; before, each was refused as
+    an unknown option."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    saved = coatnet.create_model("coatnet_pico", num_classes=3)
+    save_file(saved.state_dict(), str(tmp_path / "w.safetensors"))
+    file = str(tmp_path / "w.safetensors")
+    for model in (coatnet.create_model("coatnet_pico", num_classes=3, checkpoint_path=file, global_pool="avg",
+                                       drop_rate=0.0),
+                  coatnet.create_model("coatnet_pico", pretrained=True, num_classes=3,
+                                       pretrained_cfg_overlay=dict(file=file, crop_pct=0.8, mean=(0.1, 0.2, 0.3)))):
+        assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+    assert (model.pretrained_cfg.crop_pct, model.pretrained_cfg.mean) == (0.8, (0.1, 0.2, 0.3))
+    features = coatnet.create_model("coatnet_pico", features_only=True, pretrained_cfg_overlay=dict(crop_pct=0.8))
+    assert features.pretrained_cfg.crop_pct == features.model.pretrained_cfg.crop_pct == 0.8
+    for kwargs, message in ((dict(global_pool="max"), "global_pool: CoAtNet's head pools by the average only"),
+                            (dict(drop_rate=0.1), "drop_rate: CoAtNet's head has no dropout"),
+                            (dict(pretrained=file, checkpoint_path=file), "give the weights once")):
+        with pytest.raises(ValueError, match=message):
+            coatnet.create_model("coatnet_pico", **kwargs)
+
+
 @pytest.mark.parametrize("name,classes", [("coatnet_3_rw_224", 11821), ("coatnet_2_rw_224.sw_in12k", 11821),
                                           ("coatnet_2_rw_224", 1000), ("coatnet_rmlp_2_rw_224.sw_in12k_ft_in1k", 1000),
                                           ("coatnet_3_rw", 1000)])

@@ -77,9 +77,9 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     """A timm weights file in, a ``save_pretrained`` folder out, with timm's preprocessing and class names."""
     from pathlib import Path
 
-    from .checkpoint import holds_a_run
     from .models import create_model, read_state_dict
     from .models.factory import PretrainedWeights, load_pretrained
+    from .models.folder import refuse_to_replace
     from .models.registry import model_entry
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
                                       timm_pretrained_cfg, timm_variant_of)
@@ -91,9 +91,7 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise ValueError(f"output {args.output!r} is a folder with files in it; give a new or empty one, or replace "
                          f"its config.json and weights with --overwrite")
-    if holds_a_run(Path(args.output)):  # weights there would stand for the run's `last` in every command
-        raise ValueError(f"output {args.output!r} holds a training run, whose checkpoints these weights would hide; "
-                         f"give a new or empty folder")
+    refuse_to_replace(Path(args.output))  # now, not after converting: a run, a checkpoint, another's config.json
     name = model_entry(args.model).name if args.model else timm_variant_of(state)  # timm's name -> ours
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "

@@ -63,6 +63,37 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
         raise ValueError(f"a model name is a string, e.g. 'coatnet_0', got {name!r}; coatnet.list_models() lists them")
     if type(pretrained) is int:  # timm's 0 and 1
         pretrained = bool(pretrained)
+    pretrained, overlay = _timm_arguments(pretrained, kwargs)
+    model = _create_model(name, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only, out_indices,
+                          **kwargs)
+    if overlay:  # timm's pretrained_cfg_overlay: how images are prepared, over the weights' own
+        net = model.model if isinstance(model, FeatureExtractor) else model
+        net.pretrained_cfg = model.pretrained_cfg = model.pretrained_cfg.override(overlay)
+    return model
+
+
+def _timm_arguments(pretrained, kwargs: dict) -> tuple:
+    """timm's create_model arguments that say what ours say otherwise, taken out of ``kwargs``:
+    ``checkpoint_path`` and ``pretrained_cfg_overlay=dict(file=...)`` are weights files
+    (``pretrained``), ``global_pool="avg"`` the only pooling the head has, ``drop_rate=0`` its
+    dropout, none. Returns ``pretrained`` and the rest of the overlay (mean, std, crop_pct, ...)."""
+    if kwargs.pop("global_pool", "avg") not in ("avg", None):
+        raise ValueError("global_pool: CoAtNet's head pools by the average only; pass 'avg' or nothing")
+    if kwargs.pop("drop_rate", 0):
+        raise ValueError("drop_rate: CoAtNet's head has no dropout (the paper regularises with stochastic depth, "
+                         "drop_path_rate); leave it out")
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    files = [f for f in (kwargs.pop("checkpoint_path", None), overlay.pop("file", None)) if f]
+    if files:
+        if len(files) > 1 or pretrained not in (None, False, True):
+            raise ValueError("give the weights once: pretrained=PATH, checkpoint_path=PATH or "
+                             "pretrained_cfg_overlay=dict(file=PATH)")
+        pretrained = files[0]
+    return pretrained, overlay
+
+
+def _create_model(name: str, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only: bool,
+                  out_indices, **kwargs) -> nn.Module:
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
     if name.startswith(HUB_PREFIX):
@@ -142,6 +173,9 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
     if not isinstance(architecture, str):
         raise ValueError(f"{repo[0]} has no config.json naming timm's architecture (or holding a save_pretrained "
                          f"config); load its weights into a named network: create_model(NAME, pretrained={name!r})")
+    if not list_models(architecture.partition(".")[0], aliases=True):  # a MaxViT, a ResNet: not a list of ours
+        raise ValueError(f"{repo[0]} holds timm's {architecture}, not a CoAtNet; coatnet builds the networks "
+                         f"coatnet.list_models() lists")
     # The options timm's push_to_hf_hub recorded (a grey model's in_chans, an rmlp model's img_size),
     # under the caller's own, as timm's create_model takes them.
     model_args = meta.get("model_args") or {}
@@ -281,6 +315,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py saves its flags so
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated or not a weights file at all
+        if "Unsupported global" in str(e):  # torch.load refused to unpickle a class: a whole module saved
+            raise ValueError(f"{str(path)!r} holds pickled Python objects, not only tensors (a model saved with "
+                             f"torch.save(model)?), which coatnet does not unpickle; save model.state_dict()") from None
         raise ValueError(f"cannot read weights from {str(path)!r} ({type(e).__name__}); "
                          f"the file is corrupt, truncated or not a weights file") from None
     # A training checkpoint's weights, as timm's load_checkpoint takes them: the EMA's where kept.
@@ -290,10 +327,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
-    # Saved from DistributedDataParallel, or torch.optim.swa_utils.AveragedModel (with its counter).
-    keys = [k for k in state if k != "n_averaged"]
-    if keys and all(k.startswith("module.") for k in keys):
-        state = {k.removeprefix("module."): state[k] for k in keys}
+    # Saved from DistributedDataParallel or torch.optim.swa_utils.AveragedModel (with its counter), a
+    # torch.compile'd model or a feature extractor (whose prefix "model." no CoAtNet key has), or nested.
+    state = {k: v for k, v in state.items() if k != "n_averaged"}
+    while state and (prefix := next((p for p in ("module.", "_orig_mod.", "model.")
+                                     if all(k.startswith(p) for k in state)), None)):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
 
 
@@ -316,8 +355,13 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
     if missing or unexpected or wrong:
         parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        fix = "check the model name and options the weights were saved with"
+        if not (missing or unexpected) and len(wrong) == 1 and wrong[0] in ("stem.0.0.weight", "stem.weight") \
+                and state[wrong[0]].shape[0] == own[wrong[0]].shape[0]:  # only the input conv's channels differ
+            channels = state[wrong[0]].shape[1]
+            fix = f"these weights take {channels} input channel{'s' * (channels != 1)}: pass in_chans={channels}"
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
-                         + "; ".join(parts) + "; check the model name and options the weights were saved with")
+                         + "; ".join(parts) + f"; {fix}")
     # Only the classifier differs (another size, or none in the weights): new classes, as in
     # fine-tuning; it keeps its fresh initialisation. Without one (num_classes=0, features), the
     # weights' classifier is dropped without a word, as in timm.

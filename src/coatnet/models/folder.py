@@ -31,6 +31,8 @@ from torch import nn
 from .preprocessing import PretrainedCfg, imagenet_class_names
 
 CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
+TRAIN_STATE = "train_state.pt"  # beside a training checkpoint's model folder (coatnet.checkpoint)
+CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}(\.\d+)?")  # a run directory's checkpoints, as training names them
 
 
 class ModelFolderError(ValueError):
@@ -76,6 +78,9 @@ def write_model_folder(directory: Path, meta: dict, model: nn.Module | dict,
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (a ``CoAtNet``) to ``directory``, created if needed; returns the folder."""
     directory = Path(directory)
+    if not hasattr(model, "forward_head"):  # a feature extractor: no config of its own to rebuild it from
+        raise ModelFolderError(f"save_pretrained saves a classifier network; for a {type(model).__name__} save the "
+                               f"model it was made from, or its state_dict")
     if directory.exists() and not directory.is_dir():
         raise ModelFolderError(f"{str(directory)!r} is a file; give a folder to write {CONFIG} and {WEIGHTS} into")
     # The folder is read back by building model.config and loading the weights into it: a module
@@ -88,10 +93,40 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
                                f"{' ...' if len(differ) > 4 else ''}): a module replaced by hand, or pruned "
                                f"(prune_intermediate_layers), changes the weights but not the config; for a new "
                                f"classifier use model.reset_classifier(N), for a pruned one save its state_dict")
+    refuse_to_replace(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict(),
                                    "pretrained_cfg": model.pretrained_cfg.to_dict()}, model)
     return directory
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run or its remains: a ``last`` or ``best`` link (even one whose
+    checkpoint is gone; or a copy's folder), or a checkpoint directory as training names them. What
+    a first save cut off by a crash left (temporary names) is no run: a new one starts there, and its
+    first save removes them."""
+    links = any((run_dir / link).is_symlink() or (run_dir / link).is_dir() for link in ("last", "best"))
+    return links or (run_dir.is_dir() and any(CHECKPOINT_NAME.fullmatch(p.name) for p in run_dir.iterdir()))
+
+
+def refuse_to_replace(directory: Path) -> None:
+    """A model saved over our own model folder replaces it (as Hugging Face's save_pretrained does);
+    over what training wrote, or another program's config.json, it would hide or lose them."""
+    if holds_a_run(directory):  # the weights would stand for the run's `last` in every command
+        raise ModelFolderError(f"{str(directory)!r} holds a training run, whose checkpoints these weights would "
+                               f"hide; give a new or empty folder")
+    if (directory / TRAIN_STATE).exists():
+        raise ModelFolderError(f"{str(directory)!r} is a training checkpoint, whose weights (and EMA) these would "
+                               f"replace; give a new or empty folder")
+    config = directory / CONFIG
+    if config.exists():
+        try:
+            meta = json.loads(config.read_text())
+        except (OSError, ValueError):  # unreadable: not ours either
+            meta = None
+        if not (isinstance(meta, dict) and "model" in meta and "config" in meta):
+            raise ModelFolderError(f"{str(config)!r} is not a coatnet model's and would be replaced; move it, or give "
+                                   f"another folder")
 
 
 def read_pretrained_cfg(folder: ModelFolder) -> PretrainedCfg:

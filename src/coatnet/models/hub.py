@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .folder import CONFIG, WEIGHTS
-from .registry import list_models
+from .registry import list_models, model_entry
 
 HUB_PREFIX = "hf-hub:"
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -34,8 +34,11 @@ def hub_repository(pretrained: bool | str, name: str) -> tuple[str, str | None]:
         base, _, tag = name.partition(".")
         published = list_models(f"{base}.*", aliases=True)
         if not published:
-            raise ValueError(f"{name} has no published weights; pretrained=True takes timm's names of weights "
-                             f"(coatnet.list_models(aliases=True) lists them with their tags)")
+            # our name of a network timm publishes weights of, under its own name
+            timms = [a for a in list_models(f"{base}_*.*", aliases=True) if model_entry(a).name == model_entry(base).name]
+            hint = (f"timm's name of its weights: {timms[0].partition('.')[0]}" if timms else
+                    "timm's names of weights (coatnet.list_models(aliases=True) lists them with their tags)")
+            raise ValueError(f"{name} has no published weights; pretrained=True takes {hint}")
         return f"timm/{base}.{tag}" if tag else f"timm/{published[0]}", None
     repo, at, revision = pretrained.removeprefix(HUB_PREFIX).partition("@")
     org, _, model = repo.partition("/")
