@@ -500,3 +500,27 @@ def test_a_grey_model_predicts_on_grey_images(tmp_path, capsys):
     assert recorded["input_size"] == [1, 32, 32] and recorded["mean"] == [mean] and recorded["std"] == [std]
     with pytest.raises(ValueError, match="models of 1 or 3 input channels, not 4; prepare 4-channel inputs"):
         coatnet.data_transforms(coatnet.create_model("coatnet_pico", in_chans=4, img_size=32))
+
+
+def test_a_run_directory_is_read_at_one_checkpoint_while_training_moves_last(run_dir, tmp_path, capsys, monkeypatch):
+    """Training may save (and move `last`) while eval reads its data: the weights, the line naming
+    the checkpoint and eval's folder are all of the checkpoint `last` pointed at when eval began
+    (before: the results of one, under the name of the next)."""
+    from coatnet import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, symlinks=True)
+    was = (run / "last").resolve().name
+    shutil.copytree(run / was, run / "ckpt-00000099")
+    build = evaluate.build_datasets
+
+    def build_while_training_saves(*args, **kwargs):
+        (run / "moved").symlink_to("ckpt-00000099")
+        os.replace(run / "moved", run / "last")
+        return build(*args, **kwargs)
+    monkeypatch.setattr(evaluate, "build_datasets", build_while_training_saves)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"coatnet eval: using {run / 'last'} -> {was}\n"
+    assert json.loads(out)["checkpoint"] == str(run / was) and (run / f"eval-{was}-digits").is_dir()

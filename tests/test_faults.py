@@ -119,11 +119,51 @@ def test_disk_full_while_saving(finished_run, tmp_path, capsys, monkeypatch):
     assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 0
 
 
+def test_a_full_disk_in_torchs_writer_is_said_without_its_internals(tmp_path, monkeypatch):
+    """torch's writer reports a full disk as "[enforce fail at inline_container.cc:672] . unexpected pos":
+    the line says the disk is full instead."""
+    from coatnet.checkpoint import CheckpointError, save_checkpoint
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    with pytest.raises(CheckpointError) as error:
+        save_checkpoint(tmp_path, "ckpt-00000001", {"model": "m", "config": {}}, {"w": torch.zeros(2)},
+                        train_state={"step": 1})
+    message = str(error.value)
+    assert "writing train_state.pt failed: no space left on the device" in message and "free some space" in message
+    assert "enforce" not in message and "inline_container" not in message and not list(tmp_path.iterdir())
+
+
 def test_too_little_space_is_refused_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(tmp_path / "run")],
                     "MiB free", "choose another --output-dir")
     assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+def test_free_space_allows_for_three_checkpoints_and_is_checked_on_resume(finished_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """While `best` is behind `last`, a save writes a third checkpoint beside them: a new run needs room
+    for three (before: two), a resumed one for those its folder does not hold yet (before: unchecked)."""
+    from coatnet.models import create_model
+
+    params = sum(p.numel() * p.element_size() for p in create_model("coatnet_pico", num_classes=10,
+                                                                      img_size=16).parameters())
+    size = 3 * params  # the weights and AdamW's two moments
+    free = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free[-1]))
+    monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: (_ for _ in ()).throw(KeyboardInterrupt))
+    free.append(int(2.5 * size))
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(tmp_path / "new")],
+                    "MiB free", "up to three at once", "choose another --output-dir")
+    out = copy_run(finished_run, tmp_path)  # `last` is `best`: two more to come
+    free.append(int(1.5 * size))
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out)],
+                    "MiB free", f"continue it elsewhere with --resume {out} --output-dir NEW")
+    free.append(int(2.5 * size))
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 130  # past the check
 
 
 def test_a_real_full_disk(tmp_path, capsys, monkeypatch):
@@ -143,8 +183,8 @@ def test_a_real_full_disk(tmp_path, capsys, monkeypatch):
                 one_line_exit_2(capsys, argv, "MiB free")
             else:
                 monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
-                one_line_exit_2(capsys, argv, "cannot write checkpoint", "writing train_state.pt failed",
-                                "no checkpoint was kept; free some space")
+                one_line_exit_2(capsys, argv, "cannot write checkpoint", "writing train_state.pt failed: no space "
+                                "left on the device); no checkpoint was kept; free some space")
                 assert not (mount / "run").exists()  # the folder it made, holding nothing of a run, is gone
                 # and no file of it is left open, holding the disk's space (before: torch's, until collected)
                 assert not [fd for fd in os.listdir("/proc/self/fd")
@@ -226,10 +266,21 @@ def test_read_only_output_folder(finished_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
     try:
         one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out)],
-                        f"cannot write to {out}", "choose another --output-dir")
+                        f"cannot write to {out}", f"continue it elsewhere with --resume {out} --output-dir NEW")
     finally:
         os.chmod(out, 0o755)
     assert trained == [] and snapshot(out) == before
+
+
+def test_an_output_dir_where_a_file_is(tmp_path, capsys):
+    """--output-dir a file's path, or a path under a file: the line names the file (before: "File exists")."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "run"):
+        one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)],
+                        f"cannot write to {out} ({afile} is a file, where a folder was to be made); "
+                        f"choose another --output-dir")
+    assert afile.read_text() == "mine"
 
 
 # -- two runs on one folder, and a stale lock ------------------------------------------------------
@@ -335,6 +386,43 @@ def test_files_of_the_users_named_like_a_runs_are_not_taken_for_one(tmp_path, ca
     assert (out / "ckpt-notes" / "mine.txt").read_text() == "mine"
 
 
+def test_epochs_below_an_epoch_under_way_are_refused(finished_run, tmp_path, capsys, monkeypatch):
+    """`last` part way through epoch 2 (a --save-every checkpoint) resumed with --epochs 1: refused, as
+    nothing would be trained and the run's report would be epoch 1's, not `last`'s (before: "trained 1
+    of 1 epochs", then metrics, summary and "done" of epoch 1)."""
+    out = copy_run(finished_run, tmp_path)
+    state_file = out / "last" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save(state | {"step": 15, "batch_in_epoch": 4}, state_file)  # as a save at step 15 writes it
+    (out / "summary.json").unlink()  # as a run stopped in its epoch 2 has none
+    before = snapshot(out)
+    trained = []
+    monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "1", "--output-dir", str(out)],
+                    f"--epochs 1 is below the epoch {out / 'last'} is part way through (epoch 2, step 15); "
+                    f"give --epochs 2 or more to finish it")
+    assert trained == [] and snapshot(out) == before
+
+
+def test_a_finished_run_resumed_into_a_new_folder_with_nothing_to_train_is_refused(finished_run, tmp_path, capsys):
+    """`--resume RUN --output-dir NEW` of a finished run, no epochs added: refused, NEW not made (before: a
+    summary of no checkpoint there, best_top1 -1, and the same command then refused)."""
+    new = tmp_path / "new"
+    for epochs in ([], ["--epochs", "1"]):
+        one_line_exit_2(capsys, ["train", "--resume", str(finished_run), *epochs, "--output-dir", str(new)],
+                        f"{finished_run / 'last'} has trained 1 epoch(s) and --epochs is 1: nothing to train into "
+                        f"{new}; give --epochs 2 or more")
+    assert not new.exists()
+    # In its own folder, a checkpoint other than `last` with no report of the run: none is written of it.
+    out = copy_run(finished_run, tmp_path)
+    (out / "summary.json").unlink()
+    shutil.copytree(out / "last", out / "mine")
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", "--resume", str(out / "mine")],
+                    "has trained 1 epoch(s) and --epochs is 1: nothing to train; give --epochs 2 or more")
+    assert snapshot(out) == before
+
+
 def test_a_run_continued_in_a_new_folder_has_its_best_there(finished_run, tmp_path, capsys):
     """`--resume RUN --output-dir NEW`: NEW's `best` is the best of its own checkpoints (before: none,
     while a better epoch stayed in RUN, so `eval --checkpoint NEW/best` failed)."""
@@ -438,7 +526,9 @@ CORRUPTIONS = {  # file, damage, what the line says, the commands that read it
                              "holds no usable train_config (a JSON list, not an object)", ("resume",)),
     "model.safetensors, truncated": ("model.safetensors", _truncate, "model.safetensors' is corrupt or truncated", ALL),
     "model.safetensors, empty": ("model.safetensors", lambda p: p.write_bytes(b""), "is corrupt or truncated", ALL),
-    "train_state.pt, truncated": ("train_state.pt", _truncate, "train_state.pt' cannot be read safely", ("resume",)),
+    "train_state.pt, truncated": ("train_state.pt", _truncate, "not written by coatnet; resume another checkpoint of "
+                                  "the run (e.g. RUN_DIR/best), or start a new run from its weights with --pretrained",
+                                  ("resume",)),
     "train_state.pt, a pickle that runs code": ("train_state.pt", _malicious_pickle, "cannot be read safely",
                                                 ("resume",)),
 }

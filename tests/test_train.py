@@ -407,6 +407,33 @@ def test_a_link_written_by_hand_keeps_its_checkpoint(tmp_path, written):
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == kept
 
 
+def test_pruning_keeps_what_a_user_put_in_a_checkpoint_folder(tmp_path, capsys):
+    """A checkpoint no link points at any more loses the files training wrote (an --fsdp one's optimizer
+    shards too), not an export or a run the user put inside it (before: the folder went whole); a note
+    says what was kept, once. A checkpoint holding nothing else goes, folder and all."""
+    from coatnet.checkpoint import _remove_unreferenced
+
+    for step in (11, 22, 33):
+        ckpt = tmp_path / f"ckpt-{step:08d}"
+        (ckpt / "optimizer").mkdir(parents=True)
+        for name in ("config.json", "model.safetensors", "ema.safetensors", "train_state.pt", "optimizer/.metadata"):
+            (ckpt / name).write_text("ours")
+    (tmp_path / "ckpt-00000011" / "model.pt").write_text("an export")
+    (tmp_path / "ckpt-00000011" / "myrun").mkdir()
+    (tmp_path / "ckpt-00000011" / "myrun" / "summary.json").write_text("a run")
+    (tmp_path / "last").symlink_to("ckpt-00000033")
+    _remove_unreferenced(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000011", "ckpt-00000033"]
+    assert sorted(p.name for p in (tmp_path / "ckpt-00000011").iterdir()) == ["model.pt", "myrun"]
+    assert (tmp_path / "ckpt-00000011" / "myrun" / "summary.json").read_text() == "a run"
+    assert len(list((tmp_path / "ckpt-00000033").iterdir())) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'ckpt-00000011'}, which neither last nor best" in err
+    assert "kept what else it holds (model.pt, myrun)" in err
+    _remove_unreferenced(tmp_path)  # the next save finds nothing of ours there: no note again
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("victim", ["train_state.pt", "model.safetensors"])
 def test_truncated_checkpoint(reference_run, tmp_path, capsys, victim):
     import shutil

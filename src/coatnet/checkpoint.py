@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.folder import ModelFolder, ModelFolderError, read_model_folder, write_model_folder
+from .models.folder import (CHECKPOINT_NAME, CONFIG, EMA_WEIGHTS, TRAIN_STATE, WEIGHTS, ModelFolder, ModelFolderError,
+                            holds_a_run, read_model_folder, write_model_folder)
 
-TRAIN_STATE = "train_state.pt"
 LOCK = ".lock"  # held by the one process that writes the run directory
 OPTIMIZER_SHARDS = "optimizer"  # the folder of the optimizer state of an --fsdp run, one shard per process
 
@@ -90,8 +90,8 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
             with open(tmp / TRAIN_STATE, "wb") as f:
                 try:
                     torch.save(train_state, f)
-                except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) so
-                    raise OSError(f"writing {TRAIN_STATE} failed: {' '.join(str(e).split())[:200]}") from None
+                except RuntimeError as e:  # torch's zip writer reports a short write (a full disk) so
+                    raise OSError(f"writing {TRAIN_STATE} failed: {_torch_write_error(e)}") from None
         if shards is not None:
             os.replace(shards, tmp / OPTIMIZER_SHARDS)  # DCP wrote and synced its files
         for f in tmp.iterdir():
@@ -115,6 +115,14 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
     return final
 
 
+def _torch_write_error(e: RuntimeError) -> str:
+    """Why torch's writer failed, without its internals: a write it found cut short ("[enforce fail at
+    inline_container.cc:672] . unexpected pos ...") is a full disk or a quota."""
+    if "unexpected pos" in str(e):
+        return "no space left on the device"
+    return " ".join(re.sub(r"\[enforce fail at [^\]]*\]\s*\.?", "", str(e)).split())[:200]
+
+
 def write_failed(path: Path, reason: str) -> CheckpointError:
     """The one-line error of a checkpoint (or its part ``path``) that could not be written, whose
     half-written copy is gone; the run's links are left as they were."""
@@ -124,40 +132,52 @@ def write_failed(path: Path, reason: str) -> CheckpointError:
                            f"folder's permissions and continue with --resume")
 
 
-# The names training gives its checkpoints (``ckpt-`` and the step, ``.N`` when that name was taken),
-# and what a save cut off by a crash leaves: only these are ever deleted, never a folder of the user's.
-_CHECKPOINT = re.compile(r"ckpt-\d{8}(\.\d+)?")
-_OURS = re.compile(rf"({_CHECKPOINT.pattern})|(\.ckpt-\d{{8}}(\.\d+)?\.tmp)|(\.shards-\d{{8}}\.tmp)")
+# The checkpoints training names (CHECKPOINT_NAME) and what a save cut off by a crash leaves: only
+# these are ever deleted, never a folder of the user's.
+_OURS = re.compile(rf"({CHECKPOINT_NAME.pattern})|(\.ckpt-\d{{8}}(\.\d+)?\.tmp)|(\.shards-\d{{8}}\.tmp)")
+# What a save writes into a checkpoint directory: pruning deletes these and nothing else, since a user
+# may have put files of their own there (`coatnet export --output RUN/last/model.pt`, a run of theirs).
+_CHECKPOINT_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, TRAIN_STATE, OPTIMIZER_SHARDS)
 
 
 def _remove_unreferenced(run_dir: Path) -> None:
-    """Delete checkpoint directories that neither ``last`` nor ``best`` points at, and what a save cut
-    off by a crash left under a temporary name (the run's lock means no other save is under way)."""
+    """Delete the checkpoints that neither ``last`` nor ``best`` points at (their files; the folder too
+    when nothing else is left in it), and what a save cut off by a crash left under a temporary name
+    (the run's lock means no other save is under way)."""
     # Where the links lead, not how they are written: `ln -s $PWD/run/ckpt-N best` keeps ckpt-N too.
     # (realpath: a link looping on itself leads nowhere, where resolve() would raise)
     keep = {os.path.realpath(run_dir / link) for link in ("last", "best") if (run_dir / link).is_symlink()}
     for d in run_dir.iterdir():
-        if _OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and os.path.realpath(d) not in keep:
+        if not (_OURS.fullmatch(d.name) and d.is_dir() and not d.is_symlink() and os.path.realpath(d) not in keep):
+            continue
+        if not CHECKPOINT_NAME.fullmatch(d.name):  # a temporary folder of an unfinished save: all of it ours
             shutil.rmtree(d, ignore_errors=True)
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run or its remains: a ``last`` or ``best`` link (even one whose
-    checkpoint is gone; or a copy's folder), or a checkpoint directory as training names them. What
-    a first save cut off by a crash left (temporary names) is no run: a new one starts there, and its
-    first save removes them."""
-    links = any((run_dir / link).is_symlink() or (run_dir / link).is_dir() for link in ("last", "best"))
-    return links or (run_dir.is_dir() and any(_CHECKPOINT.fullmatch(p.name) for p in run_dir.iterdir()))
+            continue
+        removed = [d / name for name in _CHECKPOINT_FILES if os.path.lexists(d / name)]
+        for path in removed:
+            if path.is_dir() and not path.is_symlink():  # an --fsdp run's optimizer shards
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):  # as rmtree's ignore_errors: the save itself succeeded
+                    path.unlink()
+        with contextlib.suppress(OSError):  # fails where something of the user's is left in it
+            d.rmdir()
+        if removed and d.is_dir():  # said once: the next save finds no checkpoint files there
+            left = sorted(p.name for p in d.iterdir())
+            print(f"note: removed the checkpoint files of {d}, which neither last nor best points at any more, "
+                  f"and kept what else it holds ({', '.join(left[:3])}{' ...' if len(left) > 3 else ''})",
+                  file=sys.stderr)
 
 
 @contextlib.contextmanager
-def locked_run_dir(run_dir: Path):
+def locked_run_dir(run_dir: Path, instead: str = "choose another --output-dir"):
     """Create ``run_dir`` if needed and hold its lock until the block ends, however it ends.
 
     A second training process on the same folder is refused in one line instead of deleting the
     first one's temporary checkpoints. The lock is the kernel's (``flock``), so a process killed
     with SIGKILL releases it; the pid it leaves in the file only lets the next run say so. A
-    folder that cannot be written is refused here, before any training.
+    folder that cannot be written is refused here, before any training, saying to do ``instead``
+    (a resumed run: continue it in another folder).
     """
     created = not run_dir.exists()
     try:
@@ -166,7 +186,11 @@ def locked_run_dir(run_dir: Path):
         handle = open(os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="ascii",
                       errors="replace")
     except OSError as e:
-        raise CheckpointError(f"cannot write to {run_dir} ({e.strerror or e}); choose another --output-dir") from None
+        reason = e.strerror or str(e)
+        if isinstance(e, (FileExistsError, NotADirectoryError)):  # mkdir where a file is: name the file
+            file = next((p for p in (run_dir, *run_dir.parents) if p.is_file()), None)
+            reason = f"{file} is a file, where a folder was to be made" if file else reason
+        raise CheckpointError(f"cannot write to {run_dir} ({reason}); {instead}") from None
     with handle:
         _lock(handle, run_dir)
         # Ours holds a pid, or nothing (released), or NULs (a crash of the machine before the pid reached
@@ -234,6 +258,9 @@ def load_checkpoint(path: str | Path, with_train_state: bool = True) -> Checkpoi
         try:
             state = torch.load(folder.path / TRAIN_STATE, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, corrupt, or holding objects that weights_only refuses
+            # its weights were read: they can start a new run, if no other checkpoint of the run resumes
             raise CheckpointError(f"{str(folder.path / TRAIN_STATE)!r} cannot be read safely ({type(e).__name__}): "
-                                  f"corrupt, truncated or not written by coatnet") from None
+                                  f"corrupt, truncated or not written by coatnet; resume another checkpoint of "
+                                  f"the run (e.g. RUN_DIR/best), or start a new run from its weights with "
+                                  f"--pretrained {folder.path}") from None
     return Checkpoint(**vars(folder), train_state=state)

@@ -440,18 +440,20 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
         ckpt = _resume_checkpoint(resume, output_dir)
         run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else _new_run_dir(config, d)
         _check(config, d, ckpt, run_dir)
-        with locked_run_dir(run_dir) if d.main else nullcontext():
-            run = start_run(config, d, run_dir, ckpt)
+        # What to do where run_dir cannot take the run: a resumed one goes on in another folder.
+        source = output_dir if resume is True else resume
+        instead = (f"continue it elsewhere with --resume {source} --output-dir NEW" if ckpt else
+                   "choose another --output-dir")
+        with locked_run_dir(run_dir, instead) if d.main else nullcontext():
+            run = start_run(config, d, run_dir, ckpt, instead)
             if run.state.epoch >= config.epochs:
                 done = (f"{run.state.epoch} of {config.epochs} epochs" if run.state.epoch == config.epochs else
                         f"{run.state.epoch} epochs, more than --epochs {config.epochs}")
                 _log(d, f"{run_dir} has trained {done}: nothing left to do "
                         f"(pass --epochs N with more epochs to extend it)")
-                report = _broadcast(_report_to_write(run, ckpt), d)  # the first process decides for all
-                if report == "none":  # the run's own, left as it is
-                    return json.loads((run_dir / "summary.json").read_text())
-                if report == "all":  # stopped between its last checkpoint and its report: written from the checkpoint
-                    report_epoch(run)
+                if not _broadcast(_report_to_write(run, ckpt), d):  # the first process decides for all
+                    return json.loads((run_dir / "summary.json").read_text())  # the run's own, left as it is
+                report_epoch(run)  # stopped between its last checkpoint and its report: written from the checkpoint
             while run.state.epoch < config.epochs:
                 train_one_epoch(run)
                 metrics = evaluate_epoch(run)
@@ -471,8 +473,10 @@ def model_img_size(name: str) -> int:
         return min(create_model(name).config.img_size)
 
 
-def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None = None) -> Run:
-    """The run's data, model, optimizer and schedule: fresh, or at the state of the checkpoint it resumes."""
+def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None = None,
+              instead: str = "choose another --output-dir") -> Run:
+    """The run's data, model, optimizer and schedule: fresh, or at the state of the checkpoint it resumes.
+    ``instead``: what to do where the run's folder has too little space."""
     started = time.perf_counter()
     local_batch = cfg.batch_size // d.world_size
     # Data-loading processes beyond the cores only compete for them (the ImageNet recipes ask for 8).
@@ -544,8 +548,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
               schedule_steps, criterion, batch_mix, started)
     if ckpt is not None:
         _restore(run, ckpt)
-    elif d.main:
-        _check_free_space(run)
+    if d.main and run.state.epoch < cfg.epochs:  # with nothing to train, it writes no checkpoint
+        _check_free_space(run, instead)
     if cfg.fsdp:  # weights, gradients and AdamW's two moments: 4 copies of this process's shard
         held = sum(4 * p.to_local().numel() * p.element_size() for p in model.parameters())
         _log(d, f"FSDP: each process holds {held / 2**20:.1f} MiB of weights, gradients and optimizer state "
@@ -605,6 +609,12 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
             raise ValueError(f"{flag} {getattr(cfg, name)} differs from the resumed run's {saved.get(name)}: a resumed "
                              f"run keeps its data, batch size, seed and image size; drop {flag} to resume it, or "
                              f"start a new run from its weights with --pretrained {ckpt.path}")
+    trained = ckpt and ckpt.train_state["epoch"]  # epochs the resumed checkpoint finished
+    if ckpt and ckpt.train_state["batch_in_epoch"] and cfg.epochs <= trained:
+        # nothing would be trained, and the run's report would be of its last finished epoch, not of this checkpoint
+        raise ValueError(f"--epochs {cfg.epochs} is below the epoch {ckpt.path} is part way through (epoch "
+                         f"{trained + 1}, step {ckpt.train_state['step']}); give --epochs {trained + 1} or more to "
+                         f"finish it")
     if ckpt and cfg.data_dir and not os.path.exists(cfg.data_dir):
         raise ValueError(f"the run's data directory {cfg.data_dir} does not exist; if it moved, give its new place "
                          f"with --data-dir")
@@ -617,6 +627,13 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
     elsewhere = ckpt is None or run_dir.resolve() != ckpt.path.parent.resolve()  # not the resumed run's folder
+    behind_last = ckpt and os.path.realpath(run_dir / "last") != os.path.realpath(ckpt.path)
+    if ckpt and cfg.epochs <= trained and (elsewhere or behind_last and not (run_dir / "summary.json").exists()):
+        # Nothing to train: a report would be of no checkpoint in run_dir (a new folder), or would describe
+        # another checkpoint than the run's `last`. A finished run's own report is left as it is.
+        where = f" into {run_dir}" if elsewhere else ""
+        raise ValueError(f"{ckpt.path} has trained {trained} epoch(s) and --epochs is {cfg.epochs}: nothing to train"
+                         f"{where}; give --epochs {trained + 1} or more to train on from it")
     if ckpt and elsewhere and holds_a_run(run_dir):
         raise ValueError(f"--output-dir {run_dir} holds another run; resuming {ckpt.path} there would overwrite it: "
                          f"give an empty --output-dir, or none to continue in {ckpt.path.parent}")
@@ -651,16 +668,19 @@ def same_setting(name: str, given, saved) -> bool:
     return given == saved
 
 
-def _check_free_space(run: Run) -> None:
-    """Refuse to start without room for a checkpoint: weights, EMA weights and AdamW's two moments,
-    plus the old checkpoint kept until the new one is complete."""
+def _check_free_space(run: Run, instead: str = "choose another --output-dir") -> None:
+    """Refuse to start (or go on) without room for the checkpoints to come. Each holds the weights, EMA
+    weights and AdamW's two moments; a save writes the new one while the old ``last`` and ``best`` are
+    kept, three at once where ``best`` is behind ``last``. Those the run's folder holds already count."""
     copies = 1 + (run.ema is not None) + 2
-    needed = 2 * copies * sum(p.numel() * p.element_size() for p in run.model.parameters())
+    size = copies * sum(p.numel() * p.element_size() for p in run.model.parameters())
+    held = {os.path.realpath(run.run_dir / link) for link in ("last", "best") if (run.run_dir / link).exists()}
+    needed = (3 - len(held)) * size
     free = shutil.disk_usage(run.run_dir).free
     if free < needed:
-        raise ValueError(f"{run.run_dir} has {free / 2**20:.0f} MiB free, and a checkpoint of this run needs about "
-                         f"{needed / 2**21:.0f} MiB (twice that while one replaces another); free some space or "
-                         f"choose another --output-dir")
+        raise ValueError(f"{run.run_dir} has {free / 2**20:.0f} MiB free, and this run needs about "
+                         f"{needed / 2**20:.0f} MiB more for its checkpoints ({size / 2**20:.0f} MiB each, up to three "
+                         f"at once: best, last and the one replacing it); free some space or {instead}")
 
 
 def _restore(run: Run, ckpt: Checkpoint) -> None:
@@ -887,21 +907,18 @@ def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> Non
     save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, model, ema_model, state, links, shards)
 
 
-def _report_to_write(run: Run, ckpt: Checkpoint) -> str:
-    """What a resumed run with no epoch left to train writes: "all" (metrics.jsonl, curves.png and
-    summary.json) where it resumed its ``last`` checkpoint and summary.json is missing, unreadable or
-    of an earlier epoch (it stopped after that checkpoint, before its report); else "summary" where
-    there is none, and "none" where there is one (an earlier checkpoint's resume leaves it as it is)."""
-    summary_file = run.run_dir / "summary.json"
-    last = run.run_dir / "last"
-    if os.path.realpath(last) == os.path.realpath(ckpt.path):
-        try:
-            summary = json.loads(summary_file.read_text())
-        except (OSError, ValueError):
-            summary = None
-        if not (isinstance(summary, dict) and summary.get("epochs") == run.state.epoch):
-            return "all"
-    return "none" if summary_file.exists() else "summary"
+def _report_to_write(run: Run, ckpt: Checkpoint) -> bool:
+    """Whether a resumed run with no epoch left to train writes its report (metrics.jsonl, curves.png and
+    summary.json) from the checkpoint: where it resumed its ``last`` checkpoint and summary.json is
+    missing, unreadable or of another epoch (it stopped after that checkpoint, before its report). An
+    earlier checkpoint's resume leaves the run's report as it is (``_check`` refuses one without)."""
+    if os.path.realpath(run.run_dir / "last") != os.path.realpath(ckpt.path):
+        return False
+    try:
+        summary = json.loads((run.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    return not (isinstance(summary, dict) and summary.get("epochs") == run.state.epoch)
 
 
 def report_epoch(run: Run) -> None:

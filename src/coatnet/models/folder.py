@@ -32,7 +32,8 @@ from .preprocessing import PretrainedCfg, imagenet_class_names
 
 CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
 TRAIN_STATE = "train_state.pt"  # beside a training checkpoint's model folder (coatnet.checkpoint)
-CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}(\.\d+)?")  # a run directory's checkpoints, as training names them
+# A run directory's checkpoints, as training names them: ``ckpt-`` and the step, ``.N`` when that name was taken
+CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}(\.\d+)?")
 
 
 class ModelFolderError(ValueError):
