@@ -66,10 +66,22 @@ def test_timms_row_names_the_size_it_was_built_at():
     assert label(256) == "coatnet_0_224 at 256 (compiled)"  # timm's name, built for 256
 
 
-def test_bench_bfloat16(capsys):
-    result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", "--dtype", "bfloat16")
-    assert result["dtype"] == "bfloat16" and len(result["rows"]) == 2
-    assert all(r["images_per_s"]["median"] > 0 for r in result["rows"])
+@pytest.mark.parametrize("mode", ["inference", "train", "matmul"])
+def test_a_bfloat16_measurement(mode):
+    """Each of a --dtype bfloat16 bench's processes, run here (spawning it, as the bench does, adds only
+    its start): it builds, warms up, times a round and reports its peak memory."""
+    import multiprocessing
+
+    from coatnet import bench
+
+    parent, child = multiprocessing.Pipe()
+    job = bench.Job("torch" if mode == "matmul" else "coatnet", "mm" if mode == "matmul" else "coatnet_pico", mode,
+                    False, 64 if mode == "matmul" else 32, 2, None, "cpu", dtype="bfloat16")
+    parent.send("run")
+    parent.send("stop")
+    bench._worker(job, child)
+    (ready, flop), seconds, peak = parent.recv(), parent.recv(), parent.recv()
+    assert ready == "ready" and flop > 0 and seconds > 0 and peak >= 0
 
 
 @pytest.mark.parametrize("argv,message", [
