@@ -296,6 +296,7 @@ def test_imagefolder_follows_linked_folders_but_not_back_into_the_split(tmp_path
     write_image(more / "3.png", 98, "PNG")
     (more / "again").symlink_to(more, target_is_directory=True)  # a loop
     (train / "cat" / "more").symlink_to(more, target_is_directory=True)
+    (train / "cat" / "same").symlink_to(more, target_is_directory=True)  # beside another link to it: once
     (tmp_path / "elsewhere" / "fish").mkdir(parents=True)
     write_image(tmp_path / "elsewhere" / "fish" / "0.png", 99, "PNG")
     for split in ("train", "val"):  # a symlinked class folder is a class
@@ -308,10 +309,12 @@ def test_imagefolder_follows_linked_folders_but_not_back_into_the_split(tmp_path
         ("bird/0.png", 0), ("bird/1.jpg", 0), ("bird/2.png", 0), ("cat/0.png", 1), ("cat/1.jpg", 1),
         ("cat/2.png", 1), ("cat/more/3.png", 1), ("dog/0.png", 2), ("dog/1.jpg", 2), ("dog/2.png", 2),
         ("dog/linked.png", 2), ("fish/0.png", 3)]
-    skipped = sorted(str(w.message).split("'")[1] for w in caught if str(w.message).startswith("skipping folder"))
-    assert skipped == [str(train / "cat" / "more" / "again"), str(train / "cat" / "up"), str(train / "dog" / "birds")]
-    assert all("its images are listed already, through another path or in a loop; remove the link" in str(w.message)
-               for w in caught if str(w.message).startswith("skipping folder"))
+    skipped = sorted((str(w.message).split("'")[1], str(w.message).split(": ")[1]) for w in caught
+                     if str(w.message).startswith("skipping folder"))
+    loop = "it leads to the split's folder or above it, a loop; remove the link"
+    listed = "its images are listed through another path already; remove the link"
+    assert skipped == [(str(train / "cat" / "more" / "again"), listed), (str(train / "cat" / "same"), listed),
+                       (str(train / "cat" / "up"), loop), (str(train / "dog" / "birds"), listed)]
 
 
 @pytest.fixture
@@ -736,7 +739,15 @@ def test_cifar_pickled_again_by_python3_at_an_old_protocol(tmp_path, protocol):
     assert torch.equal(b.val.images.reshape(3, -1), torch.from_numpy(batches["test_batch"][b"data"]))
     data = pickle.dumps({b"data": b"x"}, protocol=protocol).replace(b"latin1", b"zlib  ")
     (folder / "test_batch").write_bytes(data)
-    with pytest.raises(DataError, match="refusing the codec 'zlib  ' in a CIFAR pickle"):
+    with pytest.raises(DataError, match="refusing a CIFAR pickle that builds bytes with the codec 'zlib  '"):
+        build_datasets("cifar10", tmp_path)
+    # One text encoded again and again: each call a copy, 20x the file's size here (before: no bound)
+    text = "x" * 1000
+    again = b"h\x00h\x01h\x02\x86R"  # the function, the text, "latin1": call
+    (folder / "test_batch").write_bytes(
+        b"\x80\x02c_codecs\nencode\nq\x00X" + len(text).to_bytes(4, "little") + text.encode() + b"q\x01"
+        + b"X\x06\x00\x00\x00latin1q\x02(" + again * 20 + b"l.")
+    with pytest.raises(DataError, match="refusing a CIFAR pickle that builds bytes of more than its own size"):
         build_datasets("cifar10", tmp_path)
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import tarfile
 import tempfile
 
@@ -365,6 +366,36 @@ def test_hf_null_image_is_skipped_at_load(tmp_path):
     assert train.skipped_at_load == 1
 
 
+def test_hf_images_stored_as_paths_open_no_fifo(tmp_path):
+    """Parquet whose image column holds file paths (datasets' to_parquet keeps them), one of them a
+    FIFO: skipped and counted at load, as an unreadable file is (before: the epoch waited forever)."""
+    (tmp_path / "ds").mkdir()
+    paths = [tmp_path / f"{i}.{s['ext']}" for i, s in enumerate(TRAIN)]
+    for path, s in zip(paths, TRAIN):
+        path.write_bytes(encode(s["rgb"], s["ext"]))
+    datasets.Dataset.from_dict({"image": [str(p) for p in paths], "label": [s["label"] for s in TRAIN]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "label": datasets.ClassLabel(names=NAMES)})
+                               ).to_parquet(str(tmp_path / "ds" / "train-0.parquet"))
+    hf_split(VAL).to_parquet(str(tmp_path / "ds" / "validation-0.parquet"))
+    paths[0].unlink()
+    os.mkfifo(paths[0])
+    train = build_hf(str(tmp_path / "ds"), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache")).train
+
+    def blocked(*_):  # the old code waits in open() for a writer: fail, do not hang the suite
+        pytest.fail("blocked for 5 s: a FIFO was opened")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(5)
+    try:
+        with pytest.warns(UserWarning, match="not an image file but a FIFO"):
+            item = train[0]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    check_item(item, TRAIN[1])
+    assert train.skipped_at_load == 1
+
+
 def _save(dd_or_ds):
     return lambda root: dd_or_ds().save_to_disk(str(root))
 
@@ -376,7 +407,8 @@ HF_ERRORS = {
     "no eval split": (_save(lambda: datasets.DatasetDict(train=hf_split(TRAIN), extra=hf_split(VAL))),
                       "found: train, extra"),
     "no image column": (_save(lambda: datasets.DatasetDict(
-        train=hf_split(TRAIN, image="picture"), validation=hf_split(VAL, image="picture"))), "columns: picture, label"),
+        train=hf_split(TRAIN, image="picture"), validation=hf_split(VAL, image="picture"))),
+        "columns: picture, label; rename yours and save the data set again (dd.rename_column('picture', 'image')"),
     "no label column": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, label="y"), validation=hf_split(VAL, label="y"))),
         "columns: image, y; rename yours and save the data set again (dd.rename_column('y', 'label').save_to_disk(DIR))"),

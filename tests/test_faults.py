@@ -320,6 +320,9 @@ def test_dangling_last_is_not_an_empty_folder(finished_run, tmp_path, capsys):
     before = snapshot(out)
     one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out)], "already holds a run")
     one_line_exit_2(capsys, ["train", "--resume", "--output-dir", str(out)], "which is missing", "best")
+    # eval and predict read the run so too (before: "'RUN/last' does not exist")
+    for argv in (["eval", "--checkpoint", str(out)], ["predict", "--checkpoint", str(out), str(tmp_path)]):
+        one_line_exit_2(capsys, argv, "which is missing", "best")
     assert snapshot(out) == before
     # Without `best` either, the line does not point at it: there is no other checkpoint.
     (out / "best").unlink()

@@ -146,8 +146,8 @@ def test_a_save_pretrained_folder_on_the_hub_as_the_model_name(hub):
     ("coatnet_0", True, "coatnet_0 has no published weights"),
     ("coatnet_0_224", True, "coatnet_0_224 has no published weights"),
     # our name of an rw network: timm's name of its weights (not the paper's coatnet_0's, another network)
-    ("coatnet_0_rw", True, "coatnet_0_rw has no published weights; pretrained=True takes timm's name of its weights: "
-                           "coatnet_0_rw_224"),
+    ("coatnet_0_rw", True, "timm publishes the weights of coatnet_0_rw as coatnet_0_rw_224: pass that name with "
+                           "pretrained=True"),
     ("coatnet_0", "hf-hub:coatnet_0", "'hf-hub:coatnet_0' names no repository; write hf-hub:ORG/NAME"),
     ("coatnet_0", "hf-hub:me/w@", "names no repository"),
     ("coatnet_0_rw_224.sw_in2k", True, "unknown pretrained tag 'sw_in2k'"),

@@ -125,8 +125,9 @@ def test_from_pretrained_bad_input(pico, tmp_path):
 
 def test_weights_as_users_save_them_load_or_say_what_to_do(pico, tmp_path):
     """A torch.compile'd model's state dict (keys "_orig_mod.", under DDP's "module." too) loads; grey
-    weights name in_chans; a whole pickled model and a feature extractor's save say what to save
-    instead. Before: long key lists, "corrupt", an AttributeError."""
+    weights name in_chans (and only they); a feature extractor's weights, a whole pickled model and a
+    feature extractor's save say what to do instead. Before: long key lists, "corrupt", an
+    AttributeError."""
     from coatnet.models.folder import ModelFolderError
 
     compiled = {f"module._orig_mod.{k}": v for k, v in pico.state_dict().items()}
@@ -136,6 +137,15 @@ def test_weights_as_users_save_them_load_or_say_what_to_do(pico, tmp_path):
     save_file(coatnet.create_model("coatnet_pico", in_chans=1).state_dict(), str(tmp_path / "grey.safetensors"))
     with pytest.raises(ValueError, match="these weights take 1 input channel: pass in_chans=1$"):
         coatnet.create_model("coatnet_pico", pretrained=tmp_path / "grey.safetensors")
+    patch = dict(img_size=64, stem=dict(kind="patch", stride=2, channels=16))  # another kernel, not channels
+    save_file(coatnet.create_model("coatnet_pico", **patch).state_dict(), str(tmp_path / "patch.safetensors"))
+    with pytest.raises(ValueError, match="wrong shape: stem.weight .*; check the model name and options"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "patch.safetensors",
+                             **patch | dict(stem=dict(kind="patch", stride=4, channels=16)))
+    torch.save(coatnet.create_model("coatnet_pico", features_only=True).state_dict(), tmp_path / "features.pt")
+    with pytest.raises(ValueError, match=r"holds a feature extractor's weights \(keys model.\*\), which hold no "
+                                         r"head; load them with extractor.load_state_dict"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "features.pt")
     torch.save(pico, tmp_path / "whole.pt")
     with pytest.raises(ValueError, match=r"holds pickled Python objects.*save model.state_dict\(\)$"):
         coatnet.create_model("coatnet_pico", pretrained=tmp_path / "whole.pt")

@@ -24,7 +24,7 @@ def test_timm_names_build_our_networks(timm_name, ours, img_size):
     assert model.config == reference.config
 
 
-def test_timms_spellings_of_create_models_arguments(tmp_path):
+def test_timms_spellings_of_create_models_arguments(tmp_path, monkeypatch):
     """timm's checkpoint_path and pretrained_cfg_overlay (its file, and preprocessing over the
     weights'), global_pool="avg" and drop_rate=0: what users type, taken; before, each was refused as
     an unknown option."""
@@ -40,11 +40,20 @@ def test_timms_spellings_of_create_models_arguments(tmp_path):
                                        pretrained_cfg_overlay=dict(file=file, crop_pct=0.8, mean=(0.1, 0.2, 0.3)))):
         assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
     assert (model.pretrained_cfg.crop_pct, model.pretrained_cfg.mean) == (0.8, (0.1, 0.2, 0.3))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="me/tuned is not in the Hugging Face cache"):  # hf_hub_id: that repository
+        coatnet.create_model("coatnet_0_rw_224", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="me/tuned"))
     features = coatnet.create_model("coatnet_pico", features_only=True, pretrained_cfg_overlay=dict(crop_pct=0.8))
     assert features.pretrained_cfg.crop_pct == features.model.pretrained_cfg.crop_pct == 0.8
     for kwargs, message in ((dict(global_pool="max"), "global_pool: CoAtNet's head pools by the average only"),
                             (dict(drop_rate=0.1), "drop_rate: CoAtNet's head has no dropout"),
-                            (dict(pretrained=file, checkpoint_path=file), "give the weights once")):
+                            (dict(pretrained=file, checkpoint_path=file), "give the weights once"),
+                            # as in timm, the overlay's weights are pretrained=True's (before: loaded with False)
+                            (dict(pretrained_cfg_overlay=dict(file=file)), "are the weights of pretrained=True"),
+                            # taken without effect before, a model other than asked for
+                            (dict(pretrained=True, pretrained_cfg_overlay=dict(num_classes=3, input_size=(3, 64, 64))),
+                             r"pretrained_cfg_overlay \['input_size', 'num_classes'\] is not taken here")):
         with pytest.raises(ValueError, match=message):
             coatnet.create_model("coatnet_pico", **kwargs)
 
@@ -138,7 +147,7 @@ def test_features_only():
     ((3, 1), r"feature indices \[3, 1\] pick the maps \[3, 1\]; give them in increasing order, each once \(\[1, 3\]\)"),
     ((2, 2), r"pick the maps \[2, 2\]; give them in increasing order, each once \(\[2\]\)"),
     ((-1, 1), r"pick the maps \[4, 1\]"),
-    ((), "feature indices \\(\\): give an int n"), ([1.0], "feature indices \\[1.0\\]: give an int n"),
+    ((), "feature indices \\[\\]: give an int n"), ([1.0], "feature indices \\[1.0\\]: give an int n"),
     ("1", "feature indices '1': give an int n"), (True, "feature indices True: give an int n"),
 ])
 def test_feature_indices_that_feature_info_would_not_follow_are_refused(out_indices, message):
@@ -146,6 +155,14 @@ def test_feature_indices_that_feature_info_would_not_follow_are_refused(out_indi
     channels of 3 and 1, (2, 2) one map under two entries, without a word; other types, a traceback."""
     with pytest.raises(ValueError, match=message):
         coatnet.create_model("coatnet_pico", features_only=True, out_indices=out_indices)
+
+
+def test_feature_indices_as_any_sequence_of_integers():
+    import numpy as np
+
+    for out_indices in ((1, 2), range(1, 3), list(np.array([1, 2])), np.array([1, 2])):
+        assert coatnet.create_model("coatnet_pico", features_only=True, out_indices=out_indices).out_indices == (1, 2)
+    assert coatnet.create_model("coatnet_pico", features_only=True, out_indices=np.int64(2)).out_indices == (3, 4)
 
 
 def test_prune_intermediate_layers_keeps_what_the_maps_need(tmp_path):

@@ -88,10 +88,10 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
+    refuse_to_replace(Path(args.output))  # now, not after converting: a run, a checkpoint, another's config.json
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise ValueError(f"output {args.output!r} is a folder with files in it; give a new or empty one, or replace "
                          f"its config.json and weights with --overwrite")
-    refuse_to_replace(Path(args.output))  # now, not after converting: a run, a checkpoint, another's config.json
     name = model_entry(args.model).name if args.model else timm_variant_of(state)  # timm's name -> ours
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "

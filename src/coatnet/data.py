@@ -170,6 +170,15 @@ def _header_problem(path: str) -> str | None:
         return _unreadable(e)
 
 
+def _inside(path: str, folders: set[str]) -> bool:
+    """Whether ``path`` (a real path) is in one of ``folders`` (real paths), at any depth."""
+    while (up := os.path.dirname(path)) != path:
+        if up in folders:
+            return True
+        path = up
+    return False
+
+
 def _is_hidden(name: str) -> bool:
     # Skip dot-entries such as .ipynb_checkpoints/ or macOS "._x.jpg" resource forks.
     return name.startswith(".")
@@ -240,9 +249,10 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
     """``root/<class>/**/<image>`` files (torchvision ImageFolder layout), decoded lazily.
 
     Hidden (dot-named) folders and files are skipped at every depth. Symlinked folders are followed, as
-    torchvision does, except one that leads back into the split's folder or to a folder already walked
-    (``ln -s .. cat/up`` would list the split again, mislabelled, or loop): skipped, with a warning. A
-    class folder may itself be a symlink; a symlinked file is read like any other.
+    torchvision does, each real folder once: a link to the split's folder or above it (``ln -s ..
+    cat/up``, a loop) or to a folder listed already (by another link, or in a class: ``cat/dogs ->
+    ../dog`` would list dogs as cats too) is skipped, with a warning. A class folder may itself be a
+    symlink; a symlinked file is read like any other.
 
     Files whose header PIL cannot read are dropped at construction (``skipped``, with a warning);
     one that fails to decode later is :class:`SubstitutesUndecodable`'s.
@@ -267,34 +277,38 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         The base class's other arguments (extensions, is_valid_file, allow_empty) are fixed here.
         """
         samples, not_images, empty = [], [], []
-        # Real paths (links resolved) of the split's folder and its class folders, and of the folders walked
-        homes = {os.path.realpath(directory), *(os.path.realpath(os.path.join(directory, c)) for c in class_to_idx)}
-        walked: set[str] = set()
+        # Each folder is walked once, by its real path (links resolved): the class folders are claimed
+        # first, then each subfolder as it is taken, before any is walked (two links side by side to one
+        # folder would list its images twice).
+        split = os.path.realpath(directory)
+        claimed = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
             raise error
 
         def followed(dirpath: str, name: str) -> bool:
-            """Whether to walk the subfolder ``name``: not hidden, and not one whose images are listed anyway
-            (a link into the split or above it, or to a folder walked already: twice, or forever)."""
+            """Whether to walk the subfolder ``name``: not hidden, and, for a link, neither back into the
+            split's folder or above it (a loop) nor into a folder listed already (its images twice)."""
             path = os.path.join(dirpath, name)
             if _is_hidden(name):
                 return False
             real = os.path.realpath(path)
-            overlaps = any(os.path.commonpath([real, h]) in (real, h) for h in homes)  # in or above one of them
-            if real in walked or os.path.islink(path) and overlaps:
-                warnings.warn(f"skipping folder '{path}' (-> '{real}'): its images are listed already, through "
-                              f"another path or in a loop; remove the link", stacklevel=2)
-                return False
-            return True
+            if real == split or split.startswith(real.rstrip(os.sep) + os.sep):
+                why = "it leads to the split's folder or above it, a loop"
+            elif real in claimed or os.path.islink(path) and _inside(real, claimed):
+                why = "its images are listed through another path already"
+            else:
+                claimed.add(real)
+                return True
+            warnings.warn(f"skipping folder '{path}' (-> '{real}'): {why}; remove the link", stacklevel=2)
+            return False
 
         for cls, label in class_to_idx.items():
             found = len(samples)
             # Top-down walk with sorted, pruned dirnames, into linked folders too (see followed()).
             for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls), onerror=unreadable,
                                                         followlinks=True):
-                walked.add(os.path.realpath(dirpath))
-                dirnames[:] = sorted(d for d in dirnames if followed(dirpath, d))
+                dirnames[:] = [d for d in sorted(dirnames) if followed(dirpath, d)]
                 for fname in sorted(filenames):
                     if not is_image_file(fname):
                         not_images.append(fname)
@@ -391,15 +405,6 @@ except ImportError:  # pragma: no cover - older numpy
     from numpy.core.multiarray import scalar as _np_scalar
 
 
-def _latin1(text: str, encoding: str) -> bytes:
-    """``_codecs.encode`` as pickles of Python 3 at protocols 0-2 call it, to rebuild bytes (an array's
-    data among them) from text: with latin-1 alone, so that no other codec runs."""
-    if encoding != "latin1":
-        raise DataError(f"refusing the codec {encoding!r} in a CIFAR pickle (only latin1 builds bytes); use the "
-                        "official files from https://www.cs.toronto.edu/~kriz/cifar.html")
-    return codecs.encode(text, "latin1")
-
-
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickler that can only rebuild numpy arrays: a pickle can run any callable it names, so
     everything except what the CIFAR files reference is refused."""
@@ -412,13 +417,30 @@ class _CifarUnpickler(pickle.Unpickler):
         # numpy scalars (labels as list(np.array), from conversion scripts): a dtype and its bytes
         ("numpy.core.multiarray", "scalar"): _np_scalar,
         ("numpy._core.multiarray", "scalar"): _np_scalar,
-        # bytes, as Python 3 pickles them at protocols 0-2 (a CIFAR dict loaded and dumped again): from text,
-        # or empty (bytes(), called with no arguments: a size would allocate that many)
-        ("_codecs", "encode"): _latin1,
+        # empty bytes, as Python 3 pickles them at protocols 0-2 (called with no arguments: a size would
+        # allocate that many); others are _codecs.encode's, below
         ("__builtin__", "bytes"): lambda: b"",
     }
 
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        # What _codecs.encode may build in all: as much as the file holds (a text is pickled once, and
+        # each call copies it, so a small crafted file could otherwise ask for any amount of memory).
+        self.budget = os.fstat(file.fileno()).st_size
+
+    def _latin1(self, text: str, encoding: str) -> bytes:
+        """``_codecs.encode`` as pickles of Python 3 at protocols 0-2 call it, to rebuild bytes (an
+        array's data among them) from text: with latin-1 alone, so that no other codec runs."""
+        self.budget -= len(text)
+        if encoding != "latin1" or self.budget < 0:
+            raise DataError("refusing a CIFAR pickle that builds bytes " + (
+                f"with the codec {encoding!r}" if encoding != "latin1" else "of more than its own size") +
+                "; use the official files from https://www.cs.toronto.edu/~kriz/cifar.html")
+        return codecs.encode(text, "latin1")
+
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):  # bytes as Python 3 pickles them at protocols 0-2
+            return self._latin1
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import DataBundle, DataError, SubstitutesUndecodable, _one_line, decode_image
+from .data import DataBundle, DataError, SubstitutesUndecodable, _not_a_file, _one_line, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image, in order of preference
 HF_EVAL_SPLITS = ("validation", "val", "test")
@@ -384,6 +384,8 @@ class HFImageDataset(EncodedImages):
         if value is None or value.get("bytes") is value.get("path") is None:  # a null in the column
             raise DataError(f"no image in {where}")
         if value.get("bytes") is None:  # stored as a path to an image file
+            if (other := _not_a_file(value["path"])) is not None:  # a FIFO would wait for a writer forever
+                raise DataError(f"cannot read image '{value['path']}' ({where}): {other}")
             try:
                 return Path(value["path"]).read_bytes(), f"'{value['path']}' ({where})"
             except (OSError, TypeError) as e:
@@ -474,8 +476,11 @@ def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
     feats = ds.features
     image = next((c for c in ("image", "img") if c in feats), None)
     label = next((c for c in ("label", "labels") if c in feats), None)
-    if image is None:
-        raise DataError(f"{where} has no image column ('image' or 'img' of type Image); columns: {', '.join(feats)}")
+    if image is None:  # as for the label column below, there is no flag to name another
+        theirs = next((c for c in feats if isinstance(feats[c], datasets.Image)), "COLUMN")
+        raise DataError(f"{where} has no image column ('image' or 'img' of type Image); columns: {', '.join(feats)}; "
+                        f"rename yours and save the data set again (dd.rename_column('{theirs}', 'image')"
+                        f".save_to_disk(DIR))")
     if not isinstance(feats[image], datasets.Image):  # e.g. parquet written without datasets' metadata
         raise DataError(f"{where}: column '{image}' is {feats[image]}, not an Image; save the data set with the "
                         f"column cast to one (ds.cast_column('{image}', datasets.Image()))")

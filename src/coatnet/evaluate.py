@@ -99,6 +99,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     if path.is_symlink() and path.resolve().is_dir():  # named as the run names it, where it is beside the link
         target = path.resolve()
         path = path.parent / target.name if target.parent == path.parent.resolve() else target
+    else:  # as given: a link to no checkpoint is said by read_model_folder, pointing at the run's others
+        path = Path(args.checkpoint)
     ckpt = read_model_folder(path)
     model = model_from_folder(ckpt)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))

@@ -2,7 +2,8 @@
 
 - ``onnx``: ``torch.onnx.export`` with ``dynamo=False``, the TorchScript-based exporter, opset 17.
   The dynamo exporter needs ``onnxscript``, which the ``export`` extra does not install; the
-  TorchScript-based one needs only ``onnx``. Input ``images``, output ``logits``.
+  TorchScript-based one needs only ``onnx``. Input ``images``, output ``logits`` (a feature
+  extractor's: one per map, named as its ``feature_info`` names their modules, ``stages.0`` ...).
 - ``torchscript``: ``torch.jit.trace``; the trace reads the batch size from its input, so it takes
   any batch size with or without ``dynamic_batch``.
 - ``exported``: ``torch.export.export`` saved with ``torch.export.save`` (a ``.pt2`` file);
@@ -167,7 +168,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
     if example.dtype == torch.bfloat16:  # the file would be written, and then not load
         raise ValueError("onnxruntime runs no bfloat16 convolutions: export the float32 model (model.float()), "
                          "or a bfloat16 one with format 'exported' or 'torchscript'")
-    # A feature extractor's maps are named as its feature_info names their modules ("stages.1", ...)
+    # A feature extractor's maps are named as its feature_info names their modules ("stem", "stages.0", ...)
     outputs = model.feature_info.module_name() if isinstance(model, FeatureExtractor) else ["logits"]
     axes = {name: {0: "batch"} for name in ("images", *outputs)} if dynamic_batch else None
     torch.onnx.export(model, (example,), str(output), dynamo=False, opset_version=17, input_names=["images"],

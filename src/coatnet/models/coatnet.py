@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
+import operator
 from collections import OrderedDict
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -768,17 +770,20 @@ class CoAtNet(nn.Module):
         """Indices into ``feature_info`` as timm takes them: None, the last stage at each resolution
         (S1..S4); an int n, the last n; a list, where negative ones count from the end."""
         count = len(self.feature_info)
+        integer = lambda i: isinstance(i, numbers.Integral) and not isinstance(i, bool)  # noqa: E731 (numpy's too)
         if indices is None:
             return self.default_feature_indices()
-        if isinstance(indices, int) and not isinstance(indices, bool):
+        if integer(indices):
             if not 0 < indices <= count:
                 raise ValueError(f"feature indices {indices}: an int takes the last n of {count} (0: the stem, then "
                                  f"one per stage); give 1..{count}")
             return list(range(count - indices, count))
-        if not (isinstance(indices, (list, tuple)) and indices
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+        if hasattr(indices, "__iter__") and not isinstance(indices, str):  # a tuple, a range, an array
+            indices = list(indices)
+        if not (isinstance(indices, list) and indices and all(map(integer, indices))):
             raise ValueError(f"feature indices {indices!r}: give an int n (the last n maps) or a list of ints into the "
                              f"{count} maps (0: the stem, then one per stage)")
+        indices = [operator.index(i) for i in indices]
         bad = [i for i in indices if not -count <= i < count]
         if bad:
             raise ValueError(f"feature indices {bad} out of range 0..{count - 1} (0: the stem, then one per stage; "
@@ -787,7 +792,7 @@ class CoAtNet(nn.Module):
         # The maps come in stage order, once each: in any other order, feature_info (which follows the
         # indices) would describe other maps than those given, without a word.
         if picked != sorted(set(picked)):
-            raise ValueError(f"feature indices {list(indices)} pick the maps {picked}; give them in increasing order, "
+            raise ValueError(f"feature indices {indices} pick the maps {picked}; give them in increasing order, "
                              f"each once ({sorted(set(picked))}), as the stages give their maps")
         return picked
 

@@ -72,22 +72,36 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     return model
 
 
+# What timm's pretrained_cfg_overlay may say here: where the weights are, and how images are prepared.
+_OVERLAY_KEYS = ("file", "hf_hub_id", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
 def _timm_arguments(pretrained, kwargs: dict) -> tuple:
     """timm's create_model arguments that say what ours say otherwise, taken out of ``kwargs``:
-    ``checkpoint_path`` and ``pretrained_cfg_overlay=dict(file=...)`` are weights files
-    (``pretrained``), ``global_pool="avg"`` the only pooling the head has, ``drop_rate=0`` its
-    dropout, none. Returns ``pretrained`` and the rest of the overlay (mean, std, crop_pct, ...)."""
+    ``checkpoint_path`` is a weights file (``pretrained``), and with ``pretrained=True`` (as in timm)
+    so are ``pretrained_cfg_overlay``'s ``file`` and ``hf_hub_id``; ``global_pool="avg"`` is the
+    only pooling the head has, ``drop_rate=0`` its dropout, none. Returns ``pretrained`` and the
+    overlay's preprocessing (mean, std, interpolation, crop_pct, crop_mode)."""
     if kwargs.pop("global_pool", "avg") not in ("avg", None):
         raise ValueError("global_pool: CoAtNet's head pools by the average only; pass 'avg' or nothing")
     if kwargs.pop("drop_rate", 0):
         raise ValueError("drop_rate: CoAtNet's head has no dropout (the paper regularises with stochastic depth, "
                          "drop_path_rate); leave it out")
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    files = [f for f in (kwargs.pop("checkpoint_path", None), overlay.pop("file", None)) if f]
+    unknown = sorted(set(overlay) - set(_OVERLAY_KEYS))
+    if unknown:  # taken without effect, they would leave the model other than asked (num_classes: an argument)
+        raise ValueError(f"pretrained_cfg_overlay {unknown} is not taken here; it takes {', '.join(_OVERLAY_KEYS)}, "
+                         f"and create_model's own arguments the rest (num_classes, img_size, in_chans)")
+    hub = overlay.pop("hf_hub_id", None)
+    sources = [overlay.pop("file", None), hub and f"{HUB_PREFIX}{hub}"]
+    if any(sources) and pretrained is not True:
+        raise ValueError("pretrained_cfg_overlay's file and hf_hub_id are the weights of pretrained=True, as in timm: "
+                         "pass it, or the weights as pretrained=PATH")
+    files = [f for f in (kwargs.pop("checkpoint_path", None), *sources) if f]
     if files:
         if len(files) > 1 or pretrained not in (None, False, True):
             raise ValueError("give the weights once: pretrained=PATH, checkpoint_path=PATH or "
-                             "pretrained_cfg_overlay=dict(file=PATH)")
+                             "pretrained_cfg_overlay=dict(file=PATH) or dict(hf_hub_id=ORG/NAME)")
         pretrained = files[0]
     return pretrained, overlay
 
@@ -328,11 +342,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
     # Saved from DistributedDataParallel or torch.optim.swa_utils.AveragedModel (with its counter), a
-    # torch.compile'd model or a feature extractor (whose prefix "model." no CoAtNet key has), or nested.
+    # torch.compile'd model, or both.
     state = {k: v for k, v in state.items() if k != "n_averaged"}
-    while state and (prefix := next((p for p in ("module.", "_orig_mod.", "model.")
-                                     if all(k.startswith(p) for k in state)), None)):
+    while state and (prefix := next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)),
+                                    None)):
         state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if state and all(k.startswith("model.") for k in state):  # no CoAtNet key starts so
+        raise ValueError(f"{str(path)!r} holds a feature extractor's weights (keys model.*), which hold no head; "
+                         f"load them with extractor.load_state_dict, or save the model it was made from")
     return state
 
 
@@ -356,10 +373,10 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
         parts = [f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         fix = "check the model name and options the weights were saved with"
-        if not (missing or unexpected) and len(wrong) == 1 and wrong[0] in ("stem.0.0.weight", "stem.weight") \
-                and state[wrong[0]].shape[0] == own[wrong[0]].shape[0]:  # only the input conv's channels differ
-            channels = state[wrong[0]].shape[1]
-            fix = f"these weights take {channels} input channel{'s' * (channels != 1)}: pass in_chans={channels}"
+        if not (missing or unexpected) and wrong in (["stem.0.0.weight"], ["stem.weight"]):
+            (out, channels, *kernel), (out_, channels_, *kernel_) = state[wrong[0]].shape, own[wrong[0]].shape
+            if (out, kernel) == (out_, kernel_):  # only the input conv's channels differ
+                fix = f"these weights take {channels} input channel{'s' * (channels != 1)}: pass in_chans={channels}"
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
                          + "; ".join(parts) + f"; {fix}")
     # Only the classifier differs (another size, or none in the weights): new classes, as in

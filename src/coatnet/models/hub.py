@@ -36,9 +36,11 @@ def hub_repository(pretrained: bool | str, name: str) -> tuple[str, str | None]:
         if not published:
             # our name of a network timm publishes weights of, under its own name
             timms = [a for a in list_models(f"{base}_*.*", aliases=True) if model_entry(a).name == model_entry(base).name]
-            hint = (f"timm's name of its weights: {timms[0].partition('.')[0]}" if timms else
-                    "timm's names of weights (coatnet.list_models(aliases=True) lists them with their tags)")
-            raise ValueError(f"{name} has no published weights; pretrained=True takes {hint}")
+            if timms:
+                raise ValueError(f"timm publishes the weights of {name} as {timms[0].partition('.')[0]}: pass that "
+                                 f"name with pretrained=True")
+            raise ValueError(f"{name} has no published weights; pretrained=True takes timm's names of weights "
+                             f"(coatnet.list_models(aliases=True) lists them with their tags)")
         return f"timm/{base}.{tag}" if tag else f"timm/{published[0]}", None
     repo, at, revision = pretrained.removeprefix(HUB_PREFIX).partition("@")
     org, _, model = repo.partition("/")

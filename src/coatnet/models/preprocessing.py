@@ -165,14 +165,15 @@ def as_shown(image: Image.Image, mode: str = "RGB") -> Image.Image:
         if image.mode == "F" or wide.min() < 0 or wide.max() > 65535:  # refused, not guessed
             raise PixelRangeError(f"its {'float' if image.mode == 'F' else '32-bit integer'} pixels have no range "
                                   f"to scale from; save it as an 8- or 16-bit image")
-        # 16-bit files open as "I;16*", or as "I" for a PGM (scaled to 0..65535) or, before Pillow 10.1, a PNG
-        # (16 bits at most); another "I" image (a 32-bit TIFF, convert("I")) within 0..255 may hold 8-bit values
-        # as well as a dark 16-bit image: /257 would make the first black
-        if image.mode == "I" and image.format not in ("PNG", "PPM") and wide.max() <= 255:
+        # 16-bit files open as "I;16*", or as "I" for a PGM (scaled to 0..65535), a signed 16-bit TIFF or,
+        # before Pillow 10.1, a PNG; another "I" image (a 32-bit TIFF, convert("I")) within 0..255 may hold
+        # 8-bit values as well as a dark 16-bit image: /257 would make the first black
+        sixteen = image.format in ("PNG", "PPM") or image.format == "TIFF" and image.tag_v2.get(258) in (16, (16,))
+        if image.mode == "I" and not sixteen and wide.max() <= 255:
             raise PixelRangeError("its 32-bit integer pixels are all within 0..255, which may be 8-bit values or a "
                                   "nearly black 16-bit image; save it as an 8- or 16-bit image")
         image = Image.fromarray(np.rint(wide / 257).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert(mode)  # a copy, decoded in full, that needs no open file
