@@ -121,8 +121,8 @@ def _create_model(name: str, pretrained, num_classes, in_chans, img_size, drop_p
         weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
     if weights is not None and (weights.whole or features_only):  # their classifier, unless told otherwise
         num_classes = classifier_size(weights.state) if num_classes is None else num_classes
-    if weights is not None and img_size is None:  # the size they were trained at where known (a 384 px
-        img_size = weights.img_size  # fine-tune is not shrunk to 224 and its preprocessing kept), unless told
+    if weights is not None and img_size is None:  # the size they were trained at, where known: a 384 px
+        img_size = weights.img_size  # fine-tune is not shrunk to 224 under its 384 px preprocessing
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                         drop_path_rate=drop_path_rate, **kwargs)
     if weights is not None and weights.config is not None:
@@ -374,7 +374,7 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         fix = "check the model name and options the weights were saved with"
         if not (missing or unexpected) and wrong in (["stem.0.0.weight"], ["stem.weight"]):
-            (out, channels, *kernel), (out_, channels_, *kernel_) = state[wrong[0]].shape, own[wrong[0]].shape
+            (out, channels, *kernel), (out_, _, *kernel_) = state[wrong[0]].shape, own[wrong[0]].shape
             if (out, kernel) == (out_, kernel_):  # only the input conv's channels differ
                 fix = f"these weights take {channels} input channel{'s' * (channels != 1)}: pass in_chans={channels}"
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "

@@ -35,7 +35,8 @@ def hub_repository(pretrained: bool | str, name: str) -> tuple[str, str | None]:
         published = list_models(f"{base}.*", aliases=True)
         if not published:
             # our name of a network timm publishes weights of, under its own name
-            timms = [a for a in list_models(f"{base}_*.*", aliases=True) if model_entry(a).name == model_entry(base).name]
+            ours = model_entry(base).name
+            timms = [a for a in list_models(f"{base}_*.*", aliases=True) if model_entry(a).name == ours]
             if timms:
                 raise ValueError(f"timm publishes the weights of {name} as {timms[0].partition('.')[0]}: pass that "
                                  f"name with pretrained=True")
