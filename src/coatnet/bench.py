@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import out_of_memory
 from .models import compile_for_inference, timm_variants
 from .train import make_optimizer
 from .validate import resolve_device
@@ -226,7 +227,7 @@ def _worker(job: Job, conn) -> None:
         conn.send(_peak_mib(device) - base)
     except Exception as e:  # reported by the parent as one line
         # Out of memory, PyTorch's message is a paragraph (CUDA) or an allocator's (CPU); what to do is short
-        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
+        if out_of_memory(e):
             conn.send(("error", f"{job.label} {job.mode}: out of memory: every row's process holds its model on "
                                 f"{job.device} at once; lower --batch-size"))
         else:

@@ -372,6 +372,16 @@ def _message(error: Exception) -> str:
     return text
 
 
+_ASKED = re.compile(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)")  # the size torch could not get
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation refused: Python's MemoryError, or torch's CPU and CUDA
+    allocators' (RuntimeErrors, whose messages say so)."""
+    return isinstance(error, MemoryError) or isinstance(error, RuntimeError) and bool(
+        _ASKED.search(str(error)) or "out of memory" in str(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -400,10 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             what = "a file is where a folder was to be made; give a folder's path"  # mkdir of a file's path
         print(f"{command}: error: {what}{where}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as e:  # out of memory (torch's CPU and CUDA allocators raise RuntimeErrors)
-        asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
-        if not (isinstance(e, MemoryError) or asked or "out of memory" in str(e)):
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
             raise
+        asked = _ASKED.search(str(e))
         size = (f" (one tensor of {_bytes(int(asked[1]))})" if asked and asked[1] else
                 f" (one tensor of {asked[2]})" if asked else "")
         print(f"{command}: error: out of memory{size}; give a smaller --batch-size or --img-size, or "

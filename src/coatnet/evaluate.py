@@ -22,7 +22,7 @@ from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_
 from .export import check_img_size
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import model_from_folder
-from .models.folder import CONFIG, ModelFolder, read_model_folder
+from .models.folder import ModelFolder, read_model_folder, run_last
 from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion, printable
 from .validate import resolve_device
@@ -95,7 +95,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     """The checkpoint and its model, whose preprocessing the flags given override. A link (a run
     directory's ``last``) is followed once, here: training may move it while this runs, and the
     weights, the line naming them and eval's folder are then of one checkpoint."""
-    path = _run_last(args) or Path(args.checkpoint)
+    path = run_last(Path(args.checkpoint)) or Path(args.checkpoint)
     if path.is_symlink() and path.resolve().is_dir():  # named as the run names it, where it is beside the link
         target = path.resolve()
         path = path.parent / target.name if target.parent == path.parent.resolve() else target
@@ -107,16 +107,10 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     return ckpt, model
 
 
-def _run_last(args: argparse.Namespace) -> Path | None:
-    """``RUN/last`` where ``--checkpoint`` is a run directory (as read_model_folder reads it), else None."""
-    last = Path(args.checkpoint) / "last"
-    return last if (last.is_symlink() or last.is_dir()) and not (Path(args.checkpoint) / CONFIG).exists() else None
-
-
 def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
     """A run directory stands for its ``last`` checkpoint, which moves as training goes on: name it."""
-    if _run_last(args):
-        print(f"coatnet {args.command}: using {_run_last(args)} -> {ckpt.path.name}", file=sys.stderr)
+    if (last := run_last(Path(args.checkpoint))) is not None:
+        print(f"coatnet {args.command}: using {last} -> {ckpt.path.name}", file=sys.stderr)
 
 
 def _amp(args: argparse.Namespace, ckpt: ModelFolder) -> bool:

@@ -668,7 +668,7 @@ def same_setting(name: str, given, saved) -> bool:
     return given == saved
 
 
-def _check_free_space(run: Run, instead: str = "choose another --output-dir") -> None:
+def _check_free_space(run: Run, instead: str) -> None:
     """Refuse to start (or go on) without room for the checkpoints to come. Each holds the weights, EMA
     weights and AdamW's two moments; a save writes the new one while the old ``last`` and ``best`` are
     kept, three at once where ``best`` is behind ``last``. Those the run's folder holds already count."""

@@ -880,12 +880,20 @@ class FeatureExtractor(nn.Module):
         self.out_indices = tuple(model.prune_intermediate_layers(out_indices, prune_norm=True))
         self.model = model
         self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
-        self.pretrained_cfg = model.pretrained_cfg
 
     @property
     def config(self) -> CoAtNetConfig:
         """The network's config, as its model's (input size and channels, for ``data_transforms``)."""
         return self.model.config
+
+    @property
+    def pretrained_cfg(self) -> PretrainedCfg:
+        """Its model's: how images are prepared for the weights."""
+        return self.model.pretrained_cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: PretrainedCfg) -> None:
+        self.model.pretrained_cfg = cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

@@ -67,8 +67,7 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     model = _create_model(name, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only, out_indices,
                           **kwargs)
     if overlay:  # timm's pretrained_cfg_overlay: how images are prepared, over the weights' own
-        net = model.model if isinstance(model, FeatureExtractor) else model
-        net.pretrained_cfg = model.pretrained_cfg = model.pretrained_cfg.override(overlay)
+        model.pretrained_cfg = model.pretrained_cfg.override(overlay)
     return model
 
 

@@ -161,12 +161,18 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     return ModelFolder(path, meta, read_weights(path / WEIGHTS), ema)
 
 
+def run_last(path: Path) -> Path | None:
+    """``path/last`` where ``path`` is a run directory (a ``last`` link, or a copy's folder: cp -L, and
+    no model of its own), which stands for that checkpoint; else None."""
+    last = path / "last"
+    return last if (last.is_symlink() or last.is_dir()) and not (path / CONFIG).exists() else None
+
+
 def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     """The folder :func:`read_model_folder` would read (a run directory's ``last``) and its
     ``config.json``, checked, without reading the weights."""
     path = Path(path)
-    last = path / "last"
-    if (last.is_symlink() or last.is_dir()) and not (path / CONFIG).exists():  # a link, or a copy's folder (cp -L)
+    if (last := run_last(path)) is not None:
         if not last.exists():
             others = sorted(str(p) for p in path.glob("ckpt-*") if (p / CONFIG).exists())
             other = (f"(e.g. {str(path / 'best')!r})" if (path / "best").exists() else
