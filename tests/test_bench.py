@@ -77,8 +77,8 @@ def test_a_bfloat16_measurement(mode):
     parent, child = multiprocessing.Pipe()
     job = bench.Job("torch" if mode == "matmul" else "coatnet", "mm" if mode == "matmul" else "coatnet_pico", mode,
                     False, 64 if mode == "matmul" else 32, 2, None, "cpu", dtype="bfloat16")
-    parent.send("run")
-    parent.send("stop")
+    for request in ("build", "run", "stop"):
+        parent.send(request)
     bench._worker(job, child)
     (ready, flop), seconds, peak = parent.recv(), parent.recv(), parent.recv()
     assert ready == "ready" and flop > 0 and seconds > 0 and peak >= 0
@@ -111,6 +111,7 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
 
     runner = Runner(Job("coatnet", "no_such_model", "inference", False, 32, 2, 1, "cpu"),
                     multiprocessing.get_context("spawn"))
+    runner.build()
     runner.wait_ready()  # the process reports its failure instead of being ready
     runner.process.join(timeout=60)
     assert runner.error.startswith("no_such_model inference: ValueError: unknown model 'no_such_model'")
@@ -239,6 +240,7 @@ def test_out_of_memory_on_the_cpu_is_said_as_on_the_gpu(monkeypatch, error):
         raise error
     monkeypatch.setattr(bench, "_prepare", prepare)
     parent, child = multiprocessing.Pipe()
+    parent.send("build")
     bench._worker(bench.Job("coatnet", "coatnet_pico", "train", False, 32, 2, None, "cpu"), child)
     assert parent.recv() == ("error", "coatnet_pico train: out of memory: every row's process holds its model on cpu "
                                       "at once; lower --batch-size")

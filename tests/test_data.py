@@ -317,6 +317,34 @@ def test_imagefolder_follows_linked_folders_but_not_back_into_the_split(tmp_path
                        (str(train / "cat" / "up"), loop), (str(train / "dog" / "birds"), listed)]
 
 
+@pytest.mark.parametrize("link", ["folder into val", "file into train", "val is train", "none"])
+def test_images_shared_by_train_and_val_through_links_are_named(tmp_path, link):
+    """A link from one split into the other made the validation accuracy count images trained on,
+    without a word (before); it is a warning naming the link (a deliberate val -> train link still runs)."""
+    root = make_tree(tmp_path)
+    try:
+        if link == "folder into val":
+            (root / "train" / "cat" / "more").symlink_to(root / "val" / "cat", target_is_directory=True)
+        elif link == "file into train":
+            (root / "val" / "dog" / "3.png").symlink_to(root / "train" / "dog" / "0.png")
+        elif link == "val is train":
+            shutil.rmtree(root / "val")
+            (root / "val").symlink_to(root / "train", target_is_directory=True)
+    except OSError:
+        pytest.skip("cannot create symlinks here")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_datasets("imagefolder", root, img_size=16)
+    shared = [str(w.message) for w in caught if "share images" in str(w.message)]
+    if link == "none":
+        assert shared == []
+    else:
+        through = {"folder into val": root / "train" / "cat" / "more", "file into train": root / "val" / "dog" / "3.png",
+                   "val is train": (root / "train" / "bird").resolve()}[link]
+        assert shared == [f"train/ and val/ in '{root}' share images (through '{through}'): the validation accuracy "
+                          "counts images trained on; remove the link for a held-out measure"]
+
+
 @pytest.fixture
 def no_hang():
     """Fails a test that blocks for 5 s (opening a FIFO waits for a writer) instead of hanging the run."""

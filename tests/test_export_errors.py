@@ -40,15 +40,22 @@ def test_output_that_is_a_folder(folder, tmp_path, capsys, format, suffix):
 
 
 def test_an_existing_output_is_replaced_only_with_overwrite(folder, tmp_path, capsys):
-    """Nothing already written is lost: not a user's file, not the checkpoint's own weights."""
+    """Nothing already written is lost: not a user's file; not the files of a model folder (the
+    checkpoint's own weights), even with --overwrite (before: replaced by the export, the checkpoint
+    broken)."""
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
-    weights = folder / "model.safetensors"
-    for existing in (notes, weights):
-        before = existing.read_bytes()
-        refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(existing)],
-                f"output '{existing}' exists; give another path, or overwrite it (--overwrite")
-        assert existing.read_bytes() == before
+    before = notes.read_bytes()
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(notes)],
+            f"output '{notes}' exists; give another path, or overwrite it (--overwrite")
+    assert notes.read_bytes() == before
+    for name in ("model.safetensors", "config.json", "ema.safetensors"):  # the last one not there yet
+        existing = folder / name
+        before = existing.read_bytes() if existing.exists() else None
+        refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(existing),
+                         "--overwrite"], f"output '{existing}' is a file of the model folder '{folder}', which it "
+                                         f"would break; give another path")
+        assert (existing.read_bytes() if existing.exists() else None) == before
     assert main(["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(notes),
                  "--overwrite"]) == 0
     assert torch.jit.load(str(notes)) is not None and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -144,6 +151,8 @@ def test_python_api_sizes_and_suffixes(tmp_path):
     assert program(torch.randn(1, 3, 32, 64)).shape == (1, 7)
     export_model(model, "torchscript", tmp_path / "b.pt", img_size=np.int64(32).item())
     for kwargs, message in ((dict(img_size=32.0), "image size 32.0: give an integer multiple"),
+                            (dict(img_size=(32,)), r"image size \(32,\): give one side, or \(height, width\)"),
+                            (dict(img_size=[32, 32, 32]), r"image size \[32, 32, 32\]: give one side"),
                             (dict(batch_size=2.5), "batch size must be an integer of at least 1, got 2.5")):
         with pytest.raises(ValueError, match=message):
             export_model(model, "torchscript", tmp_path / "c.pt", **kwargs)
@@ -173,3 +182,82 @@ raise SystemExit(main(["export", "--checkpoint", {str(folder)!r}, "--format", "t
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (130, "coatnet export: interrupted\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_ending_in_a_slash_is_a_folder(folder, tmp_path, capsys):
+    """`--output exports/` names a folder: refused as an existing folder is (before: a file named
+    `exports` was written, Path() having dropped the slash)."""
+    out = tmp_path / "exports"
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "onnx", "--output", f"{out}/"],
+            f"'{out}' is a folder; give a file path like '{out / 'model.onnx'}'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_to_nothing_at_the_output_is_an_existing_output(folder, tmp_path, capsys):
+    """A dangling link is refused at once as an existing output (before: exported, then refused as
+    a file that "appeared while exporting")."""
+    link = tmp_path / "m.pt"
+    link.symlink_to(tmp_path / "nowhere.pt")
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(link)],
+            f"output '{link}' exists; give another path, or overwrite it (--overwrite")
+    assert link.is_symlink() and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_models_an_exporter_cannot_take_are_refused_before_tracing(tmp_path, capfd):
+    """A float64 model (the exporter failed on the attention's mask, after printing its whole graph)
+    and, for torch.export, weights made under inference_mode (torch's own RuntimeError): each one
+    line, nothing traced, nothing written."""
+    model = coatnet.create_model("coatnet_pico", num_classes=7).double()
+    with pytest.raises(ValueError, match="the ONNX exporter takes no float64 attention: export the float32 model"):
+        export_model(model, "onnx", tmp_path / "m.onnx")
+    with torch.inference_mode():
+        model = coatnet.create_model("coatnet_pico", num_classes=7)
+    with pytest.raises(ValueError, match="inference tensors .* torch.export cannot trace"):
+        export_model(model, "exported", tmp_path / "m.pt2")
+    assert capfd.readouterr().err == "" and list(tmp_path.iterdir()) == []
+
+
+def test_an_export_run_from_another_thread(folder, tmp_path):
+    """main() in a thread (a GUI, a server) exports: only the SIGTERM handler is left out (before:
+    refused, "signal only works in main thread")."""
+    import threading
+
+    done = []
+    thread = threading.Thread(target=lambda: done.append(main(
+        ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(tmp_path / "m.pt")])))
+    thread.start()
+    thread.join()
+    assert done == [0] and torch.jit.load(str(tmp_path / "m.pt")) is not None
+
+
+def test_a_killed_exports_files_are_cleared_whatever_its_name(tmp_path):
+    """The temporary folder of an export killed outright is found by its name taken literally: a
+    name with [ ] is no pattern (before: never matched, so never removed)."""
+    killed = tmp_path / ".tmp-m[1].pt-999999999-x1"  # no such process
+    killed.mkdir()
+    (killed / "m[1].pt").write_bytes(b"half")
+    export_model(coatnet.create_model("coatnet_pico", num_classes=7), "torchscript", tmp_path / "m[1].pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["m[1].pt"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(folder, tmp_path, capsys):
+    """A tmpfs of 1 MiB, where this machine lets the tests mount one: each format fails in one line
+    naming the output, its half-written file removed and closed (before: TorchScript and torch.export
+    aborted the process, torch's writer throwing a second error in its destructor, and left it)."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for format, name in (("torchscript", "m.pt"), ("exported", "m.pt2"), ("onnx", "m.onnx")):
+            refused(capsys, ["export", "--checkpoint", str(folder), "--format", format, "--output", str(mount / name)],
+                    f"No space left on device: {mount / name}")
+            assert list(mount.iterdir()) == []
+        assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}").startswith(
+            str(mount))]
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)

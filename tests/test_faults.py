@@ -76,8 +76,10 @@ def test_sigkill_at_random_moments_of_saves(tmp_path):
     """Saving every step, so that most kills land inside a save; after each kill `last` loads, and
     the run finished by --resume ends bit for bit where the uninterrupted one does."""
     argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "1", "--save-every", "1"]
-    reference = tmp_path / "reference"
-    subprocess.run(argv + ["--output-dir", str(reference)], env=ENV, check=True, capture_output=True)
+    reference = tmp_path / "reference"  # beside the killed ones, on the other core
+    log = (tmp_path / "reference.err").open("w")  # a file: a pipe left unread could fill and stop it
+    uninterrupted = subprocess.Popen(argv + ["--output-dir", str(reference)], env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=log)
     out = tmp_path / "killed"
     rng = random.Random(0)
     for attempt in range(4):
@@ -91,6 +93,8 @@ def test_sigkill_at_random_moments_of_saves(tmp_path):
         proc.wait()
         assert load_checkpoint(out / "last").train_state is not None  # complete, whenever the kill came
     subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=ENV, check=True, capture_output=True)
+    assert uninterrupted.wait() == 0, (tmp_path / "reference.err").read_text()[-3000:]
+    log.close()
     ours, theirs = load_file(str(out / "last" / "model.safetensors")), load_file(str(reference / "last" /
                                                                                      "model.safetensors"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -160,8 +164,10 @@ def test_free_space_allows_for_three_checkpoints_and_is_checked_on_resume(finish
                     "MiB free", "up to three at once", "choose another --output-dir")
     out = copy_run(finished_run, tmp_path)  # `last` is `best`: two more to come
     free.append(int(1.5 * size))
-    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out)],
-                    "MiB free", f"continue it elsewhere with --resume {out} --output-dir NEW")
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 2
+    said = capsys.readouterr()
+    assert "MiB free" in said.err and f"continue it elsewhere with --resume {out} --output-dir NEW" in said.err
+    assert "resumed" not in said.out  # refused before the run says it resumed (before: after)
     free.append(int(2.5 * size))
     assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(out)]) == 130  # past the check
 

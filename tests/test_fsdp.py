@@ -74,6 +74,14 @@ def test_sigkill_and_resume_is_bit_identical(fsdp_run, tmp_path):
                             stderr=subprocess.DEVNULL)
     killed_at = _kill_when(proc, out, 4)
     assert killed_at < 22 and load_checkpoint(out / "last").train_state["step"] == killed_at  # mid-epoch
+    # A refused resume is one line for the job, said by the first process (before: one per process).
+    refused = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--seed", "6", "--output-dir", str(out)],
+                             capture_output=True, text=True, env=ENV)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("coatnet train: error:")]
+    assert refused.returncode != 0 and errors == [
+        f"coatnet train: error: --seed 6 differs from the resumed run's 5: a resumed run keeps its data, batch size, "
+        f"seed and image size; drop --seed to resume it, or start a new run from its weights with --pretrained "
+        f"{out / 'last'}"], refused.stderr[-3000:]
     resumed = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--output-dir", str(out)], capture_output=True,
                              text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,3 +141,10 @@ def test_a_full_disk_while_writing_the_sharded_optimizer_state(tmp_path, monkeyp
                             f"space left on device); no checkpoint was kept; free some space or fix the folder's "
                             f"permissions and continue with --resume")
     assert list(tmp_path.iterdir()) == []
+    # Every process gets DCP's gathered failure: under torchrun the first one says it, the others leave
+    # quietly (before: the same line once per process).
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    with pytest.raises(SystemExit) as e:
+        sharding.save_optimizer(model, torch.optim.AdamW(model.parameters()), tmp_path / ".shards-00000004.tmp")
+    assert e.value.code == 2 and list(tmp_path.iterdir()) == []

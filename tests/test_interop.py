@@ -54,6 +54,12 @@ def test_save_pretrained_replaces_only_a_model_folder_of_ours(pico, tmp_path):
     other = coatnet.create_model("coatnet_pico", num_classes=3)
     assert coatnet.from_pretrained(other.save_pretrained(folder)).num_classes == 3
     assert (folder / "README.md").read_text() == "mine"
+    (folder / "best").mkdir()  # a folder of the user's own, named as a run's link (before: refused as a run)
+    (folder / "best" / "notes.txt").write_text("mine")
+    assert coatnet.from_pretrained(pico.save_pretrained(folder)).num_classes == pico.num_classes
+    assert (folder / "best" / "notes.txt").read_text() == "mine"
+    copied = tmp_path / "copied"  # a run copied without its links (cp -r): `best` a checkpoint's folder
+    pico.save_pretrained(copied / "best")
     run, checkpoint, foreign = tmp_path / "run", tmp_path / "ckpt", tmp_path / "foreign"
     (run / "ckpt-00000001").mkdir(parents=True)
     (run / "last").symlink_to("ckpt-00000001")
@@ -62,6 +68,7 @@ def test_save_pretrained_replaces_only_a_model_folder_of_ours(pico, tmp_path):
     foreign.mkdir()
     (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
     for where, message in ((run, "holds a training run, whose checkpoints these weights would hide"),
+                           (copied, "holds a training run, whose checkpoints these weights would hide"),
                            (checkpoint, r"is a training checkpoint, whose weights \(and EMA\) these would replace"),
                            (foreign, "config.json' is not a coatnet model's and would be replaced; move it")):
         before = sorted(p.name for p in where.iterdir())

@@ -250,6 +250,9 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--randaugment", "-1,5"], "num_ops >= 0"),  # a value starting with "-" is checked, not taken for a flag
     (["--seed", "99999999999999999999999"], "--seed must be an integer >= -9223372036854775808 and <= "),
     (["--resume", "--recipe", "digits"], "--recipe sets a new run's settings and a resumed run keeps its own"),
+    # Table 10's fine-tuning column, from random weights (before: trained from scratch at lr 5e-5 without a word)
+    (["--recipe", "imagenet1k-finetune"], "--recipe imagenet1k-finetune fine-tunes pre-trained weights: give them "
+                                          "with --pretrained"),
     (["--data-dir", "/some/dir"], "pass --data imagefolder|cifar10|cifar100"),  # not digits, silently
     # Every setting is checked against the range its field declares, before anything runs.
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
@@ -625,3 +628,62 @@ def test_the_paper_recipes_hold_table_10():
         layers, magnitude = recipe.randaugment
         ranges = {op: float(space[op][0](31, 224, 224)[magnitude]) for op in ("Rotate", "ShearX", "Brightness")}
         assert layers == 2 and ranges == pytest.approx(dict(Rotate=30.0, ShearX=0.3, Brightness=0.9))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "5000"], "fewer than --batch-size 5000"),  # found once the data is read
+    (["--model", "coatnet_99"], "unknown model 'coatnet_99'"),  # found once the model is built
+])
+def test_a_run_refused_in_a_users_folder_leaves_it_as_it_was(tmp_path, capsys, argv, message):
+    """Refused after taking the folder's lock, a run in an existing folder of the user's takes its lock
+    file away again (before: an empty .lock left, which --resume then took for a run stopped early)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "--img-size", "16", "--epochs", "1", *argv, "--output-dir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_randaugment_0_turns_off_the_recipes(monkeypatch):
+    """--randaugment 0 (none, off) is off, not a flag left out: the recipe's RandAugment yields to it."""
+    import coatnet.train
+
+    given = []
+    monkeypatch.setattr(coatnet.train, "train", lambda config, **kwargs: given.append(config))
+    for off in ("0", "none", "off"):
+        assert main(["train", "--recipe", "imagenet1k-pretrain", "--randaugment", off]) == 0
+    assert main(["train", "--recipe", "imagenet1k-pretrain"]) == 0
+    assert [c.randaugment for c in given] == [None, None, None, (2, 30)]
+
+
+@pytest.mark.parametrize("warmup,said", [(9, False), (10, True), (11, True)])
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, capsys, warmup, said):
+    """11 steps (1437 digits at batch 128): a warm-up of 10 ends at the last step, at --lr, as one of 11
+    does, so neither decays; one of 9 leaves a step of decay (before: only 11 or more was said)."""
+    from coatnet.train import Dist, TrainConfig, start_run
+
+    start_run(TrainConfig(img_size=16, batch_size=128, epochs=1, warmup_steps=warmup),
+              Dist(0, 1, torch.device("cpu")), tmp_path)
+    assert ("covers the whole run of 11 steps" in capsys.readouterr().out) == said
+
+
+def test_gradient_accumulation_skips_ddps_all_reduce_under_compile(tmp_path):
+    """torch.compile wraps the DDP module: --compile with --grad-accum-steps all-reduced every
+    micro-batch's gradients (before), as if DDP's no_sync were not there."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from coatnet.train import _gradient_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        for net in (ddp, torch.compile(ddp)):
+            run = type("Run", (), {"net": net, "config": type("Config", (), {"fsdp": False})})
+            with _gradient_sync(run, sync=False):
+                assert not ddp.require_backward_grad_sync
+            with _gradient_sync(run, sync=True):
+                assert ddp.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()

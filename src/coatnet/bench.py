@@ -199,7 +199,8 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def _worker(job: Job, conn) -> None:
-    """A measurement's process: build, warm up, then one timed run per request; at the end, peak memory."""
+    """A measurement's process: its imports, then, when asked, build and warm up; then one timed run
+    per request; at the end, peak memory."""
     try:
         if job.threads:
             torch.set_num_threads(job.threads)
@@ -208,6 +209,8 @@ def _worker(job: Job, conn) -> None:
         device = torch.device(job.device)
         if job.implementation == "timm":
             _import_timm()  # its import is part of the base, not of the model
+        if conn.recv() != "build":
+            return
         torch.manual_seed(0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -253,13 +256,16 @@ class Runner:
         self.finished = False  # its process answered the last request and is ending on its own
         self.error: str | None = None  # why its measurement failed (its row says so; the others go on)
 
-    def _request(self, message: str | None):
-        """Send ``message`` (None: only listen) and return the reply; None where the measurement
-        failed, its process died (e.g. out of memory) or hangs, which ``error`` then says in one line."""
+    def _request(self, message: str | None, listen: bool = True):
+        """Send ``message`` (None: only listen) and return the reply (``listen``); None where the
+        measurement failed, its process died (e.g. out of memory) or hangs, which ``error`` then says
+        in one line."""
         name = f"{self.job.label} {self.job.mode}"
         try:
             if message is not None:
                 self.conn.send(message)
+            if not listen:
+                return None
             if self.conn.poll(REPLY_TIMEOUT_S):
                 reply = self.conn.recv()
             else:
@@ -275,10 +281,15 @@ class Runner:
             return None
         return reply
 
+    def build(self) -> None:
+        """Let the process, started and importing, build its model and warm up."""
+        self._request("build", listen=False)
+
     def wait_ready(self) -> None:
-        reply = self._request(None)
-        if reply is not None:
-            self.flop = reply[1]
+        if self.error is None:
+            reply = self._request(None)
+            if reply is not None:
+                self.flop = reply[1]
 
     def time_one(self) -> None:
         seconds = self._request("run")
@@ -337,13 +348,15 @@ def run_bench(args: argparse.Namespace) -> int:
     context = multiprocessing.get_context("spawn")  # fresh processes, whatever the parent holds
     runners = []
     try:
-        # On the CPU one at a time, so that builds and warm-ups do not crowd the cores and memory the
-        # others are warming up on. On a GPU all at once: their compiles share the host's cores, and
-        # nothing is timed before every process is ready.
+        # Every process imports at once (seconds each, nothing timed). They build and warm up on the CPU
+        # one at a time, so as not to crowd the cores and memory the others are warming up on; on a GPU
+        # all at once: their compiles share the host's cores, and nothing is timed before all are ready.
         for job in jobs:
             runners.append(Runner(job, context))
+        for runner in runners:
+            runner.build()
             if device.type == "cpu":
-                runners[-1].wait_ready()
+                runner.wait_ready()
         if device.type != "cpu":
             for runner in runners:
                 runner.wait_ready()

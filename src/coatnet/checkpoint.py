@@ -177,9 +177,12 @@ def locked_run_dir(run_dir: Path, instead: str = "choose another --output-dir"):
     first one's temporary checkpoints. The lock is the kernel's (``flock``), so a process killed
     with SIGKILL releases it; the pid it leaves in the file only lets the next run say so. A
     folder that cannot be written is refused here, before any training, saying to do ``instead``
-    (a resumed run: continue it in another folder).
+    (a resumed run: continue it in another folder). A run refused before it wrote anything leaves
+    the folder as it found it: no lock (which ``--resume`` would take for a run's remains), and not
+    the folder itself if it made it.
     """
     created = not run_dir.exists()
+    found = None if created or not run_dir.is_dir() or (run_dir / LOCK).exists() else set(os.listdir(run_dir))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         # ascii with errors replaced: a file of the user's in another encoding reads, and is then refused
@@ -211,9 +214,10 @@ def locked_run_dir(run_dir: Path, instead: str = "choose another --output-dir"):
         finally:
             handle.seek(0)
             handle.truncate()  # released: no pid is left to be mistaken for a crashed holder
-            if created and {p.name for p in run_dir.iterdir()} == {LOCK}:  # refused before writing anything
-                (run_dir / LOCK).unlink()
-                run_dir.rmdir()
+            if (created or found is not None) and set(os.listdir(run_dir)) == (found or set()) | {LOCK}:
+                (run_dir / LOCK).unlink()  # refused before writing anything
+                if created:
+                    run_dir.rmdir()
 
 
 def _lock(handle, run_dir: Path) -> None:

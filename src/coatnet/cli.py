@@ -66,9 +66,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume and args.recipe is not None:
         raise ValueError("--recipe sets a new run's settings and a resumed run keeps its own: drop --recipe, and "
                          "change a setting with its own flag")
+    if args.recipe == "imagenet1k-finetune" and args.pretrained is None:
+        # Table 10's fine-tuning column (lr 5e-5, 30 epochs) from random weights would train nothing worth having
+        raise ValueError("--recipe imagenet1k-finetune fine-tunes pre-trained weights: give them with --pretrained "
+                         "(e.g. a run of --recipe imagenet1k-pretrain: --pretrained RUN/best), or train from scratch "
+                         "with --recipe imagenet1k-pretrain")
     # The flags given override the resumed run's settings, or else the recipe's.
     base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe or "digits"]
     given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
+    if given.get("randaugment") == RANDAUGMENT_OFF:  # given as off: None, which would read as "not given"
+        given["randaugment"] = None
     train(replace(base, **given), output_dir=args.output_dir, resume=resume)
     return 0
 
@@ -137,10 +144,15 @@ class _RecipeDefaults(argparse.HelpFormatter):
         return f"{action.help or ''} (digits recipe: {shown})".strip()
 
 
-def _randaugment(text: str) -> tuple[int, int] | None:
+# --randaugment 0: off, which the recipe's or the resumed run's RandAugment must yield to. Not None,
+# which stands for a flag left out.
+RANDAUGMENT_OFF = ()
+
+
+def _randaugment(text: str) -> tuple[int, int] | tuple[()]:
     """``--randaugment 2,15`` -> (2, 15): RandAugment layers and magnitude; ``0`` or ``none`` -> off."""
     if text.lower() in ("0", "none", "off"):
-        return None
+        return RANDAUGMENT_OFF
     try:
         n, m = (int(v) for v in text.split(","))
     except ValueError:
@@ -211,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
     p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M",
-                   help="RandAugment layers,magnitude (torchvision's scale, 0..30)")
+                   help="RandAugment layers,magnitude (torchvision's scale, 0..30); 0: off")
     p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off, else 0.01 or more)")
     p.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0: off, else 0.01 or more)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights (0: off)")

@@ -281,6 +281,9 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         # first, then each subfolder as it is taken, before any is walked (two links side by side to one
         # folder would list its images twice).
         split = os.path.realpath(directory)
+        # Where links lead, a real folder -> one link into it (a linked folder, or a folder of a linked
+        # file), to find images shared with another split.
+        self.link_targets: dict[str, str] = {}
         claimed = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
@@ -299,6 +302,8 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                 why = "its images are listed through another path already"
             else:
                 claimed.add(real)
+                if os.path.islink(path):
+                    self.link_targets.setdefault(real, path)
                 return True
             warnings.warn(f"skipping folder '{path}' (-> '{real}'): {why}; remove the link", stacklevel=2)
             return False
@@ -314,6 +319,8 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                         not_images.append(fname)
                         continue
                     path = os.path.join(dirpath, fname)
+                    if os.path.islink(path):
+                        self.link_targets.setdefault(os.path.dirname(os.path.realpath(path)), path)
                     problem = _header_problem(path)
                     if problem is None:
                         samples.append((path, label))
@@ -331,7 +338,19 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                           f"class is the folder it is in; move {'them' if loose > 1 else 'it'} into "
                           f"{directory}/<class>/", stacklevel=2)
         warn_not_images(directory, not_images)
+        self.real_folders = claimed  # every folder walked, by its real path
         return samples
+
+    def shared_with(self, other: ImageFolderDataset) -> str | None:
+        """A path through which this split lists images of ``other``'s folders (a linked folder, or a
+        linked file, in either direction), or None. Files of two splits linked to one file of a third
+        folder are not seen."""
+        for a, b in ((self, other), (other, self)):
+            for folder, link in a.link_targets.items():
+                if folder in b.real_folders:
+                    return link
+        shared = self.real_folders & other.real_folders  # a linked split or class folder
+        return min(shared) if shared else None
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
         return ImageFolder.__getitem__(self, i)  # load_image, then the transform
@@ -631,6 +650,11 @@ def _build_imagefolder(
                 f"(looked for {', '.join(IMG_EXTENSIONS)}); put images in "
                 f"{split_dirs[split]}/<class>/"
             )
+    if train is not None and (shared := train.shared_with(val)):
+        # The accuracy would count images trained on, without a word (ln -s train val, for a quick
+        # overfitting check, is deliberate: hence a warning, not a refusal).
+        warnings.warn(f"train/ and val/ in '{data_dir}' share images (through '{shared}'): the validation "
+                      "accuracy counts images trained on; remove the link for a held-out measure", stacklevel=2)
     return DataBundle(train, val, tuple(classes), skipped_files=(train.skipped if train else 0) + val.skipped)
 
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
+import io
 import json
 import os
 import shutil
 import signal
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from torch import nn
 
 from .checkpoint import process_alive
 from .models import from_pretrained
+from .models.folder import CONFIG, EMA_WEIGHTS, TRAIN_STATE, WEIGHTS
 from .models.coatnet import MAX_IMG_SIZE, FeatureExtractor
 
 PREPROCESSING_KEY = "preprocessing.json"
@@ -55,12 +59,19 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_EXPORTERS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be an integer of at least 1, got {batch_size!r}")
+    # Path() drops a trailing slash: "exports/" would become a file named exports, where a folder was meant.
+    named_a_folder = isinstance(output, str) and output.endswith(("/", os.sep))
     output = Path(output)
     # Refused before the export, which would only fail (or overwrite) at its end, at the rename.
-    if output.is_dir():
+    if output.is_dir() or named_a_folder:
         raise ValueError(f"output {str(output)!r} is a folder; give a file path like "
                          f"{str(output / ('model' + _SUFFIXES[format]))!r}")
-    if output.exists() and not overwrite:
+    if output.name in MODEL_FOLDER_FILES and (output.parent / CONFIG).is_file():
+        # --overwrite means an earlier export, not a model's weights or config (the checkpoint's own, often)
+        raise ValueError(f"output {str(output)!r} is a file of the model folder {str(output.parent)!r}, which it "
+                         f"would break; give another path")
+    # A link to nothing exists too: exists() follows it, and the final link() would find its name taken.
+    if (output.exists() or output.is_symlink()) and not overwrite:
         raise ValueError(f"output {str(output)!r} exists; give another path, or overwrite it (--overwrite, "
                          f"overwrite=True)")
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
@@ -69,6 +80,12 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     if format == "exported" and output.suffix != ".pt2":  # torch.export.load warns at every load otherwise
         raise ValueError(f"torch.export's files end in .pt2; give an output like {str(output.with_suffix('.pt2'))!r}")
     model = model_or_path if isinstance(model_or_path, nn.Module) else from_pretrained(model_or_path)
+    if format == "exported" and any(t.is_inference() for t in model.state_dict().values()):
+        raise ValueError("the model's weights are inference tensors (made under torch.inference_mode), which "
+                         "torch.export cannot trace; build or load the model outside inference_mode, or export "
+                         "it with format 'onnx' or 'torchscript'")
+    if isinstance(img_size, (tuple, list)) and len(img_size) != 2:
+        raise ValueError(f"image size {img_size!r}: give one side, or (height, width)")
     if img_size is None:
         height, width = model.config.img_size
     else:  # a wrong size fails here, in one line, not deep inside a tracer
@@ -79,13 +96,13 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     batch = max(batch_size, 2) if dynamic_batch and format == "exported" else batch_size
     weight = next(model.parameters())
     example = torch.randn(batch, model.config.in_chans, height, width, device=weight.device, dtype=weight.dtype)
-    # Written in a temporary folder of its own under its own name (TorchScript and .pt2 archives name
-    # their root folder after the file) and renamed: a failed export never leaves a broken file where
-    # an earlier good one was, nor anything else, the folders it made included.
+    # Written in a temporary folder of its own under its own name and renamed: a failed export never
+    # leaves a broken file where an earlier good one was, nor anything else, the folders it made included.
     made = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".tmp-{output.name}-"
-    for stale in output.parent.glob(prefix + "*"):  # left by an export killed outright (SIGKILL)
+    # Left by an export killed outright (SIGKILL); the name taken literally, since it may hold [ ] * ?
+    for stale in output.parent.glob(glob.escape(prefix) + "*"):
         pid = stale.name[len(prefix):].partition("-")[0]
         if pid.isdigit() and not process_alive(int(pid)) and stale.is_dir() and \
                 {p.name for p in stale.iterdir()} <= {output.name}:
@@ -104,6 +121,8 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
             _EXPORTERS[format](model, example, tmp, dynamic_batch, _preprocessing(model, (height, width)))
         _put(tmp, output, overwrite)
         done = True
+    except OSError as e:  # a full disk, a quota: named after the output, not the temporary file
+        raise OSError(e.errno, e.strerror or str(e), str(output)) from None
     finally:
         model.train(was_training)
         shutil.rmtree(tmp.parent, ignore_errors=True)
@@ -168,6 +187,9 @@ def _onnx(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: 
     if example.dtype == torch.bfloat16:  # the file would be written, and then not load
         raise ValueError("onnxruntime runs no bfloat16 convolutions: export the float32 model (model.float()), "
                          "or a bfloat16 one with format 'exported' or 'torchscript'")
+    if example.dtype == torch.float64:  # the exporter fails on the attention's mask, its whole graph printed first
+        raise ValueError("the ONNX exporter takes no float64 attention: export the float32 model (model.float()), "
+                         "or a float64 one with format 'exported' or 'torchscript'")
     # A feature extractor's maps are named as its feature_info names their modules ("stem", "stages.0", ...)
     outputs = model.feature_info.module_name() if isinstance(model, FeatureExtractor) else ["logits"]
     axes = {name: {0: "batch"} for name in ("images", *outputs)} if dynamic_batch else None
@@ -202,22 +224,63 @@ class _FixedSize(nn.Module):
         return self.model(_exported_size(x, self.height, self.width))
 
 
+class _Archive(io.RawIOBase):
+    """The output file as torch's archive writer sees it: a write that fails (a full disk) is kept, to
+    be raised once the writer is done, and what follows is dropped. The writer must not see it fail:
+    it would throw a second error from its destructor, aborting the process (given a path too)."""
+
+    def __init__(self, file: io.BufferedWriter):
+        super().__init__()
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as e:
+                self.error = e
+        return len(data)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def at(output: Path):
+        with open(output, "wb") as file:
+            archive = _Archive(file)
+            yield archive
+        if archive.error is not None:
+            raise archive.error
+
+
 def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
                  preprocessing: str) -> None:
     checked = _FixedSize(model, *example.shape[-2:])
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream; asking for it is a choice
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.trace(checked, example, check_trace=False), str(output),
+    with warnings.catch_warnings(), _Archive.at(output) as f:
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; asking for it is a choice
+        torch.jit.save(torch.jit.trace(checked, example, check_trace=False), f,
                        _extra_files={PREPROCESSING_KEY: preprocessing})
 
 
 def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
               preprocessing: str) -> None:
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), str(output),
-                      extra_files={PREPROCESSING_KEY: preprocessing})
+    program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    with _Archive.at(output) as f:
+        torch.export.save(program, f, extra_files={PREPROCESSING_KEY: preprocessing})
 
 
+MODEL_FOLDER_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, TRAIN_STATE)  # what a model folder or checkpoint reads
 _EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
 _SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 
@@ -227,12 +290,16 @@ def run_export(args: argparse.Namespace) -> int:
     (overridden by the flags given) recorded in it."""
     model = from_pretrained(args.checkpoint)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
-    # Stopped by SIGTERM (timeout, a scheduler) as by Ctrl-C: the half-written file is removed.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Stopped by SIGTERM (timeout, a scheduler) as by Ctrl-C: the half-written file is removed. Only the
+    # main thread may set a handler (main() run in a thread exports all the same), and one set outside
+    # Python (None) could not be put back.
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if ours else None
     try:
         path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
                             dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
     return 0

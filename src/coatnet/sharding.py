@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -73,12 +74,15 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Every process writes its shard of the optimizer state into ``folder`` (collective); a write
-    that fails in any process (a full disk) is a one-line :class:`CheckpointError` in every process,
-    ``folder`` removed."""
+    that fails in any process (a full disk) is a one-line :class:`CheckpointError`, ``folder`` removed.
+    DCP fails every process alike (its gathered failures), so under torchrun the first one says it and the others leave
+    quietly with exit status 2 (``SystemExit``): one line for the job, not one per process."""
     try:
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
     except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's failure in its own
         shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, dcp.api.CheckpointException) and dist.is_initialized() and dist.get_rank() != 0:
+            raise SystemExit(2) from None  # DCP's gathered failure, which the first process has too
         raise write_failed(folder, _first_line(e)) from None
 
 

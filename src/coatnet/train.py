@@ -273,6 +273,31 @@ def _gather(obj, d: Dist) -> list:
     return out
 
 
+def _said_once(check, d: Dist):
+    """``check()`` in every process: the refusals of a run's settings, checkpoint and folder, which every
+    process makes alike. Under torchrun a refusal is said once, not once per process: the first process
+    raises it (or, where only others refuse, the first of theirs, naming the process), the others leave
+    with exit status 2 (``SystemExit``) and say nothing."""
+    try:
+        result, error = check(), None
+    except ValueError as e:
+        result, error = None, e
+    if d.world_size == 1:
+        if error is not None:
+            raise error
+        return result
+    refused = [(rank, message) for rank, message in enumerate(_gather(None if error is None else str(error), d))
+               if message is not None]
+    if not refused:
+        return result
+    if not d.main:
+        raise SystemExit(2)
+    if error is not None:
+        raise error
+    rank, message = refused[0]
+    raise ValueError(f"process {rank}: {message}")
+
+
 def _log(d: Dist, text: str) -> None:
     if d.main:
         print(text, flush=True)
@@ -437,9 +462,15 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
         config = replace(config, data_dir=os.path.abspath(config.data_dir))
     d = setup_distributed(config.device, config.fsdp)
     try:
-        ckpt = _resume_checkpoint(resume, output_dir)
-        run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else _new_run_dir(config, d)
-        _check(config, d, ckpt, run_dir)
+        new_dir = _new_run_dir(config, d) if not (output_dir or resume) else None  # collective: outside the checks
+
+        def refusals() -> tuple[Checkpoint | None, Path]:
+            ckpt = _resume_checkpoint(resume, output_dir)
+            run_dir = Path(output_dir) if output_dir else ckpt.path.parent if ckpt else new_dir
+            _check(config, d, ckpt, run_dir)
+            return ckpt, run_dir
+
+        ckpt, run_dir = _said_once(refusals, d)
         # What to do where run_dir cannot take the run: a resumed one goes on in another folder.
         source = output_dir if resume is True else resume
         instead = (f"continue it elsewhere with --resume {source} --output-dir NEW" if ckpt else
@@ -546,10 +577,11 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
 
     run = Run(cfg, d, run_dir, data, sampler, val_loader, workers, model, net, ema, optimizer, scheduler,
               schedule_steps, criterion, batch_mix, started)
+    # Before the restore, which says "resumed": with nothing to train, no checkpoint is written.
+    if d.main and (ckpt.train_state["epoch"] if ckpt else 0) < cfg.epochs:
+        _check_free_space(run, instead)
     if ckpt is not None:
         _restore(run, ckpt)
-    if d.main and run.state.epoch < cfg.epochs:  # with nothing to train, it writes no checkpoint
-        _check_free_space(run, instead)
     if cfg.fsdp:  # weights, gradients and AdamW's two moments: 4 copies of this process's shard
         held = sum(4 * p.to_local().numel() * p.element_size() for p in model.parameters())
         _log(d, f"FSDP: each process holds {held / 2**20:.1f} MiB of weights, gradients and optimizer state "
@@ -558,7 +590,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
             f"head) on {cfg.data}: {len(data.train)} train / {len(data.val)} val images at {cfg.img_size}x"
             f"{cfg.img_size}, {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, "
             f"{d.world_size} process(es) on {d.device.type}; output {run_dir}")
-    if ckpt is None and cfg.warmup_steps >= schedule_steps:
+    # lr_schedule ends the warm-up at the last step at the latest (schedule_steps - 1): from there on, none decays
+    if ckpt is None and cfg.warmup_steps >= schedule_steps - 1:
         _log(d, f"note: --warmup-steps {cfg.warmup_steps} covers the whole run of {schedule_steps} steps: the rate "
                 f"reaches --lr at its last step and never decays; give fewer (e.g. --warmup-steps "
                 f"{schedule_steps // 10})")
@@ -818,10 +851,11 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 def _gradient_sync(run: Run, sync: bool):
     """Reduce gradients across processes only at the last micro-batch of a step (they add up locally)."""
+    ddp = getattr(run.net, "_orig_mod", run.net)  # under --compile, the DDP module torch.compile wraps
     if run.config.fsdp:
         run.model.set_requires_gradient_sync(sync)
-    elif not sync and isinstance(run.net, DistributedDataParallel):
-        return run.net.no_sync()
+    elif not sync and isinstance(ddp, DistributedDataParallel):
+        return ddp.no_sync()
     return nullcontext()
 
 

@@ -103,10 +103,11 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
 
 def holds_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run or its remains: a ``last`` or ``best`` link (even one whose
-    checkpoint is gone; or a copy's folder), or a checkpoint directory as training names them. What
-    a first save cut off by a crash left (temporary names) is no run: a new one starts there, and its
-    first save removes them."""
-    links = any((run_dir / link).is_symlink() or (run_dir / link).is_dir() for link in ("last", "best"))
+    checkpoint is gone; or a copy's folder, holding a checkpoint: a user's own ``best/`` is no run), or a
+    checkpoint directory as training names them. What a first save cut off by a crash left (temporary
+    names) is no run: a new one starts there, and its first save removes them."""
+    links = any((run_dir / link).is_symlink() or (run_dir / link / CONFIG).is_file()
+                or (run_dir / link / TRAIN_STATE).is_file() for link in ("last", "best"))
     return links or (run_dir.is_dir() and any(CHECKPOINT_NAME.fullmatch(p.name) for p in run_dir.iterdir()))
 
 
