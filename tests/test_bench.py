@@ -115,6 +115,13 @@ def test_a_failed_measurement_is_its_rows_one_line_and_the_others_go_on():
     runner.wait_ready()  # the process reports its failure instead of being ready
     runner.process.join(timeout=60)
     assert runner.error.startswith("no_such_model inference: ValueError: unknown model 'no_such_model'")
+    # Failed before it was asked to build, and ended: its reason still read (before: "its process ended")
+    early = Runner(Job("coatnet", "coatnet_pico", "inference", False, 32, 2, 1, "bogus"),
+                   multiprocessing.get_context("spawn"))
+    early.process.join(timeout=60)
+    early.build()
+    early.wait_ready()
+    assert early.error.startswith("coatnet_pico inference: RuntimeError:") and "bogus" in early.error
     ok = dict(model="coatnet_pico", mode="train", images_per_s=dict(median=5.0, min=4.0, max=6.0), vs_timm=None,
               achieved_gflops=1.0, matmul_fraction=0.5, peak_mib=10.0)
     table = format_table(dict(model="coatnet_pico", img_size=32, batch_size=2, dtype="float32", device="cpu",

@@ -56,6 +56,10 @@ def test_an_existing_output_is_replaced_only_with_overwrite(folder, tmp_path, ca
                          "--overwrite"], f"output '{existing}' is a file of the model folder '{folder}', which it "
                                          f"would break; give another path")
         assert (existing.read_bytes() if existing.exists() else None) == before
+    roundabout = f"{folder}/new/../model.safetensors"  # the same file, however the path reaches it
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", roundabout,
+                     "--overwrite"], "is a file of the model folder")
+    assert not (folder / "new").exists()
     assert main(["export", "--checkpoint", str(folder), "--format", "torchscript", "--output", str(notes),
                  "--overwrite"]) == 0
     assert torch.jit.load(str(notes)) is not None and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -188,8 +192,9 @@ def test_an_output_ending_in_a_slash_is_a_folder(folder, tmp_path, capsys):
     """`--output exports/` names a folder: refused as an existing folder is (before: a file named
     `exports` was written, Path() having dropped the slash)."""
     out = tmp_path / "exports"
-    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "onnx", "--output", f"{out}/"],
-            f"'{out}' is a folder; give a file path like '{out / 'model.onnx'}'")
+    for named in (f"{out}/", f"{out}/."):
+        refused(capsys, ["export", "--checkpoint", str(folder), "--format", "onnx", "--output", named],
+                "is a folder; give a file path like")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -241,23 +246,30 @@ def test_a_killed_exports_files_are_cleared_whatever_its_name(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(folder, tmp_path, capsys):
-    """A tmpfs of 1 MiB, where this machine lets the tests mount one: each format fails in one line
-    naming the output, its half-written file removed and closed (before: TorchScript and torch.export
-    aborted the process, torch's writer throwing a second error in its destructor, and left it)."""
+    """A tmpfs, where this machine lets the tests mount one. Without room for the weights, each format
+    is refused before tracing; with room for the weights but not the file, ONNX and torch.export fail
+    as they write: one line naming the output, the half-written file removed and closed (before:
+    TorchScript and torch.export aborted the process, torch's writer throwing a second error in its
+    destructor, and left it)."""
     import os
     import subprocess
 
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        for format, name in (("torchscript", "m.pt"), ("exported", "m.pt2"), ("onnx", "m.onnx")):
-            refused(capsys, ["export", "--checkpoint", str(folder), "--format", format, "--output", str(mount / name)],
-                    f"No space left on device: {mount / name}")
-            assert list(mount.iterdir()) == []
-        assert not [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}").startswith(
-            str(mount))]
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
+    weights = (folder / "model.safetensors").stat().st_size
+    for size, formats in ((2**20, ("torchscript", "exported", "onnx")), (weights + 2**14, ("exported", "onnx"))):
+        mount = tmp_path / f"small-{size}"
+        mount.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        try:
+            for format in formats:
+                output = mount / f"m{ {'torchscript': '.pt', 'exported': '.pt2', 'onnx': '.onnx'}[format]}"
+                said = "MiB free, the weights alone take" if size == 2**20 else "No space left on device"
+                refused(capsys, ["export", "--checkpoint", str(folder), "--format", format, "--output", str(output)],
+                        said, f": {output}")
+                assert list(mount.iterdir()) == []
+            assert not [fd for fd in os.listdir("/proc/self/fd")
+                        if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(mount))]
+        finally:
+            if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -77,24 +77,26 @@ def test_sigkill_at_random_moments_of_saves(tmp_path):
     the run finished by --resume ends bit for bit where the uninterrupted one does."""
     argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "1", "--save-every", "1"]
     reference = tmp_path / "reference"  # beside the killed ones, on the other core
-    log = (tmp_path / "reference.err").open("w")  # a file: a pipe left unread could fill and stop it
-    uninterrupted = subprocess.Popen(argv + ["--output-dir", str(reference)], env=ENV, stdout=subprocess.DEVNULL,
-                                     stderr=log)
+    with (tmp_path / "reference.err").open("w") as log:  # a file: a pipe left unread could fill and stop it
+        uninterrupted = subprocess.Popen(argv + ["--output-dir", str(reference)], env=ENV, stdout=subprocess.DEVNULL,
+                                         stderr=log)
     out = tmp_path / "killed"
     rng = random.Random(0)
-    for attempt in range(4):
-        proc = subprocess.Popen(argv + ["--output-dir", str(out)] + (["--resume"] if attempt else []), env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while not (out / "last").is_symlink() and time.time() < deadline:  # past start-up and a first save
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert load_checkpoint(out / "last").train_state is not None  # complete, whenever the kill came
-    subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=ENV, check=True, capture_output=True)
-    assert uninterrupted.wait() == 0, (tmp_path / "reference.err").read_text()[-3000:]
-    log.close()
+    try:
+        for attempt in range(4):
+            proc = subprocess.Popen(argv + ["--output-dir", str(out)] + (["--resume"] if attempt else []), env=ENV,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 60
+            while not (out / "last").is_symlink() and time.time() < deadline:  # past start-up and a first save
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.6))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert load_checkpoint(out / "last").train_state is not None  # complete, whenever the kill came
+        subprocess.run(argv + ["--output-dir", str(out), "--resume"], env=ENV, check=True, capture_output=True)
+        assert uninterrupted.wait() == 0, (tmp_path / "reference.err").read_text()[-3000:]
+    finally:
+        uninterrupted.kill()  # nothing, where it ended
     ours, theirs = load_file(str(out / "last" / "model.safetensors")), load_file(str(reference / "last" /
                                                                                      "model.safetensors"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

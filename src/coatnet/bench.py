@@ -42,6 +42,7 @@ How it measures, so that the figures can be trusted on a shared machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -276,6 +277,9 @@ class Runner:
             killed = self.process.exitcode == -signal.SIGKILL  # on Linux, most often the out-of-memory killer
             reply = ("error", f"{name}: its process ended" + (
                 " (killed, most likely out of memory; lower --batch-size)" if killed else ""))
+            with contextlib.suppress(EOFError, OSError):  # it said why before it ended (failed before "build")
+                if self.conn.poll(0):
+                    reply = self.conn.recv()
         if isinstance(reply, tuple) and reply[0] == "error":
             self.error = reply[1]
             return None

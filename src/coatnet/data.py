@@ -284,7 +284,14 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         # Where links lead, a real folder -> one link into it (a linked folder, or a folder of a linked
         # file), to find images shared with another split.
         self.link_targets: dict[str, str] = {}
-        claimed = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+        claimed = set()
+        for c in class_to_idx:
+            real = os.path.realpath(path := os.path.join(directory, c))
+            claimed.add(real)
+            if os.path.islink(path):
+                self.link_targets.setdefault(real, path)
+        self.split_link = str(directory) if os.path.islink(directory) else None
+        real_dirs: dict[str, str] = {}  # a linked file's folder as its link names it -> its real path, once each
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
             raise error
@@ -319,8 +326,11 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                         not_images.append(fname)
                         continue
                     path = os.path.join(dirpath, fname)
-                    if os.path.islink(path):
-                        self.link_targets.setdefault(os.path.dirname(os.path.realpath(path)), path)
+                    if os.path.islink(path):  # a readlink, and a realpath per folder linked into, not per file
+                        linked = os.path.dirname(os.path.join(dirpath, os.readlink(path)))
+                        if linked not in real_dirs:
+                            real_dirs[linked] = os.path.realpath(linked)
+                        self.link_targets.setdefault(real_dirs[linked], path)
                     problem = _header_problem(path)
                     if problem is None:
                         samples.append((path, label))
@@ -343,14 +353,15 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
 
     def shared_with(self, other: ImageFolderDataset) -> str | None:
         """A path through which this split lists images of ``other``'s folders (a linked folder, or a
-        linked file, in either direction), or None. Files of two splits linked to one file of a third
-        folder are not seen."""
+        linked file, a linked class or split folder, in either direction), or None. Files of two splits
+        linked to one file of a third folder are not seen."""
         for a, b in ((self, other), (other, self)):
             for folder, link in a.link_targets.items():
                 if folder in b.real_folders:
                     return link
-        shared = self.real_folders & other.real_folders  # a linked split or class folder
-        return min(shared) if shared else None
+        if self.real_folders & other.real_folders:  # one split is, or is in, the other
+            return self.split_link or other.split_link or min(self.real_folders & other.real_folders)
+        return None
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
         return ImageFolder.__getitem__(self, i)  # load_image, then the transform

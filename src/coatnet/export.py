@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import io
 import json
@@ -60,15 +61,17 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be an integer of at least 1, got {batch_size!r}")
     # Path() drops a trailing slash: "exports/" would become a file named exports, where a folder was meant.
-    named_a_folder = isinstance(output, str) and output.endswith(("/", os.sep))
+    named_a_folder = isinstance(output, str) and (output.endswith(("/", os.sep)) or
+                                                  os.path.basename(output) in (".", ".."))
     output = Path(output)
     # Refused before the export, which would only fail (or overwrite) at its end, at the rename.
     if output.is_dir() or named_a_folder:
         raise ValueError(f"output {str(output)!r} is a folder; give a file path like "
                          f"{str(output / ('model' + _SUFFIXES[format]))!r}")
-    if output.name in MODEL_FOLDER_FILES and (output.parent / CONFIG).is_file():
+    real = Path(os.path.realpath(output))  # the file meant, however the path reaches it (new/../, links)
+    if real.name in MODEL_FOLDER_FILES and (real.parent / CONFIG).is_file():
         # --overwrite means an earlier export, not a model's weights or config (the checkpoint's own, often)
-        raise ValueError(f"output {str(output)!r} is a file of the model folder {str(output.parent)!r}, which it "
+        raise ValueError(f"output {str(output)!r} is a file of the model folder {str(real.parent)!r}, which it "
                          f"would break; give another path")
     # A link to nothing exists too: exists() follows it, and the final link() would find its name taken.
     if (output.exists() or output.is_symlink()) and not overwrite:
@@ -114,6 +117,12 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
     was_training, done = model.training, False
     model.eval()
     try:
+        # Found before tracing: TorchScript's writer aborts the process when the disk fills as it writes.
+        need, free = sum(t.numel() * t.element_size() for t in model.state_dict().values()), \
+            shutil.disk_usage(output.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free, the weights alone "
+                                        f"take {need / 2**20:.1f} MiB)", str(output))
         # The input checks and the table-resize test read shapes as Python values; the tracer warns
         # that they become constants, which they are for a fixed spatial size.
         with warnings.catch_warnings(), torch.no_grad():
@@ -225,9 +234,10 @@ class _FixedSize(nn.Module):
 
 
 class _Archive(io.RawIOBase):
-    """The output file as torch's archive writer sees it: a write that fails (a full disk) is kept, to
-    be raised once the writer is done, and what follows is dropped. The writer must not see it fail:
-    it would throw a second error from its destructor, aborting the process (given a path too)."""
+    """The output file as torch.export's archive writer sees it (which streams into it): a write that
+    fails (a full disk) is kept, to be raised once the writer is done, and what follows is dropped.
+    The writer must not see it fail: it would throw a second error from its destructor, aborting the
+    process (given a path too)."""
 
     def __init__(self, file: io.BufferedWriter):
         super().__init__()
@@ -266,9 +276,11 @@ class _Archive(io.RawIOBase):
 def _torchscript(model: nn.Module, example: torch.Tensor, output: Path, dynamic_batch: bool,
                  preprocessing: str) -> None:
     checked = _FixedSize(model, *example.shape[-2:])
-    with warnings.catch_warnings(), _Archive.at(output) as f:
+    # Given a path: given a file, torch.jit.save builds the whole archive in memory first (twice the
+    # weights). The free space is checked before (export_model); a disk filled meanwhile aborts.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; asking for it is a choice
-        torch.jit.save(torch.jit.trace(checked, example, check_trace=False), f,
+        torch.jit.save(torch.jit.trace(checked, example, check_trace=False), str(output),
                        _extra_files={PREPROCESSING_KEY: preprocessing})
 
 

@@ -28,7 +28,8 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss, acc = fig.subplots(1, 2)
-    loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    # Training's loss is against its own targets (label smoothing, Mixup/CutMix): above eval's, if those are on.
+    loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (its smoothed, mixed targets)")
     loss.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval")
     loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train top-1")
