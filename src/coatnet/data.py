@@ -290,7 +290,6 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
             claimed.add(real)
             if os.path.islink(path):
                 self.link_targets.setdefault(real, path)
-        self.split_link = str(directory) if os.path.islink(directory) else None
         real_dirs: dict[str, str] = {}  # a linked file's folder as its link names it -> its real path, once each
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
@@ -360,7 +359,8 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                 if folder in b.real_folders:
                     return link
         if self.real_folders & other.real_folders:  # one split is, or is in, the other
-            return self.split_link or other.split_link or min(self.real_folders & other.real_folders)
+            return next((str(ds.root) for ds in (self, other) if os.path.islink(ds.root)),
+                        min(self.real_folders & other.real_folders))
         return None
 
     def _load(self, i: int) -> tuple[torch.Tensor, int]:
