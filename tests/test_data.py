@@ -372,6 +372,29 @@ def test_a_fifo_named_as_an_image_is_skipped_and_counted(tmp_path, no_hang):
         load_image(root / "val" / "cat" / "pipe.png")
 
 
+def test_a_file_the_system_cannot_open_is_said_to_be_one(tmp_path, monkeypatch):
+    """A link to nothing, a file the system refuses to open: said as such (before: "not an image file or
+    corrupt ([Errno 2] ...)"), and a decompression bomb's line without its doubled stop."""
+    root = make_tree(tmp_path)
+    (root / "val" / "cat" / "gone.png").symlink_to(tmp_path / "moved.png")
+    with pytest.warns(UserWarning, match=rf"gone.png': a link to '{tmp_path / 'moved.png'}', which is not there; "
+                                         rf"fix or remove the link"):
+        assert build_datasets("imagefolder", root, img_size=16).skipped_files == 1
+    with pytest.raises(DataError, match=r"gone.png': a link to .*, which is not there; fix or remove the link$"):
+        load_image(root / "val" / "cat" / "gone.png")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("PIL.Image.open", refused)
+    with pytest.raises(DataError, match=r"0.png': permission denied; check that it can be read$"):
+        load_image(root / "val" / "cat" / "0.png")
+    monkeypatch.undo()
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DataError, match=r"attack; downscale it$"):
+        load_image(root / "val" / "cat" / "0.png")
+
+
 def test_imagefolder_skips_hidden_entries_at_any_depth(tmp_path):
     root = make_tree(tmp_path)
     cat = root / "train" / "cat"

@@ -234,8 +234,9 @@ def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
                                                         f"'{tmp_path / 'sorted'}' is a folder without image files "
                                                         f"(.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp) "
                                                         f"(its subfolders are not searched)",
-                                                        f"cannot read image '{photos / 'gone.png'}': no such file; "
-                                                        f"check the path"]
+                                                        f"cannot read image '{photos / 'gone.png'}': a link to "
+                                                        f"'{tmp_path / 'moved.png'}', which is not there; fix or "
+                                                        f"remove the link"]
 
 
 def test_plots_write_pngs(tmp_path):
@@ -524,3 +525,76 @@ def test_a_run_directory_is_read_at_one_checkpoint_while_training_moves_last(run
     out, err = capsys.readouterr()
     assert err == f"coatnet eval: using {run / 'last'} -> {was}\n"
     assert json.loads(out)["checkpoint"] == str(run / was) and (run / f"eval-{was}-digits").is_dir()
+
+
+def test_sigterm_stops_eval_and_predict_as_ctrl_c(run_dir, tmp_path, capsys, monkeypatch):
+    """A timeout or a scheduler's SIGTERM is one line and status 130, as Ctrl-C (before: killed without a
+    word); eval leaves no empty folder of its own. The test's handler stands in for the kill, so that
+    the old code fails the test instead of ending the run."""
+    import signal
+
+    def killed(*_):
+        pytest.fail("SIGTERM was not handled")
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        (image,) = digit_files(tmp_path, sizes=((8, 8),))
+        monkeypatch.setattr(coatnet.evaluate, "load_image", sigterm)
+        monkeypatch.setattr(coatnet.evaluate, "evaluate", sigterm)
+        for argv in (["predict", "--checkpoint", str(run_dir), str(image)],
+                     ["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "eval")]):
+            capsys.readouterr()
+            assert main(argv) == 130
+            assert capsys.readouterr().err.endswith(f"coatnet {argv[0]}: interrupted\n")
+            assert signal.getsignal(signal.SIGTERM) is killed  # put back
+        assert not (tmp_path / "eval").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_file_name_holding_a_newline_is_one_line(run_dir, tmp_path, capsys):
+    """Shown with \\n, as a name that is not UTF-8 is with \\xNN (before: its error was two lines, and its
+    prediction's name split in two)."""
+    (good,) = digit_files(tmp_path, sizes=((8, 8),))
+    good = good.rename(tmp_path / "new\nline.png")
+    bad = tmp_path / "bad\nname.png"
+    bad.write_text("not an image")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir / "last"), str(good), str(bad), "--top-k", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == f"{tmp_path}/new\\nline.png" and len(out.splitlines()) == 2
+    assert err.count("\n") == 1 and f"cannot read image '{tmp_path}/bad\\nname.png': not an image" in err, err
+    assert main(["predict", "--checkpoint", str(run_dir / "last"), str(bad), "--json"]) == 2
+    (error,) = json.loads(capsys.readouterr().out)["errors"]
+    assert error["image"] == f"{tmp_path}/bad\\nname.png" and f"'{error['image']}'" in error["message"]
+
+
+def test_eval_of_a_run_whose_data_moved_asks_for_data_dir(run_dir, tmp_path, capsys):
+    """The checkpoint's recorded folder is gone: the line says to give --data-dir, not to check a path the
+    user never gave (before: "data directory ... does not exist ...; check the path")."""
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=[str(i) for i in range(10)])
+    meta = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(meta | {"dataset": "imagefolder", "data_dir": str(tmp_path / "gone")}))
+    one_line_error(capsys, ["eval", "--checkpoint", str(ckpt)],
+                   f"{ckpt} was trained on the imagefolder data at '{tmp_path / 'gone'}', which is not there now; "
+                   f"pass --data-dir with its new place")
+    data = image_folder(tmp_path / "moved", [str(i) for i in range(10)])
+    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--output-dir", str(tmp_path / "e")]) == 0
+
+
+def test_a_file_named_like_a_flag_is_said_to_be_one(run_dir, tmp_path, capsys, monkeypatch):
+    """`coatnet predict --checkpoint RUN *` in a folder holding -x.png: argparse takes it for a flag;
+    the line says how to give it (before: "unrecognized arguments: -x.png" alone)."""
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    image.rename(tmp_path / "-x.png")
+    monkeypatch.chdir(tmp_path)
+    hint = "'-x.png' is a file taken for a flag: give it as ./-x.png, or after -- (... -- -x.png)"
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-x.png"], "required: IMAGE; " + hint)
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-x.png", "a.png"], "-x.png; " + hint)
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-y.png", "a.png"],  # no such file: no hint
+                   "unrecognized arguments: -y.png\n")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir), "--", "-x.png"]) == 0

@@ -571,3 +571,59 @@ def test_the_compiler_takes_checkpointed_blocks():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
     for a, b in zip(eager.buffers(), model.buffers()):
         torch.testing.assert_close(b, a)
+
+
+def test_a_forward_set_on_the_instance_is_called():
+    """accelerate's hooks (offloading, device maps) replace a layer's ``forward`` on the instance and
+    call the class's from it: the fast path must not read the layer's weights past it, for the
+    stem's conv, an MBConv block's projection or the FFN's first linear layer."""
+    x = torch.randn(2, 3, 32, 32)
+    model = _pico()
+    transformer = next(m for m in model.modules() if isinstance(m, fast_path.FeedForward))
+    for layer, scale in ((model.stem[0][0], 0.5), (model.stages[0][0].residual.project, 2.0), (transformer[0], 3.0)):
+        def scaled(*args, old=layer.forward, scale=scale):
+            return old(*args) * scale
+        layer.forward = scaled
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_more_layers_of_other_kinds():
+    """A residual branch with a forward of its own, a first FFN layer without a bias and a conv with
+    ``padding="same"``: the output is the plain path's (before: the branch's forward skipped, an
+    AttributeError, oneDNN refusing the padding)."""
+    class Doubled(torch.nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(2, 3, 32, 32)
+    model = _pico()
+    model.stages[0][0].residual.__class__ = Doubled
+    ffn = next(m for m in model.modules() if isinstance(m, fast_path.FeedForward))
+    ffn[0].bias = None
+    conv = model.stem[0][0]
+    same = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding="same", bias=False)
+    same.load_state_dict(conv.state_dict())
+    model.stem[0][0] = same
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_squeeze_excitation_pool_is_called_where_it_must_be():
+    """The squeeze-excitation's own pool is called where a hook watches it or a user replaced it
+    (before: SpatialMean in its place on every path, the hook never called, a max pool ignored)."""
+    x = torch.randn(2, 3, 32, 32)
+    model = _pico()
+    se = model.stages[0][0].residual.se
+    calls = []
+    se.avgpool.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    with torch.no_grad():
+        model(x)
+    _plain(model, x)
+    assert len(calls) == 2
+    se.avgpool = torch.nn.AdaptiveMaxPool2d(1)
+    hidden = torch.randn(2, se.fc1.in_channels, 8, 8)
+    expected = torch.sigmoid(se.fc2(se.activation(se.fc1(hidden.amax((2, 3), keepdim=True)))))
+    torch.testing.assert_close(se._scale(hidden), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import coatnet
 from coatnet.checkpoint import CheckpointError, load_checkpoint
 from coatnet.cli import main
 from coatnet.train import resumed_config, train
-from test_train import ENV, _kill_when, assert_bitwise_equal, run_cli, weights
+from test_train import ENV, _kill_when, assert_bitwise_equal, weights
 
 # bfloat16 weights gathered for compute, EMA and activation checkpointing: every part FSDP touches.
 FLAGS = ["--img-size", "16", "--batch-size", "64", "--epochs", "1", "--warmup-steps", "2", "--seed", "5",
@@ -25,19 +25,25 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, str]:
-    """An uninterrupted 2-process FSDP run, and what it printed."""
+    """An uninterrupted 2-process FSDP run, and what it printed; beside it, in a process of its own,
+    the same run in one process without FSDP: ``one``."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    done = subprocess.run(TORCHRUN + ["--output-dir", str(out)], capture_output=True, text=True, env=ENV)
+    one = subprocess.Popen([sys.executable, "-m", "coatnet", "train", *FLAGS, "--output-dir", str(out.parent / "one")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        done = subprocess.run(TORCHRUN + ["--output-dir", str(out)], capture_output=True, text=True, env=ENV)
+    finally:
+        error = one.communicate()[1]
     assert done.returncode == 0, done.stderr[-3000:]
+    assert one.returncode == 0, error[-3000:]
     return out, done.stdout
 
 
-def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path, capsys):
+def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, capsys):
     """As for DDP (test_train.py::test_torchrun_two_processes_match_one): the same samples in each
     step, BatchNorm statistics per process, so close but not bit for bit."""
     out, stdout = fsdp_run
-    run_cli("train", *FLAGS, "--output-dir", str(tmp_path / "one"))
-    one, two = weights(tmp_path / "one"), weights(out)
+    one, two = weights(out.parent / "one"), weights(out)
     torch.manual_seed(5)
     start = coatnet.create_model("coatnet_pico", num_classes=10, img_size=16, drop_path_rate=0.0).state_dict()
     params = [k for k in one if "running_" not in k and "num_batches" not in k]
@@ -45,7 +51,7 @@ def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path, 
     moved = sum((one[k] - start[k]).square().sum() for k in params).sqrt()
     assert moved > 1 and apart / moved < 0.3, (apart, moved)
     m1, m2 = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in
-              (tmp_path / "one", out))
+              (out.parent / "one", out))
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [22]
     assert abs(m1[0]["train_loss"] - m2[0]["train_loss"]) < 0.05 * m1[0]["train_loss"]
     # `coatnet eval` evaluates as the --amp run did (bfloat16 autocast), so its figures come again;
@@ -53,7 +59,7 @@ def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path, 
     reports = {}
     for flag in ("--amp", "--no-amp", None):
         capsys.readouterr()
-        assert main(["eval", "--checkpoint", str(tmp_path / "one"), "--json", *[flag] * bool(flag)]) == 0
+        assert main(["eval", "--checkpoint", str(out.parent / "one"), "--json", *[flag] * bool(flag)]) == 0
         reports[flag] = json.loads(capsys.readouterr().out)
     assert reports[None] == reports["--amp"] and reports["--amp"]["amp"] and not reports["--no-amp"]["amp"]
     assert (reports[None]["top1"], reports[None]["top5"]) == (m1[0]["top1"], m1[0]["top5"])
@@ -69,19 +75,27 @@ def test_two_sharded_processes_match_one_and_hold_half_each(fsdp_run, tmp_path, 
 
 
 def test_sigkill_and_resume_is_bit_identical(fsdp_run, tmp_path):
+    import shutil
+
+    # Beside the run to kill: a refused resume (of a copy of the finished run) is one line for the
+    # job, said by the first process (before: one per process).
+    finished = tmp_path / "finished"
+    shutil.copytree(fsdp_run[0], finished, symlinks=True)
+    refused = subprocess.Popen(TORCHRUN[:-len(FLAGS)] + ["--resume", "--seed", "6", "--output-dir", str(finished)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     out = tmp_path / "killed"
     proc = subprocess.Popen(TORCHRUN + ["--output-dir", str(out)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    killed_at = _kill_when(proc, out, 4)
-    assert killed_at < 22 and load_checkpoint(out / "last").train_state["step"] == killed_at  # mid-epoch
-    # A refused resume is one line for the job, said by the first process (before: one per process).
-    refused = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--seed", "6", "--output-dir", str(out)],
-                             capture_output=True, text=True, env=ENV)
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("coatnet train: error:")]
+    try:
+        killed_at = _kill_when(proc, out, 4)
+    finally:
+        stderr = refused.communicate()[1]
+    errors = [line for line in stderr.splitlines() if line.startswith("coatnet train: error:")]
     assert refused.returncode != 0 and errors == [
         f"coatnet train: error: --seed 6 differs from the resumed run's 5: a resumed run keeps its data, batch size, "
         f"seed and image size; drop --seed to resume it, or start a new run from its weights with --pretrained "
-        f"{out / 'last'}"], refused.stderr[-3000:]
+        f"{finished / 'last'}"], stderr[-3000:]
+    assert killed_at < 22 and load_checkpoint(out / "last").train_state["step"] == killed_at  # mid-epoch
     resumed = subprocess.run(TORCHRUN[:-len(FLAGS)] + ["--resume", "--output-dir", str(out)], capture_output=True,
                              text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

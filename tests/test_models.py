@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,37 @@ def test_weights_without_a_classifier_leave_the_models_fresh(tmp_path):
             model = load()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in headless.items())
 
+
+
+def test_weights_loaded_at_build_are_not_initialised_first(tmp_path, monkeypatch):
+    """create_model(pretrained=...), from_pretrained and the Hub initialise only what the weights do
+    not overwrite, a new classifier (CoAtNet-4 from a file took 3-8 s, most of it initialising, now < 1.3):
+    the other weights are the saved ones, the new classifier as freshly initialised as ever."""
+    saved = tiny()
+    torch.save(saved.state_dict(), tmp_path / "w.pth")
+    folder = saved.save_pretrained(tmp_path / "folder")
+    initialised = []  # the weights init functions wrote, not counting those built on the meta device
+    for init in ("trunc_normal_", "kaiming_normal_", "kaiming_uniform_", "uniform_", "normal_"):
+        def counted(tensor, *args, init=getattr(torch.nn.init, init), **kwargs):
+            initialised.extend([tuple(tensor.shape)] * (tensor.device.type != "meta"))
+            return init(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.nn.init, init, counted)
+    for load, classes in ((lambda: coatnet.create_model("coatnet_pico", pretrained=tmp_path / "w.pth",
+                                                        num_classes=10), 10),
+                          (lambda: coatnet.from_pretrained(folder), 10),
+                          (lambda: coatnet.create_model("coatnet_pico", pretrained=tmp_path / "w.pth",
+                                                        num_classes=3), 3)):
+        initialised.clear()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "the checkpoint has a classifier that does not fit")
+            model = load()
+        assert initialised and set(initialised) <= {(classes, saved.head_hidden_size), (classes,)}
+        kept = {k: v for k, v in saved.state_dict().items() if not k.startswith("classifier.")}
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items())
+    assert 0.01 < model.classifier.weight.std() < 0.03 and not model.classifier.bias.any()  # trunc_normal_(0.02)
+    initialised.clear()
+    coatnet.create_model("coatnet_pico", num_classes=10)  # without weights, every layer is initialised
+    assert len(initialised) > 10
 
 def test_a_checkpoint_with_an_averaged_model_loads_its_average(tmp_path):
     """{"state_dict", "model_ema"} where the EMA is torch.optim.swa_utils.AveragedModel's state dict

@@ -43,9 +43,17 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
-    """An uninterrupted 2-epoch run, checkpointing every 4 steps: the run the others must match."""
+    """An uninterrupted 2-epoch run, checkpointing every 4 steps: the run the others must match.
+    Beside it, in a process of its own, the same run without the extra checkpoints: ``again``."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    run_cli("train", *TINY, "--epochs", "2", "--save-every", "4", "--output-dir", str(out))
+    again = subprocess.Popen([sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "2", "--output-dir",
+                              str(out.parent / "again")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=ENV)
+    try:
+        run_cli("train", *TINY, "--epochs", "2", "--save-every", "4", "--output-dir", str(out))
+    finally:
+        error = again.communicate()[1]
+    assert again.returncode == 0, error
     return out
 
 
@@ -94,9 +102,8 @@ def test_epoch_line_shows_gpu_memory_where_there_is_some(reference_run):
     assert line.startswith("epoch   2/2  train_loss") and line.endswith("img/s  peak 11.7 GiB per GPU (13.0 reserved)")
 
 
-def test_two_runs_are_bitwise_identical(reference_run, tmp_path):
-    run_cli("train", *TINY, "--epochs", "2", "--output-dir", str(tmp_path / "again"))
-    assert_bitwise_equal(weights(reference_run), weights(tmp_path / "again"))
+def test_two_runs_are_bitwise_identical(reference_run):
+    assert_bitwise_equal(weights(reference_run), weights(reference_run.parent / "again"))
 
 
 def _children(pid: int) -> list[int]:
@@ -468,11 +475,14 @@ def test_torchrun_two_processes_match_one(tmp_path, capsys):
     """
     common = ["train", "--img-size", "16", "--batch-size", "64", "--epochs", "1", "--warmup-steps", "2",
               "--seed", "5", "--label-smoothing", "0"]
-    assert main([*common, "--output-dir", str(tmp_path / "one")]) == 0
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "coatnet", *common, "--output-dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=ENV)
-    assert out.returncode == 0, out.stderr[-3000:]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "coatnet", *common, "--output-dir", str(tmp_path / "two")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:  # the one-process run beside it
+        assert main([*common, "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        error = two.communicate()[1]
+    assert two.returncode == 0, error[-3000:]
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys()
     torch.manual_seed(5)  # the initial weights both runs started from

@@ -7,8 +7,11 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Annotated
 
 from .validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
@@ -394,12 +397,38 @@ def out_of_memory(error: BaseException) -> bool:
         _ASKED.search(str(error)) or "out of memory" in str(error))
 
 
+def _dashed_file_hint(message: str, argv: list[str]) -> str:
+    """What to do where argparse took a file named ``-x.png`` for a flag (``coatnet predict --checkpoint RUN *``):
+    it says only that the argument is unknown, or that no IMAGE was given."""
+    refused = message.split(": error: ")[-1]
+    if not refused.startswith(("unrecognized arguments", "the following arguments are required")):
+        return ""
+    dashed = next((a for a in argv if a.startswith("-") and a != "-" and os.path.exists(a)), None)
+    return "" if dashed is None else (f"; '{dashed}' is a file taken for a flag: give it as ./{dashed}, or after -- "
+                                      f"(... -- {dashed})")
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a timeout, a job scheduler) stops the command as Ctrl-C does: one line, status 130, with
+    what it cleans up on the way out (export's half-written file, eval's empty folder). Only the main
+    thread may set a handler (main() run in a thread works all the same), and one set outside Python
+    (None) could not be put back."""
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if ours else None
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _FlagError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process reads the same flags: one says so
-            print(e, file=sys.stderr)
+            print(f"{e}{_dashed_file_hint(str(e), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 2
     if args.command in ("train", "eval", "predict", "study"):
         from .allocator import keep_freed_memory
@@ -410,8 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     format_warning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *where, **_: (
         f"{command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{message}\n")
+    # Training and the study are not: under torchrun, SIGTERM is how the agent stops the other
+    # processes when one fails, and their checkpoints are written so that being killed loses nothing.
+    stoppable = sigterm_as_ctrl_c() if args.command in ("eval", "predict", "export") else nullcontext()
     try:
-        return args.func(args) or 0
+        with stoppable:
+            return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2
         print(f"{command}: error: {_message(e)}", file=sys.stderr)
         return 2

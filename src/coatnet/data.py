@@ -112,10 +112,10 @@ def _one_line(exc: BaseException) -> str:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Fully decode an image file to RGB; any failure becomes a one-line :class:`DataError`."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"cannot read image '{p}': no such file; check the path")
     if (other := _not_a_file(p)) is not None:
         raise DataError(f"cannot read image '{p}': {other}")
+    if not p.exists():
+        raise DataError(f"cannot read image '{p}': no such file; check the path")
     return decode_image(p, f"'{p}'")
 
 
@@ -124,6 +124,10 @@ def _not_a_file(path: str | os.PathLike) -> str | None:
     (opening it then says why): opening a FIFO waits for a writer forever, and a device may never end."""
     try:
         mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not os.path.islink(path):
+            return None
+        return f"a link to '{os.readlink(path)}', which is not there; fix or remove the link"
     except OSError:
         return None
     if stat.S_ISREG(mode):
@@ -141,7 +145,9 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 def _unreadable(e: Exception) -> str:
     """Why PIL could not open or decode an image, and what to do."""
     if isinstance(e, Image.DecompressionBombError):  # a real image, over PIL's limit against decompression bombs
-        return f"{_one_line(e)}; downscale it"
+        return f"{_one_line(e).rstrip('.')}; downscale it"
+    if isinstance(e, OSError) and e.strerror:  # the system's error, not the decoder's: the file, not its bytes
+        return f"{e.strerror.lower()}; check that it can be read"
     # PIL names a file object it cannot identify by its repr (<_io.BytesIO object at 0x...>)
     reason = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else _one_line(e)
     return f"not an image file or corrupt ({reason}); give a JPEG/PNG/... file"

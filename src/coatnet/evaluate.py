@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
@@ -134,6 +134,11 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or (meta.get("data_dir") if data_name == meta.get("dataset") else None)
     if data_name is None:
         raise ValueError(f"{ckpt.path} does not record its data set; pass --data (and --data-dir)")
+    # The run's own folder (not shards' URLs, nor a Hub name), moved since: the user gave no path to check.
+    local = str(data_name).lower() in ("imagefolder", "cifar10", "cifar100")
+    if args.data_dir is None and data_dir is not None and local and not Path(data_dir).expanduser().is_dir():
+        raise ValueError(f"{ckpt.path} was trained on the {data_name} data at '{data_dir}', which is not there now; "
+                         f"pass --data-dir with its new place")
     if model.config.in_chans != 3:
         raise ValueError(f"{ckpt.path} takes {model.config.in_chans}-channel images and the evaluation data sets "
                          f"are RGB; evaluate it in Python, preparing images with coatnet.data_transforms(model)")
@@ -160,12 +165,19 @@ def run_eval(args: argparse.Namespace) -> int:
     run_dir = ckpt.path.resolve().parent
     out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
     _check_own_report(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
     _say_which(ckpt, args)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
     amp = _amp(args, ckpt)
-    result = evaluate(model, loader, device, data.num_classes, amp=amp)
+    try:
+        result = evaluate(model, loader, device, data.num_classes, amp=amp)
+    except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: no empty folder left that looks like a report's
+        if made:
+            with suppress(OSError):
+                out.rmdir()
+        raise
 
     confusion = result.pop("confusion")
     names = [printable(c) for c in data.classes]
@@ -208,6 +220,12 @@ def images_in(folder: str) -> list[str]:
     return sorted(str(p) for p in files if is_image_file(p.name))
 
 
+def _shown(text: str) -> str:
+    """:func:`printable`, with control characters escaped (``\\n``): a file name holding a newline is
+    still one line of the output and of its error."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in printable(text))
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could. A folder
@@ -218,7 +236,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not model.num_classes:
         raise ValueError(f"{ckpt.path} has no classifier (0 classes): there is nothing to predict; give a "
                          f"checkpoint of a classifier")
-    classes = [printable(str(c)) for c in class_names(model)]
+    classes = [_shown(str(c)) for c in class_names(model)]
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
     k = min(args.top_k, len(classes))
     model.to(device)
@@ -229,8 +247,8 @@ def run_predict(args: argparse.Namespace) -> int:
         images += found
         if not found:
             searched = " (its subfolders are not searched)" if any(p.is_dir() for p in Path(path).iterdir()) else ""
-            errors.append(dict(image=printable(path), message=f"'{printable(path)}' is a folder without image "
-                                                              f"files ({', '.join(IMG_EXTENSIONS)}){searched}"))
+            errors.append(dict(image=_shown(path), message=f"'{_shown(path)}' is a folder without image "
+                                                           f"files ({', '.join(IMG_EXTENSIONS)}){searched}"))
     # Decoded and run --batch-size images at a time, so memory does not grow with the number of files;
     # the results print once every file is done, in one piece.
     for start in range(0, len(images), args.batch_size):
@@ -239,7 +257,7 @@ def run_predict(args: argparse.Namespace) -> int:
             try:
                 loaded.append((path, transform(load_image(path))))
             except DataError as e:  # costs that image's prediction only
-                errors.append(dict(image=printable(path), message=printable(str(e))))
+                errors.append(dict(image=_shown(path), message=_shown(str(e))))
         if not loaded:
             continue
         if not results:
@@ -247,9 +265,10 @@ def run_predict(args: argparse.Namespace) -> int:
         with torch.inference_mode(), autocast:
             probs = model(torch.stack([x for _, x in loaded]).to(device)).float().softmax(dim=1).cpu()
         top = probs.topk(k, dim=1)
-        # A file name that is not UTF-8 would fail the print to stdout: shown with \xNN, as in the figures.
-        results += [dict(image=printable(path), top=[dict(label=classes[i], probability=p) for p, i in
-                                                     zip(values.tolist(), indices.tolist())])
+        # A file name that is not UTF-8 would fail the print to stdout, and a newline in one would split its
+        # line: shown with \xNN (as in the figures) and \n.
+        results += [dict(image=_shown(path), top=[dict(label=classes[i], probability=p) for p, i in
+                                                  zip(values.tolist(), indices.tolist())])
                     for (path, _), values, indices in zip(loaded, top.values, top.indices)]
     for e in errors:
         print(f"coatnet predict: error: {e['message']}", file=sys.stderr)

@@ -30,9 +30,7 @@ import io
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 
@@ -302,16 +300,7 @@ def run_export(args: argparse.Namespace) -> int:
     (overridden by the flags given) recorded in it."""
     model = from_pretrained(args.checkpoint)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
-    # Stopped by SIGTERM (timeout, a scheduler) as by Ctrl-C: the half-written file is removed. Only the
-    # main thread may set a handler (main() run in a thread exports all the same), and one set outside
-    # Python (None) could not be put back.
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if ours else None
-    try:
-        path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
-                            dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
-    finally:
-        if ours:
-            signal.signal(signal.SIGTERM, previous)
+    path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
+                        dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
     return 0

@@ -6,9 +6,9 @@ only where the result cannot differ (:func:`fusable`): autograd off (``torch.inf
 ``torch.no_grad()``) in plain eager execution (not tracing, compiling or exporting, where the
 compiler fuses the plain layers itself; no forward-mode AD, ``torch.func`` transform or dispatch
 mode such as ``FlopCounterMode``, which must see the plain ops), the module and all its submodules
-in eval mode and without forward hooks, and each layer it reads of the kind it expects
-(:func:`exactly`); in float32, and in bfloat16 (a converted model, or autocast) where the CPU has it
-natively:
+in eval mode and without forward hooks or a ``forward`` set on the instance, and each layer it reads
+of the kind it expects (:func:`exactly`); in float32, and in bfloat16 (a converted model, or
+autocast) where the CPU has it natively:
 
 - :class:`ConvBNAct` (CPU): BatchNorm folded into the conv before it, and the activation fused
   into the same oneDNN convolution as a post-op, the kernel PyTorch's own compiler emits for this
@@ -83,19 +83,25 @@ def eager_execution() -> bool:
     return not (compiling() or transformed() or watched())  # compiling() first: the compiler traces no further
 
 
+def hooked(module: nn.Module) -> bool:
+    """Something must see ``module``'s call: forward hooks on it or registered globally (feature
+    extraction; pruning and the older weight norm recompute the weight in a hook; FSDP gathers it in
+    one), or a ``forward`` of its own set on the instance (accelerate's hooks, which move offloaded
+    weights in before calling the class's)."""
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or module._forward_hooks
+                or module._forward_pre_hooks or "forward" in vars(module))
+
+
 def fusable(module: nn.Module) -> bool:
     """Whether the inference fast path may compute ``module`` without calling its submodules.
 
     At inference (autograd off) in :func:`eager_execution`, with ``module`` and every submodule in
     eval mode (a BatchNorm left in train mode, as test-time adaptation does, normalizes by its batch
-    and updates its statistics) and no forward hooks on them or registered globally (feature
-    extraction; pruning and the older weight norm recompute the weight in a hook; FSDP gathers it in
-    one).
+    and updates its statistics) and none of them :func:`hooked`.
     """
-    if (torch.is_grad_enabled() or not eager_execution() or nn_module._global_forward_hooks
-            or nn_module._global_forward_pre_hooks):
+    if torch.is_grad_enabled() or not eager_execution():
         return False
-    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    return not any(m.training or hooked(m) for m in module.modules())
 
 
 def exactly(module: nn.Module, kind: type[nn.Module]) -> bool:
@@ -105,7 +111,7 @@ def exactly(module: nn.Module, kind: type[nn.Module]) -> bool:
     if type(module) is not kind:
         return False
     if kind is nn.Conv2d:
-        return module.padding_mode == "zeros"
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)  # oneDNN takes no "same"
     if kind is nn.GELU:
         return module.approximate == "none"
     if kind is nn.BatchNorm2d:
@@ -193,8 +199,8 @@ class FeedForward(nn.Sequential):
                  else None)
         if dtype is None:
             return super().forward(x)
-        hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), "gelu", [],
-                                                    "none")
+        bias = None if fc1.bias is None else fc1.bias.to(dtype)
+        hidden = torch.ops.mkldnn._linear_pointwise(x.to(dtype), fc1.weight.to(dtype), bias, "gelu", [], "none")
         return fc2(hidden)
 
 
@@ -237,7 +243,11 @@ class SqueezeExcite(SqueezeExcitation):
     the mean is :class:`SpatialMean`."""
 
     def _scale(self, x: Tensor) -> Tensor:
-        if not eager_execution():  # an exported graph keeps torchvision's pooling, any input size
+        # An exported graph keeps torchvision's pooling, any input size; so does a pool that is not
+        # the plain global average, or one whose call must be seen (:func:`hooked`).
+        pool = self.avgpool
+        if (not eager_execution() or type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1))
+                or hooked(pool)):
             return super()._scale(x)
         return self.scale_activation(self.fc2(self.activation(self.fc1(SpatialMean.apply(x)))))
 
@@ -274,7 +284,8 @@ def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
     residual = block.residual
     # Modules of other kinds in place of the paper's (a user's): the block as it is. In eval mode
     # torchvision's StochasticDepth passes its input through.
-    if not (exactly(residual.se, SqueezeExcite) and exactly(block.drop_path, StochasticDepth)
+    if not (exactly(residual, nn.Sequential) and exactly(residual.se, SqueezeExcite)
+            and exactly(block.drop_path, StochasticDepth)
             and (exactly(residual.depthwise, nn.Conv2d) or type(residual.depthwise) is ConvBNAct)):
         return block(x)
     expand = residual.expand[0] if type(residual.expand) is ConvBNAct else None
