@@ -146,6 +146,10 @@ def test_eval_and_predict_under_torchrun_are_refused(run_dir, capsys, monkeypatc
 
 def test_eval_bad_input(run_dir, tmp_path, capsys):
     one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path)], "not a coatnet checkpoint")
+    (tmp_path / ".lock").write_text("")  # a run in its first epoch, or killed before its first save
+    for command in (["eval"], ["predict", "x.png"]):  # before: "not a coatnet checkpoint"
+        one_line_error(capsys, [*command, "--checkpoint", str(tmp_path)], f"'{tmp_path}' holds no checkpoint yet: its "
+                       f"run is in its first epoch, or stopped before its first save; give it once the run has saved one")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--device", "foo"], "--device foo is not a device")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--img-size", "20"], "multiple")
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data", "cifar10", "--data-dir",
@@ -570,6 +574,17 @@ def test_a_file_name_holding_a_newline_is_one_line(run_dir, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run_dir / "last"), str(bad), "--json"]) == 2
     (error,) = json.loads(capsys.readouterr().out)["errors"]
     assert error["image"] == f"{tmp_path}/bad\\nname.png" and f"'{error['image']}'" in error["message"]
+
+
+def test_names_are_escaped_only_where_they_would_break_the_line():
+    """Control characters and line separators are escaped; the rest of a name is shown as it is, also
+    what str.isprintable refuses (before: a Japanese name's ideographic space, a Persian one's zero-width
+    non-joiner and an emoji's joiner were shown as \\u3000, \\u200c, \\u200d)."""
+    shown = coatnet.evaluate._shown
+    for name in ("写真\u30001.png", "می\u200cخواهم.png", "no\u00a0break.png", "\U0001F468\u200d\U0001F469.png"):
+        assert shown(name) == name
+    assert shown("a\nb\rc\x1bd\u2028e\x85f") == "a\\nb\\rc\\x1bd\\u2028e\\x85f"
+    assert shown("bad\udcffname") == "bad\\xffname"  # not UTF-8: as printable() shows it
 
 
 def test_eval_of_a_run_whose_data_moved_asks_for_data_dir(run_dir, tmp_path, capsys):

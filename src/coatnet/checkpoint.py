@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.folder import (CHECKPOINT_NAME, CONFIG, EMA_WEIGHTS, TRAIN_STATE, WEIGHTS, ModelFolder, ModelFolderError,
-                            holds_a_run, read_model_folder, write_model_folder)
+from .models.folder import (CHECKPOINT_NAME, CONFIG, EMA_WEIGHTS, LOCK, TRAIN_STATE, WEIGHTS, ModelFolder,
+                            ModelFolderError, holds_a_run, read_model_folder, write_model_folder)
 
-LOCK = ".lock"  # held by the one process that writes the run directory
 OPTIMIZER_SHARDS = "optimizer"  # the folder of the optimizer state of an --fsdp run, one shard per process
 
 

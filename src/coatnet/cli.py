@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay")
     p.add_argument("--warmup-steps", type=int, default=None, help="steps of linear warm-up")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
-    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the recipe's; "
+                   "digits: 0, the ImageNet recipes: the model's own, Table 10)")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
     p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M",

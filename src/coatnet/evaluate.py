@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import unicodedata
 from contextlib import nullcontext, suppress
 from pathlib import Path
 
@@ -221,9 +222,10 @@ def images_in(folder: str) -> list[str]:
 
 
 def _shown(text: str) -> str:
-    """:func:`printable`, with control characters escaped (``\\n``): a file name holding a newline is
-    still one line of the output and of its error."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in printable(text))
+    """:func:`printable`, with control characters and line separators escaped (``\\n``): a file name
+    holding a newline is still one line of the output and of its error. Other characters are shown as
+    they are, those ``str.isprintable`` refuses too (an ideographic space, a zero-width joiner)."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in printable(text))
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetens
 TRAIN_STATE = "train_state.pt"  # beside a training checkpoint's model folder (coatnet.checkpoint)
 # A run directory's checkpoints, as training names them: ``ckpt-`` and the step, ``.N`` when that name was taken
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}(\.\d+)?")
+LOCK = ".lock"  # held by the one process that writes the run directory
 
 
 class ModelFolderError(ValueError):
@@ -188,6 +189,9 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     if path.is_file():
         raise ModelFolderError(f"{str(path)!r} is a file; give a folder ({CONFIG} + {WEIGHTS}). "
                                f"For a weights file use create_model(NAME, pretrained=FILE)")
+    if (path / LOCK).is_file() and not holds_a_run(path) and not (path / CONFIG).exists():
+        raise ModelFolderError(f"{str(path)!r} holds no checkpoint yet: its run is in its first epoch, or stopped "
+                               f"before its first save; give it once the run has saved one")
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise ModelFolderError(f"{str(path)!r} is not a coatnet checkpoint or model folder (no {CONFIG} and "
                                f"{WEIGHTS}); give a folder written by `coatnet train` or save_pretrained")
