@@ -580,7 +580,7 @@ def test_names_are_escaped_only_where_they_would_break_the_line():
     """Control characters and line separators are escaped; the rest of a name is shown as it is, also
     what str.isprintable refuses (before: a Japanese name's ideographic space, a Persian one's zero-width
     non-joiner and an emoji's joiner were shown as \\u3000, \\u200c, \\u200d)."""
-    shown = coatnet.evaluate._shown
+    from coatnet.plots import printable as shown
     for name in ("写真\u30001.png", "می\u200cخواهم.png", "no\u00a0break.png", "\U0001F468\u200d\U0001F469.png"):
         assert shown(name) == name
     assert shown("a\nb\rc\x1bd\u2028e\x85f") == "a\\nb\\rc\\x1bd\\u2028e\\x85f"

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import sys
-import unicodedata
 from contextlib import nullcontext, suppress
 from pathlib import Path
 
@@ -221,13 +220,6 @@ def images_in(folder: str) -> list[str]:
     return sorted(str(p) for p in files if is_image_file(p.name))
 
 
-def _shown(text: str) -> str:
-    """:func:`printable`, with control characters and line separators escaped (``\\n``): a file name
-    holding a newline is still one line of the output and of its error. Other characters are shown as
-    they are, those ``str.isprintable`` refuses too (an ideographic space, a zero-width joiner)."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in printable(text))
-
-
 def run_predict(args: argparse.Namespace) -> int:
     """Top-k classes of each readable image. Each unreadable one is one line on stderr and in the JSON's
     ``errors``; the exit status is 1 when some images could not be read, 2 when none could. A folder
@@ -238,7 +230,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not model.num_classes:
         raise ValueError(f"{ckpt.path} has no classifier (0 classes): there is nothing to predict; give a "
                          f"checkpoint of a classifier")
-    classes = [_shown(str(c)) for c in class_names(model)]
+    classes = [printable(str(c)) for c in class_names(model)]
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
     k = min(args.top_k, len(classes))
     model.to(device)
@@ -249,7 +241,7 @@ def run_predict(args: argparse.Namespace) -> int:
         images += found
         if not found:
             searched = " (its subfolders are not searched)" if any(p.is_dir() for p in Path(path).iterdir()) else ""
-            errors.append(dict(image=_shown(path), message=f"'{_shown(path)}' is a folder without image "
+            errors.append(dict(image=printable(path), message=f"'{printable(path)}' is a folder without image "
                                                            f"files ({', '.join(IMG_EXTENSIONS)}){searched}"))
     # Decoded and run --batch-size images at a time, so memory does not grow with the number of files;
     # the results print once every file is done, in one piece.
@@ -259,7 +251,7 @@ def run_predict(args: argparse.Namespace) -> int:
             try:
                 loaded.append((path, transform(load_image(path))))
             except DataError as e:  # costs that image's prediction only
-                errors.append(dict(image=_shown(path), message=_shown(str(e))))
+                errors.append(dict(image=printable(path), message=printable(str(e))))
         if not loaded:
             continue
         if not results:
@@ -269,7 +261,7 @@ def run_predict(args: argparse.Namespace) -> int:
         top = probs.topk(k, dim=1)
         # A file name that is not UTF-8 would fail the print to stdout, and a newline in one would split its
         # line: shown with \xNN (as in the figures) and \n.
-        results += [dict(image=_shown(path), top=[dict(label=classes[i], probability=p) for p, i in
+        results += [dict(image=printable(path), top=[dict(label=classes[i], probability=p) for p, i in
                                                   zip(values.tolist(), indices.tolist())])
                     for (path, _), values, indices in zip(loaded, top.values, top.indices)]
     for e in errors:
