@@ -156,6 +156,23 @@ def test_more_threads_than_cores_are_said(capsys, monkeypatch):
     assert note == "coatnet bench: note: --threads 3 is more than this machine's 2 cores: its threads take turns on them"
 
 
+def test_bfloat16_on_a_cpu_that_emulates_it_is_said(capsys, monkeypatch):
+    import torch
+
+    def stop():  # the notes are said: stop before anything is built
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr("coatnet.bench._import_timm", stop)
+    for has, said in ((False, True), (True, False)):
+        cpu = dict(torch.cpu.get_capabilities(), architecture="x86_64", avx512_bf16=has, amx_bf16=False)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu)
+        assert main(["bench", "--model", "coatnet_pico", "--device", "cpu", "--dtype", "bfloat16",
+                     "--compare", "timm"]) == 2
+        err = capsys.readouterr().err
+        assert ("coatnet bench: note: this CPU has no native bfloat16 (neither AVX512-BF16 nor AMX), so it is "
+                "emulated: 2-3x slower than float32, the matmul included\n" in err) == said, err
+
+
 def test_ctrl_c_is_one_line(tmp_path):
     """Ctrl-C in a terminal reaches the bench and every measurement's process: one line, no tracebacks."""
     import os

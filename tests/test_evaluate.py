@@ -99,20 +99,28 @@ def test_predict_top5_on_images_of_any_size(run_dir, tmp_path, capsys):
     assert text[0] == str(files[0]) and len(text) == 4 and text[1].strip().startswith("1. ")
 
 
-def test_predict_computes_as_the_run_evaluated(run_dir, tmp_path, capsys):
+def test_predict_computes_as_the_run_evaluated(run_dir, tmp_path, capsys, monkeypatch):
     """After --amp, each epoch's evaluation (and `best`) ran under bfloat16 autocast: predict does too,
-    as eval does, so its classes are the run's; --no-amp gives float32. A float32 run's default is float32."""
+    as eval does, so its classes are the run's; --no-amp gives float32. A float32 run's default is float32.
+    On a CPU that emulates bfloat16 (here, as one without AVX512-BF16 or AMX says), each bfloat16 pass
+    says so and how to avoid it."""
     amp_run = tmp_path / "amp"
     assert main(["train", "--img-size", "16", "--epochs", "1", "--batch-size", "128", "--warmup-steps", "3",
                  "--amp", "--output-dir", str(amp_run)]) == 0
     image = str(digit_files(tmp_path)[0])
+    cpu = dict(torch.cpu.get_capabilities(), architecture="x86_64", avx512_bf16=False, amx_bf16=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu)
+    notes = []
 
     def probabilities(run, *flags):
         capsys.readouterr()
         assert main(["predict", "--checkpoint", str(run), image, "--json", *flags]) == 0
-        return [t["probability"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]]
+        out, err = capsys.readouterr()
+        notes.append("no native bfloat16" in err and "--no-amp computes in float32" in err)
+        return [t["probability"] for t in json.loads(out)["predictions"][0]["top"]]
     assert probabilities(amp_run) == probabilities(amp_run, "--amp") != probabilities(amp_run, "--no-amp")
     assert probabilities(run_dir) == probabilities(run_dir, "--no-amp") != probabilities(run_dir, "--amp")
+    assert notes == [True, True, False, False, False, True]
 
 
 def one_line_error(capsys, argv, *fragments):

@@ -62,7 +62,7 @@ from torch import nn
 from .cli import out_of_memory
 from .models import compile_for_inference, timm_variants
 from .train import make_optimizer
-from .validate import resolve_device
+from .validate import resolve_device, slow_bfloat16
 
 WARMUP = 2
 # The matmul's rounds differed by 1.2x at most in quiet runs here (2 CPU cores; a GPU's by 6%); by
@@ -321,6 +321,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads and cores and args.threads > cores:
         print(f"coatnet bench: note: --threads {args.threads} is more than this machine's {cores} cores: its "
               f"threads take turns on them", file=sys.stderr)
+    if args.dtype == "bfloat16" and (why := slow_bfloat16(device)):
+        print(f"coatnet bench: note: {why}, the matmul included", file=sys.stderr)
     implementations = ["coatnet"]
     if args.compare == "timm":
         _import_timm()

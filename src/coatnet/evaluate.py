@@ -25,7 +25,7 @@ from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder, run_last
 from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion, printable
-from .validate import resolve_device
+from .validate import resolve_device, slow_bfloat16
 
 
 @torch.no_grad()  # not inference_mode: FSDP's gathered weights must stay ordinary tensors for training
@@ -113,9 +113,13 @@ def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
         print(f"coatnet {args.command}: using {last} -> {ckpt.path.name}", file=sys.stderr)
 
 
-def _amp(args: argparse.Namespace, ckpt: ModelFolder) -> bool:
+def _amp(args: argparse.Namespace, ckpt: ModelFolder, device: torch.device) -> bool:
     """bfloat16 autocast or not: the flag, else as the run evaluated each epoch (and chose ``best``)."""
-    return args.amp if args.amp is not None else bool((ckpt.meta.get("train_config") or {}).get("amp"))
+    amp = args.amp if args.amp is not None else bool((ckpt.meta.get("train_config") or {}).get("amp"))
+    if amp and (why := slow_bfloat16(device)):
+        print(f"coatnet {args.command}: note: bfloat16 autocast ({'--amp' if args.amp else 'as the run evaluated'}), "
+              f"and {why}; --no-amp computes in float32", file=sys.stderr)
+    return amp
 
 
 def _one_process(args: argparse.Namespace) -> None:
@@ -170,7 +174,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _say_which(ckpt, args)
     model.to(device)
     loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
-    amp = _amp(args, ckpt)
+    amp = _amp(args, ckpt, device)
     try:
         result = evaluate(model, loader, device, data.num_classes, amp=amp)
     except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: no empty folder left that looks like a report's
@@ -234,7 +238,7 @@ def run_predict(args: argparse.Namespace) -> int:
     transform = eval_transform(_img_size(args, model), model.pretrained_cfg, model.config.in_chans)
     k = min(args.top_k, len(classes))
     model.to(device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=_amp(args, ckpt))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=_amp(args, ckpt, device))
     images, errors, results = [], [], []
     for path in args.images:  # a folder stands for its image files
         found = images_in(path) if os.path.isdir(path) else [path]

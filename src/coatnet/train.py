@@ -49,7 +49,7 @@ from .models.folder import read_model_meta, read_pretrained_cfg
 from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
 from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields,
-                       resolve_device)
+                       resolve_device, slow_bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +516,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if workers < cfg.workers:
         _log(d, f"note: --workers {cfg.workers} capped at this machine's {workers} cores")
+    if cfg.amp and (why := slow_bfloat16(d.device)):
+        _log(d, f"note: --amp trains in bfloat16, and {why}; --no-amp trains in float32")
     micro_batch = local_batch // cfg.grad_accum_steps
     if cfg.grad_accum_steps > 1 and micro_batch < MIN_MICRO_BATCH:
         _log(d, f"note: --grad-accum-steps {cfg.grad_accum_steps} leaves micro-batches of {micro_batch} image(s): "
