@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -584,11 +585,30 @@ def test_a_file_name_holding_a_newline_is_one_line(run_dir, tmp_path, capsys):
     assert error["image"] == f"{tmp_path}/bad\\nname.png" and f"'{error['image']}'" in error["message"]
 
 
+def test_warnings_and_errors_quoting_a_name_with_a_newline_are_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    """A data tree's skipped file, and an error naming a folder: one line each, the name escaped
+    (before: the warning went on over two lines)."""
+    import warnings
+
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=[str(i) for i in range(10)])
+    data = image_folder(tmp_path / "data", [str(i) for i in range(10)])
+    (data / "val" / "3" / "bad\nname.png").write_text("not an image")
+    shown = lambda *args, **kwargs: sys.stderr.write(warnings.formatwarning(*args[:4]))  # noqa: E731
+    monkeypatch.setattr(warnings, "showwarning", shown)  # the default's way, past pytest's recording
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir", str(data),
+                 "--output-dir", str(tmp_path / "e")]) == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning.startswith("coatnet eval: warning: skipping") and "/val/3/bad\\nname.png'" in warning, warning
+    one_line_error(capsys, ["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir",
+                            str(tmp_path / "no\nsuch")], f"{tmp_path}/no\\nsuch")
+
+
 def test_names_are_escaped_only_where_they_would_break_the_line():
     """Control characters and line separators are escaped; the rest of a name is shown as it is, also
     what str.isprintable refuses (before: a Japanese name's ideographic space, a Persian one's zero-width
     non-joiner and an emoji's joiner were shown as \\u3000, \\u200c, \\u200d)."""
-    from coatnet.plots import printable as shown
+    from coatnet.text import printable as shown
     for name in ("写真\u30001.png", "می\u200cخواهم.png", "no\u00a0break.png", "\U0001F468\u200d\U0001F469.png"):
         assert shown(name) == name
     assert shown("a\nb\rc\x1bd\u2028e\x85f") == "a\\nb\\rc\\x1bd\\u2028e\\x85f"

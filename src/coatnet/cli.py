@@ -14,6 +14,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Annotated
 
+from .text import printable
 from .validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
 
 POSITIVE, NON_NEGATIVE = flag_type(PositiveInt), flag_type(NonNegativeInt)
@@ -435,11 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()  # CPU steps without page faults (coatnet.allocator)
-    # A warning is one line too, as the errors are: what, not the library line that noticed it.
+    # A warning is one line too, as the errors are: what, not the library line that noticed it; a
+    # name it quotes (a file's, with a newline in it) cannot break the line (printable).
     command = f"coatnet {args.command}" + (f" {args.study}" if args.command == "study" else "")  # as its flags' errors
     format_warning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *where, **_: (
-        f"{command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{message}\n")
+        f"{command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{printable(str(message))}\n")
     # Training and the study are not: under torchrun, SIGTERM is how the agent stops the other
     # processes when one fails, and their checkpoints are written so that being killed loses nothing.
     stoppable = sigterm_as_ctrl_c() if args.command in ("eval", "predict", "export") else nullcontext()
@@ -447,14 +449,14 @@ def main(argv: list[str] | None = None) -> int:
         with stoppable:
             return args.func(args) or 0
     except ValueError as e:  # bad input: one line, exit status 2
-        print(f"{command}: error: {_message(e)}", file=sys.stderr)
+        print(f"{command}: error: {printable(_message(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: what, where
         where = f": {e.filename}" if e.filename else ""
         what = e.strerror or _message(e)
         if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename and os.path.isfile(e.filename):
             what = "a file is where a folder was to be made; give a folder's path"  # mkdir of a file's path
-        print(f"{command}: error: {what}{where}", file=sys.stderr)
+        print(f"{command}: error: {printable(what + where)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):

@@ -24,7 +24,8 @@ from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import model_from_folder
 from .models.folder import ModelFolder, read_model_folder, run_last
 from .models.preprocessing import class_names, eval_transform
-from .plots import plot_confusion, printable
+from .plots import plot_confusion
+from .text import printable
 from .validate import resolve_device, slow_bfloat16
 
 

@@ -8,11 +8,12 @@ name and renamed, so a crash never leaves half a PNG.
 from __future__ import annotations
 
 import os
-import unicodedata
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .text import printable
 
 
 def save_figure(fig: Figure, path: str | Path) -> None:
@@ -41,22 +42,6 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path)
-
-
-def printable(name: str) -> str:
-    """``name`` as valid UTF-8 on one line, for figures, JSON files and the terminal.
-
-    Folder names that are not UTF-8 are read with surrogate escapes (``os.fsdecode``), which
-    fonts cannot draw and strict JSON readers refuse: their bytes are shown as ``\\xNN``. Control
-    characters and line separators (a newline in a file name) are escaped too (``\\n``), so that a
-    name stays one line of an output or an error; the rest is shown as it is, also what
-    ``str.isprintable`` refuses (an ideographic space, a zero-width joiner).
-    """
-    try:
-        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no file name gives, e.g. from a hand-written config.json
-        text = name.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
 
 
 MAX_NAMED_CLASSES = 100  # beyond this, a readable label per row would need a figure of metres
