@@ -100,6 +100,19 @@ def test_predict_top5_on_images_of_any_size(run_dir, tmp_path, capsys):
     assert text[0] == str(files[0]) and len(text) == 4 and text[1].strip().startswith("1. ")
 
 
+def test_predict_text_keeps_its_columns_for_long_labels(run_dir, tmp_path, capsys):
+    """The probabilities line up however long the labels (before: padded to 20, a longer label pushed its
+    figure out of the column), and however many ranks (10. under 9.)."""
+    names = [f"class {i}" if i % 2 else f"a rather long class name number {i}" for i in range(10)]
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=names)
+    files = digit_files(tmp_path, sizes=((8, 8), (8, 8)))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(ckpt), *map(str, files), "--top-k", "10"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(lines) == 20 and len({line.index("%") for line in lines}) == 1, lines
+    assert len({line.index(".") for line in lines}) == 1 and lines[9].startswith("  10. "), lines
+
+
 def test_predict_computes_as_the_run_evaluated(run_dir, tmp_path, capsys, monkeypatch):
     """After --amp, each epoch's evaluation (and `best`) ran under bfloat16 autocast: predict does too,
     as eval does, so its classes are the run's; --no-amp gives float32. A float32 run's default is float32.

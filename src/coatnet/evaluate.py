@@ -274,8 +274,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dict(predictions=results, errors=errors), indent=2))
     else:
+        width = max((len(t["label"]) for r in results for t in r["top"]), default=0)  # one column for every image
         for r in results:
             print(r["image"])
             for rank, t in enumerate(r["top"], 1):
-                print(f"  {rank}. {t['label']:<20} {100 * t['probability']:6.2f}%")
+                print(f"  {rank:>{len(str(k))}}. {t['label']:<{width}}  {100 * t['probability']:6.2f}%")
     return 2 if not results else 1 if errors else 0
