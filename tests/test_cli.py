@@ -73,6 +73,21 @@ def test_a_switch_a_resumed_run_inherited_can_be_turned_off():
         assert build_parser().parse_args(["train", *argv]).amp is amp
 
 
+def test_drop_path_can_ask_for_the_models_own_rate(monkeypatch, capsys):
+    """--drop-path model gives the model its own rate (Table 10's, as the ImageNet recipes do) over a recipe's
+    0 (before: only a number could be given, so digits could not ask for it without looking it up)."""
+    settings = []
+    monkeypatch.setattr("coatnet.train.train", lambda cfg, **kwargs: settings.append(cfg.drop_path))
+    for argv in ([], ["--drop-path", "model"], ["--drop-path", "MODEL"], ["--drop-path", "0.1"],
+                 ["--recipe", "imagenet1k-pretrain"], ["--recipe", "imagenet1k-pretrain", "--drop-path", "0"]):
+        assert main(["train", *argv]) == 0
+    assert settings == [0.0, None, None, 0.1, None, 0.0]
+    assert main(["train", "--drop-path", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("coatnet train: error: argument --drop-path: a rate (0 <= rate < 1) or 'model' expected; "
+                   "got 'fast'\n"), err
+
+
 @pytest.mark.parametrize("error,size", [
     # torch's CPU allocator (predict --img-size 4096: a relative bias of 512 GiB), and CUDA's paragraph
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 549755813888 bytes. Error "

@@ -78,8 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The flags given override the resumed run's settings, or else the recipe's.
     base = resumed_config(resume, args.output_dir) or RECIPES[args.recipe or "digits"]
     given = {f.name: getattr(args, f.name) for f in fields(base) if getattr(args, f.name, None) is not None}
-    if given.get("randaugment") == RANDAUGMENT_OFF:  # given as off: None, which would read as "not given"
-        given["randaugment"] = None
+    for name, given_as_none in (("randaugment", RANDAUGMENT_OFF), ("drop_path", MODELS_OWN)):
+        if given.get(name) == given_as_none:  # None in the settings, which would read as "not given" here
+            given[name] = None
     train(replace(base, **given), output_dir=args.output_dir, resume=resume)
     return 0
 
@@ -164,6 +165,20 @@ def _randaugment(text: str) -> tuple[int, int] | tuple[()]:
     return n, m
 
 
+# --drop-path model: the model's own rate (None in the settings), as the ImageNet recipes take it.
+MODELS_OWN = "model"
+
+
+def _drop_path(text: str) -> float | str:
+    """``--drop-path 0.1`` -> 0.1 (its range is checked with the other settings); ``model`` -> :data:`MODELS_OWN`."""
+    if text.lower() == MODELS_OWN:
+        return MODELS_OWN
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate (0 <= rate < 1) or 'model' expected; got {text!r}") from None
+
+
 def _preprocessing_flags(p: argparse.ArgumentParser) -> None:
     """How images are prepared: the checkpoint's own (its ``pretrained_cfg``) unless given (timm's flags)."""
     from typing import get_args
@@ -223,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay")
     p.add_argument("--warmup-steps", type=int, default=None, help="steps of linear warm-up")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
-    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the recipe's; "
-                   "digits: 0, the ImageNet recipes: the model's own, Table 10)")
+    p.add_argument("--drop-path", type=_drop_path, default=None, metavar="RATE",
+                   help="stochastic depth rate, or 'model' for the model's own (Table 10: 0.2 for CoAtNet-0), "
+                   "as the ImageNet recipes take it")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
     p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M",
