@@ -628,6 +628,40 @@ def test_names_are_escaped_only_where_they_would_break_the_line():
     assert shown("bad\udcffname") == "bad\\xffname"  # not UTF-8: as printable() shows it
 
 
+def test_eval_matches_classes_by_name(run_dir, tmp_path, capsys):
+    """A folder of the checkpoint's classes, whose sorted names are in another order, or of only some of
+    them: its labels are the checkpoint's of the same name (before: refused, "the same names in another
+    order"). Each image counts as it does where the sorted names are the checkpoint's order."""
+    (tmp_path / "digits").mkdir()
+    files = digit_files(tmp_path / "digits", sizes=((8, 8),) * 30)  # the embedded set's first 30: digit i % 10
+
+    def report(names, kept=10, *notes):  # class i of the checkpoint named names[i]; the data of its first `kept`
+        root = tmp_path / f"{names[0]}-{kept}"
+        ckpt = copy_checkpoint(run_dir, root / "ckpt", classes=names)
+        for split in ("train", "val"):
+            for i, f in enumerate(files):
+                if i % 10 < kept:
+                    (root / split / names[i % 10]).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(f, root / split / names[i % 10] / f.name)
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir", str(root),
+                     "--output-dir", str(root / "eval")]) == 0
+        err = capsys.readouterr().err
+        for note in notes:
+            assert note in err, err
+        return json.loads((root / "eval" / "eval.json").read_text())
+
+    reference = report([f"c{i}" for i in range(10)])  # sorted, the checkpoint's order: no label matched
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    every = report(names, 10, "coatnet eval: note: the data's 10 classes are the checkpoint's, in another order: "
+                   "its labels are matched to the checkpoint's by name")
+    assert every["classes"] == names and every["count"] == 30
+    assert every["confusion_matrix"] == reference["confusion_matrix"] and every["top1"] == reference["top1"]
+    part = report(names, 4, "the data's 4 classes are 4 of the checkpoint's 10, in another order")  # four, one, ...
+    assert part["classes"] == names and part["count"] == 12
+    assert part["confusion_matrix"] == reference["confusion_matrix"][:4] + [[0] * 10] * 6
+
+
 def test_eval_of_a_run_whose_data_moved_asks_for_data_dir(run_dir, tmp_path, capsys):
     """The checkpoint's recorded folder is gone: the line says to give --data-dir, not to check a path the
     user never gave (before: "data directory ... does not exist ...; check the path")."""

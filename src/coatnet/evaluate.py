@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
@@ -74,6 +74,20 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     count = max(sums[3].item(), 1)
     return dict(loss=sums[0].item() / count, top1=100 * sums[1].item() / count, top5=100 * sums[2].item() / count,
                 count=int(sums[3].item()), confusion=confusion.cpu())
+
+
+class ModelLabels(Dataset):
+    """An evaluation split labelled as the model's classes: the data's label ``i`` is ``index[i]``."""
+
+    def __init__(self, split: Dataset, index: list[int]):
+        self.split, self.index = split, index
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image, label = self.split[i]
+        return image, label if label == IGNORED_LABEL else self.index[label]
 
 
 def _img_size(args: argparse.Namespace, model: nn.Module) -> int | tuple[int, int]:
@@ -157,13 +171,22 @@ def run_eval(args: argparse.Namespace) -> int:
         # Labels without names, numbered up to the largest the evaluation split has: they index the
         # model's classes, which may go further.
         data = dataclasses.replace(data, classes=tuple(classes))
+    val = data.val
     if model.pretrained_cfg.label_names and list(data.classes) != classes:
         theirs, new = sorted(set(classes) - set(data.classes)), sorted(set(data.classes) - set(classes))
-        raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
-                         f"classes (" + (f"only the checkpoint's: {theirs[:5]}, only the data's: {new[:5]}"
-                                         if theirs or new else "the same names in another order")
-                         + "); evaluate on the data set it was trained on"
-                         + same_letters(theirs, new, "rename the data's class as the checkpoint spells it"))
+        if new:
+            raise ValueError(f"the checkpoint's {len(classes)} classes differ from {data_name}'s {len(data.classes)} "
+                             f"classes (only the checkpoint's: {theirs[:5]}, only the data's: {new[:5]}); evaluate "
+                             f"on the data set it was trained on"
+                             + same_letters(theirs, new, "rename the data's class as the checkpoint spells it"))
+        # Each of the data's classes is one of the checkpoint's, in another order or a part of them (a
+        # folder of only some classes): labels are matched by name, the figures over all its classes.
+        print(f"coatnet eval: note: the data's {len(data.classes)} classes are "
+              + (f"{len(data.classes)} of the checkpoint's {len(classes)}" if theirs else "the checkpoint's")
+              + (", in another order" if sorted(data.classes, key=classes.index) != list(data.classes) else "")
+              + ": its labels are matched to the checkpoint's by name", file=sys.stderr)
+        val = ModelLabels(data.val, [classes.index(c) for c in data.classes])
+        data = dataclasses.replace(data, classes=tuple(classes))
     if data.num_classes != len(classes):  # a checkpoint that records no class names
         raise ValueError(f"the model has {len(classes)} outputs but {data_name} has {data.num_classes} classes; "
                          f"evaluate on the data set it was trained on")
@@ -174,7 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
     _say_which(ckpt, args)
     model.to(device)
-    loader = DataLoader(data.val, batch_size=args.batch_size, num_workers=args.workers)
+    loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers)
     amp = _amp(args, ckpt, device)
     try:
         result = evaluate(model, loader, device, data.num_classes, amp=amp)
