@@ -616,6 +616,27 @@ def test_eval_transform_crops_centre_at_large_sizes():
     assert out32[:, :, 0].mean() > 1
 
 
+@pytest.mark.parametrize("size", [224, (224, 160)])
+def test_a_long_strip_is_cut_to_what_the_crop_keeps_before_it_is_resized(size):
+    """A 1 x 2,000 px strip is not resized to 256 x 512,000 px first, nor 1 x 50,000,000 to 256 x
+    12,800,000,000 (before: out of memory); an image 100 times longer than wide is prepared as before
+    (and as timm's transform does), pixel for pixel."""
+    from torchvision.transforms import v2
+
+    from coatnet.models import preprocessing
+
+    transform = _eval_transform(size, PretrainedCfg(crop_pct=0.875))
+    for strip in (torch.full((3, 1, 2000), 7, dtype=torch.uint8), torch.full((3, 2000, 1), 7, dtype=torch.uint8)):
+        x = strip
+        for step in transform.transforms:
+            x = step(x)
+            assert x.shape[-2:].numel() <= 256 * 512, (step, x.shape)  # twice the covering size, at most
+        assert x.shape[1:] == ((size, size) if isinstance(size, int) else size) and x.flatten(1).std(1).max() == 0
+    uncut = v2.Compose([t for t in transform.transforms if type(t) is not preprocessing.CutOverhang])
+    long = torch.randint(0, 256, (3, 40, 4000), dtype=torch.uint8)
+    assert torch.equal(transform(long), uncut(long)) and torch.equal(transform(long.mT), uncut(long.mT))
+
+
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])
 def test_a_non_square_centre_crop_keeps_the_aspect_ratio(crop_pct):
     """A centred square in a square image stays square at a 32x64 input: the image is resized to

@@ -19,6 +19,7 @@ its weights were trained at is fed at the size it was built for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal
 
@@ -206,13 +207,37 @@ def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans
     # "squash": both sides to the crop's share; "center": the image, aspect kept, to the least size
     # that covers it (for a square, its shorter side to the square's).
     if cfg.crop_mode == "squash":
-        resize = v2.Resize(scaled, interpolation=_interpolation(cfg), antialias=True)
+        resize = [v2.Resize(scaled, interpolation=_interpolation(cfg), antialias=True)]
     elif height == width:
-        resize = v2.Resize(scaled[0], interpolation=_interpolation(cfg), antialias=True)
+        resize = [CutOverhang(scaled), v2.Resize(scaled[0], interpolation=_interpolation(cfg), antialias=True)]
     else:
-        resize = ResizeToCover(scaled, _interpolation(cfg))
-    return v2.Compose([_Colour(in_chans), v2.ToImage(), resize, v2.CenterCrop((height, width)),
+        resize = [CutOverhang(scaled), ResizeToCover(scaled, _interpolation(cfg))]
+    return v2.Compose([_Colour(in_chans), v2.ToImage(), *resize, v2.CenterCrop((height, width)),
                        *normalize(cfg, in_chans)])
+
+
+LONGEST_COVER = 1024  # CutOverhang: how many times the covering size a resized side may be
+
+
+class CutOverhang(v2.Transform):
+    """Cut a strip far longer than the crop down to its middle, before it is resized to cover ``size``:
+    1 x 50,000,000 px would be resized to 256 x 12,800,000,000 (timm's transform runs out of memory
+    there). Only a side that would be resized to over 1024 times the covering size (over 67 million
+    pixels for 256) is cut, to twice that size, so every image a camera makes is prepared as timm's
+    transform prepares it; the crop of a strip sees the same middle, within a fraction of a pixel."""
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.size = size
+
+    def transform(self, inpt, params):
+        height, width = v2.functional.get_size(inpt)
+        ratio = min(height / self.size[0], width / self.size[1])  # the image's pixels per resized pixel
+        kept = [min(side, math.ceil(2 * cover * ratio)) if side > LONGEST_COVER * cover * ratio else side
+                for side, cover in ((height, self.size[0]), (width, self.size[1]))]
+        return inpt if kept == [height, width] else v2.functional.center_crop(inpt, kept)
+
+    _transform = transform  # the name torchvision before 0.21 calls
 
 
 class ResizeToCover(v2.Transform):
