@@ -317,7 +317,8 @@ def test_imagefolder_follows_linked_folders_but_not_back_into_the_split(tmp_path
                        (str(train / "cat" / "up"), loop), (str(train / "dog" / "birds"), listed)]
 
 
-@pytest.mark.parametrize("link", ["folder into val", "file into train", "val is train", "none"])
+@pytest.mark.parametrize("link", ["folder into val", "file into train", "val is train", "one file elsewhere",
+                                  "other files elsewhere", "none"])
 def test_images_shared_by_train_and_val_through_links_are_named(tmp_path, link):
     """A link from one split into the other made the validation accuracy count images trained on,
     without a word (before); it is a warning naming the link (a deliberate val -> train link still runs)."""
@@ -330,17 +331,23 @@ def test_images_shared_by_train_and_val_through_links_are_named(tmp_path, link):
         elif link == "val is train":
             shutil.rmtree(root / "val")
             (root / "val").symlink_to(root / "train", target_is_directory=True)
+        elif link.endswith("elsewhere"):  # a photo library, its files linked into the splits
+            (tmp_path / "photos").mkdir()
+            for i in range(2):
+                write_image(tmp_path / "photos" / f"{i}.png", i, "PNG")
+            (root / "train" / "cat" / "x.png").symlink_to(tmp_path / "photos" / "0.png")
+            (root / "val" / "cat" / "y.png").symlink_to(tmp_path / "photos" / f"{int(link.startswith('other'))}.png")
     except OSError:
         pytest.skip("cannot create symlinks here")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_datasets("imagefolder", root, img_size=16)
     shared = [str(w.message) for w in caught if "share images" in str(w.message)]
-    if link == "none":
+    if link in ("none", "other files elsewhere"):
         assert shared == []
     else:
         through = {"folder into val": root / "train" / "cat" / "more", "file into train": root / "val" / "dog" / "3.png",
-                   "val is train": root / "val"}[link]
+                   "val is train": root / "val", "one file elsewhere": root / "train" / "cat" / "x.png"}[link]
         assert shared == [f"train/ and val/ in '{root}' share images (through '{through}'): the validation accuracy "
                           "counts images trained on; remove the link for a held-out measure"]
 

@@ -290,6 +290,7 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         # Where links lead, a real folder -> one link into it (a linked folder, or a folder of a linked
         # file), to find images shared with another split.
         self.link_targets: dict[str, str] = {}
+        self.linked_files: dict[tuple[str, str], str] = {}  # (real folder, name) a linked file leads to -> the link
         claimed = set()
         for c in class_to_idx:
             real = os.path.realpath(path := os.path.join(directory, c))
@@ -332,10 +333,11 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
                         continue
                     path = os.path.join(dirpath, fname)
                     if os.path.islink(path):  # a readlink, and a realpath per folder linked into, not per file
-                        linked = os.path.dirname(os.path.join(dirpath, os.readlink(path)))
+                        linked, name = os.path.split(os.path.join(dirpath, os.readlink(path)))
                         if linked not in real_dirs:
                             real_dirs[linked] = os.path.realpath(linked)
                         self.link_targets.setdefault(real_dirs[linked], path)
+                        self.linked_files.setdefault((real_dirs[linked], name), path)
                     problem = _header_problem(path)
                     if problem is None:
                         samples.append((path, label))
@@ -358,12 +360,15 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
 
     def shared_with(self, other: ImageFolderDataset) -> str | None:
         """A path through which this split lists images of ``other``'s folders (a linked folder, or a
-        linked file, a linked class or split folder, in either direction), or None. Files of two splits
-        linked to one file of a third folder are not seen."""
+        linked file, a linked class or split folder, in either direction), or one file of a third
+        folder that both link to, or None. (A file reached through a chain of links is known by the
+        last link's name.)"""
         for a, b in ((self, other), (other, self)):
             for folder, link in a.link_targets.items():
                 if folder in b.real_folders:
                     return link
+        if both := self.linked_files.keys() & other.linked_files.keys():
+            return self.linked_files[min(both)]
         if self.real_folders & other.real_folders:  # one split is, or is in, the other
             return next((str(ds.root) for ds in (self, other) if os.path.islink(ds.root)),
                         min(self.real_folders & other.real_folders))
