@@ -250,3 +250,75 @@ def test_a_repository_written_by_timm_keeps_its_model_args(hub):
     assert (cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct) == ((0.5,) * 3, (0.5,) * 3, "bicubic", 0.9)
     image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
     assert coatnet.data_transforms(ours)(image).shape == (1, SIZE, SIZE)
+
+
+def test_a_fresh_model_of_a_timm_repository_is_prepared_for_as_its_weights(hub):
+    """timm's create_model("hf-hub:...", pretrained=False) takes the repository's pretrained_cfg and
+    label names, as a save_pretrained folder's does here; before, timm's defaults for the architecture."""
+    snapshot = hub("me/tuned")
+    (snapshot / "config.json").write_text(json.dumps({
+        "architecture": "coatnet_nano_rw_224", "num_classes": 3, "label_names": ["a", "b", "c"], "model_args":
+        {"img_size": SIZE}, "pretrained_cfg": {"mean": [0.4] * 3, "std": [0.2] * 3, "interpolation": "bilinear"}}))
+    save_file(timm_nano(num_classes=3).state_dict(), str(snapshot / "model.safetensors"))
+    with_weights = coatnet.create_model("hf-hub:me/tuned", pretrained=True).pretrained_cfg
+    fresh = coatnet.create_model("hf-hub:me/tuned").pretrained_cfg
+    assert fresh == with_weights
+    assert (fresh.mean, fresh.std, fresh.interpolation, fresh.label_names) == ((0.4,) * 3, (0.2,) * 3, "bilinear",
+                                                                             ("a", "b", "c"))
+    assert coatnet.create_model("hf-hub:me/tuned", num_classes=5).pretrained_cfg.label_names is None
+
+
+def test_a_training_checkpoint_on_the_hub_gives_its_ema_weights_online_too(hub, tmp_path, monkeypatch):
+    """Uploaded as it is, a checkpoint's folder holds ema.safetensors, the weights training evaluated and
+    from_pretrained takes from the folder; fetched online (stood in for: no network in tests) only
+    model.safetensors came before, so the same repository gave other weights than after `hf download`."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    torch.manual_seed(0)
+    remote = coatnet.create_model("coatnet_pico", num_classes=5, img_size=SIZE).save_pretrained(tmp_path / "remote")
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in coatnet.from_pretrained(remote).state_dict().items()}
+    save_file(ema, str(remote / "ema.safetensors"))
+
+    def download(repo, filename, **kwargs):
+        if not (remote / filename).exists():
+            raise EntryNotFoundError(f"{filename} is not in {repo}")
+        return shutil.copy(remote / filename, hub(repo) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for model in (coatnet.from_pretrained("hf-hub:me/ckpt"), coatnet.create_model("coatnet_pico", img_size=SIZE,
+                                                                                     pretrained="hf-hub:me/ckpt")):
+        assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+
+
+def test_a_repository_downloaded_into_a_folder_is_read_as_from_the_hub(tmp_path):
+    """`hf download timm/... --local-dir PATH`, then pretrained=PATH (as the offline error advises) or
+    from_pretrained(PATH): before, "config.json is corrupt" (it is timm's, not a save_pretrained one)."""
+    theirs = timm_nano(num_classes=3)
+    timm_repo(tmp_path, theirs)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(meta | {"label_names": ["a", "b", "c"]}))
+    for ours in (coatnet.create_model("coatnet_nano_rw_224", pretrained=tmp_path), coatnet.from_pretrained(tmp_path)):
+        assert (ours.num_classes, ours.config.img_size, ours.pretrained_cfg.label_names) == (3, (SIZE, SIZE),
+                                                                                             ("a", "b", "c"))
+        assert_same_outputs(ours, theirs)
+
+
+def test_rmlp_weights_from_the_hub_keep_the_size_their_config_records(hub):
+    """rmlp weights have no tables to show their size: a repository timm's push_to_hf_hub wrote records
+    it, and loading them into a named network keeps it as from_pretrained does (before: the name's 224,
+    fed 224 px images where the weights were trained at 64)."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    theirs = timm.create_model("coatnet_rmlp_nano_rw_224", img_size=SIZE, num_classes=10)
+    save_for_hf(theirs.eval(), hub("someone/rmlp"), safe_serialization=True, model_args=dict(img_size=SIZE))
+    for name in ("coatnet_rmlp_nano_rw", "coatnet_rmlp_nano_rw_224"):
+        ours = coatnet.create_model(name, pretrained="hf-hub:someone/rmlp")
+        assert ours.config.img_size == coatnet.from_pretrained("hf-hub:someone/rmlp").config.img_size == (SIZE, SIZE)
+        assert_same_outputs(ours, theirs)
+    assert coatnet.create_model("coatnet_rmlp_nano_rw", pretrained="hf-hub:someone/rmlp", img_size=96).config.img_size \
+        == (96, 96)  # unless told

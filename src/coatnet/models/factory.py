@@ -13,7 +13,8 @@ from torch import nn
 
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
-from .hub import HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference, repository_config
+from .hub import (HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference, repository_config,
+                  timm_folder_weights)
 from .preprocessing import PretrainedCfg
 from .registry import list_models, model_entry
 from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
@@ -38,7 +39,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     of the variant ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
     ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
     directory, whose network must be ``name``'s with ``kwargs`` (:func:`from_pretrained` builds its
-    own). From the Hugging Face Hub, through its cache (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is
+    own), or a Hub repository downloaded into a folder (``hf download ORG/NAME --local-dir PATH``). From
+    the Hugging Face Hub, through its cache (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is
     timm's repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
     (``@REVISION`` optional) a repository of timm's weights or a ``save_pretrained`` folder. Weights
     from a folder or the Hub keep their own classifier unless ``num_classes`` is given, and weights whose
@@ -198,12 +200,18 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
         model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(repo[0]), meta, {}, None)).with_classes(
             model.num_classes)  # weights are, as in timm
         return model
+    return _timm_repository_model(repo[0], name, meta, fetched, options)
+
+
+def _timm_repository_model(repo: str, name: str, meta: dict, fetched: Path | None, options: dict) -> CoAtNet:
+    """The network timm's ``config.json`` (``meta``, of the repository or folder ``repo``, which
+    ``name`` gave) names, with the weights ``fetched`` beside it, or freshly initialised without them."""
     architecture = meta.get("architecture")
     if not isinstance(architecture, str):
-        raise ValueError(f"{repo[0]} has no config.json naming timm's architecture (or holding a save_pretrained "
+        raise ValueError(f"{repo} has no config.json naming timm's architecture (or holding a save_pretrained "
                          f"config); load its weights into a named network: create_model(NAME, pretrained={name!r})")
     if not list_models(architecture.partition(".")[0], aliases=True):  # a MaxViT, a ResNet: not a list of ours
-        raise ValueError(f"{repo[0]} holds timm's {architecture}, not a CoAtNet; coatnet builds the networks "
+        raise ValueError(f"{repo} holds timm's {architecture}, not a CoAtNet; coatnet builds the networks "
                          f"coatnet.list_models() lists")
     # The options timm's push_to_hf_hub recorded (a grey model's in_chans, an rmlp model's img_size),
     # under the caller's own, as timm's create_model takes them.
@@ -213,13 +221,16 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
     known = ("num_classes", "in_chans", "img_size", "drop_path_rate")
     unknown = sorted(set(model_args) - set(known)) if isinstance(model_args, dict) else model_args
     if unknown:
-        raise ValueError(f"the config.json of {repo[0]} has model_args {unknown!r} that coatnet does not take "
+        raise ValueError(f"the config.json of {repo} has model_args {unknown!r} that coatnet does not take "
                          f"(it takes {', '.join(known)}); load its weights into a named network: "
                          f"create_model(NAME, pretrained={name!r})")
     model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}
     options = model_args | {k: v for k, v in options.items() if v is not None}
-    if not fetched:  # timm's architecture with the repository's classes, freshly initialised
-        return create_model(architecture, **{"num_classes": meta.get("num_classes")} | options)
+    if not fetched:  # timm's architecture with the repository's classes, freshly initialised, prepared for
+        model = create_model(architecture, **{"num_classes": meta.get("num_classes")} | options)
+        model.pretrained_cfg = timm_pretrained_cfg(model.config.name, min(model.config.img_size), model.num_classes,
+                                                   meta)  # as the repository's weights are, as in timm
+        return model
     return create_model(architecture, pretrained=_read_weights(fetched, architecture, from_hub=True), **options)
 
 
@@ -244,6 +255,8 @@ def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeigh
 
 def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
     """The weights at ``path`` (a folder or a file, fetched from the Hub or not), for the model ``name``."""
+    if path.is_dir() and (timm_file := timm_folder_weights(path)) is not None:  # timm's repository, downloaded
+        return _read_weights(timm_file, name, from_hub=True)  # with its config.json, as from the Hub's cache
     if path.is_dir():
         folder = read_model_folder(path)
         size = folder.meta["config"].get("img_size")
@@ -260,22 +273,38 @@ def timm_weights(state: dict[str, torch.Tensor], name: str, hub_config: dict | N
     """timm's weights for our ``name``, with timm's preprocessing (its repository's ``hub_config``
     when fetched from the Hub, which also keeps their classifier by default)."""
     entry = model_entry(name)
-    img_size = timm_img_size(state) or entry.defaults.get("img_size")
+    trained_at = timm_img_size(state) or _recorded_img_size(hub_config)  # rmlp weights have no tables to show it
+    img_size = trained_at or entry.defaults.get("img_size")
+    img_size = min(img_size) if isinstance(img_size, tuple) else img_size
     return PretrainedWeights(state, timm_pretrained_cfg(entry.name, img_size, classifier_size(state), hub_config),
-                             whole=hub_config is not None, img_size=timm_img_size(state))
+                             whole=hub_config is not None, img_size=trained_at)
+
+
+def _recorded_img_size(hub_config: dict | None) -> int | tuple[int, int] | None:
+    """The input size timm's ``config.json`` records: its ``model_args``' img_size, else its
+    ``pretrained_cfg``'s input_size; None where it records neither."""
+    args, cfg = ((hub_config or {}).get(key) for key in ("model_args", "pretrained_cfg"))
+    size = args.get("img_size") if isinstance(args, dict) else None
+    input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size is None and isinstance(input_size, list) and len(input_size) == 3:  # (channels, height, width)
+        size = input_size[1:]
+    return tuple(size) if isinstance(size, list) else size
 
 
 def from_pretrained(path: str | Path) -> CoAtNet:
     """The model saved in ``path``, in eval mode: a ``save_pretrained`` folder, a training checkpoint
     (its EMA weights when it kept an EMA: the weights training evaluated) or a run directory (its
     last checkpoint); or ``"hf-hub:ORG/NAME"`` (``@REVISION`` optional), a Hub repository of either a
-    ``save_pretrained`` folder or timm's weights, whose ``config.json`` names timm's architecture.
+    ``save_pretrained`` folder or timm's weights, whose ``config.json`` names timm's architecture; such a
+    repository downloaded into a folder (``hf download ORG/NAME --local-dir PATH``) is read as from the Hub.
 
     A weights file without a config is not enough to know the network: load it with
     ``create_model(name, pretrained=FILE)``.
     """
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
         return create_model(path, pretrained=True).eval()
+    if (timm_file := timm_folder_weights(Path(path))) is not None:  # timm's repository, downloaded into a folder
+        return _timm_repository_model(str(path), str(path), hub_config(timm_file), timm_file, {}).eval()
     return model_from_folder(read_model_folder(path))
 
 

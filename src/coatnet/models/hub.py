@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .folder import CONFIG, WEIGHTS
+from .folder import CONFIG, EMA_WEIGHTS, WEIGHTS
 from .registry import list_models, model_entry
 
 HUB_PREFIX = "hf-hub:"
@@ -58,6 +58,8 @@ def fetch(repo: str, revision: str | None = None) -> Path:
     ours = "model" in meta and "config" in meta
     for filename in (WEIGHTS,) if ours else TIMM_WEIGHTS:
         if (path := _fetch(repo, revision, filename)) is not None:
+            if ours:  # a training checkpoint's EMA weights, where kept: the weights to use, as from a local folder
+                _fetch(repo, revision, EMA_WEIGHTS)
             return path.parent if ours else path
     raise ValueError(_missing(repo, revision))
 
@@ -75,6 +77,19 @@ def hub_config(fetched: Path) -> dict:
     or in a ``save_pretrained`` folder); {} when there is none."""
     config = (fetched if fetched.is_dir() else fetched.parent) / CONFIG
     return _read_config(config) if config.is_file() else {}
+
+
+def timm_folder_weights(path: Path) -> Path | None:
+    """The weights file of timm's repository downloaded into the folder ``path`` (``hf download ORG/NAME
+    --local-dir PATH``): timm's ``config.json`` (not a ``save_pretrained`` folder's) beside its weights;
+    None for any other folder or file."""
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none, or unreadable: not a folder of timm's
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), str) or "config" in meta:
+        return None
+    return next((path / f for f in TIMM_WEIGHTS if (path / f).is_file()), None)
 
 
 def _read_config(path: Path) -> dict:
