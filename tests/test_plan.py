@@ -163,3 +163,25 @@ def test_cpu_probe_when_meta_fails(monkeypatch):
     on_meta = measure("coatnet_pico", 128)  # what the probe stands in for
     assert plan.activations.probe.startswith("meta failed: CPU probe at 64 px x 4 (pixels)")
     assert abs(plan.activations.per_image / on_meta.per_image - 1) < 0.1
+
+
+def test_a_hub_repository_is_refused_as_training_refuses_it(capsys, monkeypatch):
+    """`coatnet train --model hf-hub:...` is refused: the plan says so at once, without reaching for the
+    Hub (before: it fetched the repository's config, retrying for a minute offline, and printed a command
+    that training refuses)."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(planner, "create_model", no_model)
+    assert main(["plan", "--model", "hf-hub:timm/coatnet_0_rw_224.sw_in1k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("coatnet plan: error: --model takes a model name") and err.count("\n") == 1
+
+
+def test_the_command_says_a_recipes_ema_is_not_planned(capsys):
+    """--recipe imagenet1k-finetune, which the printed hint invites, trains with an EMA of the weights
+    (4 B per parameter more): a plan without --ema says to plan it (before: nothing said so)."""
+    argv = ["plan", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "16", "--gpus", "1"]
+    assert main(argv) == 0
+    assert "imagenet1k-finetune keeps an EMA of the weights, which this plan does not count" in capsys.readouterr().out
+    assert main([*argv, "--ema", "0.9999"]) == 0
+    assert "does not count" not in capsys.readouterr().out

@@ -206,3 +206,56 @@ def test_study_under_torchrun(tmp_path):
     assert [r["layout"] for r in runs] == ["VIT_REL", "C-C-T-T"]  # the paper's order
     for name in ("c_c_t_t", "vit_rel"):
         assert json.loads((out / "runs" / f"{name}-seed0" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_the_same_relative_data_dir_from_another_folder_is_other_data(tmp_path, capsys, monkeypatch):
+    """--data-dir tree given again from another working directory names another data set: refused before
+    any run trains on it (before: study.json's relative path passed, and a new layout trained on the other
+    data in the study's folder before the finished run's own record refused the study)."""
+    from test_data import make_tree
+
+    make_tree(tmp_path / "a" / "tree")
+    make_tree(tmp_path / "b" / "tree", classes=("x", "y"))
+    argv = [*ARGS, "--data", "imagefolder", "--batch-size", "4", "--data-dir", "tree", "--output-dir",
+            str(tmp_path / "out")]
+    monkeypatch.chdir(tmp_path / "a")
+    assert main([*argv, "--layouts", "c_c_t_t"]) == 0
+    trained = []
+    monkeypatch.setattr(study, "train", lambda config, **kwargs: trained.append(config.model))
+    monkeypatch.chdir(tmp_path / "b")
+    one_line(capsys, [*argv, "--layouts", "vit_rel,c_c_t_t"], "holds a study run with other settings (data_dir)")
+    (tmp_path / "out" / "study.json").unlink()  # each run's own record decides, before any run trains
+    one_line(capsys, [*argv, "--layouts", "vit_rel,c_c_t_t"],
+             "c_c_t_t-seed0 was trained with other settings (data_dir) than this study's")
+    assert trained == [] and sorted(os.listdir(tmp_path / "out" / "runs")) == ["c_c_t_t-seed0"]
+
+
+def test_training_notes_reach_the_user_and_warm_up_can_be_set(tmp_path, capsys):
+    """A warm-up longer than the run (the recipe's 50 steps, or ImageNet's 10000 on a smaller data set)
+    leaves the rate rising to the end: training's note says so, shown on stderr as well as in the run's
+    train.log (before: in train.log only), and --warmup-steps sets it, as the note says to."""
+    from coatnet.cli import build_parser
+
+    capsys.readouterr()
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("c_c_t_t-seed0: note: --warmup-steps 50 covers the whole run of 5 steps") == 1, err
+    args = build_parser().parse_args([*ARGS, "--warmup-steps", "2"])
+    assert study.study_settings(args)["warmup_steps"] == 2
+    assert study.study_settings(build_parser().parse_args(ARGS))["warmup_steps"] == 50
+
+
+def test_layouts_of_other_seed_counts_are_labelled_with_their_own():
+    """Runs of an earlier --seeds stay in the study: a layout run at 3 seeds beside one run at 1 is not
+    all "3 seed(s)" (before: the header gave the largest count for every row)."""
+    def record(model, seed, top1):
+        return dict(layout=study.LABELS[model], model=model, seed=seed, params=1e6, flops=1e6, train_loss=1.0,
+                    top1=top1)
+    records = [record("c_c_t_t", s, 50.0 + s) for s in range(3)] + [record("vit_rel", 0, 40.0)]
+    summary = study.summarise(records)
+    settings = dict(data="digits", img_size=16, size="small", epochs=1, batch_size=256, lr=0.002)
+    md = study.study_markdown(settings, summary, ["C-C-T-T", "VIT_REL"], ["C-C-T-T", "VIT_REL"])
+    assert "1 to 3 seeds, as each row says" in md and "3 seed(s)" not in md
+    assert "| C-C-T-T | 3 | 1.00M |" in md and "| VIT_REL | 1 | 1.00M |" in md and "| layout | seeds |" in md
+    even = study.study_markdown(settings, study.summarise(records[:3]), ["C-C-T-T"], ["C-C-T-T"])
+    assert "; 3 seed(s)." in even and "| C-C-T-T | 1.00M |" in even

@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch size (default: the recipe's)")
     p.add_argument("--lr", type=flag_type(PositiveFloat), default=None,
                    help="peak learning rate (default: the recipe's)")
+    p.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None,
+                   help="steps of linear warm-up (default: the recipe's: 50 on digits, else 10000)")
     p.add_argument("--seeds", type=POSITIVE, default=3, help="runs per layout, seeds 0..N-1 (default: 3)")
     p.add_argument("--layouts", default=None, help="comma-separated subset, e.g. c_c_t_t,c_t_t_t (default: all five)")
     p.add_argument("--size", choices=["small", "paper"], default=None,

@@ -278,6 +278,9 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
     ``gpu_memory_gib`` each, with an EMA of the weights of decay ``ema`` (0: none). Raises
     ValueError, in one line, when it cannot be done."""
     started = time.perf_counter()
+    if model.startswith("hf-hub:"):  # as training refuses it: the printed command would not run
+        raise ValueError(f"--model takes a model name (see `coatnet info`), not {model}: plan the network that "
+                         f"repository holds by its name (training gives the repository to --pretrained)")
     with torch.device("meta"):
         net = create_model(model, img_size=img_size)
     img_size = net.config.img_size[0]
@@ -360,7 +363,9 @@ def format_plan(plan: Plan) -> str:
               f"(planned in {plan.seconds:.1f} s)", *([plan.note] if plan.note else []), "", plan.command]
     if plan.nodes > 1:
         lines.append(f"  (on each of the {plan.nodes} machines; HOST: the first one's address, port {PORT} open)")
-    lines.append("  add --recipe, --data and --data-dir as for any training run")
+    lines.append("  add --recipe, --data and --data-dir as for any training run"
+                 + ("; --recipe imagenet1k-finetune keeps an EMA of the weights, which this plan does not count: "
+                    "plan it with --ema 0.9999" if plan.ema == 0 else ""))
     return "\n".join(lines)
 
 

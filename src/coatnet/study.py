@@ -69,8 +69,11 @@ def study_settings(args: argparse.Namespace) -> dict:
     data = args.data.lower()  # as training names data sets
     base = dataclasses.asdict(RECIPES["digits" if data == "digits" else "imagenet1k-pretrain"])
     given = dict(data=data, data_dir=args.data_dir, img_size=args.img_size, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, device=args.device)
+                 batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, device=args.device)
     settings = base | {k: v for k, v in given.items() if v is not None} | NO_REGULARISATION
+    if settings["data_dir"] is not None and os.path.exists(settings["data_dir"]):
+        # recorded absolute, as training records it: the same flags from another folder name other data
+        settings["data_dir"] = os.path.abspath(settings["data_dir"])
     if data == "digits" and args.epochs is None:
         settings["epochs"] = 12  # the whole default study (15 runs) fits in 30 minutes on 2 CPU cores
     if settings["lr"] < settings["min_lr"]:  # the study has no --min-lr to lower it with
@@ -95,28 +98,41 @@ def _layout_names(text: str | None) -> list[str]:
     return names
 
 
-def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
-    """Train (or finish, or read back) one layout at one seed; returns its record for study.json."""
+def run_config(name: str, seed: int, settings: dict) -> TrainConfig:
+    """The training settings of one layout's run at one seed."""
     overrides = small_layout(name) if settings["size"] == "small" else None
-    config = dataclasses.replace(TrainConfig(**{k: v for k, v in settings.items() if k != "size"}),
-                                 model=name, model_config=overrides, seed=seed)
+    return dataclasses.replace(TrainConfig(**{k: v for k, v in settings.items() if k != "size"}),
+                               model=name, model_config=overrides, seed=seed)
+
+
+def run_one(name: str, seed: int, settings: dict, run_dir: Path, notes: set[str] | None = None) -> dict:
+    """Train (or finish, or read back) one layout at one seed; returns its record for study.json.
+    The notes and warnings training logs are shown on stderr too, each text once (``notes``: those
+    shown already; None: none shown, as by the processes of a torchrun study but the first)."""
+    config = run_config(name, seed, settings)
     if (run_dir / "last").exists():
         _check_same_run(run_dir, config)
     if not (run_dir / "summary.json").exists():
         resume = True if (run_dir / "last").exists() else None
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / "train.log"
+        logged = log_path.stat().st_size if log_path.exists() else 0
+        refused = False
         try:
-            with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), \
-                    contextlib.redirect_stderr(log):
+            with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 train(config, output_dir=run_dir, resume=resume)
         except ValueError:
+            refused = True
             # Refused by training before it began (settings it turns down; at most a note logged): the
             # folder is left as it was, not holding a log and a lock that look like a run begun. The
             # refusal itself reaches the user as the study's error.
             if created and {p.name for p in run_dir.iterdir()} <= {"train.log", LOCK}:
                 shutil.rmtree(run_dir, ignore_errors=True)  # every process of a torchrun study may try
             raise
+        finally:  # a note (a warm-up longer than the run, say) changes what the study's figures mean
+            if notes is not None and not refused:
+                _show_notes(log_path, logged, run_dir.name, notes)
     summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun",
                          numbers=("train_loss", "top1", "wall_seconds"))
     history = _read_json(run_dir / "metrics.jsonl", DAMAGED_RUN, lines=True,
@@ -133,6 +149,16 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path) -> dict:
                 train_loss=summary["train_loss"], top1=summary["top1"], wall_seconds=summary["wall_seconds"],
                 curves=dict(epoch=[h["epoch"] for h in history], train_loss=[h["train_loss"] for h in history],
                             eval_loss=[h["eval_loss"] for h in history], top1=[h["top1"] for h in history]))
+
+
+def _show_notes(log_path: Path, offset: int, run: str, shown: set[str]) -> None:
+    """The notes and warnings in ``log_path`` past ``offset`` on stderr, those not in ``shown`` (and added to it)."""
+    with contextlib.suppress(OSError), open(log_path, "rb") as log:
+        log.seek(offset)
+        for line in log.read().decode(errors="replace").splitlines():
+            if (line.startswith("note: ") or ": warning: " in line) and line not in shown:
+                shown.add(line)
+                tqdm.write(f"{run}: {line}", file=sys.stderr)  # above the progress bar, if one is shown
 
 
 def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
@@ -210,14 +236,20 @@ def run_layout_study(args: argparse.Namespace) -> int:
     d = setup_distributed(settings["device"])
     main = d.main
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
+    # Every run the folder holds already is checked before any is trained: one of other settings found
+    # only after a new run had trained would leave that run in the study's folder, trained on them.
+    for name, seed in dict.fromkeys([*jobs, *_finished_runs(out)]):
+        if (out / "runs" / f"{name}-seed{seed}" / "last").exists():
+            _check_same_run(out / "runs" / f"{name}-seed{seed}", run_config(name, seed, settings))
     # Runs finished by earlier invocations (other --layouts or --seeds) stay in the study's files.
+    notes: set[str] | None = set() if main else None
     records = [run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}")
                for name, seed in _finished_runs(out) if (name, seed) not in jobs]
     show = main and sys.stderr.isatty()  # a bar, not hundreds of lines in a log file
     with tqdm(jobs, desc="layout study", unit="run", dynamic_ncols=True, disable=not show) as bar:
         for name, seed in bar:
             bar.set_postfix_str(f"{LABELS[name]} seed {seed}")
-            records.append(run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}"))
+            records.append(run_one(name, seed, settings, out / "runs" / f"{name}-seed{seed}", notes))
             records.sort(key=lambda r: (r["seed"], LAYOUTS.index(r["model"])))
             if main:
                 write_study(out, settings, records)
@@ -263,15 +295,20 @@ MARKDOWN_START = "Layout study on "  # how study.md begins: a study's own, repla
 
 
 def study_markdown(settings: dict, summary: dict, by_top1: list[str], by_loss: list[str]) -> str:
-    seeds = max(s["top1"]["n"] for s in summary.values())
+    counts = {s["top1"]["n"] for s in summary.values()}
+    # Layouts of other --seeds (earlier invocations' runs stay in the study): each row says its own.
+    uneven = len(counts) > 1
+    seeds = f"{min(counts)} to {max(counts)} seeds, as each row says" if uneven else f"{max(counts)} seed(s)"
     lines = [f"{MARKDOWN_START}{settings['data']} at {settings['img_size']} px ({settings['size']} layouts), "
              f"{settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']}, no regularisation "
-             f"or augmentation; {seeds} seed(s). Mean ± standard deviation over seeds [min, max].", "",
-             "| layout | params | FLOPs | eval top-1 (%) | final train loss |", "|---|---:|---:|---:|---:|"]
+             f"or augmentation; {seeds}. Mean ± standard deviation over seeds [min, max].", "",
+             "| layout |" + " seeds |" * uneven + " params | FLOPs | eval top-1 (%) | final train loss |",
+             "|---|" + "---:|" * uneven + "---:|---:|---:|---:|"]
     for layout in by_top1:
         s = summary[layout]
         t, l = s["top1"], s["train_loss"]
-        lines.append(f"| {layout} | {s['params'] / 1e6:.2f}M | {s['flops'] / 1e6:.1f}M | "
+        n = f" {t['n']} |" if uneven else ""
+        lines.append(f"| {layout} |{n} {s['params'] / 1e6:.2f}M | {s['flops'] / 1e6:.1f}M | "
                      f"{t['mean']:.2f} ± {t['std']:.2f} [{t['min']:.2f}, {t['max']:.2f}] | "
                      f"{l['mean']:.4f} ± {l['std']:.4f} [{l['min']:.4f}, {l['max']:.4f}] |")
     lines += ["", "| ordering | this study | the paper (Section 2.2) |", "|---|---|---|",
