@@ -637,11 +637,28 @@ def test_a_long_strip_is_cut_to_what_the_crop_keeps_before_it_is_resized(size):
         x = strip
         for step in transform.transforms:
             x = step(x)
-            assert x.shape[-2:].numel() <= 256 * 512, (step, x.shape)  # twice the covering size, at most
+            assert x.shape[-2:].numel() <= 256 * 256 * 6, (step, x.shape)  # 6 pixels' worth, at most
         assert x.shape[1:] == ((size, size) if isinstance(size, int) else size) and x.flatten(1).std(1).max() == 0
     uncut = v2.Compose([t for t in transform.transforms if type(t) is not preprocessing.CutOverhang])
     long = torch.randint(0, 256, (3, 40, 4000), dtype=torch.uint8)
     assert torch.equal(transform(long), uncut(long)) and torch.equal(transform(long.mT), uncut(long.mT))
+
+
+@pytest.mark.parametrize("size, shape", [(16, (1, 1025)), (16, (1025, 1)), (16, (1, 1101)), (16, (2, 2600)),
+                                         ((64, 16), (1, 300)), ((16, 64), (300, 1)), ((16, 64), (2, 600))])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_cut_strip_is_prepared_as_the_whole_strip(size, shape, interpolation):
+    """The cut keeps the strip's middle where it was and the pixels the filter reaches (before: 1,025 px
+    cut to 2, the middle half a pixel off, which upsampled is half the crop), and an image 300 times
+    longer than wide is not cut for a non-square model (before: cut to 1 px for a 64 x 16 model)."""
+    from torchvision.transforms import v2
+
+    from coatnet.models import preprocessing
+
+    transform = _eval_transform(size, PretrainedCfg(crop_pct=1.0, interpolation=interpolation))
+    uncut = v2.Compose([t for t in transform.transforms if type(t) is not preprocessing.CutOverhang])
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8))
+    assert (transform(strip) - uncut(strip)).abs().max() < 0.05  # 2 of 255 levels at most
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])

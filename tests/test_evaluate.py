@@ -662,6 +662,17 @@ def test_eval_matches_classes_by_name(run_dir, tmp_path, capsys):
     assert part["confusion_matrix"] == reference["confusion_matrix"][:4] + [[0] * 10] * 6
 
 
+def test_eval_refuses_to_match_a_name_the_checkpoint_gives_twice(run_dir, tmp_path, capsys):
+    """A checkpoint naming two outputs alike (a hand-written config.json): a data set of its classes in
+    another order is refused, not matched to the first of the two without a word."""
+    names = ["crane", "one", "two", "crane", "four", "five", "six", "seven", "eight", "nine"]
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=names)
+    data = image_folder(tmp_path / "data", ["crane", "one", "two"])
+    one_line_error(capsys, ["eval", "--checkpoint", str(ckpt), "--data", "imagefolder", "--data-dir", str(data),
+                            "--output-dir", str(tmp_path / "e")], "names 1 of imagefolder's classes more than once",
+                   "'crane'")
+
+
 def test_eval_of_a_run_whose_data_moved_asks_for_data_dir(run_dir, tmp_path, capsys):
     """The checkpoint's recorded folder is gone: the line says to give --data-dir, not to check a path the
     user never gave (before: "data directory ... does not exist ...; check the path")."""

@@ -181,6 +181,10 @@ def run_eval(args: argparse.Namespace) -> int:
                              + same_letters(theirs, new, "rename the data's class as the checkpoint spells it"))
         # Each of the data's classes is one of the checkpoint's, in another order or a part of them (a
         # folder of only some classes): labels are matched by name, the figures over all its classes.
+        if twice := [c for c in data.classes if classes.count(c) > 1]:
+            raise ValueError(f"the checkpoint names {len(set(twice))} of {data_name}'s classes more than once "
+                             f"({', '.join(map(repr, twice[:5]))}): its labels cannot be matched by name; evaluate "
+                             f"on the data set it was trained on, its classes in the checkpoint's order")
         print(f"coatnet eval: note: the data's {len(data.classes)} classes are "
               + (f"{len(data.classes)} of the checkpoint's {len(classes)}" if theirs else "the checkpoint's")
               + (", in another order" if sorted(data.classes, key=classes.index) != list(data.classes) else "")

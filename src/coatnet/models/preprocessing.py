@@ -216,15 +216,20 @@ def eval_transform(img_size: int | tuple[int, int], cfg: PretrainedCfg, in_chans
                        *normalize(cfg, in_chans)])
 
 
-LONGEST_COVER = 1024  # CutOverhang: how many times the covering size a resized side may be
+LONGEST_COVER = 1024  # CutOverhang: how many times the covering size's longer side a resized side may be
+# CutOverhang: input pixels kept past the crop's middle on each side, for the resampling filter's reach
+# (bicubic's 2 pixels, upsampling a strip 1 px wide), beyond the covering size's half.
+FILTER_REACH = 2
 
 
 class CutOverhang(v2.Transform):
     """Cut a strip far longer than the crop down to its middle, before it is resized to cover ``size``:
     1 x 50,000,000 px would be resized to 256 x 12,800,000,000 (timm's transform runs out of memory
-    there). Only a side that would be resized to over 1024 times the covering size (over 67 million
-    pixels for 256) is cut, to twice that size, so every image a camera makes is prepared as timm's
-    transform prepares it; the crop of a strip sees the same middle, within a fraction of a pixel."""
+    there). Only a side that would be resized to over 1024 times the covering size's longer side
+    (over 67 million pixels for 256 x 256) is cut, to twice its covering size and the filter's reach,
+    so every image a camera makes is prepared as timm's transform prepares it. The cut keeps the
+    middle exactly where it was (as many pixels cut at either end): the crop of a strip sees the same
+    middle, within a resized pixel's rounding."""
 
     def __init__(self, size: tuple[int, int]):
         super().__init__()
@@ -233,8 +238,12 @@ class CutOverhang(v2.Transform):
     def transform(self, inpt, params):
         height, width = v2.functional.get_size(inpt)
         ratio = min(height / self.size[0], width / self.size[1])  # the image's pixels per resized pixel
-        kept = [min(side, math.ceil(2 * cover * ratio)) if side > LONGEST_COVER * cover * ratio else side
-                for side, cover in ((height, self.size[0]), (width, self.size[1]))]
+        kept = []
+        for side, cover in ((height, self.size[0]), (width, self.size[1])):
+            least = max(math.ceil(2 * cover * ratio), math.ceil(cover * ratio) + 2 * FILTER_REACH)
+            if side > LONGEST_COVER * max(self.size) * ratio and side > least:
+                side -= 2 * ((side - least) // 2)  # an even count cut: the middle stays the middle
+            kept.append(side)
         return inpt if kept == [height, width] else v2.functional.center_crop(inpt, kept)
 
     _transform = transform  # the name torchvision before 0.21 calls
