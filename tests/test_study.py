@@ -38,6 +38,8 @@ def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "train", counting_train)
     counted_only = False
     assert main([*ARGS, "--output-dir", str(out)]) == 130
+    assert capsys.readouterr().err.endswith(f"coatnet study layouts: interrupted; the same command continues the "
+                                            f"study from its runs' last checkpoints\n")
     first = json.loads((out / "study.json").read_text())
     assert [r["model"] for r in first["runs"]] == ["vit_rel", "c_c_c_c"]  # each finished run written at once
 

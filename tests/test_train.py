@@ -365,6 +365,55 @@ def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path
     assert sum(bool(re.fullmatch(r"ckpt-\d{8}(\.\d+)?", p.name)) for p in out.iterdir()) <= 2  # still pruned
 
 
+def test_a_stopped_run_says_how_to_continue(reference_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C, or a scheduler's SIGTERM, stops training in one line that says what continues the run,
+    and from which step (before: "interrupted", and SIGTERM killed it without a word). The test's
+    handler stands in for the kill, so that the old code fails the test instead of ending it."""
+    import shutil
+
+    from coatnet import train as train_module
+
+    def killed(*_):
+        pytest.fail("SIGTERM was not handled")
+
+    def sigterm(*_):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def said() -> str:
+        err = capsys.readouterr().err
+        assert err.startswith("coatnet train: interrupted; ") and err.count("\n") == 1, err
+        return err.strip().removeprefix("coatnet train: interrupted; ")
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        out = tmp_path / "run"
+        shutil.copytree(reference_run, out, symlinks=True)
+        resumed_at = load_checkpoint(out / "last").train_state["step"]
+        # Stopped before its first checkpoint: the one it resumed holds --epochs 2, not the 3 given now.
+        monkeypatch.setattr(train_module, "train_one_epoch", sigterm)
+        assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 130
+        assert said() == f"the same command continues it from the checkpoint it resumed (step {resumed_at})"
+        # Stopped after it: that checkpoint holds --epochs 3, and the run's folder is all it takes.
+        monkeypatch.undo()
+        monkeypatch.setattr(train_module, "report_epoch", sigterm)
+        assert main(["train", "--resume", "--epochs", "3", "--output-dir", str(out)]) == 130
+        saved_at = load_checkpoint(out / "last").train_state["step"]
+        assert saved_at > resumed_at
+        assert said() == f"`coatnet train --resume {out}` continues it from its last checkpoint (step {saved_at})"
+        monkeypatch.undo()
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out)]) == 0  # as said
+        assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+        # A new run stopped before its first checkpoint: the same command again is not refused.
+        monkeypatch.setattr(train_module, "train_one_epoch", sigterm)
+        for _ in range(2):
+            assert main(["train", *TINY, "--epochs", "1", "--output-dir", str(tmp_path / "new")]) == 130
+            assert said() == "no checkpoint was written yet: the same command starts it again"
+        assert signal.getsignal(signal.SIGTERM) is killed  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_run_stopped_before_its_report_is_reported_on_resume(reference_run, tmp_path, monkeypatch):
     """Stopped after its last checkpoint but before metrics.jsonl, curves.png and summary.json were
     written (a kill, a plot that fails): `--resume` with nothing left to train writes them from the

@@ -460,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     format_warning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *where, **_: (
         f"{command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{printable(str(message))}\n")
-    # Training and the study are not: under torchrun, SIGTERM is how the agent stops the other
-    # processes when one fails, and their checkpoints are written so that being killed loses nothing.
-    stoppable = sigterm_as_ctrl_c() if args.command in ("eval", "predict", "export") else nullcontext()
+    # Not under torchrun: SIGTERM is how its agent stops the other processes when one fails, and
+    # training's checkpoints are written so that being killed loses nothing.
+    stoppable = sigterm_as_ctrl_c() if "RANK" not in os.environ else nullcontext()
     try:
         with stoppable:
             return args.func(args) or 0
@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: error: out of memory{size}; give a smaller --batch-size or --img-size, or "
               f"use a machine with more memory", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{command}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = format_warning

@@ -122,6 +122,8 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path, notes: set[str]
         try:
             with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 train(config, output_dir=run_dir, resume=resume)
+        except KeyboardInterrupt:  # training's own hint (--resume this run) would leave the study behind
+            raise KeyboardInterrupt("the same command continues the study from its runs' last checkpoints") from None
         except ValueError:
             refused = True
             # Refused by training before it began (settings it turns down; at most a note logged): the

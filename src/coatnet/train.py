@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -477,7 +477,7 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
         source = output_dir if resume is True else resume
         instead = (f"continue it elsewhere with --resume {source} --output-dir NEW" if ckpt else
                    "choose another --output-dir")
-        with locked_run_dir(run_dir, instead) if d.main else nullcontext():
+        with locked_run_dir(run_dir, instead) if d.main else nullcontext(), _said_on_interrupt(run_dir, ckpt, d):
             run = start_run(config, d, run_dir, ckpt, instead)
             if run.state.epoch >= config.epochs:
                 done = (f"{run.state.epoch} of {config.epochs} epochs" if run.state.epoch == config.epochs else
@@ -497,6 +497,27 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
     finally:
         if d.owns_group:
             dist.destroy_process_group()
+
+
+@contextmanager
+def _said_on_interrupt(run_dir: Path, ckpt: Checkpoint | None, d: Dist):
+    """Ctrl-C (or SIGTERM, which ``coatnet train`` takes as Ctrl-C) stops the run with what continues
+    it, and from where: the steps since its last checkpoint are lost. A checkpoint of this process
+    holds the flags it was given; the one it resumed holds the flags given before."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not d.main:  # under torchrun every process is stopped: one says so
+            raise
+        resumed_at = ckpt.train_state["step"] if ckpt else None
+        saved_at = read_model_meta(run_dir)[1].get("step") if (run_dir / "last").exists() else None
+        if saved_at is not None and saved_at != resumed_at:
+            hint = f"`coatnet train --resume {run_dir}` continues it from its last checkpoint (step {saved_at})"
+        elif ckpt:
+            hint = f"the same command continues it from the checkpoint it resumed (step {resumed_at})"
+        else:
+            hint = "no checkpoint was written yet: the same command starts it again"
+        raise KeyboardInterrupt(hint) from None
 
 
 def model_img_size(name: str) -> int:
