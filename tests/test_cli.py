@@ -132,3 +132,15 @@ def test_a_world_size_without_torchrun_says_what_it_waits_for(monkeypatch, capsy
     assert capsys.readouterr().err.splitlines()[0] == (
         "note: waiting for the 2 processes of WORLD_SIZE=2 at 127.0.0.1:29555, as the environment says (torchrun "
         "starts them; unset WORLD_SIZE for one process)")
+
+
+@pytest.mark.parametrize("command", [["info"], ["bench", "--model"], ["plan", "--model"], ["train", "--model"]])
+@pytest.mark.parametrize("name", ["local-dir:./w", "hf-hub:me/w"])
+def test_a_models_source_where_a_model_name_goes_says_why_it_is_refused(capsys, command, name):
+    """timm's names of where a model is (local-dir:PATH, hf-hub:ORG/NAME) are create_model's only; a command
+    that takes a model name says so in one line (before: local-dir: was an unknown model name everywhere, and
+    hf-hub: one to info and bench), and reads no folder nor the Hub to say it."""
+    assert main([*command, name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert name in err and ("takes a model name" in err or "names where a model is" in err), err

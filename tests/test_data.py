@@ -1034,7 +1034,7 @@ def test_under_torchrun_only_the_first_process_warns_of_what_the_folder_holds(tm
     def listed(*args, **kwargs):  # the data is built: stop before the model
         raise Listed
 
-    monkeypatch.setattr("coatnet.train.DistributedSampler", listed)
+    monkeypatch.setattr("coatnet.train.make_loader", listed)
     for rank in (1, 0):
         with warnings.catch_warnings(record=True) as caught, pytest.raises(Listed):
             warnings.simplefilter("always")

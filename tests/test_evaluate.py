@@ -699,3 +699,38 @@ def test_a_file_named_like_a_flag_is_said_to_be_one(run_dir, tmp_path, capsys, m
                    "unrecognized arguments: -y.png\n")
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(run_dir), "--", "-x.png"]) == 0
+
+
+def test_eval_and_predict_of_timms_repository_downloaded_into_a_folder(tmp_path, capsys):
+    """`hf download timm/... --local-dir PATH`, then `coatnet eval --checkpoint PATH`: the weights as
+    pretrained=PATH reads them, with timm's preprocessing and class names (before: "config.json is corrupt")."""
+    timm = pytest.importorskip("timm")
+    import coatnet
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    theirs = timm.create_model("coatnet_nano_rw_224", img_size=32, num_classes=3).eval()
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "coatnet_nano_rw_224", "num_classes": 3, "label_names": ["cat", "dog", "eel"],
+        "model_args": {"img_size": 32}, "pretrained_cfg": {"mean": [0.3, 0.4, 0.5], "crop_pct": 1.0}}))
+    save_file(theirs.state_dict(), str(folder / "model.safetensors"))
+    data = image_folder(tmp_path / "data", ["cat", "dog", "eel"])
+    prepare = coatnet.data_transforms(coatnet.from_pretrained(folder))
+    images = [data / "val" / c / "a.png" for c in ("cat", "dog", "eel")]
+    with torch.inference_mode():
+        probs = theirs(torch.stack([prepare(Image.open(i).convert("RGB")) for i in images])).softmax(1)
+
+    assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(data),
+                 "--output-dir", str(tmp_path / "eval"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["model"], report["count"], report["classes"]) == ("coatnet_nano_rw", 3, ["cat", "dog", "eel"])
+    assert report["top1"] == pytest.approx(100 * (probs.argmax(1) == torch.arange(3)).float().mean().item())
+    assert main(["predict", "--checkpoint", str(folder), str(images[0]), "--json", "--top-k", "1"]) == 0
+    (top,) = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert top["label"] == ["cat", "dog", "eel"][probs[0].argmax()]
+    assert top["probability"] == pytest.approx(probs[0].max().item(), rel=1e-4)
+    (folder / "model.safetensors").unlink()  # its config.json alone: says what is missing, not "corrupt"
+    one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(data)],
+                   "holds timm's coatnet_nano_rw_224 (its config.json is timm's), without its weights")

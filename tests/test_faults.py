@@ -580,3 +580,16 @@ def test_eval_of_a_checkpoint_gives_what_training_recorded(tmp_path, capsys):
     # Float rounding only: the loaded weights are laid out NCHW, training's channels-last.
     assert result["loss"] == pytest.approx(recorded["eval_loss"], rel=1e-5)
     assert (result["top1"], result["top5"]) == (recorded["top1"], recorded["top5"])
+
+
+def test_a_checkpoint_folder_as_output_dir_is_refused(finished_run, tmp_path, capsys):
+    """`--resume --output-dir RUN/last` (the checkpoint, not its run): refused, nothing written (before:
+    a new run trained inside RUN/last, its checkpoints and links beside the weights, RUN left at epoch 1)."""
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out / "last")],
+                    f"--output-dir {out / 'last'} is a checkpoint or model folder, not a run directory; give the "
+                    f"run's, --output-dir {out}, to continue it")
+    one_line_exit_2(capsys, ["train", *TINY, "--epochs", "1", "--output-dir", str(out / "last")],
+                    "is a checkpoint or model folder, not a run directory; choose another --output-dir")
+    assert snapshot(out) == before

@@ -322,3 +322,56 @@ def test_rmlp_weights_from_the_hub_keep_the_size_their_config_records(hub):
         assert_same_outputs(ours, theirs)
     assert coatnet.create_model("coatnet_rmlp_nano_rw", pretrained="hf-hub:someone/rmlp", img_size=96).config.img_size \
         == (96, 96)  # unless told
+
+
+def test_a_folder_as_the_model_name(tmp_path):
+    """timm's ``create_model("local-dir:PATH", pretrained=...)`` (a repository downloaded with ``hf download
+    ORG/NAME --local-dir PATH``): the network its config.json names, with its weights, or freshly initialised
+    with its classes, as for ``hf-hub:`` (before: an unknown model name)."""
+    theirs = timm_nano(num_classes=3)
+    (tmp_path / "w").mkdir()
+    timm_repo(tmp_path / "w", theirs)
+    meta = json.loads((tmp_path / "w" / "config.json").read_text())
+    (tmp_path / "w" / "config.json").write_text(json.dumps(meta | {"label_names": ["a", "b", "c"],
+                                                                   "model_args": {"img_size": SIZE}}))
+    name = f"local-dir:{tmp_path / 'w'}"
+    for ours in (coatnet.create_model(name, pretrained=True), coatnet.from_pretrained(name)):
+        assert (ours.config.name, ours.num_classes, ours.config.img_size) == ("coatnet_nano_rw", 3, (SIZE, SIZE))
+        assert ours.pretrained_cfg.label_names == ("a", "b", "c")
+        assert_same_outputs(ours, theirs)
+    fresh = coatnet.create_model(name)
+    assert (fresh.num_classes, fresh.config.img_size, fresh.pretrained_cfg.label_names) == (3, (SIZE, SIZE),
+                                                                                            ("a", "b", "c"))
+    assert not torch.equal(fresh.state_dict()["stem.0.0.weight"], theirs.state_dict()["stem.conv1.weight"])
+    with pytest.warns(UserWarning, match="classifier"):
+        assert coatnet.create_model(name, pretrained=True, num_classes=5).num_classes == 5
+
+
+def test_a_save_pretrained_folder_as_the_model_name(tmp_path):
+    """Our own folders (a save_pretrained folder, a training checkpoint) name a model as timm's do."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=7, img_size=SIZE))
+    model.pretrained_cfg = replace(model.pretrained_cfg, mean=(0.4, 0.4, 0.4), label_names=tuple("abcdefg"))
+    name = f"local-dir:{model.save_pretrained(tmp_path / 'pico')}"
+    assert_same_outputs(coatnet.create_model(name, pretrained=True), model)
+    assert_same_outputs(coatnet.from_pretrained(name), model)
+    fresh = coatnet.create_model(name, drop_path_rate=0.3)
+    assert fresh.config == model.config.__class__.from_dict(model.config.to_dict() | {"drop_path_rate": 0.3})
+    assert fresh.pretrained_cfg == model.pretrained_cfg
+
+
+@pytest.mark.parametrize("folder,pretrained,message", [
+    ("missing", True, "'{d}/missing' is not a folder; give one that holds timm's config.json and weights"),
+    ("", True, "'local-dir:' names no folder; write local-dir:PATH"),
+    ("empty", False, "'{d}/empty' is not a coatnet checkpoint or model folder"),
+    ("config-only", True, "'{d}/config-only' holds timm's coatnet_nano_rw_224 (its config.json is timm's), without "
+                          "its weights (model.safetensors or pytorch_model.bin): download them too"),
+    ("empty", "weights.safetensors", "takes its weights from that folder: pass pretrained=True or False"),
+])
+def test_a_folder_that_holds_no_model_is_one_line(tmp_path, folder, pretrained, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text(json.dumps({"architecture": "coatnet_nano_rw_224"}))
+    with pytest.raises(ValueError) as e:
+        coatnet.create_model(f"local-dir:{tmp_path / folder}" if folder else "local-dir:", pretrained=pretrained)
+    assert message.format(d=tmp_path) in str(e.value) and "\n" not in str(e.value)

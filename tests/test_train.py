@@ -586,7 +586,7 @@ def test_micro_batches_too_small_for_batchnorm_are_said(tmp_path, monkeypatch, c
     def built(*args, **kwargs):  # the data is built: stop before the model
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("coatnet.train.DistributedSampler", built)
+    monkeypatch.setattr("coatnet.train.make_loader", built)
     for steps, said in ((8, True), (4, False)):  # micro-batches of 4, then of 8
         with pytest.raises(KeyboardInterrupt):
             start_run(TrainConfig(img_size=16, batch_size=32, grad_accum_steps=steps), Dist(0, 1, torch.device("cpu")),
@@ -604,7 +604,7 @@ def test_amp_on_a_cpu_that_emulates_bfloat16_is_said(tmp_path, monkeypatch, caps
     def built(*args, **kwargs):  # the data is built: stop before the model
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("coatnet.train.DistributedSampler", built)
+    monkeypatch.setattr("coatnet.train.make_loader", built)
     cpu = torch.device("cpu")
     for machine, amp, said in ((dict(avx512_bf16=False, amx_bf16=False), True, True),
                                (dict(avx512_bf16=False, amx_bf16=False), False, False),
@@ -775,3 +775,63 @@ def test_gradient_accumulation_skips_ddps_all_reduce_under_compile(tmp_path):
                 assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def test_resume_part_way_through_an_epoch_on_another_number_of_processes_trains_its_rest_once(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """15 training images in batches of 4: 2 processes take 8 each (one repeated) in 4 steps, 1 process
+    3 steps. A 2-process run's checkpoint after 2 steps, resumed by 1 process, trains the epoch's
+    other 8 positions, in the 2 steps the epoch has on 2 processes (before: the 1-process order's 1
+    step, 3 of the epoch's samples never trained). The same run's checkpoint on 2 processes is stood
+    in for by a 1-process one recorded as 2 processes': both took the same 8 samples."""
+    import coatnet.train as train_module
+    from test_data import make_tree
+    from torch.utils.data import DistributedSampler
+
+    from coatnet.train import TrainConfig, train
+
+    root = make_tree(tmp_path / "data", per_class=5)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data="imagefolder", data_dir=str(root), img_size=16, batch_size=4, epochs=1, save_every=2,
+                      warmup_steps=1, seed=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop(run):
+        raise Stop
+
+    with monkeypatch.context() as m:  # killed after its steps: `last` is the save at step 2
+        m.setattr(train_module, "evaluate_epoch", stop)
+        with pytest.raises(Stop):
+            train(cfg, output_dir=out)
+    state_file = out / "last" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert (state["step"], state["batch_in_epoch"]) == (2, 2)
+    fresh = dict(loss_sum=0.0, correct=0, count=0, seconds=0.0)
+    state |= dict(rng=state["rng"] * 2, progress=[state["progress"][0], fresh], world_size=2)
+    state.pop("epoch_world_size", None)  # as written before it was recorded: the processes that wrote it
+    torch.save(state, state_file)
+
+    trained = []
+    make_loader = train_module.make_loader
+
+    def spy(dataset, indices, batch_size, *args, **kwargs):
+        if isinstance(dataset, train_module.SeededSamples):  # the whole batches it trains on (drop_last)
+            trained.extend(i for _, i in indices[:len(indices) - len(indices) % batch_size])
+        return make_loader(dataset, indices, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_loader", spy)
+    capsys.readouterr()
+    train(cfg, output_dir=out, resume=True)
+    shares = []
+    for rank in range(2):
+        sampler = DistributedSampler(range(15), num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(0)
+        shares.append(list(sampler))
+    two_processes = [i for position in zip(*shares) for i in position]  # the 2-process run's order, 16 positions
+    assert trained == two_processes[8:]
+    assert sorted(set(two_processes[:8] + trained)) == list(range(15))  # every sample of the epoch
+    assert json.loads((out / "metrics.jsonl").read_text())["step"] == 4
+    assert "note: epoch 1 began on 2 process(es): its remaining samples are trained once each" in \
+        capsys.readouterr().out

@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval",
                        help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory (RUN_DIR/best, RUN_DIR/last) or run directory")
+                   help="checkpoint directory (RUN_DIR/best, RUN_DIR/last), run directory, save_pretrained folder, "
+                        "or timm's repository downloaded into one (hf download ORG/NAME --local-dir PATH)")
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder, CIFAR, WebDataset or HF data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
@@ -292,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_eval")(args))
 
     p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory, run directory, save_pretrained folder or timm's downloaded repository")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
     p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")
@@ -321,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: _lazy("bench", "run_bench")(args))
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint or save_pretrained folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="training checkpoint, save_pretrained folder or timm's downloaded repository")
     # Checked by coatnet.export, so that a wrong format is a one-line error like any other.
     p.add_argument("--format", required=True, help="onnx, torchscript or exported")
     p.add_argument("--output", required=True, help="file to write")

@@ -73,10 +73,10 @@ class Complexity:
 
 def measure(name: str, img_size: int | None = None, **kwargs) -> Complexity:
     """Count ``name`` at ``img_size`` (default: the model's own) on the meta device."""
+    paper = model_entry(name).paper  # an unknown name, or a Hub repository's or folder's, fails before building
     with torch.device("meta"):
         model = create_model(name, img_size=img_size, **kwargs).eval()
     size = model.config.img_size[0]
-    paper = model_entry(name).paper
     # The paper counts parameters once, for the sizes it reports (224, 384, 512): at others the
     # relative-position tables, which grow with the grid, would be compared with a count that lacks them.
     paper_params = paper.params if size == 224 or size in paper.flops else None

@@ -21,8 +21,9 @@ from .checkpoint import atomic_write
 from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, warn_not_images
 from .export import check_img_size
 from .models.coatnet import MAX_IMG_SIZE
-from .models.factory import model_from_folder
+from .models.factory import from_pretrained, model_from_folder
 from .models.folder import ModelFolder, read_model_folder, run_last
+from .models.hub import timm_folder_weights
 from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion
 from .text import printable
@@ -107,17 +108,24 @@ def _img_size(args: argparse.Namespace, model: nn.Module) -> int | tuple[int, in
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module]:
-    """The checkpoint and its model, whose preprocessing the flags given override. A link (a run
-    directory's ``last``) is followed once, here: training may move it while this runs, and the
-    weights, the line naming them and eval's folder are then of one checkpoint."""
+    """The checkpoint (or timm's repository downloaded into a folder) and its model, whose preprocessing
+    the flags given override. A link (a run directory's ``last``) is followed once, here: training may
+    move it while this runs, and the weights, the line naming them and eval's folder are then of one
+    checkpoint."""
     path = run_last(Path(args.checkpoint)) or Path(args.checkpoint)
     if path.is_symlink() and path.resolve().is_dir():  # named as the run names it, where it is beside the link
         target = path.resolve()
         path = path.parent / target.name if target.parent == path.parent.resolve() else target
     else:  # as given: a link to no checkpoint is said by read_model_folder, pointing at the run's others
         path = Path(args.checkpoint)
-    ckpt = read_model_folder(path)
-    model = model_from_folder(ckpt)
+    if timm_folder_weights(path) is not None:
+        # timm's repository downloaded into a folder: its weights as pretrained=PATH reads them, with timm's
+        # preprocessing and class names; its config.json records no run (data set, amp), which flags give
+        model = from_pretrained(path)
+        ckpt = ModelFolder(path, {"model": model.config.name}, model.state_dict(), None)
+    else:
+        ckpt = read_model_folder(path)
+        model = model_from_folder(ckpt)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
     return ckpt, model
 

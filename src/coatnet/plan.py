@@ -61,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 
 from .complexity import count_parameters
 from .models import MBConv, TransformerBlock, create_model
+from .models.registry import MODEL_SOURCES
 
 GiB = 2**30
 ADAMW_STATE_BYTES = 4 + 4 + 8  # float32 weights, gradients, two moments
@@ -278,9 +279,9 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
     ``gpu_memory_gib`` each, with an EMA of the weights of decay ``ema`` (0: none). Raises
     ValueError, in one line, when it cannot be done."""
     started = time.perf_counter()
-    if model.startswith("hf-hub:"):  # as training refuses it: the printed command would not run
+    if model.startswith(MODEL_SOURCES):  # as training refuses it: the printed command would not run
         raise ValueError(f"--model takes a model name (see `coatnet info`), not {model}: plan the network that "
-                         f"repository holds by its name (training gives the repository to --pretrained)")
+                         f"repository or folder holds by its name (training gives it to --pretrained)")
     with torch.device("meta"):
         net = create_model(model, img_size=img_size)
     img_size = net.config.img_size[0]

@@ -45,7 +45,8 @@ from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import read_pretrained
-from .models.folder import read_model_meta, read_pretrained_cfg
+from .models.folder import CONFIG, WEIGHTS, read_model_meta, read_pretrained_cfg
+from .models.registry import MODEL_SOURCES
 from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
 from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields,
@@ -119,9 +120,10 @@ class TrainConfig:
                              f"them; keep lr x weight-decay well below 1 (the paper: 1e-3 x 0.05)")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the schedule decays from lr to min-lr")
-        if self.model.startswith("hf-hub:"):
+        if self.model.startswith(MODEL_SOURCES):
             raise ValueError(f"--model takes a model name (see `coatnet info`), not {self.model}; to start from a "
-                             f"Hub repository's weights, give it to --pretrained, with --model naming its network")
+                             f"Hub repository's or a folder's weights, give it to --pretrained (hf-hub:ORG/NAME, or "
+                             f"the folder's PATH), with --model naming its network")
         if self.pretrained == "":
             raise ValueError("--pretrained was given an empty path; give weights (a file, a folder or "
                              "hf-hub:ORG/NAME), or --pretrained alone for timm's weights of --model")
@@ -330,10 +332,32 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def epoch_keys(sampler: DistributedSampler, seed: int, epoch: int) -> list[tuple[int, int]]:
-    """This rank's (sample seed, index) pairs for ``epoch``, in order."""
+def epoch_order(n: int, seed: int, epoch: int, world_size: int) -> list[int]:
+    """The indices of ``n`` samples in the order ``world_size`` processes train on them in ``epoch``:
+    DistributedSampler's shuffle and padding (the first samples repeated up to a multiple of
+    ``world_size``), whose rank r takes positions r, r + world_size, ... of it. So a
+    step of global batch B takes positions [jB, (j+1)B) on any number of processes, and a run resumed
+    part way through an epoch on another number goes on where the epoch stopped."""
+    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=seed)  # the shuffle alone
     sampler.set_epoch(epoch)
-    return [(((seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2**63, i) for i in sampler]
+    size = math.ceil(n / world_size) * world_size
+    return (list(sampler) * math.ceil(size / n))[:size]  # padded as DistributedSampler pads each rank's share
+
+
+def epoch_steps(n: int, batch_size: int, world_size: int) -> int:
+    """The steps of an epoch of ``n`` samples in global batches of ``batch_size`` on ``world_size``
+    processes: each rank's share (padded) in whole local batches."""
+    return math.ceil(n / world_size) // (batch_size // world_size)
+
+
+def epoch_keys(run: Run) -> list[tuple[int, int]]:
+    """This rank's (sample seed, index) pairs for the rest of the current epoch, in order: the epoch's
+    positions from its next batch to its end, in the order of the processes it began on, dealt out to
+    this run's."""
+    cfg, d, s = run.config, run.dist, run.state
+    order = epoch_order(len(run.data.train), cfg.seed, s.epoch, s.epoch_world_size)
+    rest = order[s.batch_in_epoch * cfg.batch_size:run.steps_per_epoch * cfg.batch_size]
+    return [(((cfg.seed * 1_000_003 + s.epoch) * 1_000_000_007 + i) % 2**63, i) for i in rest[d.rank::d.world_size]]
 
 
 def make_loader(dataset: Dataset, indices: list, batch_size: int, workers: int, device: torch.device,
@@ -407,6 +431,9 @@ class RunState:
     step: int = 0
     epoch: int = 0  # epochs finished
     batch_in_epoch: int = 0
+    # The processes whose order of samples the current epoch follows: the run's, unless it was resumed
+    # part way through the epoch on another number (that epoch then ends as it would have there).
+    epoch_world_size: int = 1
     best_top1: float = -1.0
     history: list[dict] = field(default_factory=list)  # one metrics.jsonl line per finished epoch
     progress: dict = field(default_factory=_fresh_progress)
@@ -421,7 +448,6 @@ class Run:
     dist: Dist
     run_dir: Path
     data: DataBundle
-    sampler: DistributedSampler  # this rank's share of the training set, reshuffled each epoch
     val_loader: DataLoader  # this rank's shard of the validation set
     workers: int  # data-loading processes: --workers, at most the cores
     model: nn.Module
@@ -441,7 +467,8 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.sampler) // self.local_batch
+        """The current epoch's steps: those of the processes it began on (see RunState.epoch_world_size)."""
+        return epoch_steps(len(self.data.train), self.config.batch_size, self.state.epoch_world_size)
 
     def wall_seconds(self) -> float:
         return self.state.earlier_seconds + time.perf_counter() - self.started
@@ -561,12 +588,11 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
                          f"needs at least 2; add the other classes' folders (or samples)")
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
-    sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
     val_indices = list(range(d.rank, len(data.val), d.world_size))
     val_loader = make_loader(data.val, val_indices, local_batch, workers, d.device, drop_last=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     batch_mix = mixup_cutmix(data.num_classes, cfg.mixup, cfg.cutmix)
-    steps_per_epoch = len(sampler) // local_batch
+    steps_per_epoch = epoch_steps(len(data.train), cfg.batch_size, d.world_size)
     if ckpt is None:
         schedule_steps = cfg.epochs * steps_per_epoch
     else:  # the length the run started with, also when extended (an older checkpoint without it: its epochs')
@@ -600,8 +626,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
         net = torch.compile(net)
     torch.manual_seed(cfg.seed + d.rank)  # drop path and Mixup draws differ across ranks
 
-    run = Run(cfg, d, run_dir, data, sampler, val_loader, workers, model, net, ema, optimizer, scheduler,
-              schedule_steps, criterion, batch_mix, started)
+    run = Run(cfg, d, run_dir, data, val_loader, workers, model, net, ema, optimizer, scheduler,
+              schedule_steps, criterion, batch_mix, started, RunState(epoch_world_size=d.world_size))
     # Before the restore, which says "resumed": with nothing to train, no checkpoint is written.
     if d.main and (ckpt.train_state["epoch"] if ckpt else 0) < cfg.epochs:
         _check_free_space(run, instead)
@@ -681,6 +707,13 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds a model at {ckpt.meta['config']['img_size']} px "
                               f"but its train_config says img_size {cfg.img_size} (config.json edited?); put back "
                               f"the model's size, or start a new run from its weights with --pretrained")
+    if (run_dir / CONFIG).is_file() and (run_dir / WEIGHTS).is_file():
+        # A checkpoint or model folder: the run would be written inside it (`--resume --output-dir RUN/last`
+        # trained a new run in RUN/last/, leaving RUN as it was and its `last` a folder that holds a run).
+        of = ckpt and run_dir.resolve() == ckpt.path.resolve()
+        raise ValueError(f"--output-dir {run_dir} is a checkpoint or model folder, not a run directory; "
+                         + (f"give the run's, --output-dir {run_dir.parent}, to continue it" if of else
+                            "choose another --output-dir"))
     if ckpt is None and holds_a_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
@@ -778,9 +811,12 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     # Continued in another folder (--resume RUN --output-dir NEW), `best` is the best of the checkpoints
     # there: the next epoch's is the first, not one left in RUN.
     best_here = os.path.lexists(run.run_dir / "best")
+    # Part way through an epoch, its rest follows the order of the processes it began on (older
+    # checkpoints: those that wrote it), so that every remaining sample of it is trained, once.
+    epoch_world_size = (s.get("epoch_world_size") or len(s["rng"])) if s["batch_in_epoch"] else d.world_size
     run.state = RunState(step=s["step"], epoch=s["epoch"], batch_in_epoch=s["batch_in_epoch"],
-                         best_top1=s["best_top1"] if best_here else -1.0, history=s["history"],
-                         progress=_resumed_progress(s, d), earlier_seconds=s["wall_seconds"])
+                         epoch_world_size=epoch_world_size, best_top1=s["best_top1"] if best_here else -1.0,
+                         history=s["history"], progress=_resumed_progress(s, d), earlier_seconds=s["wall_seconds"])
     if len(s["rng"]) == d.world_size:
         torch.set_rng_state(s["rng"][d.rank])
         if d.device.type == "cuda" and s.get("cuda_rng"):
@@ -788,6 +824,10 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     else:
         _log(d, f"note: checkpoint written by {len(s['rng'])} process(es), resumed by {d.world_size}: "
                 f"random draws will differ from an uninterrupted run")
+    if epoch_world_size != d.world_size:
+        _log(d, f"note: epoch {run.state.epoch + 1} began on {epoch_world_size} process(es): its remaining samples "
+                f"are trained once each, in its order, and it ends at its {run.steps_per_epoch} steps "
+                f"({epoch_steps(len(run.data.train), run.config.batch_size, d.world_size)} per epoch from the next)")
     where = (f"in epoch {run.state.epoch + 1}" if run.state.batch_in_epoch else f"after epoch {run.state.epoch}")
     _log(d, f"resumed {ckpt.path} {where}, step {run.state.step}")
     last = run.run_dir / "last"
@@ -814,7 +854,7 @@ def train_one_epoch(run: Run) -> None:
     """Train on the rest of the current epoch (all of it, unless resumed part way), checkpointing
     every ``save_every`` steps."""
     cfg, d, s = run.config, run.dist, run.state
-    keys = epoch_keys(run.sampler, cfg.seed, s.epoch)[s.batch_in_epoch * run.local_batch:]
+    keys = epoch_keys(run)
     loader = make_loader(SeededSamples(run.data.train), keys, run.local_batch, run.workers, d.device, drop_last=True)
     run.net.train()
     bar = tqdm(total=run.steps_per_epoch, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
@@ -918,6 +958,7 @@ def record_epoch(run: Run, metrics: dict) -> bool:
     s = run.state
     s.history.append(metrics)
     s.epoch, s.batch_in_epoch, s.progress = s.epoch + 1, 0, _fresh_progress()
+    s.epoch_world_size = run.dist.world_size
     improved = metrics["top1"] > s.best_top1
     s.best_top1 = max(s.best_top1, metrics["top1"])
     return improved
@@ -958,7 +999,7 @@ def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> Non
                 top1=top1, train_config=_plain(asdict(cfg)))
     # Plain data and tensors only (checkpoints load with weights_only=True). No scheduler state: the
     # learning rate is a function of the step and schedule_steps. The settings are in config.json.
-    state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch,
+    state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch, epoch_world_size=s.epoch_world_size,
                  optimizer=None if cfg.fsdp else run.optimizer.state_dict(), schedule_steps=run.schedule_steps,
                  rng=rng, cuda_rng=cuda_rng, best_top1=s.best_top1, history=s.history, progress=progress,
                  wall_seconds=run.wall_seconds(),

@@ -13,8 +13,8 @@ from torch import nn
 
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
-from .hub import (HUB_PREFIX, fetch, hub_config, hub_repository, is_hub_reference, repository_config,
-                  timm_folder_weights)
+from .hub import (HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_SOURCES, fetch, hub_config, hub_repository, is_hub_reference,
+                  local_dir, repository_config, timm_folder_weights)
 from .preprocessing import PretrainedCfg
 from .registry import list_models, model_entry
 from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
@@ -58,9 +58,10 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     takes the last n and negative indices count from the end), with
     ``feature_info.channels()`` and ``.reduction()``.
 
-    ``name`` may be a Hub repository too, as in timm: ``"hf-hub:ORG/NAME"`` (``@REVISION``
-    optional) is the network its ``config.json`` describes (timm's architecture, or a
-    ``save_pretrained`` folder's config), with the repository's weights when ``pretrained=True``.
+    ``name`` may be a Hub repository or a folder too, as in timm: ``"hf-hub:ORG/NAME"`` (``@REVISION``
+    optional) or ``"local-dir:PATH"`` (such a repository downloaded into a folder, or a ``save_pretrained``
+    folder, a training checkpoint or a run directory) is the network its ``config.json`` describes (timm's
+    architecture, or a ``save_pretrained`` folder's config), with its weights when ``pretrained=True``.
     """
     if not isinstance(name, str):
         raise ValueError(f"a model name is a string, e.g. 'coatnet_0', got {name!r}; coatnet.list_models() lists them")
@@ -112,7 +113,7 @@ def _create_model(name: str, pretrained, num_classes, in_chans, img_size, drop_p
                   out_indices, **kwargs) -> nn.Module:
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
-    if name.startswith(HUB_PREFIX):
+    if name.startswith(MODEL_SOURCES):
         model = _hub_model(name, pretrained, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                            drop_path_rate=drop_path_rate, **kwargs)
         return FeatureExtractor(model, out_indices) if features_only else model
@@ -180,27 +181,33 @@ def _check_same_network(built: CoAtNetConfig, weights: PretrainedWeights) -> Non
 
 
 def _hub_model(name: str, pretrained, **options) -> CoAtNet:
-    """``create_model("hf-hub:ORG/NAME", pretrained=...)``: the network the repository's ``config.json``
-    describes, with the repository's weights (``pretrained=True``) or freshly initialised (``False``)."""
+    """``create_model("hf-hub:ORG/NAME", pretrained=...)``, or ``"local-dir:PATH"``: the network the
+    repository's (the folder's) ``config.json`` describes, with its weights (``pretrained=True``) or
+    freshly initialised (``False``)."""
     if not (pretrained is None or type(pretrained) is bool):
-        raise ValueError(f"the model {name!r} takes its weights from that repository: pass pretrained=True or "
-                         f"False; for other weights, name its network and pass pretrained=PATH")
-    repo = hub_repository(name, "")
-    fetched = fetch(*repo) if pretrained else None
-    meta = hub_config(fetched) if fetched else repository_config(*repo)
+        where = "folder" if name.startswith(LOCAL_DIR_PREFIX) else "repository"
+        raise ValueError(f"the model {name!r} takes its weights from that {where}: pass pretrained=True or False; "
+                         f"for other weights, name its network and pass pretrained=PATH")
+    if name.startswith(LOCAL_DIR_PREFIX):  # found whole, as a repository in the Hub's cache is
+        path, meta, fetched = local_dir(name)
+        where, fetched = str(path), fetched if pretrained else None
+    else:
+        repo = hub_repository(name, "")
+        where, fetched = repo[0], fetch(*repo) if pretrained else None
+        meta = hub_config(fetched) if fetched else repository_config(*repo)
     if "model" in meta and "config" in meta:  # a save_pretrained folder: its own config, whole
         try:
             config = CoAtNetConfig.from_dict(meta["config"])
         except (TypeError, ValueError) as e:
-            raise ModelFolderError(f"the config.json of {repo[0]} has no usable model config ({e})") from None
+            raise ModelFolderError(f"the config.json of {where} has no usable model config ({e})") from None
         if fetched:
             model = built_for_weights(lambda: build_model(config, **options))
             return load_pretrained(model, _read_weights(fetched, config.name, True), config.name)
         model = build_model(config, **options)  # freshly initialised, prepared for as the repository's
-        model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(repo[0]), meta, {}, None)).with_classes(
+        model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(where), meta, {}, None)).with_classes(
             model.num_classes)  # weights are, as in timm
         return model
-    return _timm_repository_model(repo[0], name, meta, fetched, options)
+    return _timm_repository_model(where, name, meta, fetched, options)
 
 
 def _timm_repository_model(repo: str, name: str, meta: dict, fetched: Path | None, options: dict) -> CoAtNet:
@@ -301,7 +308,7 @@ def from_pretrained(path: str | Path) -> CoAtNet:
     A weights file without a config is not enough to know the network: load it with
     ``create_model(name, pretrained=FILE)``.
     """
-    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+    if isinstance(path, str) and path.startswith(MODEL_SOURCES):  # local-dir:PATH too, as timm names a folder
         return create_model(path, pretrained=True).eval()
     if (timm_file := timm_folder_weights(Path(path))) is not None:  # timm's repository, downloaded into a folder
         return _timm_repository_model(str(path), str(path), hub_config(timm_file), timm_file, {}).eval()

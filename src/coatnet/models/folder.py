@@ -31,6 +31,7 @@ from torch import nn
 from .preprocessing import PretrainedCfg, imagenet_class_names
 
 CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
+TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # beside timm's config.json, in timm's repositories
 TRAIN_STATE = "train_state.pt"  # beside a training checkpoint's model folder (coatnet.checkpoint)
 # A run directory's checkpoints, as training names them: ``ckpt-`` and the step, ``.N`` when that name was taken
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}(\.\d+)?")
@@ -192,6 +193,13 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     if (path / LOCK).is_file() and not holds_a_run(path) and not (path / CONFIG).exists():
         raise ModelFolderError(f"{str(path)!r} holds no checkpoint yet: its run is in its first epoch, or stopped "
                                f"before its first save; give it once the run has saved one")
+    if (architecture := timm_architecture(path)) is not None:  # timm's repository, downloaded: not a checkpoint
+        weights = any((path / f).is_file() for f in TIMM_WEIGHTS)
+        raise ModelFolderError(f"{str(path)!r} holds timm's {architecture} (its config.json is timm's), "
+                               + (f"not a coatnet checkpoint: load it as pretrained weights (--pretrained {path}, "
+                                  f"coatnet.from_pretrained)" if weights else
+                                  f"without its weights ({' or '.join(TIMM_WEIGHTS)}): download them too "
+                                  f"(hf download ORG/NAME --local-dir {path})"))
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise ModelFolderError(f"{str(path)!r} is not a coatnet checkpoint or model folder (no {CONFIG} and "
                                f"{WEIGHTS}); give a folder written by `coatnet train` or save_pretrained")
@@ -202,6 +210,19 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"{str(path / CONFIG)!r} is corrupt ({e}); use another checkpoint") from None
     return path, meta
+
+
+def timm_architecture(path: Path) -> str | None:
+    """The architecture timm's ``config.json`` in the folder ``path`` names (a Hub repository of timm's
+    weights downloaded into it: ``hf download ORG/NAME --local-dir PATH``); None for any other folder,
+    a ``save_pretrained`` one included, or a file."""
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none, or unreadable: not a folder of timm's
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), str) or "config" in meta:
+        return None
+    return meta["architecture"]
 
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Models on the Hugging Face Hub, fetched through ``huggingface_hub`` into its cache.
 
 A repository holds either timm's weights (``model.safetensors`` or ``pytorch_model.bin``, beside
-timm's own ``config.json``) or a ``save_pretrained`` folder (our ``config.json`` + ``model.safetensors``).
+timm's own ``config.json``) or a ``save_pretrained`` folder (our ``config.json`` + ``model.safetensors``);
+timm's ``local-dir:PATH`` names such a repository downloaded into a folder.
 This module only finds the files, downloading them when online; reading them is the factory's, as
 for a local path. ``huggingface_hub`` is imported here, lazily, so that it is needed only for the Hub.
 
@@ -15,11 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from .folder import CONFIG, EMA_WEIGHTS, WEIGHTS
-from .registry import list_models, model_entry
+from .folder import CONFIG, EMA_WEIGHTS, TIMM_WEIGHTS, WEIGHTS, read_model_meta, timm_architecture
+from .registry import MODEL_SOURCES, list_models, model_entry
 
-HUB_PREFIX = "hf-hub:"
-TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_PREFIX, LOCAL_DIR_PREFIX = MODEL_SOURCES
 
 
 def is_hub_reference(pretrained) -> bool:
@@ -83,13 +83,26 @@ def timm_folder_weights(path: Path) -> Path | None:
     """The weights file of timm's repository downloaded into the folder ``path`` (``hf download ORG/NAME
     --local-dir PATH``): timm's ``config.json`` (not a ``save_pretrained`` folder's) beside its weights;
     None for any other folder or file."""
-    try:
-        meta = json.loads((path / CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # none, or unreadable: not a folder of timm's
-        return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), str) or "config" in meta:
+    if timm_architecture(path) is None:
         return None
     return next((path / f for f in TIMM_WEIGHTS if (path / f).is_file()), None)
+
+
+def local_dir(name: str) -> tuple[Path, dict, Path]:
+    """What timm's ``local-dir:PATH`` names, found as :func:`fetch` finds a repository's: the folder, its
+    ``config.json``, and its weights: the file of timm's (a repository downloaded into the folder), or the
+    folder of a ``save_pretrained`` folder or training checkpoint (a run directory's ``last``). A folder
+    that holds neither is a one-line error naming it."""
+    path = Path(name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+    if not name.removeprefix(LOCAL_DIR_PREFIX):
+        raise ValueError(f"{name!r} names no folder; write local-dir:PATH")
+    if not path.is_dir():
+        raise ValueError(f"{name!r}: {str(path)!r} is not a folder; give one that holds timm's config.json and "
+                         f"weights (hf download ORG/NAME --local-dir PATH), or a save_pretrained folder")
+    if (timm_file := timm_folder_weights(path)) is not None:
+        return path, hub_config(timm_file), timm_file
+    folder, meta = read_model_meta(path)  # says what is wrong with any other folder, timm's without weights too
+    return folder, meta, folder
 
 
 def _read_config(path: Path) -> dict:

@@ -86,9 +86,17 @@ def list_models(pattern: str | list[str] | None = None, aliases: bool = False, p
     return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)] if patterns else names
 
 
+# timm's names of where a model is, a Hub repository (hf-hub:ORG/NAME) or a folder (local-dir:PATH), which
+# create_model builds the network of (its config.json's); not names of a network
+MODEL_SOURCES = ("hf-hub:", "local-dir:")
+
+
 def model_entry(name: str) -> ModelEntry:
     """The registry entry of ``name``: ours, or timm's name for it, with or without a pretrained tag.
     An unknown name or tag raises ValueError listing the known ones."""
+    if name.startswith(MODEL_SOURCES):
+        raise ValueError(f"{name!r} names where a model is (a Hub repository or a folder), which only "
+                         f"create_model takes: give its network's name here (its config.json's architecture)")
     base, _, tag = name.partition(".")
     if base in _REGISTRY and not tag:
         return _REGISTRY[base]
