@@ -131,7 +131,7 @@ def test_a_sharded_checkpoint_is_a_model_folder_and_resumes_on_one_process(fsdp_
         assert err.count("\n") == 1 and "/optimizer' cannot be read (" in err and "a shard is missing or damaged" in err
     assert load_checkpoint(out / "last").train_state["step"] == 44
     # A run without --fsdp cannot resume it: the optimizer state is sharded.
-    with pytest.raises(CheckpointError, match="was written by a run with --fsdp and resumes only so"):
+    with pytest.raises(CheckpointError, match="was written by a run with --fsdp and resumes only so: add --fsdp"):
         train(replace(resumed_config(True, out), fsdp=False, epochs=3), output_dir=out, resume=True)
 
 

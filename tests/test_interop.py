@@ -120,13 +120,18 @@ def test_training_checkpoint_and_run_dir_load(pico, tmp_path):
         assert torch.equal(named(x), expected)
 
 
-def test_from_pretrained_bad_input(pico, tmp_path):
+def test_from_pretrained_bad_input(pico, tmp_path, capsys):
     with pytest.raises(ValueError, match="does not exist"):
         coatnet.from_pretrained(tmp_path / "nothing")
     weights = tmp_path / "w.safetensors"
     save_file(pico.state_dict(), str(weights))
     with pytest.raises(ValueError, match=r"is a file; .*create_model\(NAME, pretrained=FILE\)"):
         coatnet.from_pretrained(weights)
+    # On the command line, the flags that load it (before: only the Python call)
+    from coatnet.cli import main
+
+    assert main(["train", "--resume", str(weights)]) == 2
+    assert "--model NAME --pretrained FILE (coatnet train)" in capsys.readouterr().err
     assert isinstance(coatnet.create_model("coatnet_pico", num_classes=7, pretrained=weights), coatnet.CoAtNet)
 
 

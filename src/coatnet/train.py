@@ -780,7 +780,8 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     sharded = s["optimizer"] is None  # an --fsdp run writes its optimizer state apart, sharded
     if sharded != run.config.fsdp:
         raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
-                              f"and resumes only so; or start a new run from its weights with --pretrained")
+                              f"and resumes only so: {'add' if sharded else 'drop'} --fsdp; or start a new run from its weights "
+                              f"with --pretrained")
     # The checkpoint gives AdamW's moments and steps; the settings (weight decay, the rate at this
     # step) stay this run's, which --resume may have changed (--weight-decay, --lr).
     settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]

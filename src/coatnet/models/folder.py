@@ -189,7 +189,8 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
                                f"directory (e.g. RUN_DIR/last or RUN_DIR/best) or a run directory")
     if path.is_file():
         raise ModelFolderError(f"{str(path)!r} is a file; give a folder ({CONFIG} + {WEIGHTS}). "
-                               f"For a weights file use create_model(NAME, pretrained=FILE)")
+                               f"A weights file loads under its network's name: --model NAME --pretrained FILE (coatnet "
+                               f"train), create_model(NAME, pretrained=FILE) (Python)")
     if (path / LOCK).is_file() and not holds_a_run(path) and not (path / CONFIG).exists():
         raise ModelFolderError(f"{str(path)!r} holds no checkpoint yet: its run is in its first epoch, or stopped "
                                f"before its first save; give it once the run has saved one")
