@@ -152,6 +152,13 @@ def test_webdataset_bad_image_is_skipped_at_load(tmp_path):
     assert "not an image file or corrupt (no image format PIL knows)" in str(caught[0].message)  # not a repr
     check_item((x, label), TRAIN[0])
     assert train.skipped_at_load == 1
+    _tar(tmp_path / "val-000001.tar", [("broken.png", b"not a png"), ("broken.cls", b"1")])
+    val = build_webdataset(str(tmp_path), to_tensor, to_tensor).val
+    val.undecodable[:-1] = True  # the others found undecodable already
+    with pytest.warns(UserWarning, match="broken"), pytest.raises(DataError) as e:
+        val[len(val) - 1]  # the shards left without a decodable image are named (before: "the data set")
+    assert str(e.value) == f"no decodable image left in the shards '{tmp_path / 'val-000000.tar'}' ... (2); check the " \
+                           "data"
 
 
 def _truncate(path, at_member_boundary: bool) -> None:
@@ -208,7 +215,8 @@ def test_the_index_is_cached_and_redone_for_a_changed_shard(tmp_path, index_cach
     assert len(list(index_cache.glob("*.json"))) == 5 and not list(index_cache.glob(".*"))
 
 
-@pytest.mark.parametrize("damage", ["cache is a file", "cache files are garbage", "no home folder"])
+@pytest.mark.parametrize("damage", ["cache is a file", "cache files are garbage", "no home folder",
+                                    "cache of a label beyond int64"])
 def test_a_cache_that_cannot_be_used_only_costs_time(tmp_path, index_cache, damage, monkeypatch):
     write_shards(tmp_path / "data")
     if damage == "no home folder":  # a container's user without one, and no XDG_CACHE_HOME
@@ -223,7 +231,9 @@ def test_a_cache_that_cannot_be_used_only_costs_time(tmp_path, index_cache, dama
     else:
         build_webdataset(str(tmp_path / "data"), to_tensor, to_tensor)
         for i, f in enumerate(sorted(index_cache.glob("*.json"))):
-            f.write_text(["{not json", '[[1, 512, 3000, 1]]', '[["k", "x", 1, 2]]', '[["k", 0, 1, 2, 3]]'][i])
+            garbage = ["{not json", '[[1, 512, 3000, 1]]', '[["k", "x", 1, 2]]', '[["k", 0, 1, 2, 3]]'][i]
+            # an older version cached any label, which numpy's int64 labels cannot hold (before: OverflowError)
+            f.write_text('[["k", 512, 3000, 100000000000000000000]]' if damage.endswith("int64") else garbage)
     data = build_webdataset(str(tmp_path / "data"), to_tensor, to_tensor)
     check_by_index(data.train, TRAIN)
     check_by_index(data.val, VAL)
@@ -242,6 +252,10 @@ WDS_ERRORS = {
     "compressed shards": (_write_then(lambda r: [(p.with_name(p.name + ".gz").write_bytes(gzip.compress(
         p.read_bytes())), p.unlink()) for p in r.glob("train-*.tar")]), "",
         "found compressed ones (train-000000.tar.gz, ...), which cannot be read by index: decompress them"),
+    "shards named otherwise": (_write_then(lambda r: [p.rename(p.with_name("imagenet-" + p.name))
+                                                      for p in r.glob("*.tar")]), "",  # before: "put the shards there"
+                               "found other names (imagenet-train-000000.tar, imagenet-train-000001.tar, ...): rename "
+                               "or link the shards as train-*.tar and val-*.tar"),
     "not a tar": (_write_then(lambda r: (r / "train-000002.tar").write_bytes(b"garbage" * 200)), "",
                   "train-000002.tar"),
     "truncated in a member": (_write_then(lambda r: _truncate(r / "val-000001.tar", False)), "", "val-000001.tar"),
@@ -253,6 +267,11 @@ WDS_ERRORS = {
     "a label far beyond the samples": (_write_then(lambda r: write_shard(r / "val-000001.tar",
                                                                          [dict(VAL[0], label=10**9)])), "",
                                        "the largest label, 1000000000, would make a 1000000001-class head"),
+    "a label beyond int64": (_write_then(lambda r: write_shard(r / "val-000001.tar", [dict(VAL[0], label=10**20)])),
+                             "", "has label 10000000000000000000..., beyond any class index"),  # before: OverflowError
+    "keys with dots": (_write_then(lambda r: _tar(r / "val-000001.tar", [
+        ("img.001.png", encode((1, 2, 3), "png")), ("img.001.cls", b"0")])), "",
+        "its file 'img.001.png' has a dot in its key, and a key ends at the first dot"),  # before: "has no image"
     "label outside classes.txt": (_write_then(lambda r: (r / "classes.txt").write_text("a\nb\n")), "",
                                   "classes.txt"),
     "classes.txt not UTF-8": (_write_then(lambda r: (r / "classes.txt").write_bytes(b"caf\xe9\nb\nc\n")), "",
@@ -364,6 +383,9 @@ def test_hf_null_image_is_skipped_at_load(tmp_path):
         item = train[0]
     check_item(item, TRAIN[1])
     assert train.skipped_at_load == 1
+    train.undecodable[1:] = True  # the others found undecodable already: the split is named (before: "the data set")
+    with pytest.raises(DataError, match=rf"^no decodable image left in split 'train' of '{tmp_path / 'ds'}'; check"):
+        train[0]
 
 
 def test_hf_images_stored_as_paths_open_no_fifo(tmp_path):

@@ -701,6 +701,31 @@ def test_a_file_named_like_a_flag_is_said_to_be_one(run_dir, tmp_path, capsys, m
     assert main(["predict", "--checkpoint", str(run_dir), "--", "-x.png"]) == 0
 
 
+def test_eval_and_predict_take_timms_local_dir_as_the_folder(run_dir, tmp_path, capsys):
+    """timm's local-dir:PATH names the folder PATH for --checkpoint too (before: "'local-dir:...' does not
+    exist"): a run directory gives the same evaluation (its last checkpoint, named) and predictions."""
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    reports, predictions = [], []
+    for checkpoint in (str(run_dir), f"local-dir:{run_dir}"):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", checkpoint, "--output-dir", str(tmp_path / checkpoint[:5]), "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert err == f"coatnet eval: using {run_dir / 'last'} -> ckpt-00000022\n"
+        reports.append(json.loads(out))
+        assert main(["predict", "--checkpoint", checkpoint, str(image), "--json"]) == 0
+        predictions.append(json.loads(capsys.readouterr().out))
+    assert reports[0] == reports[1] and reports[0]["count"] == 360
+    assert predictions[0] == predictions[1] and predictions[0]["errors"] == []
+    for command in (["eval"], ["predict", str(image)]):  # where no folder is named, one line says what to give
+        one_line_error(capsys, [*command, "--checkpoint", "local-dir:"], "'local-dir:' names no folder; write "
+                                                                          "local-dir:PATH")
+        one_line_error(capsys, [*command, "--checkpoint", f"local-dir:{tmp_path / 'missing'}"],
+                       f"'{tmp_path / 'missing'}' is not a folder; give one that holds timm's config.json")
+        one_line_error(capsys, [*command, "--checkpoint", "hf-hub:me/w"],
+                       "'hf-hub:me/w' is a Hub repository, and a folder on disk is needed here: download it "
+                       "(hf download me/w --local-dir PATH) and give PATH")
+
+
 def test_eval_and_predict_of_timms_repository_downloaded_into_a_folder(tmp_path, capsys):
     """`hf download timm/... --local-dir PATH`, then `coatnet eval --checkpoint PATH`: the weights as
     pretrained=PATH reads them, with timm's preprocessing and class names (before: "config.json is corrupt")."""

@@ -564,6 +564,21 @@ def test_corrupt_checkpoint_files(finished_run, tmp_path, capsys, case):
     assert not Path("/tmp/coatnet-pwned").exists()
 
 
+@pytest.mark.parametrize("removed", [("step",), ("optimizer", "history")])
+def test_a_train_state_without_what_resuming_reads(finished_run, tmp_path, capsys, removed):
+    """A train_state.pt edited by hand (or written by another program) without keys the resume reads: one
+    line naming the file and the keys (before: a KeyError's traceback), and the run left as it was."""
+    out = copy_run(finished_run, tmp_path)
+    state_file = out / "last" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in removed}, state_file)
+    before = snapshot(out)
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "2", "--output-dir", str(out)],
+                    f"train_state.pt' lacks {', '.join(removed)}, which resuming reads",
+                    "resume another checkpoint of the run", f"--pretrained {out / 'last'}")
+    assert snapshot(out) == before
+
+
 # -- figures recorded during training are the figures of the saved weights -------------------------
 
 

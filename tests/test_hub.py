@@ -347,6 +347,25 @@ def test_a_folder_as_the_model_name(tmp_path):
         assert coatnet.create_model(name, pretrained=True, num_classes=5).num_classes == 5
 
 
+def test_local_dir_names_the_folder_wherever_weights_are_given(tmp_path, capsys):
+    """timm's ``local-dir:PATH`` is the folder PATH where weights are given by their place too: pretrained=
+    (and so `coatnet train --pretrained`) reads the folder as pretrained=PATH does, and convert-timm, which
+    takes a file, names the one in it (before: "weights file 'local-dir:...' does not exist")."""
+    from coatnet.cli import main
+
+    theirs = timm_nano(num_classes=3)
+    (tmp_path / "w").mkdir()
+    timm_repo(tmp_path / "w", theirs)
+    ours = coatnet.create_model("coatnet_nano_rw_224", pretrained=f"local-dir:{tmp_path / 'w'}")
+    bare = coatnet.create_model("coatnet_nano_rw_224", pretrained=tmp_path / "w")
+    assert (ours.num_classes, ours.config, ours.pretrained_cfg) == (3, bare.config, bare.pretrained_cfg)
+    assert_same_outputs(ours, theirs)
+    assert main(["convert-timm", f"local-dir:{tmp_path / 'w'}", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"coatnet convert-timm: error: '{tmp_path / 'w'}' is a folder; give the weights file in it "
+                   f"('{tmp_path / 'w' / 'model.safetensors'}'), a .safetensors or .pth file\n")
+
+
 def test_a_save_pretrained_folder_as_the_model_name(tmp_path):
     """Our own folders (a save_pretrained folder, a training checkpoint) name a model as timm's do."""
     torch.manual_seed(0)

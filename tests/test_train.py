@@ -280,6 +280,11 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be an integer >= 1, got 0"),
     (["--grad-accum-steps", "5"], "--batch-size 64 (global) is not divisible by 1 process(es) x --grad-accum-steps 5"),
     (["--pretrained", "/nonexistent/w.safetensors"], "weights file '/nonexistent/w.safetensors' does not exist"),
+    # timm's names of where a model is: a folder that is not there, or the Hub where a folder is needed
+    (["--pretrained", "local-dir:"], "'local-dir:' names no folder; write local-dir:PATH"),
+    (["--pretrained", "local-dir:/nonexistent/w"], "'local-dir:/nonexistent/w': '/nonexistent/w' is not a folder"),
+    (["--resume", "hf-hub:me/w"], "'hf-hub:me/w' is a Hub repository, and a folder on disk is needed here: download "
+                                  "it (hf download me/w --local-dir PATH) and give PATH"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     code = None
@@ -315,6 +320,27 @@ def test_resume_with_another_model(reference_run, tmp_path, capsys):
     shutil.copytree(reference_run, out, symlinks=True)
     assert main(["train", "--resume", "--model", "coatnet_nano", "--output-dir", str(out)]) == 2
     assert "is of model coatnet_pico, not coatnet_nano" in capsys.readouterr().err
+
+
+def test_resume_under_another_name_of_the_same_model(tmp_path, capsys):
+    """timm's names of a network (coatnet_0_rw_224, with or without a pretrained tag) build the network of
+    coatnet_0_rw: a run started under one goes on under another (before: refused, the names compared as
+    written); another network is still refused."""
+    from test_data import make_tree
+
+    from coatnet.study import small_layout
+    from coatnet.train import TrainConfig, train
+
+    root = make_tree(tmp_path / "data")
+    out = tmp_path / "run"
+    train(TrainConfig(model="coatnet_0_rw", model_config=small_layout("coatnet_0_rw"), data="imagefolder",
+                      data_dir=str(root), img_size=32, batch_size=4, epochs=1, warmup_steps=1), output_dir=out)
+    for epochs, name in ((2, "coatnet_0_rw_224"), (3, "coatnet_0_rw_224.sw_in1k")):  # each resumes the one before
+        assert main(["train", "--resume", "--model", name, "--epochs", str(epochs), "--output-dir", str(out)]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert main(["train", "--resume", "--model", "coatnet_1_rw_224", "--epochs", "4", "--output-dir", str(out)]) == 2
+    assert "is of model coatnet_0_rw_224.sw_in1k, not coatnet_1_rw_224" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -511,6 +537,24 @@ def test_finetune_from_another_model_names_the_keys(reference_run, tmp_path, cap
                  "--epochs", "1", "--output-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "are coatnet_pico's, not coatnet_nano's" in err and "name coatnet_pico" in err
+
+
+def test_local_dir_names_the_folder_to_finetune_from_and_to_resume(tmp_path, capsys):
+    """timm's local-dir:PATH is the folder PATH: --pretrained local-dir:F fine-tunes from F's weights as
+    --pretrained F does, bit for bit, and --resume local-dir:RUN continues RUN (before: "weights file
+    'local-dir:...' does not exist", and a missing checkpoint)."""
+    torch.manual_seed(7)  # not the runs' seed: weights a fresh model of theirs would not have
+    folder = create_model("coatnet_pico", num_classes=10, img_size=16).save_pretrained(tmp_path / "w")
+    given = load_file(str(folder / "model.safetensors"))
+    flags = [*TINY, "--epochs", "1", "--lr", "1e-9", "--min-lr", "0"]  # a step too small to move a weight far
+    assert main(["train", "--pretrained", f"local-dir:{folder}", *flags, "--output-dir", str(tmp_path / "a")]) == 0
+    assert main(["train", "--pretrained", str(folder), *flags, "--output-dir", str(tmp_path / "b")]) == 0
+    assert f"fine-tuning from the weights of local-dir:{folder}" in capsys.readouterr().out
+    tuned = weights(tmp_path / "a")
+    torch.testing.assert_close(tuned["stem.0.0.weight"], given["stem.0.0.weight"], rtol=0, atol=1e-6)
+    assert_bitwise_equal(tuned, weights(tmp_path / "b"))
+    assert main(["train", "--resume", f"local-dir:{tmp_path / 'a'}", "--epochs", "1"]) == 0
+    assert "has trained 1 of 1 epochs: nothing left to do" in capsys.readouterr().out
 
 
 def test_torchrun_two_processes_match_one(tmp_path, capsys):
@@ -835,3 +879,63 @@ def test_resume_part_way_through_an_epoch_on_another_number_of_processes_trains_
     assert json.loads((out / "metrics.jsonl").read_text())["step"] == 4
     assert "note: epoch 1 began on 2 process(es): its remaining samples are trained once each" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stop_in,change,said,steps", [
+    ("evaluate_epoch", "add", "the rest of epoch 1 (2 steps) is drawn from the new set's order, so in that epoch some "
+     "images may be trained twice and others not at all; the epochs after it take 4 steps each, while the "
+     "learning-rate schedule keeps its recorded 6 steps, so the rate stays at --min-lr over the last 2 of the run's "
+     "8 steps", [4, 8]),
+    ("report_epoch", "add", "the epochs from 2 on take 4 steps each, while the learning-rate schedule keeps its "
+     "recorded 6 steps, so the rate stays at --min-lr over the last 1 of the run's 7 steps", [3, 7]),
+    # 9 images: 2 steps an epoch, as many as the stopped epoch took: it ends there, without a step or a loop
+    ("evaluate_epoch", "remove", "epoch 1 ends at the 2 steps it took, as many as the new set has or more; the epochs "
+     "after it take 2 steps each, while the learning-rate schedule keeps its recorded 6 steps, so the run ends at "
+     "step 4 of them, before the rate has decayed to --min-lr", [2, 4]),
+])
+def test_resume_on_a_changed_training_set_says_what_it_trains(tmp_path, capsys, monkeypatch, stop_in, change, said,
+                                                              steps):
+    """15 training images in batches of 4: 3 steps an epoch, 6 in the 2-epoch run's schedule. Stopped after
+    its save at step 2 (part way through epoch 1) or at the end of epoch 1, the run resumes on 4 images
+    more (19: 4 steps an epoch) or 6 fewer (9). Each epoch's order and steps then follow the new set, and
+    the schedule keeps its length: said in one note (before: nothing said, the checkpoint did not record
+    the set's size). The same checkpoint resumed on the set as it was says nothing."""
+    import shutil
+
+    import coatnet.train as train_module
+    from test_data import make_tree, write_image
+
+    from coatnet.train import TrainConfig, train
+
+    root = make_tree(tmp_path / "data", per_class=5)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data="imagefolder", data_dir=str(root), img_size=16, batch_size=4, epochs=2, save_every=2,
+                      warmup_steps=1, seed=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, stop_in, stop)
+        with pytest.raises(Stop):
+            train(cfg, output_dir=out)
+    shutil.copytree(out, tmp_path / "same", symlinks=True)
+    capsys.readouterr()
+    train(cfg, output_dir=tmp_path / "same", resume=True)
+    assert "training set" not in capsys.readouterr().out
+    if change == "add":
+        for k in range(4):
+            write_image(root / "train" / "cat" / f"new{k}.png", 100 + k, "PNG")
+    else:
+        for path in root.glob("train/*/[34].*"):
+            path.unlink()
+    train(cfg, output_dir=out, resume=True)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "training set" in line]
+    images = 19 if change == "add" else 9
+    assert notes == [f"note: the training set has {images} images, 15 when this checkpoint was saved: {said}"]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == steps
+    assert (history[-1]["lr"] == pytest.approx(cfg.min_lr)) == ("stays at --min-lr" in said)  # as the note says

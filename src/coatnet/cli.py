@@ -92,11 +92,12 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     from .models import create_model, read_state_dict
     from .models.factory import PretrainedWeights, load_pretrained
     from .models.folder import refuse_to_replace
+    from .models.hub import local_path
     from .models.registry import model_entry
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
                                       timm_pretrained_cfg, timm_variant_of)
 
-    state = read_state_dict(args.source)
+    state = read_state_dict(local_path(args.source))  # timm's local-dir:PATH as PATH, as everywhere
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
@@ -265,11 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/DATE-TIME-MODEL-DATA)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue a run: its checkpoint or run directory (default: --output-dir)")
+                   help="continue a run: its checkpoint or run directory, PATH or local-dir:PATH (default: "
+                        "--output-dir)")
     p.add_argument("--pretrained", "--finetune", nargs="?", const=True, default=None, metavar="WEIGHTS",
                    help="start from pretrained weights, with a new head for the data's classes and their "
                         "preprocessing: alone, timm's weights of --model from the Hugging Face Hub; or a weights "
-                        "file, a checkpoint or run directory, or hf-hub:ORG/NAME. Tables are interpolated to "
+                        "file, a checkpoint or run directory, a save_pretrained folder or timm's downloaded "
+                        "repository (PATH or local-dir:PATH), or hf-hub:ORG/NAME. Tables are interpolated to "
                         "--img-size")
     p.set_defaults(func=cmd_train)
 
@@ -277,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (RUN_DIR/best, RUN_DIR/last), run directory, save_pretrained folder, "
-                        "or timm's repository downloaded into one (hf download ORG/NAME --local-dir PATH)")
+                        "or timm's repository downloaded into one (hf download ORG/NAME --local-dir PATH); "
+                        "local-dir:PATH is PATH, as in timm")
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder, CIFAR, WebDataset or HF data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
@@ -294,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory, run directory, save_pretrained folder or timm's downloaded repository")
+                   help="checkpoint directory, run directory, save_pretrained folder or timm's downloaded repository "
+                        "(PATH or local-dir:PATH)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
     p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")
@@ -324,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export")
     p.add_argument("--checkpoint", required=True,
-                   help="training checkpoint, save_pretrained folder or timm's downloaded repository")
+                   help="training checkpoint, save_pretrained folder or timm's downloaded repository (PATH or "
+                        "local-dir:PATH), or hf-hub:ORG/NAME")
     # Checked by coatnet.export, so that a wrong format is a one-line error like any other.
     p.add_argument("--format", required=True, help="onnx, torchscript or exported")
     p.add_argument("--output", required=True, help="file to write")

@@ -577,10 +577,13 @@ def _build_cifar(
         if all((root / f).is_file() for f in needed):
             break
     else:
+        # of a folder holding some of them, the ones it lacks (a download cut short, a file deleted)
+        missing = min(([f for f in needed if not (r / f).is_file()] for r in (data_dir, data_dir / spec["folder"])),
+                      key=len)
         raise DataError(
             f"{name} files not found in '{data_dir}' or '{data_dir / spec['folder']}' "
-            f"(need {', '.join(needed)}); download {spec['archive']} from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html and extract it there"
+            + (f"(need {', '.join(needed)})" if len(missing) == len(needed) else f"(missing: {', '.join(missing)})")
+            + f"; download {spec['archive']} from https://www.cs.toronto.edu/~kriz/cifar.html and extract it there"
         )
     names = _load_cifar_pickle(root / spec["meta"]).get(spec["names_key"])
     if not isinstance(names, (list, tuple)) or not names:
@@ -647,6 +650,14 @@ def _build_imagefolder(
         if not d.is_dir():
             raise DataError(f"'{data_dir}' has no {split}/ folder; lay out images as "
                             + " and ".join(f"{data_dir}/{s}/<class>/*.jpg" for s in split_dirs))
+    for split, d in split_dirs.items():  # a class folder linked to a disk not mounted would be left out without a word
+        if nothing := sorted(e.name for e in os.scandir(d) if not is_image_file(e.name) and not _is_hidden(e.name)
+                             and e.is_symlink() and not os.path.exists(e.path)):
+            warnings.warn(f"skipping {len(nothing)} link{'s' if len(nothing) > 1 else ''} to nothing in '{d}', "
+                          f"{'their classes' if len(nothing) > 1 else 'its class'} left out: "
+                          + ", ".join(f"{n} -> '{os.readlink(d / n)}'" for n in nothing[:5])
+                          + f"{' ...' if len(nothing) > 5 else ''}; fix or remove the link"
+                          + ("s" if len(nothing) > 1 else ""), stacklevel=2)
     # Compare the class folders before the (slow) header scan of every file.
     first = next(iter(split_dirs.values()))
     classes, _ = ImageFolderDataset.find_classes(first)
@@ -656,9 +667,17 @@ def _build_imagefolder(
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
+
+        def few(names: list[str]) -> str:  # ImageNet's 1000 would make a line of 13,000 characters
+            return f"{names}" if len(names) <= 5 else f"{str(names[:5])[:-1]}, ...] ({len(names)})"
+
+        # ImageNet's validation images come in one folder, not by class: the refusal says so, not only 1000 names
+        loose = 0 if val_classes else sum(1 for e in os.scandir(split_dirs["val"]) if is_image_file(e.name))
         raise DataError(
             f"train/ and val/ in '{data_dir}' have different class folders "
-            f"(only in train: {only_train}, only in val: {only_val}); give both the same classes"
+            f"(only in train: {few(only_train)}, only in val: {few(only_val)}); "
+            + (f"val/ holds {loose} image{'s' if loose > 1 else ''} directly, not in class folders: move each into "
+               f"{split_dirs['val']}/<class>/, as train/ holds them" if loose else "give both the same classes")
             + same_letters(only_train, only_val, "rename one of the two folders")
         )
     # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.

@@ -121,6 +121,7 @@ class TarShardDataset(EncodedImages):
                  keys: np.ndarray, labels: np.ndarray, transform: Callable):
         super().__init__(labels, transform)
         self.shards = list(shards)
+        self.source = f"the shards '{shards[0]}'" + (f" ... ({len(shards)})" if len(shards) > 1 else "")
         self.shard, self.offset, self.size, self.keys = shard, offset, size, keys
 
     def _read(self, i: int) -> tuple[bytes, str]:
@@ -165,6 +166,11 @@ def _index_shard(path: str) -> list[tuple[str, int, int, int]]:
                             f"sample '{key}' in shard '{path}' has label {raw[:20]!r}, not an "
                             "integer; write the class index as text in key.cls"
                         ) from None
+                    if not -2**63 <= samples[-1][2] < 2**63:  # a class index is an int64 (a tensor's, numpy's)
+                        text = str(samples[-1][2])
+                        raise DataError(f"sample '{key}' in shard '{path}' has label {text[:20]}"
+                                        f"{'...' if len(text) > 20 else ''}, beyond any class index; write the "
+                                        "class index as text in key.cls")
             end = tf.offset  # where the end-of-archive zero blocks must be
         with open(path, "rb") as f:  # tarfile stops silently at a cut at a member boundary
             f.seek(end)
@@ -181,7 +187,13 @@ def _index_shard(path: str) -> list[tuple[str, int, int, int]]:
         image = next((files[e] for e in IMAGE_EXTS if e in files), None)
         if image is None or label is None:
             missing = "image (.jpg/.jpeg/.png/.webp)" if image is None else "label (.cls)"
-            raise DataError(f"sample '{key}' in shard '{path}' has no {missing}; every sample needs both")
+            # a key ends at the first dot of a name, as webdataset groups them: 'img.001.png' is 'img' with '001.png'
+            # (of a sample with a label, 'seg.png' is an extension, as webdataset means it: a mask, say)
+            dotted = next((f"{key}.{ext}" for ext in files if "." in ext), None) if label is None else None
+            raise DataError(f"sample '{key}' in shard '{path}' has no {missing}; " + (
+                f"its file '{dotted}' has a dot in its key, and a key ends at the first dot of a file's name "
+                "(webdataset's rule): re-create the shard with keys without dots (img_001.png)" if dotted
+                else "every sample needs both"))
         rows.append((key, image.offset_data, image.size, label))
     return rows
 
@@ -204,7 +216,8 @@ def _cached_index_shard(path: str) -> list[tuple[str, int, int, int]]:
         return _index_shard(path)  # which says in one line what is wrong with the path, if anything
     try:
         rows = [(key, offset, size, label) for key, offset, size, label in json.loads(cache.read_text())]
-        if all(type(k) is str and type(o) is int and type(n) is int and type(c) is int for k, o, n, c in rows):
+        if all(type(k) is str and type(o) is int and type(n) is int and type(c) is int and -2**63 <= c < 2**63
+               for k, o, n, c in rows):  # rows as _index_shard gives them (an older version kept any label)
             return rows
     except (OSError, ValueError, TypeError):  # not there yet, or not a list of rows
         pass
@@ -274,10 +287,14 @@ def _find_shards(data_dir: str, with_train: bool = True) -> tuple[list[str], lis
     if (with_train and not train) or not val:
         split = "train" if with_train and not train else "val"
         compressed = sorted(p.name for p in root.glob(f"{split}-*.tar.*"))  # a .tar.gz has no offsets to read at
+        # shards named otherwise (imagenet-train-0000.tar, validation-0000.tar) are there, but not read
+        others = sorted(p.name for p in root.glob("*.tar") if not p.name.startswith(("train-", "val-")))
         raise DataError(
             f"no {split} shards found: looked for '{root}/train-*.tar' and '{root}/val-*.tar'; "
             + (f"found compressed ones ({compressed[0]}, ...), which cannot be read by index: decompress them "
-               f"(gunzip)" if compressed else "put the WebDataset shards there")
+               f"(gunzip)" if compressed else
+               f"found other names ({', '.join(others[:2])}{', ...' if len(others) > 2 else ''}): rename or link the "
+               f"shards as train-*.tar and val-*.tar" if others else "put the WebDataset shards there")
         )
     return train, val, root
 
@@ -375,6 +392,7 @@ class HFImageDataset(EncodedImages):
 
         super().__init__(labels, transform)
         self.image_column, self.name = image_column, name
+        self.source = name  # for the message when no decodable image is left
         # Only the image column, as {"bytes", "path"} (no PIL decode in datasets: see decode_image).
         self.hf = hf_split.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
 

@@ -23,7 +23,7 @@ from .export import check_img_size
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import from_pretrained, model_from_folder
 from .models.folder import ModelFolder, read_model_folder, run_last
-from .models.hub import timm_folder_weights
+from .models.hub import local_path, timm_folder_weights
 from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion
 from .text import printable
@@ -112,12 +112,13 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     the flags given override. A link (a run directory's ``last``) is followed once, here: training may
     move it while this runs, and the weights, the line naming them and eval's folder are then of one
     checkpoint."""
-    path = run_last(Path(args.checkpoint)) or Path(args.checkpoint)
+    given = local_path(args.checkpoint)  # timm's local-dir:PATH is the folder PATH
+    path = run_last(given) or given
     if path.is_symlink() and path.resolve().is_dir():  # named as the run names it, where it is beside the link
         target = path.resolve()
         path = path.parent / target.name if target.parent == path.parent.resolve() else target
     else:  # as given: a link to no checkpoint is said by read_model_folder, pointing at the run's others
-        path = Path(args.checkpoint)
+        path = given
     if timm_folder_weights(path) is not None:
         # timm's repository downloaded into a folder: its weights as pretrained=PATH reads them, with timm's
         # preprocessing and class names; its config.json records no run (data set, amp), which flags give
@@ -132,7 +133,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
 
 def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
     """A run directory stands for its ``last`` checkpoint, which moves as training goes on: name it."""
-    if (last := run_last(Path(args.checkpoint))) is not None:
+    if (last := run_last(local_path(args.checkpoint))) is not None:
         print(f"coatnet {args.command}: using {last} -> {ckpt.path.name}", file=sys.stderr)
 
 

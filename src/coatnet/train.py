@@ -45,8 +45,9 @@ from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import read_pretrained
-from .models.folder import CONFIG, WEIGHTS, read_model_meta, read_pretrained_cfg
-from .models.registry import MODEL_SOURCES
+from .models.folder import CONFIG, TRAIN_STATE, WEIGHTS, read_model_meta, read_pretrained_cfg
+from .models.hub import local_path
+from .models.registry import MODEL_SOURCES, model_entry
 from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
 from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields,
@@ -190,10 +191,17 @@ def resumed_config(resume: bool | str | Path | None, output_dir: str | Path | No
                               f"checkpoint, or start a new run from its weights with --pretrained {path}") from None
 
 
+# What every checkpoint's train_state.pt holds and a resume reads. Those written later are optional
+# (read with .get: schedule_steps, epoch_world_size, cuda_rng, train_images), train_config too where
+# config.json holds it.
+RESUMED_STATE = ("step", "epoch", "batch_in_epoch", "optimizer", "rng", "best_top1", "history", "progress",
+                 "wall_seconds", "ema_n_averaged")
+
+
 def _resume_path(resume: bool | str | Path, output_dir: str | Path | None) -> Path:
     if resume is True and output_dir is None:
         raise ValueError("--resume without a path needs --output-dir (the run to continue)")
-    path = Path(output_dir if resume is True else resume)
+    path = Path(output_dir) if resume is True else local_path(resume)  # timm's local-dir:PATH too
     if (path / LOCK).is_file() and not holds_a_run(path) and not (path / "config.json").exists():
         if os.environ.get("RANK", "0") == "0":  # the process that takes the lock (the others would race it)
             refuse_if_in_use(path)  # a run in its first epoch has no checkpoint yet either
@@ -210,6 +218,15 @@ def _resume_checkpoint(resume: bool | str | Path | None, output_dir: str | Path 
     if ckpt.train_state is None:
         raise CheckpointError(f"{str(ckpt.path)!r} holds weights only, no training state; "
                               f"use --pretrained to start a new run from it")
+    # Edited by hand or cut short: said here in one line, not as a KeyError where the resume reads it.
+    state = ckpt.train_state if isinstance(ckpt.train_state, dict) else {}
+    missing = [key for key in RESUMED_STATE if key not in state]
+    if "train_config" not in ckpt.meta and "train_config" not in state:  # older checkpoints keep it here
+        missing.append("train_config")
+    if missing:
+        raise CheckpointError(f"{str(ckpt.path / TRAIN_STATE)!r} lacks {', '.join(missing)}, which resuming "
+                              f"reads (edited, or not written by coatnet); resume another checkpoint of the run "
+                              f"(its ckpt-* folders in {ckpt.path.parent}), or start a new run from its weights with --pretrained {ckpt.path}")
     return ckpt
 
 
@@ -597,7 +614,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
         schedule_steps = cfg.epochs * steps_per_epoch
     else:  # the length the run started with, also when extended (an older checkpoint without it: its epochs')
         saved = ckpt.train_state
-        schedule_steps = saved.get("schedule_steps") or saved["train_config"]["epochs"] * steps_per_epoch
+        schedule_steps = saved.get("schedule_steps") or \
+            (ckpt.meta.get("train_config") or saved["train_config"])["epochs"] * steps_per_epoch
 
     # Keep this order of random draws: an exact resume repeats them.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every run
@@ -683,7 +701,7 @@ RUN_FILES = ("metrics.jsonl", "curves.png", "summary.json")  # what a run writes
 
 def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) -> None:
     """Refuse settings that cannot run, and any that would overwrite a run, before anything is built."""
-    if ckpt and ckpt.meta["model"] != cfg.model:
+    if ckpt and _network(ckpt.meta["model"]) != _network(cfg.model):
         raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of model {ckpt.meta['model']}, not {cfg.model}; "
                               f"drop --model to resume it, or start a new run from its weights with --pretrained")
     saved = ckpt and (ckpt.meta.get("train_config") or ckpt.train_state["train_config"])
@@ -746,6 +764,16 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} process(es) x "
                          f"--grad-accum-steps {cfg.grad_accum_steps}; give a multiple of "
                          f"{d.world_size * cfg.grad_accum_steps}")
+
+
+def _network(name: str) -> str:
+    """The registered network ``name`` builds: timm's names for it (coatnet_0_rw_224, with or without a
+    pretrained tag) are the same network, which a resumed run may be given under any of them. A name
+    the registry does not know is its own (refused as another model, or when the model is built)."""
+    try:
+        return model_entry(name).name
+    except ValueError:
+        return name
 
 
 def same_setting(name: str, given, saved) -> bool:
@@ -829,6 +857,8 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         _log(d, f"note: epoch {run.state.epoch + 1} began on {epoch_world_size} process(es): its remaining samples "
                 f"are trained once each, in its order, and it ends at its {run.steps_per_epoch} steps "
                 f"({epoch_steps(len(run.data.train), run.config.batch_size, d.world_size)} per epoch from the next)")
+    if s.get("train_images") not in (None, len(run.data.train)) and run.state.epoch < run.config.epochs:
+        _log(d, _changed_data_note(run, s["train_images"]))  # (older checkpoints did not record it)
     where = (f"in epoch {run.state.epoch + 1}" if run.state.batch_in_epoch else f"after epoch {run.state.epoch}")
     _log(d, f"resumed {ckpt.path} {where}, step {run.state.step}")
     last = run.run_dir / "last"
@@ -837,6 +867,33 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         if later > run.state.step:
             _log(d, f"note: the run's last checkpoint is at step {later}; going on from step {run.state.step} "
                     f"replaces it and drops its later epochs from metrics.jsonl as this run saves")
+
+
+def _changed_data_note(run: Run, saved: int) -> str:
+    """What a run resumed on a training set of another size than it had (images added or removed) trains:
+    each epoch's order and steps follow the set as it is now, while the learning-rate schedule keeps the
+    length it was given (flat at min_lr past it)."""
+    cfg, s, images = run.config, run.state, len(run.data.train)
+    per_epoch = epoch_steps(images, cfg.batch_size, run.dist.world_size)
+    left = max(run.steps_per_epoch - s.batch_in_epoch, 0)  # of the current epoch: its rest, or all of it
+    end = s.step + left + (cfg.epochs - s.epoch - 1) * per_epoch
+    if not s.batch_in_epoch:
+        now = f"the epochs from {s.epoch + 1} on take {per_epoch} steps each"
+    elif left:
+        # epoch_keys takes the epoch's positions from its next batch on in the new set's order: the images of
+        # its batches so far may come again, and those at the new order's first positions do not come
+        now = (f"the rest of epoch {s.epoch + 1} ({left} steps) is drawn from the new set's order, so in that epoch "
+               f"some images may be trained twice and others not at all; the epochs after it take {per_epoch} "
+               f"steps each")
+    else:
+        now = (f"epoch {s.epoch + 1} ends at the {s.batch_in_epoch} steps it took, as many as the new set has or "
+               f"more; the epochs after it take {per_epoch} steps each")
+    total = run.schedule_steps
+    schedule = (f"so the rate stays at --min-lr over the last {end - total} of the run's {end} steps" if end > total
+                else f"so the run ends at step {end} of them, before the rate has decayed to --min-lr"
+                if end < total else "the run's length too")
+    return (f"note: the training set has {images} images, {saved} when this checkpoint was saved: {now}, while the "
+            f"learning-rate schedule keeps its recorded {total} steps, {schedule}")
 
 
 def _resumed_progress(saved: dict, d: Dist) -> dict:
@@ -1003,7 +1060,7 @@ def save_run(run: Run, links: tuple[str, ...], top1: float | None = None) -> Non
     state = dict(step=s.step, epoch=s.epoch, batch_in_epoch=s.batch_in_epoch, epoch_world_size=s.epoch_world_size,
                  optimizer=None if cfg.fsdp else run.optimizer.state_dict(), schedule_steps=run.schedule_steps,
                  rng=rng, cuda_rng=cuda_rng, best_top1=s.best_top1, history=s.history, progress=progress,
-                 wall_seconds=run.wall_seconds(),
+                 wall_seconds=run.wall_seconds(), train_images=len(run.data.train),
                  ema_n_averaged=int(run.ema.n_averaged) if run.ema is not None else 0, world_size=d.world_size)
     save_checkpoint(run.run_dir, f"ckpt-{s.step:08d}", meta, model, ema_model, state, links, shards)
 

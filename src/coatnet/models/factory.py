@@ -14,7 +14,7 @@ from torch import nn
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
 from .hub import (HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_SOURCES, fetch, hub_config, hub_repository, is_hub_reference,
-                  local_dir, repository_config, timm_folder_weights)
+                  local_dir, local_path, repository_config, timm_folder_weights)
 from .preprocessing import PretrainedCfg
 from .registry import list_models, model_entry
 from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
@@ -39,9 +39,10 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     of the variant ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
     ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
     directory, whose network must be ``name``'s with ``kwargs`` (:func:`from_pretrained` builds its
-    own), or a Hub repository downloaded into a folder (``hf download ORG/NAME --local-dir PATH``). From
-    the Hugging Face Hub, through its cache (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is
-    timm's repository of ``name`` (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
+    own), or a Hub repository downloaded into a folder (``hf download ORG/NAME --local-dir PATH``); a
+    folder is PATH or, as in timm, ``"local-dir:PATH"``. From the Hugging Face Hub, through its cache
+    (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
+    (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
     (``@REVISION`` optional) a repository of timm's weights or a ``save_pretrained`` folder. Weights
     from a folder or the Hub keep their own classifier unless ``num_classes`` is given, and weights whose
     input size is known (a folder's, the Hub's, timm's with relative-position tables) keep it unless
@@ -257,7 +258,8 @@ def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeigh
     """The weights ``create_model(name, pretrained=...)`` loads, read but not yet loaded: a training
     run reads them first, to prepare its data as they expect, then builds the model on them."""
     from_hub = is_hub_reference(pretrained)
-    return _read_weights(fetch(*hub_repository(pretrained, name)) if from_hub else Path(pretrained), name, from_hub)
+    return _read_weights(fetch(*hub_repository(pretrained, name)) if from_hub else local_path(pretrained), name,
+                         from_hub)
 
 
 def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
@@ -370,6 +372,9 @@ def fit_input_channels(state: dict[str, torch.Tensor], model: nn.Module) -> dict
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file or a ``torch.save``d state dict, never unpickling code."""
     path = Path(path)
+    if path.is_dir():  # convert-timm local-dir:PATH: the weights file of timm's repository in it is meant
+        inside = f" ({str(timm_file)!r})" if (timm_file := timm_folder_weights(path)) else ""
+        raise ValueError(f"{str(path)!r} is a folder; give the weights file in it{inside}, a .safetensors or .pth file")
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist; give the path of a .safetensors or .pth file")
     try:

@@ -88,17 +88,35 @@ def timm_folder_weights(path: Path) -> Path | None:
     return next((path / f for f in TIMM_WEIGHTS if (path / f).is_file()), None)
 
 
+def local_path(location: str | Path) -> Path:
+    """Where a model's folder or weights are on disk, as a command or ``pretrained=`` takes them: a path,
+    or timm's ``local-dir:PATH``, which names the folder PATH (a timm user writes it wherever timm takes a
+    model's location). Every such place reads its value through here, so that ``local-dir:`` means one
+    thing everywhere. A Hub repository (``hf-hub:``), where a folder on disk is needed, or a ``local-dir:``
+    that names no folder, is a one-line error saying what to give."""
+    if not isinstance(location, str) or not location.startswith(MODEL_SOURCES):
+        return Path(location)
+    if location.startswith(HUB_PREFIX):
+        repo = location.removeprefix(HUB_PREFIX).partition("@")[0] or "ORG/NAME"
+        raise ValueError(f"{location!r} is a Hub repository, and a folder on disk is needed here: download it "
+                         f"(hf download {repo} --local-dir PATH) and give PATH")
+    folder = location.removeprefix(LOCAL_DIR_PREFIX)
+    path = Path(folder).expanduser()
+    if not folder:
+        raise ValueError(f"{location!r} names no folder; write local-dir:PATH")
+    if not path.exists():  # a file is PATH's: each place says what it makes of one
+        raise ValueError(f"{location!r}: {str(path)!r} is not a folder; give one that holds timm's config.json and "
+                         f"weights (hf download ORG/NAME --local-dir PATH), or a save_pretrained folder, checkpoint or "
+                         f"run directory")
+    return path
+
+
 def local_dir(name: str) -> tuple[Path, dict, Path]:
     """What timm's ``local-dir:PATH`` names, found as :func:`fetch` finds a repository's: the folder, its
     ``config.json``, and its weights: the file of timm's (a repository downloaded into the folder), or the
     folder of a ``save_pretrained`` folder or training checkpoint (a run directory's ``last``). A folder
     that holds neither is a one-line error naming it."""
-    path = Path(name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
-    if not name.removeprefix(LOCAL_DIR_PREFIX):
-        raise ValueError(f"{name!r} names no folder; write local-dir:PATH")
-    if not path.is_dir():
-        raise ValueError(f"{name!r}: {str(path)!r} is not a folder; give one that holds timm's config.json and "
-                         f"weights (hf download ORG/NAME --local-dir PATH), or a save_pretrained folder")
+    path = local_path(name)
     if (timm_file := timm_folder_weights(path)) is not None:
         return path, hub_config(timm_file), timm_file
     folder, meta = read_model_meta(path)  # says what is wrong with any other folder, timm's without weights too
