@@ -721,22 +721,22 @@ def test_eval_and_predict_take_timms_local_dir_as_the_folder(run_dir, tmp_path, 
                                                                           "local-dir:PATH")
         one_line_error(capsys, [*command, "--checkpoint", f"local-dir:{tmp_path / 'missing'}"],
                        f"'{tmp_path / 'missing'}' is not a folder; give one that holds timm's config.json")
-        one_line_error(capsys, [*command, "--checkpoint", "hf-hub:me/w"],
-                       "'hf-hub:me/w' is a Hub repository, and a folder on disk is needed here: download it "
-                       "(hf download me/w --local-dir PATH) and give PATH")
 
 
-def test_eval_and_predict_of_timms_repository_downloaded_into_a_folder(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_eval_and_predict_of_timms_repository_downloaded_into_a_folder(tmp_path, capsys, monkeypatch, hub, where):
     """`hf download timm/... --local-dir PATH`, then `coatnet eval --checkpoint PATH`: the weights as
-    pretrained=PATH reads them, with timm's preprocessing and class names (before: "config.json is corrupt")."""
+    pretrained=PATH reads them, with timm's preprocessing and class names (before: "config.json is corrupt").
+    The repository in the Hub cache, `--checkpoint hf-hub:ORG/NAME`, is the same (before: refused), its
+    evaluation written in the current folder, not in the cache."""
     timm = pytest.importorskip("timm")
     import coatnet
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     theirs = timm.create_model("coatnet_nano_rw_224", img_size=32, num_classes=3).eval()
-    folder = tmp_path / "w"
-    folder.mkdir()
+    folder = hub("me/w") if where == "hub" else tmp_path / "w"
+    folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps({
         "architecture": "coatnet_nano_rw_224", "num_classes": 3, "label_names": ["cat", "dog", "eel"],
         "model_args": {"img_size": 32}, "pretrained_cfg": {"mean": [0.3, 0.4, 0.5], "crop_pct": 1.0}}))
@@ -747,15 +747,20 @@ def test_eval_and_predict_of_timms_repository_downloaded_into_a_folder(tmp_path,
     with torch.inference_mode():
         probs = theirs(torch.stack([prepare(Image.open(i).convert("RGB")) for i in images])).softmax(1)
 
-    assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(data),
-                 "--output-dir", str(tmp_path / "eval"), "--json"]) == 0
+    checkpoint = "hf-hub:me/w" if where == "hub" else str(folder)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--checkpoint", checkpoint, "--data", "imagefolder", "--data-dir", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["model"], report["count"], report["classes"]) == ("coatnet_nano_rw", 3, ["cat", "dog", "eel"])
     assert report["top1"] == pytest.approx(100 * (probs.argmax(1) == torch.arange(3)).float().mean().item())
-    assert main(["predict", "--checkpoint", str(folder), str(images[0]), "--json", "--top-k", "1"]) == 0
+    written = (tmp_path if where == "hub" else folder.parent) / f"eval-{'me--w' if where == 'hub' else 'w'}-imagefolder"
+    assert json.loads((written / "eval.json").read_text())["top1"] == report["top1"]
+    assert main(["predict", "--checkpoint", checkpoint, str(images[0]), "--json", "--top-k", "1"]) == 0
     (top,) = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
     assert top["label"] == ["cat", "dog", "eel"][probs[0].argmax()]
     assert top["probability"] == pytest.approx(probs[0].max().item(), rel=1e-4)
     (folder / "model.safetensors").unlink()  # its config.json alone: says what is missing, not "corrupt"
     one_line_error(capsys, ["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(data)],
                    "holds timm's coatnet_nano_rw_224 (its config.json is timm's), without its weights")
+    # a repository not in the cache, offline: one line (before: "a folder on disk is needed here")
+    one_line_error(capsys, ["predict", "--checkpoint", "hf-hub:me/none", str(images[0])], "me/none")

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (RUN_DIR/best, RUN_DIR/last), run directory, save_pretrained folder, "
                         "or timm's repository downloaded into one (hf download ORG/NAME --local-dir PATH); "
-                        "local-dir:PATH is PATH, as in timm")
+                        "local-dir:PATH is PATH, as in timm; or hf-hub:ORG/NAME, from the Hub cache")
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder, CIFAR, WebDataset or HF data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory, run directory, save_pretrained folder or timm's downloaded repository "
-                        "(PATH or local-dir:PATH)")
+                        "(PATH or local-dir:PATH), or hf-hub:ORG/NAME")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
     p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")

@@ -23,7 +23,7 @@ from .export import check_img_size
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import from_pretrained, model_from_folder
 from .models.folder import ModelFolder, read_model_folder, run_last
-from .models.hub import local_path, timm_folder_weights
+from .models.hub import HUB_PREFIX, fetch, hub_repository, is_hub_reference, local_path, timm_folder_weights
 from .models.preprocessing import class_names, eval_transform
 from .plots import plot_confusion
 from .text import printable
@@ -112,7 +112,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     the flags given override. A link (a run directory's ``last``) is followed once, here: training may
     move it while this runs, and the weights, the line naming them and eval's folder are then of one
     checkpoint."""
-    given = local_path(args.checkpoint)  # timm's local-dir:PATH is the folder PATH
+    given = _given_folder(args.checkpoint)
     path = run_last(given) or given
     if path.is_symlink() and path.resolve().is_dir():  # named as the run names it, where it is beside the link
         target = path.resolve()
@@ -131,9 +131,18 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     return ckpt, model
 
 
+def _given_folder(checkpoint: str) -> Path:
+    """The folder ``--checkpoint`` names: a path, timm's ``local-dir:PATH``, or ``hf-hub:ORG/NAME``'s
+    snapshot in the Hub cache (fetched there when online), read as any folder."""
+    if not is_hub_reference(checkpoint):
+        return local_path(checkpoint)
+    fetched = fetch(*hub_repository(checkpoint, ""))
+    return fetched if fetched.is_dir() else fetched.parent  # timm's weights file: the repository's folder
+
+
 def _say_which(ckpt: ModelFolder, args: argparse.Namespace) -> None:
     """A run directory stands for its ``last`` checkpoint, which moves as training goes on: name it."""
-    if (last := run_last(local_path(args.checkpoint))) is not None:
+    if (last := run_last(_given_folder(args.checkpoint))) is not None:
         print(f"coatnet {args.command}: using {last} -> {ckpt.path.name}", file=sys.stderr)
 
 
@@ -203,8 +212,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if data.num_classes != len(classes):  # a checkpoint that records no class names
         raise ValueError(f"the model has {len(classes)} outputs but {data_name} has {data.num_classes} classes; "
                          f"evaluate on the data set it was trained on")
-    run_dir = ckpt.path.resolve().parent
-    out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{ckpt.path.resolve().name}-{data_name}"
+    # Beside the checkpoint; for a Hub repository, not in the Hub's cache but in the current folder.
+    name, run_dir = ((args.checkpoint.removeprefix(HUB_PREFIX).replace("/", "--"), Path.cwd())
+                     if is_hub_reference(args.checkpoint) else (ckpt.path.resolve().name, ckpt.path.resolve().parent))
+    out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{name}-{data_name}"
     _check_own_report(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
