@@ -31,6 +31,23 @@ def run_cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
+def train_until(monkeypatch, stage: str, cfg, out: Path) -> None:
+    """Train ``cfg`` into ``out`` until ``coatnet.train``'s function ``stage`` is called, and stop there
+    as a killed run would: with what it had saved by then."""
+    import coatnet.train as train_module
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, stage, stop)
+        with pytest.raises(Stop):
+            train_module.train(cfg, output_dir=out)
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "last" / "model.safetensors"))
 
@@ -839,16 +856,7 @@ def test_resume_part_way_through_an_epoch_on_another_number_of_processes_trains_
     cfg = TrainConfig(data="imagefolder", data_dir=str(root), img_size=16, batch_size=4, epochs=1, save_every=2,
                       warmup_steps=1, seed=3)
 
-    class Stop(Exception):
-        pass
-
-    def stop(run):
-        raise Stop
-
-    with monkeypatch.context() as m:  # killed after its steps: `last` is the save at step 2
-        m.setattr(train_module, "evaluate_epoch", stop)
-        with pytest.raises(Stop):
-            train(cfg, output_dir=out)
+    train_until(monkeypatch, "evaluate_epoch", cfg, out)  # killed after its steps: `last` is the save at step 2
     state_file = out / "last" / "train_state.pt"
     state = torch.load(state_file, weights_only=True)
     assert (state["step"], state["batch_in_epoch"]) == (2, 2)
@@ -902,7 +910,6 @@ def test_resume_on_a_changed_training_set_says_what_it_trains(tmp_path, capsys, 
     the set's size). The same checkpoint resumed on the set as it was says nothing."""
     import shutil
 
-    import coatnet.train as train_module
     from test_data import make_tree, write_image
 
     from coatnet.train import TrainConfig, train
@@ -912,16 +919,7 @@ def test_resume_on_a_changed_training_set_says_what_it_trains(tmp_path, capsys, 
     cfg = TrainConfig(data="imagefolder", data_dir=str(root), img_size=16, batch_size=4, epochs=2, save_every=2,
                       warmup_steps=1, seed=3)
 
-    class Stop(Exception):
-        pass
-
-    def stop(*args):
-        raise Stop
-
-    with monkeypatch.context() as m:
-        m.setattr(train_module, stop_in, stop)
-        with pytest.raises(Stop):
-            train(cfg, output_dir=out)
+    train_until(monkeypatch, stop_in, cfg, out)
     shutil.copytree(out, tmp_path / "same", symlinks=True)
     capsys.readouterr()
     train(cfg, output_dir=tmp_path / "same", resume=True)
