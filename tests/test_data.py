@@ -495,6 +495,12 @@ def test_imagefolder_bad_directories(tmp_path):
     with pytest.raises(DataError, match=r"no val/ folder; lay out images as \S*/val/<class>/\*.jpg$"):  # evaluation
         build_datasets("imagefolder", tmp_path, train=False)
     (tmp_path / "val" / "a").mkdir(parents=True)
+    # the split's folder given for the tree's: its parent named (before: "lay out images as .../val/val/<class>/")
+    for split, train, first in (("val", False, "val"), ("train", True, "train")):
+        with pytest.raises(DataError) as refused:
+            build_datasets("imagefolder", tmp_path / split, train=train)
+        assert str(refused.value) == (f"'{tmp_path / split}' has no {first}/ folder: it is the {split}/ folder of "
+                                      f"'{tmp_path}', which holds {first}/; pass --data-dir '{tmp_path}'")
     (tmp_path / "train" / "a" / "readme.txt").write_text("x")
     with pytest.raises(DataError, match=r"empty data directory.*train.*put images in"):
         build_datasets("imagefolder", tmp_path)

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import coatnet
 import coatnet.evaluate
 import coatnet.plots
 from coatnet.cli import main
@@ -158,6 +159,17 @@ def test_predict_bad_input(run_dir, tmp_path, capsys):
                    "--device foo is not a device")
 
 
+def test_predict_says_a_link_in_a_loop_is_one(run_dir, tmp_path, capsys):
+    """A link that leads back to itself (or through another link to itself) is there: it is named as the loop it
+    is, as a data tree's is (before: "no such file; check the path", of a file that the folder shows)."""
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    for name in ("loop.png", "a.png"):
+        one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), str(tmp_path / name)],
+                       f"'{tmp_path / name}': too many levels of symbolic links")
+
+
 def test_eval_and_predict_under_torchrun_are_refused(run_dir, capsys, monkeypatch):
     """Each process would evaluate everything and write (or print) the same results."""
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -193,6 +205,11 @@ def test_eval_bad_input(run_dir, tmp_path, capsys):
         assert main(["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "ours")]) == 0
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "ours" / "eval.json")],
                    "a file is where a folder was to be made; give a folder's path")
+    # a folder under a file: the file named (before: "Not a directory", of the folder)
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--output-dir",
+                            str(tmp_path / "ours" / "eval.json" / "sub")],
+                   f"'{tmp_path / 'ours' / 'eval.json'}' is a file, so it cannot hold a folder; give a folder's path: "
+                   f"{tmp_path / 'ours' / 'eval.json' / 'sub'}")
 
 
 def test_predict_names_a_file_whose_name_is_not_utf8_as_valid_utf8(run_dir, tmp_path, capsys):
@@ -265,6 +282,24 @@ def test_predict_reads_the_images_of_a_folder(run_dir, tmp_path, capsys):
                                                         f"remove the link"]
 
 
+def test_predict_says_which_subfolders_holding_images_it_did_not_search(run_dir, tmp_path, capsys):
+    """A folder of photos with albums in it: its own images are classified, and the subfolders holding images
+    (at any depth) are named in a warning (before: left out without a word); empty or hidden ones are not."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (image,) = digit_files(photos, sizes=((8, 8),))
+    for album in ("2023/summer", "paris", ".thumbnails", "empty"):
+        (photos / album).mkdir(parents=True)
+    for album in ("2023/summer", "paris", ".thumbnails"):
+        shutil.copy(image, photos / album / "a.png")
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as warned:
+        assert main(["predict", "--checkpoint", str(run_dir), str(photos), "--json"]) == 0
+    assert [str(w.message) for w in warned] == [f"2 subfolders of '{photos}' holding images not searched (2023, "
+                                                f"paris); give them too, e.g. '{photos / '2023'}'"]
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)["predictions"]] == [str(image)]
+
+
 def test_plots_write_pngs(tmp_path):
     history = [dict(epoch=e, train_loss=2 / e, eval_loss=2.2 / e, train_top1=10 * e, top1=9 * e, top5=20 * e)
                for e in (1, 2, 3)]
@@ -299,6 +334,43 @@ def test_predict_reads_every_image_it_can(run_dir, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run_dir / "last"), str(bad), str(missing)]) == 2  # none could
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 2 and "Traceback" not in err
+
+
+def test_an_image_whose_exif_block_is_damaged_is_read(run_dir, tmp_path, capsys):
+    """A JPEG whose EXIF block PIL cannot parse (a header neither II nor MM) decodes, and is read as stored,
+    in predict, eval and data_transforms alike (before: a traceback, PIL's SyntaxError, raised by the copy's
+    EXIF that the transform read again)."""
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    damaged = tmp_path / "damaged.jpg"
+    Image.open(image).save(damaged, exif=b"Exif\x00\x00XX*\x00")
+    plain = tmp_path / "plain.jpg"
+    Image.open(image).save(plain)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run_dir / "last"), str(damaged), str(plain), "--json"]) == 0
+    out, err = capsys.readouterr()
+    first, second = json.loads(out)["predictions"]
+    assert first["top"] == second["top"] and "Traceback" not in err, err
+    model = coatnet.from_pretrained(run_dir / "last")
+    transform = coatnet.data_transforms(model)
+    assert torch.equal(transform(Image.open(damaged)), transform(Image.open(plain)))
+    tree = image_folder(tmp_path / "tree", [str(d) for d in range(10)])
+    shutil.copy(damaged, tree / "val" / "3" / "damaged.jpg")
+    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--data", "imagefolder", "--data-dir", str(tree),
+                 "--output-dir", str(tmp_path / "eval"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 11
+
+
+def test_pils_warnings_of_an_image_name_it(run_dir, tmp_path, capsys):
+    """PIL's warnings while an image is read (a damaged EXIF block, a size over its decompression-bomb warning)
+    name the file, once each (before: "Corrupt EXIF data. ..." without a name, twice: again by the transform)."""
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    damaged = tmp_path / "damaged.jpg"
+    Image.open(image).save(damaged, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as warned:
+        assert main(["predict", "--checkpoint", str(run_dir / "last"), str(damaged), str(image)]) == 0
+    assert [str(w.message) for w in warned] == [f"image '{damaged}': Corrupt EXIF data.  Expecting to read 12 bytes "
+                                                f"but only got 2. "]
 
 
 def test_a_run_directory_names_the_checkpoint_it_stands_for(run_dir, tmp_path, capsys):

@@ -80,6 +80,9 @@ def test_an_output_under_a_file(folder, tmp_path, capsys):
     ("--img-size", "0", "image size 0: give"),
     ("--img-size", "-16", "image size -16: give"),
     ("--img-size", "40", "not a multiple of the model's stride 16"),
+    # the flag's values near it, as eval and predict name them (before: "resize or crop to e.g. 48x48", of images)
+    ("--img-size", "33", "--img-size 33 is not a multiple of the model's stride 16; pass --img-size 32 or "
+                         "--img-size 48"),
     ("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got '0'"),
 ])
 def test_input_size_out_of_range(folder, tmp_path, capsys, flag, value, message):

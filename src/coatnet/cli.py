@@ -12,6 +12,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Annotated
 
 from .text import printable
@@ -483,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         what = e.strerror or _message(e)
         if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename and os.path.isfile(e.filename):
             what = "a file is where a folder was to be made; give a folder's path"  # mkdir of a file's path
+        elif isinstance(e, NotADirectoryError) and e.filename and (blocking := next(
+                (p for p in Path(e.filename).parents if os.path.isfile(p)), None)) is not None:
+            what = f"'{blocking}' is a file, so it cannot hold a folder; give a folder's path"
         print(f"{command}: error: {printable(what + where)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:

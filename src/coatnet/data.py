@@ -114,7 +114,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     p = Path(path)
     if (other := _not_a_file(p)) is not None:
         raise DataError(f"cannot read image '{p}': {other}")
-    if not p.exists():
+    if not os.path.lexists(p):  # a link in a loop exists, and opening it says so (exists() says it does not)
         raise DataError(f"cannot read image '{p}': no such file; check the path")
     return decode_image(p, f"'{p}'")
 
@@ -157,8 +157,15 @@ def decode_image(source: Path | BinaryIO, where: str) -> Image.Image:
     """Fully decode an image (a file, or a file object of its bytes) to RGB, :func:`as_shown`; a
     failure is a one-line :class:`DataError` naming ``where``."""
     try:
-        with Image.open(source) as im:
-            return as_shown(im)  # decoded in full here, so a truncated file fails now, not in a transform
+        # PIL's warnings (a damaged EXIF block, an image over its decompression-bomb warning size) name no file:
+        # said again naming it, so that one photo of a folder's thousands can be found.
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with Image.open(source) as im:
+                image = as_shown(im)  # decoded in full here, so a truncated file fails now, not in a transform
+        for w in said:
+            warnings.warn(f"image {where}: {w.message}", w.category, stacklevel=2)
+        return image
     except PixelRangeError as e:
         raise DataError(f"cannot read image {where}: {e}") from None
     except _PIL_ERRORS as e:
@@ -647,6 +654,10 @@ def _build_imagefolder(
     # Evaluation alone needs only val/: train/ is neither listed nor required.
     split_dirs = {s: data_dir / s for s in (("train", "val") if with_train else ("val",))}
     for split, d in split_dirs.items():
+        if not d.is_dir() and data_dir.name in ("train", "val") and (data_dir.parent / split).is_dir():
+            # the split's folder given for the tree's (eval --data-dir tree/val): not tree/val/val/<class>/
+            raise DataError(f"'{data_dir}' has no {split}/ folder: it is the {data_dir.name}/ folder of "
+                            f"'{data_dir.parent}', which holds {split}/; pass --data-dir '{data_dir.parent}'")
         if not d.is_dir():
             raise DataError(f"'{data_dir}' has no {split}/ folder; lay out images as "
                             + " and ".join(f"{data_dir}/{s}/<class>/*.jpg" for s in split_dirs))

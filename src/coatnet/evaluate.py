@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from contextlib import nullcontext, suppress
 from pathlib import Path
 
@@ -19,8 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
 from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, warn_not_images
-from .export import check_img_size
-from .models.coatnet import MAX_IMG_SIZE
+from .export import check_img_size_flag
 from .models.factory import from_pretrained, model_from_folder
 from .models.folder import ModelFolder, read_model_folder, run_last
 from .models.hub import HUB_PREFIX, fetch, hub_repository, is_hub_reference, local_path, timm_folder_weights
@@ -97,13 +97,7 @@ def _img_size(args: argparse.Namespace, model: nn.Module) -> int | tuple[int, in
     if args.img_size is None:
         height, width = model.config.img_size
         return height if height == width else (height, width)
-    size, stride = args.img_size, model.config.stride
-    # Images are resized to it here: model.check_input's advice, to resize or crop them, does not apply.
-    if type(size) is int and 0 < size <= MAX_IMG_SIZE and size % stride:
-        near = [s for s in (size // stride * stride, (size // stride + 1) * stride) if stride <= s <= MAX_IMG_SIZE]
-        raise ValueError(f"--img-size {size} is not a multiple of the model's stride {stride}; pass "
-                         + " or ".join(f"--img-size {s}" for s in near))
-    check_img_size(model, size)
+    check_img_size_flag(model, args.img_size)  # images are resized to it here
     return args.img_size
 
 
@@ -269,7 +263,17 @@ def images_in(folder: str) -> list[str]:
     link to no file, a FIFO and the like are listed, to be reported as unreadable, not left out without a word."""
     files = [p for p in Path(folder).iterdir() if not p.is_dir()]
     warn_not_images(folder, [p.name for p in files if not is_image_file(p.name)])
-    return sorted(str(p) for p in files if is_image_file(p.name))
+    images = sorted(str(p) for p in files if is_image_file(p.name))
+    # Subfolders holding images are not searched: said, where the folder's own images would hide it (a folder
+    # of none is an error that says so).
+    nested = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")
+                    and any(is_image_file(n) for _, _, names in os.walk(p) for n in names)) if images else []
+    if nested:
+        warnings.warn(f"{len(nested)} subfolder{'s' if len(nested) > 1 else ''} of '{folder}' holding images not "
+                      f"searched ({', '.join(nested[:5])}{' ...' if len(nested) > 5 else ''}); give "
+                      f"{'them' if len(nested) > 1 else 'it'} too, e.g. '{os.path.join(folder, nested[0])}'",
+                      stacklevel=2)
+    return images
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -171,6 +171,17 @@ def check_img_size(model: nn.Module, img_size: int) -> None:
     model.check_input(torch.empty(1, model.config.in_chans, img_size, img_size, device="meta"))
 
 
+def check_img_size_flag(model: nn.Module, size: int) -> None:
+    """``--img-size SIDE`` of eval, predict and export, as :func:`check_img_size`, naming the flag's values
+    near it: images are resized to it, so ``model.check_input``'s advice, to resize or crop them, does not apply."""
+    stride = model.config.stride
+    if type(size) is int and 0 < size <= MAX_IMG_SIZE and size % stride:
+        near = [s for s in (size // stride * stride, (size // stride + 1) * stride) if stride <= s <= MAX_IMG_SIZE]
+        raise ValueError(f"--img-size {size} is not a multiple of the model's stride {stride}; pass "
+                         + " or ".join(f"--img-size {s}" for s in near))
+    check_img_size(model, size)
+
+
 def _preprocessing(model: nn.Module, size: tuple[int, int]) -> str:
     """What a server must do to an image before the graph (JSON): the model's ``pretrained_cfg`` and
     the input size, recorded in the file as :data:`PREPROCESSING_KEY`."""
@@ -300,6 +311,8 @@ def run_export(args: argparse.Namespace) -> int:
     (overridden by the flags given) recorded in it."""
     model = from_pretrained(args.checkpoint)
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
+    if args.img_size is not None:
+        check_img_size_flag(model, args.img_size)
     path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
                         dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")

@@ -20,6 +20,7 @@ its weights were trained at is fed at the size it was built for.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Literal
 
@@ -149,6 +150,16 @@ def normalize(cfg: PretrainedCfg, in_chans: int = 3) -> list[v2.Transform]:
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a stored image is turned for showing
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """How ``image`` is turned for showing (EXIF), 1 (as stored) where its EXIF block cannot be read: damaged
+    metadata (a camera's or an editor's) leaves the pixels readable, as viewers show them. PIL reads a JPEG's
+    own leniently, but a copy's (``convert``) strictly, raising."""
+    try:
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    except (SyntaxError, ValueError, OSError, struct.error):
+        return 1
+
+
 class PixelRangeError(ValueError):
     """Pixels of 32 bits or floats: no range to scale them to 8 bits from."""
 
@@ -159,7 +170,7 @@ def as_shown(image: Image.Image, mode: str = "RGB") -> Image.Image:
     would clip them to white), palette and CMYK converted, transparent pixels on white (as a page shows
     them: convert() would drop the alpha, as timm does, and show the colours transparency hides,
     often black)."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+    if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "F" or image.mode.startswith("I"):  # one channel of 16/32-bit integers or floats
         wide = np.asarray(image, dtype=np.float64)
@@ -177,7 +188,9 @@ def as_shown(image: Image.Image, mode: str = "RGB") -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert(mode)  # a copy, decoded in full, that needs no open file
+    shown = image.convert(mode)  # a copy, decoded in full, that needs no open file
+    shown.info.pop("exif", None)  # read, its turn applied: not parsed again (and its damage said again) by a transform
+    return shown
 
 
 class _Colour:
@@ -195,7 +208,7 @@ class _Colour:
             return self.tensor(image)
         # One already as shown (a data set's, decoded by coatnet) passes as it is: no second copy per sample.
         shown = (image.mode == self.mode and "transparency" not in image.info
-                 and image.getexif().get(EXIF_ORIENTATION, 1) == 1)
+                 and exif_orientation(image) == 1)
         return image if shown else as_shown(image, self.mode)
 
 
