@@ -836,3 +836,81 @@ def test_eval_and_predict_of_timms_repository_downloaded_into_a_folder(tmp_path,
                    "holds timm's coatnet_nano_rw_224 (its config.json is timm's), without its weights")
     # a repository not in the cache, offline: one line (before: "a folder on disk is needed here")
     one_line_error(capsys, ["predict", "--checkpoint", "hf-hub:me/none", str(images[0])], "me/none")
+
+
+def test_eval_predict_and_export_take_a_model_name_with_its_weights_as_timm_does(run_dir, tmp_path, capsys,
+                                                                                  monkeypatch, hub):
+    """timm's validate.py and inference.py flags: `--model NAME --pretrained` is timm's published weights of
+    NAME (from the Hub cache, as `--checkpoint hf-hub:timm/NAME`), `--model NAME --checkpoint FILE` a
+    weights file (before: --checkpoint required, a weights file refused with advice for `coatnet train`).
+    Each wrong combination is one line that says what to give."""
+    timm = pytest.importorskip("timm")
+    import coatnet
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    data = image_folder(tmp_path / "data", ["cat", "dog", "eel"])
+    images = [data / "val" / c / "a.png" for c in ("cat", "dog", "eel")]
+    data_flags = ["--data", "imagefolder", "--data-dir", str(data), "--json"]
+
+    # timm's published weights in the Hub cache, evaluated by their timm name
+    torch.manual_seed(0)
+    theirs = timm.create_model("coatnet_nano_rw_224", img_size=32, num_classes=3).eval()
+    repo = hub("timm/coatnet_nano_rw_224.sw_in1k")
+    (repo / "config.json").write_text(json.dumps({
+        "architecture": "coatnet_nano_rw_224", "num_classes": 3, "label_names": ["cat", "dog", "eel"],
+        "model_args": {"img_size": 32}, "pretrained_cfg": {"crop_pct": 1.0}}))
+    save_file(theirs.state_dict(), str(repo / "model.safetensors"))
+    prepare = coatnet.data_transforms(coatnet.create_model("coatnet_nano_rw_224.sw_in1k", pretrained=True))
+    with torch.inference_mode():
+        probs = theirs(torch.stack([prepare(Image.open(i).convert("RGB")) for i in images])).softmax(1)
+    assert main(["eval", "--model", "coatnet_nano_rw_224.sw_in1k", "--pretrained", *data_flags]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["model"], report["classes"]) == ("coatnet_nano_rw", ["cat", "dog", "eel"])
+    assert report["top1"] == pytest.approx(100 * (probs.argmax(1) == torch.arange(3)).float().mean().item())
+    assert (tmp_path / "eval-timm--coatnet_nano_rw_224.sw_in1k-imagefolder" / "eval.json").is_file()
+    assert main(["predict", "--model", "coatnet_nano_rw_224.sw_in1k", "--pretrained", str(images[1]), "--json",
+                 "--top-k", "1"]) == 0
+    (top,) = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert top["probability"] == pytest.approx(probs[1].max().item(), rel=1e-4)
+
+    # a weights file of ours (a state dict), its classifier kept: the model's own outputs, in eval, predict
+    # and the exported graph alike
+    ours = coatnet.create_model("coatnet_pico", num_classes=3).eval()
+    weights = tmp_path / "w.pth"
+    torch.save(ours.state_dict(), weights)
+    batch = torch.stack([coatnet.data_transforms(ours)(Image.open(i).convert("RGB")) for i in images])
+    with torch.inference_mode():
+        expected = ours(batch).softmax(1)
+    assert main(["eval", "--model", "coatnet_pico", "--checkpoint", str(weights), *data_flags]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] == pytest.approx(100 * (expected.argmax(1) == torch.arange(3)).float().mean().item())
+    assert (tmp_path / "eval-w.pth-imagefolder" / "eval.json").is_file()  # beside the file, as beside a checkpoint
+    assert main(["predict", "--model", "coatnet_pico", "--checkpoint", str(weights), str(images[2]), "--json",
+                 "--top-k", "1"]) == 0
+    (top,) = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert top["probability"] == pytest.approx(expected[2].max().item(), rel=1e-4)
+    onnxruntime = pytest.importorskip("onnxruntime")
+    assert main(["export", "--model", "coatnet_pico", "--checkpoint", str(weights), "--format", "onnx",
+                 "--output", str(tmp_path / "w.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "w.onnx"))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: batch[:1].numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits).softmax(1), expected[:1], rtol=1e-4, atol=1e-5)
+
+    # what is wrong, and what to give
+    for argv, said in (
+            (["eval", *data_flags], "give the model to run: --checkpoint"),
+            (["eval", "--pretrained", *data_flags], "--pretrained is timm's published weights of --model NAME"),
+            (["eval", "--model", "coatnet_pico", *data_flags], "--model coatnet_pico needs weights to run"),
+            (["eval", "--checkpoint", str(weights), *data_flags], "is a weights file: name its network too"),
+            (["eval", "--model", "coatnet_nano_rw_224.sw_in1k", "--pretrained", "--checkpoint", str(weights)],
+             "give one"),
+            (["eval", "--model", "coatnet_pico", "--pretrained", *data_flags], "coatnet_pico has no published weights"),
+            (["eval", "--model", "coatnet_0", "--checkpoint", str(run_dir / "last")],
+             "--model coatnet_0 is not the network of"),
+            (["predict", "--model", "coatnet_pico", "--pretrained", str(weights), str(images[0])],
+             f"give a weights file as --checkpoint '{weights}'"),
+            (["eval", "--model", "coatnet_pico", "--pretrained", str(weights), *data_flags],
+             f"--pretrained takes no file here: give a weights file as --checkpoint {weights}"),
+            (["eval", "--checkpoint", str(tmp_path / "w.onnx"), *data_flags], "is an exported model (ONNX")):
+        one_line_error(capsys, argv, said)

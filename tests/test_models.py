@@ -246,6 +246,23 @@ def test_pretrained_file_at_another_resolution(tmp_path):
         torch.testing.assert_close(big(x), small(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [64, (32, 64)])
+def test_our_weights_file_keeps_the_size_its_tables_show(tmp_path, size):
+    """A state dict of ours saved at another size builds there, as timm's files and our folders do
+    (before: at the name's own size, its tables interpolated, without a word); unless told; and a
+    layout without tables (C-C-C-C) at its name's size."""
+    saved = coatnet.create_model("coatnet_pico", num_classes=10, img_size=size).eval()
+    torch.save(saved.state_dict(), tmp_path / "w.pth")
+    loaded = coatnet.create_model("coatnet_pico", num_classes=10, pretrained=tmp_path / "w.pth").eval()
+    assert loaded.config.img_size == saved.config.img_size
+    x = torch.randn(1, 3, *saved.config.img_size)
+    torch.testing.assert_close(loaded(x), saved(x), atol=1e-5, rtol=1e-5)
+    told = coatnet.create_model("coatnet_pico", num_classes=10, pretrained=tmp_path / "w.pth", img_size=96)
+    assert told.config.img_size == (96, 96)
+    torch.save(coatnet.create_model("c_c_c_c", img_size=256).state_dict(), tmp_path / "c.pth")
+    assert coatnet.create_model("c_c_c_c", pretrained=tmp_path / "c.pth").config.img_size == (224, 224)
+
+
 def test_pretrained_with_new_classes_drops_the_classifier(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "w.pth")
     with pytest.warns(UserWarning, match="classifier"):

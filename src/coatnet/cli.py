@@ -211,6 +211,17 @@ class _Parser(argparse.ArgumentParser):
         raise _FlagError(f"{self.prog}: error: {message}")
 
 
+def _model_flags(p: argparse.ArgumentParser, checkpoint: str) -> None:
+    """The model eval, predict and export run: a checkpoint or folder, or, as timm's validate.py and
+    inference.py take it, --model NAME with --pretrained or a weights file (checked together by
+    coatnet.evaluate, in one line)."""
+    p.add_argument("--checkpoint", default=None, help=checkpoint + "; or a weights file, with --model")
+    p.add_argument("--model", default=None, help="the network of a weights file (--checkpoint FILE), or of timm's "
+                                                 "published weights (--pretrained), e.g. coatnet_0_rw_224.sw_in1k")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm's published weights of --model, from the Hugging Face Hub (its cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coatnet", description="CoAtNet (Dai et al., NeurIPS 2021) in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -279,10 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval",
                        help="top-1/top-5 and a confusion matrix of a checkpoint on a data set's validation split")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory (RUN_DIR/best, RUN_DIR/last), run directory, save_pretrained folder, "
-                        "or timm's repository downloaded into one (hf download ORG/NAME --local-dir PATH); "
-                        "local-dir:PATH is PATH, as in timm; or hf-hub:ORG/NAME, from the Hub cache")
+    _model_flags(p, "checkpoint directory (RUN_DIR/best, RUN_DIR/last), run directory, save_pretrained folder, "
+                    "or timm's repository downloaded into one (hf download ORG/NAME --local-dir PATH); "
+                    "local-dir:PATH is PATH, as in timm; or hf-hub:ORG/NAME, from the Hub cache")
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder, CIFAR, WebDataset or HF data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
@@ -298,9 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_eval")(args))
 
     p = sub.add_parser("predict", help="top-5 classes of images, with probabilities")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory, run directory, save_pretrained folder or timm's downloaded repository "
-                        "(PATH or local-dir:PATH), or hf-hub:ORG/NAME")
+    _model_flags(p, "checkpoint directory, run directory, save_pretrained folder or timm's downloaded repository "
+                    "(PATH or local-dir:PATH), or hf-hub:ORG/NAME")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
     p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")
@@ -329,9 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: _lazy("bench", "run_bench")(args))
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export")
-    p.add_argument("--checkpoint", required=True,
-                   help="training checkpoint, save_pretrained folder or timm's downloaded repository (PATH or "
-                        "local-dir:PATH), or hf-hub:ORG/NAME")
+    _model_flags(p, "training checkpoint, run directory, save_pretrained folder or timm's downloaded repository "
+                    "(PATH or local-dir:PATH), or hf-hub:ORG/NAME")
     # Checked by coatnet.export, so that a wrong format is a one-line error like any other.
     p.add_argument("--format", required=True, help="onnx, torchscript or exported")
     p.add_argument("--output", required=True, help="file to write")
@@ -427,13 +435,17 @@ def out_of_memory(error: BaseException) -> bool:
         _ASKED.search(str(error)) or "out of memory" in str(error))
 
 
-def _dashed_file_hint(message: str, argv: list[str]) -> str:
-    """What to do where argparse took a file named ``-x.png`` for a flag (``coatnet predict --checkpoint RUN *``):
-    it says only that the argument is unknown, or that no IMAGE was given."""
+def _file_hint(message: str, argv: list[str]) -> str:
+    """What to do where argparse took a file named ``-x.png`` for a flag (``coatnet predict --checkpoint RUN *``),
+    or refused a file given to eval's or export's ``--pretrained``: it says only that the argument is unknown,
+    or that no IMAGE was given."""
     refused = message.split(": error: ")[-1]
     if not refused.startswith(("unrecognized arguments", "the following arguments are required")):
         return ""
     dashed = next((a for a in argv if a.startswith("-") and a != "-" and os.path.exists(a)), None)
+    if "--pretrained" in argv[:-1] and refused.startswith("unrecognized arguments") and os.path.isfile(
+            file := argv[argv.index("--pretrained") + 1]) and file in refused.split(": ", 1)[-1].split():
+        return f"; --pretrained takes no file here: give a weights file as --checkpoint {file}, with --model NAME"
     return "" if dashed is None else (f"; '{dashed}' is a file taken for a flag: give it as ./{dashed}, or after -- "
                                       f"(... -- {dashed})")
 
@@ -458,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except _FlagError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process reads the same flags: one says so
-            print(f"{e}{_dashed_file_hint(str(e), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+            print(f"{e}{_file_hint(str(e), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return 2
     if args.command in ("train", "eval", "predict", "study"):
         from .allocator import keep_freed_memory

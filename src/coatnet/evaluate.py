@@ -21,10 +21,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from .checkpoint import atomic_write
 from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, warn_not_images
 from .export import check_img_size_flag
-from .models.factory import from_pretrained, model_from_folder
+from .models.factory import create_model, from_pretrained, model_from_folder, read_pretrained
 from .models.folder import ModelFolder, read_model_folder, run_last
 from .models.hub import HUB_PREFIX, fetch, hub_repository, is_hub_reference, local_path, timm_folder_weights
 from .models.preprocessing import class_names, eval_transform
+from .models.registry import model_entry
 from .plots import plot_confusion
 from .text import printable
 from .validate import resolve_device, slow_bfloat16
@@ -101,12 +102,50 @@ def _img_size(args: argparse.Namespace, model: nn.Module) -> int | tuple[int, in
     return args.img_size
 
 
+# A weights file, not a model folder: a network's name is needed to load it (--model NAME --checkpoint FILE).
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+
+
+def _model_flags(args: argparse.Namespace) -> None:
+    """Check ``--checkpoint``, ``--model`` and ``--pretrained`` together, as timm's validate.py and
+    inference.py take them: ``--model NAME --pretrained`` is timm's published weights of NAME (read as
+    ``--checkpoint hf-hub:timm/NAME`` from here on), ``--model NAME --checkpoint FILE`` a weights file."""
+    if args.pretrained and args.checkpoint is not None:
+        raise ValueError("--pretrained is timm's published weights of --model, --checkpoint the model to run: give one")
+    if args.pretrained and args.model is None:
+        raise ValueError("--pretrained is timm's published weights of --model NAME: give the name too (e.g. --model "
+                         "coatnet_0_rw_224.sw_in1k)")
+    if args.model is None and args.checkpoint is None:
+        raise ValueError("give the model to run: --checkpoint (a checkpoint, run directory or model folder), or "
+                         "--model NAME with --pretrained (timm's published weights, e.g. coatnet_0_rw_224.sw_in1k) "
+                         "or with --checkpoint WEIGHTS_FILE")
+    if args.model is not None and not args.pretrained and args.checkpoint is None:
+        raise ValueError(f"--model {args.model} needs weights to run: add --pretrained (timm's published weights "
+                         f"of it) or --checkpoint WEIGHTS_FILE")
+    if args.pretrained and (file := next((f for f in getattr(args, "images", ()) if f.endswith(WEIGHTS_SUFFIXES)),
+                                         None)):  # predict --pretrained FILE: the file taken for an image
+        raise ValueError(f"--pretrained takes no file here ('{file}' was read as an image): give a weights file as "
+                         f"--checkpoint '{file}', with --model NAME")
+    if args.pretrained:
+        repo, _ = hub_repository(True, args.model)
+        args.checkpoint = HUB_PREFIX + repo
+
+
 def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module]:
-    """The checkpoint (or timm's repository downloaded into a folder) and its model, whose preprocessing
-    the flags given override. A link (a run directory's ``last``) is followed once, here: training may
-    move it while this runs, and the weights, the line naming them and eval's folder are then of one
-    checkpoint."""
+    """The model ``--checkpoint`` (or ``--model`` with ``--pretrained``) names, and the folder it was read
+    from, its preprocessing overridden by the flags given. A link (a run directory's ``last``) is followed
+    once, here: training may move it while this runs, and the weights, the line naming them and eval's
+    folder are then of one checkpoint."""
+    _model_flags(args)
     given = _given_folder(args.checkpoint)
+    if args.model is not None and given.is_file():  # a weights file, under the network --model names
+        weights = dataclasses.replace(read_pretrained(given, args.model), whole=True)  # their classifier, as saved
+        model = create_model(args.model, pretrained=weights).eval()
+        model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
+        return ModelFolder(given, {"model": model.config.name}, model.state_dict(), None), model
+    if given.is_file() and given.name.endswith(WEIGHTS_SUFFIXES):
+        raise ValueError(f"'{given}' is a weights file: name its network too, --model NAME --checkpoint "
+                         f"'{given}' (coatnet info lists the names)")
     path = run_last(given) or given
     if path.is_symlink() and path.resolve().is_dir():  # named as the run names it, where it is beside the link
         target = path.resolve()
@@ -121,6 +160,9 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     else:
         ckpt = read_model_folder(path)
         model = model_from_folder(ckpt)
+    if args.model is not None and model_entry(args.model).name != model_entry(model.config.name).name:
+        raise ValueError(f"--model {args.model} is not the network of {ckpt.path} ({model.config.name}): leave "
+                         f"--model out, the checkpoint names its own")
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
     return ckpt, model
 

@@ -309,8 +309,9 @@ _SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 def run_export(args: argparse.Namespace) -> int:
     """``coatnet export``: a checkpoint or ``save_pretrained`` folder in, one file out, its preprocessing
     (overridden by the flags given) recorded in it."""
-    model = from_pretrained(args.checkpoint)
-    model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
+    from .evaluate import load_for_inference  # which imports this module
+
+    _, model = load_for_inference(args)
     if args.img_size is not None:
         check_img_size_flag(model, args.img_size)
     path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,

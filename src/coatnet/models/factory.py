@@ -45,7 +45,7 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
     (``@REVISION`` optional) a repository of timm's weights or a ``save_pretrained`` folder. Weights
     from a folder or the Hub keep their own classifier unless ``num_classes`` is given, and weights whose
-    input size is known (a folder's, the Hub's, timm's with relative-position tables) keep it unless
+    input size is known (a folder's, the Hub's, a file's with relative-position tables) keep it unless
     ``img_size`` is given. Weights saved at another resolution load with their relative-position
     tables interpolated; a classifier of another size is dropped with a warning and left freshly
     initialised (fine-tuning on new classes); RGB weights fit a model of other ``in_chans`` as timm
@@ -274,8 +274,24 @@ def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
                                  config=folder.meta["config"], origin=str(folder.path))
     state = read_state_dict(path)
     if not is_timm_state_dict(state):
-        return PretrainedWeights(state, None, whole=from_hub)
+        return PretrainedWeights(state, None, whole=from_hub, img_size=tables_img_size(state, name))
     return timm_weights(state, name, hub_config(path) if from_hub else None)
+
+
+def tables_img_size(state: dict[str, torch.Tensor], name: str) -> int | tuple[int, int] | None:
+    """The input size our weights of ``name`` were saved at, read off a relative-position table's grid
+    (``heads x (2H-1) x (2W-1)``, Eq. 3's window over an H x W map) against the grid ``name`` has at its
+    own size; None without tables (a C-C-C-C layout, rmlp), as timm's :func:`timm_img_size` does for theirs."""
+    with torch.device("meta"):
+        default = model_entry(name).build()
+    built = default.state_dict()
+    key = next((k for k in state if k.endswith("relative_position.table") and k in built), None)
+    if key is None or state[key].dim() != 3 or built[key].dim() != 3:
+        return None
+    (rows, cols), (own_rows, own_cols) = (((t.shape[1] + 1) // 2, (t.shape[2] + 1) // 2) for t in (state[key], built[key]))
+    height, width = default.config.img_size
+    size = (rows * height // own_rows, cols * width // own_cols)
+    return size[0] if size[0] == size[1] else size
 
 
 def timm_weights(state: dict[str, torch.Tensor], name: str, hub_config: dict | None = None) -> PretrainedWeights:

@@ -188,9 +188,14 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
         raise ModelFolderError(f"{str(path)!r} does not exist; give a save_pretrained folder, a checkpoint "
                                f"directory (e.g. RUN_DIR/last or RUN_DIR/best) or a run directory")
     if path.is_file():
-        raise ModelFolderError(f"{str(path)!r} is a file; give a folder ({CONFIG} + {WEIGHTS}). "
-                               f"A weights file loads under its network's name: --model NAME --pretrained FILE (coatnet "
-                               f"train), create_model(NAME, pretrained=FILE) (Python)")
+        exported = {".onnx": "ONNX, run by onnxruntime", ".pt2": "torch.export's, run by torch.export.load"}
+        if path.suffix in exported:
+            raise ModelFolderError(f"{str(path)!r} is an exported model ({exported[path.suffix]}); give the folder "
+                                   f"it was exported from ({CONFIG} + {WEIGHTS})")
+        raise ModelFolderError(f"{str(path)!r} is a file; give a folder ({CONFIG} + {WEIGHTS}). A weights file "
+                               f"loads under its network's name: --model NAME --checkpoint FILE (coatnet eval, "
+                               f"predict, export), --model NAME --pretrained FILE (coatnet train), "
+                               f"create_model(NAME, pretrained=FILE) (Python)")
     if (path / LOCK).is_file() and not holds_a_run(path) and not (path / CONFIG).exists():
         raise ModelFolderError(f"{str(path)!r} holds no checkpoint yet: its run is in its first epoch, or stopped "
                                f"before its first save; give it once the run has saved one")

@@ -39,9 +39,9 @@ def hub_repository(pretrained: bool | str, name: str) -> tuple[str, str | None]:
             timms = [a for a in list_models(f"{base}_*.*", aliases=True) if model_entry(a).name == ours]
             if timms:
                 raise ValueError(f"timm publishes the weights of {name} as {timms[0].partition('.')[0]}: pass that "
-                                 f"name with pretrained=True")
-            raise ValueError(f"{name} has no published weights; pretrained=True takes timm's names of weights "
-                             f"(coatnet.list_models(aliases=True) lists them with their tags)")
+                                 f"name with pretrained=True (--pretrained)")
+            raise ValueError(f"{name} has no published weights; pretrained=True (--pretrained) takes timm's names of "
+                             f"weights (coatnet.list_models(pretrained=True) lists them)")
         return f"timm/{base}.{tag}" if tag else f"timm/{published[0]}", None
     repo, at, revision = pretrained.removeprefix(HUB_PREFIX).partition("@")
     org, _, model = repo.partition("/")
@@ -188,8 +188,8 @@ def _missing(repo: str, revision: str | None) -> str:
     download = f"`hf download {repo}{f' --revision {revision}' if revision else ''}`"
     if hub_offline():
         return (f"{repo} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE is set: download it "
-                f"with {download}, or unset HF_HUB_OFFLINE; or download its files yourself and pass pretrained=PATH "
-                f"(--pretrained PATH)")
+                f"with {download}, or unset HF_HUB_OFFLINE; or download its files into a folder yourself and give the "
+                f"folder (pretrained=PATH; --pretrained PATH to train, --checkpoint PATH to eval, predict or export)")
     return (f"{repo} holds neither timm weights ({' or '.join(TIMM_WEIGHTS)}) nor a save_pretrained folder "
             f"({CONFIG} with \"model\" and \"config\", and {WEIGHTS}), or the Hub is unreachable and the "
             f"cache ({hub_cache()}) lacks it: check the name and connection, or download it with {download}")
