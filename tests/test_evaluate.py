@@ -778,9 +778,9 @@ def test_eval_and_predict_take_timms_local_dir_as_the_folder(run_dir, tmp_path, 
     exist"): a run directory gives the same evaluation (its last checkpoint, named) and predictions."""
     (image,) = digit_files(tmp_path, sizes=((8, 8),))
     reports, predictions = [], []
-    for checkpoint in (str(run_dir), f"local-dir:{run_dir}"):
-        capsys.readouterr()
-        assert main(["eval", "--checkpoint", checkpoint, "--output-dir", str(tmp_path / checkpoint[:5]), "--json"]) == 0
+    for i, checkpoint in enumerate((str(run_dir), f"local-dir:{run_dir}")):
+        capsys.readouterr()  # a folder of each in tmp_path (tmp_path / "/tmp/" would be /tmp itself)
+        assert main(["eval", "--checkpoint", checkpoint, "--output-dir", str(tmp_path / f"eval{i}"), "--json"]) == 0
         out, err = capsys.readouterr()
         assert err == f"coatnet eval: using {run_dir / 'last'} -> ckpt-00000022\n"
         reports.append(json.loads(out))
@@ -914,3 +914,57 @@ def test_eval_predict_and_export_take_a_model_name_with_its_weights_as_timm_does
              f"--pretrained takes no file here: give a weights file as --checkpoint {weights}"),
             (["eval", "--checkpoint", str(tmp_path / "w.onnx"), *data_flags], "is an exported model (ONNX")):
         one_line_error(capsys, argv, said)
+
+
+def test_model_given_as_timms_hub_repository_or_folder_with_pretrained(tmp_path, capsys, monkeypatch, hub, run_dir):
+    """timm's `--model hf-hub:ORG/NAME --pretrained` (`local-dir:PATH`): the repository's (the folder's) own
+    network and weights, as `--checkpoint hf-hub:ORG/NAME` (before: refused, "which only create_model takes");
+    with a weights file, one line asking for the network's name."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    data = image_folder(tmp_path / "data", ["cat", "dog", "eel"])
+    data_flags = ["--data", "imagefolder", "--data-dir", str(data), "--json"]
+    repo = hub("timm/coatnet_nano_rw_224.sw_in1k")
+    (repo / "config.json").write_text(json.dumps({
+        "architecture": "coatnet_nano_rw_224", "num_classes": 3, "label_names": ["cat", "dog", "eel"],
+        "model_args": {"img_size": 32}}))
+    save_file(timm.create_model("coatnet_nano_rw_224", img_size=32, num_classes=3).state_dict(),
+              str(repo / "model.safetensors"))
+    reports = []
+    for model in ("coatnet_nano_rw_224.sw_in1k", "hf-hub:timm/coatnet_nano_rw_224.sw_in1k"):
+        assert main(["eval", "--model", model, "--pretrained", *data_flags]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0] == reports[1]
+    assert (tmp_path / "eval-timm--coatnet_nano_rw_224.sw_in1k-imagefolder" / "eval.json").is_file()
+    assert main(["predict", "--model", f"local-dir:{run_dir / 'last'}", "--pretrained", "--json",
+                 str(data / "val" / "cat" / "a.png")]) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 1
+    one_line_error(capsys, ["eval", "--model", "hf-hub:timm/coatnet_nano_rw_224.sw_in1k", "--checkpoint",
+                            str(repo / "model.safetensors"), *data_flags],
+                   "names a repository or folder, not a network: give it with --pretrained")
+
+
+def test_a_weights_file_that_cannot_be_evaluated_as_given_says_what_to_give(run_dir, tmp_path, capsys):
+    """A model folder's own weights file, given alone: the folder (before: "name its network too", which
+    loses its preprocessing, class names and EMA weights); weights without a classifier: that they have none
+    (before: "the model has 0 outputs but ... has 3 classes; evaluate on the data set it was trained on"); a
+    TorchScript export (.pt, as weights): that it is one (before: "name its network too", then "the file is
+    corrupt")."""
+    data = image_folder(tmp_path / "data", ["cat", "dog", "eel"])
+    data_flags = ["--data", "imagefolder", "--data-dir", str(data)]
+    last = run_dir / "last"
+    one_line_error(capsys, ["eval", "--checkpoint", str(last / "model.safetensors")],
+                   f"'{last / 'model.safetensors'}' is the weights of the model folder '{last}': give the folder, "
+                   f"--checkpoint '{last}'")
+    headless = tmp_path / "headless.pth"
+    torch.save(coatnet.create_model("coatnet_pico", num_classes=0).state_dict(), headless)
+    one_line_error(capsys, ["eval", "--model", "coatnet_pico", "--checkpoint", str(headless), *data_flags],
+                   f"{headless} has no classifier (0 classes): there is nothing to evaluate")
+    scripted = tmp_path / "model.pt"
+    assert main(["export", "--checkpoint", str(last), "--format", "torchscript", "--output", str(scripted)]) == 0
+    for model in ([], ["--model", "coatnet_pico"]):
+        one_line_error(capsys, ["eval", *model, "--checkpoint", str(scripted), *data_flags],
+                       f"'{scripted}' is an exported model (TorchScript, run by torch.jit.load)")
+    assert not any(p.name.startswith("eval-") for p in tmp_path.iterdir())

@@ -65,6 +65,28 @@ def test_an_existing_output_is_replaced_only_with_overwrite(folder, tmp_path, ca
     assert torch.jit.load(str(notes)) is not None and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_the_weights_file_exported_is_not_replaced_by_the_export(tmp_path, capsys):
+    """`--model NAME --checkpoint w.pt --format torchscript --output w.pt --overwrite` (TorchScript's suffix is a
+    weights file's too): refused, the weights kept (before: replaced by the export, which no command then read
+    as weights); an earlier export of them is still replaced."""
+    weights = tmp_path / "w.pt"
+    torch.save(coatnet.create_model("coatnet_pico", num_classes=3).state_dict(), weights)
+    before = weights.read_bytes()
+    for output in (weights, tmp_path / "new" / ".." / "w.pt"):  # however the path reaches it
+        refused(capsys, ["export", "--model", "coatnet_pico", "--checkpoint", str(weights), "--format", "torchscript",
+                         "--output", str(output), "--overwrite"],
+                f"output '{output}' is the weights file the model is read from; give another path")
+    assert weights.read_bytes() == before and not (tmp_path / "new").exists()
+    (tmp_path / "w.ts.pt").write_bytes(b"an earlier export")
+    assert main(["export", "--model", "coatnet_pico", "--checkpoint", str(weights), "--format", "torchscript",
+                 "--output", str(tmp_path / "w.ts.pt"), "--overwrite"]) == 0
+    # the export given back as weights: said to be one
+    refused(capsys, ["export", "--model", "coatnet_pico", "--checkpoint", str(tmp_path / "w.ts.pt"), "--format",
+                     "onnx", "--output", str(tmp_path / "w.onnx")],
+            "is an exported model (TorchScript, run by torch.jit.load), not weights")
+    assert not (tmp_path / "w.onnx").exists()
+
+
 def test_an_output_under_a_file(folder, tmp_path, capsys):
     (tmp_path / "m.onnx").write_bytes(b"an earlier export")
     before = tree(tmp_path)

@@ -165,6 +165,17 @@ def test_weights_as_users_save_them_load_or_say_what_to_do(pico, tmp_path):
         coatnet.models.save_pretrained(coatnet.create_model("coatnet_pico", features_only=True), tmp_path / "f")
 
 
+def test_timms_feature_extractors_weights_say_they_hold_no_head(tmp_path):
+    """timm's `features_only=True` model saved (keys stages_N.*): one line saying what they are (before: 286
+    keys "missing" and 284 "unexpected", to check the model name by)."""
+    timm = pytest.importorskip("timm")
+    torch.save(timm.create_model("coatnet_nano_rw_224", img_size=32, features_only=True).state_dict(),
+               tmp_path / "features.pth")
+    with pytest.raises(ValueError, match=r"holds timm's feature extractor's weights \(features_only, keys "
+                                         r"stages_N.\*\), which hold no head; save the model it was made from$"):
+        coatnet.create_model("coatnet_nano_rw_224", pretrained=tmp_path / "features.pth")
+
+
 # -- export -----------------------------------------------------------------------------------
 
 

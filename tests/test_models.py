@@ -263,6 +263,18 @@ def test_our_weights_file_keeps_the_size_its_tables_show(tmp_path, size):
     assert coatnet.create_model("c_c_c_c", pretrained=tmp_path / "c.pth").config.img_size == (224, 224)
 
 
+def test_a_version_1_weights_file_keeps_the_size_its_tables_show(tmp_path):
+    """Version 1 named the tables ``attn.relative_position_table``: such a file saved at 64 px builds at 64
+    px too, with the same outputs (before: at the name's own 224 px, its tables interpolated, without a word)."""
+    saved = coatnet.create_model("coatnet_nano_rw", num_classes=3, img_size=64).eval()
+    old = {k.replace(".relative_position.table", ".relative_position_table"): v for k, v in saved.state_dict().items()}
+    torch.save(old, tmp_path / "w.pth")
+    loaded = coatnet.create_model("coatnet_nano_rw", num_classes=3, pretrained=tmp_path / "w.pth").eval()
+    assert loaded.config.img_size == (64, 64)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), saved(x), atol=1e-5, rtol=1e-5)
+
+
 def test_pretrained_with_new_classes_drops_the_classifier(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "w.pth")
     with pytest.warns(UserWarning, match="classifier"):

@@ -265,3 +265,69 @@ def test_a_timm_name_built_without_weights_prepares_images_as_timm(name):
         theirs = resolve_model_data_config(timm.create_model(name, pretrained=False))
     assert ours == theirs
     assert coatnet.create_model("coatnet_0_rw").pretrained_cfg == PretrainedCfg()
+
+
+def test_pretrained_without_a_recipe_or_img_size_trains_at_the_weights_size(timm_file, tmp_path, capsys):
+    """timm's way, `coatnet train --model NAME --pretrained WEIGHTS --data-dir DIR`: the weights' input size
+    (their tables show SIZE), not the digits recipe's 32 px, their tables shrunk without a word (before)."""
+    photos = make_tree(tmp_path / "photos", per_class=1)
+    with pytest.warns(UserWarning, match="classifier"):
+        assert main(["train", "--model", "coatnet_nano_rw_224", "--pretrained", str(timm_file), "--data", "imagefolder",
+                     "--data-dir", str(photos), "--epochs", "1", "--batch-size", "3",
+                     "--output-dir", str(tmp_path / "run")]) == 0
+    meta = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert meta["config"]["img_size"] == [SIZE, SIZE] and meta["train_config"]["img_size"] == SIZE
+    assert f"at {SIZE}x{SIZE}" in capsys.readouterr().out
+
+
+def test_pretrained_naming_the_new_runs_own_output_dir_is_one_line(tmp_path, capsys):
+    """Before: "'run' holds no checkpoint yet: its run is in its first epoch", of the folder this run had just made."""
+    photos = make_tree(tmp_path / "photos", per_class=1)
+    run = tmp_path / "run"
+    assert main(["train", "--pretrained", str(run), "--data", "imagefolder", "--data-dir", str(photos),
+                 "--epochs", "1", "--batch-size", "3", "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--pretrained {run} is this new run's own --output-dir" in err
+    assert not run.exists()
+
+
+def test_a_grey_models_weights_are_fine_tuned_on_colour_images(tmp_path, capsys):
+    """Training reads RGB images: weights of one input channel have their filters spread over the three
+    colours, so that a grey image gives what it gave. Before: "pass in_chans=1", which coatnet train has no flag for."""
+    grey = coatnet.create_model("coatnet_pico", in_chans=1, num_classes=4, img_size=32)
+    grey.save_pretrained(tmp_path / "grey")
+    photos = make_tree(tmp_path / "photos", per_class=1)
+    with pytest.warns(UserWarning, match="classifier"):
+        assert main(["train", "--pretrained", str(tmp_path / "grey"), "--data", "imagefolder", "--data-dir",
+                     str(photos), "--epochs", "1", "--batch-size", "3", "--lr", "1e-9", "--min-lr", "0",
+                     "--output-dir", str(tmp_path / "run")]) == 0
+    assert "1 input channel" in capsys.readouterr().out
+    tuned = coatnet.from_pretrained(tmp_path / "run" / "last").state_dict()["stem.0.0.weight"]
+    given = grey.state_dict()["stem.0.0.weight"]
+    assert tuned.shape[1] == 3  # a third of each grey filter per colour (lr 1e-9: as loaded)
+    torch.testing.assert_close(tuned, given.expand(-1, 3, -1, -1) / 3, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["hub", "folder"])
+def test_pretrained_weights_of_a_folder_or_repository_bring_their_network(hub, tmp_path, capsys, source):
+    """`coatnet train --pretrained hf-hub:ORG/NAME` (or a save_pretrained folder, a run) without --model
+    fine-tunes the network its config.json names (before: the digits recipe's coatnet_pico, refused as
+    "these weights are not coatnet_pico's"); a weights file still needs --model, which the error names."""
+    if source == "hub":
+        timm_repo(hub("me/nano"), timm_nano(num_classes=3))
+        pretrained, network = "hf-hub:me/nano", "coatnet_nano_rw"
+    else:
+        coatnet.create_model("coatnet_nano", num_classes=3).save_pretrained(tmp_path / "nano")
+        pretrained, network = str(tmp_path / "nano"), "coatnet_nano"
+    photos = make_tree(tmp_path / "photos", per_class=1)
+    assert main(["train", "--pretrained", pretrained, "--data", "imagefolder", "--data-dir", str(photos),
+                 "--epochs", "1", "--batch-size", "3", "--output-dir", str(tmp_path / "run")]) == 0
+    meta = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert meta["model"] == network and f"training {network} " in capsys.readouterr().out
+    if source == "hub":
+        save_file(timm_nano(num_classes=3).state_dict(), str(tmp_path / "nano.safetensors"))
+        assert main(["train", "--pretrained", str(tmp_path / "nano.safetensors"), "--data", "imagefolder",
+                     "--data-dir", str(photos), "--epochs", "1", "--batch-size", "3", "--output-dir",
+                     str(tmp_path / "file")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "(coatnet train --model coatnet_nano_rw)" in err, err

@@ -82,6 +82,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, given_as_none in (("randaugment", RANDAUGMENT_OFF), ("drop_path", MODELS_OWN)):
         if given.get(name) == given_as_none:  # None in the settings, which would read as "not given" here
             given[name] = None
+    if args.model is None and isinstance(args.pretrained, str) and args.pretrained:  # "": said by its check
+        from .models.factory import weights_network
+
+        # The weights' own network, where their config.json names it (not the recipe's model, which they
+        # would not fit): --model is then needed only for a weights file.
+        given["model"] = weights_network(args.pretrained) or base.model
+    if args.pretrained is not None and args.recipe is None and args.img_size is None:
+        # The weights' own size, as timm fine-tunes them, not the digits recipe's 32 px (their tables shrunk)
+        given["img_size"] = None
     train(replace(base, **given), output_dir=args.output_dir, resume=resume)
     return 0
 
@@ -217,7 +226,8 @@ def _model_flags(p: argparse.ArgumentParser, checkpoint: str) -> None:
     coatnet.evaluate, in one line)."""
     p.add_argument("--checkpoint", default=None, help=checkpoint + "; or a weights file, with --model")
     p.add_argument("--model", default=None, help="the network of a weights file (--checkpoint FILE), or of timm's "
-                                                 "published weights (--pretrained), e.g. coatnet_0_rw_224.sw_in1k")
+                                                 "published weights (--pretrained), e.g. coatnet_0_rw_224.sw_in1k; "
+                                                 "with --pretrained, hf-hub:ORG/NAME too")
     p.add_argument("--pretrained", action="store_true",
                    help="timm's published weights of --model, from the Hugging Face Hub (its cache)")
 
@@ -244,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="digits, imagefolder, cifar10, cifar100, webdataset or hf")
     p.add_argument("--data-dir", default=None,
                    help="folder of an imagefolder (train/, val/), CIFAR, WebDataset shards or HF data set")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input resolution (default: the recipe's; the weights' own with --pretrained and no "
+                        "--recipe, or --recipe finetune)")
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (on --resume: in all)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -284,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from pretrained weights, with a new head for the data's classes and their "
                         "preprocessing: alone, timm's weights of --model from the Hugging Face Hub; or a weights "
                         "file, a checkpoint or run directory, a save_pretrained folder or timm's downloaded "
-                        "repository (PATH or local-dir:PATH), or hf-hub:ORG/NAME. Tables are interpolated to "
-                        "--img-size")
+                        "repository (PATH or local-dir:PATH), or hf-hub:ORG/NAME, whose network is then the model "
+                        "unless --model is given. Tables are interpolated to --img-size")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval",

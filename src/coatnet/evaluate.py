@@ -22,10 +22,11 @@ from .checkpoint import atomic_write
 from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, warn_not_images
 from .export import check_img_size_flag
 from .models.factory import create_model, from_pretrained, model_from_folder, read_pretrained
-from .models.folder import ModelFolder, read_model_folder, run_last
+from .models.folder import (EMA_WEIGHTS, TIMM_WEIGHTS, WEIGHTS, ModelFolder, exported_model, read_model_folder,
+                            read_model_meta, run_last)
 from .models.hub import HUB_PREFIX, fetch, hub_repository, is_hub_reference, local_path, timm_folder_weights
 from .models.preprocessing import class_names, eval_transform
-from .models.registry import model_entry
+from .models.registry import MODEL_SOURCES, model_entry
 from .plots import plot_confusion
 from .text import printable
 from .validate import resolve_device, slow_bfloat16
@@ -126,7 +127,14 @@ def _model_flags(args: argparse.Namespace) -> None:
                                          None)):  # predict --pretrained FILE: the file taken for an image
         raise ValueError(f"--pretrained takes no file here ('{file}' was read as an image): give a weights file as "
                          f"--checkpoint '{file}', with --model NAME")
-    if args.pretrained:
+    if args.model is not None and args.model.startswith(MODEL_SOURCES):
+        if not args.pretrained:  # a weights file needs its network's name; the repository has weights of its own
+            raise ValueError(f"--model {args.model} names a repository or folder, not a network: give it with "
+                             f"--pretrained (its own weights), or name the network of {args.checkpoint} (its "
+                             f"config.json's architecture, e.g. coatnet_0_rw_224)")
+        # timm's `--model hf-hub:ORG/NAME --pretrained`: the repository (local-dir:PATH, the folder) and its weights
+        args.checkpoint, args.model = args.model, None
+    elif args.pretrained:
         repo, _ = hub_repository(True, args.model)
         args.checkpoint = HUB_PREFIX + repo
 
@@ -143,7 +151,11 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
         model = create_model(args.model, pretrained=weights).eval()
         model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
         return ModelFolder(given, {"model": model.config.name}, model.state_dict(), None), model
-    if given.is_file() and given.name.endswith(WEIGHTS_SUFFIXES):
+    if given.is_file() and _model_folder_of(given):
+        # the folder says their network, preprocessing and class names (and holds the EMA's weights, where kept)
+        raise ValueError(f"'{given}' is the weights of the model folder '{given.parent}': give the folder, "
+                         f"--checkpoint '{given.parent}'")
+    if given.is_file() and given.name.endswith(WEIGHTS_SUFFIXES) and not exported_model(given):
         raise ValueError(f"'{given}' is a weights file: name its network too, --model NAME --checkpoint "
                          f"'{given}' (coatnet info lists the names)")
     path = run_last(given) or given
@@ -165,6 +177,16 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
                          f"--model out, the checkpoint names its own")
     model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
     return ckpt, model
+
+
+def _model_folder_of(file: Path) -> bool:
+    """Whether ``file`` is the weights of a model folder (ours, a checkpoint, timm's downloaded repository)."""
+    if file.name not in (WEIGHTS, EMA_WEIGHTS, *TIMM_WEIGHTS):
+        return False
+    try:
+        return timm_folder_weights(file.parent) is not None or bool(read_model_meta(file.parent))
+    except ValueError:  # a config.json of something else, or none
+        return False
 
 
 def _given_folder(checkpoint: str) -> Path:
@@ -201,6 +223,9 @@ def run_eval(args: argparse.Namespace) -> int:
     _one_process(args)
     device = resolve_device(args.device)  # a bad flag fails before anything is read
     ckpt, model = load_for_inference(args)
+    if not model.num_classes:  # else "0 outputs but N classes", as if it were of another data set
+        raise ValueError(f"{ckpt.path} has no classifier (0 classes): there is nothing to evaluate; give a "
+                         f"checkpoint of a classifier")
     meta = ckpt.meta
     classes = class_names(model)
     data_name = args.data or meta.get("dataset")

@@ -311,7 +311,10 @@ def run_export(args: argparse.Namespace) -> int:
     (overridden by the flags given) recorded in it."""
     from .evaluate import load_for_inference  # which imports this module
 
-    _, model = load_for_inference(args)
+    ckpt, model = load_for_inference(args)
+    if ckpt.path.is_file() and os.path.realpath(args.output) == os.path.realpath(ckpt.path):
+        # --overwrite means an earlier export (TorchScript's .pt is a weights file's suffix too), not the weights
+        raise ValueError(f"output '{args.output}' is the weights file the model is read from; give another path")
     if args.img_size is not None:
         check_img_size_flag(model, args.img_size)
     path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,

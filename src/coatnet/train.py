@@ -44,9 +44,9 @@ from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datas
 from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
-from .models.factory import read_pretrained
+from .models.factory import PretrainedWeights, read_pretrained
 from .models.folder import CONFIG, TRAIN_STATE, WEIGHTS, read_model_meta, read_pretrained_cfg
-from .models.hub import local_path
+from .models.hub import is_hub_reference, local_path
 from .models.registry import MODEL_SOURCES, model_entry
 from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
@@ -86,7 +86,7 @@ class TrainConfig:
     pretrained: str | bool | None = None
     data: str = "digits"
     data_dir: str | None = None
-    img_size: Annotated[int, Range(MIN_IMG_SIZE, MAX_IMG_SIZE)] | None = 32  # None: the model's (224; 384: *_384)
+    img_size: Annotated[int, Range(MIN_IMG_SIZE, MAX_IMG_SIZE)] | None = 32  # None: the weights', else the model's
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 64  # global: split across processes under torchrun
     lr: PositiveFloat = 2e-3
@@ -500,7 +500,7 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
     ``config`` is used as it is: build it on :func:`resumed_config` to keep the resumed run's settings.
     Bad input raises ValueError.
     """
-    if config.img_size is None:
+    if config.img_size is None and (resume or not config.pretrained):  # a new run's weights say theirs (start_run)
         config = replace(config, img_size=model_img_size(config.model))
     if config.data_dir is not None and os.path.exists(config.data_dir):
         # recorded absolute (also when given again on --resume): eval and --resume find the same folder
@@ -591,6 +591,13 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
 
     # Images are prepared as the weights expect: the resumed run's way, the pretrained weights', or ours.
     weights = read_pretrained(cfg.pretrained, cfg.model) if cfg.pretrained and not ckpt else None
+    if cfg.img_size is None:  # the size the weights were trained at where known (a 384 px fine-tune is not
+        size = weights and weights.img_size  # shrunk to 224 under its 384 px preprocessing), else the model's
+        cfg = replace(cfg, img_size=(min(size) if isinstance(size, tuple) else size) or model_img_size(cfg.model))
+    if weights is not None and (grey := _grey_input(weights)):
+        _log(d, f"note: {cfg.pretrained} takes grey images (1 input channel) and training reads RGB ones: its "
+                f"input filters are spread over the 3 colours, a third each, so a grey image gives what it gave")
+        weights = replace(weights, state=weights.state | grey)
     preprocessing = (read_pretrained_cfg(ckpt) if ckpt else None) \
         or default_preprocessing(cfg.data, cfg.img_size, weights.pretrained_cfg if weights else None)
     with warnings.catch_warnings():
@@ -667,6 +674,17 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
     return run
 
 
+def _grey_input(weights: PretrainedWeights) -> dict[str, torch.Tensor]:
+    """The input conv of weights of one channel (a grey model's) as 3-channel filters for the RGB images
+    training reads, each a third of the grey filter (an image's RGB copy then gives what the grey one gave,
+    the inverse of fit_input_channels); empty for other weights."""
+    key = next((k for k in ("stem.0.0.weight", "stem.weight", "stem.conv1.weight") if k in weights.state), None)
+    weight = weights.state[key] if key else None
+    if weight is None or weight.dim() != 4 or weight.shape[1] != 1:
+        return {}
+    return {key: (weight.float().repeat(1, 3, 1, 1) / 3).to(weight.dtype)}
+
+
 def _check_same_classes(ckpt: Checkpoint, recorded: list[str] | None, classes: list[str]) -> None:
     """A resumed run goes on with the classes it trained on, label for label: with a class added or
     removed its head and optimizer state no longer fit, and with one renamed (or reordered) each
@@ -735,6 +753,11 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if ckpt is None and holds_a_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                          f"--output-dir")
+    if ckpt is None and isinstance(cfg.pretrained, (str, Path)) and not is_hub_reference(cfg.pretrained) \
+            and os.path.realpath(local_path(cfg.pretrained)) == os.path.realpath(run_dir):
+        # Read after the run has made (and locked) its folder, it was said to be "a run in its first epoch"
+        raise ValueError(f"--pretrained {cfg.pretrained} is this new run's own --output-dir, which holds no weights "
+                         f"to start from; give the weights (another run, a folder or a file), or another --output-dir")
     elsewhere = ckpt is None or run_dir.resolve() != ckpt.path.parent.resolve()  # not the resumed run's folder
     behind_last = ckpt and os.path.realpath(run_dir / "last") != os.path.realpath(ckpt.path)
     if ckpt and cfg.epochs <= trained and (elsewhere or behind_last and not (run_dir / "summary.json").exists()):

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
-from .folder import ModelFolder, ModelFolderError, read_model_folder, read_pretrained_cfg, upgrade_state_dict
+from .folder import (ModelFolder, ModelFolderError, exported_model, read_model_folder, read_pretrained_cfg,
+                     upgrade_state_dict)
 from .hub import (HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_SOURCES, fetch, hub_config, hub_repository, is_hub_reference,
                   local_dir, local_path, repository_config, timm_folder_weights)
 from .preprocessing import PretrainedCfg
@@ -254,6 +255,24 @@ class PretrainedWeights:
     origin: str = ""  # where they were read, for messages
 
 
+def weights_network(pretrained: str | Path) -> str | None:
+    """Our name of the network of weights given by their place, where a ``config.json`` names it: a
+    ``save_pretrained`` folder, a checkpoint or run directory, timm's repository downloaded into a folder
+    or in the Hub cache (``hf-hub:ORG/NAME``); None for a weights file, whose network only a name says,
+    and for a network not ours (the loading that follows says what is wrong with it)."""
+    if is_hub_reference(pretrained):
+        meta = repository_config(*hub_repository(pretrained, ""))
+    elif local_path(pretrained).is_dir():
+        meta = local_dir(str(pretrained))[1]
+    else:
+        return None
+    name = meta.get("model", meta.get("architecture"))
+    try:
+        return model_entry(name).name if isinstance(name, str) else None
+    except ValueError:  # timm's name of another family
+        return None
+
+
 def read_pretrained(pretrained: str | Path | bool, name: str) -> PretrainedWeights:
     """The weights ``create_model(name, pretrained=...)`` loads, read but not yet loaded: a training
     run reads them first, to prepare its data as they expect, then builds the model on them."""
@@ -285,6 +304,7 @@ def tables_img_size(state: dict[str, torch.Tensor], name: str) -> int | tuple[in
     with torch.device("meta"):
         default = model_entry(name).build()
     built = default.state_dict()
+    state = upgrade_state_dict(state)  # version 1's tables (relative_position_table) show their size too
     key = next((k for k in state if k.endswith("relative_position.table") and k in built), None)
     if key is None or state[key].dim() != 3 or built[key].dim() != 3:
         return None
@@ -365,7 +385,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str, new
         if match is None or match == name:
             raise
         raise ValueError(f"these weights are not {name}'s: they are timm's {match}_224 (ours: {match}); "
-                         f"load them as {match}") from None
+                         f"load them as {match} (coatnet train --model {match})") from None
 
 
 def fit_input_channels(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -393,6 +413,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{str(path)!r} is a folder; give the weights file in it{inside}, a .safetensors or .pth file")
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist; give the path of a .safetensors or .pth file")
+    if exported := exported_model(path):  # torch.load would warn that it is TorchScript, then fail
+        raise ValueError(f"{str(path)!r} is an exported model ({exported}), not weights; give the weights file or "
+                         f"folder it was exported from")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -422,6 +445,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("model.") for k in state):  # no CoAtNet key starts so
         raise ValueError(f"{str(path)!r} holds a feature extractor's weights (keys model.*), which hold no head; "
                          f"load them with extractor.load_state_dict, or save the model it was made from")
+    if "stem.conv1.weight" in state and any(k.startswith("stages_") for k in state):  # timm's FeatureListNet's
+        raise ValueError(f"{str(path)!r} holds timm's feature extractor's weights (features_only, keys stages_N.*), "
+                         f"which hold no head; save the model it was made from")
     return state
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import stat
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,9 +189,8 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
         raise ModelFolderError(f"{str(path)!r} does not exist; give a save_pretrained folder, a checkpoint "
                                f"directory (e.g. RUN_DIR/last or RUN_DIR/best) or a run directory")
     if path.is_file():
-        exported = {".onnx": "ONNX, run by onnxruntime", ".pt2": "torch.export's, run by torch.export.load"}
-        if path.suffix in exported:
-            raise ModelFolderError(f"{str(path)!r} is an exported model ({exported[path.suffix]}); give the folder "
+        if exported := exported_model(path):
+            raise ModelFolderError(f"{str(path)!r} is an exported model ({exported}); give the folder "
                                    f"it was exported from ({CONFIG} + {WEIGHTS})")
         raise ModelFolderError(f"{str(path)!r} is a file; give a folder ({CONFIG} + {WEIGHTS}). A weights file "
                                f"loads under its network's name: --model NAME --checkpoint FILE (coatnet eval, "
@@ -216,6 +216,20 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"{str(path / CONFIG)!r} is corrupt ({e}); use another checkpoint") from None
     return path, meta
+
+
+def exported_model(path: Path) -> str | None:
+    """What exported model the file ``path`` is, and what runs it (``coatnet export``'s formats), or None.
+    TorchScript's archives end in .pt as weights files do: told by their compiled code inside."""
+    exported = {".onnx": "ONNX, run by onnxruntime", ".pt2": "torch.export's, run by torch.export.load"}
+    if path.suffix in exported:
+        return exported[path.suffix]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            scripted = any(n.partition("/")[2].startswith("code/") for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):  # not a zip: a weights file of another kind (safetensors), or none
+        return None
+    return "TorchScript, run by torch.jit.load" if scripted else None
 
 
 def timm_architecture(path: Path) -> str | None:
