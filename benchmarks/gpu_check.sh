@@ -16,6 +16,9 @@
 # The machine's python3 needs torch, torchvision, timm, safetensors, huggingface_hub, scikit-learn,
 # tqdm and matplotlib; the package itself is taken from src/.
 set -uo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # this header, less its comment signs
+  sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
+fi
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [STAGE...]}
 shift
 all_stages="fsdp parity modes bench-bf16 bench-fp32 bench-fp32-compiled bench-tf32-compiled profile profile-compiled"

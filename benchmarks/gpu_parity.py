@@ -5,8 +5,8 @@ relative error ||out - ref|| / ||ref|| and top-1 agreement.
 
 Run by benchmarks/gpu_check.sh; ``python benchmarks/gpu_parity.py [DEVICE]`` (default cuda)."""
 
+import argparse
 import copy
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -81,4 +81,6 @@ def main(device: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("device", nargs="?", default="cuda", help="where to run our model (default: cuda)")
+    main(parser.parse_args().device)

@@ -19,6 +19,7 @@ The script exits 1 if a case failed (each is reported and the others still run).
 Run by benchmarks/gpu_check.sh (stage ``profile``); ``python benchmarks/gpu_profile.py CASE...``.
 """
 
+import argparse
 import functools
 import re
 import statistics
@@ -153,7 +154,13 @@ def profile(case: str) -> None:
 
 
 if __name__ == "__main__":
-    cases = [(case, parse(case)) for case in sys.argv[1:]]  # a misspelt case fails before anything runs
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cases", nargs="+",
+                        help="IMPL-DTYPE-MODE[-compiled][-VARIANT...], e.g. coatnet-bfloat16-inference")
+    try:  # a misspelt case fails before anything runs
+        cases = [(case, parse(case)) for case in parser.parse_args().cases]
+    except ValueError as error:
+        parser.error(str(error))
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     failed = []
     for case, _ in cases:

@@ -144,3 +144,15 @@ def test_a_models_source_where_a_model_name_goes_says_why_it_is_refused(capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert name in err and ("takes a model name" in err or "names where a model is" in err), err
+
+
+def test_a_weights_file_given_to_pretrained_before_model_says_to_give_it_as_checkpoint(tmp_path, monkeypatch, capsys):
+    """``predict --pretrained W --model NAME IMAGE``, timm's flags in train's spelling and another order: argparse
+    reads W as an IMAGE and refuses the image after --model, which was said alone (before: "coatnet: error:
+    unrecognized arguments: cat.jpg")."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("w.safetensors", "cat.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert main(["predict", "--pretrained", "w.safetensors", "--model", "coatnet_pico", "cat.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "give a weights file as --checkpoint w.safetensors, with --model NAME" in err and err.count("\n") == 1, err

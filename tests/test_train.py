@@ -216,6 +216,20 @@ def test_extending_a_finished_run_never_raises_the_lr(reference_run, tmp_path):
     assert max(lrs[2:]) <= lrs[1]
 
 
+@pytest.mark.parametrize("batch_size,warmup,said", [("1024", "0", False), ("1024", "5", False), ("512", "1", True)])
+def test_the_warm_up_note_is_said_only_where_fewer_steps_would_decay(capsys, tmp_path, batch_size, warmup, said):
+    """A run of one step (the finetune recipe's one epoch on a small folder) has nothing to decay
+    (before: "--warmup-steps 0 covers the whole run of 1 steps ... give fewer (e.g. --warmup-steps 0)");
+    two steps, both at --lr after a warm-up of one, are told to give none."""
+    assert main(["train", "--img-size", "16", "--epochs", "1", "--batch-size", batch_size, "--warmup-steps", warmup,
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert ("covers the whole run" in out) == said, out
+    if said:
+        assert f"note: --warmup-steps {warmup} covers the whole run of 2 steps" in out, out
+        assert "(e.g. --warmup-steps 0)" in out, out
+
+
 def test_lr_schedule_warms_up_decays_then_stays_at_min_lr():
     from coatnet.train import TrainConfig, lr_schedule
 

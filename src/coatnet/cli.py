@@ -454,9 +454,12 @@ def _file_hint(message: str, argv: list[str]) -> str:
     refused = message.split(": error: ")[-1]
     if not refused.startswith(("unrecognized arguments", "the following arguments are required")):
         return ""
+    from .evaluate import WEIGHTS_SUFFIXES
+
     dashed = next((a for a in argv if a.startswith("-") and a != "-" and os.path.exists(a)), None)
     if "--pretrained" in argv[:-1] and refused.startswith("unrecognized arguments") and os.path.isfile(
-            file := argv[argv.index("--pretrained") + 1]) and file in refused.split(": ", 1)[-1].split():
+            file := argv[argv.index("--pretrained") + 1]) and (
+            file in refused.split(": ", 1)[-1].split() or file.endswith(WEIGHTS_SUFFIXES)):  # predict: read as an IMAGE
         return f"; --pretrained takes no file here: give a weights file as --checkpoint {file}, with --model NAME"
     return "" if dashed is None else (f"; '{dashed}' is a file taken for a flag: give it as ./{dashed}, or after -- "
                                       f"(... -- {dashed})")

@@ -667,7 +667,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
             f"{cfg.img_size}, {cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, "
             f"{d.world_size} process(es) on {d.device.type}; output {run_dir}")
     # lr_schedule ends the warm-up at the last step at the latest (schedule_steps - 1): from there on, none decays
-    if ckpt is None and cfg.warmup_steps >= schedule_steps - 1:
+    # (a run of one step has nothing to decay, whatever the warm-up)
+    if ckpt is None and schedule_steps > 1 and cfg.warmup_steps >= schedule_steps - 1:
         _log(d, f"note: --warmup-steps {cfg.warmup_steps} covers the whole run of {schedule_steps} steps: the rate "
                 f"reaches --lr at its last step and never decays; give fewer (e.g. --warmup-steps "
                 f"{schedule_steps // 10})")
