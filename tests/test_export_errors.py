@@ -298,3 +298,21 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(folder, tmp_path, capsys):
         finally:
             if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
                 subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_export_under_torchrun_is_refused_once(folder, tmp_path, capsys, monkeypatch):
+    """As eval and predict: every process would export the same file, all but one then refused as "appeared
+    while exporting" (before: the job failed that way, its file written). The first process says it; the
+    others leave with status 2 and say nothing (eval and predict too: before, each said it)."""
+    out = tmp_path / "m.onnx"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "onnx", "--output", str(out)],
+            "coatnet export runs in one process: run it without torchrun (WORLD_SIZE unset)")
+    monkeypatch.setenv("RANK", "1")
+    for command in (["export", "--format", "onnx", "--output", str(out)], ["eval"], ["predict", "x.png"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--checkpoint", str(folder)])
+        assert e.value.code == 2 and capsys.readouterr().err == ""
+    assert not out.exists()

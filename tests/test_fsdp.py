@@ -162,3 +162,56 @@ def test_a_full_disk_while_writing_the_sharded_optimizer_state(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         sharding.save_optimizer(model, torch.optim.AdamW(model.parameters()), tmp_path / ".shards-00000004.tmp")
     assert e.value.code == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_process_lost_while_writing_the_sharded_optimizer_state_is_not_a_write_failure(tmp_path, monkeypatch):
+    """A peer killed while DCP writes fails the collective with gloo's "Connection reset by peer": that is
+    no full disk or permission to fix (before: "cannot write checkpoint ...; free some space or fix the
+    folder's permissions"). It goes up as it is, for training to say the process was lost; the shards go."""
+    import torch.distributed.checkpoint as dcp
+
+    from coatnet import sharding
+
+    lost = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging or bugs in the application.")
+    for error in (lost, dcp.api.CheckpointException("save", {0: (lost, None)})):
+        def failing(state, checkpoint_id, error=error):
+            Path(checkpoint_id).mkdir()
+            raise error
+
+        monkeypatch.setattr(dcp, "save", failing)
+        model = coatnet.create_model("coatnet_pico", num_classes=3)
+        with pytest.raises(type(error)) as e:
+            sharding.save_optimizer(model, torch.optim.AdamW(model.parameters()), tmp_path / ".shards-00000004.tmp")
+        assert e.value is error and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_dir_that_is_each_machines_own_is_refused_at_the_first_save(tmp_path):
+    """Two machines (two torchrun agents of one job here, rendezvous on localhost), each in its own working
+    directory, given a relative --output-dir: each process writes its optimizer shard into its own
+    machine's folder. Before: the run ended "done", each checkpoint lacking the other machine's shard
+    (found by --resume: "a shard is missing or damaged") and that machine's folder filling with one left
+    behind at every save. Now the first save stops the job in one line saying to give a shared folder."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "own-folders",
+             "-m", "coatnet", "train", "--fsdp", "--img-size", "16", "--batch-size", "64", "--epochs", "1",
+             "--save-every", "2", "--output-dir", "run"],
+            cwd=tmp_path / name, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=ENV | {"PYTHONPATH": str(Path(coatnet.__file__).parents[1])}))
+    stderr = "".join(node.communicate(timeout=300)[1] for node in nodes)
+    assert all(node.returncode != 0 for node in nodes), stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("coatnet train: error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"coatnet train: error: the optimizer shards written by the other processes \(__1_0\.distcp\) are not in "
+        r"'run' as the first process sees it: --output-dir must be a folder every machine of the job sees \(a shared "
+        r"file system\), not each machine's own; give one, and continue with --resume from there", errors[0]), errors
+    assert not any((tmp_path / name / "run").exists() for name in "ab")  # nothing left behind on either machine

@@ -951,3 +951,78 @@ def test_resume_on_a_changed_training_set_says_what_it_trains(tmp_path, capsys, 
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == steps
     assert (history[-1]["lr"] == pytest.approx(cfg.min_lr)) == ("stays at --min-lr" in said)  # as the note says
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.parametrize("flags", [["--save-every", "2"], ["--fsdp", "--save-every", "1"]])
+def test_a_process_killed_under_torchrun_is_one_line_from_the_others(tmp_path, flags):
+    """SIGKILL of one worker (the kernel's OOM killer, a machine lost): the process left waiting on it in a
+    collective says so in one line, with what continues the run (before: gloo's 25-line traceback, or
+    in an --fsdp run's save "cannot write checkpoint ...: free some space or fix the folder's permissions").
+    torchrun's --monitor-interval gives it the time to say it before torchrun stops it."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--monitor-interval", "3", "-m", "coatnet", "train", "--img-size", "16", "--batch-size",
+                             "16", "--epochs", "1", *flags, "--output-dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not os.path.islink(out / "last") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    worker = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+    os.kill(worker, signal.SIGKILL)
+    stderr = proc.communicate(timeout=120)[1]
+    errors = [line for line in stderr.splitlines() if line.startswith("coatnet train: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.fullmatch(rf"coatnet train: error: process 0: another process of the job stopped \(.*by peer\); its "
+                        rf"own error, or torchrun's report, says why; then `coatnet train --resume {out}` continues "
+                        rf"it from its last checkpoint \(step \d+\)", errors[0]), errors[0]
+    assert "[rank0]: Traceback" not in stderr and "free some space" not in stderr
+    assert load_checkpoint(out / "last").train_state["step"] > 0
+
+
+def test_ctrl_c_of_torchrun_is_said_once(tmp_path):
+    """Ctrl-C (SIGINT to torchrun, which passes it on to every worker): the first process says what
+    continues the run; the others leave with status 130 and say nothing (before: a bare
+    "coatnet train: interrupted" line from each of them)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "coatnet", "train", *TINY, "--batch-size", "16", "--epochs", "1", "--save-every",
+                             "2", "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    deadline = time.time() + 120
+    while not os.path.islink(out / "last") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    said = [line for line in stderr.splitlines() if line.startswith("coatnet train:")]
+    assert len(said) == 1 and said[0].startswith(f"coatnet train: interrupted; `coatnet train --resume {out}` "
+                                                 f"continues it from its last checkpoint (step "), stderr[-3000:]
+
+
+def test_a_resume_that_cannot_run_on_these_processes_says_what_can(reference_run):
+    """Found with training's other checks (said once under torchrun, before the data is read): a run
+    resumed with --fsdp added or dropped (before: said by every process once it had built its model),
+    and a resumed run's batch, which it keeps, on processes that do not divide it (before: "give a
+    multiple of 3", which the resume then refused as another --batch-size)."""
+    from dataclasses import replace
+
+    from coatnet.train import Dist, _check, resumed_config
+
+    ckpt = load_checkpoint(reference_run / "last")
+    cfg = resumed_config(True, reference_run)
+    with pytest.raises(ValueError, match=r"was written by a run without --fsdp and resumes only so: drop --fsdp; or "
+                                         rf"start a new run from its weights with --pretrained {ckpt.path}$"):
+        _check(replace(cfg, fsdp=True), Dist(0, 1, torch.device("cpu")), ckpt, reference_run)
+    with pytest.raises(ValueError) as e:
+        _check(cfg, Dist(0, 3, torch.device("cpu")), ckpt, reference_run)  # batch 128
+    assert str(e.value) == (f"the resumed run's --batch-size 128 (global, kept on resume) is not divisible by 3 "
+                            f"process(es) x --grad-accum-steps 1; resume it on a number of processes that divides it "
+                            f"(e.g. 2), or start a new run from its weights with --pretrained {ckpt.path}")
+    _check(cfg, Dist(0, 2, torch.device("cpu")), ckpt, reference_run)  # 2 processes resume it

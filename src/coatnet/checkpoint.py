@@ -250,6 +250,18 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective's failure because another process of the job is gone (killed,
+    out of memory, its machine down): gloo says its peer closed or reset the connection ("... caused by a
+    remote worker crashing"), NCCL and the rendezvous store raise ``DistError``; DCP gathers them per process."""
+    import torch.distributed as dist
+
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: each process's own error
+    if isinstance(failures, dict) and any(process_lost(e) for e, _ in failures.values()):
+        return True
+    return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and "remote worker" in str(error)
+
+
 def load_checkpoint(path: str | Path, with_train_state: bool = True) -> Checkpoint:
     """Read a checkpoint directory (or a run directory, meaning its ``last``) safely.
 

@@ -517,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: error: {printable(what + where)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
+        trained = sys.modules.get("coatnet.train")  # imported by the commands that train
+        if trained is not None and isinstance(e, trained.ProcessLost):  # not bad input: status 1
+            print(f"{command}: error: {printable(str(e))}", file=sys.stderr)
+            return 1
         if not out_of_memory(e):
             raise
         asked = _ASKED.search(str(e))

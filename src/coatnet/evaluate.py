@@ -214,8 +214,12 @@ def _amp(args: argparse.Namespace, ckpt: ModelFolder, device: torch.device) -> b
 
 
 def _one_process(args: argparse.Namespace) -> None:
-    """Refuse torchrun: each process would do all of the work, and write or print the same results."""
+    """Refuse torchrun: each process would do all of the work, and write or print the same results (an
+    export: each the same file, all but one then refused as "appeared while exporting"). Said by the first
+    process; the others leave with status 2 and say nothing, as training's refusals."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2)
         raise ValueError(f"coatnet {args.command} runs in one process: run it without torchrun (WORLD_SIZE unset)")
 
 

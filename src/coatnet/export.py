@@ -309,8 +309,9 @@ _SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 def run_export(args: argparse.Namespace) -> int:
     """``coatnet export``: a checkpoint or ``save_pretrained`` folder in, one file out, its preprocessing
     (overridden by the flags given) recorded in it."""
-    from .evaluate import load_for_inference  # which imports this module
+    from .evaluate import _one_process, load_for_inference  # which imports this module
 
+    _one_process(args)
     ckpt, model = load_for_inference(args)
     if ckpt.path.is_file() and os.path.realpath(args.output) == os.path.realpath(ckpt.path):
         # --overwrite means an earlier export (TorchScript's .pt is a weights file's suffix too), not the weights

@@ -21,6 +21,7 @@ the processes and gathers one block's weights at a time for its forward and back
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import CheckpointError, write_failed
+from .checkpoint import CheckpointError, process_lost, write_failed
 
 def shard(model: nn.Module, amp: bool) -> nn.Module:
     """Shard ``model`` (a CoAtNet) across the process group: each block a unit, the root the rest."""
@@ -81,9 +82,34 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
     except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's failure in its own
         shutil.rmtree(folder, ignore_errors=True)
+        if process_lost(e):  # another process died: no disk or permission to fix (said by train, as anywhere)
+            raise
         if isinstance(e, dcp.api.CheckpointException) and dist.is_initialized() and dist.get_rank() != 0:
             raise SystemExit(2) from None  # DCP's gathered failure, which the first process has too
         raise write_failed(folder, _first_line(e)) from None
+    # Each process writes its shard into the folder as its machine sees it: on a folder of each machine's
+    # own, the first one's checkpoint would lack the others' shards (found only by --resume, days later) and
+    # they would leave theirs behind at every save. Its metadata lists every shard: the first process looks.
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    box = [_missing_shards(folder) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        shutil.rmtree(folder, ignore_errors=True)  # here, and on each machine its own copy
+        if rank != 0:
+            with contextlib.suppress(OSError):  # the run's folder, made by DCP on this machine: left empty
+                folder.parent.rmdir()
+            raise SystemExit(2)  # said once, by the first process
+        raise CheckpointError(f"the optimizer shards written by the other processes ({', '.join(box[0][:2])}"
+                              f"{' ...' if len(box[0]) > 2 else ''}) are not in '{folder.parent}' as the first process "
+                              f"sees it: --output-dir must be a folder every machine of the job sees (a shared file "
+                              f"system), not each machine's own; give one, and continue with --resume from there")
+
+
+def _missing_shards(folder: Path) -> list[str]:
+    """The files of the sharded state in ``folder`` that its metadata lists and this process cannot find."""
+    files = {info.relative_path for info in dcp.FileSystemReader(folder).read_metadata().storage_data.values()}
+    return sorted(name for name in files if not (folder / name).is_file())
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from . import sharding
 from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run,
-                         load_checkpoint, locked_run_dir, refuse_if_in_use, save_checkpoint)
+                         load_checkpoint, locked_run_dir, process_lost, refuse_if_in_use, save_checkpoint)
 from .complexity import count_parameters
 from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
                    default_preprocessing, mixup_cutmix)
@@ -543,25 +544,42 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
             dist.destroy_process_group()
 
 
+class ProcessLost(RuntimeError):
+    """Another process of the job stopped (killed, out of memory, its machine down) while this one
+    waited on it: one line saying so and what continues the run, not the collective's traceback."""
+
+
 @contextmanager
 def _said_on_interrupt(run_dir: Path, ckpt: Checkpoint | None, d: Dist):
     """Ctrl-C (or SIGTERM, which ``coatnet train`` takes as Ctrl-C) stops the run with what continues
     it, and from where: the steps since its last checkpoint are lost. A checkpoint of this process
-    holds the flags it was given; the one it resumed holds the flags given before."""
+    holds the flags it was given; the one it resumed holds the flags given before. So does the loss of
+    another process of the job (:class:`ProcessLost`), which every process left says, each may be the last."""
     try:
         yield
     except KeyboardInterrupt:
-        if not d.main:  # under torchrun every process is stopped: one says so
+        if not d.main:  # under torchrun every process is stopped: the first one says so
+            raise SystemExit(130) from None
+        raise KeyboardInterrupt(_how_to_continue(run_dir, ckpt)) from None
+    except BaseException as e:  # DCP's gathered failures are BaseExceptions
+        if d.world_size == 1 or not process_lost(e):
             raise
-        resumed_at = ckpt.train_state["step"] if ckpt else None
-        saved_at = read_model_meta(run_dir)[1].get("step") if (run_dir / "last").exists() else None
-        if saved_at is not None and saved_at != resumed_at:
-            hint = f"`coatnet train --resume {run_dir}` continues it from its last checkpoint (step {saved_at})"
-        elif ckpt:
-            hint = f"the same command continues it from the checkpoint it resumed (step {resumed_at})"
-        else:
-            hint = "no checkpoint was written yet: the same command starts it again"
-        raise KeyboardInterrupt(hint) from None
+        # gloo's first sentence, without its source file: "Read error [ADDR]: Connection reset by peer"
+        why = re.sub(r"\[[^\]]*\.cc:\d+\]\s*", "", next(iter(str(e).splitlines()), "")).split(". ")[0][:160]
+        why = why or type(e).__name__
+        raise ProcessLost(f"process {d.rank}: another process of the job stopped ({why}); its own error, or "
+                          f"torchrun's report, says why; then {_how_to_continue(run_dir, ckpt)}") from None
+
+
+def _how_to_continue(run_dir: Path, ckpt: Checkpoint | None) -> str:
+    """What continues a stopped run, and from which step."""
+    resumed_at = ckpt.train_state["step"] if ckpt else None
+    saved_at = read_model_meta(run_dir)[1].get("step") if (run_dir / "last").exists() else None
+    if saved_at is not None and saved_at != resumed_at:
+        return f"`coatnet train --resume {run_dir}` continues it from its last checkpoint (step {saved_at})"
+    if ckpt:
+        return f"the same command continues it from the checkpoint it resumed (step {resumed_at})"
+    return "no checkpoint was written yet: the same command starts it again"
 
 
 def model_img_size(name: str) -> int:
@@ -730,6 +748,13 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
             raise ValueError(f"{flag} {getattr(cfg, name)} differs from the resumed run's {saved.get(name)}: a resumed "
                              f"run keeps its data, batch size, seed and image size; drop {flag} to resume it, or "
                              f"start a new run from its weights with --pretrained {ckpt.path}")
+    # Found here, said once under torchrun and before the data is read and the model built (before: by every
+    # process, once the run had read its data and built its model)
+    if ckpt and (ckpt.train_state["optimizer"] is None) != cfg.fsdp:  # an --fsdp run writes its optimizer state apart
+        sharded = ckpt.train_state["optimizer"] is None
+        raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
+                              f"and resumes only so: {'add' if sharded else 'drop'} --fsdp; or start a "
+                              f"new run from its weights with --pretrained {ckpt.path}")
     trained = ckpt and ckpt.train_state["epoch"]  # epochs the resumed checkpoint finished
     if ckpt and ckpt.train_state["batch_in_epoch"] and cfg.epochs <= trained:
         # nothing would be trained, and the run's report would be of its last finished epoch, not of this checkpoint
@@ -784,6 +809,15 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")
+    if cfg.batch_size % (d.world_size * cfg.grad_accum_steps) and ckpt:
+        # A resumed run keeps its --batch-size (above): another one would be refused, so the processes must fit it
+        fit = [n for n in range(1, cfg.batch_size + 1) if cfg.batch_size % (n * cfg.grad_accum_steps) == 0]
+        nearest = max([n for n in fit if n < d.world_size] or fit[:1] or [None])  # the most it has, else fewest
+        raise ValueError(f"the resumed run's --batch-size {cfg.batch_size} (global, kept on resume) is not divisible "
+                         f"by {d.world_size} process(es) x --grad-accum-steps {cfg.grad_accum_steps}; resume it on a "
+                         f"number of processes that divides it"
+                         + (f" (e.g. {nearest})" if nearest else f", with a --grad-accum-steps that divides it")
+                         + f", or start a new run from its weights with --pretrained {ckpt.path}")
     if cfg.batch_size % (d.world_size * cfg.grad_accum_steps):
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} process(es) x "
                          f"--grad-accum-steps {cfg.grad_accum_steps}; give a multiple of "
@@ -829,11 +863,7 @@ def _check_free_space(run: Run, instead: str) -> None:
 def _restore(run: Run, ckpt: Checkpoint) -> None:
     """Weights, optimizer, EMA, state and this rank's RNG as the checkpoint saved them."""
     s, d = ckpt.train_state, run.dist
-    sharded = s["optimizer"] is None  # an --fsdp run writes its optimizer state apart, sharded
-    if sharded != run.config.fsdp:
-        raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
-                              f"and resumes only so: {'add' if sharded else 'drop'} --fsdp; or start a new run from its weights "
-                              f"with --pretrained")
+    sharded = s["optimizer"] is None  # an --fsdp run writes its optimizer state apart, sharded (_check: as this one)
     # The checkpoint gives AdamW's moments and steps; the settings (weight decay, the rate at this
     # step) stay this run's, which --resume may have changed (--weight-decay, --lr).
     settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
