@@ -43,7 +43,13 @@ def test_info_compares_with_the_paper_only_at_its_sizes(capsys):
     (["eval", "--checkpoint", "x", "--workers", "-2"], "argument --workers: must be an integer >= 0"),
     (["bench", "--threads", "zero"], "argument --threads: must be an integer >= 1, got 'zero'"),
     (["study", "layouts", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
-    (["train", "--no-such-flag"], "coatnet: error: unrecognized arguments: --no-such-flag"),
+    # An unknown flag is the command's, with the flag it most looks like (before: "coatnet: error: ...")
+    (["train", "--no-such-flag"], "coatnet train: error: unrecognized arguments: --no-such-flag; `coatnet train --help` "
+                                  "lists its flags"),
+    (["train", "--batch_size", "8"], "coatnet train: error: unrecognized arguments: --batch_size 8; did you mean "
+                                     "--batch-size?"),
+    (["study", "layouts", "--epochz=3"], "coatnet study layouts: error: unrecognized arguments: --epochz=3; did you "
+                                        "mean --epochs?"),
     (["frobnicate"], "coatnet: error: argument COMMAND: invalid choice: 'frobnicate'"),
 ])
 def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
@@ -156,3 +162,37 @@ def test_a_weights_file_given_to_pretrained_before_model_says_to_give_it_as_chec
     assert main(["predict", "--pretrained", "w.safetensors", "--model", "coatnet_pico", "cat.jpg"]) == 2
     err = capsys.readouterr().err
     assert "give a weights file as --checkpoint w.safetensors, with --model NAME" in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """The `coatnet` script imports coatnet.cli before main runs: that must not load torch (a Ctrl-C in
+    the seconds it takes would be Python's traceback, outside every handler); inside main, a Ctrl-C
+    while torch loads (here raised by an import hook, as the terminal would) is one line, status 130."""
+    script = """
+import sys
+import coatnet.cli
+assert "torch" not in sys.modules, "importing coatnet.cli loaded torch"
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.exit(coatnet.cli.main(["train", "--epochs", "1"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "coatnet: interrupted\n")
+
+
+def test_the_package_names_what_it_exports():
+    """`import coatnet` loads the model on first use: its names still import and list as before."""
+    done = subprocess.run([sys.executable, "-c", "import coatnet; print(coatnet.models.MBConv.__name__)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout == "MBConv\n", done.stderr
+    import coatnet
+    from coatnet import CoAtNet, create_model
+
+    assert create_model is coatnet.create_model and CoAtNet is coatnet.models.CoAtNet
+    assert set(coatnet.__all__) <= set(dir(coatnet))
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        coatnet.nothing

@@ -672,7 +672,7 @@ def test_micro_batches_too_small_for_batchnorm_are_said(tmp_path, monkeypatch, c
 
 
 def test_amp_on_a_cpu_that_emulates_bfloat16_is_said(tmp_path, monkeypatch, capsys):
-    """--amp on an x86 CPU without AVX512-BF16 or AMX trains 2-3x slower than float32: one note says so."""
+    """--amp on an x86 CPU without AVX512-BF16 or AMX trains 2-3.5x slower than float32: one note says so."""
     from coatnet.train import Dist, TrainConfig, start_run
     from coatnet.validate import slow_bfloat16
 
@@ -691,7 +691,7 @@ def test_amp_on_a_cpu_that_emulates_bfloat16_is_said(tmp_path, monkeypatch, caps
             start_run(TrainConfig(img_size=16, amp=amp), Dist(0, 1, cpu), tmp_path)
         out = capsys.readouterr().out
         assert ("note: --amp trains in bfloat16, and this CPU has no native bfloat16 (neither AVX512-BF16 nor AMX), "
-                "so it is emulated: 2-3x slower than float32; --no-amp trains in float32" in out) == said, out
+                "so it is emulated: 2-3.5x slower than float32; --no-amp trains in float32" in out) == said, out
     capabilities = dict(architecture="x86_64", avx512_bf16=False, amx_bf16=False)
     assert slow_bfloat16(cpu) and slow_bfloat16(torch.device("cuda")) is None  # the GPU's is its own
     capabilities["architecture"] = "aarch64"  # Arm's bfloat16 flags are other ones: nothing is claimed

@@ -4,6 +4,7 @@ and one line on stderr that says what was wrong, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -218,6 +219,22 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse's own: a usage block, then exit
         raise _FlagError(f"{self.prog}: error: {message}")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse says an unknown flag as the top command's ("coatnet: error: ..."): say it as the
+        # command's that was given it, with the flag it most looks like (--batch_size: --batch-size)
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if not unknown:
+            return parsed
+        parser = self
+        while sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None):
+            parser = sub.choices[getattr(parsed, sub.dest)]
+        flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
+        close = [match for arg in unknown if arg.startswith("-") for match in
+                 difflib.get_close_matches("--" + arg.lstrip("-").split("=")[0].replace("_", "-"), flags, n=1,
+                                                     cutoff=0.7)]
+        hint = f"did you mean {' '.join(close)}?" if close else f"`{parser.prog} --help` lists its flags"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}; {hint}")
 
 
 def _model_flags(p: argparse.ArgumentParser, checkpoint: str) -> None:
@@ -481,6 +498,15 @@ def sigterm_as_ctrl_c():
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # before a command began (torch loading, the flags read): as a command's Ctrl-C
+        if os.environ.get("RANK", "0") == "0":
+            print("coatnet: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _FlagError as e:

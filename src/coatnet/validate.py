@@ -13,9 +13,10 @@ import math
 import types
 import typing
 from dataclasses import dataclass, fields
-from typing import Annotated, Callable, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Callable, Literal, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def flag_type(kind) -> Callable[[str], object]:
 def resolve_device(name: str | None) -> torch.device:
     """The device a ``--device`` flag names (None: CUDA where it is available, else the CPU), or one
     ValueError that says what to use instead."""
+    import torch  # here: the command line reads its flags before torch loads
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -142,10 +145,12 @@ def slow_bfloat16(device: torch.device) -> str | None:
     """Why bfloat16 is slower than float32 on ``device``, or None: an x86 CPU without AVX512-BF16 or
     AMX converts to float32 and back around every product (on 2 cores of such a Xeon, CoAtNet-0's
     training step 2.5x and its inference 3.4x slower than float32, its bfloat16 matmul 5x)."""
+    import torch
+
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # newer torch; without it, nothing is said
     if device.type != "cpu" or capabilities is None:
         return None
     cpu = capabilities()
     if cpu.get("architecture") != "x86_64" or cpu.get("avx512_bf16") or cpu.get("amx_bf16"):
         return None
-    return "this CPU has no native bfloat16 (neither AVX512-BF16 nor AMX), so it is emulated: 2-3x slower than float32"
+    return "this CPU has no native bfloat16 (neither AVX512-BF16 nor AMX), so it is emulated: 2-3.5x slower than float32"
