@@ -767,8 +767,8 @@ def test_a_file_named_like_a_flag_is_said_to_be_one(run_dir, tmp_path, capsys, m
     hint = "'-x.png' is a file taken for a flag: give it as ./-x.png, or after -- (... -- -x.png)"
     one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-x.png"], "required: IMAGE; " + hint)
     one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-x.png", "a.png"], "-x.png; " + hint)
-    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-y.png", "a.png"],  # no such file: no hint
-                   "unrecognized arguments: -y.png\n")
+    one_line_error(capsys, ["predict", "--checkpoint", str(run_dir), "-y.png", "a.png"],  # no such file: a flag's hint
+                   "unrecognized arguments: -y.png; `coatnet predict --help` lists its flags\n")
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(run_dir), "--", "-x.png"]) == 0
 

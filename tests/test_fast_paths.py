@@ -627,3 +627,75 @@ def test_squeeze_excitation_pool_is_called_where_it_must_be():
     torch.testing.assert_close(se._scale(hidden), expected)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_relu_keeps_a_nan_as_the_plain_path_does():
+    """oneDNN's ReLU post-op is max(x, 0), which turns NaN into 0: with ReLU in the convs (a config
+    option), a NaN pixel (a corrupt image) must give NaN logits for its image, as the plain layers
+    do, not plausible ones (before: finite logits, in float32 and bfloat16)."""
+    torch.manual_seed(0)
+    model = randomise_norms(coatnet.create_model("coatnet_pico", num_classes=10, stem=dict(activation="relu"),
+                                                 mbconv=dict(activation="relu")))
+    x = torch.randn(2, 3, 32, 32)
+    x[0, 0, 5, 5] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        fast, plain = _fast_and_plain(model.to(dtype), x.to(dtype))
+        assert fast[0].isnan().all() and fast[1].isfinite().all()
+        torch.testing.assert_close(fast, plain, equal_nan=True, atol=1e-5 if dtype == torch.float32 else 0.02,
+                                   rtol=1e-5 if dtype == torch.float32 else 0.02)
+    unit = randomise_norms(ConvBNAct(4, 8, 3, activation="relu"))
+    x = torch.randn(2, 4, 6, 6)
+    x[0, :, 2, 2] = float("nan")
+    fast, plain = _fast_and_plain(unit, x)
+    torch.testing.assert_close(fast, plain, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_taken_out_or_without_affine_terms():
+    """A BatchNorm whose affine terms were set to None (F.batch_norm's identity) and an MBConv
+    block with its squeeze-excitation or depthwise conv deleted (an ablation): the plain path's
+    output at inference (before: AttributeError in the fast path)."""
+    x = torch.randn(2, 3, 32, 32)
+    model = _pico()
+    norm = model.stem[0][1]
+    norm.weight, norm.bias = None, None
+    del model.stages[0][0].residual.se
+    del model.stages[1][0].residual.depthwise
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+def test_bfloat16_projection_of_other_kinds():
+    """MBConv's bfloat16 path folds a per-image, per-channel SE scale into a 1x1 projection: where
+    a user made the squeeze-excitation per pixel (its pool an Identity) or the projection another
+    conv (grouped, 3x3), the block computes what the plain path does (before: RuntimeError)."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    for change in ("pool", "grouped", "3x3"):
+        model = _pico()
+        residual = model.stages[0][0].residual
+        c, out = residual.project.in_channels, residual.project.out_channels
+        if change == "pool":
+            residual.se.avgpool = torch.nn.Identity()
+        else:
+            residual.project = (torch.nn.Conv2d(c, out, 1, groups=4) if change == "grouped"
+                                else torch.nn.Conv2d(c, out, 3, padding=1))
+        model = model.eval().to(torch.bfloat16)
+        fast, plain = _fast_and_plain(model, x)
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=0, atol=0.03 * plain.abs().max().item(),
+                                   msg=change)
+
+
+def test_a_forward_patched_on_the_class_is_called(monkeypatch):
+    """A ``forward`` patched onto a class (a user's monkeypatch: every GELU the tanh one, every conv
+    scaled, every MBConv block without its residual branch) is called, as the plain path calls it
+    (before: the fast path computed the classes' own functions in their place)."""
+    x = torch.randn(2, 3, 32, 32)
+    model = _pico()
+    patches = [(torch.nn.GELU, lambda self, t: F.gelu(t, approximate="tanh")),
+               (torch.nn.Conv2d, lambda self, t, conv=torch.nn.Conv2d.forward: conv(self, t) * 0.5),
+               (MBConv, lambda self, t: self.shortcut(t))]
+    for kind, forward in patches:
+        with monkeypatch.context() as patch:
+            patch.setattr(kind, "forward", forward)
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5, msg=kind.__name__)

@@ -551,3 +551,63 @@ def test_timms_name_with_a_weights_file_keeps_timms_preprocessing(tmp_path):
     save_file(named.state_dict(), str(tmp_path / "w.safetensors"))
     loaded = coatnet.create_model("coatnet_nano_rw_224.sw_in1k", pretrained=tmp_path / "w.safetensors")
     assert loaded.pretrained_cfg == named.pretrained_cfg and loaded.pretrained_cfg.crop_pct == 0.9
+
+
+def test_checkpoint_path_loads_the_classifier_as_saved_as_timm_does(tmp_path):
+    """timm's checkpoint_path loads the checkpoint as saved (strictly), after building: a 10-class
+    fine-tune given without num_classes was a 1000-class model with a fresh random classifier and a
+    warning. Now it keeps its 10 classes; a num_classes that does not fit is refused, as in timm."""
+    torch.manual_seed(0)
+    tuned = coatnet.create_model("coatnet_pico", num_classes=10).eval()
+    torch.save({"state_dict": tuned.state_dict(), "epoch": 3}, tmp_path / "tuned.pth")  # timm's train.py's form
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = coatnet.create_model("coatnet_pico", checkpoint_path=str(tmp_path / "tuned.pth")).eval()
+        with torch.no_grad():
+            assert loaded.num_classes == 10 and torch.equal(loaded(x), tuned(x))
+        assert coatnet.create_model("coatnet_pico", checkpoint_path=str(tmp_path / "tuned.pth"),
+                                    num_classes=0).num_classes == 0  # no head: the weights' dropped, as for features
+    with pytest.raises(ValueError, match="these weights have 10 classes: pass num_classes=10"):
+        coatnet.create_model("coatnet_pico", checkpoint_path=str(tmp_path / "tuned.pth"), num_classes=1000)
+    # timm's own checkpoint of its variant, the same
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    theirs = randomise_norms(timm.create_model("coatnet_nano_rw_224", img_size=64, num_classes=10))
+    torch.save({"state_dict": theirs.state_dict()}, tmp_path / "timm.pth")
+    ours = coatnet.create_model("coatnet_nano_rw_224", checkpoint_path=str(tmp_path / "timm.pth")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-4)
+    # pretrained=FILE (fine-tuning) keeps its way: a classifier of another size is left new, with a warning
+    with pytest.warns(UserWarning, match="does not fit 1000 classes"):
+        assert coatnet.create_model("coatnet_pico", pretrained=tmp_path / "tuned.pth").num_classes == 1000
+
+
+def test_pretrained_cfg_reads_as_timms_dict():
+    """timm's code and users read model.pretrained_cfg as a dict: "key" in it (timm's
+    apply_test_time_pool asks so), keys(), items(), dict(); and assign one. Before: KeyError: 0 for
+    `in`, AttributeError for keys(), and an assigned dict a TypeError at the next read."""
+    model = coatnet.create_model("coatnet_nano_rw_224.sw_in1k", img_size=64)
+    cfg = model.pretrained_cfg
+    assert "mean" in cfg and "test_input_size" not in cfg and "label_names" in cfg
+    assert dict(cfg)["crop_pct"] == 0.9 and dict(cfg.items()) == dict(cfg) and list(cfg) == cfg.keys()
+    assert dict(cfg)["input_size"] == (3, 64, 64)
+    timm = pytest.importorskip("timm")
+    from timm.layers import apply_test_time_pool
+
+    data_config = timm.data.resolve_data_config({}, model=model)
+    assert apply_test_time_pool(model, data_config, use_test_size=True) == (model, False)
+    model.pretrained_cfg = dict(mean=[0.5] * 3, std=[0.25] * 3, crop_pct=1.0, input_size=(3, 224, 224), url="x")
+    assert (model.pretrained_cfg.mean, model.pretrained_cfg.std) == ((0.5,) * 3, (0.25,) * 3)
+    assert model.pretrained_cfg.input_size == (3, 64, 64)  # the model's own size, as always
+    with pytest.raises(ValueError, match="pretrained_cfg is a PretrainedCfg or a dict of its fields"):
+        model.pretrained_cfg = "bicubic"
+
+
+def test_convert_timm_state_dict_takes_timms_names():
+    """create_model takes timm's names everywhere; the converter said timm's own name was "not one of
+    timm's CoAtNet variants"."""
+    state = {"stem.conv1.weight": torch.zeros(1)}
+    for name in ("coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k"):
+        assert convert_timm_state_dict(state, name) == convert_timm_state_dict(state, "coatnet_0_rw")

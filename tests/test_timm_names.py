@@ -225,3 +225,45 @@ def test_features_plug_into_torchvision_faster_rcnn():
     optimizer.step()
     assert torch.isfinite(total) and set(losses) >= {"loss_classifier", "loss_box_reg", "loss_objectness"}
     assert detector.backbone.body.model.stages[0][0].residual.expand[0].weight.grad is not None
+
+
+def test_list_models_of_published_weights_takes_a_name_without_its_tag():
+    """As timm's: list_models("coatnet_2_rw_224", pretrained=True) lists that name's weights, each tag
+    (before: [], as if it had none)."""
+    assert coatnet.list_models("coatnet_0_rw_224", pretrained=True) == ["coatnet_0_rw_224.sw_in1k"]
+    assert sorted(coatnet.list_models("coatnet_2_rw_224", pretrained=True)) == \
+        ["coatnet_2_rw_224.sw_in12k", "coatnet_2_rw_224.sw_in12k_ft_in1k"]
+    assert coatnet.list_models("coatnet_0_224", pretrained=True) == []  # no weights published
+    assert coatnet.list_models("coatnet_0_rw_224.sw_in1k", pretrained=True) == ["coatnet_0_rw_224.sw_in1k"]
+    timm = pytest.importorskip("timm")
+    for pattern in ("coatnet_0_rw_224", "coatnet_rmlp_2_rw_384", ["coatnet_3_rw_224", "coatnet_1_rw_224"], "*in12k*"):
+        assert sorted(coatnet.list_models(pattern, pretrained=True)) == \
+            sorted(n for n in timm.list_models(pattern, pretrained=True) if n.startswith("coatnet")), pattern
+
+
+def test_feature_info_has_timms_accessors():
+    """What detection code calls on timm's feature_info (effdet: get_dicts(keys=[...]); channels(-1)),
+    and timm's default_cfg on the extractor (before: AttributeError, or a TypeError for channels(-1))."""
+    extractor = coatnet.create_model("coatnet_pico", features_only=True, out_indices=(2, 3, 4))
+    info = extractor.feature_info
+    assert info.out_indices == (2, 3, 4)
+    assert info.get_dicts(keys=["num_chs", "reduction"]) == [dict(num_chs=64, reduction=4),
+                                                             dict(num_chs=128, reduction=8),
+                                                             dict(num_chs=256, reduction=16)]
+    assert info.get_dicts()[0] == dict(num_chs=64, reduction=4, module="stages.1")
+    assert info.get_dicts(idx=-1) == dict(num_chs=256, reduction=16, module="stages.3")
+    assert (info.channels(-1), info.reduction(0), info.module_name(1)) == (256, 4, "stages.2")
+    assert info.channels([0, 2]) == [64, 256] and info.get("num_chs") == info.channels() == [64, 128, 256]
+    assert extractor.default_cfg == extractor.pretrained_cfg
+
+
+def test_timms_layer_switches_are_taken_as_timms_scripts_pass_them():
+    """timm's train.py and validate.py pass scriptable=args.torchscript (False), and users exportable
+    or no_jit: nothing to switch here (before: "unknown option(s) scriptable"); scriptable=True, which
+    CoAtNet cannot honour, is refused in one line."""
+    for switches in (dict(scriptable=False), dict(exportable=True), dict(no_jit=True), dict(scriptable=None)):
+        with torch.device("meta"):
+            plain = coatnet.create_model("coatnet_pico")
+            assert coatnet.create_model("coatnet_pico", **switches).config == plain.config
+    with pytest.raises(ValueError, match="scriptable: CoAtNet does not take torch.jit.script; trace or export it"):
+        coatnet.create_model("coatnet_pico", scriptable=True)

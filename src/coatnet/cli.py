@@ -223,18 +223,20 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         # argparse says an unknown flag as the top command's ("coatnet: error: ..."): say it as the
         # command's that was given it, with the flag it most looks like (--batch_size: --batch-size)
+        # (A file among them, `-x.png`, is said by _file_hint.)
         parsed, unknown = self.parse_known_args(args, namespace)
         if not unknown:
             return parsed
         parser = self
         while sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None):
             parser = sub.choices[getattr(parsed, sub.dest)]
-        flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
-        close = [match for arg in unknown if arg.startswith("-") for match in
-                 difflib.get_close_matches("--" + arg.lstrip("-").split("=")[0].replace("_", "-"), flags, n=1,
-                                                     cutoff=0.7)]
-        hint = f"did you mean {' '.join(close)}?" if close else f"`{parser.prog} --help` lists its flags"
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}; {hint}")
+        hint = ""
+        if not any(os.path.exists(arg) for arg in unknown):
+            flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
+            close = [match for arg in unknown if arg.startswith("-") for match in difflib.get_close_matches(
+                "--" + arg.lstrip("-").split("=")[0].replace("_", "-"), flags, n=1, cutoff=0.7)]
+            hint = f"; did you mean {' '.join(close)}?" if close else f"; `{parser.prog} --help` lists its flags"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def _model_flags(p: argparse.ArgumentParser, checkpoint: str) -> None:

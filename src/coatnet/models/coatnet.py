@@ -30,8 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from ..validate import Fraction, PositiveFloat, Range, check_fields
-from .fast_path import (ACTIVATIONS, ConvBNAct, FeedForward, SqueezeExcite, attention, channels_last, fusable,
-                        mbconv_inference)
+from .fast_path import (ACTIVATIONS, ConvBNAct, FeedForward, SqueezeExcite, attention, channels_last, exactly,
+                        fusable, mbconv_inference)
 from .folder import config_from_version_1, save_pretrained
 from .preprocessing import PretrainedCfg
 from .registry import PaperFigures, register_alias, register_model
@@ -567,7 +567,7 @@ class ConvStage(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            plain = type(block) is not MBConv or not fusable(block)  # a user's block runs as it is
+            plain = not exactly(block, MBConv) or not fusable(block)  # a user's block runs as it is
             x = run_block(block, self.grad_checkpointing, x) if plain else mbconv_inference(block, x)
         return x
 
@@ -653,7 +653,12 @@ class CoAtNet(nn.Module):
         return replace(self._pretrained_cfg, input_size=(self.config.in_chans, *self.config.img_size))
 
     @pretrained_cfg.setter
-    def pretrained_cfg(self, cfg: PretrainedCfg) -> None:
+    def pretrained_cfg(self, cfg: PretrainedCfg | dict) -> None:
+        if isinstance(cfg, dict):  # timm's form, a dict (its other keys, input_size among them, ignored)
+            cfg = PretrainedCfg.from_dict(cfg)
+        if not isinstance(cfg, PretrainedCfg):
+            raise ValueError(f"pretrained_cfg is a PretrainedCfg or a dict of its fields (mean, std, interpolation, "
+                             f"crop_pct, crop_mode, label_names), got {type(cfg).__name__}")
         self._pretrained_cfg = cfg
 
     # -- timm-style interface ----------------------------------------------------------------
@@ -856,16 +861,38 @@ class CoAtNet(nn.Module):
 
 
 class FeatureInfo(list):
-    """timm's ``feature_info`` of a feature extractor: one dict per map it returns."""
+    """timm's ``feature_info`` of a feature extractor: one dict per map it returns, with timm's
+    accessors (``channels``, ``reduction``, ``module_name``, ``get``, ``get_dicts``; ``idx`` an int or
+    a list of them, into this list) and ``out_indices``, the maps' indices into the model's."""
 
-    def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self]
+    def __init__(self, info=(), out_indices: tuple[int, ...] = ()):
+        super().__init__(info)
+        self.out_indices = tuple(out_indices)
 
-    def reduction(self) -> list[int]:
-        return [f["reduction"] for f in self]
+    def get(self, key: str, idx: int | list[int] | tuple[int, ...] | None = None):
+        if idx is None:
+            return [f[key] for f in self]
+        if isinstance(idx, (tuple, list)):
+            return [self[i][key] for i in idx]
+        return self[idx][key]
 
-    def module_name(self) -> list[str]:
-        return [f["module"] for f in self]
+    def get_dicts(self, keys: list[str] | tuple[str, ...] | None = None,
+                  idx: int | list[int] | tuple[int, ...] | None = None):
+        pick = lambda f: dict(f) if keys is None else {k: f[k] for k in keys}  # noqa: E731
+        if idx is None:
+            return [pick(f) for f in self]
+        if isinstance(idx, (tuple, list)):
+            return [pick(self[i]) for i in idx]
+        return pick(self[idx])
+
+    def channels(self, idx: int | list[int] | tuple[int, ...] | None = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | list[int] | tuple[int, ...] | None = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | list[int] | tuple[int, ...] | None = None):
+        return self.get("module", idx)
 
 
 class FeatureExtractor(nn.Module):
@@ -879,7 +906,7 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.out_indices = tuple(model.prune_intermediate_layers(out_indices, prune_norm=True))
         self.model = model
-        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+        self.feature_info = FeatureInfo((model.feature_info[i] for i in self.out_indices), self.out_indices)
 
     @property
     def config(self) -> CoAtNetConfig:
@@ -894,6 +921,11 @@ class FeatureExtractor(nn.Module):
     @pretrained_cfg.setter
     def pretrained_cfg(self, cfg: PretrainedCfg) -> None:
         self.model.pretrained_cfg = cfg
+
+    @property
+    def default_cfg(self) -> PretrainedCfg:
+        """timm's older name of :attr:`pretrained_cfg`, which timm's feature extractors carry too."""
+        return self.pretrained_cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,7 +69,10 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
         raise ValueError(f"a model name is a string, e.g. 'coatnet_0', got {name!r}; coatnet.list_models() lists them")
     if type(pretrained) is int:  # timm's 0 and 1
         pretrained = bool(pretrained)
+    exact = bool(kwargs.get("checkpoint_path"))  # timm loads it as saved: its classifier too
     pretrained, overlay = _timm_arguments(pretrained, kwargs)
+    if exact and not name.startswith(MODEL_SOURCES):
+        pretrained = replace(read_pretrained(pretrained, name), whole=True, exact=True)
     model = _create_model(name, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only, out_indices,
                           **kwargs)
     if overlay:  # timm's pretrained_cfg_overlay: how images are prepared, over the weights' own
@@ -85,10 +88,15 @@ def _timm_arguments(pretrained, kwargs: dict) -> tuple:
     """timm's create_model arguments that say what ours say otherwise, taken out of ``kwargs``:
     ``checkpoint_path`` is a weights file (``pretrained``), and with ``pretrained=True`` (as in timm)
     so are ``pretrained_cfg_overlay``'s ``file`` and ``hf_hub_id``; ``global_pool="avg"`` is the
-    only pooling the head has, ``drop_rate=0`` its dropout, none. Returns ``pretrained`` and the
+    only pooling the head has, ``drop_rate=0`` its dropout, none; ``exportable`` and ``no_jit`` change
+    nothing here, and ``scriptable`` only as False. Returns ``pretrained`` and the
     overlay's preprocessing (mean, std, interpolation, crop_pct, crop_mode)."""
     if kwargs.pop("global_pool", "avg") not in ("avg", None):
         raise ValueError("global_pool: CoAtNet's head pools by the average only; pass 'avg' or nothing")
+    if kwargs.pop("scriptable", None):  # timm's layer switches, as its train.py and validate.py pass them
+        raise ValueError("scriptable: CoAtNet does not take torch.jit.script; trace or export it (torch.jit.trace, "
+                         "torch.export, coatnet export), or pass scriptable=False")
+    kwargs.pop("exportable", None), kwargs.pop("no_jit", None)  # its layers trace and export as they are, unjitted
     if kwargs.pop("drop_rate", 0):
         raise ValueError("drop_rate: CoAtNet's head has no dropout (the paper regularises with stochastic depth, "
                          "drop_path_rate); leave it out")
@@ -136,7 +144,9 @@ def _create_model(name: str, pretrained, num_classes, in_chans, img_size, drop_p
     if list_models(f"{name.partition('.')[0]}.*", aliases=True):  # timm's name of its weights, as in timm
         model.pretrained_cfg = timm_pretrained_cfg(entry.name, min(model.config.img_size), model.num_classes)
     if weights is not None:  # their own preprocessing, where they hold one
-        load_pretrained(model, weights, entry.name)
+        # checkpoint_path's classifier is loaded as saved, as timm's load_checkpoint does (strictly): one of
+        # another size is refused, not left freshly initialised; a model without a classifier drops it
+        load_pretrained(model, weights, entry.name, new_classifier=not weights.exact or not model.num_classes)
     return FeatureExtractor(model, out_indices) if features_only else model
 
 
@@ -253,6 +263,7 @@ class PretrainedWeights:
     img_size: tuple[int, int] | int | None = None  # the input size they were trained at, where known
     config: dict | None = None  # the network they were saved with (a folder's config.json), where known
     origin: str = ""  # where they were read, for messages
+    exact: bool = False  # timm's checkpoint_path: loaded as saved, a classifier of another size refused
 
 
 def weights_network(pretrained: str | Path) -> str | None:
@@ -475,6 +486,9 @@ def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
             (out, channels, *kernel), (out_, _, *kernel_) = state[wrong[0]].shape, own[wrong[0]].shape
             if (out, kernel) == (out_, kernel_):  # only the input conv's channels differ
                 fix = f"these weights take {channels} input channel{'s' * (channels != 1)}: pass in_chans={channels}"
+        elif not missing and not unexpected and all(k.startswith("classifier.") for k in wrong):
+            classes = state["classifier.weight"].shape[0]  # only the classifier's size differs
+            fix = f"these weights have {classes} classes: pass num_classes={classes}, or nothing"
         raise ValueError(f"weights do not fit {getattr(getattr(model, 'config', None), 'name', 'the model')}: "
                          + "; ".join(parts) + f"; {fix}")
     # Only the classifier differs (another size, or none in the weights): new classes, as in

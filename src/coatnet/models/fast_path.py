@@ -12,7 +12,8 @@ autocast) where the CPU has it natively:
 
 - :class:`ConvBNAct` (CPU): BatchNorm folded into the conv before it, and the activation fused
   into the same oneDNN convolution as a post-op, the kernel PyTorch's own compiler emits for this
-  pattern: the output is written once instead of three times.
+  pattern: the output is written once instead of three times. (ReLU instead in place after it:
+  oneDNN's turns NaN into 0.)
 - :class:`FeedForward`: the Transformer FFN's GELU fused into its first linear layer the same way.
 - :func:`mbconv_inference`: the squeeze-excitation's scaling in place on the block's hidden tensor,
   a fresh intermediate; on CPU, a block whose hidden tensor would be too large for glibc's heap
@@ -51,8 +52,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "re
 # Larger ones are fresh mmaps, page-faulted in on every use.
 MAX_HEAP_BLOCK = 32 * 2**20
 
-# oneDNN's post-op for each activation; algorithm "none" is the exact (erf) GELU, the paper's.
-_ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "silu": ("swish", ""), "relu": ("relu", "")}
+# oneDNN's post-op for each activation; algorithm "none" is the exact (erf) GELU, the paper's. Not
+# ReLU: oneDNN's is max(x, 0), which turns NaN into 0 where torch.relu keeps it, so that a NaN from a
+# corrupt image or checkpoint would give plausible logits instead of NaN ones. ReLU runs after the
+# conv, in place on its fresh output.
+_ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "silu": ("swish", "")}
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # The dtypes oneDNN's fused kernels take here: bfloat16 where the CPU has it natively (AVX512-BF16, AMX).
@@ -107,16 +111,27 @@ def fusable(module: nn.Module) -> bool:
 def exactly(module: nn.Module, kind: type[nn.Module]) -> bool:
     """``module`` is a plain ``kind``, whose weights the fast path may read and whose function it may
     compute itself: not a subclass or a stand-in (a LoRA wrapper, a quantized layer); a conv with zero
-    padding, the exact (erf) GELU, a BatchNorm with its affine terms and running statistics."""
-    if type(module) is not kind:
+    padding, the exact (erf) GELU, a BatchNorm with its affine terms and running statistics; and a
+    class whose ``forward`` is its own (:func:`own_forward`)."""
+    if type(module) is not kind or not own_forward(kind):
         return False
     if kind is nn.Conv2d:
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)  # oneDNN takes no "same"
     if kind is nn.GELU:
         return module.approximate == "none"
-    if kind is nn.BatchNorm2d:
-        return module.affine and module.running_mean is not None and module.running_var is not None
+    if kind is nn.BatchNorm2d:  # (affine terms set to None after building: F.batch_norm's identity)
+        return all(t is not None for t in (module.weight, module.bias, module.running_mean, module.running_var))
     return True
+
+
+def own_forward(kind: type[nn.Module]) -> bool:
+    """``kind``'s ``forward`` is the one its class was written with, not one a user patched onto the
+    class (``nn.GELU.forward = ...``, ``MBConv.forward = ...``), which the fast path would not call.
+    (A patch that copies the original's ``__qualname__``, as ``functools.wraps`` does, passes.)"""
+    owner = next(c for c in kind.__mro__ if "forward" in vars(c))
+    forward = vars(owner)["forward"]
+    return (getattr(forward, "__qualname__", None) == f"{owner.__qualname__}.forward"
+            and getattr(forward, "__module__", None) == owner.__module__)
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -181,9 +196,10 @@ class ConvBNAct(nn.Sequential):
         if dtype is None:
             weight, bias = weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
             return act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
-        post_op, algorithm = _ONEDNN_POST_OPS[self.activation]
-        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight.to(dtype), bias.to(dtype), conv.padding,
-                                                       conv.stride, conv.dilation, conv.groups, post_op, [], algorithm)
+        post_op, algorithm = _ONEDNN_POST_OPS.get(self.activation, ("none", ""))
+        out = torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight.to(dtype), bias.to(dtype), conv.padding,
+                                                      conv.stride, conv.dilation, conv.groups, post_op, [], algorithm)
+        return out if self.activation in _ONEDNN_POST_OPS else out.relu_()
 
 
 class FeedForward(nn.Sequential):
@@ -246,7 +262,7 @@ class SqueezeExcite(SqueezeExcitation):
         # An exported graph keeps torchvision's pooling, any input size; so does a pool that is not
         # the plain global average, or one whose call must be seen (:func:`hooked`).
         pool = self.avgpool
-        if (not eager_execution() or type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1))
+        if (not eager_execution() or not exactly(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1))
                 or hooked(pool)):
             return super()._scale(x)
         return self.scale_activation(self.fc2(self.activation(self.fc1(SpatialMean.apply(x)))))
@@ -282,13 +298,15 @@ def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
       projection after them (:func:`scaled_projection`).
     """
     residual = block.residual
-    # Modules of other kinds in place of the paper's (a user's): the block as it is. In eval mode
-    # torchvision's StochasticDepth passes its input through.
-    if not (exactly(residual, nn.Sequential) and exactly(residual.se, SqueezeExcite)
-            and exactly(block.drop_path, StochasticDepth)
-            and (exactly(residual.depthwise, nn.Conv2d) or type(residual.depthwise) is ConvBNAct)):
+    # Modules of other kinds in place of the paper's, or taken out (a user's, ``del residual.se``): the
+    # block as it is. In eval mode torchvision's StochasticDepth passes its input through.
+    se, depthwise = getattr(residual, "se", None), getattr(residual, "depthwise", None)
+    if not (exactly(residual, nn.Sequential) and exactly(se, SqueezeExcite)
+            and exactly(getattr(block, "drop_path", None), StochasticDepth)
+            and (exactly(depthwise, nn.Conv2d) or type(depthwise) is ConvBNAct)):
         return block(x)
-    expand = residual.expand[0] if type(residual.expand) is ConvBNAct else None
+    expand = getattr(residual, "expand", None)
+    expand = expand[0] if type(expand) is ConvBNAct else None
     if x.device.type == "cpu" and isinstance(expand, nn.Conv2d):
         height, width = x.shape[-2] // expand.stride[0], x.shape[-1] // expand.stride[1]
         per_image = expand.out_channels * height * width * x.element_size()
@@ -303,8 +321,12 @@ def mbconv_inference(block: nn.Module, x: Tensor) -> Tensor:
         return block.shortcut(x) + project(se_or_norm(hidden))
     scale = se_or_norm._scale(hidden)
     # A bfloat16 channels-last input, as in the network: the output has its dtype and memory format.
+    # Only for what scaled_projection computes: a per-image, per-channel scale (not the per-pixel one
+    # of a squeeze-excitation whose pool a user replaced) and a plain 1x1 projection.
     if (x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
-            and exactly(project, nn.Conv2d) and onednn_dtype(x, project.weight) == torch.bfloat16):
+            and exactly(project, nn.Conv2d) and onednn_dtype(x, project.weight) == torch.bfloat16
+            and project.kernel_size == (1, 1) and project.stride == (1, 1) and project.padding == (0, 0)
+            and project.groups == 1 and scale.shape == (*hidden.shape[:2], 1, 1)):
         return scaled_projection(project, hidden, scale, block.shortcut(x), torch.bfloat16)
     return block.shortcut(x) + project(hidden.mul_(scale))
 

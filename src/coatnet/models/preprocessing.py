@@ -105,6 +105,20 @@ class PretrainedCfg:
             raise KeyError(key)
         return value
 
+    def keys(self) -> list[str]:
+        """The fields that are set, as the keys of timm's dict (so ``dict(cfg)``, ``"mean" in cfg`` and
+        ``cfg.items()`` work as on timm's models: timm's ``apply_test_time_pool`` asks ``in``)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in self.keys()
+
     def override(self, values: dict) -> PretrainedCfg:
         """This preprocessing with the fields ``values`` gives (not None), e.g. command-line flags."""
         given = {f.name: values.get(f.name) for f in fields(self) if f.name not in ("label_names", "input_size")}

@@ -75,7 +75,8 @@ def list_models(pattern: str | list[str] | None = None, aliases: bool = False, p
     """Registered model names, in registration order, then (with ``aliases``) timm's names for them
     with each published pretrained tag; ``pattern`` is a shell-style filter, or a list of them (a name
     matching any). ``pretrained``: only timm's names of published weights, with their tags, as
-    ``timm.list_models(pretrained=True)`` gives them."""
+    ``timm.list_models(pretrained=True)`` gives them (a pattern without a tag, ``coatnet_0_rw_224``,
+    matches each of its tags, as there)."""
     if pretrained:
         names = [f"{alias}.{tag}" for alias, a in _ALIASES.items() for tag in a.tags]
     else:
@@ -83,6 +84,8 @@ def list_models(pattern: str | list[str] | None = None, aliases: bool = False, p
         if aliases:
             names += [f"{alias}.{tag}" if tag else alias for alias, a in _ALIASES.items() for tag in (None, *a.tags)]
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or ())
+    if pretrained:  # as timm's: a pattern without a tag matches the names of its weights, each tag
+        patterns = [p for q in patterns for p in ((q,) if "." in q else (q, f"{q}.*"))]
     return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)] if patterns else names
 
 

@@ -105,8 +105,14 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], model_name: str) -> d
     """timm's state dict of a CoAtNet variant, in the names and layouts of our ``model_name``.
 
     Keys that are not timm's are kept as they are, so that loading names them as unexpected.
+    ``model_name`` is ours (``coatnet_0_rw``) or timm's, as create_model takes it (``coatnet_0_rw_224``,
+    ``coatnet_0_rw_224.sw_in1k``).
     """
-    if model_name not in timm_variants():
+    try:
+        resolved = model_entry(model_name).name
+    except ValueError:  # not a name of ours: said below
+        resolved = model_name
+    if resolved not in timm_variants():
         ours = re.sub(r"_\d+$", "", model_name)  # timm's name ends in the resolution
         hint = (f"timm's {model_name} is our {ours}" if ours in timm_variants()
                 else f"timm weights fit: {', '.join(timm_variants())}")
