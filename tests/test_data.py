@@ -435,6 +435,35 @@ def test_a_class_folder_linked_to_nothing_is_said(tmp_path):
                f"'{tmp_path / 'unmounted' / split / 'fish'}'; fix or remove the link" in messages
 
 
+@pytest.mark.parametrize("link", ["to another class", "before its target", "to the split"])
+def test_a_class_folder_linked_to_another_class_or_the_split_lists_no_image_twice(tmp_path, link):
+    """A class folder that is a link to another class's folder (train/eel -> dog) listed that class's images
+    under both labels, and one to the split (train/all -> .) listed every class's folders as its own, without a
+    word (before); it is skipped, as such a link inside a class is, and said."""
+    root = make_tree(tmp_path)
+    train = root / "train"
+    name, target = {"to another class": ("eel", "dog"), "before its target": ("ant", "dog"),
+                    "to the split": ("all", ".")}[link]
+    for split in ("train", "val"):
+        try:
+            (root / split / name).symlink_to(target, target_is_directory=True)
+        except OSError:
+            pytest.skip("cannot create symlinks here")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = build_datasets("imagefolder", root, img_size=16)
+    assert b.classes == tuple(sorted(("bird", "cat", "dog", name)))
+    listed = [Path(p).relative_to(train).as_posix() for p, _ in b.train.samples]
+    assert len(listed) == len(set(os.path.realpath(p) for p, _ in b.train.samples)) == 9  # each image once
+    assert not any(p.startswith(name + "/") for p in listed)
+    assert [p for p, label in b.train.samples if b.classes[label] == "dog"] == \
+        [str(train / "dog" / n) for n in ("0.png", "1.jpg", "2.png")]  # the folder keeps its own name
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"skipping class folder '{train / name}'") and m.endswith("; remove the link")
+               for m in messages), messages
+    assert f"1 class with no images in '{train}': {name}" in messages
+
+
 def test_imagefolder_class_mismatch(tmp_path):
     root = make_tree(tmp_path)
     (root / "val" / "dog").rename(root / "val" / "wolf")
@@ -900,6 +929,20 @@ def test_cifar_missing_files(tmp_path):
         build_datasets("cifar10", tmp_path)  # before: all seven named as needed, the one missing not said
     with pytest.raises(DataError, match="cifar100 files not found"):
         build_datasets("cifar100", tmp_path)
+
+
+def test_cifar_archive_not_extracted_or_the_other_cifar_is_said(tmp_path):
+    """A folder holding the downloaded archive, or the other CIFAR's files, says so (before: "download the
+    archive and extract it there", of an archive that is there; "need train, test, meta" of CIFAR-10's folder)."""
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not extracted")
+    with pytest.raises(DataError, match=r"cifar10 files not found in .*, which holds cifar-10-python.tar.gz not "
+                                        r"extracted: extract it there \(tar xzf "):
+        build_datasets("cifar10", tmp_path)
+    make_cifar(tmp_path, "cifar10")
+    for data_dir in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        with pytest.raises(DataError, match=f"cifar100 files not found in '{data_dir}', which holds cifar10's; "
+                                            f"pass --data cifar10"):
+            build_datasets("cifar100", data_dir)
 
 
 class _Evil:

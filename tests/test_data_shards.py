@@ -283,6 +283,8 @@ WDS_ERRORS = {
     "missing val pattern shard": (_write_then(lambda r: (r / "val-000001.tar").unlink()), "/train-{000000..000001}.tar",
                                   "val-000001.tar"),
     "pattern without train": (_write_then(lambda r: None), "/val-{000000..000001}.tar", "'train'"),
+    "pattern with unbalanced braces": (_write_then(lambda r: None), "/train-{000000..000001.tar",  # before: its
+                                       "train-{000000..000001.tar' has unbalanced braces; close each range"),  # words
 }
 
 
@@ -462,6 +464,16 @@ def test_hf_errors(tmp_path, case):
     one_line_error(build_hf, str(tmp_path / "ds"), names=names)
 
 
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_hf_a_split_of_a_dataset_dict_given_names_its_folder(hf_dir, split):
+    """The folder of one split of a saved DatasetDict given for the DatasetDict's (eval --data-dir DIR/validation),
+    as an image folder's val/ is: the line says to pass the DatasetDict's folder (before: "holds a single split
+    (Dataset.save_to_disk); save a DatasetDict ...", which it is)."""
+    one_line_error(build_hf, str(hf_dir / split),
+                   names=f"'{hf_dir / split}' is the '{split}' split of the DatasetDict saved in '{hf_dir}'; pass "
+                         f"--data-dir '{hf_dir}'")
+
+
 # --------------------------------------------------------------------------------------------
 # Both formats: workers, pickling, ranks
 # --------------------------------------------------------------------------------------------
@@ -556,3 +568,28 @@ def test_a_class_without_training_samples_is_said(tmp_path):
     with pytest.warns(UserWarning, match=r"1 class with no samples in the train shards of .*: 3 \(1 of them in the "
                                          r"evaluation, which the model cannot learn\)"):
         assert build_webdataset(str(tmp_path), to_tensor, to_tensor).classes == ("0", "1", "2", "3")
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "webdataset pattern", "hf"])
+def test_eval_of_a_run_whose_shards_or_dataset_moved_asks_for_data_dir(kind, shard_dir, hf_dir, tmp_path, capsys):
+    """As for an image folder: the folder the run recorded is gone, and the line names it and asks for
+    --data-dir (before: "Hugging Face data directory ... does not exist", "... check --data-dir", of a path the
+    user never gave)."""
+    import shutil
+
+    from coatnet.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(shard_dir if kind.startswith("webdataset") else hf_dir, data)
+    given = f"{data}/train-{{000000..000001}}.tar" if kind == "webdataset pattern" else str(data)
+    out = tmp_path / "run"
+    assert main(["train", "--data", kind.split()[0], "--data-dir", given, "--img-size", "16", "--batch-size", "6",
+                 "--epochs", "1", "--warmup-steps", "1", "--output-dir", str(out)]) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"was trained on the {kind.split()[0]} data at '{given}', which is not there " \
+                                   f"now; pass --data-dir with its new place" in err, err
+    moved = given.replace(str(data), str(tmp_path / "moved"))
+    assert main(["eval", "--checkpoint", str(out), "--data-dir", moved, "--output-dir", str(tmp_path / "e")]) == 0

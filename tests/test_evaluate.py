@@ -758,6 +758,19 @@ def test_eval_of_a_run_whose_data_moved_asks_for_data_dir(run_dir, tmp_path, cap
     assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--output-dir", str(tmp_path / "e")]) == 0
 
 
+def test_a_data_dir_given_for_a_digits_run_is_not_ignored(run_dir, tmp_path, capsys):
+    """`eval --checkpoint DIGITS_RUN --data-dir FOLDER` without --data evaluated the embedded digits, the
+    folder ignored without a word (before); it is refused, as `train --data-dir` with digits is, and with
+    --data the folder is evaluated."""
+    data = image_folder(tmp_path / "tree", [str(i) for i in range(10)])
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data-dir", str(data)],
+                   f"--data-dir {data} is given but the data set is digits (the one ", "which is embedded and reads "
+                   "no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf to evaluate on the folder")
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", "imagefolder", "--data-dir", str(data), "--json",
+                 "--output-dir", str(tmp_path / "e")]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 10
+
+
 def test_a_file_named_like_a_flag_is_said_to_be_one(run_dir, tmp_path, capsys, monkeypatch):
     """`coatnet predict --checkpoint RUN *` in a folder holding -x.png: argparse takes it for a flag;
     the line says how to give it (before: "unrecognized arguments: -x.png" alone)."""

@@ -316,3 +316,90 @@ def test_export_under_torchrun_is_refused_once(folder, tmp_path, capsys, monkeyp
             main([*command, "--checkpoint", str(folder)])
         assert e.value.code == 2 and capsys.readouterr().err == ""
     assert not out.exists()
+
+
+def test_an_output_that_is_no_regular_file_is_refused_even_with_overwrite(folder, tmp_path, capsys):
+    """`--output /dev/null --overwrite` (a check that the export runs): the export's file was renamed over
+    the device, so that, run as root (a container), the system's /dev/null became a regular file holding
+    the model. A FIFO stands for it here: refused, kept as it was, nothing written beside it."""
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout.onnx"  # as /dev/stdout: a link to what is no regular file
+    link.symlink_to(fifo)
+    for out in (fifo, link):
+        for fmt in ("onnx", "torchscript"):
+            refused(capsys, ["export", "--checkpoint", str(folder), "--format", fmt, "--output", str(out),
+                             "--overwrite"], f"output '{out}' is not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.onnx", "stdout.onnx"]
+
+
+def test_a_timm_repositorys_own_weights_are_not_replaced_by_the_export(tmp_path, capsys):
+    """A timm repository downloaded into a folder (its config.json and pytorch_model.bin) is a model folder
+    too: `--output FOLDER/pytorch_model.bin --overwrite` is refused as model.safetensors is (before: its
+    weights replaced by the TorchScript export, the folder then refused by every command)."""
+    import json
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=7)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"architecture": "coatnet_pico", "num_classes": 7}))
+    before = tree(tmp_path)
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", "torchscript", "--output",
+                     str(folder / "pytorch_model.bin"), "--overwrite"],
+            f"output '{folder / 'pytorch_model.bin'}' is a file of the model folder '{folder}'")
+    assert tree(tmp_path) == before
+
+
+def test_export_of_a_run_directory_says_which_checkpoint_it_exports(tmp_path, capsys):
+    """As eval and predict say it: a run directory stands for `last`, which is not `best` (before: no word
+    of which checkpoint's weights went into the file)."""
+    from coatnet.models.folder import write_model_folder
+
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=7)
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / f"ckpt-0000000{step}").mkdir(parents=True)
+        write_model_folder(run / f"ckpt-0000000{step}", {"model": model.config.name, "config": model.config.to_dict(),
+                                                         "pretrained_cfg": model.pretrained_cfg.to_dict()}, model)
+    (run / "last").symlink_to("ckpt-00000002")
+    (run / "best").symlink_to("ckpt-00000001")
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--format", "torchscript", "--output", str(tmp_path / "m.pt")]) == 0
+    assert f"coatnet export: using {run / 'last'} -> ckpt-00000002" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format,output", [("torchscript", "m.onnx"), ("onnx", "m.pt"), ("onnx", "m.pt2"),
+                                           ("torchscript", "m.pt2")])
+def test_an_output_named_as_another_formats_file_is_refused(folder, tmp_path, capsys, format, output):
+    """A TorchScript archive written as `m.onnx`, or an ONNX file as `m.pt` (before: written without a word;
+    onnxruntime then failed to parse it, and `coatnet predict --model NAME --checkpoint m.pt` called the ONNX
+    file "corrupt, truncated or not a weights file")."""
+    refused(capsys, ["export", "--checkpoint", str(folder), "--format", format, "--output", str(tmp_path / output)],
+            "give an output like")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("format,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+def test_a_compiled_model_exports_as_the_model_it_wraps(tmp_path, format, suffix):
+    """`export_model(torch.compile(model), ...)`: the model torch.compile wraps (before: torch's RuntimeError,
+    "Detected that you are using FX to torch.jit.trace a dynamo-optimized function", for ONNX and TorchScript)."""
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=7).eval()
+    out = export_model(torch.compile(model), format, tmp_path / f"m{suffix}")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    if format == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        got = torch.from_numpy(ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                               .run(None, {"images": x.numpy()})[0])
+    else:
+        got = torch.jit.load(str(out))(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

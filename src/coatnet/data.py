@@ -299,11 +299,27 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
         self.link_targets: dict[str, str] = {}
         self.linked_files: dict[tuple[str, str], str] = {}  # (real folder, name) a linked file leads to -> the link
         claimed = set()
+        # A class folder that is a link to another class's folder (eel -> dog) would list that class's images
+        # under both labels, and one to the split's folder or above would list the other classes' folders in it:
+        # skipped, as such links inside a class are, leaving the class empty (said below). Of several names of one
+        # folder, the folder's own (not a link) keeps it, else the first.
+        owner: dict[str, str] = {}
+        for c in sorted(class_to_idx, key=lambda c: os.path.islink(os.path.join(directory, c))):
+            owner.setdefault(os.path.realpath(os.path.join(directory, c)), c)
+        not_walked = set()
         for c in class_to_idx:
             real = os.path.realpath(path := os.path.join(directory, c))
-            claimed.add(real)
-            if os.path.islink(path):
-                self.link_targets.setdefault(real, path)
+            if real == split or split.startswith(real.rstrip(os.sep) + os.sep):
+                why = "it leads to the split's folder or above it, a loop"
+            elif owner[real] != c:
+                why = f"it leads to the folder of class '{owner[real]}', whose images would be listed as both"
+            else:
+                claimed.add(real)
+                if os.path.islink(path):
+                    self.link_targets.setdefault(real, path)
+                continue
+            not_walked.add(c)
+            warnings.warn(f"skipping class folder '{path}' (-> '{real}'): {why}; remove the link", stacklevel=2)
         real_dirs: dict[str, str] = {}  # a linked file's folder as its link names it -> its real path, once each
 
         def unreadable(error: OSError):  # os.walk would pass over a folder it cannot list, and its images
@@ -329,6 +345,9 @@ class ImageFolderDataset(SubstitutesUndecodable, ImageFolder):
             return False
 
         for cls, label in class_to_idx.items():
+            if cls in not_walked:
+                empty.append(cls)
+                continue
             found = len(samples)
             # Top-down walk with sorted, pruned dirnames, into linked folders too (see followed()).
             for dirpath, dirnames, filenames in os.walk(os.path.join(directory, cls), onerror=unreadable,
@@ -587,6 +606,15 @@ def _build_cifar(
         # of a folder holding some of them, the ones it lacks (a download cut short, a file deleted)
         missing = min(([f for f in needed if not (r / f).is_file()] for r in (data_dir, data_dir / spec["folder"])),
                       key=len)
+        archive = data_dir / spec["archive"]
+        if len(missing) == len(needed) and archive.is_file():  # downloaded, not extracted
+            raise DataError(f"{name} files not found in '{data_dir}', which holds {spec['archive']} not extracted: "
+                            f"extract it there (tar xzf '{archive}' -C '{data_dir}')")
+        other = next(o for o in _CIFAR if o != name)  # the other CIFAR's folder given (cifar-10's to --data cifar100)
+        if len(missing) == len(needed) and any((r / _CIFAR[other]["meta"]).is_file() and (r / _CIFAR[other]["test"][0])
+                                               .is_file() for r in (data_dir, data_dir / _CIFAR[other]["folder"])):
+            raise DataError(f"{name} files not found in '{data_dir}', which holds {other}'s; pass --data {other}, or "
+                            f"the folder of {name} (extracted from {spec['archive']})")
         raise DataError(
             f"{name} files not found in '{data_dir}' or '{data_dir / spec['folder']}' "
             + (f"(need {', '.join(needed)})" if len(missing) == len(needed) else f"(missing: {', '.join(missing)})")

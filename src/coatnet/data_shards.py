@@ -266,7 +266,11 @@ def _find_shards(data_dir: str, with_train: bool = True) -> tuple[list[str], lis
         split_paths = []
         for split, pattern in (("train", name), ("val", name.replace("train", "val"))):
             pattern = os.path.join(folder, pattern)
-            paths = list(braceexpand.braceexpand(pattern)) if split == "val" or with_train else []
+            try:
+                paths = list(braceexpand.braceexpand(pattern)) if split == "val" or with_train else []
+            except ValueError:  # braceexpand's UnbalancedBracesError: a '{' or '}' left open or unopened
+                raise DataError(f"shard pattern '{data_dir}' has unbalanced braces; close each range, as in "
+                                "'DIR/train-{000000..000099}.tar'") from None
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
                 raise DataError(
@@ -431,6 +435,10 @@ def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) 
     the eval split's name, and with ``with_train=False`` the train split's features, if it has one
     that can be read without loading it (else None)."""
     datasets = _require("datasets")
+    if (root / "state.json").is_file() and (root.parent / "dataset_dict.json").is_file():
+        # a split's folder of a DatasetDict given for the DatasetDict's (eval --data-dir DIR/validation)
+        raise DataError(f"'{root}' is the '{root.name}' split of the DatasetDict saved in '{root.parent}'; pass "
+                        f"--data-dir '{root.parent}'")
     if (root / "state.json").is_file():
         raise DataError(
             f"'{root}' holds a single split (Dataset.save_to_disk); save a DatasetDict with "

@@ -236,9 +236,18 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or (meta.get("data_dir") if data_name == meta.get("dataset") else None)
     if data_name is None:
         raise ValueError(f"{ckpt.path} does not record its data set; pass --data (and --data-dir)")
-    # The run's own folder (not shards' URLs, nor a Hub name), moved since: the user gave no path to check.
-    local = str(data_name).lower() in ("imagefolder", "cifar10", "cifar100")
-    if args.data_dir is None and data_dir is not None and local and not Path(data_dir).expanduser().is_dir():
+    if str(data_name).lower() == "digits" and args.data_dir is not None:  # else the folder is ignored without a word
+        raise ValueError(f"--data-dir {args.data_dir} is given but the data set is digits"
+                         + ("" if args.data else f" (the one {ckpt.path} was trained on)")
+                         + ", which is embedded and reads no folder; pass --data "
+                         "imagefolder|cifar10|cifar100|webdataset|hf to evaluate on the folder")
+    # The run's own folder, moved since: the user gave no path to check. Shards and Hugging Face datasets are
+    # read from a local folder too (a brace pattern's: the folder its shards are in).
+    local = str(data_name).lower() in ("imagefolder", "cifar10", "cifar100", "webdataset", "hf")
+    recorded = Path(data_dir).expanduser() if data_dir is not None else None
+    if recorded is not None and str(data_name).lower() == "webdataset" and "{" in recorded.name:
+        recorded = recorded.parent
+    if args.data_dir is None and recorded is not None and local and not recorded.is_dir():
         raise ValueError(f"{ckpt.path} was trained on the {data_name} data at '{data_dir}', which is not there now; "
                          f"pass --data-dir with its new place")
     if model.config.in_chans != 3:

@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import process_alive
 from .models import from_pretrained
-from .models.folder import CONFIG, EMA_WEIGHTS, TRAIN_STATE, WEIGHTS
+from .models.folder import CONFIG, EMA_WEIGHTS, TIMM_WEIGHTS, TRAIN_STATE, WEIGHTS
 from .models.coatnet import MAX_IMG_SIZE, FeatureExtractor
 
 PREPROCESSING_KEY = "preprocessing.json"
@@ -71,6 +71,9 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         # --overwrite means an earlier export, not a model's weights or config (the checkpoint's own, often)
         raise ValueError(f"output {str(output)!r} is a file of the model folder {str(real.parent)!r}, which it "
                          f"would break; give another path")
+    if output.exists() and not output.is_file():  # /dev/null, a FIFO: the export would be renamed over it
+        raise ValueError(f"output {str(output)!r} is not a regular file (a device, a pipe or a socket), which the "
+                         f"export would replace, even with --overwrite; give a file path")
     # A link to nothing exists too: exists() follows it, and the final link() would find its name taken.
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise ValueError(f"output {str(output)!r} exists; give another path, or overwrite it (--overwrite, "
@@ -80,7 +83,13 @@ def export_model(model_or_path: nn.Module | str | Path, format: str, output: str
         raise ValueError(f"{str(blocking)!r} is a file, so it cannot hold {str(output)!r}; give an output in a folder")
     if format == "exported" and output.suffix != ".pt2":  # torch.export.load warns at every load otherwise
         raise ValueError(f"torch.export's files end in .pt2; give an output like {str(output.with_suffix('.pt2'))!r}")
+    if _FORMAT_OF_SUFFIX.get(output.suffix.lower(), format) != format:  # a reader would take it for the other
+        raise ValueError(f"{output.suffix} is the suffix of {_FORMAT_OF_SUFFIX[output.suffix.lower()]} files, not of "
+                         f"{format} ones; give an output like {str(output.with_suffix(_SUFFIXES[format]))!r}")
     model = model_or_path if isinstance(model_or_path, nn.Module) else from_pretrained(model_or_path)
+    # torch.compile's wrapper: the tracers of ONNX and TorchScript refuse it ("FX to torch.jit.trace a
+    # dynamo-optimized function"); the model it wraps, whose weights it shares, is what is exported
+    model = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
     if format == "exported" and any(t.is_inference() for t in model.state_dict().values()):
         raise ValueError("the model's weights are inference tensors (made under torch.inference_mode), which "
                          "torch.export cannot trace; build or load the model outside inference_mode, or export "
@@ -301,15 +310,19 @@ def _exported(model: nn.Module, example: torch.Tensor, output: Path, dynamic_bat
         torch.export.save(program, f, extra_files={PREPROCESSING_KEY: preprocessing})
 
 
-MODEL_FOLDER_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, TRAIN_STATE)  # what a model folder or checkpoint reads
+# what a model folder or checkpoint reads (a timm repository downloaded into a folder: its pytorch_model.bin too)
+MODEL_FOLDER_FILES = tuple(dict.fromkeys((CONFIG, WEIGHTS, EMA_WEIGHTS, TRAIN_STATE, *TIMM_WEIGHTS)))
 _EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
 _SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
+# Suffixes that name one format's files (TorchScript's .pt and .ts, as the README writes them): an export of
+# another format is refused under them (an ONNX file as m.pt was read as corrupt weights by coatnet predict)
+_FORMAT_OF_SUFFIX = {".onnx": "onnx", ".pt2": "exported", ".pt": "torchscript", ".ts": "torchscript"}
 
 
 def run_export(args: argparse.Namespace) -> int:
     """``coatnet export``: a checkpoint or ``save_pretrained`` folder in, one file out, its preprocessing
     (overridden by the flags given) recorded in it."""
-    from .evaluate import _one_process, load_for_inference  # which imports this module
+    from .evaluate import _one_process, _say_which, load_for_inference  # which imports this module
 
     _one_process(args)
     ckpt, model = load_for_inference(args)
@@ -320,5 +333,6 @@ def run_export(args: argparse.Namespace) -> int:
         check_img_size_flag(model, args.img_size)
     path = export_model(model, args.format, args.output, img_size=args.img_size, batch_size=args.batch_size,
                         dynamic_batch=args.dynamic_batch, overwrite=args.overwrite)
+    _say_which(ckpt, args)  # a run directory stands for its `last`, not its `best`: named, as eval and predict do
     print(f"wrote {path} ({args.format}{', any batch size' if args.dynamic_batch else ''})")
     return 0
