@@ -268,3 +268,34 @@ def test_out_of_memory_on_the_cpu_is_said_as_on_the_gpu(monkeypatch, error):
     bench._worker(bench.Job("coatnet", "coatnet_pico", "train", False, 32, 2, None, "cpu"), child)
     assert parent.recv() == ("error", "coatnet_pico train: out of memory: every row's process holds its model on cpu "
                                       "at once; lower --batch-size")
+
+
+def test_timms_model_is_built_with_our_head_and_a_difference_in_work_is_said():
+    """"vs timm" divides images/s: timm's model must do the same job. Its coatnet_3_rw_224 defaults to
+    its weights' 11,821 classes (16.6M parameters more to train than ours, before), and its paper-style
+    coatnet_0_224 strides the depthwise conv (Table 9's variant, 9.8% more multiply-adds): the table
+    says so (before: a bare ratio)."""
+    pytest.importorskip("timm")
+    import torch
+
+    from coatnet.bench import build, format_table
+    from coatnet.complexity import count_parameters
+
+    with torch.device("meta"):
+        ours, theirs = build("coatnet", "coatnet_3_rw", 224), build("timm", "coatnet_3_rw", 224)
+    assert theirs.num_classes == ours.config.num_classes == 1000
+    assert count_parameters(theirs) == count_parameters(ours)
+
+    def row(implementation, model, gflop):
+        return dict(implementation=implementation, model=model, mode="inference", compiled=False,
+                    images_per_s=dict(median=10.0, min=10.0, max=10.0), vs_timm=None, gflop_per_image=gflop,
+                    achieved_gflops=1.0, matmul_fraction=0.5, peak_mib=10.0)
+    result = dict(model="coatnet_0", img_size=224, batch_size=2, dtype="float32", device="cpu", threads=1,
+                  torch="x", repeats=2, matmul_size=2048, matmul_gflops=dict(median=2.0, min=2.0, max=2.0),
+                  rows=[row("coatnet", "coatnet_0", 2 * 4.1419), row("timm", "coatnet_0_224", 2 * 4.5465)])
+    lines = format_table(result).splitlines()
+    assert lines[2] == ("note: coatnet_0_224 does 9.8% more multiply-adds per image than ours (4.55 against 4.14 G): "
+                        "'vs timm' compares images/s, so part of it is the networks' difference; GFLOP/s and "
+                        "'of matmul' compare the rate")
+    result["rows"][1]["gflop_per_image"] = 2 * 4.1419  # the same work: no note
+    assert not any(line.startswith("note:") for line in format_table(result).splitlines())

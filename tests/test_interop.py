@@ -611,3 +611,23 @@ def test_convert_timm_state_dict_takes_timms_names():
     state = {"stem.conv1.weight": torch.zeros(1)}
     for name in ("coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k"):
         assert convert_timm_state_dict(state, name) == convert_timm_state_dict(state, "coatnet_0_rw")
+
+
+def test_convert_timm_an_empty_output_is_refused_not_the_current_folder_overwritten(tmp_path, capsys, monkeypatch):
+    """--output "" (an unset shell variable) is no folder: refused, the current folder's model kept (before:
+    Path("") read as the current folder, past the check for a folder holding files: its config.json and
+    weights replaced without --overwrite, where --output . is refused)."""
+    source = tmp_path / "nano.safetensors"
+    save_file(_timm_model("coatnet_nano_rw").state_dict(), str(source))
+    mine = tmp_path / "mine"
+    coatnet.create_model("coatnet_pico").save_pretrained(mine)
+    before = {f.name: f.read_bytes() for f in mine.iterdir()}
+    monkeypatch.chdir(mine)
+    capsys.readouterr()
+    assert main(["convert-timm", str(source), "--output", "."]) == 2  # as before: refused without --overwrite
+    assert main(["convert-timm", str(source), "--output", ""]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "is a folder with files in it" in err[0] and err[1] == (
+        "coatnet convert-timm: error: --output is empty; give the folder to write config.json and model.safetensors "
+        "into (. for the current one, with --overwrite if it holds files)")
+    assert {f.name: f.read_bytes() for f in mine.iterdir()} == before

@@ -70,3 +70,18 @@ def test_count_flops_leaves_the_model_as_it_was_and_counts_the_attention():
         assert count_flops(model, 32) == measure(name, 32).flops
         assert [m.training for m in model.modules()] == modes
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_non_square_size_is_counted_as_built():
+    """create_model takes (height, width): measure counts that input, not a square of its height
+    (before: 224x320 reported as 224 px with 224x224's FLOPs, beside the paper's 224 px figures)."""
+    import coatnet
+    from coatnet.complexity import count_flops, count_parameters
+
+    r = measure("coatnet_0", (224, 320))
+    model = coatnet.create_model("coatnet_0", img_size=(224, 320))
+    assert r.params == count_parameters(model)
+    assert r.flops == count_flops(model, (224, 320)) > measure("coatnet_0", 224).flops
+    assert r.img_size == (224, 320) and r.paper_flops is None and r.paper_params is None
+    assert r.flops_diff is None and r.params_diff is None
+    assert measure("coatnet_0", (224, 224)) == measure("coatnet_0", 224)  # square: as before, beside the paper

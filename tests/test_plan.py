@@ -185,3 +185,22 @@ def test_the_command_says_a_recipes_ema_is_not_planned(capsys):
     assert "imagenet1k-finetune keeps an EMA of the weights, which this plan does not count" in capsys.readouterr().out
     assert main([*argv, "--ema", "0.9999"]) == 0
     assert "does not count" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("decay", ["0.9999999", "0.99999995", "1e-07"])
+def test_the_commands_ema_is_the_decay_planned(capsys, decay):
+    """The printed command's --ema is the decay given, digit for digit (before: six digits, so 0.9999999
+    became `--ema 1`, which `coatnet train` refuses, and 0.99999995 another decay)."""
+    assert main(["plan", "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "64", "--ema", decay]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("torchrun"))
+    words = shlex.split(line)
+    args = build_parser().parse_args(words[words.index("coatnet") + 1:])
+    assert args.ema == float(decay)
+
+
+def test_a_non_square_size_is_refused_not_planned_as_a_square():
+    """make_plan(img_size=(H, W)): training takes one square size; the plan measured and printed H x H
+    without a word (before)."""
+    with pytest.raises(ValueError, match=r"--img-size 32x64: training runs square images"):
+        make_plan("coatnet_pico", (32, 64), batch_size=64)
+    assert make_plan("coatnet_pico", (32, 32), batch_size=64).img_size == 32

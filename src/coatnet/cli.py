@@ -108,6 +108,9 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
                                       timm_pretrained_cfg, timm_variant_of)
 
+    if not args.output:  # Path("") is the current folder, which the check for files below would not see
+        raise ValueError("--output is empty; give the folder to write config.json and model.safetensors into "
+                         "(. for the current one, with --overwrite if it holds files)")
     state = read_state_dict(local_path(args.source))  # timm's local-dir:PATH as PATH, as everywhere
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "

@@ -48,7 +48,7 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int
 class Complexity:
     model: str
     layout: str
-    img_size: int
+    img_size: int | tuple[int, int]  # (height, width) where they differ
     params: int
     flops: int
     paper_params: float | None
@@ -71,14 +71,18 @@ class Complexity:
         return asdict(self) | {"params_diff_pct": self.params_diff, "flops_diff_pct": self.flops_diff}
 
 
-def measure(name: str, img_size: int | None = None, **kwargs) -> Complexity:
+def measure(name: str, img_size: int | tuple[int, int] | None = None, **kwargs) -> Complexity:
     """Count ``name`` at ``img_size`` (default: the model's own) on the meta device."""
     paper = model_entry(name).paper  # an unknown name, or a Hub repository's or folder's, fails before building
     with torch.device("meta"):
         model = create_model(name, img_size=img_size, **kwargs).eval()
-    size = model.config.img_size[0]
+    height, width = model.config.img_size
+    # A non-square input (create_model takes one) is counted as built, and reported as (H, W): the
+    # paper's figures are all of square images, so it has none to compare with.
+    size = height if height == width else (height, width)
     # The paper counts parameters once, for the sizes it reports (224, 384, 512): at others the
     # relative-position tables, which grow with the grid, would be compared with a count that lacks them.
-    paper_params = paper.params if size == 224 or size in paper.flops else None
-    return Complexity(name, model.config.layout, size, count_parameters(model), count_flops(model, size),
-                      paper_params, paper.flops.get(size))
+    square = height == width
+    paper_params = paper.params if square and (size == 224 or size in paper.flops) else None
+    return Complexity(name, model.config.layout, size, count_parameters(model), count_flops(model, (height, width)),
+                      paper_params, paper.flops.get(size) if square else None)

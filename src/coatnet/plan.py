@@ -266,7 +266,8 @@ def command(plan_fields: dict) -> str:
     p = plan_fields
     flags = [f"--model {p['model']}", f"--img-size {p['img_size']}", f"--batch-size {p['batch_size']}"]
     flags += ["--fsdp"] * (p["strategy"] == "fsdp") + ["--amp"] * p["amp"]
-    flags += [f"--ema {p['ema']:g}"] * (p["ema"] > 0) + ["--grad-checkpointing"] * p["grad_checkpointing"]
+    # repr: the decay as given (":g" keeps 6 digits: 0.9999999 read "--ema 1", which train refuses)
+    flags += [f"--ema {p['ema']!r}"] * (p["ema"] > 0) + ["--grad-checkpointing"] * p["grad_checkpointing"]
     flags += [f"--grad-accum-steps {p['grad_accum_steps']}"] * (p["grad_accum_steps"] > 1)
     nodes = (f"--nnodes {p['nodes']} " if p["nodes"] > 1 else "")
     rendezvous = f"--rdzv-backend c10d --rdzv-endpoint HOST:{PORT} " if p["nodes"] > 1 else ""
@@ -284,7 +285,11 @@ def make_plan(model: str, img_size: int | None = None, batch_size: int = 4096, g
                          f"repository or folder holds by its name (training gives it to --pretrained)")
     with torch.device("meta"):
         net = create_model(model, img_size=img_size)
-    img_size = net.config.img_size[0]
+    height, width = net.config.img_size
+    if height != width:  # training takes one --img-size, a square: a plan of 32x64 would be of 32x32
+        raise ValueError(f"--img-size {height}x{width}: training runs square images; plan one size, e.g. "
+                         f"{max(height, width)}")
+    img_size = height
     world = gpus * nodes
     if batch_size % world:
         nearest = max(1, batch_size // world) * world
