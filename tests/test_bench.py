@@ -45,6 +45,15 @@ def test_bench_reports_every_field(capsys, monkeypatch):
     assert inference["gflop_per_image"] == pytest.approx(0.032, rel=0.02)
 
 
+def test_the_size_is_the_models_own_by_default(capsys):
+    """Without --img-size, the model's own input size, as info and plan take it (coatnet_pico: 32; timm's
+    coatnet_rmlp_2_rw_384: 384); before: 224 for every model."""
+    from coatnet.cli import build_parser
+
+    assert _bench(capsys, "--model", "coatnet_pico", "--batch-size", "2")["img_size"] == 32
+    assert build_parser().parse_args(["bench"]).img_size is None
+
+
 @pytest.mark.parametrize("name", ["coatnet_0", "coatnet_nano_rw", "coatnet_rmlp_nano_rw"])
 def test_timms_model_is_ours_in_size(name):
     """The model timm's row times is ours in timm's code: the same parameters (the rw variants exactly;

@@ -317,7 +317,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     name = model_entry(args.model).name  # ours for timm's names; an unknown one fails here, listing the known ones
     with torch.device("meta"):  # a size the model refuses fails here in one line, not in every row
-        create_model(name, img_size=args.img_size)
+        built = create_model(args.model, img_size=args.img_size)
+    args.img_size = min(built.config.img_size)  # by default the model's own: 384 for coatnet_rmlp_2_rw_384
     device = resolve_device(args.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.threads and cores and args.threads > cores:

@@ -356,18 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: _lazy("evaluate", "run_predict")(args))
 
     p = sub.add_parser("bench", help="time inference and a training step, side by side with timm")
-    p.add_argument("--model", default="coatnet_0")
-    p.add_argument("--img-size", type=POSITIVE, default=224)
-    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--model", default="coatnet_0", help="model name (default: coatnet_0)")
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="input resolution (default: the model's own)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per call (default: 8)")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--repeats", type=POSITIVE, default=10, help="timed repeats per measurement")
+    p.add_argument("--repeats", type=POSITIVE, default=10, help="timed repeats per measurement (default: 10)")
     p.add_argument("--compare", choices=["timm"], default=None, help="also time timm's matching model")
     p.add_argument("--compile", action="store_true", help="add torch.compile lines")
     p.add_argument("--onnx", action="store_true", help="add our model exported to ONNX, run by onnxruntime")
     p.add_argument("--dtype", choices=["float32", "tf32", "bfloat16"], default="float32",
                    help="bfloat16: autocast, as `coatnet train --amp` (the matmul in bfloat16 too); "
                         "tf32 (CUDA): every float32 product on TF32 tensor cores")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=lambda args: _lazy("bench", "run_bench")(args))
 
