@@ -316,6 +316,50 @@ def test_second_run_on_the_same_folder_is_refused_and_a_dead_ones_lock_taken_ove
     assert f"process {first.pid}, which ended without releasing" in capsys.readouterr().err
 
 
+def test_a_run_killed_with_data_loading_workers_resumes_at_once(tmp_path, capsys):
+    """SIGKILL of a run reading its data with --workers: its workers outlive it by up to 5 s (their check of
+    the parent), and must not hold its lock meanwhile: a --resume at once goes on (before: refused, "in use
+    by another `coatnet train`", naming the dead process)."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "2", "--workers", "2", "--save-every", "2",
+            "--output-dir", str(out)]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (out / "last").is_symlink():
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)  # its workers reading the next batches
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert main(["train", "--resume", "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    assert f"process {proc.pid}, which ended without releasing" in capsys.readouterr().err
+
+
+def test_sigterm_to_the_process_group_of_a_run_with_workers_is_one_line(tmp_path):
+    """A scheduler's SIGTERM to the run's whole process group (Slurm's, at a job's time limit), its data-loading
+    workers included: one line, status 130, and `--resume` goes on (before: most times, DataLoader's traceback of
+    its worker "killed by signal: Terminated" printed first). Three times, as the race was lost one time in three."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "3", "--workers", "2", "--save-every", "2",
+            "--output-dir", str(out)]
+    for attempt in range(3):
+        proc = subprocess.Popen(argv + (["--resume"] if attempt else []), env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline, saved = time.time() + 60, (out / "last").resolve() if attempt else None
+            while not ((out / "last").is_symlink() and (out / "last").resolve() != saved):  # a save of this one
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            time.sleep(0.2 * attempt)  # its workers reading the next batches
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            err = proc.communicate()[1]
+        assert proc.returncode == 130, err
+        assert err.count("\n") == 1 and "Traceback" not in err and "continues it from its last checkpoint" in err, err
+
+
 # -- runs that would overwrite another -------------------------------------------------------------
 
 
@@ -336,6 +380,18 @@ def test_dangling_last_is_not_an_empty_folder(finished_run, tmp_path, capsys):
     (out / "best").unlink()
     one_line_exit_2(capsys, ["train", "--resume", "--output-dir", str(out)], "which is missing",
                     "this folder holds none; start a new run")
+
+
+def test_a_run_whose_last_link_was_removed_names_its_other_checkpoints(finished_run, tmp_path, capsys):
+    """`rm RUN/last`: --resume and eval of RUN name RUN/best (before: "RUN is not a coatnet checkpoint or model
+    folder", of a folder holding a run and its checkpoints); nothing is changed."""
+    out = copy_run(finished_run, tmp_path)
+    (out / "last").unlink()
+    before = snapshot(out)
+    for argv in (["train", "--resume", "--epochs", "2", "--output-dir", str(out)], ["eval", "--checkpoint", str(out)]):
+        one_line_exit_2(capsys, argv, f"{str(out)!r} holds a run without its `last` link; give one of its "
+                                      f"checkpoints (e.g. {str(out / 'best')!r})")
+    assert snapshot(out) == before
 
 
 def test_a_run_killed_in_its_first_save_starts_again(tmp_path, capsys):
@@ -360,6 +416,26 @@ def test_resume_into_another_runs_folder_is_refused(finished_run, tmp_path, caps
     one_line_exit_2(capsys, ["train", "--resume", str(finished_run / "last"), "--epochs", "2", "--output-dir",
                              str(other)], "holds another run", "would overwrite it")
     assert snapshot(other) == before
+
+
+@pytest.mark.parametrize("inside", ["train", "train/a", "val/b/runs/x"])
+def test_an_output_dir_inside_the_datas_splits_is_refused(tmp_path, capsys, inside):
+    """`--output-dir DATA/train` (or a class folder): refused before anything is written (before: trained, and
+    its first save put ckpt-*, last and best among the classes, curves.png among a class's images: its own
+    --resume, and every later run on DATA, refused as "different class folders", or trained on the plot)."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), (40 * i, 0, 200 if c == "a" else 0)).save(data / split / c / f"{i}.png")
+    before = snapshot(data)
+    one_line_exit_2(capsys, ["train", "--data", "imagefolder", "--data-dir", str(data), *TINY[:2], "--batch-size",
+                             "4", "--epochs", "1", "--output-dir", str(data / inside)],
+                    f"is inside the data's {inside.split('/')[0]}/ folder")
+    assert snapshot(data) == before
 
 
 def test_a_folder_of_files_of_no_run_is_not_overwritten(finished_run, tmp_path, capsys):
@@ -446,6 +522,73 @@ def test_a_run_continued_in_a_new_folder_has_its_best_there(finished_run, tmp_pa
     assert (new / "best").is_symlink() and (new / "best").resolve().parent == new.resolve()
     summary = json.loads((new / "summary.json").read_text())
     assert summary["best_top1"] == json.loads((new / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
+
+
+def test_a_run_stopped_between_its_link_swaps_keeps_best_the_best(tmp_path, capsys, monkeypatch):
+    """Stopped (SIGKILL, SIGTERM) in the save of an epoch that improved, after one of `last` and `best` was
+    swapped and before the other: resumed, `best` is the checkpoint of the best top-1 the run reports
+    (before: `last` swapped first, `best` left at the earlier, worse epoch while the resumed state counted
+    the new one as the best, so `best` was never replaced and `done: ... (best X%)` named another checkpoint)."""
+    out = tmp_path / "run"
+    real, swaps = os.replace, []
+
+    class Killed(BaseException):
+        pass
+
+    def replace(src, dst):
+        if Path(dst).name in ("last", "best"):
+            swaps.append(Path(dst).name)
+            if len(swaps) == 4:  # epoch 1 swapped both; epoch 2 (better: below) one of them
+                raise Killed
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module.os, "replace", replace)
+        with pytest.raises(Killed):
+            main(["train", *TINY, "--epochs", "2", "--output-dir", str(out)])
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output-dir", str(out)]) == 0
+    top1 = [json.loads(line)["top1"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert top1[1] > top1[0]  # epoch 2 improved: its save swapped both links
+    best = json.loads((out / "best" / "config.json").read_text())
+    assert (best["epoch"], best["top1"]) == (2, top1[1])
+    assert json.loads((out / "summary.json").read_text())["best_top1"] == top1[1]
+    assert f"(best {top1[1]:.2f}%)" in capsys.readouterr().out
+
+
+def test_a_best_link_behind_its_better_last_is_put_right_on_resume(finished_run, tmp_path, capsys):
+    """A run left by a version that swapped `last` before `best` (stopped between them): `best` at an earlier
+    checkpoint than `last`, whose epoch was better. Resumed, `best` points at the better checkpoint and
+    the run reports its top-1, the best of the history (before: the earlier one kept for good)."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
+    top1 = [json.loads(line)["top1"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert top1[1] > top1[0]
+    earlier = tmp_path / "earlier"  # epoch 1's checkpoint, as `best` of the broken run
+    assert main(["train", *TINY, "--epochs", "1", "--output-dir", str(earlier)]) == 0
+    shutil.copytree(earlier / "last", out / "ckpt-00000011", symlinks=True)
+    (out / "best").unlink()
+    (out / "best").symlink_to("ckpt-00000011")
+    (out / "summary.json").unlink()  # stopped in its last save: no report yet
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output-dir", str(out)]) == 0
+    assert os.readlink(out / "best") == os.readlink(out / "last")
+    assert json.loads((out / "summary.json").read_text())["best_top1"] == top1[1] == max(top1)
+
+
+def test_a_best_whose_checkpoint_was_deleted_is_replaced_by_the_next_epoch(finished_run, tmp_path, capsys):
+    """`rm -r RUN/ckpt-N` of `best`'s checkpoint (behind `last`), then --resume: the next epoch's checkpoint is
+    `best`, whatever its top-1 (before: `best` a link to nothing for good, unless an epoch beat the deleted one)."""
+    run = copy_run(finished_run, tmp_path)
+    state_file = run / "last" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save(state | {"best_top1": 100.0}, state_file)  # the deleted one: an epoch the next cannot beat
+    (run / "best").unlink()
+    (run / "best").symlink_to("ckpt-00000005")  # gone
+    assert main(["train", "--resume", "--epochs", "2", "--output-dir", str(run)]) == 0
+    assert os.readlink(run / "best") == os.readlink(run / "last")
+    top1 = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
+    assert json.loads((run / "summary.json").read_text())["best_top1"] == top1
 
 
 # -- a run that diverges ---------------------------------------------------------------------------

@@ -105,13 +105,18 @@ def save_checkpoint(run_dir: str | Path, name: str, meta: dict, model: nn.Module
             shutil.rmtree(shards, ignore_errors=True)
         raise write_failed(final, e.strerror or str(e)) from None
     for link in links:
-        tmp_link = run_dir / f".{link}.tmp"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(name)
-        os.replace(tmp_link, run_dir / link)
+        point_link(run_dir, link, name)
     _fsync_dir(run_dir)
     _remove_unreferenced(run_dir)
     return final
+
+
+def point_link(run_dir: Path, link: str, name: str) -> None:
+    """Point ``run_dir/link`` at the checkpoint ``name`` (a relative link), atomically."""
+    tmp_link = run_dir / f".{link}.tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(name)
+    os.replace(tmp_link, run_dir / link)
 
 
 def _torch_write_error(e: RuntimeError) -> str:
@@ -208,15 +213,38 @@ def locked_run_dir(run_dir: Path, instead: str = "choose another --output-dir"):
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
+        folder = os.open(run_dir, os.O_RDONLY)  # put in place of the lock's descriptor in forked children
+        _HELD_LOCKS[handle.fileno()] = folder
         try:
             yield
         finally:
+            _HELD_LOCKS.pop(handle.fileno(), None)
+            os.close(folder)
             handle.seek(0)
             handle.truncate()  # released: no pid is left to be mistaken for a crashed holder
             if (created or found is not None) and set(os.listdir(run_dir)) == (found or set()) | {LOCK}:
                 (run_dir / LOCK).unlink()  # refused before writing anything
                 if created:
                     run_dir.rmdir()
+
+
+# The descriptors of the run locks this process holds, each with a read-only descriptor of its folder. A child
+# forked while one is held (a DataLoader worker) inherits the lock's descriptor, and with it the flock: killed
+# (SIGKILL), the run would leave its workers holding the folder for up to 5 s, their check of the parent's life,
+# and a --resume at once was refused as "in use by another `coatnet train`", naming the dead process. So each
+# child puts its folder's descriptor in that place (closing the lock's own there, not releasing it: the flock
+# ends when the last descriptor of it closes, and the parent keeps its own).
+_HELD_LOCKS: dict[int, int] = {}
+
+
+def _leave_the_locks_to_the_parent() -> None:
+    for lock, folder in _HELD_LOCKS.items():
+        with contextlib.suppress(OSError):
+            os.dup2(folder, lock, inheritable=False)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_leave_the_locks_to_the_parent)
 
 
 def _lock(handle, run_dir: Path) -> None:

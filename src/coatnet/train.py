@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -38,7 +39,8 @@ from tqdm import tqdm
 
 from . import sharding
 from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, atomic_write, holds_a_run,
-                         load_checkpoint, locked_run_dir, process_lost, refuse_if_in_use, save_checkpoint)
+                         load_checkpoint, locked_run_dir, point_link, process_lost, refuse_if_in_use,
+                         save_checkpoint)
 from .complexity import count_parameters
 from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
                    default_preprocessing, mixup_cutmix)
@@ -46,7 +48,7 @@ from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import PretrainedWeights, read_pretrained
-from .models.folder import CONFIG, TRAIN_STATE, WEIGHTS, read_model_meta, read_pretrained_cfg
+from .models.folder import CHECKPOINT_NAME, CONFIG, TRAIN_STATE, WEIGHTS, read_model_meta, read_pretrained_cfg
 from .models.hub import is_hub_reference, local_path
 from .models.registry import MODEL_SOURCES, model_entry
 from .plan import MIN_MICRO_BATCH
@@ -383,7 +385,16 @@ def make_loader(dataset: Dataset, indices: list, batch_size: int, workers: int, 
     # An explicit generator: creating the loader's iterator then never draws from the global RNG.
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, drop_last=drop_last,
                       pin_memory=device.type == "cuda", generator=torch.Generator(),
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=_worker_leaves_sigterm_to_the_run)
+
+
+def _worker_leaves_sigterm_to_the_run(worker_id: int) -> None:
+    """A SIGTERM to the run's whole process group (a job scheduler's, Slurm's) stops the run as Ctrl-C does,
+    and the run then ends its data-loading workers itself. Killed by the signal first, a worker made the run
+    print DataLoader's traceback ("DataLoader worker (pid N) is killed by signal: Terminated") before its line.
+    (Under torchrun SIGTERM ends each process as it always did: there it is how the agent stops them.)"""
+    if "RANK" not in os.environ:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,7 +547,9 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
                 train_one_epoch(run)
                 metrics = evaluate_epoch(run)
                 improved = record_epoch(run, metrics)
-                save_run(run, ("last", "best") if improved else ("last",), top1=metrics["top1"])
+                # `best` before `last`: stopped between the two swaps, `last` is still the checkpoint before,
+                # whose resume trains this epoch again and finds `best` (the new one) as good, never better
+                save_run(run, ("best", "last") if improved else ("last",), top1=metrics["top1"])
                 report_epoch(run)
             return finish_run(run)
     finally:
@@ -806,6 +819,17 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
     if elsewhere and found:
         raise ValueError(f"{run_dir} holds {', '.join(found)} of no run, which this run would overwrite; move them "
                          f"or choose another --output-dir")
+    if cfg.data.lower() == "imagefolder" and cfg.data_dir is not None:
+        # Inside a split, the run's folders (ckpt-*, last, best) would be read as classes, and curves.png in a
+        # class folder as an image of it: every later run on the data, this one's --resume too, refused or
+        # trained on a plot (before: accepted, the data set spoilt by the run's first save)
+        real = Path(os.path.realpath(run_dir))
+        for split in ("train", "val"):
+            tree = Path(os.path.realpath(Path(cfg.data_dir) / split))
+            if real == tree or tree in real.parents:
+                raise ValueError(f"--output-dir {run_dir} is inside the data's {split}/ folder ({tree}), where the "
+                                 f"run's checkpoints and curves.png would be read as classes and images; choose "
+                                 f"a folder outside {Path(cfg.data_dir) / 'train'} and {Path(cfg.data_dir) / 'val'}")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")
@@ -894,11 +918,28 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     # Continued in another folder (--resume RUN --output-dir NEW), `best` is the best of the checkpoints
     # there: the next epoch's is the first, not one left in RUN.
     best_here = os.path.lexists(run.run_dir / "best")
+    # The best top-1 is that of the checkpoint `best` points at, as its config.json records it, not the one this
+    # checkpoint counted: a run stopped between its two link swaps (or written by a version that swapped `last`
+    # first) counted an epoch whose checkpoint `best` never pointed at, and no later epoch would have replaced it.
+    best_top1 = s["best_top1"] if best_here else -1.0
+    if best_here:
+        try:
+            recorded = read_model_meta(run.run_dir / "best")[1].get("top1")
+        except ValueError:  # a `best` whose checkpoint is gone (deleted by hand) or damaged: none to beat, so
+            recorded, best_top1 = None, -1.0  # the next epoch's is `best` (before: a link to nothing for good)
+        if _a_top1(recorded):
+            best_top1 = float(recorded)
+        resumed = Path(os.path.realpath(ckpt.path))  # RUN/last: the checkpoint it points at
+        of_the_run = resumed.parent == Path(os.path.realpath(run.run_dir)) and CHECKPOINT_NAME.fullmatch(resumed.name)
+        if of_the_run and _a_top1(top1 := ckpt.meta.get("top1")) and top1 > best_top1:
+            best_top1 = float(top1)  # an epoch's checkpoint better than `best`: it is the best
+            if d.main:
+                point_link(run.run_dir, "best", resumed.name)
     # Part way through an epoch, its rest follows the order of the processes it began on (older
     # checkpoints: those that wrote it), so that every remaining sample of it is trained, once.
     epoch_world_size = (s.get("epoch_world_size") or len(s["rng"])) if s["batch_in_epoch"] else d.world_size
     run.state = RunState(step=s["step"], epoch=s["epoch"], batch_in_epoch=s["batch_in_epoch"],
-                         epoch_world_size=epoch_world_size, best_top1=s["best_top1"] if best_here else -1.0,
+                         epoch_world_size=epoch_world_size, best_top1=best_top1,
                          history=s["history"], progress=_resumed_progress(s, d), earlier_seconds=s["wall_seconds"])
     if len(s["rng"]) == d.world_size:
         torch.set_rng_state(s["rng"][d.rank])
@@ -921,6 +962,11 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         if later > run.state.step:
             _log(d, f"note: the run's last checkpoint is at step {later}; going on from step {run.state.step} "
                     f"replaces it and drops its later epochs from metrics.jsonl as this run saves")
+
+
+def _a_top1(value) -> bool:
+    """Whether ``value`` (read from a config.json) is a top-1 accuracy: a finite number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _changed_data_note(run: Run, saved: int) -> str:

@@ -206,6 +206,13 @@ def read_model_meta(path: str | Path) -> tuple[Path, dict]:
                                   f"coatnet.from_pretrained)" if weights else
                                   f"without its weights ({' or '.join(TIMM_WEIGHTS)}): download them too "
                                   f"(hf download ORG/NAME --local-dir {path})"))
+    if not (path / CONFIG).is_file() and not os.path.lexists(path / "last") and holds_a_run(path):
+        # its `last` link removed (by hand): the run's other checkpoints are named, not "not a checkpoint"
+        others = sorted(p.name for p in path.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / CONFIG).exists())
+        other = str(path / "best") if (path / "best" / CONFIG).exists() else str(path / others[-1]) if others else None
+        raise ModelFolderError(f"{str(path)!r} holds a run without its `last` link; "
+                               + (f"give one of its checkpoints (e.g. {other!r})" if other else
+                                  "it holds no complete checkpoint: start a new run"))
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise ModelFolderError(f"{str(path)!r} is not a coatnet checkpoint or model folder (no {CONFIG} and "
                                f"{WEIGHTS}); give a folder written by `coatnet train` or save_pretrained")
