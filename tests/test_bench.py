@@ -28,7 +28,9 @@ def test_bench_reports_every_field(capsys, monkeypatch):
         processes.append(runner.process)
     monkeypatch.setattr(bench.Runner, "finish", finish_and_record)
     onnx = importlib.util.find_spec("onnxruntime") is not None
-    result = _bench(capsys, "--model", "coatnet_pico", "--img-size", "32", "--batch-size", "2", *["--onnx"] * onnx)
+    # Without --img-size, the model's own, as info and plan take it (coatnet_pico's 32; before: 224 for every model)
+    result = _bench(capsys, "--model", "coatnet_pico", "--batch-size", "2", *["--onnx"] * onnx)
+    assert result["img_size"] == 32
     assert [p.exitcode for p in processes] == [0] * (3 + onnx)  # inference, (onnxruntime,) train, the matmul
     assert result["threads"] == 1 and result["matmul_gflops"]["median"] > 0
     assert [(r["model"], r["mode"]) for r in result["rows"]] == [
@@ -43,15 +45,6 @@ def test_bench_reports_every_field(capsys, monkeypatch):
     assert result["rows"][1]["gflop_per_image"] == pytest.approx(inference["gflop_per_image"])
     # 2 x the multiply-adds `coatnet info` counts for coatnet_pico at 32 (16.0M)
     assert inference["gflop_per_image"] == pytest.approx(0.032, rel=0.02)
-
-
-def test_the_size_is_the_models_own_by_default(capsys):
-    """Without --img-size, the model's own input size, as info and plan take it (coatnet_pico: 32; timm's
-    coatnet_rmlp_2_rw_384: 384); before: 224 for every model."""
-    from coatnet.cli import build_parser
-
-    assert _bench(capsys, "--model", "coatnet_pico", "--batch-size", "2")["img_size"] == 32
-    assert build_parser().parse_args(["bench"]).img_size is None
 
 
 @pytest.mark.parametrize("name", ["coatnet_0", "coatnet_nano_rw", "coatnet_rmlp_nano_rw"])
