@@ -337,29 +337,6 @@ def test_a_run_killed_with_data_loading_workers_resumes_at_once(tmp_path, capsys
     assert f"process {proc.pid}, which ended without releasing" in capsys.readouterr().err
 
 
-def test_sigterm_to_the_process_group_of_a_run_with_workers_is_one_line(tmp_path):
-    """A scheduler's SIGTERM to the run's whole process group (Slurm's, at a job's time limit), its data-loading
-    workers included: one line, status 130, and `--resume` goes on (before: most times, DataLoader's traceback of
-    its worker "killed by signal: Terminated" printed first). Three times, as the race was lost one time in three."""
-    out = tmp_path / "run"
-    argv = [sys.executable, "-m", "coatnet", "train", *TINY, "--epochs", "3", "--workers", "2", "--save-every", "2",
-            "--output-dir", str(out)]
-    for attempt in range(3):
-        proc = subprocess.Popen(argv + (["--resume"] if attempt else []), env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            deadline, saved = time.time() + 60, (out / "last").resolve() if attempt else None
-            while not ((out / "last").is_symlink() and (out / "last").resolve() != saved):  # a save of this one
-                assert time.time() < deadline and proc.poll() is None
-                time.sleep(0.02)
-            time.sleep(0.2 * attempt)  # its workers reading the next batches
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            err = proc.communicate()[1]
-        assert proc.returncode == 130, err
-        assert err.count("\n") == 1 and "Traceback" not in err and "continues it from its last checkpoint" in err, err
-
-
 # -- runs that would overwrite another -------------------------------------------------------------
 
 

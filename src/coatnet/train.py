@@ -395,6 +395,11 @@ def _worker_leaves_sigterm_to_the_run(worker_id: int) -> None:
     (Under torchrun SIGTERM ends each process as it always did: there it is how the agent stops them.)"""
     if "RANK" not in os.environ:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The run, stopping, drops its end of a batch's hand-over: the worker's multiprocessing resource sharer,
+        # which reports through sys.excepthook, would print that reset connection's traceback after the run's line
+        hook = sys.excepthook
+        sys.excepthook = lambda kind, value, tb: None if issubclass(kind, (ConnectionError, EOFError)) else hook(
+            kind, value, tb)
 
 
 # --------------------------------------------------------------------------------------------
