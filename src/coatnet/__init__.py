@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    # The model (and torch) load on first use, not on `import coatnet`: the `coatnet` command answers
-    # --help and a flag's error at once, and a Ctrl-C while torch loads is its one line, not a traceback.
+    # The model (and torch) load on first use, not on `import coatnet`: the `coatnet` script imports
+    # coatnet.cli before its main() runs, and a Ctrl-C while torch loads must be main's one line, not a traceback.
     if name in __all__ or name == "models":  # `import coatnet` gave coatnet.models too, as it still does
         models = importlib.import_module(".models", __name__)  # which sets coatnet.models
         value = models if name == "models" else getattr(models, name)

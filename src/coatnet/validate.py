@@ -117,7 +117,7 @@ def flag_type(kind) -> Callable[[str], object]:
 def resolve_device(name: str | None) -> torch.device:
     """The device a ``--device`` flag names (None: CUDA where it is available, else the CPU), or one
     ValueError that says what to use instead."""
-    import torch  # here: the command line reads its flags before torch loads
+    import torch  # here: importing coatnet.cli, which imports this module, must not load torch (coatnet/__init__.py)
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
