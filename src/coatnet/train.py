@@ -768,8 +768,8 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
                              f"start a new run from its weights with --pretrained {ckpt.path}")
     # Found here, said once under torchrun and before the data is read and the model built (before: by every
     # process, once the run had read its data and built its model)
-    if ckpt and (ckpt.train_state["optimizer"] is None) != cfg.fsdp:  # an --fsdp run writes its optimizer state apart
-        sharded = ckpt.train_state["optimizer"] is None
+    sharded = ckpt is not None and ckpt.train_state["optimizer"] is None  # an --fsdp run's is written apart
+    if ckpt and sharded != cfg.fsdp:
         raise CheckpointError(f"{str(ckpt.path)!r} was written by a run {'with' if sharded else 'without'} --fsdp "
                               f"and resumes only so: {'add' if sharded else 'drop'} --fsdp; or start a "
                               f"new run from its weights with --pretrained {ckpt.path}")

@@ -869,21 +869,20 @@ class FeatureInfo(list):
         super().__init__(info)
         self.out_indices = tuple(out_indices)
 
-    def get(self, key: str, idx: int | list[int] | tuple[int, ...] | None = None):
+    def _each(self, idx: int | list[int] | tuple[int, ...] | None, read):
+        """``read`` of the maps ``idx`` names, as timm's accessors take it: all (None), several, or one."""
         if idx is None:
-            return [f[key] for f in self]
+            return [read(f) for f in self]
         if isinstance(idx, (tuple, list)):
-            return [self[i][key] for i in idx]
-        return self[idx][key]
+            return [read(self[i]) for i in idx]
+        return read(self[idx])
+
+    def get(self, key: str, idx: int | list[int] | tuple[int, ...] | None = None):
+        return self._each(idx, lambda f: f[key])
 
     def get_dicts(self, keys: list[str] | tuple[str, ...] | None = None,
                   idx: int | list[int] | tuple[int, ...] | None = None):
-        pick = lambda f: dict(f) if keys is None else {k: f[k] for k in keys}  # noqa: E731
-        if idx is None:
-            return [pick(f) for f in self]
-        if isinstance(idx, (tuple, list)):
-            return [pick(self[i]) for i in idx]
-        return pick(self[idx])
+        return self._each(idx, lambda f: dict(f) if keys is None else {k: f[k] for k in keys})
 
     def channels(self, idx: int | list[int] | tuple[int, ...] | None = None):
         return self.get("num_chs", idx)
