@@ -422,6 +422,17 @@ def test_a_users_own_ckpt_folders_survive_the_runs_saves(reference_run, tmp_path
     assert sum(bool(re.fullmatch(r"ckpt-\d{8}(\.\d+)?", p.name)) for p in out.iterdir()) <= 2  # still pruned
 
 
+def test_a_process_holding_a_loader_with_workers_ends():
+    """A loader's workers end when told to at exit, so a program still holding one (a notebook, a test whose
+    traceback kept it) exits (before: the workers ignored SIGTERM, and the exit waited on them for good)."""
+    program = ("import torch\nfrom coatnet.train import make_loader\n"
+               "data = torch.utils.data.TensorDataset(torch.arange(64.0))\n"
+               "held = [iter(make_loader(data, list(range(64)), 4, 2, torch.device('cpu'), False))]\n"
+               "next(held[0])\nheld.append(held)  # a cycle: the loader lives to the interpreter's exit\n")
+    done = subprocess.run([sys.executable, "-c", program], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_stopped_run_says_how_to_continue(reference_run, tmp_path, monkeypatch, capsys):
     """Ctrl-C, or a scheduler's SIGTERM, stops training in one line that says what continues the run,
     and from which step (before: "interrupted", and SIGTERM killed it without a word). The test's

@@ -385,21 +385,21 @@ def make_loader(dataset: Dataset, indices: list, batch_size: int, workers: int, 
     # An explicit generator: creating the loader's iterator then never draws from the global RNG.
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, drop_last=drop_last,
                       pin_memory=device.type == "cuda", generator=torch.Generator(),
-                      persistent_workers=False, worker_init_fn=_worker_leaves_sigterm_to_the_run)
+                      persistent_workers=False, worker_init_fn=_worker_ends_quietly_on_sigterm)
 
 
-def _worker_leaves_sigterm_to_the_run(worker_id: int) -> None:
+def _worker_ends_quietly_on_sigterm(worker_id: int) -> None:
     """A SIGTERM to the run's whole process group (a job scheduler's, Slurm's) stops the run as Ctrl-C does,
-    and the run then ends its data-loading workers itself. Killed by the signal first, a worker made the run
-    print DataLoader's traceback ("DataLoader worker (pid N) is killed by signal: Terminated") before its line.
-    (Under torchrun SIGTERM ends each process as it always did: there it is how the agent stops them.)"""
-    if "RANK" not in os.environ:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # The run, stopping, drops its end of a batch's hand-over: the worker's multiprocessing resource sharer,
-        # which reports through sys.excepthook, would print that reset connection's traceback after the run's line
-        hook = sys.excepthook
-        sys.excepthook = lambda kind, value, tb: None if issubclass(kind, (ConnectionError, EOFError)) else hook(
-            kind, value, tb)
+    and reaches its data-loading workers too: killed by it, a worker made the run print DataLoader's traceback
+    ("DataLoader worker (pid N) is killed by signal: Terminated") before its line. So a worker ends at once with
+    status 0, which DataLoader takes as an ending, not a failure. It must end: a worker that ignored SIGTERM
+    outlived DataLoader's `terminate()` and hung its process at exit in multiprocessing's join."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # The run, stopping, drops its end of a batch's hand-over: the worker's multiprocessing resource sharer,
+    # which reports through sys.excepthook, would print that reset connection's traceback after the run's line
+    hook = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: None if issubclass(kind, (ConnectionError, EOFError)) else hook(
+        kind, value, tb)
 
 
 # --------------------------------------------------------------------------------------------
