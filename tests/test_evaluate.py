@@ -981,3 +981,52 @@ def test_a_weights_file_that_cannot_be_evaluated_as_given_says_what_to_give(run_
         one_line_error(capsys, ["eval", *model, "--checkpoint", str(scripted), *data_flags],
                        f"'{scripted}' is an exported model (TorchScript, run by torch.jit.load)")
     assert not any(p.name.startswith("eval-") for p in tmp_path.iterdir())
+
+
+def test_an_eval_output_dir_inside_the_datas_splits_is_refused(run_dir, tmp_path, capsys):
+    """`eval --output-dir` inside the image folder's val/ (or train/): refused before anything is written
+    (before: eval.json and confusion_matrix.png written there, the folder a new class, or the plot an
+    image of a class, every later eval and run on the data refused or scoring a plot)."""
+    data = image_folder(tmp_path / "tree", [str(i) for i in range(10)])
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for inside in (data / "val" / "reports", data / "val" / "3", data / "train"):
+        split = inside.relative_to(data).parts[0]
+        one_line_error(capsys, ["eval", "--checkpoint", str(run_dir), "--data", "imagefolder", "--data-dir", str(data),
+                                "--output-dir", str(inside)], f"is inside the data's {split}/ folder",
+                       "give an --output-dir outside")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", "imagefolder", "--data-dir", str(data),
+                 "--output-dir", str(data / "reports")]) == 0
+
+
+def test_a_model_folders_weights_file_with_model_says_to_give_the_folder(run_dir, tmp_path, capsys):
+    """`--model NAME --checkpoint RUN/last/model.safetensors`: the folder to give, as without --model (before:
+    read as a bare weights file, predict printing output indices for the run's class names, and preprocessing
+    and EMA weights of the folder left out without a word)."""
+    ckpt = copy_checkpoint(run_dir, tmp_path / "ckpt", classes=[f"c{i}" for i in range(10)])
+    (image,) = digit_files(tmp_path, sizes=((8, 8),))
+    for command in (["predict", str(image)], ["eval"], ["export", "--format", "onnx", "--output",
+                                                         str(tmp_path / "m.onnx")]):
+        one_line_error(capsys, [*command, "--model", "coatnet_pico", "--checkpoint", str(ckpt / "model.safetensors")],
+                       f"'{ckpt / 'model.safetensors'}' is the weights of the model folder '{ckpt}': give the folder")
+    assert main(["predict", "--model", "coatnet_pico", "--checkpoint", str(ckpt), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]["label"].startswith("c")
+
+
+def test_a_report_folder_that_cannot_be_made_beside_the_checkpoint_names_output_dir(run_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A checkpoint on a read-only or shared disk: eval's default folder beside it cannot be made; the line
+    says to give --output-dir (before: "Permission denied: RUN/eval-...", of a folder the user never chose)."""
+    import pathlib
+
+    real = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith("eval-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir)], "cannot make the report's folder",
+                   "(Permission denied); give --output-dir")
+    assert main(["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "e")]) == 0

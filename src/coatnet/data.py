@@ -197,6 +197,18 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def split_holding(folder: Path, data_dir: str | Path) -> tuple[str, Path] | None:
+    """The split of an image-folder data set (``train`` or ``val``, and its real path) that ``folder`` is in,
+    or None: a folder a command writes there is read as a class, and a file it writes in a class folder as an
+    image of that class, by every later run on the data."""
+    real = Path(os.path.realpath(folder))
+    for split in ("train", "val"):
+        tree = Path(os.path.realpath(Path(data_dir).expanduser() / split))
+        if real == tree or tree in real.parents:
+            return split, tree
+    return None
+
+
 def is_image_file(name: str) -> bool:
     """Whether a file named ``name`` is read as an image: by its extension, hidden ones left out."""
     return not _is_hidden(name) and has_file_allowed_extension(name, IMG_EXTENSIONS)

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
-from .data import IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, warn_not_images
+from .data import (IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, split_holding,
+                   warn_not_images)
 from .export import check_img_size_flag
 from .models.factory import create_model, from_pretrained, model_from_folder, read_pretrained
 from .models.folder import (EMA_WEIGHTS, TIMM_WEIGHTS, WEIGHTS, ModelFolder, exported_model, read_model_folder,
@@ -146,15 +147,17 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     folder are then of one checkpoint."""
     _model_flags(args)
     given = _given_folder(args.checkpoint)
+    if given.is_file() and _model_folder_of(given):
+        # the folder says their network, preprocessing and class names (and holds the EMA's weights, where kept):
+        # with --model too, read as a bare file they would be lost without a word (before: indices for names,
+        # ours for timm's preprocessing, the raw weights for the EMA's the run evaluated)
+        raise ValueError(f"'{given}' is the weights of the model folder '{given.parent}': give the folder, "
+                         f"--checkpoint '{given.parent}'")
     if args.model is not None and given.is_file():  # a weights file, under the network --model names
         weights = dataclasses.replace(read_pretrained(given, args.model), whole=True)  # their classifier, as saved
         model = create_model(args.model, pretrained=weights).eval()
         model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
         return ModelFolder(given, {"model": model.config.name}, model.state_dict(), None), model
-    if given.is_file() and _model_folder_of(given):
-        # the folder says their network, preprocessing and class names (and holds the EMA's weights, where kept)
-        raise ValueError(f"'{given}' is the weights of the model folder '{given.parent}': give the folder, "
-                         f"--checkpoint '{given.parent}'")
     if given.is_file() and given.name.endswith(WEIGHTS_SUFFIXES) and not exported_model(given):
         raise ValueError(f"'{given}' is a weights file: name its network too, --model NAME --checkpoint "
                          f"'{given}' (coatnet info lists the names)")
@@ -290,9 +293,20 @@ def run_eval(args: argparse.Namespace) -> int:
     name, run_dir = ((args.checkpoint.removeprefix(HUB_PREFIX).replace("/", "--"), Path.cwd())
                      if is_hub_reference(args.checkpoint) else (ckpt.path.resolve().name, ckpt.path.resolve().parent))
     out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{name}-{data_name}"
+    if str(data_name).lower() == "imagefolder" and (inside := split_holding(out, data_dir)):
+        raise ValueError(f"the report's folder {out} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
+                         f"eval.json and confusion_matrix.png would be read as a class and an image; give an "
+                         f"--output-dir outside {Path(data_dir) / 'train'} and {Path(data_dir) / 'val'}")
     _check_own_report(out)
     made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before the pass: an unwritable folder fails now, not after it
+    except OSError as e:
+        if args.output_dir or isinstance(e, (FileExistsError, NotADirectoryError)):
+            raise
+        # A folder the user did not choose (beside a checkpoint on a shared or read-only disk): say where to write
+        raise ValueError(f"cannot make the report's folder {out} ({e.strerror or e}); give --output-dir, a folder "
+                         f"to write eval.json and confusion_matrix.png into") from None
     _say_which(ckpt, args)
     model.to(device)
     loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers)

@@ -43,7 +43,7 @@ from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, at
                          save_checkpoint)
 from .complexity import count_parameters
 from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
-                   default_preprocessing, mixup_cutmix)
+                   default_preprocessing, mixup_cutmix, split_holding)
 from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
@@ -825,16 +825,10 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise ValueError(f"{run_dir} holds {', '.join(found)} of no run, which this run would overwrite; move them "
                          f"or choose another --output-dir")
     if cfg.data.lower() == "imagefolder" and cfg.data_dir is not None:
-        # Inside a split, the run's folders (ckpt-*, last, best) would be read as classes, and curves.png in a
-        # class folder as an image of it: every later run on the data, this one's --resume too, refused or
-        # trained on a plot (before: accepted, the data set spoilt by the run's first save)
-        real = Path(os.path.realpath(run_dir))
-        for split in ("train", "val"):
-            tree = Path(os.path.realpath(Path(cfg.data_dir) / split))
-            if real == tree or tree in real.parents:
-                raise ValueError(f"--output-dir {run_dir} is inside the data's {split}/ folder ({tree}), where the "
-                                 f"run's checkpoints and curves.png would be read as classes and images; choose "
-                                 f"a folder outside {Path(cfg.data_dir) / 'train'} and {Path(cfg.data_dir) / 'val'}")
+        if inside := split_holding(run_dir, cfg.data_dir):  # the data set spoilt by the run's first save
+            raise ValueError(f"--output-dir {run_dir} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
+                             f"the run's checkpoints and curves.png would be read as classes and images; choose "
+                             f"a folder outside {Path(cfg.data_dir) / 'train'} and {Path(cfg.data_dir) / 'val'}")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")
@@ -845,7 +839,7 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         raise ValueError(f"the resumed run's --batch-size {cfg.batch_size} (global, kept on resume) is not divisible "
                          f"by {d.world_size} process(es) x --grad-accum-steps {cfg.grad_accum_steps}; resume it on a "
                          f"number of processes that divides it"
-                         + (f" (e.g. {nearest})" if nearest else f", with a --grad-accum-steps that divides it")
+                         + (f" (e.g. {nearest})" if nearest else ", with a --grad-accum-steps that divides it")
                          + f", or start a new run from its weights with --pretrained {ckpt.path}")
     if cfg.batch_size % (d.world_size * cfg.grad_accum_steps):
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {d.world_size} process(es) x "
