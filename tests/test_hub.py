@@ -197,7 +197,10 @@ def test_an_unreachable_hub_is_one_line_after_its_first_file(hub, monkeypatch):
 
 
 @pytest.mark.parametrize("config,message", [("{not json", "is not valid JSON"),
-                                            ("[1, 2]", "holds a JSON list, not the object of a model's config")])
+                                            ("[1, 2]", "holds a JSON list, not the object of a model's config"),
+                                            # before: TypeError's traceback, from deep in the preprocessing
+                                            ('{"architecture": "coatnet_nano_rw_224", "pretrained_cfg": [1]}',
+                                             "has a pretrained_cfg that is a JSON list, not an object")])
 def test_a_broken_config_json_is_one_line_naming_it(hub, config, message):
     snapshot = hub("me/broken")
     (snapshot / "config.json").write_text(config)
@@ -394,3 +397,36 @@ def test_a_folder_that_holds_no_model_is_one_line(tmp_path, folder, pretrained, 
     with pytest.raises(ValueError) as e:
         coatnet.create_model(f"local-dir:{tmp_path / folder}" if folder else "local-dir:", pretrained=pretrained)
     assert message.format(d=tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_whose_weights_do_not_fit_its_config_is_refused_from_the_hub_and_local_dir(hub, tmp_path):
+    """A save_pretrained folder whose config.json was edited (its classes) is refused by from_pretrained(PATH);
+    read as hf-hub:ORG/NAME or local-dir:PATH it gave a model with a random classifier, under a warning."""
+    model = coatnet.create_model("coatnet_pico", num_classes=7, img_size=32)
+    for folder in (hub("me/edited"), tmp_path / "edited"):
+        model.save_pretrained(folder)
+        meta = json.loads((folder / "config.json").read_text())
+        meta["config"]["num_classes"], meta["pretrained_cfg"]["label_names"] = 5, None
+        (folder / "config.json").write_text(json.dumps(meta))
+    for name in ("hf-hub:me/edited", f"local-dir:{tmp_path / 'edited'}"):
+        for load in (lambda: coatnet.from_pretrained(name), lambda: coatnet.create_model(name, pretrained=True)):
+            with pytest.raises(ValueError) as e:
+                load()
+            assert "holds weights that do not fit its own config.json" in str(e.value) and "\n" not in str(e.value)
+        with pytest.warns(UserWarning, match="classifier"):  # a new classifier, asked for
+            assert coatnet.create_model(name, pretrained=True, num_classes=3).num_classes == 3
+
+
+def test_a_fresh_model_of_a_folder_needs_only_timms_config_json(tmp_path, hub):
+    """timm's create_model("local-dir:PATH") without weights reads config.json alone, as "hf-hub:ORG/NAME"
+    does here (`hf download ORG/NAME config.json --local-dir PATH`); before: refused, asking for the weights."""
+    config = json.dumps({"architecture": "coatnet_nano_rw_224", "num_classes": 3, "label_names": ["a", "b", "c"],
+                         "model_args": {"img_size": SIZE}})
+    (tmp_path / "config.json").write_text(config)
+    (hub("me/config-only") / "config.json").write_text(config)
+    for name in (f"local-dir:{tmp_path}", "hf-hub:me/config-only"):
+        fresh = coatnet.create_model(name)
+        assert (fresh.config.name, fresh.num_classes, fresh.config.img_size) == ("coatnet_nano_rw", 3, (SIZE, SIZE))
+        assert fresh.pretrained_cfg.label_names == ("a", "b", "c")
+    with pytest.raises(ValueError, match="without its weights"):  # which pretrained=True needs
+        coatnet.create_model(f"local-dir:{tmp_path}", pretrained=True)

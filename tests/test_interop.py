@@ -613,6 +613,23 @@ def test_convert_timm_state_dict_takes_timms_names():
         assert convert_timm_state_dict(state, name) == convert_timm_state_dict(state, "coatnet_0_rw")
 
 
+def test_convert_timm_into_the_sources_own_folder_keeps_the_source(tmp_path, capsys):
+    """`hf download timm/... model.safetensors --local-dir w`, then `convert-timm w/model.safetensors --output w
+    --overwrite`: timm's file is the folder's weights, which the conversion replaced (ema.safetensors: removed),
+    leaving no file timm reads. Refused in one line; the source kept."""
+    (tmp_path / "w").mkdir()
+    for name in ("model.safetensors", "ema.safetensors"):
+        source = tmp_path / "w" / name
+        save_file(_timm_model("coatnet_nano_rw").state_dict(), str(source))
+        before = source.read_bytes()
+        capsys.readouterr()
+        assert main(["convert-timm", str(source), "--output", str(tmp_path / "w"), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "where the converted weights are written over it" in err
+        assert source.read_bytes() == before and not (tmp_path / "w" / "config.json").exists()
+        source.unlink()
+
+
 def test_convert_timm_an_empty_output_is_refused_not_the_current_folder_overwritten(tmp_path, capsys, monkeypatch):
     """--output "" (an unset shell variable) is no folder: refused, the current folder's model kept (before:
     Path("") read as the current folder, past the check for a folder holding files: its config.json and

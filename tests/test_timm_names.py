@@ -58,6 +58,15 @@ def test_timms_spellings_of_create_models_arguments(tmp_path, monkeypatch):
             coatnet.create_model("coatnet_pico", **kwargs)
 
 
+def test_a_grey_models_overlay_gives_its_one_channels_mean_and_std():
+    """timm's overlay for a grey model, pretrained_cfg_overlay=dict(mean=(0.5,), std=(0.25,)), as timm writes
+    them in a grey model's config.json (which loads): before, refused as "mean must be 3 numbers"."""
+    model = coatnet.create_model("coatnet_pico", in_chans=1, pretrained_cfg_overlay=dict(mean=(0.5,), std=[0.25]))
+    assert model.pretrained_cfg.channel_stats(1) == ([0.5], [0.25])
+    image = torch.full((1, 40, 40), 255, dtype=torch.uint8)
+    assert torch.allclose(coatnet.data_transforms(model)(image), torch.full((1, 32, 32), 2.0))  # (1 - 0.5) / 0.25
+
+
 @pytest.mark.parametrize("name,classes", [("coatnet_3_rw_224", 11821), ("coatnet_2_rw_224.sw_in12k", 11821),
                                           ("coatnet_2_rw_224", 1000), ("coatnet_rmlp_2_rw_224.sw_in12k_ft_in1k", 1000),
                                           ("coatnet_3_rw", 1000)])

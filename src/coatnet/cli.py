@@ -102,7 +102,7 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
 
     from .models import create_model, read_state_dict
     from .models.factory import PretrainedWeights, load_pretrained
-    from .models.folder import refuse_to_replace
+    from .models.folder import EMA_WEIGHTS, WEIGHTS, refuse_to_replace
     from .models.hub import local_path
     from .models.registry import model_entry
     from .models.timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
@@ -111,7 +111,8 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if not args.output:  # Path("") is the current folder, which the check for files below would not see
         raise ValueError("--output is empty; give the folder to write config.json and model.safetensors into "
                          "(. for the current one, with --overwrite if it holds files)")
-    state = read_state_dict(local_path(args.source))  # timm's local-dir:PATH as PATH, as everywhere
+    source = local_path(args.source)  # timm's local-dir:PATH as PATH, as everywhere
+    state = read_state_dict(source)
     if not is_timm_state_dict(state):
         raise ValueError(f"{args.source!r} does not hold timm CoAtNet weights (no stem.conv1.weight); "
                          f"give a timm .safetensors or .pth file")
@@ -119,6 +120,12 @@ def cmd_convert_timm(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise ValueError(f"output {args.output!r} is a folder with files in it; give a new or empty one, or replace "
                          f"its config.json and weights with --overwrite")
+    # A folder holding only timm's weights file, converted into itself: the folder's weights are replaced (or,
+    # for ema.safetensors, removed), and timm's file, the only one timm reads, would be gone, even with --overwrite
+    replaced = [Path(args.output) / f for f in (WEIGHTS, EMA_WEIGHTS)]
+    if any(f.is_file() and f.samefile(source) for f in replaced):
+        raise ValueError(f"{args.source!r} is in --output {args.output!r}, where the converted weights are written "
+                         f"over it; give another --output folder")
     name = model_entry(args.model).name if args.model else timm_variant_of(state)  # timm's name -> ours
     if name is None:
         raise ValueError(f"{args.source!r} fits none of timm's CoAtNet variants exactly; pass --model NAME to be "

@@ -201,7 +201,7 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
         raise ValueError(f"the model {name!r} takes its weights from that {where}: pass pretrained=True or False; "
                          f"for other weights, name its network and pass pretrained=PATH")
     if name.startswith(LOCAL_DIR_PREFIX):  # found whole, as a repository in the Hub's cache is
-        path, meta, fetched = local_dir(name)
+        path, meta, fetched = local_dir(name, weights=bool(pretrained))
         where, fetched = str(path), fetched if pretrained else None
     else:
         repo = hub_repository(name, "")
@@ -214,7 +214,16 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
             raise ModelFolderError(f"the config.json of {where} has no usable model config ({e})") from None
         if fetched:
             model = built_for_weights(lambda: build_model(config, **options))
-            return load_pretrained(model, _read_weights(fetched, config.name, True), config.name)
+            # Saved together with its config, its classifier fits it: one that does not (an edited config.json)
+            # is refused, as from_pretrained(PATH) refuses it, not left random; num_classes asks for a new one.
+            try:
+                return load_pretrained(model, _read_weights(fetched, config.name, True), config.name,
+                                       new_classifier=options.get("num_classes") is not None)
+            except ModelFolderError:
+                raise
+            except ValueError as e:
+                raise ModelFolderError(f"{where!r} holds weights that do not fit its own config.json ({e}); it was "
+                                       f"edited or written by hand: use another checkpoint") from None
         model = build_model(config, **options)  # freshly initialised, prepared for as the repository's
         model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(where), meta, {}, None)).with_classes(
             model.num_classes)  # weights are, as in timm

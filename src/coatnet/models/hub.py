@@ -111,14 +111,17 @@ def local_path(location: str | Path) -> Path:
     return path
 
 
-def local_dir(name: str) -> tuple[Path, dict, Path]:
+def local_dir(name: str, weights: bool = True) -> tuple[Path, dict, Path | None]:
     """What timm's ``local-dir:PATH`` names, found as :func:`fetch` finds a repository's: the folder, its
     ``config.json``, and its weights: the file of timm's (a repository downloaded into the folder), or the
     folder of a ``save_pretrained`` folder or training checkpoint (a run directory's ``last``). A folder
-    that holds neither is a one-line error naming it."""
+    that holds neither is a one-line error naming it. Without ``weights`` (a model freshly initialised), timm's
+    ``config.json`` alone is enough, as the Hub's is (:func:`repository_config`) and timm's create_model takes it."""
     path = local_path(name)
     if (timm_file := timm_folder_weights(path)) is not None:
         return path, hub_config(timm_file), timm_file
+    if not weights and timm_architecture(path) is not None:
+        return path, _read_config(path / CONFIG), None
     folder, meta = read_model_meta(path)  # says what is wrong with any other folder, timm's without weights too
     return folder, meta, folder
 
@@ -132,6 +135,11 @@ def _read_config(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(meta).__name__}, not the object of a model's config; "
                          f"download the repository again")
+    # Read into the model's preprocessing (timm_pretrained_cfg): another type was a TypeError's traceback there
+    if not isinstance(meta.get("pretrained_cfg"), (dict, type(None))):
+        raise ValueError(f"{str(path)!r} has a pretrained_cfg that is a JSON {type(meta['pretrained_cfg']).__name__}, "
+                         f"not an object of how images are prepared (mean, std, ...); correct it or download the "
+                         f"repository again")
     return meta
 
 

@@ -88,10 +88,7 @@ class PretrainedCfg:
         """Ours as written by :meth:`to_dict`, or timm's ``pretrained_cfg`` (its other keys ignored)."""
         known = {f.name for f in fields(cls)} - {"input_size"}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known and v is not None}
-        for key in ("mean", "std"):  # timm writes one number for a grey model's one channel
-            if isinstance(values.get(key), tuple) and len(values[key]) == 1:
-                values[key] = values[key] * 3
-        return cls(**values)
+        return cls(**_one_per_colour(values))
 
     def get(self, key: str, default=None):
         """The field ``key`` as timm reads its ``pretrained_cfg`` dicts; ``default`` for the keys
@@ -122,7 +119,9 @@ class PretrainedCfg:
     def override(self, values: dict) -> PretrainedCfg:
         """This preprocessing with the fields ``values`` gives (not None), e.g. command-line flags."""
         given = {f.name: values.get(f.name) for f in fields(self) if f.name not in ("label_names", "input_size")}
-        return replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
+        # timm's overlay for a grey model gives its one channel's, as its config.json does
+        return replace(self, **_one_per_colour({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
+                                                if v is not None}))
 
     def channel_stats(self, in_chans: int) -> tuple[list[float], list[float]]:
         """Mean and std for a model of ``in_chans`` channels: ours, or for a grey model their averages
@@ -136,6 +135,13 @@ class PretrainedCfg:
         fit the head (a replaced classifier) are dropped."""
         names = tuple(names) if names is not None else self.label_names
         return replace(self, label_names=names if names is not None and len(names) == num_classes else None)
+
+
+def _one_per_colour(values: dict) -> dict:
+    """``values`` with a one-number mean or std (timm writes one for a grey model's one channel) given to each
+    of the 3 colours, as the fields hold them (:meth:`PretrainedCfg.channel_stats` averages them back)."""
+    return values | {key: values[key] * 3 for key in ("mean", "std")
+                     if isinstance(values.get(key), tuple) and len(values[key]) == 1}
 
 
 def imagenet_class_names() -> tuple[str, ...]:
