@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 
+import json
 import os
 
 import pytest
@@ -7,6 +8,13 @@ import torch
 
 # Nothing in the tests may reach the network: the Hub is read from caches the tests write.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def strict_json(text: str):
+    """``text`` read as strict JSON readers (jq, JavaScript's JSON.parse) read it: NaN and Infinity refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:

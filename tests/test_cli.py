@@ -1,6 +1,7 @@
 """The command line: output, JSON, and one-line errors with exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -182,6 +183,21 @@ sys.exit(coatnet.cli.main(["train", "--epochs", "1"]))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "coatnet: interrupted\n")
+
+
+def test_a_reader_gone_before_the_results_are_written_ends_the_command_quietly():
+    """Results small enough to stay in stdout's buffer to the end (`coatnet info --json | true`) are written
+    by the command, where a reader gone ends it without a word, status 141, as the reader gone mid-way
+    does (test_evaluate.py) (before: Python's "Exception ignored ... BrokenPipeError" at exit, status 120)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "coatnet", "info", "coatnet_pico", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # long before it prints: loading torch alone takes a second
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # nothing, where it ended
+    assert (proc.returncode, err.decode()) == (141, "")
 
 
 def test_the_package_names_what_it_exports():

@@ -1,13 +1,17 @@
 """`coatnet eval`, `coatnet predict`, the evaluation pass and the figures."""
 
+import errno
 import json
 import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,6 +22,7 @@ import coatnet.plots
 from coatnet.cli import main
 from coatnet.evaluate import evaluate
 from coatnet.plots import plot_confusion, plot_curves
+from conftest import strict_json
 from test_data import make_tree, no_hang  # noqa: F401 (a fixture)
 
 PNG = b"\x89PNG"
@@ -307,6 +312,86 @@ def test_plots_write_pngs(tmp_path):
     plot_confusion(np.eye(12, dtype=int) * 5, [f"class {i}" for i in range(12)], tmp_path / "cm.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == PNG and (tmp_path / "cm.png").read_bytes()[:4] == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "curves.png"]  # no temporary files left
+
+
+def full_disk(self, fname, *args, **kwargs):
+    """Figure.savefig on a disk that fills part way through the PNG."""
+    Path(fname).write_bytes(PNG + b" half")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_plot_that_cannot_be_written_leaves_nothing(run_dir, tmp_path, capsys, monkeypatch):
+    """A figure whose write fails (a full disk, the folder made unwritable) removes its temporary file
+    and keeps the figure there before; the error names the figure (before: `.curves.tmp.png` and
+    `.confusion_matrix.tmp.png` left in the run's and the report's folders, the error naming them)."""
+    history = [dict(epoch=1, train_loss=2.0, eval_loss=2.2, train_top1=10, top1=9, top5=20)]
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    for plot, args in ((plot_curves, [history]), (plot_confusion, [np.eye(3, dtype=int), ["a", "b", "c"]])):
+        folder = tmp_path / plot.__name__
+        folder.mkdir()
+        (folder / "figure.png").write_bytes(b"the old figure")
+        with pytest.raises(OSError) as e:
+            plot(*args, folder / "figure.png")
+        assert os.listdir(folder) == ["figure.png"] and (folder / "figure.png").read_bytes() == b"the old figure"
+        assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(folder / "figure.png"))
+    out = tmp_path / "report"
+    one_line_error(capsys, ["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", str(out)],
+                   f"coatnet eval: error: No space left on device: {out / 'confusion_matrix.png'}")
+    assert os.listdir(out) == ["eval.json"]
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(run_dir, tmp_path, buffered):
+    """`coatnet predict --json ... | head -c 10`: the reader gone is no error of the user's. The command
+    ends without a word, with status 141, as Unix tools ended by SIGPIPE do (before: "coatnet predict:
+    error: Broken pipe", status 2). test_cli.py has results written only at the end."""
+    image = digit_files(tmp_path, sizes=((16, 16),))[0]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({} if buffered else
+                                                                              {"PYTHONUNBUFFERED": "1"})
+    # ~400 KiB of results, more than a pipe holds (64 KiB): the command is still writing when the reader goes
+    argv = [sys.executable, "-m", "coatnet", "predict", "--checkpoint", str(run_dir / "last"), "--top-k", "10",
+            "--json", *[str(image)] * 500]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.read(10) == b'{\n  "predi'
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # nothing, where it ended
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
+def test_a_loss_that_is_not_finite_is_null_in_eval_json_and_the_json_output(run_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A loss that diverged is written as null, which strict JSON readers take (before: a bare NaN, which
+    jq and JavaScript refuse); the text report says nan."""
+    real = coatnet.evaluate.evaluate
+    monkeypatch.setattr(coatnet.evaluate, "evaluate", lambda *args, **kwargs: real(*args, **kwargs) | dict(
+        loss=float("nan")))
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", str(out), "--json"]) == 0
+    printed, written = strict_json(capsys.readouterr().out), strict_json((out / "eval.json").read_text())
+    assert printed["loss"] is written["loss"] is None and printed["top1"] == written["top1"] > 0
+    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", str(out)]) == 0
+    assert "loss nan" in capsys.readouterr().out
+
+
+def test_eval_of_five_classes_or_fewer_leaves_top5_out_of_its_line(run_dir, tmp_path, capsys):
+    """With 5 classes or fewer top-5 is every class, 100% whatever the model: the report's line leaves it
+    out (before: "top-5 100.00%", of a measure of nothing); eval.json keeps its "top5" key for readers.
+    With more classes it is said."""
+    tree = make_tree(tmp_path / "tree")  # 3 classes
+    torch.manual_seed(0)
+    folder = coatnet.create_model("coatnet_pico", num_classes=3, img_size=16).save_pretrained(tmp_path / "three")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(tree),
+                 "--output-dir", str(tmp_path / "e3")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert " top-1 " in line and "top-5" not in line, line
+    assert json.loads((tmp_path / "e3" / "eval.json").read_text())["top5"] == 100.0
+    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", str(tmp_path / "e10")]) == 0
+    assert " top-5 " in capsys.readouterr().out.splitlines()[0]
 
 
 def test_predict_reads_every_image_it_can(run_dir, tmp_path, capsys):

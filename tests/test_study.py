@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import coatnet.study as study
+from conftest import strict_json
 from coatnet.cli import main
 
 ARGS = ["study", "layouts", "--img-size", "16", "--epochs", "1", "--batch-size", "256", "--seeds", "1"]
@@ -38,7 +39,7 @@ def test_study_runs_writes_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "train", counting_train)
     counted_only = False
     assert main([*ARGS, "--output-dir", str(out)]) == 130
-    assert capsys.readouterr().err.endswith(f"coatnet study layouts: interrupted; the same command continues the "
+    assert capsys.readouterr().err.endswith("coatnet study layouts: interrupted; the same command continues the "
                                             f"study from its runs' last checkpoints\n")
     first = json.loads((out / "study.json").read_text())
     assert [r["model"] for r in first["runs"]] == ["vit_rel", "c_c_c_c"]  # each finished run written at once
@@ -109,6 +110,25 @@ def finished_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "s"
     assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)]) == 0
     return out
+
+
+def test_a_loss_that_is_not_finite_is_null_in_every_json_file(tmp_path, monkeypatch):
+    """An evaluation whose loss diverged (inf here) is written as null in metrics.jsonl, summary.json and
+    study.json, which strict JSON readers (jq, JavaScript) take, and the study reads its runs' files back
+    (before: a bare Infinity, which they refuse)."""
+    import coatnet.train
+
+    real = coatnet.train.evaluate
+    monkeypatch.setattr(coatnet.train, "evaluate", lambda *args, **kwargs: real(*args, **kwargs) | dict(
+        loss=float("inf")))
+    out = tmp_path / "s"
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--output-dir", str(out)]) == 0
+    run = out / "runs" / "c_c_t_t-seed0"
+    (metrics,) = map(strict_json, (run / "metrics.jsonl").read_text().splitlines())
+    assert metrics["eval_loss"] is None and metrics["train_loss"] > 0
+    assert strict_json((run / "summary.json").read_text())["eval_loss"] is None
+    assert strict_json((out / "study.json").read_text())["runs"][0]["curves"]["eval_loss"] == [None]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_rerun_may_write_the_data_as_training_reads_it(finished_study, tmp_path, capsys, monkeypatch):

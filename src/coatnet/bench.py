@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import resource
@@ -62,6 +61,7 @@ from torch import nn
 from .cli import out_of_memory
 from .models import compile_for_inference, timm_variants
 from .train import make_optimizer
+from .text import json_text
 from .validate import resolve_device, slow_bfloat16
 
 WARMUP = 2
@@ -410,7 +410,7 @@ def run_bench(args: argparse.Namespace) -> int:
                   device=str(device), threads=args.threads or torch.get_num_threads(), repeats=args.repeats,
                   warmup=WARMUP, torch=torch.__version__, matmul_size=mm_size,
                   matmul_gflops=_median_range([matmul.flop / s / 1e9 for s in matmul.seconds]), rows=rows)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(json_text(result, indent=2) if args.json else format_table(result))
     return 1 if any("error" in row for row in rows) else 0
 
 

@@ -29,6 +29,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,9 +51,24 @@ class Checkpoint(ModelFolder):
 
 def atomic_write(path: Path, text: str) -> None:
     """Write a text file under a temporary name and rename it: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_atomically(path: Path, write: Callable[[Path], object], tmp: Path | None = None) -> None:
+    """Have ``write`` write the file ``path`` under a temporary name (``tmp``, or ``.NAME.tmp``
+    beside it), then rename it into place: readers see the old file or the new one. A write that
+    fails (a full disk, the folder made unwritable, Ctrl-C) leaves the old file and removes the
+    temporary one, and its error names ``path``, not a hidden file that is no longer there."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp), tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from None  # errno picks the subclass (PermissionError, ...)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Annotated
 
-from .text import printable
+from .text import json_text, printable
 from .validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
 
 POSITIVE, NON_NEGATIVE = flag_type(PositiveInt), flag_type(NonNegativeInt)
@@ -48,7 +48,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     rows = [measure(name, args.img_size) for name in (args.models or list_models())]
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(json_text([r.to_dict() for r in rows], indent=2))
         return 0
     header = ("model", "layout", "img", "params", "paper", "diff", "FLOPs", "paper", "diff")
     table = [header] + [(r.model, r.layout, str(r.img_size), _si(r.params), _si(r.paper_params), _pct(r.params_diff),
@@ -509,6 +509,35 @@ def sigterm_as_ctrl_c():
             signal.signal(signal.SIGTERM, previous)
 
 
+SIGPIPE_STATUS = 128 + 13  # what a shell reports of a process that SIGPIPE ended
+
+
+def _output_is_a_pipe() -> bool:
+    """Whether stdout or stderr is a pipe or socket: the package writes to no other pipe of its own (its
+    data-loading workers' and torchrun's connections fail with errors of their own), so a
+    BrokenPipeError reaching the command line is one of these whose reader has gone."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            mode = os.fstat(stream.fileno()).st_mode
+        except (AttributeError, OSError, ValueError):  # replaced by an object with no file (a test's capture)
+            continue
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            return True
+    return False
+
+
+def _reader_gone() -> int:
+    """The reader of the output went away (``coatnet eval --json | head -c 10``): not an error of the
+    user's, and nothing can be said to it. Ended without a word, as Unix tools are by SIGPIPE, with the
+    status a shell shows for them (141, which ``set -o pipefail`` sees). Returned, not raised as the
+    signal, so that the command's cleanup (locks, folders made) still runs on the way out."""
+    # What is still buffered for stdout can never be written: closing it drops it (its file stays open),
+    # else Python's flush at exit would report the broken pipe after all.
+    with suppress(OSError, ValueError):
+        sys.stdout.close()
+    return SIGPIPE_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
@@ -516,11 +545,18 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print("coatnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # a command's results, or --help, written to a pipe whose reader has gone
+        if not _output_is_a_pipe():
+            raise
+        return _reader_gone()
 
 
 def _run(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
+    except SystemExit:  # --help: its text, still buffered, is written now, as a command's results are (below)
+        sys.stdout.flush()
+        raise
     except _FlagError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process reads the same flags: one says so
             print(f"{e}{_file_hint(str(e), sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
@@ -540,11 +576,17 @@ def _run(argv: list[str] | None) -> int:
     stoppable = sigterm_as_ctrl_c() if "RANK" not in os.environ else nullcontext()
     try:
         with stoppable:
-            return args.func(args) or 0
+            status = args.func(args) or 0
+            # Results still buffered (stdout a pipe) are written now, where a reader gone is met by main's
+            # handler, not by Python at exit ("Exception ignored ... BrokenPipeError", status 120).
+            sys.stdout.flush()
+            return status
     except ValueError as e:  # bad input: one line, exit status 2
         print(f"{command}: error: {printable(_message(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: what, where
+        if isinstance(e, BrokenPipeError) and _output_is_a_pipe():
+            raise  # no file of the user's: the output's reader gone (main)
         where = f": {e.filename}" if e.filename else ""
         what = e.strerror or _message(e)
         if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename and os.path.isfile(e.filename):

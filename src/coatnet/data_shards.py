@@ -66,6 +66,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import DataBundle, DataError, SubstitutesUndecodable, _not_a_file, _one_line, decode_image
+from .text import json_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image, in order of preference
 HF_EVAL_SPLITS = ("validation", "val", "test")
@@ -228,7 +229,7 @@ def _cached_index_shard(path: str) -> list[tuple[str, int, int, int]]:
         # a name of its own, then a rename: ranks indexing the same shard at once never mix their writes
         with tempfile.NamedTemporaryFile("w", dir=cache.parent, prefix=f".{cache.stem}-", delete=False) as f:
             tmp = f.name
-            json.dump(rows, f)
+            f.write(json_text(rows))
         os.replace(tmp, cache)
     except OSError:
         if tmp is not None:

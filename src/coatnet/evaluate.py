@@ -29,7 +29,7 @@ from .models.hub import HUB_PREFIX, fetch, hub_repository, is_hub_reference, loc
 from .models.preprocessing import class_names, eval_transform
 from .models.registry import MODEL_SOURCES, model_entry
 from .plots import plot_confusion
-from .text import printable
+from .text import json_text, printable
 from .validate import resolve_device, slow_bfloat16
 
 
@@ -324,14 +324,18 @@ def run_eval(args: argparse.Namespace) -> int:
     report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, img_size=img_size, amp=amp,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
                   confusion_matrix=confusion.tolist(), classes=names)
-    atomic_write(out / "eval.json", json.dumps(report, indent=2))
+    atomic_write(out / "eval.json", json_text(report, indent=2))
     plot_confusion(confusion.numpy(), names, out / "confusion_matrix.png",
                    title=f"{meta['model']} on {data_name} (top-1 {result['top1']:.2f}%)")
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "confusion_matrix"}, indent=2))
+        print(json_text({k: v for k, v in report.items() if k != "confusion_matrix"}, indent=2))
     else:
+        # With 5 classes or fewer, top-5 is top-all-classes: 100% by construction, whatever the model. It is
+        # left out of the line, not said as top-N, so that no one reads it as a score (eval.json keeps its
+        # "top5" key, 100 there, for readers that expect it).
+        top5 = f"  top-5 {result['top5']:.2f}%" if data.num_classes > 5 else ""
         print(f"{meta['model']} on {result['count']} {data_name} validation images at {img_size}px: "
-              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+              f"top-1 {result['top1']:.2f}%{top5}  loss {result['loss']:.4f}")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return 0
 
@@ -417,7 +421,7 @@ def run_predict(args: argparse.Namespace) -> int:
     for e in errors:
         print(f"coatnet predict: error: {e['message']}", file=sys.stderr)
     if args.json:
-        print(json.dumps(dict(predictions=results, errors=errors), indent=2))
+        print(json_text(dict(predictions=results, errors=errors), indent=2))
     else:
         width = max((len(t["label"]) for r in results for t in r["top"]), default=0)  # one column for every image
         for r in results:

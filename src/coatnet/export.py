@@ -27,7 +27,6 @@ import contextlib
 import errno
 import glob
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from .checkpoint import process_alive
 from .models import from_pretrained
 from .models.folder import CONFIG, EMA_WEIGHTS, TIMM_WEIGHTS, TRAIN_STATE, WEIGHTS
 from .models.coatnet import MAX_IMG_SIZE, FeatureExtractor
+from .text import json_text
 
 PREPROCESSING_KEY = "preprocessing.json"
 
@@ -195,7 +195,7 @@ def _preprocessing(model: nn.Module, size: tuple[int, int]) -> str:
     """What a server must do to an image before the graph (JSON): the model's ``pretrained_cfg`` and
     the input size, recorded in the file as :data:`PREPROCESSING_KEY`."""
     mean, std = model.pretrained_cfg.channel_stats(model.config.in_chans)
-    return json.dumps(model.pretrained_cfg.to_dict() | dict(input_size=[model.config.in_chans, *size], mean=mean,
+    return json_text(model.pretrained_cfg.to_dict() | dict(input_size=[model.config.in_chans, *size], mean=mean,
                                                             std=std))
 
 

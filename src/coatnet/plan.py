@@ -47,7 +47,6 @@ configuration with the largest micro-batch is taken; when nothing fits one image
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -62,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 from .complexity import count_parameters
 from .models import MBConv, TransformerBlock, create_model
 from .models.registry import MODEL_SOURCES
+from .text import json_text
 
 GiB = 2**30
 ADAMW_STATE_BYTES = 4 + 4 + 8  # float32 weights, gradients, two moments
@@ -378,5 +378,5 @@ def format_plan(plan: Plan) -> str:
 def run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, args.img_size, args.batch_size, args.gpus, args.gpu_memory, args.nodes, args.amp,
                      args.ema)
-    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
+    print(json_text(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0

@@ -2,27 +2,28 @@
 
 Figures are drawn on a bare ``matplotlib.figure.Figure`` (Agg canvas, no pyplot state), so they
 work on machines without a display and in many processes at once, and are written to a temporary
-name and renamed, so a crash never leaves half a PNG.
+name and renamed (``checkpoint.write_atomically``), so a crash never leaves half a PNG, and a write
+that fails (a full disk) leaves the old figure and no temporary file.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .checkpoint import write_atomically
 from .text import printable
 
 
 def save_figure(fig: Figure, path: str | Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     FigureCanvasAgg(fig)
-    # "tight": a label wider than the layout allowed for widens the image instead of being cut off.
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    # "tight": a label wider than the layout allowed for widens the image instead of being cut off. The
+    # temporary name keeps the suffix, from which matplotlib takes the format.
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"),
+                     tmp=path.with_name(f".{path.stem}.tmp{path.suffix}"))
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:

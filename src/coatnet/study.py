@@ -38,6 +38,7 @@ from .checkpoint import LOCK, atomic_write
 from .complexity import count_flops, count_parameters
 from .models import CoAtNet, CoAtNetConfig, create_model
 from .plots import save_figure
+from .text import json_text
 from .train import RECIPES, TrainConfig, same_setting, setup_distributed, train
 
 LAYOUTS = ("vit_rel", "c_c_c_c", "c_c_c_t", "c_c_t_t", "c_t_t_t")
@@ -137,8 +138,9 @@ def run_one(name: str, seed: int, settings: dict, run_dir: Path, notes: set[str]
                 _show_notes(log_path, logged, run_dir.name, notes)
     summary = _read_json(run_dir / "summary.json", "delete it (it is rebuilt from the run's checkpoint) and rerun",
                          numbers=("train_loss", "top1", "wall_seconds"))
+    # An evaluation whose loss diverged is recorded as null (json_text): the run is not damaged for it
     history = _read_json(run_dir / "metrics.jsonl", DAMAGED_RUN, lines=True,
-                         numbers=("epoch", "train_loss", "eval_loss", "top1"))
+                         numbers=("epoch", "train_loss", "eval_loss", "top1"), or_null=("eval_loss",))
     meta = _read_json(run_dir / "last" / "config.json", DAMAGED_RUN)
     try:
         with torch.device("meta"):  # the network exactly as trained, counted without its weights
@@ -167,7 +169,7 @@ def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
     """Refuse a run already in the study's folder that was trained (or begun) with other settings
     than this study's: picked up, it would be reported under settings it never had."""
     recorded = _read_json(run_dir / "last" / "config.json", DAMAGED_RUN).get("train_config") or {}
-    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as recorded: tuples become lists
+    wanted = json.loads(json_text(dataclasses.asdict(config)))  # as recorded: tuples become lists
     # A setting a run of an earlier version did not record had its default then: not checked.
     changed = sorted(k for k in wanted
                      if k != "device" and k in recorded and not same_setting(k, wanted[k], recorded[k]))
@@ -179,9 +181,11 @@ def _check_same_run(run_dir: Path, config: TrainConfig) -> None:
 DAMAGED_RUN = "the run is damaged: delete its folder to train it again"
 
 
-def _read_json(path: Path, fix: str, lines: bool = False, numbers: tuple[str, ...] = ()):
+def _read_json(path: Path, fix: str, lines: bool = False, numbers: tuple[str, ...] = (),
+               or_null: tuple[str, ...] = ()):
     """A file the study or its runs wrote: a JSON object, or (``lines``) one per line, each with a
-    number under every key of ``numbers``. A damaged one is one line that says what to do (``fix``)."""
+    number under every key of ``numbers`` (or null, one that was not finite, for those also in
+    ``or_null``). A damaged one is one line that says what to do (``fix``)."""
     try:
         text = path.read_text()
         data = [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
@@ -190,10 +194,14 @@ def _read_json(path: Path, fix: str, lines: bool = False, numbers: tuple[str, ..
     for item in data if lines else [data]:
         if not isinstance(item, dict):
             raise ValueError(f"{path} holds {type(item).__name__} where a JSON object belongs; {fix}")
-        bad = [k for k in numbers if not isinstance(item.get(k), (int, float)) or isinstance(item.get(k), bool)]
+        bad = [k for k in numbers if not (_number(item.get(k)) or k in or_null and k in item and item[k] is None)]
         if bad:
             raise ValueError(f"{path} has no number under {', '.join(bad)}; {fix}")
     return data
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _finished_runs(out: Path) -> list[tuple[str, int]]:
@@ -288,7 +296,7 @@ def write_study(out: Path, settings: dict, records: list[dict]) -> None:
     by_loss = sorted(summary, key=lambda k: summary[k]["train_loss"]["mean"])
     study = dict(settings=settings, paper=dict(generalisation=PAPER_GENERALISATION, capacity=PAPER_CAPACITY),
                  ordering=dict(eval_top1=by_top1, train_loss=by_loss), summary=summary, runs=records)
-    atomic_write(out / "study.json", json.dumps(study, indent=2))
+    atomic_write(out / "study.json", json_text(study, indent=2))
     atomic_write(out / "study.md", study_markdown(settings, summary, by_top1, by_loss))
     plot_study(records, out / "study.png")
 

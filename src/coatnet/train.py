@@ -53,6 +53,7 @@ from .models.hub import is_hub_reference, local_path
 from .models.registry import MODEL_SOURCES, model_entry
 from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
+from .text import json_text
 from .validate import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields,
                        resolve_device, slow_bfloat16)
 
@@ -1184,7 +1185,7 @@ def report_epoch(run: Run) -> None:
     if not run.dist.main:
         return
     history = run.state.history
-    atomic_write(run.run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write(run.run_dir / "metrics.jsonl", "".join(json_text(h) + "\n" for h in history))
     plot_curves(history, run.run_dir / "curves.png")
     print(epoch_line(history[-1], run.config.epochs), flush=True)
 
@@ -1222,7 +1223,7 @@ def finish_run(run: Run) -> dict:
                    train_images=len(data.train), val_images=len(data.val), world_size=d.world_size,
                    device=d.device.type, output_dir=str(run.run_dir))
     if d.main:
-        atomic_write(run.run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(run.run_dir / "summary.json", json_text(summary, indent=2))
         scored = last.get("eval_images", len(data.val))  # those that decoded (older histories: all)
         print(f"done: top-1 {summary['top1']:.2f}% (best {s.best_top1:.2f}%), top-5 {summary['top5']:.2f}% on "
               f"{scored} held-out {cfg.data} images in {summary['wall_seconds']:.0f} s; "

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..text import json_text
 from .preprocessing import PretrainedCfg, imagenet_class_names
 
 CONFIG, WEIGHTS, EMA_WEIGHTS = "config.json", "model.safetensors", "ema.safetensors"
@@ -71,7 +72,7 @@ def write_weights(model: nn.Module | dict[str, torch.Tensor], file: Path) -> Non
 def write_model_folder(directory: Path, meta: dict, model: nn.Module | dict,
                        ema_model: nn.Module | dict | None = None) -> None:
     """Write ``config.json`` (``meta``), the weights and, with ``ema_model``, the EMA weights into ``directory``."""
-    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+    (directory / CONFIG).write_text(json_text(meta, indent=2))
     write_weights(model, directory / WEIGHTS)
     if ema_model is not None:
         write_weights(ema_model, directory / EMA_WEIGHTS)
