@@ -7,6 +7,7 @@ commit hash, ``snapshots/HASH/`` the files of that commit.
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -430,3 +431,97 @@ def test_a_fresh_model_of_a_folder_needs_only_timms_config_json(tmp_path, hub):
         assert fresh.pretrained_cfg.label_names == ("a", "b", "c")
     with pytest.raises(ValueError, match="without its weights"):  # which pretrained=True needs
         coatnet.create_model(f"local-dir:{tmp_path}", pretrained=True)
+
+
+def test_cache_dir_is_the_hub_cache_read_as_in_timm(hub, tmp_path, monkeypatch):
+    """timm's create_model(..., cache_dir=PATH) reads the Hub cache at PATH (huggingface_hub's layout), over
+    HF_HOME and HF_HUB_CACHE, for that call only; before: refused as an unknown option."""
+    theirs = timm_nano(num_classes=3)
+    timm_repo(hub("me/nano"), theirs)
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))  # the environment's cache lacks it
+    for ours in (coatnet.create_model("hf-hub:me/nano", pretrained=True, img_size=SIZE, cache_dir=cache),
+                 coatnet.create_model("coatnet_nano_rw_224", pretrained="hf-hub:me/nano", cache_dir=str(cache)),
+                 # read twice, the second time by create_model for the repository's network: the same cache
+                 coatnet.create_model("hf-hub:me/nano", checkpoint_path="hf-hub:me/nano", cache_dir=cache)):
+        assert ours.num_classes == 3
+        assert_same_outputs(ours, theirs)
+    timm = pytest.importorskip("timm")  # timm reads the same folder
+    assert_same_outputs(ours, timm.create_model("hf-hub:me/nano", pretrained=True, img_size=SIZE,
+                                                 cache_dir=cache).eval())
+    with pytest.raises(ValueError, match=r"not in the Hugging Face cache \(.*nowhere\)"):  # the cache read is named
+        coatnet.create_model("hf-hub:me/nano", pretrained=True, cache_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"not in the Hugging Face cache \(.*elsewhere"):  # for that call only
+        coatnet.create_model("hf-hub:me/nano", pretrained=True)
+    with pytest.raises(ValueError, match="^cache_dir is the Hugging Face cache folder to read"):
+        coatnet.create_model("hf-hub:me/nano", pretrained=True, cache_dir=3)
+
+
+def test_checkpoint_path_loads_into_a_repositorys_network_as_in_timm(hub, tmp_path):
+    """timm's create_model("hf-hub:ORG/NAME" or "local-dir:PATH", checkpoint_path=FILE): the network the
+    config.json describes, prepared for as the repository's weights are, with FILE loaded as checkpoint_path
+    loads into a named network (its classifier as saved). Before: refused, "pass pretrained=True or False"."""
+    timm = pytest.importorskip("timm")
+    snapshot = hub("me/nano")
+    timm_repo(snapshot, timm_nano(num_classes=3))
+    meta = json.loads((snapshot / "config.json").read_text()) | {
+        "label_names": ["a", "b", "c"], "model_args": {"img_size": SIZE}, "pretrained_cfg": {"mean": [0.4] * 3}}
+    (snapshot / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "w").mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (tmp_path / "w" / file).write_bytes((snapshot / file).read_bytes())
+    tuned = timm_nano(num_classes=3, seed=1)
+    torch.save({"state_dict": tuned.state_dict(), "epoch": 3}, tmp_path / "tuned.pth")  # timm's train.py's form
+    for name in ("hf-hub:me/nano", f"local-dir:{tmp_path / 'w'}"):
+        for pretrained in (False, True):
+            ours = coatnet.create_model(name, pretrained=pretrained, checkpoint_path=str(tmp_path / "tuned.pth"))
+            assert_same_outputs(ours, tuned)
+            assert (ours.pretrained_cfg.mean, ours.pretrained_cfg.label_names) == ((0.4,) * 3, ("a", "b", "c"))
+            # (huggingface_hub fixed timm's default cache at its import, in an earlier test: named here)
+            assert_same_outputs(ours, timm.create_model(name, pretrained=pretrained, cache_dir=tmp_path / "hf" / "hub",
+                                                        checkpoint_path=str(tmp_path / "tuned.pth")).eval())
+    # a fine-tune on other classes keeps them, as checkpoint_path into a named network does (timm refuses it)
+    other = timm_nano(num_classes=10, seed=2)
+    torch.save({"state_dict": other.state_dict()}, tmp_path / "other.pth")
+    ours = coatnet.create_model("hf-hub:me/nano", checkpoint_path=str(tmp_path / "other.pth"))
+    assert ours.num_classes == 10 and ours.pretrained_cfg.label_names is None  # the repository's 3 names are not its
+    assert_same_outputs(ours, other)
+    with pytest.raises(ValueError, match="these weights have 10 classes: pass num_classes=10"):
+        coatnet.create_model("hf-hub:me/nano", checkpoint_path=str(tmp_path / "other.pth"), num_classes=3)
+    # a save_pretrained repository: its network as saved, the file's weights
+    torch.manual_seed(0)
+    saved = coatnet.create_model("coatnet_pico", num_classes=5, img_size=SIZE, mbconv=dict(activation="silu"))
+    saved.pretrained_cfg = replace(saved.pretrained_cfg, mean=(0.4, 0.4, 0.4), label_names=tuple("abcde"))
+    saved.save_pretrained(hub("me/ours"))
+    torch.manual_seed(1)
+    file = coatnet.create_model("coatnet_pico", num_classes=5, img_size=SIZE, mbconv=dict(activation="silu")).eval()
+    save_file(file.state_dict(), str(tmp_path / "ours.safetensors"))
+    ours = coatnet.create_model("hf-hub:me/ours", checkpoint_path=str(tmp_path / "ours.safetensors"))
+    assert ours.config == file.config and ours.pretrained_cfg == saved.pretrained_cfg
+    assert_same_outputs(ours, file)
+
+
+def test_class_names_that_do_not_fit_the_weights_are_said(hub, tmp_path):
+    """A timm config.json whose label_names (top-level, or its pretrained_cfg's) do not fit the head of the
+    weights it describes (timm's push_to_hf_hub writes the old head's names after reset_classifier): a warning
+    naming the file and both counts, the outputs numbered. Before: the names dropped without a word (and the
+    pretrained_cfg's own list never read)."""
+    theirs = timm_nano(num_classes=3)
+    snapshot = hub("me/stale")
+    timm_repo(snapshot, theirs)
+    meta = json.loads((snapshot / "config.json").read_text()) | {"model_args": {"img_size": SIZE}}
+    (snapshot / "config.json").write_text(json.dumps(meta | {"label_names": list("abcde")}))
+    config = snapshot / "config.json"
+    with pytest.warns(UserWarning, match=rf"^'{config}' lists 5 class names but the weights it describes have 3 "
+                                         r"outputs; the names are left out and the outputs numbered$"):
+        ours = coatnet.create_model("hf-hub:me/stale", pretrained=True)
+    assert ours.pretrained_cfg.label_names is None
+    assert_same_outputs(ours, theirs)
+    with pytest.warns(UserWarning, match="^the config.json of me/stale lists 5 class names but the weights it "
+                                         "describes have 3 outputs"):
+        assert coatnet.create_model("hf-hub:me/stale").pretrained_cfg.label_names is None
+    (snapshot / "config.json").write_text(json.dumps(meta | {"pretrained_cfg": {"label_names": list("xyz")}}))
+    assert coatnet.create_model("hf-hub:me/stale", pretrained=True).pretrained_cfg.label_names == ("x", "y", "z")
+    with warnings.catch_warnings():  # names that fit, and a new head asked for: not its names, without a word
+        warnings.simplefilter("error")
+        assert coatnet.create_model("hf-hub:me/stale", num_classes=5).pretrained_cfg.label_names is None

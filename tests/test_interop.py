@@ -165,6 +165,27 @@ def test_weights_as_users_save_them_load_or_say_what_to_do(pico, tmp_path):
         coatnet.models.save_pretrained(coatnet.create_model("coatnet_pico", features_only=True), tmp_path / "f")
 
 
+def test_a_pytorch_lightning_checkpoint_of_the_model_loads(pico, tmp_path):
+    """A LightningModule holding the model as `self.model` saves its weights under `model.` in the checkpoint's
+    state_dict, beside its loop and optimizer states: loaded as the model's (a compiled one's too, as a
+    DDP-wrapped one's `module.` is), by every way weights are given. Before: called a feature extractor's weights,
+    which hold no head. A feature extractor's own weights (keys model.*, no head) still say so."""
+    optimizer = torch.optim.AdamW(pico.parameters())
+    for prefix in ("model.", "model._orig_mod."):
+        torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
+                    "state_dict": {f"{prefix}{k}": v for k, v in pico.state_dict().items()},
+                    "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [],
+                    "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 3}}}}}, tmp_path / "last.ckpt")
+        for model in (coatnet.create_model("coatnet_pico", pretrained=tmp_path / "last.ckpt", num_classes=7),
+                      coatnet.create_model("coatnet_pico", checkpoint_path=str(tmp_path / "last.ckpt")),
+                      load_weights(coatnet.create_model("coatnet_pico", num_classes=7), tmp_path / "last.ckpt")):
+            assert all(torch.equal(v, pico.state_dict()[k]) for k, v in model.state_dict().items())
+    features = coatnet.create_model("coatnet_pico", features_only=True, out_indices=(1, 2))
+    torch.save({"state_dict": features.state_dict()}, tmp_path / "features.ckpt")
+    with pytest.raises(ValueError, match=r"holds a feature extractor's weights \(keys model.\*\), which hold no head"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "features.ckpt")
+
+
 def test_timms_feature_extractors_weights_say_they_hold_no_head(tmp_path):
     """timm's `features_only=True` model saved (keys stages_N.*): one line saying what they are (before: 286
     keys "missing" and 284 "unexpected", to check the model name by)."""

@@ -58,6 +58,66 @@ def test_timms_spellings_of_create_models_arguments(tmp_path, monkeypatch):
             coatnet.create_model("coatnet_pico", **kwargs)
 
 
+def test_timms_pretrained_cfg_argument(tmp_path, monkeypatch):
+    """timm's pretrained_cfg: a tag replaces the name's own; a dict (or a PretrainedCfg, timm's or ours) is the
+    weights' config: how images are prepared (timm's defaults where it is silent), the defaults of num_classes,
+    in_chans and img_size, and with pretrained=True where the weights are; the overlay goes over it. Before: refused
+    as an unknown option."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        for name in ("coatnet_2_rw_224", "coatnet_2_rw_224.sw_in12k_ft_in1k"):
+            assert coatnet.create_model(name, pretrained_cfg="sw_in12k").num_classes == 11821
+    with pytest.raises(ValueError, match="unknown pretrained tag 'foo' for coatnet_2_rw_224"):
+        coatnet.create_model("coatnet_2_rw_224", pretrained_cfg="foo")
+    cfg = dict(mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2), crop_pct=0.8, num_classes=5, input_size=(3, 64, 64),
+               label_names=list("abcde"), license="apache-2.0", first_conv="stem.conv1", url="")
+    ours = coatnet.create_model("coatnet_nano_rw_224", pretrained_cfg=cfg, pretrained_cfg_overlay=dict(crop_pct=0.7))
+    assert (ours.num_classes, ours.config.img_size, ours.config.in_chans) == (5, (64, 64), 3)
+    assert ours.pretrained_cfg == coatnet.PretrainedCfg(mean=(0.4,) * 3, std=(0.2,) * 3, interpolation="bicubic",
+                                                        crop_pct=0.7, label_names=tuple("abcde"))
+    timm = pytest.importorskip("timm")
+    from timm.models import PretrainedCfg
+
+    for given in (cfg, PretrainedCfg(**cfg)):  # as timm takes each, and prepares images for it
+        theirs = timm.create_model("coatnet_nano_rw_224", pretrained_cfg=given)
+        ours = coatnet.create_model("coatnet_nano_rw_224", pretrained_cfg=given)
+        assert (ours.num_classes, ours.config.img_size) == (theirs.num_classes, (64, 64))
+        assert timm.data.resolve_model_data_config(ours) == timm.data.resolve_model_data_config(theirs)
+    grey = coatnet.create_model("coatnet_pico", pretrained_cfg=dict(input_size=(1, 32, 32), mean=(0.5,), std=(0.25,)))
+    assert grey.config.in_chans == 1 and grey.pretrained_cfg.channel_stats(1) == ([0.5], [0.25])
+    assert coatnet.create_model("coatnet_pico", pretrained_cfg=grey.pretrained_cfg).config.in_chans == 1
+    # where the weights are: read with pretrained=True only, as in timm (file before hf_hub_id)
+    torch.manual_seed(0)
+    saved = coatnet.create_model("coatnet_pico", num_classes=3)
+    save_file(saved.state_dict(), str(tmp_path / "w.safetensors"))
+    place = dict(file=str(tmp_path / "w.safetensors"), hf_hub_id="me/elsewhere", num_classes=3)
+    loaded = coatnet.create_model("coatnet_pico", pretrained=True, pretrained_cfg=place)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert coatnet.create_model("coatnet_pico", pretrained_cfg=place).num_classes == 3  # nothing loaded, nor read
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="me/tuned is not in the Hugging Face cache"):
+        coatnet.create_model("coatnet_0_rw_224", pretrained=True, pretrained_cfg=dict(hf_hub_id="me/tuned"))
+    for kwargs, message in (
+            (dict(pretrained_cfg=3), "^pretrained_cfg is a pretrained tag \\(a string, e.g. 'sw_in1k'\\), a dict or a "
+                                     "PretrainedCfg, as in timm; got a int$"),
+            (dict(pretrained_cfg=dict(mean=(0.5,) * 3, foo=1)), r"^pretrained_cfg \['foo'\] are not fields of timm's"),
+            (dict(pretrained_cfg=dict(crop_pct=5)), "^pretrained_cfg: crop_pct"),
+            (dict(pretrained_cfg=dict(input_size=64)), r"^pretrained_cfg's input_size is \(channels, height, width\)"),
+            (dict(pretrained_cfg=dict(num_classes=3, label_names=["a", "b"])), "lists 2 label_names for num_classes 3"),
+            (dict(pretrained_cfg=dict(label_names=["a", "b"])), "lists 2 label_names but the model has 1000 outputs"),
+            (dict(pretrained=True, pretrained_cfg=dict(url="https://example.com/w.pth")),
+             "^pretrained_cfg's url: coatnet reads weights from a file or the Hugging Face Hub"),
+            (dict(pretrained=True, pretrained_cfg=dict(state_dict=saved.state_dict())),
+             r"^pretrained_cfg's state_dict is not taken here \(weights in memory")):
+        with pytest.raises(ValueError, match=message):
+            coatnet.create_model("coatnet_pico", **kwargs)
+    with pytest.raises(ValueError, match="^pretrained_cfg: the model 'hf-hub:me/tuned' takes its config from that "
+                                         "repository's config.json, as in timm"):
+        coatnet.create_model("hf-hub:me/tuned", pretrained_cfg=dict(mean=(0.5,) * 3))
+
+
 def test_a_grey_models_overlay_gives_its_one_channels_mean_and_std():
     """timm's overlay for a grey model, pretrained_cfg_overlay=dict(mean=(0.5,), std=(0.25,)), as timm writes
     them in a grey model's config.json (which loads): before, refused as "mean must be 3 numbers"."""

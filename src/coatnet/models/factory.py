@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -14,8 +15,8 @@ from torch import nn
 from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import (ModelFolder, ModelFolderError, exported_model, read_model_folder, read_pretrained_cfg,
                      upgrade_state_dict)
-from .hub import (HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_SOURCES, fetch, hub_config, hub_repository, is_hub_reference,
-                  local_dir, local_path, repository_config, timm_folder_weights)
+from .hub import (HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_SOURCES, fetch, hub_cache_dir, hub_config, hub_repository,
+                  is_hub_reference, local_dir, local_path, repository_config, timm_folder_weights)
 from .preprocessing import PretrainedCfg
 from .registry import list_models, model_entry
 from .timm_convert import (classifier_size, convert_timm_state_dict, is_timm_state_dict, timm_img_size,
@@ -36,7 +37,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     for the Table 9 variant.
 
     ``pretrained`` is a weights file (``.safetensors``, or a ``.pt``/``.pth`` state dict or timm's
-    training checkpoint, its EMA weights where kept, read with ``weights_only=True``), timm's weights
+    training checkpoint, its EMA weights where kept, or a PyTorch Lightning checkpoint of a module holding the
+    model as ``model``, read with ``weights_only=True``), timm's weights
     of the variant ``name`` reproduces (``coatnet_*_rw``, converted on the fly), or a folder: a
     ``save_pretrained`` folder, a training checkpoint (its EMA weights when it has them) or a run
     directory, whose network must be ``name``'s with ``kwargs`` (:func:`from_pretrained` builds its
@@ -63,31 +65,118 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     ``name`` may be a Hub repository or a folder too, as in timm: ``"hf-hub:ORG/NAME"`` (``@REVISION``
     optional) or ``"local-dir:PATH"`` (such a repository downloaded into a folder, or a ``save_pretrained``
     folder, a training checkpoint or a run directory) is the network its ``config.json`` describes (timm's
-    architecture, or a ``save_pretrained`` folder's config), with its weights when ``pretrained=True``.
+    architecture, or a ``save_pretrained`` folder's config), with its weights when ``pretrained=True``, or
+    with timm's ``checkpoint_path=FILE`` loaded into it (as it loads into a named network).
+
+    timm's ``cache_dir`` is the Hub cache this call reads (huggingface_hub's layout, ``models--ORG--NAME``), over
+    ``HF_HUB_CACHE`` and ``HF_HOME``; timm's ``pretrained_cfg`` is a pretrained tag (the name's own replaced) or a
+    dict (or a ``PretrainedCfg``) that replaces the weights' config: see :func:`_pretrained_cfg_argument`.
     """
     if not isinstance(name, str):
         raise ValueError(f"a model name is a string, e.g. 'coatnet_0', got {name!r}; coatnet.list_models() lists them")
     if type(pretrained) is int:  # timm's 0 and 1
         pretrained = bool(pretrained)
-    exact = bool(kwargs.get("checkpoint_path"))  # timm loads it as saved: its classifier too
-    pretrained, overlay = _timm_arguments(pretrained, kwargs)
-    if exact and not name.startswith(MODEL_SOURCES):
-        pretrained = replace(read_pretrained(pretrained, name), whole=True, exact=True)
-    model = _create_model(name, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only, out_indices,
-                          **kwargs)
+    with hub_cache_dir(kwargs.pop("cache_dir", None)):  # every Hub read below, from timm's cache_dir where given
+        name, cfg, defaults, source = _pretrained_cfg_argument(name, kwargs.pop("pretrained_cfg", None), pretrained)
+        num_classes, in_chans, img_size = (defaults.get(k) if v is None else v for k, v in (
+            ("num_classes", num_classes), ("in_chans", in_chans), ("img_size", img_size)))
+        exact = bool(kwargs.get("checkpoint_path"))  # timm loads it as saved: its classifier too
+        pretrained, overlay = _timm_arguments(pretrained, kwargs, source)
+        checkpoint = None
+        if exact and name.startswith(MODEL_SOURCES):  # as in timm: the network of the config.json, then the file
+            checkpoint, pretrained = pretrained, False  # (the repository's own weights would all be overwritten)
+        elif exact:
+            pretrained = replace(read_pretrained(pretrained, name), whole=True, exact=True)
+        model = _create_model(name, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only,
+                              out_indices, checkpoint=checkpoint, **kwargs)
+    if cfg is not None:  # timm's pretrained_cfg dict: the weights' config, replaced before the overlay
+        outputs = (model.model if isinstance(model, FeatureExtractor) else model).num_classes
+        if cfg.label_names is not None and "num_classes" not in defaults and len(cfg.label_names) != outputs:
+            raise ValueError(f"pretrained_cfg lists {len(cfg.label_names)} label_names but the model has {outputs} "
+                             f"outputs; give one name per output, or its num_classes")
+        model.pretrained_cfg = cfg.with_classes(outputs)
     if overlay:  # timm's pretrained_cfg_overlay: how images are prepared, over the weights' own
         model.pretrained_cfg = model.pretrained_cfg.override(overlay)
     return model
+
+
+# timm's PretrainedCfg fields that change nothing here: what describes the weights (their licence, paper, the
+# names of the first conv and classifier, the tag), and timm's test-time settings. A dict copied whole from a timm
+# model (dict(model.pretrained_cfg)) carries them, as timm's config.json does, whose readers ignore them too.
+_CFG_ABOUT = ("architecture", "tag", "source", "test_input_size", "min_input_size", "fixed_input_size",
+              "test_crop_pct", "label_offset", "label_descriptions", "pool_size", "test_pool_size", "first_conv",
+              "classifier", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
+# ... and the fields that say where the weights are, which timm reads with pretrained=True only.
+_CFG_PLACE = ("file", "hf_hub_id", "url", "state_dict", "hf_hub_filename", "custom_load")
+_CFG_PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode", "label_names")
+
+
+def _pretrained_cfg_argument(name: str, value, pretrained) -> tuple[str, PretrainedCfg | None, dict, dict]:
+    """timm's ``pretrained_cfg``. A tag (``"sw_in1k"``) replaces the name's own, as in timm. A dict, or a
+    ``PretrainedCfg`` (timm's or ours), is the weights' config: it replaces how images are prepared (the
+    model's ``pretrained_cfg``, timm's defaults for the fields it lacks), its ``num_classes`` and
+    ``input_size`` are the defaults of ``num_classes``, ``in_chans`` and ``img_size`` (timm's CoAtNets have a
+    fixed input size: their tables are sized for it), and with ``pretrained=True`` its ``file``, else its
+    ``hf_hub_id`` (timm's precedence), are the weights. Returns the name, that preprocessing (None without
+    a dict), those defaults, and the weights' place as ``pretrained_cfg_overlay`` gives it."""
+    if value is None or (isinstance(value, (str, Mapping)) and not value):  # as in timm, empty is not given
+        return name, None, {}, {}
+    if name.startswith(MODEL_SOURCES):  # timm asserts the same: the config is the repository's config.json
+        where = "folder" if name.startswith(LOCAL_DIR_PREFIX) else "repository"
+        raise ValueError(f"pretrained_cfg: the model {name!r} takes its config from that {where}'s config.json, as "
+                         f"in timm; change how its images are prepared with pretrained_cfg_overlay")
+    if isinstance(value, str):  # as in timm, the tag given wins over the name's own
+        return f"{name.partition('.')[0]}.{value}", None, {}, {}
+    if is_dataclass(value) and not isinstance(value, type):  # timm's PretrainedCfg, or ours (model.pretrained_cfg)
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"pretrained_cfg is a pretrained tag (a string, e.g. 'sw_in1k'), a dict or a PretrainedCfg, "
+                         f"as in timm; got a {type(value).__name__}")
+    given = {k: v for k, v in value.items() if v is not None}
+    unknown = sorted(set(given) - {*_CFG_ABOUT, *_CFG_PLACE, *_CFG_PREPROCESSING, "num_classes", "input_size"})
+    if unknown:  # timm's PretrainedCfg(**dict) refuses them too
+        raise ValueError(f"pretrained_cfg {unknown} are not fields of timm's PretrainedCfg; give mean, std, "
+                         f"interpolation, crop_pct, crop_mode, label_names, num_classes, input_size, file or hf_hub_id")
+    try:  # timm's PretrainedCfg defaults are ours but for the interpolation: bicubic, not bilinear
+        cfg = PretrainedCfg.from_dict({"interpolation": "bicubic"} | given)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"pretrained_cfg: {e}") from None
+    defaults = {}
+    if "num_classes" in given:
+        defaults["num_classes"] = given["num_classes"]
+        if cfg.label_names is not None and len(cfg.label_names) != given["num_classes"]:
+            raise ValueError(f"pretrained_cfg lists {len(cfg.label_names)} label_names for num_classes "
+                             f"{given['num_classes']}; give one name per class")
+    if "input_size" in given:
+        size = given["input_size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(type(n) is int for n in size)):
+            raise ValueError(f"pretrained_cfg's input_size is (channels, height, width), as in timm; got {size!r}")
+        defaults["in_chans"], defaults["img_size"] = size[0], tuple(size[1:])
+    source = {}
+    if pretrained is True:  # else nothing is loaded, and timm reads none of these
+        for key, why in (("state_dict", "weights in memory: load them with model.load_state_dict, or save them and "
+                                        "give file=PATH"),
+                         ("custom_load", "timm's own loaders of other formats: give file=PATH of a state dict"),
+                         ("hf_hub_filename", "another file of the repository: download it and give file=PATH")):
+            if given.get(key):
+                raise ValueError(f"pretrained_cfg's {key} is not taken here ({why})")
+        if given.get("file") or given.get("hf_hub_id"):
+            source = {"file": given["file"]} if given.get("file") else {"hf_hub_id": given["hf_hub_id"]}
+        elif given.get("url"):
+            raise ValueError(f"pretrained_cfg's url: coatnet reads weights from a file or the Hugging Face Hub (its "
+                             f"cache), never from a URL; download {given['url']} and give file=PATH")
+    return name, cfg, defaults, source
 
 
 # What timm's pretrained_cfg_overlay may say here: where the weights are, and how images are prepared.
 _OVERLAY_KEYS = ("file", "hf_hub_id", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
-def _timm_arguments(pretrained, kwargs: dict) -> tuple:
+def _timm_arguments(pretrained, kwargs: dict, source: dict | None = None) -> tuple:
     """timm's create_model arguments that say what ours say otherwise, taken out of ``kwargs``:
     ``checkpoint_path`` is a weights file (``pretrained``), and with ``pretrained=True`` (as in timm)
-    so are ``pretrained_cfg_overlay``'s ``file`` and ``hf_hub_id``; ``global_pool="avg"`` is the
+    so are ``pretrained_cfg_overlay``'s ``file`` and ``hf_hub_id``, over ``source``, the ones of
+    ``pretrained_cfg`` (the overlay replaces its fields, as in timm); ``global_pool="avg"`` is the
     only pooling the head has, ``drop_rate=0`` its dropout, none; ``exportable`` and ``no_jit`` change
     nothing here, and ``scriptable`` only as False. Returns ``pretrained`` and the
     overlay's preprocessing (mean, std, interpolation, crop_pct, crop_mode)."""
@@ -100,7 +189,8 @@ def _timm_arguments(pretrained, kwargs: dict) -> tuple:
     if kwargs.pop("drop_rate", 0):
         raise ValueError("drop_rate: CoAtNet's head has no dropout (the paper regularises with stochastic depth, "
                          "drop_path_rate); leave it out")
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    given = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    overlay = (source or {}) | given if not {"file", "hf_hub_id"} & set(given) else given
     unknown = sorted(set(overlay) - set(_OVERLAY_KEYS))
     if unknown:  # taken without effect, they would leave the model other than asked (num_classes: an argument)
         raise ValueError(f"pretrained_cfg_overlay {unknown} is not taken here; it takes {', '.join(_OVERLAY_KEYS)}, "
@@ -120,11 +210,11 @@ def _timm_arguments(pretrained, kwargs: dict) -> tuple:
 
 
 def _create_model(name: str, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only: bool,
-                  out_indices, **kwargs) -> nn.Module:
+                  out_indices, checkpoint=None, **kwargs) -> nn.Module:
     if out_indices is not None and not features_only:
         raise ValueError("out_indices picks the maps of a feature extractor: pass features_only=True with it")
     if name.startswith(MODEL_SOURCES):
-        model = _hub_model(name, pretrained, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+        model = _hub_model(name, pretrained, checkpoint, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                            drop_path_rate=drop_path_rate, **kwargs)
         return FeatureExtractor(model, out_indices) if features_only else model
     entry = model_entry(name)
@@ -192,14 +282,15 @@ def _check_same_network(built: CoAtNetConfig, weights: PretrainedWeights) -> Non
                      f"{built.name}'s in {'; '.join(differ)}: pass those settings to create_model ({load})")
 
 
-def _hub_model(name: str, pretrained, **options) -> CoAtNet:
+def _hub_model(name: str, pretrained, checkpoint: str | Path | None = None, **options) -> CoAtNet:
     """``create_model("hf-hub:ORG/NAME", pretrained=...)``, or ``"local-dir:PATH"``: the network the
     repository's (the folder's) ``config.json`` describes, with its weights (``pretrained=True``) or
-    freshly initialised (``False``)."""
+    freshly initialised (``False``), or with timm's ``checkpoint_path`` (``checkpoint``) loaded into it as
+    into a named network, prepared for as the repository's weights are (timm keeps their pretrained_cfg)."""
     if not (pretrained is None or type(pretrained) is bool):
         where = "folder" if name.startswith(LOCAL_DIR_PREFIX) else "repository"
-        raise ValueError(f"the model {name!r} takes its weights from that {where}: pass pretrained=True or False; "
-                         f"for other weights, name its network and pass pretrained=PATH")
+        raise ValueError(f"the model {name!r} takes its weights from that {where}: pass pretrained=True or False, "
+                         f"or other weights of its network as checkpoint_path=PATH")
     if name.startswith(LOCAL_DIR_PREFIX):  # found whole, as a repository in the Hub's cache is
         path, meta, fetched = local_dir(name, weights=bool(pretrained))
         where, fetched = str(path), fetched if pretrained else None
@@ -212,6 +303,13 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
             config = CoAtNetConfig.from_dict(meta["config"])
         except (TypeError, ValueError) as e:
             raise ModelFolderError(f"the config.json of {where} has no usable model config ({e})") from None
+        if checkpoint is not None:  # the named network built as saved, its settings under the caller's
+            saved = {k: v for k, v in config.to_dict().items() if k not in ("version", "name", "num_classes")}
+            model = create_model(config.name, checkpoint_path=checkpoint,
+                                 **saved | {k: v for k, v in options.items() if v is not None})
+            model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(where), meta, {}, None)).with_classes(
+                model.num_classes)
+            return model
         if fetched:
             model = built_for_weights(lambda: build_model(config, **options))
             # Saved together with its config, its classifier fits it: one that does not (an edited config.json)
@@ -228,12 +326,14 @@ def _hub_model(name: str, pretrained, **options) -> CoAtNet:
         model.pretrained_cfg = read_pretrained_cfg(ModelFolder(Path(where), meta, {}, None)).with_classes(
             model.num_classes)  # weights are, as in timm
         return model
-    return _timm_repository_model(where, name, meta, fetched, options)
+    return _timm_repository_model(where, name, meta, fetched, options, checkpoint)
 
 
-def _timm_repository_model(repo: str, name: str, meta: dict, fetched: Path | None, options: dict) -> CoAtNet:
+def _timm_repository_model(repo: str, name: str, meta: dict, fetched: Path | None, options: dict,
+                           checkpoint: str | Path | None = None) -> CoAtNet:
     """The network timm's ``config.json`` (``meta``, of the repository or folder ``repo``, which
-    ``name`` gave) names, with the weights ``fetched`` beside it, or freshly initialised without them."""
+    ``name`` gave) names, with the weights ``fetched`` beside it, or ``checkpoint`` (timm's
+    checkpoint_path) loaded into it, or freshly initialised without them."""
     architecture = meta.get("architecture")
     if not isinstance(architecture, str):
         raise ValueError(f"{repo} has no config.json naming timm's architecture (or holding a save_pretrained "
@@ -253,11 +353,20 @@ def _timm_repository_model(repo: str, name: str, meta: dict, fetched: Path | Non
                          f"(it takes {', '.join(known)}); load its weights into a named network: "
                          f"create_model(NAME, pretrained={name!r})")
     model_args = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()}
-    options = model_args | {k: v for k, v in options.items() if v is not None}
-    if not fetched:  # timm's architecture with the repository's classes, freshly initialised, prepared for
-        model = create_model(architecture, **{"num_classes": meta.get("num_classes")} | options)
-        model.pretrained_cfg = timm_pretrained_cfg(model.config.name, min(model.config.img_size), model.num_classes,
-                                                   meta)  # as the repository's weights are, as in timm
+    given = {k: v for k, v in options.items() if v is not None}
+    options = model_args | given
+    if not fetched:  # timm's architecture with the repository's classes, freshly initialised, or the checkpoint's
+        model = (create_model(architecture, checkpoint_path=checkpoint, **options) if checkpoint is not None else
+                 create_model(architecture, **{"num_classes": meta.get("num_classes")} | options))
+        # prepared for as the repository's weights are, as in timm: its class names are checked against the head
+        # its config.json records (the weights'), then kept only where the model's head is that size
+        own = ({"num_classes": meta.get("num_classes")} | model_args).get("num_classes")
+        own = model.num_classes if own is None and checkpoint is None and "num_classes" not in given else own
+        source = (repr(str(Path(repo) / "config.json")) if name.startswith(LOCAL_DIR_PREFIX)
+                  else f"the config.json of {repo}")
+        cfg = timm_pretrained_cfg(model.config.name, min(model.config.img_size), own if own is not None else
+                                  model.num_classes, meta, source if own is not None else None)
+        model.pretrained_cfg = cfg.with_classes(model.num_classes)
         return model
     return create_model(architecture, pretrained=_read_weights(fetched, architecture, from_hub=True), **options)
 
@@ -314,7 +423,8 @@ def _read_weights(path: Path, name: str, from_hub: bool) -> PretrainedWeights:
     state = read_state_dict(path)
     if not is_timm_state_dict(state):
         return PretrainedWeights(state, None, whole=from_hub, img_size=tables_img_size(state, name))
-    return timm_weights(state, name, hub_config(path) if from_hub else None)
+    return timm_weights(state, name, hub_config(path) if from_hub else None,
+                        repr(str(path.parent / "config.json")))
 
 
 def tables_img_size(state: dict[str, torch.Tensor], name: str) -> int | tuple[int, int] | None:
@@ -334,15 +444,17 @@ def tables_img_size(state: dict[str, torch.Tensor], name: str) -> int | tuple[in
     return size[0] if size[0] == size[1] else size
 
 
-def timm_weights(state: dict[str, torch.Tensor], name: str, hub_config: dict | None = None) -> PretrainedWeights:
+def timm_weights(state: dict[str, torch.Tensor], name: str, hub_config: dict | None = None,
+                 source: str | None = None) -> PretrainedWeights:
     """timm's weights for our ``name``, with timm's preprocessing (its repository's ``hub_config``
-    when fetched from the Hub, which also keeps their classifier by default)."""
+    when fetched from the Hub, which also keeps their classifier by default; ``source`` names that
+    config.json in warnings)."""
     entry = model_entry(name)
     trained_at = timm_img_size(state) or _recorded_img_size(hub_config)  # rmlp weights have no tables to show it
     img_size = trained_at or entry.defaults.get("img_size")
     img_size = min(img_size) if isinstance(img_size, tuple) else img_size
-    return PretrainedWeights(state, timm_pretrained_cfg(entry.name, img_size, classifier_size(state), hub_config),
-                             whole=hub_config is not None, img_size=trained_at)
+    cfg = timm_pretrained_cfg(entry.name, img_size, classifier_size(state), hub_config, source)
+    return PretrainedWeights(state, cfg, whole=hub_config is not None, img_size=trained_at)
 
 
 def _recorded_img_size(hub_config: dict | None) -> int | tuple[int, int] | None:
@@ -457,12 +569,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
     # Saved from DistributedDataParallel or torch.optim.swa_utils.AveragedModel (with its counter), a
-    # torch.compile'd model, or both.
+    # torch.compile'd model, a module holding the model as its `model` (a PyTorch Lightning module's checkpoint,
+    # whose state_dict is read above), or several of these. No key of ours or timm's starts with any of them.
     state = {k: v for k, v in state.items() if k != "n_averaged"}
-    while state and (prefix := next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)),
-                                    None)):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    if state and all(k.startswith("model.") for k in state):  # no CoAtNet key starts so
+    wrapped = set()
+    while state and (prefix := next((p for p in ("module.", "_orig_mod.", "model.")
+                                     if all(k.startswith(p) for k in state)), None)):
+        state, wrapped = {k.removeprefix(prefix): v for k, v in state.items()}, wrapped | {prefix}
+    # Our FeatureExtractor holds the model as `model` too, less its head (and the stages after its last map):
+    # stem and stages alone are its weights, loaded, the head would be missing and the error name 4-6 keys.
+    if "model." in wrapped and all(k.startswith(("stem.", "stages.")) for k in state):
         raise ValueError(f"{str(path)!r} holds a feature extractor's weights (keys model.*), which hold no head; "
                          f"load them with extractor.load_state_dict, or save the model it was made from")
     if "stem.conv1.weight" in state and any(k.startswith("stages_") for k in state):  # timm's FeatureListNet's

@@ -14,12 +14,37 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .folder import CONFIG, EMA_WEIGHTS, TIMM_WEIGHTS, WEIGHTS, read_model_meta, timm_architecture
 from .registry import MODEL_SOURCES, list_models, model_entry
 
 HUB_PREFIX, LOCAL_DIR_PREFIX = MODEL_SOURCES
+
+# timm's create_model(cache_dir=...): the Hub cache one call reads, over HF_HUB_CACHE and HF_HOME. A context
+# variable, not an argument of every function between create_model and hf_hub_download, so that the messages
+# that name the cache (hub_cache) name the one read, and a call in another thread is left with its own.
+_CALL_CACHE_DIR: ContextVar[str | None] = ContextVar("coatnet_hub_cache_dir", default=None)
+
+
+@contextmanager
+def hub_cache_dir(cache_dir: str | os.PathLike | None):
+    """Read the Hub from ``cache_dir`` (huggingface_hub's cache layout, ``models--ORG--NAME``) within the
+    block, as timm's ``cache_dir`` makes its ``hf_hub_download`` read it; None leaves the one read (an
+    enclosing call's: create_model calls itself for a repository's network), else the environment's."""
+    if cache_dir is None:
+        yield
+        return
+    if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
+        raise ValueError(f"cache_dir is the Hugging Face cache folder to read (a path, as HF_HUB_CACHE names one), "
+                         f"got {cache_dir!r}")
+    token = _CALL_CACHE_DIR.set(os.path.expanduser(str(cache_dir)))
+    try:
+        yield
+    finally:
+        _CALL_CACHE_DIR.reset(token)
 
 
 def is_hub_reference(pretrained) -> bool:
@@ -144,9 +169,12 @@ def _read_config(path: Path) -> dict:
 
 
 def hub_cache() -> str:
-    """The cache folder, as ``huggingface_hub`` would choose it if imported now."""
+    """The cache folder: ``create_model``'s ``cache_dir`` within its call (:func:`hub_cache_dir`), else as
+    ``huggingface_hub`` would choose it if imported now."""
     from huggingface_hub import constants
 
+    if (given := _CALL_CACHE_DIR.get()) is not None:
+        return given
     if os.environ.get("HF_HUB_CACHE"):
         return os.path.expanduser(os.environ["HF_HUB_CACHE"])
     if os.environ.get("HF_HOME"):

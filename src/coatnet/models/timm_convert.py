@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import replace
 
 import torch
@@ -156,16 +157,28 @@ _TIMM_OWN_PREPROCESSING = {"coatnet_nano_rw": dict(crop_pct=0.9), "coatnet_rmlp_
 
 
 def timm_pretrained_cfg(model_name: str, img_size: int | None, num_classes: int,
-                        hub_config: dict | None = None) -> PretrainedCfg:
+                        hub_config: dict | None = None, source: str | None = None) -> PretrainedCfg:
     """How timm prepares images for its weights of our ``model_name`` at ``img_size``: the
     ``pretrained_cfg`` (and ``label_names``) of the repository's ``hub_config`` when there is one,
-    over timm's defaults for the variant. A 1000-class head is ImageNet-1k's."""
+    over timm's defaults for the variant. A 1000-class head is ImageNet-1k's. ``num_classes`` is the
+    head of the weights the config describes; ``source``, naming that config.json, asks for a warning
+    where its class names do not fit that head."""
     values = _TIMM_OWN_PREPROCESSING.get(model_name, {})
     if img_size is not None and img_size >= 384:
         values = values | dict(crop_pct=1.0, crop_mode="squash")
     cfg = replace(_TIMM_PREPROCESSING, **values)
     if hub_config:
-        own = dict(hub_config.get("pretrained_cfg") or {}, label_names=hub_config.get("label_names"))
+        own = dict(hub_config.get("pretrained_cfg") or {})
+        if hub_config.get("label_names") is not None:  # timm's top-level names win over its pretrained_cfg's
+            own["label_names"] = hub_config["label_names"]
         cfg = PretrainedCfg.from_dict(cfg.to_dict() | {k: v for k, v in own.items() if v is not None})
+    if source and cfg.label_names is not None and len(cfg.label_names) != num_classes:
+        # Said, not refused: timm writes such a list itself (push_to_hf_hub after reset_classifier keeps the old
+        # head's names) and loads the repository, whose weights are sound. The names cannot say which output is
+        # which, so none is used (outputs are numbered), not ImageNet's either. Our own folders, whose names are
+        # training's record of its classes, are refused instead (folder.read_pretrained_cfg).
+        warnings.warn(f"{source} lists {len(cfg.label_names)} class names but the weights it describes have "
+                      f"{num_classes} outputs; the names are left out and the outputs numbered", stacklevel=2)
+        return replace(cfg, label_names=None)
     names = cfg.label_names or (imagenet_class_names() if num_classes == 1000 else None)
     return cfg.with_classes(num_classes, names)
