@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train a model (no flags: coatnet_pico on the embedded digits, on the CPU)",
+    p = sub.add_parser("train", help="train a model (no flags: coatnet_pico on the embedded digits, on CUDA if "
+                                     "available, else the CPU)",
                        description="Train with the paper's recipe (Table 10). Flags override the --recipe's "
                                    "values; when resuming, they override the resumed run's settings.",
                        formatter_class=_RecipeDefaults)
