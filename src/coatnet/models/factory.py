@@ -360,12 +360,13 @@ def _timm_repository_model(repo: str, name: str, meta: dict, fetched: Path | Non
                  create_model(architecture, **{"num_classes": meta.get("num_classes")} | options))
         # prepared for as the repository's weights are, as in timm: its class names are checked against the head
         # its config.json records (the weights'), then kept only where the model's head is that size
-        own = ({"num_classes": meta.get("num_classes")} | model_args).get("num_classes")
-        own = model.num_classes if own is None and checkpoint is None and "num_classes" not in given else own
+        recorded = model_args.get("num_classes", meta.get("num_classes"))  # the head of the repository's weights
+        if recorded is None and checkpoint is None and "num_classes" not in given:
+            recorded = model.num_classes  # built with the repository's default head
         source = (repr(str(Path(repo) / "config.json")) if name.startswith(LOCAL_DIR_PREFIX)
                   else f"the config.json of {repo}")
-        cfg = timm_pretrained_cfg(model.config.name, min(model.config.img_size), own if own is not None else
-                                  model.num_classes, meta, source if own is not None else None)
+        cfg = timm_pretrained_cfg(model.config.name, min(model.config.img_size), model.num_classes
+                                  if recorded is None else recorded, meta, None if recorded is None else source)
         model.pretrained_cfg = cfg.with_classes(model.num_classes)
         return model
     return create_model(architecture, pretrained=_read_weights(fetched, architecture, from_hub=True), **options)
