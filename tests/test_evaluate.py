@@ -1115,3 +1115,18 @@ def test_a_report_folder_that_cannot_be_made_beside_the_checkpoint_names_output_
     one_line_error(capsys, ["eval", "--checkpoint", str(run_dir)], "cannot make the report's folder",
                    "(Permission denied); give --output-dir")
     assert main(["eval", "--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "e")]) == 0
+
+
+def test_eval_json_records_the_data_folder_it_measured(run_dir, tmp_path, capsys, monkeypatch):
+    """eval.json says which data it measured: the folder given (absolute, as a run records it, so that the
+    report means the same from any working directory), and none for the embedded digits."""
+    make_tree(tmp_path / "tree")
+    torch.manual_seed(0)
+    folder = coatnet.create_model("coatnet_pico", num_classes=3, img_size=16).save_pretrained(tmp_path / "three")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", "tree",
+                 "--output-dir", "e", "--json"]) == 0
+    printed, written = json.loads(capsys.readouterr().out), json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert printed["data_dir"] == written["data_dir"] == str(tmp_path / "tree")
+    assert main(["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", "d"]) == 0
+    assert json.loads((tmp_path / "d" / "eval.json").read_text())["data_dir"] is None

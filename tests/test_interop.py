@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +160,8 @@ def test_weights_as_users_save_them_load_or_say_what_to_do(pico, tmp_path):
                                          r"head; load them with extractor.load_state_dict"):
         coatnet.create_model("coatnet_pico", pretrained=tmp_path / "features.pt")
     torch.save(pico, tmp_path / "whole.pt")
-    with pytest.raises(ValueError, match=r"holds pickled Python objects.*save model.state_dict\(\)$"):
+    with pytest.raises(ValueError, match=r"holds pickled Python objects, not only tensors \(a coatnet\.models\.coatnet\."
+                                         r"CoAtNet\).*if you trust the file.*a whole model's model.state_dict\(\)"):
         coatnet.create_model("coatnet_pico", pretrained=tmp_path / "whole.pt")
     with pytest.raises(ModelFolderError, match="for a FeatureExtractor save the model it was made from"):
         coatnet.models.save_pretrained(coatnet.create_model("coatnet_pico", features_only=True), tmp_path / "f")
@@ -180,6 +182,13 @@ def test_a_pytorch_lightning_checkpoint_of_the_model_loads(pico, tmp_path):
                       coatnet.create_model("coatnet_pico", checkpoint_path=str(tmp_path / "last.ckpt")),
                       load_weights(coatnet.create_model("coatnet_pico", num_classes=7), tmp_path / "last.ckpt")):
             assert all(torch.equal(v, pico.state_dict()[k]) for k, v in model.state_dict().items())
+    # Its hyperparameters pickled as objects (here a path): not unpickled; the line names the object and says
+    # how to take the weights out (before: "a model saved with torch.save(model)?", of a checkpoint of weights).
+    torch.save({"state_dict": {f"model.{k}": v for k, v in pico.state_dict().items()},
+                "hyper_parameters": {"data_dir": Path("/data")}}, tmp_path / "hparams.ckpt")
+    with pytest.raises(ValueError, match=r"not only tensors \(a pathlib\.\w*Path\).*a PyTorch Lightning checkpoint's "
+                                         r"\['state_dict'\]$"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "hparams.ckpt")
     features = coatnet.create_model("coatnet_pico", features_only=True, out_indices=(1, 2))
     torch.save({"state_dict": features.state_dict()}, tmp_path / "features.ckpt")
     with pytest.raises(ValueError, match=r"holds a feature extractor's weights \(keys model.\*\), which hold no head"):

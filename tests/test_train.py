@@ -114,9 +114,18 @@ def test_epoch_line_shows_gpu_memory_where_there_is_some(reference_run):
     from coatnet.train import epoch_line
 
     m = json.loads((reference_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "gpu_peak_gib" not in m and "peak" not in epoch_line(m, 2)
-    line = epoch_line(m | dict(gpu_peak_gib=11.7, gpu_reserved_gib=13.04), 2)
+    assert "gpu_peak_gib" not in m and "peak" not in epoch_line(m, 2, 10)
+    line = epoch_line(m | dict(gpu_peak_gib=11.7, gpu_reserved_gib=13.04), 2, 10)
     assert line.startswith("epoch   2/2  train_loss") and line.endswith("img/s  peak 11.7 GiB per GPU (13.0 reserved)")
+
+
+def test_the_epoch_line_leaves_top5_out_with_five_classes_or_fewer():
+    """Top-5 of 5 classes or fewer is 100% whatever the model: the epoch line does not show it (as eval's
+    line does not); with more classes it does. metrics.jsonl keeps the key either way."""
+    from coatnet.train import epoch_line
+    h = dict(epoch=3, train_loss=0.5, eval_loss=0.6, top1=80.0, top5=100.0, lr=1e-3, images_per_second=50.0)
+    assert "top5" not in epoch_line(h, 10, num_classes=5) and " top1  80.00 " in epoch_line(h, 10, num_classes=5)
+    assert " top5 100.00 " in epoch_line(h, 10, num_classes=6)
 
 
 def test_two_runs_are_bitwise_identical(reference_run):
@@ -1038,3 +1047,4 @@ def test_a_resume_that_cannot_run_on_these_processes_says_what_can(reference_run
                             f"process(es) x --grad-accum-steps 1; resume it on a number of processes that divides it "
                             f"(e.g. 2), or start a new run from its weights with --pretrained {ckpt.path}")
     _check(cfg, Dist(0, 2, torch.device("cpu")), ckpt, reference_run)  # 2 processes resume it
+

@@ -209,6 +209,14 @@ def split_holding(folder: Path, data_dir: str | Path) -> tuple[str, Path] | None
     return None
 
 
+def recorded_place(data_dir: str | None) -> str | None:
+    """``data_dir`` as a run or report records it: a folder or file that exists, absolute (so that eval and
+    --resume find it from any working directory); anything else (a shard pattern, a Hub name) as given."""
+    if data_dir is None or not os.path.exists(place := os.path.expanduser(data_dir)):
+        return data_dir
+    return os.path.abspath(place)
+
+
 def is_image_file(name: str) -> bool:
     """Whether a file named ``name`` is read as an image: by its extension, hidden ones left out."""
     return not _is_hidden(name) and has_file_allowed_extension(name, IMG_EXTENSIONS)

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
-from .data import (IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, same_letters, split_holding,
-                   warn_not_images)
+from .data import (IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, recorded_place, same_letters,
+                   split_holding, warn_not_images)
 from .export import check_img_size_flag
 from .models.factory import create_model, from_pretrained, model_from_folder, read_pretrained
 from .models.folder import (EMA_WEIGHTS, TIMM_WEIGHTS, WEIGHTS, ModelFolder, exported_model, read_model_folder,
@@ -321,7 +321,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     confusion = result.pop("confusion")
     names = [printable(c) for c in data.classes]
-    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, img_size=img_size, amp=amp,
+    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name,
+                  data_dir=recorded_place(data_dir),
+                  img_size=img_size, amp=amp,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
                   confusion_matrix=confusion.tolist(), classes=names)
     atomic_write(out / "eval.json", json_text(report, indent=2))

@@ -43,7 +43,7 @@ from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, at
                          save_checkpoint)
 from .complexity import count_parameters
 from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
-                   default_preprocessing, mixup_cutmix, split_holding)
+                   default_preprocessing, mixup_cutmix, recorded_place, split_holding)
 from .evaluate import evaluate
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
@@ -520,10 +520,7 @@ def train(config: TrainConfig, output_dir: str | Path | None = None, resume: boo
     """
     if config.img_size is None and (resume or not config.pretrained):  # a new run's weights say theirs (start_run)
         config = replace(config, img_size=model_img_size(config.model))
-    if config.data_dir is not None and os.path.exists(config.data_dir):
-        # recorded absolute (also when given again on --resume): eval and --resume find the same folder
-        # from any working directory
-        config = replace(config, data_dir=os.path.abspath(config.data_dir))
+    config = replace(config, data_dir=recorded_place(config.data_dir))  # also when given again on --resume
     d = setup_distributed(config.device, config.fsdp)
     try:
         new_dir = _new_run_dir(config, d) if not (output_dir or resume) else None  # collective: outside the checks
@@ -1187,15 +1184,17 @@ def report_epoch(run: Run) -> None:
     history = run.state.history
     atomic_write(run.run_dir / "metrics.jsonl", "".join(json_text(h) + "\n" for h in history))
     plot_curves(history, run.run_dir / "curves.png")
-    print(epoch_line(history[-1], run.config.epochs), flush=True)
+    print(epoch_line(history[-1], run.config.epochs, run.data.num_classes), flush=True)
 
 
-def epoch_line(h: dict, epochs: int) -> str:
-    """An epoch's line on stdout from its metrics; on a GPU with the peak memory per GPU."""
+def epoch_line(h: dict, epochs: int, num_classes: int) -> str:
+    """An epoch's line on stdout from its metrics; on a GPU with the peak memory per GPU. Top-5 is
+    left out with 5 classes or fewer, where it is 100% whatever the model (as eval's line does)."""
     peak = (f"  peak {h['gpu_peak_gib']:.1f} GiB per GPU ({h['gpu_reserved_gib']:.1f} reserved)"
             if "gpu_peak_gib" in h else "")
+    top5 = f"  top5 {h['top5']:6.2f}" if num_classes > 5 else ""
     return (f"epoch {h['epoch']:>3}/{epochs}  train_loss {h['train_loss']:.4f}  eval_loss {h['eval_loss']:.4f}  "
-            f"top1 {h['top1']:6.2f}  top5 {h['top5']:6.2f}  lr {h['lr']:.2e}  {h['images_per_second']:7.1f} img/s{peak}")
+            f"top1 {h['top1']:6.2f}{top5}  lr {h['lr']:.2e}  {h['images_per_second']:7.1f} img/s{peak}")
 
 
 def skipped_data_files(data: DataBundle, d: Dist) -> int:
@@ -1225,7 +1224,8 @@ def finish_run(run: Run) -> dict:
     if d.main:
         atomic_write(run.run_dir / "summary.json", json_text(summary, indent=2))
         scored = last.get("eval_images", len(data.val))  # those that decoded (older histories: all)
-        print(f"done: top-1 {summary['top1']:.2f}% (best {s.best_top1:.2f}%), top-5 {summary['top5']:.2f}% on "
+        top5 = f", top-5 {summary['top5']:.2f}%" if data.num_classes > 5 else ""
+        print(f"done: top-1 {summary['top1']:.2f}% (best {s.best_top1:.2f}%){top5} on "
               f"{scored} held-out {cfg.data} images in {summary['wall_seconds']:.0f} s; "
               f"skipped files: {skipped_files}; run directory {run.run_dir}", flush=True)
     if d.world_size > 1:

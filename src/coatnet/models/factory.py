@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -557,9 +558,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py saves its flags so
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated or not a weights file at all
-        if "Unsupported global" in str(e):  # torch.load refused to unpickle a class: a whole module saved
-            raise ValueError(f"{str(path)!r} holds pickled Python objects, not only tensors (a model saved with "
-                             f"torch.save(model)?), which coatnet does not unpickle; save model.state_dict()") from None
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):  # torch.load refused to unpickle a class
+            raise ValueError(f"{str(path)!r} holds pickled Python objects, not only tensors (a {found[1]}), which "
+                             f"coatnet does not unpickle, as that can run any code; if you trust the file, load it "
+                             f"with torch.load(weights_only=False) and save its weights alone: a whole model's "
+                             f"model.state_dict(), a PyTorch Lightning checkpoint's ['state_dict']") from None
         raise ValueError(f"cannot read weights from {str(path)!r} ({type(e).__name__}); "
                          f"the file is corrupt, truncated or not a weights file") from None
     # A training checkpoint's weights, as timm's load_checkpoint takes them: the EMA's where kept.
