@@ -7,15 +7,14 @@ import argparse
 import difflib
 import os
 import re
-import signal
 import stat
 import sys
-import threading
 import warnings
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Annotated
 
+from .interrupt import stop_on_ctrl_c_and_sigterm
 from .text import json_text, printable
 from .validate import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, flag_type
 
@@ -495,21 +494,6 @@ def _file_hint(message: str, argv: list[str]) -> str:
                                       f"(... -- {dashed})")
 
 
-@contextmanager
-def sigterm_as_ctrl_c():
-    """SIGTERM (a timeout, a job scheduler) stops the command as Ctrl-C does: one line, status 130, with
-    what it cleans up on the way out (export's half-written file, eval's empty folder). Only the main
-    thread may set a handler (main() run in a thread works all the same), and one set outside Python
-    (None) could not be put back."""
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if ours else None
-    try:
-        yield
-    finally:
-        if ours:
-            signal.signal(signal.SIGTERM, previous)
-
-
 SIGPIPE_STATUS = 128 + 13  # what a shell reports of a process that SIGPIPE ended
 
 
@@ -574,7 +558,7 @@ def _run(argv: list[str] | None) -> int:
         f"{command}: warning: {'' if category is UserWarning else category.__name__ + ': '}{printable(str(message))}\n")
     # Not under torchrun: SIGTERM is how its agent stops the other processes when one fails, and
     # training's checkpoints are written so that being killed loses nothing.
-    stoppable = sigterm_as_ctrl_c() if "RANK" not in os.environ else nullcontext()
+    stoppable = stop_on_ctrl_c_and_sigterm() if "RANK" not in os.environ else nullcontext()
     try:
         with stoppable:
             status = args.func(args) or 0

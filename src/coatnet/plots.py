@@ -12,17 +12,20 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .checkpoint import write_atomically
 from .text import printable
 
 
-def save_figure(fig: Figure, path: str | Path) -> None:
+def save_figure(fig: Figure, path: str | Path, tight: bool = False) -> None:
+    """``tight``: for labels whose width the layout cannot know (class names), the image widens to them
+    instead of cutting them off, at the cost of a second drawing (a curves figure, redrawn each epoch, has
+    fixed labels, which its constrained layout keeps inside)."""
     path = Path(path)
     FigureCanvasAgg(fig)
-    # "tight": a label wider than the layout allowed for widens the image instead of being cut off. The
-    # temporary name keeps the suffix, from which matplotlib takes the format.
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"),
+    # The temporary name keeps the suffix, from which matplotlib takes the format.
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight" if tight else None),
                      tmp=path.with_name(f".{path.stem}.tmp{path.suffix}"))
 
 
@@ -42,6 +45,7 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     for ax in (loss, acc):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, not 1.25
     save_figure(fig, path)
 
 
@@ -78,4 +82,4 @@ def plot_confusion(matrix, classes: list[str], path: str | Path, title: str = "c
                 if value:
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=0.8 * fontsize,
                             color="white" if value > peak / 2 else "black")
-    save_figure(fig, path)
+    save_figure(fig, path, tight=True)

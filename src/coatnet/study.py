@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from .checkpoint import LOCK, atomic_write
@@ -346,5 +347,6 @@ def plot_study(records: list[dict], path: Path) -> None:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, not 1.25
     save_figure(fig, path)
 

@@ -45,6 +45,7 @@ from .complexity import count_parameters
 from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
                    default_preprocessing, mixup_cutmix, recorded_place, split_holding)
 from .evaluate import evaluate
+from .interrupt import raise_if_requested
 from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import PretrainedWeights, read_pretrained
@@ -1017,6 +1018,7 @@ def train_one_epoch(run: Run) -> None:
     p = s.progress
     tic = time.perf_counter()
     for images, labels in loader:
+        raise_if_requested()  # a Ctrl-C or SIGTERM dropped where it met the loader forking its workers
         images, labels = images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
         loss, logits = train_step(run, images, labels)
         s.step += 1
