@@ -321,8 +321,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     confusion = result.pop("confusion")
     names = [printable(c) for c in data.classes]
-    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name,
-                  data_dir=recorded_place(data_dir),
+    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, data_dir=recorded_place(data_dir),
                   img_size=img_size, amp=amp,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
                   confusion_matrix=confusion.tolist(), classes=names)
