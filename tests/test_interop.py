@@ -635,6 +635,22 @@ def test_pretrained_cfg_reads_as_timms_dict():
         model.pretrained_cfg = "bicubic"
 
 
+def test_pretrained_cfg_takes_timms_pretrained_cfg_object_and_default_cfg_is_assignable():
+    """timm's PretrainedCfg (timm.models.get_pretrained_cfg), which create_model(pretrained_cfg=) takes, is taken
+    when assigned to model.pretrained_cfg too (before: "pretrained_cfg is a PretrainedCfg ..., got PretrainedCfg");
+    and model.default_cfg, timm's older name, is assigned as timm's build_model_with_cfg assigns it (before:
+    AttributeError, no setter)."""
+    timm = pytest.importorskip("timm")
+    theirs = timm.models.get_pretrained_cfg("coatnet_0_rw_224.sw_in1k")
+    for model in (coatnet.create_model("coatnet_pico"), coatnet.create_model("coatnet_pico", features_only=True)):
+        model.pretrained_cfg = theirs
+        assert (model.pretrained_cfg.mean, model.pretrained_cfg.interpolation, model.pretrained_cfg.crop_pct) == \
+            ((0.5,) * 3, "bicubic", 0.95)
+        assert model.pretrained_cfg.input_size == (3, 32, 32)  # the model's own size, as always
+        model.default_cfg = dict(mean=[0.25] * 3, crop_pct=1.0)
+        assert model.pretrained_cfg.mean == model.default_cfg.mean == (0.25,) * 3
+
+
 def test_convert_timm_state_dict_takes_timms_names():
     """create_model takes timm's names everywhere; the converter said timm's own name was "not one of
     timm's CoAtNet variants"."""

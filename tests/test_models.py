@@ -520,3 +520,30 @@ def test_the_model_side_never_imports_the_training_side():
             "print(sorted(m for m in ('coatnet.train', 'coatnet.checkpoint', 'coatnet.data') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_numpy_integers_are_taken_as_the_integers_they_are():
+    """A class count or size computed with numpy (labels.max() + 1: a numpy int64) builds the model, as in timm
+    (before: "num_classes must be an integer ..., got np.int64(10)", about an integer)."""
+    np = pytest.importorskip("numpy")
+    model = coatnet.create_model("coatnet_pico", num_classes=np.int64(10), in_chans=np.int32(1),
+                                 img_size=(np.int64(32), np.int64(64)))
+    assert (model.num_classes, model.config.in_chans, model.config.img_size) == (10, 1, (32, 64))
+    assert type(model.config.num_classes) is int and json.dumps(model.config.to_dict())  # still JSON, as saved
+    assert coatnet.create_model("coatnet_pico", img_size=np.int64(64)).config.img_size == (64, 64)
+    model.reset_classifier(np.int64(4))
+    assert model.num_classes == 4 and type(model.config.num_classes) is int and model.classifier.out_features == 4
+    with pytest.raises(ValueError, match="num_classes must be an integer"):  # a bool or a float is still refused
+        coatnet.create_model("coatnet_pico", num_classes=np.float64(10))
+    for bad in (-1, 2.5, None):  # refused, and the model left as it was (before: num_classes -1, its head the old)
+        with pytest.raises(ValueError, match="num_classes must be an integer"):
+            model.reset_classifier(bad)
+        assert model.num_classes == model.config.num_classes == model(torch.randn(1, 1, 32, 64)).shape[1] == 4
+
+
+def test_torch_jit_script_is_refused_in_one_line():
+    """torch.jit.script(model), as a timm user types it: the model cannot be scripted (README), said in one line
+    pointing at tracing and export (before: a RuntimeError from deep inside the fast path's source)."""
+    for model in (tiny(), coatnet.create_model("coatnet_pico", features_only=True)):
+        with pytest.raises(TypeError, match=r"does not take torch.jit.script; trace or export it \(torch.jit.trace"):
+            torch.jit.script(model)

@@ -336,3 +336,27 @@ def test_timms_layer_switches_are_taken_as_timms_scripts_pass_them():
             assert coatnet.create_model("coatnet_pico", **switches).config == plain.config
     with pytest.raises(ValueError, match="scriptable: CoAtNet does not take torch.jit.script; trace or export it"):
         coatnet.create_model("coatnet_pico", scriptable=True)
+
+
+def test_list_models_takes_timms_empty_filter_and_its_keywords():
+    """timm's list_models(filter='', ...): an empty filter lists every model (before: none), and a timm
+    user's keywords filter= and exclude_filters= are taken (before: TypeError, unexpected keyword)."""
+    assert coatnet.list_models("") == coatnet.list_models() and coatnet.list_models("")
+    assert coatnet.list_models([""]) == coatnet.list_models()
+    assert coatnet.list_models(filter="coatnet_0*") == coatnet.list_models("coatnet_0*") == \
+        ["coatnet_0", "coatnet_0_rw"]
+    assert coatnet.list_models("coatnet_*", exclude_filters="*rw*") == [f"coatnet_{i}" for i in range(8)] + \
+        ["coatnet_pico", "coatnet_nano"]
+    assert coatnet.list_models("coatnet_0*", exclude_filters=["*rw*"]) == ["coatnet_0"]
+    assert "coatnet_0_rw_224.sw_in1k" not in coatnet.list_models(pretrained=True, exclude_filters="*_0_*")
+    with pytest.raises(ValueError, match="give the filter once"):
+        coatnet.list_models("coatnet_0*", filter="coatnet_1*")
+
+
+def test_is_model_as_timms():
+    """timm.is_model(name): whether create_model builds the network of name, a pretrained tag left aside,
+    as timm reads it (before: coatnet had no is_model, AttributeError)."""
+    for name in ("coatnet_0", "coatnet_pico", "coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k", "coatnet_0_224"):
+        assert coatnet.is_model(name) is True, name
+    for name in ("coatnet_9", "resnet50", "", "hf-hub:timm/coatnet_0_rw_224.sw_in1k", None, 3):
+        assert coatnet.is_model(name) is False, name

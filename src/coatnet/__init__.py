@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 __all__ = ["CoAtNet", "CoAtNetConfig", "StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig",
            "PretrainedCfg", "compile_for_inference", "create_model", "data_transforms", "from_pretrained",
-           "list_models", "load_weights", "__version__"]
+           "is_model", "list_models", "load_weights", "__version__"]
 
 if TYPE_CHECKING:
     from .models import (CoAtNet, CoAtNetConfig, HeadConfig, MBConvConfig, PretrainedCfg, StageConfig, StemConfig,
                          TransformerConfig, compile_for_inference, create_model, data_transforms, from_pretrained,
-                         list_models, load_weights)
+                         is_model, list_models, load_weights)
 
 
 def __getattr__(name: str):

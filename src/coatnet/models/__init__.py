@@ -9,11 +9,11 @@ from .fast_path import compile_for_inference
 from .factory import create_model, from_pretrained, load_weights, read_state_dict
 from .folder import save_pretrained
 from .preprocessing import PretrainedCfg, data_transforms
-from .registry import PaperFigures, list_models, model_entry, register_model
+from .registry import PaperFigures, is_model, list_models, model_entry, register_model
 from .timm_convert import convert_timm_state_dict, timm_variants
 
 __all__ = ["CoAtNet", "CoAtNetConfig", "StemConfig", "MBConvConfig", "TransformerConfig", "HeadConfig", "StageConfig",
            "MBConv", "RelativeAttention", "TransformerBlock", "PretrainedCfg", "data_transforms",
            "compile_for_inference", "create_model", "load_weights", "read_state_dict", "from_pretrained",
-           "save_pretrained", "convert_timm_state_dict", "timm_variants", "PaperFigures", "list_models", "model_entry",
-           "register_model"]
+           "save_pretrained", "convert_timm_state_dict", "timm_variants", "PaperFigures", "is_model", "list_models",
+           "model_entry", "register_model"]

@@ -19,7 +19,7 @@ import math
 import numbers
 import operator
 from collections import OrderedDict
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -595,6 +595,10 @@ class TransformerStage(nn.Module):
         return x.transpose(1, 2).reshape(b, -1, height, width)
 
 
+SCRIPT_REFUSED = ("CoAtNet does not take torch.jit.script; trace or export it (torch.jit.trace, torch.export, "
+                  "coatnet export)")
+
+
 class CoAtNet(nn.Module):
     """CoAtNet and the layouts of the paper's controlled study, from a :class:`CoAtNetConfig`.
 
@@ -654,6 +658,8 @@ class CoAtNet(nn.Module):
 
     @pretrained_cfg.setter
     def pretrained_cfg(self, cfg: PretrainedCfg | dict) -> None:
+        if is_dataclass(cfg) and not isinstance(cfg, (type, PretrainedCfg)):  # timm's PretrainedCfg, as
+            cfg = {f.name: getattr(cfg, f.name) for f in fields(cfg)}  # create_model(pretrained_cfg=) takes it
         if isinstance(cfg, dict):  # timm's form, a dict (its other keys, input_size among them, ignored)
             cfg = PretrainedCfg.from_dict(cfg)
         if not isinstance(cfg, PretrainedCfg):
@@ -731,8 +737,9 @@ class CoAtNet(nn.Module):
             raise ValueError(f"global_pool {global_pool!r}: CoAtNet's head pools by the average only; pass 'avg' "
                              f"or nothing")
         like = next(self.stem.parameters())  # the new head lives where the model does, in its dtype
+        num_classes = plain_int(num_classes)  # a numpy int too, as the config holds it
+        self.config = replace(self.config, num_classes=num_classes)  # checked first: refused, nothing changes
         self.num_classes = num_classes
-        self.config = replace(self.config, num_classes=num_classes)
         self.classifier = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
                            if num_classes else nn.Identity())
         self.classifier.apply(_init_weights)
@@ -742,10 +749,19 @@ class CoAtNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refused in one line, as README says, not with TorchScript's
+        # RuntimeError about a line deep in the fast path (which scripting cannot compile)
+        raise TypeError(SCRIPT_REFUSED)
+
     @property
     def default_cfg(self) -> PretrainedCfg:
         """timm's older name of :attr:`pretrained_cfg`."""
         return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: PretrainedCfg | dict) -> None:  # timm's build_model_with_cfg assigns it so
+        self.pretrained_cfg = cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (timm's
@@ -926,11 +942,18 @@ class FeatureExtractor(nn.Module):
         """timm's older name of :attr:`pretrained_cfg`, which timm's feature extractors carry too."""
         return self.pretrained_cfg
 
+    @default_cfg.setter
+    def default_cfg(self, cfg: PretrainedCfg | dict) -> None:
+        self.pretrained_cfg = cfg
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)
+
+    def __prepare_scriptable__(self):
+        raise TypeError(SCRIPT_REFUSED)  # as CoAtNet's
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -970,6 +993,17 @@ def _paper_config(name: str, depths: tuple[int, ...], channels: tuple[int, ...],
                          drop_path_rate=drop_path_rate)
 
 
+def plain_int(value):
+    """``value`` with numpy's (or another library's) integers as Python's ints, in a tuple or list too: a class
+    count computed with numpy (``labels.max() + 1``) is an integer, as timm and nn.Linear take it, and the
+    config must hold plain ints to be written as JSON. Anything else (a bool, a float) is left to be checked."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(plain_int(v) for v in value)
+    return value
+
+
 def build_model(config: CoAtNetConfig, **overrides) -> CoAtNet:
     """Build ``config`` with fields overridden by keyword; None leaves a field as it is.
 
@@ -985,6 +1019,8 @@ def build_model(config: CoAtNetConfig, **overrides) -> CoAtNet:
     for key, value in overrides.items():
         if value is None:
             continue
+        if key in ("num_classes", "in_chans", "img_size"):
+            value = plain_int(value)
         if key in _PARTS and isinstance(value, dict):
             value = base[key] | value
         base[key] = value

@@ -71,22 +71,30 @@ def register_alias(alias: str, target: str, tags: tuple[str, ...] = (), **defaul
     _ALIASES[alias] = _Alias(target, defaults, tags)
 
 
-def list_models(pattern: str | list[str] | None = None, aliases: bool = False, pretrained: bool = False) -> list[str]:
+def list_models(pattern: str | list[str] | None = None, aliases: bool = False, pretrained: bool = False, *,
+                filter: str | list[str] | None = None, exclude_filters: str | list[str] | None = None) -> list[str]:
     """Registered model names, in registration order, then (with ``aliases``) timm's names for them
     with each published pretrained tag; ``pattern`` is a shell-style filter, or a list of them (a name
-    matching any). ``pretrained``: only timm's names of published weights, with their tags, as
-    ``timm.list_models(pretrained=True)`` gives them (a pattern without a tag, ``coatnet_0_rw_224``,
-    matches each of its tags, as there)."""
+    matching any; empty, as timm's default ``''``, lists all). ``pretrained``: only timm's names of published
+    weights, with their tags, as ``timm.list_models(pretrained=True)`` gives them (a pattern without a tag,
+    ``coatnet_0_rw_224``, matches each of its tags, as there). timm's keywords: ``filter`` is ``pattern``,
+    and ``exclude_filters`` leaves out the names matching any of its patterns."""
+    if pattern is not None and filter is not None:
+        raise ValueError("list_models: give the filter once, as pattern or as timm's filter=")
+    pattern = filter if pattern is None else pattern
     if pretrained:
         names = [f"{alias}.{tag}" for alias, a in _ALIASES.items() for tag in a.tags]
     else:
         names = list(_REGISTRY)
         if aliases:
             names += [f"{alias}.{tag}" if tag else alias for alias, a in _ALIASES.items() for tag in (None, *a.tags)]
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern or ())
+    # timm's filter defaults to '': an empty pattern filters nothing (before: it matched no name, [] for all)
+    patterns, excluded = ([p for p in ([given] if isinstance(given, str) else list(given or ())) if p]
+                          for given in (pattern, exclude_filters))
     if pretrained:  # as timm's: a pattern without a tag matches the names of its weights, each tag
         patterns = [p for q in patterns for p in ((q,) if "." in q else (q, f"{q}.*"))]
-    return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)] if patterns else names
+    names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)] if patterns else names
+    return [n for n in names if not any(fnmatch.fnmatch(n, p) for p in excluded)]
 
 
 # timm's names of where a model is, a Hub repository (hf-hub:ORG/NAME) or a folder (local-dir:PATH), which
@@ -116,6 +124,15 @@ def model_entry(name: str) -> ModelEntry:
     classes = TAG_CLASSES.get(tag or next(iter(alias.tags), ""))
     defaults = alias.defaults | ({"num_classes": classes} if classes else {})
     return replace(_REGISTRY[alias.target], defaults=defaults, tag=tag or None)
+
+
+def is_model(name) -> bool:
+    """timm's ``is_model``: whether ``name`` (ours, or timm's name for it) names a network here, its pretrained
+    tag left aside as timm leaves it (``coatnet_0_rw_224.sw_in1k`` is ``coatnet_0_rw_224``)."""
+    if not isinstance(name, str) or name.startswith(MODEL_SOURCES):
+        return False
+    base = name.partition(".")[0]
+    return base in _REGISTRY or base in _ALIASES
 
 
 def _closest(name: str, names: list[str]) -> str | None:
