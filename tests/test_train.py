@@ -462,11 +462,16 @@ def test_a_sigterm_met_while_the_loader_forks_its_workers_still_stops_the_run(re
     os.register_at_fork(after_in_parent=sigterm_inside_the_fork_hook)  # cannot be removed: disarmed below
     try:
         status = main(["train", "--resume", "--epochs", "3", "--workers", "1", "--output-dir", str(out)])
+        err = capsys.readouterr().err
+        assert status == 130 and err.startswith("coatnet train: interrupted; ") and err.count("\n") == 1, err
+        assert json.loads((out / "summary.json").read_text())["epochs"] == 2  # the resumed run's, not a third
+        armed[0] = True  # an evaluation's loader too
+        status = main(["eval", "--checkpoint", str(out / "last"), "--workers", "1",
+                       "--output-dir", str(tmp_path / "e")])
+        assert (status, capsys.readouterr().err) == (130, "coatnet eval: interrupted\n")
+        assert not (tmp_path / "e").exists()
     finally:
         armed[0] = False
-    err = capsys.readouterr().err
-    assert status == 130 and err.startswith("coatnet train: interrupted; ") and err.count("\n") == 1, err
-    assert not (out / "summary.json").exists() or json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
 def test_a_stopped_run_says_how_to_continue(reference_run, tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ from .checkpoint import atomic_write
 from .data import (IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, recorded_place, same_letters,
                    split_holding, warn_not_images)
 from .export import check_img_size_flag
+from .interrupt import raise_if_requested
 from .models.factory import create_model, from_pretrained, model_from_folder, read_pretrained
 from .models.folder import (EMA_WEIGHTS, TIMM_WEIGHTS, WEIGHTS, ModelFolder, exported_model, read_model_folder,
                             read_model_meta, run_last)
@@ -52,6 +53,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         batches = torch.tensor(len(loader), device=device)
         dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     for images, labels in loader:
+        raise_if_requested()  # a Ctrl-C or SIGTERM dropped where it met the loader forking its workers
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if channels_last:
