@@ -594,7 +594,7 @@ def test_confusion_labels_neither_overlap_nor_get_cut_off(tmp_path, monkeypatch,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     figures = []
-    monkeypatch.setattr(coatnet.plots, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(coatnet.plots, "save_figure", lambda fig, path, **_: figures.append(fig))
     names = [f"{i}-" + ("Wm" * length)[:length] for i in range(count)]  # wide letters
     plot_confusion(np.eye(count, dtype=int), names, tmp_path / "cm.png")
     (fig,) = figures
