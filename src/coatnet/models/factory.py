@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .coatnet import CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
+from .coatnet import SCRIPT_REFUSED, CoAtNet, CoAtNetConfig, FeatureExtractor, build_model
 from .folder import (ModelFolder, ModelFolderError, exported_model, read_model_folder, read_pretrained_cfg,
                      upgrade_state_dict)
 from .hub import (HUB_PREFIX, LOCAL_DIR_PREFIX, MODEL_SOURCES, fetch, hub_cache_dir, hub_config, hub_repository,
@@ -184,8 +184,7 @@ def _timm_arguments(pretrained, kwargs: dict, source: dict | None = None) -> tup
     if kwargs.pop("global_pool", "avg") not in ("avg", None):
         raise ValueError("global_pool: CoAtNet's head pools by the average only; pass 'avg' or nothing")
     if kwargs.pop("scriptable", None):  # timm's layer switches, as its train.py and validate.py pass them
-        raise ValueError("scriptable: CoAtNet does not take torch.jit.script; trace or export it (torch.jit.trace, "
-                         "torch.export, coatnet export), or pass scriptable=False")
+        raise ValueError(f"scriptable: {SCRIPT_REFUSED}, or pass scriptable=False")
     kwargs.pop("exportable", None), kwargs.pop("no_jit", None)  # its layers trace and export as they are, unjitted
     if kwargs.pop("drop_rate", 0):
         raise ValueError("drop_rate: CoAtNet's head has no dropout (the paper regularises with stochastic depth, "
