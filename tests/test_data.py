@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from coatnet.data import DATASETS, DataBundle, DataError, build_datasets, load_image, mixup_cutmix
@@ -841,6 +842,25 @@ def test_cifar(tmp_path, name, layout):
     img, _ = b.train[len(b.train) - 1]
     assert img.shape == (3, 32, 32)
     assert build_datasets(name, folder, img_size=48).train[0][0].shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "cifar10"])
+def test_without_augmentation_training_images_are_prepared_as_for_evaluation(tmp_path, name):
+    """`--no-aug` (and the layout study, Section 2.2: "without ... augmentation"): no random crop or flip,
+    each training image the same at every read, as evaluation prepares it."""
+    root = make_tree(tmp_path) if name == "imagefolder" else (make_cifar(tmp_path, name), tmp_path)[1]
+    plain = build_datasets(name, root, img_size=24, augment=False)
+    augmented = build_datasets(name, root, img_size=24)
+    torch.manual_seed(0)
+    for i in range(len(plain.train)):
+        image, label = plain.train[i]
+        source = plain.train.loader(plain.train.samples[i][0]) if name == "imagefolder" else \
+            tv_tensors.Image(plain.train.images[i])
+        assert torch.equal(image, plain.train[i][0]) and torch.equal(image, plain.val.transform(source))
+    reads = [augmented.train[0][0] for _ in range(8)]
+    assert any(not torch.equal(reads[0], r) for r in reads[1:])  # the default: random crops and flips
+    with pytest.raises(DataError, match="randaugment augments the training images, which augment=False prepares"):
+        build_datasets(name, root, img_size=24, augment=False, randaugment=(2, 9))
 
 
 @pytest.mark.parametrize("weights", [None, PretrainedCfg(crop_pct=0.95, mean=(0.5, 0.5, 0.5))])

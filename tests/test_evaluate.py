@@ -308,10 +308,20 @@ def test_predict_says_which_subfolders_holding_images_it_did_not_search(run_dir,
 def test_plots_write_pngs(tmp_path):
     history = [dict(epoch=e, train_loss=2 / e, eval_loss=2.2 / e, train_top1=10 * e, top1=9 * e, top5=20 * e)
                for e in (1, 2, 3)]
-    plot_curves(history, tmp_path / "curves.png")
+    plot_curves(history, 10, tmp_path / "curves.png")
     plot_confusion(np.eye(12, dtype=int) * 5, [f"class {i}" for i in range(12)], tmp_path / "cm.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == PNG and (tmp_path / "cm.png").read_bytes()[:4] == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "curves.png"]  # no temporary files left
+
+
+@pytest.mark.parametrize("num_classes,curves", [(6, ["train top-1", "eval top-1", "eval top-5"]),
+                                                 (5, ["train top-1", "eval top-1"])])
+def test_top5_is_drawn_only_where_it_can_be_below_100(tmp_path, monkeypatch, num_classes, curves):
+    drawn = []
+    monkeypatch.setattr(coatnet.plots, "save_figure", lambda fig, path: drawn.append(fig))
+    plot_curves([dict(epoch=1, train_loss=2.0, eval_loss=2.2, train_top1=10, top1=9, top5=100)], num_classes,
+                tmp_path / "c.png")
+    assert [line.get_label() for line in drawn[0].axes[1].get_lines()] == curves
 
 
 def full_disk(self, fname, *args, **kwargs):
@@ -326,7 +336,7 @@ def test_a_plot_that_cannot_be_written_leaves_nothing(run_dir, tmp_path, capsys,
     `.confusion_matrix.tmp.png` left in the run's and the report's folders, the error naming them)."""
     history = [dict(epoch=1, train_loss=2.0, eval_loss=2.2, train_top1=10, top1=9, top5=20)]
     monkeypatch.setattr(Figure, "savefig", full_disk)
-    for plot, args in ((plot_curves, [history]), (plot_confusion, [np.eye(3, dtype=int), ["a", "b", "c"]])):
+    for plot, args in ((plot_curves, [history, 10]), (plot_confusion, [np.eye(3, dtype=int), ["a", "b", "c"]])):
         folder = tmp_path / plot.__name__
         folder.mkdir()
         (folder / "figure.png").write_bytes(b"the old figure")

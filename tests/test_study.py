@@ -281,3 +281,28 @@ def test_layouts_of_other_seed_counts_are_labelled_with_their_own():
     assert "| C-C-T-T | 3 | 1.00M |" in md and "| VIT_REL | 1 | 1.00M |" in md and "| layout | seeds |" in md
     even = study.study_markdown(settings, study.summarise(records[:3]), ["C-C-T-T"], ["C-C-T-T"])
     assert "; 3 seed(s)." in even and "| C-C-T-T | 1.00M |" in even
+
+
+def test_the_study_trains_without_augmentation(tmp_path, monkeypatch):
+    """FACTS.md (Section 2.2): the five layouts are "Trained without regularisation or augmentation": on
+    ImageFolder data (CIFAR, shards) no random resized crop or flip either, which narrow the very gap
+    between training loss and eval accuracy the study reads generalisation from (before: drawn for every
+    training image; only the embedded digits trained unaugmented)."""
+    from torchvision.transforms import v2
+
+    import coatnet.train as training
+    from test_data import make_tree
+
+    make_tree(tmp_path / "tree")
+    built, real = [], training.build_datasets
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        raise KeyboardInterrupt  # the data seen, the run need not train
+
+    monkeypatch.setattr(training, "build_datasets", recording)
+    assert main([*ARGS, "--layouts", "c_c_t_t", "--data", "imagefolder", "--batch-size", "4", "--data-dir",
+                 str(tmp_path / "tree"), "--output-dir", str(tmp_path / "out")]) == 130
+    random_ops = (v2.RandomResizedCrop, v2.RandomCrop, v2.RandomHorizontalFlip, v2.RandAugment)
+    used = [type(t).__name__ for t in built[0].train.transform.transforms if isinstance(t, random_ops)]
+    assert used == [], f"the study's training images are augmented: {used}"

@@ -4,6 +4,7 @@ Runs are tiny (coatnet_pico at 16x16, a few dozen steps), so the whole file take
 """
 
 import json
+import math
 import os
 import re
 import signal
@@ -260,6 +261,20 @@ def test_lr_schedule_warms_up_decays_then_stays_at_min_lr():
     assert optimizer.param_groups[0]["lr"] == lrs[57]
 
 
+def test_lr_schedule_decays_along_a_cosine():
+    """Table 10's decay is a cosine from lr to min_lr, not any decreasing curve: half-way down at the
+    middle of the decay, and at its quarters lr's share (1 + cos(pi/4)) / 2 and (1 - cos(pi/4)) / 2."""
+    from coatnet.train import TrainConfig, lr_schedule
+
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    factor = lr_schedule(optimizer, cfg, total_steps=110).lr_lambdas[0]  # 100 steps of decay from step 10
+    at = lambda share: cfg.min_lr + (cfg.lr - cfg.min_lr) * share  # noqa: E731
+    assert cfg.lr * factor(60) == pytest.approx(at(0.5))
+    assert cfg.lr * factor(35) == pytest.approx(at((1 + math.cos(math.pi / 4)) / 2))
+    assert cfg.lr * factor(85) == pytest.approx(at((1 - math.cos(math.pi / 4)) / 2))
+
+
 def test_train_from_python(tmp_path):
     """train() takes a TrainConfig (no argparse) and returns the summary."""
     from dataclasses import replace
@@ -308,6 +323,10 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     # torch's Beta sampler returns 0.5 (full mixing) for alphas this small, not the 0 or 1 they mean
     (["--mixup", "1e-300"], "--mixup must be 0 or a finite number >= 0.01"),
     (["--cutmix", "0.001"], "--cutmix must be 0 or a finite number >= 0.01"),
+    # timm's --no-aug beside what augments (a recipe's RandAugment and Mixup): which one is meant is not guessed
+    (["--recipe", "imagenet1k-pretrain", "--no-aug"], "--no-aug trains on images prepared as for evaluation, and "
+                                                      "--randaugment, --mixup augment them: turn them off too (0)"),
+    (["--no-aug", "--cutmix", "1"], "and --cutmix augment them"),
     (["--weight-decay", "1000"], "--weight-decay 1000 with --lr 0.002: AdamW multiplies the weights by 1 - lr x "
                                  "weight-decay = -1 at each step"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
@@ -707,6 +726,119 @@ def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tmp_path):
     assert json.loads((tmp_path / "micro" / "metrics.jsonl").read_text())["step"] == 1437 // 64
 
 
+def _recorded_steps(monkeypatch, cfg, out: Path, before_step=None) -> list[dict]:
+    """Train ``cfg`` into ``out`` in this process, recording for each optimizer step the rate it steps
+    at, the batch, what train_step returns (loss, logits) and the weights after it. ``before_step(run,
+    images, labels)`` runs before each step, its result recorded as "before"."""
+    import coatnet.train as train_module
+
+    steps, real_step = [], train_module.train_step
+
+    def recording(run, images, labels):
+        record = dict(labels=labels.clone(), lr=[])
+        if before_step is not None:
+            record["before"] = before_step(run, images, labels)
+        handle = run.optimizer.register_step_pre_hook(
+            lambda optimizer, *_: record["lr"].append(optimizer.param_groups[0]["lr"]))
+        try:
+            record["loss"], record["logits"] = real_step(run, images, labels)
+        finally:
+            handle.remove()
+        record["grads"] = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+        record["state"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        steps.append(record)
+        return record["loss"], record["logits"]
+
+    monkeypatch.setattr(train_module, "train_step", recording)
+    train_module.train(cfg, output_dir=out)
+    return steps
+
+
+def _small_tree(tmp_path: Path) -> Path:
+    from test_data import make_tree
+
+    return make_tree(tmp_path / "data", per_class=5)  # 15 training images: 3 steps of 4 an epoch
+
+
+def test_each_step_takes_its_scheduled_rate_and_minimises_label_smoothed_cross_entropy(tmp_path, monkeypatch):
+    """The k-th optimizer step runs at lr_schedule's rate for step k (the first warm-up step at
+    lr / warmup_steps, not the second's), and the loss it minimises is the cross-entropy with
+    --label-smoothing."""
+    import torch.nn.functional as F
+
+    from coatnet.train import TrainConfig, lr_schedule
+
+    cfg = TrainConfig(data="imagefolder", data_dir=str(_small_tree(tmp_path)), img_size=16, batch_size=4, epochs=2,
+                      warmup_steps=3, label_smoothing=0.3, seed=3)
+    steps = _recorded_steps(monkeypatch, cfg, tmp_path / "run")
+    assert len(steps) == 6 and all(len(s["lr"]) == 1 for s in steps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    factor = lr_schedule(optimizer, cfg, total_steps=6).lr_lambdas[0]
+    assert [s["lr"][0] for s in steps] == pytest.approx([cfg.lr * factor(k) for k in range(6)], rel=1e-12)
+    assert steps[0]["lr"][0] == pytest.approx(cfg.lr / 3)
+    for s in steps:
+        expected = F.cross_entropy(s["logits"].float(), s["labels"], label_smoothing=0.3)
+        torch.testing.assert_close(s["loss"], expected)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
+    """With BatchNorm on its running statistics (eval mode) and no clipping, a step's gradient in 4
+    micro-batches is the gradient of the whole batch's mean loss, not 4 times it."""
+    from coatnet.train import TrainConfig
+
+    def whole_batch_gradient(run, images, labels):
+        run.net.eval()  # train_step leaves the mode as it finds it: each micro-batch normalised alike
+        run.model.zero_grad(set_to_none=True)
+        run.criterion(run.net(images), labels).backward()
+        return {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+
+    cfg = TrainConfig(data="imagefolder", data_dir=str(_small_tree(tmp_path)), img_size=16, batch_size=4, epochs=1,
+                      warmup_steps=1, grad_accum_steps=4, clip_grad=0, seed=3)
+    steps = _recorded_steps(monkeypatch, cfg, tmp_path / "run", before_step=whole_batch_gradient)
+    assert len(steps) == 3
+    for s in steps:
+        assert s["grads"].keys() == s["before"].keys()
+        for name, grad in s["grads"].items():
+            torch.testing.assert_close(grad, s["before"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_ema_averages_the_weights_and_batchnorm_statistics_with_its_decay(tmp_path, monkeypatch):
+    """--ema d: after the first step the average is the weights, then each step moves it a fraction
+    1 - d of the way to them; BatchNorm's running statistics are averaged too (evaluated with
+    statistics of the initial weights, the average's accuracy would be noise)."""
+    from coatnet.train import TrainConfig
+
+    cfg = TrainConfig(data="imagefolder", data_dir=str(_small_tree(tmp_path)), img_size=16, batch_size=4, epochs=1,
+                      warmup_steps=1, ema=0.9, seed=3)
+    steps = _recorded_steps(monkeypatch, cfg, tmp_path / "run")
+    assert len(steps) == 3
+    expected = {k: v.double() for k, v in steps[0]["state"].items() if v.is_floating_point()}
+    for s in steps[1:]:
+        expected = {k: 0.9 * e + 0.1 * s["state"][k].double() for k, e in expected.items()}
+    ema = load_file(str(tmp_path / "run" / "last" / "ema.safetensors"))
+    assert any("running_var" in k for k in expected)
+    for k, e in expected.items():
+        torch.testing.assert_close(ema[k].double(), e, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_with_drop_path_mixup_and_ema_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Stopped after its checkpoint part way through epoch 1, a run with random draws in its steps
+    (stochastic depth, Mixup) and an EMA ends, resumed, bit for bit where the uninterrupted run does:
+    the checkpoint gives back the random generator's state and the EMA's count of averages."""
+    from coatnet.train import TrainConfig, train
+
+    cfg = TrainConfig(data="imagefolder", data_dir=str(_small_tree(tmp_path)), img_size=16, batch_size=4, epochs=2,
+                      save_every=2, warmup_steps=1, seed=3, drop_path=0.3, mixup=0.8, ema=0.9)
+    train(cfg, output_dir=tmp_path / "reference")
+    out = tmp_path / "run"
+    train_until(monkeypatch, "evaluate_epoch", cfg, out)  # stopped after its save at step 2, mid-epoch
+    assert load_checkpoint(out / "last").train_state["step"] == 2
+    train(cfg, output_dir=out, resume=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        reference = load_file(str(tmp_path / "reference" / "last" / name))
+        assert_bitwise_equal(reference, load_file(str(out / "last" / name)))
+
+
 def test_micro_batches_too_small_for_batchnorm_are_said(tmp_path, monkeypatch, capsys):
     from coatnet.train import Dist, TrainConfig, start_run
 
@@ -843,6 +975,18 @@ def test_the_paper_recipes_hold_table_10():
         layers, magnitude = recipe.randaugment
         ranges = {op: float(space[op][0](31, 224, 224)[magnitude]) for op in ("Rotate", "ShearX", "Brightness")}
         assert layers == 2 and ranges == pytest.approx(dict(Rotate=30.0, ShearX=0.3, Brightness=0.9))
+
+
+def test_the_finetune_recipe_holds_table_10s_shared_values():
+    """The values FACTS.md gives once for both columns (min LR 1e-5, gradient clip 1.0, label smoothing
+    0.1, Mixup 0.8, the model's stochastic depth), which the test above checks for pre-training only.
+    (Warm-up is left out: FACTS.md gives "10K steps" without a fine-tuning value; the recipe has none.)"""
+    from coatnet.train import RECIPES
+
+    fine = RECIPES["imagenet1k-finetune"]
+    assert (fine.min_lr, fine.clip_grad, fine.label_smoothing, fine.mixup, fine.cutmix, fine.drop_path) == \
+        (1e-5, 1.0, 0.1, 0.8, 0.0, None)
+    assert fine.randaugment == RECIPES["imagenet1k-pretrain"].randaugment and fine.model == "coatnet_0"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "as the ImageNet recipes take it")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
+    p.add_argument("--aug", dest="augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="the data set's random crop and flip of training images; --no-aug (timm's): prepared as "
+                        "for evaluation")
     p.add_argument("--randaugment", type=_randaugment, default=None, metavar="N,M",
                    help="RandAugment layers,magnitude (torchvision's scale, 0..30); 0: off")
     p.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0: off, else 0.01 or more)")

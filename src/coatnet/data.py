@@ -612,10 +612,8 @@ def _cifar_split(
     return torch.from_numpy(images), torch.from_numpy(y)
 
 
-def _build_cifar(
-    name: str, data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None,
-    cfg: PretrainedCfg,
-) -> DataBundle:
+def _build_cifar(name: str, data_dir: Path, img_size: int, train_tf: v2.Transform,
+                 cfg: PretrainedCfg) -> DataBundle:
     spec = _CIFAR[name]
     needed = (*spec["train"], *spec["test"], spec["meta"])
     # Accept the extracted folder itself or its parent.
@@ -654,7 +652,7 @@ def _build_cifar(
     x_tr, y_tr = _cifar_split(root, spec["train"], spec["label_key"], len(classes))
     x_va, y_va = _cifar_split(root, spec["test"], spec["label_key"], len(classes))
     return DataBundle(
-        train=TensorImageDataset(x_tr, y_tr, _cifar_train_transform(img_size, hflip, randaugment, cfg)),
+        train=TensorImageDataset(x_tr, y_tr, train_tf),
         val=TensorImageDataset(x_va, y_va, eval_transform(img_size, cfg)),
         classes=classes,
     )
@@ -696,8 +694,7 @@ def same_letters(names: list[str], others: list[str], remedy: str) -> str:
 
 
 def _build_imagefolder(
-    data_dir: Path, img_size: int, hflip: bool, randaugment: tuple[int, int] | None, cfg: PretrainedCfg,
-    with_train: bool = True,
+    data_dir: Path, img_size: int, train_tf: v2.Transform, cfg: PretrainedCfg, with_train: bool = True
 ) -> DataBundle:
     # Evaluation alone needs only val/: train/ is neither listed nor required.
     split_dirs = {s: data_dir / s for s in (("train", "val") if with_train else ("val",))}
@@ -740,8 +737,7 @@ def _build_imagefolder(
             + same_letters(only_train, only_val, "rename one of the two folders")
         )
     # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.
-    train = ImageFolderDataset(split_dirs["train"], train_transform(img_size, cfg, hflip, randaugment)) \
-        if with_train else None
+    train = ImageFolderDataset(split_dirs["train"], train_tf) if with_train else None
     val = ImageFolderDataset(split_dirs["val"], eval_transform(img_size, cfg), evaluation=True)
     for split, ds in {"train": train, "val": val}.items():
         if split in split_dirs and len(ds) == 0:
@@ -779,6 +775,7 @@ def build_datasets(
     hflip: bool | None = None,
     preprocessing: PretrainedCfg | None = None,
     train: bool = True,
+    augment: bool = True,
 ) -> DataBundle:
     """Build train/val datasets for ``name`` (one of :data:`DATASETS`).
 
@@ -789,6 +786,8 @@ def build_datasets(
     :func:`default_preprocessing`). ``train=False``, for evaluation alone: the bundle's ``train`` is
     None, an image folder's ``train/`` is not scanned (its class folders still name the classes), and
     shards or a Hugging Face dataset need no train split; digits and CIFAR are cheap to build whole.
+    ``augment=False``: the training images prepared as the evaluation's, without the random crop and flip
+    (and refused with ``randaugment``).
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
@@ -797,23 +796,31 @@ def build_datasets(
     check_randaugment(randaugment)
     if randaugment is not None:
         randaugment = (int(randaugment[0]), int(randaugment[1]))
+        if not augment:
+            raise DataError("randaugment augments the training images, which augment=False prepares as the "
+                            "evaluation's; give one of them")
 
     cfg = preprocessing or default_preprocessing(key, img_size)
     if key == "digits":
-        return _build_digits(img_size, bool(hflip), randaugment, cfg)
+        return _build_digits(img_size, bool(hflip) and augment, randaugment, cfg)
 
     hflip = True if hflip is None else bool(hflip)
+    if not augment:  # (the Section 2.2 study's)
+        train_tf = eval_transform(img_size, cfg)
+    elif key in _CIFAR:
+        train_tf = _cifar_train_transform(img_size, hflip, randaugment, cfg)
+    else:
+        train_tf = train_transform(img_size, cfg, hflip, randaugment)
     if data_dir is None:
         raise DataError(f"data set '{key}' needs a data directory; pass --data-dir DIR")
     if key in ("webdataset", "hf"):  # shards or a Hugging Face dataset: coatnet.data_shards
         from . import data_shards
 
         build = data_shards.build_webdataset if key == "webdataset" else data_shards.build_hf
-        return build(str(data_dir), train_transform(img_size, cfg, hflip, randaugment), eval_transform(img_size, cfg),
-                     train=train)
+        return build(str(data_dir), train_tf, eval_transform(img_size, cfg), train=train)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data directory '{root}' does not exist or is not a folder; check the path")
     if key == "imagefolder":
-        return _build_imagefolder(root, img_size, hflip, randaugment, cfg, with_train=train)
-    return _build_cifar(key, root, img_size, hflip, randaugment, cfg)
+        return _build_imagefolder(root, img_size, train_tf, cfg, with_train=train)
+    return _build_cifar(key, root, img_size, train_tf, cfg)

@@ -29,8 +29,9 @@ def save_figure(fig: Figure, path: str | Path, tight: bool = False) -> None:
                      tmp=path.with_name(f".{path.stem}.tmp{path.suffix}"))
 
 
-def plot_curves(history: list[dict], path: str | Path) -> None:
-    """Loss (train, eval) and accuracy (train top-1, eval top-1 and top-5) per epoch."""
+def plot_curves(history: list[dict], num_classes: int, path: str | Path) -> None:
+    """Loss (train, eval) and accuracy (train top-1, eval top-1 and top-5) per epoch; top-5 only with
+    more than 5 classes, where it is not 100% whatever the model (as the epoch line)."""
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss, acc = fig.subplots(1, 2)
@@ -40,7 +41,8 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train top-1")
     acc.plot(epochs, [h["top1"] for h in history], "s-", label="eval top-1")
-    acc.plot(epochs, [h["top5"] for h in history], "^-", label="eval top-5")
+    if num_classes > 5:
+        acc.plot(epochs, [h["top5"] for h in history], "^-", label="eval top-5")
     acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (loss, acc):
         ax.grid(alpha=0.3)

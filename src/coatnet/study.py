@@ -49,9 +49,9 @@ LABELS = {"vit_rel": "VIT_REL", "c_c_c_c": "C-C-C-C", "c_c_c_t": "C-C-C-T", "c_c
 PAPER_GENERALISATION = "C-C-C-C ~ C-C-C-T >= C-C-T-T > C-T-T-T >> VIT_REL"
 PAPER_CAPACITY = "C-C-T-T ~ C-T-T-T > VIT_REL > C-C-C-T > C-C-C-C"
 # What the study switches off, over whatever recipe it starts from (Section 2.2: "without any
-# regularisation or augmentation").
+# regularisation or augmentation"): the random crop and flip too, the training images prepared as for evaluation.
 NO_REGULARISATION = dict(drop_path=0.0, label_smoothing=0.0, weight_decay=0.0, mixup=0.0, cutmix=0.0,
-                         randaugment=None, ema=0.0)
+                         randaugment=None, augment=False, ema=0.0)
 
 
 def small_layout(name: str) -> dict:

@@ -101,6 +101,7 @@ class TrainConfig:
     drop_path: Fraction | None = 0.0  # None: the model's own rate (Table 10)
     clip_grad: NonNegativeFloat = 1.0  # 0 is off
     label_smoothing: Fraction = 0.1
+    augment: bool = True  # the data set's random crop and flip; off (timm's --no-aug): prepared as for eval
     randaugment: tuple[int, int] | None = None
     mixup: MixAlpha = 0.0
     cutmix: MixAlpha = 0.0
@@ -119,6 +120,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self, label=flag)
         check_randaugment(self.randaugment, "--randaugment")  # a pair: it checks itself, as check_fields leaves tuples
+        augmenting = {"--randaugment": self.randaugment, "--mixup": self.mixup, "--cutmix": self.cutmix}
+        if not self.augment and any(augmenting.values()):
+            raise ValueError(f"--no-aug trains on images prepared as for evaluation, and "
+                             f"{', '.join(k for k, v in augmenting.items() if v)} augment them: turn them off too "
+                             f"(0), or drop --no-aug")
         if self.lr * self.weight_decay >= 1:
             kept = 1 - self.lr * self.weight_decay
             raise ValueError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW multiplies the "
@@ -639,7 +645,7 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
         if not d.main:  # every process lists the same files: the first one says what it found
             warnings.simplefilter("ignore")
         data = build_datasets(cfg.data, cfg.data_dir, cfg.img_size, randaugment=cfg.randaugment,
-                              preprocessing=preprocessing)
+                              preprocessing=preprocessing, augment=cfg.augment)
     if ckpt is not None:
         _check_same_classes(ckpt, preprocessing.label_names, data.classes)
     if data.num_classes < 2:  # every label the same: 100% from the first step, and nothing learnt
@@ -1185,7 +1191,7 @@ def report_epoch(run: Run) -> None:
         return
     history = run.state.history
     atomic_write(run.run_dir / "metrics.jsonl", "".join(json_text(h) + "\n" for h in history))
-    plot_curves(history, run.run_dir / "curves.png")
+    plot_curves(history, run.data.num_classes, run.run_dir / "curves.png")
     print(epoch_line(history[-1], run.config.epochs, run.data.num_classes), flush=True)
 
 
