@@ -699,3 +699,22 @@ def test_a_forward_patched_on_the_class_is_called(monkeypatch):
             patch.setattr(kind, "forward", forward)
             with torch.no_grad():
                 torch.testing.assert_close(model(x), _plain(model, x), atol=1e-5, rtol=1e-5, msg=kind.__name__)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_folded_conv_is_the_conv_and_its_batchnorm(bias):
+    """fold_batch_norm's weight and bias compute ``norm(conv(x))`` with its running statistics, eps
+    included: in float64, with variances near eps, where dropping it would change the output by half
+    (the model-level tests, in float32 at 1e-5 with variances near 1, would not see it)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=bias).double()
+    norm = torch.nn.BatchNorm2d(6, eps=1e-3).double().eval()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(5e-4, 2e-3)
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    weight, shift = fast_path.fold_batch_norm(conv, norm)
+    with torch.no_grad():
+        torch.testing.assert_close(F.conv2d(x, weight, shift, padding=1), norm(conv(x)), rtol=1e-12, atol=1e-12)
