@@ -325,8 +325,8 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     (["--cutmix", "0.001"], "--cutmix must be 0 or a finite number >= 0.01"),
     # timm's --no-aug beside what augments (a recipe's RandAugment and Mixup): which one is meant is not guessed
     (["--recipe", "imagenet1k-pretrain", "--no-aug"], "--no-aug trains on images prepared as for evaluation, and "
-                                                      "--randaugment, --mixup augment them: turn them off too (0)"),
-    (["--no-aug", "--cutmix", "1"], "and --cutmix augment them"),
+                                                      "--randaugment and --mixup augment them: turn them off too (0)"),
+    (["--no-aug", "--cutmix", "1"], "and --cutmix augments them: turn it off too (0), or drop --no-aug"),
     (["--weight-decay", "1000"], "--weight-decay 1000 with --lr 0.002: AdamW multiplies the weights by 1 - lr x "
                                  "weight-decay = -1 at each step"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),

@@ -122,9 +122,10 @@ class TrainConfig:
         check_randaugment(self.randaugment, "--randaugment")  # a pair: it checks itself, as check_fields leaves tuples
         augmenting = {"--randaugment": self.randaugment, "--mixup": self.mixup, "--cutmix": self.cutmix}
         if not self.augment and any(augmenting.values()):
-            raise ValueError(f"--no-aug trains on images prepared as for evaluation, and "
-                             f"{', '.join(k for k, v in augmenting.items() if v)} augment them: turn them off too "
-                             f"(0), or drop --no-aug")
+            on = [k for k, v in augmenting.items() if v]
+            raise ValueError(f"--no-aug trains on images prepared as for evaluation, and {' and '.join(on)} "
+                             f"augment{'s' if len(on) == 1 else ''} them: turn {'it' if len(on) == 1 else 'them'} "
+                             f"off too (0), or drop --no-aug")
         if self.lr * self.weight_decay >= 1:
             kept = 1 - self.lr * self.weight_decay
             raise ValueError(f"--weight-decay {self.weight_decay:g} with --lr {self.lr:g}: AdamW multiplies the "
