@@ -1178,3 +1178,39 @@ def test_a_data_dir_given_again_on_resume_is_recorded_absolute(tmp_path, monkeyp
     assert main([*common, "--resume", "--epochs", "2"]) == 0
     recorded = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
     assert recorded["data_dir"] == recorded["train_config"]["data_dir"] == str(tmp_path / "imgs")
+
+
+def test_digits_validation_images_are_not_augmented():
+    """randaugment and hflip are the training split's: the validation split is the same at every read, and
+    the same as without them."""
+    augmented = build_datasets("digits", img_size=16, randaugment=(2, 15), hflip=True)
+    plain = build_datasets("digits", img_size=16)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        for i in range(6):
+            assert torch.equal(augmented.val[i][0], plain.val[i][0])
+
+
+def test_cifar_training_images_are_at_the_size_asked_below_32(tmp_path):
+    make_cifar(tmp_path, "cifar10")
+    b = build_datasets("cifar10", tmp_path, img_size=16)
+    assert b.train[0][0].shape == (3, 16, 16) and b.val[0][0].shape == (3, 16, 16)
+
+
+def test_mixup_and_cutmix_together_apply_each_of_them():
+    """With both alphas, each batch gets one of the two: MixUp blends whole images (no pixel of a black and
+    a white image stays 0 or 1), CutMix pastes a box (every pixel 0 or 1)."""
+    images = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
+    t = mixup_cutmix(2, mixup_alpha=1.0, cutmix_alpha=1.0)
+    torch.manual_seed(0)
+    kinds = set()
+    for _ in range(30):
+        out, _ = t(images, torch.tensor([0, 1]))
+        kinds.add("cutmix" if bool(((out == 0) | (out == 1)).all()) else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_imagenet_mean_and_std_are_the_usual_ones():
+    timm_data = pytest.importorskip("timm.data")
+    assert IMAGENET_MEAN == timm_data.IMAGENET_DEFAULT_MEAN and IMAGENET_STD == timm_data.IMAGENET_DEFAULT_STD
+    assert (PretrainedCfg().mean, PretrainedCfg().std) == (IMAGENET_MEAN, IMAGENET_STD)

@@ -403,3 +403,29 @@ def test_a_compiled_model_exports_as_the_model_it_wraps(tmp_path, format, suffix
     else:
         got = torch.jit.load(str(out))(x)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_preprocessing_recorded_is_of_the_size_exported_at(tmp_path):
+    """A server reads the input size from the file: the export's, not the size the model was built at."""
+    import json
+
+    from coatnet.export import PREPROCESSING_KEY
+
+    model = coatnet.create_model("coatnet_pico", img_size=32, num_classes=3).eval()
+    files = {PREPROCESSING_KEY: ""}
+    torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt", img_size=[64, 32])), _extra_files=files)
+    recorded = json.loads(files[PREPROCESSING_KEY])
+    assert recorded["input_size"] == [3, 64, 32]
+    assert recorded["mean"] == list(model.pretrained_cfg.mean) and recorded["std"] == list(model.pretrained_cfg.std)
+
+
+def test_a_model_built_not_square_is_exported_at_its_own_height_and_width(tmp_path):
+    import json
+
+    from coatnet.export import PREPROCESSING_KEY
+
+    model = coatnet.create_model("coatnet_pico", img_size=(32, 64), num_classes=3).eval()
+    files = {PREPROCESSING_KEY: ""}
+    program = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.pt")), _extra_files=files)
+    assert json.loads(files[PREPROCESSING_KEY])["input_size"] == [3, 32, 64]
+    assert program(torch.randn(1, 3, 32, 64)).shape == (1, 3)

@@ -547,3 +547,26 @@ def test_torch_jit_script_is_refused_in_one_line():
     for model in (tiny(), coatnet.create_model("coatnet_pico", features_only=True)):
         with pytest.raises(TypeError, match=r"does not take torch.jit.script; trace or export it \(torch.jit.trace"):
             torch.jit.script(model)
+
+
+def test_a_resized_table_keeps_a_bias_linear_in_the_offset():
+    """align_corners: offset d of the new grid takes the bias of offset d * (old reach / new reach), so a
+    table linear in the offsets stays linear everywhere, its edges included (not flattened there)."""
+    dy, dx = torch.meshgrid(torch.arange(-3, 4.0), torch.arange(-4, 5.0), indexing="ij")  # a 4 x 5 grid's offsets
+    table = (0.5 * dy - 0.25 * dx + 1.0)[None]
+    big = resize_relative_table(table, (13, 17))  # a 7 x 9 grid's
+    ny, nx = torch.meshgrid(torch.arange(-6, 7.0), torch.arange(-8, 9.0), indexing="ij")
+    torch.testing.assert_close(big[0], 0.5 * ny * 3 / 6 - 0.25 * nx * 4 / 8 + 1.0)
+
+
+def test_version_1_weights_of_a_relative_position_mlp_load():
+    """Version 1 named the rmlp variants' MLP ``attn.relative_position_mlp.*``: its weights load under today's
+    names, with the same outputs."""
+    model = coatnet.create_model("coatnet_pico", img_size=32, transformer=dict(relative_position="mlp")).eval()
+    old = {k.replace(".relative_position.", ".relative_position_mlp."): v for k, v in model.state_dict().items()}
+    assert old.keys() != model.state_dict().keys()
+    loaded = load_weights(coatnet.create_model("coatnet_pico", img_size=32, transformer=dict(relative_position="mlp")),
+                          old).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -331,3 +331,21 @@ def test_pretrained_weights_of_a_folder_or_repository_bring_their_network(hub, t
                      str(tmp_path / "file")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "(coatnet train --model coatnet_nano_rw)" in err, err
+
+
+def test_training_crops_are_resized_with_the_weights_interpolation():
+    """Fine-tuning timm's bicubic weights resizes the random crop bicubically: the same crop (same seed) as a
+    torchvision RandomResizedCrop of that interpolation, not a bilinear one."""
+    from coatnet.models.preprocessing import train_transform
+
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    outputs = {}
+    for mode in ("bilinear", "bicubic"):
+        cfg = PretrainedCfg(interpolation=mode)
+        torch.manual_seed(0)
+        outputs[mode] = train_transform(24, cfg, hflip=False)(image)
+        torch.manual_seed(0)
+        crop = v2.RandomResizedCrop(24, interpolation=v2.InterpolationMode(mode), antialias=True)(image)
+        expected = v2.Normalize(cfg.mean, cfg.std)(v2.ToDtype(torch.float32, scale=True)(crop))
+        torch.testing.assert_close(outputs[mode], expected)
+    assert not torch.equal(outputs["bilinear"], outputs["bicubic"])

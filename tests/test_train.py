@@ -1224,3 +1224,15 @@ def test_a_resume_that_cannot_run_on_these_processes_says_what_can(reference_run
                             f"(e.g. 2), or start a new run from its weights with --pretrained {ckpt.path}")
     _check(cfg, Dist(0, 2, torch.device("cpu")), ckpt, reference_run)  # 2 processes resume it
 
+
+
+def test_each_epoch_is_shuffled_anew_and_the_same_for_a_seed():
+    from coatnet.train import epoch_order
+
+    orders = [epoch_order(50, seed=3, epoch=e, world_size=1) for e in range(3)]
+    assert all(sorted(o) == list(range(50)) for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert epoch_order(50, seed=3, epoch=1, world_size=1) == orders[1]
+    assert epoch_order(50, seed=4, epoch=1, world_size=1) != orders[1]
+    padded = epoch_order(50, seed=3, epoch=1, world_size=4)  # 52: the first two repeated
+    assert padded == orders[1] + orders[1][:2]
