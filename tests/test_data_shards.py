@@ -13,6 +13,7 @@ import random
 import signal
 import tarfile
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -593,3 +594,19 @@ def test_eval_of_a_run_whose_shards_or_dataset_moved_asks_for_data_dir(kind, sha
                                    f"now; pass --data-dir with its new place" in err, err
     moved = given.replace(str(data), str(tmp_path / "moved"))
     assert main(["eval", "--checkpoint", str(out), "--data-dir", moved, "--output-dir", str(tmp_path / "e")]) == 0
+
+
+def test_a_shard_rewritten_in_place_with_its_old_size_and_mtime_is_indexed_again(tmp_path, index_cache):
+    """The change time is part of the index's cache key: a shard written again with the same size,
+    its modification time put back (as a copy that keeps times would), is not read from a stale index."""
+    path = tmp_path / "train-000000.tar"
+    image = encode((1, 2, 3), "png")
+    _tar(path, [("a.png", image), ("a.cls", b"1")])
+    assert [row[3] for row in data_shards._cached_index_shard(str(path))] == [1]
+    before = os.stat(path)
+    time.sleep(0.05)  # past a tick of the coarse clock the kernel stamps inodes with
+    _tar(path, [("a.png", image), ("a.cls", b"2")])
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert [row[3] for row in data_shards._cached_index_shard(str(path))] == [2]

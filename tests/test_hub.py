@@ -525,3 +525,21 @@ def test_class_names_that_do_not_fit_the_weights_are_said(hub, tmp_path):
     with warnings.catch_warnings():  # names that fit, and a new head asked for: not its names, without a word
         warnings.simplefilter("error")
         assert coatnet.create_model("hf-hub:me/stale", num_classes=5).pretrained_cfg.label_names is None
+
+
+def test_pretrained_true_keeps_the_tag_given():
+    """A name with its tag fetches that tag's repository, not timm's default one."""
+    from coatnet.models.hub import hub_repository
+
+    assert hub_repository(True, "coatnet_2_rw_224.sw_in12k") == ("timm/coatnet_2_rw_224.sw_in12k", None)
+
+
+def test_hf_hub_cache_wins_over_hf_home(tmp_path, monkeypatch):
+    """As huggingface_hub reads them: HF_HUB_CACHE names the cache itself, over HF_HOME's hub folder."""
+    from coatnet.models.hub import hub_cache
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert hub_cache() == str(tmp_path / "cache")
+    monkeypatch.delenv("HF_HUB_CACHE")
+    assert hub_cache() == str(tmp_path / "home" / "hub")

@@ -204,3 +204,10 @@ def test_a_non_square_size_is_refused_not_planned_as_a_square():
     with pytest.raises(ValueError, match=r"--img-size 32x64: training runs square images"):
         make_plan("coatnet_pico", (32, 64), batch_size=64)
     assert make_plan("coatnet_pico", (32, 32), batch_size=64).img_size == 32
+
+
+def test_a_per_gpu_batch_under_8_that_fits_whole_has_no_note():
+    """4 images per GPU that fit at once are the whole batch: no note of a better batch size."""
+    plan = make_plan("coatnet_pico", 32, batch_size=32, gpus=8, gpu_memory_gib=80)
+    assert plan.per_gpu_batch == plan.micro_batch == 4 and plan.grad_accum_steps == 1
+    assert (plan.strategy, plan.grad_checkpointing) == ("ddp", False) and plan.note == ""

@@ -306,3 +306,25 @@ def test_the_study_trains_without_augmentation(tmp_path, monkeypatch):
     random_ops = (v2.RandomResizedCrop, v2.RandomCrop, v2.RandomHorizontalFlip, v2.RandAugment)
     used = [type(t).__name__ for t in built[0].train.transform.transforms if isinstance(t, random_ops)]
     assert used == [], f"the study's training images are augmented: {used}"
+
+
+def _record(model, seed, top1, loss):
+    return dict(layout=study.LABELS[model], model=model, seed=seed, params=1e6, flops=1e6, train_loss=loss, top1=top1,
+                curves=dict(epoch=[1], train_loss=[loss], eval_loss=[loss], top1=[top1]))
+
+
+def test_the_orderings_are_best_first_and_the_spread_is_over_seeds(tmp_path):
+    """study.json orders layouts by eval top-1 highest first and by train loss lowest first; each
+    figure is the mean over seeds with their sample standard deviation (n - 1)."""
+    records = [_record("c_c_c_c", 0, 60.0, 0.5), _record("c_c_c_c", 1, 70.0, 0.7),
+               _record("vit_rel", 0, 40.0, 0.2), _record("c_t_t_t", 0, 50.0, 0.9)]
+    settings = dict(data="digits", img_size=16, size="small", epochs=1, batch_size=256, lr=0.002)
+    study.write_study(tmp_path, settings, records)
+    written = json.loads((tmp_path / "study.json").read_text())
+    assert written["ordering"] == dict(eval_top1=["C-C-C-C", "C-T-T-T", "VIT_REL"],
+                                       train_loss=["VIT_REL", "C-C-C-C", "C-T-T-T"])
+    top1 = written["summary"]["C-C-C-C"]["top1"]
+    assert top1["mean"] == pytest.approx(65.0) and top1["std"] == pytest.approx(50 ** 0.5)
+    assert (top1["min"], top1["max"], top1["n"]) == (60.0, 70.0, 2)
+    assert written["summary"]["VIT_REL"]["top1"]["std"] == 0.0
+    assert "| by eval top-1 (generalisation) | C-C-C-C > C-T-T-T > VIT_REL |" in (tmp_path / "study.md").read_text()
