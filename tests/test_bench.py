@@ -89,7 +89,7 @@ def test_a_bfloat16_measurement(mode):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "coatnet_pico", "--compare", "timm"], "timm has no counterpart of coatnet_pico"),
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--batch-size", "0"], "argument -b/--batch-size: must be an integer >= 1, got '0'"),
     (["--model", "coatnet_pico", "--img-size", "33", "--repeats", "1"], "not a multiple of the model's stride"),
     (["--model", "coatnet_pico", "--dtype", "tf32"], "--dtype tf32 is a precision of NVIDIA GPUs from Ampere (sm_80) on: add --device cuda"),
     (["--model", "coatnet_pico", "--device", "foo"], "--device foo is not a device; use cpu, cuda or cuda:N"),

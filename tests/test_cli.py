@@ -41,7 +41,7 @@ def test_info_compares_with_the_paper_only_at_its_sizes(capsys):
     # Flags are checked by the range they declare, and argparse's own refusals are one line too.
     (["info", "coatnet_0", "--img-size", "-1"], "coatnet info: error: argument --img-size: must be an integer >= 1"),
     (["predict", "--checkpoint", "x", "y.png", "--top-k", "0"], "argument --top-k: must be an integer >= 1"),
-    (["eval", "--checkpoint", "x", "--workers", "-2"], "argument --workers: must be an integer >= 0"),
+    (["eval", "--checkpoint", "x", "--workers", "-2"], "argument -j/--workers: must be an integer >= 0"),
     (["bench", "--threads", "zero"], "argument --threads: must be an integer >= 1, got 'zero'"),
     (["study", "layouts", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
     # An unknown flag is the command's, with the flag it most looks like (before: "coatnet: error: ...")
@@ -51,6 +51,16 @@ def test_info_compares_with_the_paper_only_at_its_sizes(capsys):
                                      "--batch-size?"),
     (["study", "layouts", "--epochz=3"], "coatnet study layouts: error: unrecognized arguments: --epochz=3; did you "
                                         "mean --epochs?"),
+    # timm's flags that mean something else here say what to write instead (before: "did you mean --model?")
+    (["train", "--model-ema"], "coatnet train: error: unrecognized arguments: --model-ema; timm's --model-ema: use "
+                               "--ema DECAY"),
+    (["train", "--warmup-epochs", "5"], "unrecognized arguments: --warmup-epochs 5; timm's --warmup-epochs: use "
+                                        "--warmup-steps, in optimizer steps"),
+    (["train", "--aa", "rand-m9-mstd0.5"], "timm's --aa: use --randaugment N,M (rand-m9-n2 is --randaugment 2,9)"),
+    (["eval", "--dataset", "torch/cifar10"], "coatnet eval: error: unrecognized arguments: --dataset torch/cifar10; "
+                                             "timm's --dataset: use --data (digits, imagefolder, cifar10 ...)"),
+    # ... but only with a flag of ours in its place: eval has no --ema
+    (["eval", "--model-ema"], "coatnet eval: error: unrecognized arguments: --model-ema; `coatnet eval --help` lists"),
     (["frobnicate"], "coatnet: error: argument COMMAND: invalid choice: 'frobnicate'"),
 ])
 def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
@@ -78,6 +88,16 @@ def test_a_switch_a_resumed_run_inherited_can_be_turned_off():
 
     for argv, amp in (([], None), (["--amp"], True), (["--no-amp"], False)):
         assert build_parser().parse_args(["train", *argv]).amp is amp
+
+
+def test_timms_short_and_renamed_flags_mean_the_same_here():
+    """-b, -j and --smoothing, as timm's train.py and validate.py take them."""
+    from coatnet.cli import build_parser
+
+    args = build_parser().parse_args(["train", "-b", "32", "-j", "2", "--smoothing", "0.2"])
+    assert (args.batch_size, args.workers, args.label_smoothing) == (32, 2, 0.2)
+    args = build_parser().parse_args(["eval", "-b", "16", "-j", "1"])
+    assert (args.batch_size, args.workers) == (16, 1)
 
 
 def test_drop_path_can_ask_for_the_models_own_rate(monkeypatch, capsys):

@@ -215,6 +215,23 @@ def _preprocessing_flags(p: argparse.ArgumentParser) -> None:
                    help="center: resize the shorter side; squash: resize both sides")
 
 
+# timm's train.py and validate.py flags that mean something else here, or are spelt otherwise for a
+# reason: the flag of ours that takes their place, and what to write (those that mean the same, -b, -j
+# and --smoothing, are aliases).
+_TIMM_FLAGS = {
+    "--model-ema": ("--ema", "use --ema DECAY"), "--model-ema-decay": ("--ema", "use --ema DECAY"),
+    "--warmup-epochs": ("--warmup-steps", "use --warmup-steps, in optimizer steps"),
+    "--aa": ("--randaugment", "use --randaugment N,M (rand-m9-n2 is --randaugment 2,9)"),
+    "--torchcompile": ("--compile", "use --compile"),
+    "--initial-checkpoint": ("--pretrained", "use --pretrained PATH"),
+    "--dataset": ("--data", "use --data (digits, imagefolder, cifar10 ...)"),
+    "--input-size": ("--img-size", "use --img-size"),
+    "--num-classes": ("--data", "the classes of --data make the head"),
+    "--opt": ("--weight-decay", "AdamW is the optimizer (Table 10), --weight-decay its decay"),
+    "--sched": ("--min-lr", "linear warm-up, then cosine decay to --min-lr, is the schedule (Table 10)"),
+}
+
+
 class _FlagError(Exception):
     """A flag argparse refuses: reported in one line, like every other error."""
 
@@ -242,9 +259,13 @@ class _Parser(argparse.ArgumentParser):
         hint = ""
         if not any(os.path.exists(arg) for arg in unknown):
             flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
-            close = [match for arg in unknown if arg.startswith("-") for match in difflib.get_close_matches(
-                "--" + arg.lstrip("-").split("=")[0].replace("_", "-"), flags, n=1, cutoff=0.7)]
-            hint = f"; did you mean {' '.join(close)}?" if close else f"; `{parser.prog} --help` lists its flags"
+            given = ["--" + arg.lstrip("-").split("=")[0].replace("_", "-") for arg in unknown if arg.startswith("-")]
+            timm = [f"timm's {flag}: {_TIMM_FLAGS[flag][1]}" for flag in given
+                    if flag in _TIMM_FLAGS and _TIMM_FLAGS[flag][0] in flags]
+            close = [match for flag in given if flag not in _TIMM_FLAGS
+                     for match in difflib.get_close_matches(flag, flags, n=1, cutoff=0.7)]
+            hint = (f"; {'; '.join(timm)}" if timm else f"; did you mean {' '.join(close)}?" if close
+                    else f"; `{parser.prog} --help` lists its flags")
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
@@ -287,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input resolution (default: the recipe's; the weights' own with --pretrained and no "
                         "--recipe, or --recipe finetune)")
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (on --resume: in all)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size, split across processes")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="global batch size, split across processes")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="learning rate at the end of the cosine decay")
     p.add_argument("--warmup-steps", type=int, default=None, help="steps of linear warm-up")
@@ -296,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stochastic depth rate, or 'model' for the model's own (Table 10: 0.2 for CoAtNet-0), "
                    "as the ImageNet recipes take it")
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
-    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the training loss")
+    p.add_argument("--label-smoothing", "--smoothing", type=float, default=None,
+                   help="label smoothing of the training loss")
     p.add_argument("--aug", dest="augment", action=argparse.BooleanOptionalAction, default=None,
                    help="the data set's random crop and flip of training images; --no-aug (timm's): prepared as "
                         "for evaluation")
@@ -317,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each step's batch into N micro-batches (same samples, less memory; BatchNorm "
                         "normalises each micro-batch on its own)")
     p.add_argument("--seed", type=int, default=None, help="seed of the weights' initialisation and the data order")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data-loading processes")
     p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/DATE-TIME-MODEL-DATA)")
@@ -340,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--data-dir", default=None, help="folder of an imagefolder, CIFAR, WebDataset or HF data set")
     p.add_argument("--img-size", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=POSITIVE, default=256)
-    p.add_argument("--workers", type=NON_NEGATIVE, default=0)
+    p.add_argument("-b", "--batch-size", type=POSITIVE, default=256)
+    p.add_argument("-j", "--workers", type=NON_NEGATIVE, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and eval.json go "
                                                       "(default: RUN_DIR/eval-CHECKPOINT-DATA)")
@@ -356,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(PATH or local-dir:PATH), or hf-hub:ORG/NAME")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size")
     p.add_argument("--top-k", type=POSITIVE, default=5)
-    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")
+    p.add_argument("-b", "--batch-size", type=POSITIVE, default=32, help="images decoded and run at a time")
     p.add_argument("--img-size", type=int, default=None, help="resolution (default: the checkpoint's)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -368,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time inference and a training step, side by side with timm")
     p.add_argument("--model", default="coatnet_0", help="model name (default: coatnet_0)")
     p.add_argument("--img-size", type=POSITIVE, default=None, help="input resolution (default: the model's own)")
-    p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per call (default: 8)")
+    p.add_argument("-b", "--batch-size", type=POSITIVE, default=8, help="images per call (default: 8)")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
     p.add_argument("--repeats", type=POSITIVE, default=10, help="timed repeats per measurement (default: 10)")
     p.add_argument("--compare", choices=["timm"], default=None, help="also time timm's matching model")
