@@ -101,6 +101,22 @@ def test_bench_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert err.count("\n") == 1 and err.startswith("coatnet bench: error: ") and message in err
 
 
+def test_a_gpu_index_past_the_machines_gpus_is_one_line(capsys, monkeypatch):
+    """--device cuda:N is checked against the GPUs there are: on a machine of 2, cuda:1 is the last one
+    and cuda:2 a one-line error naming how many there are (not CUDA's "invalid device ordinal" later)."""
+    import torch
+
+    from coatnet.validate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device(None) == torch.device("cuda")
+    for name in ("cuda:2", "cuda:3"):
+        with pytest.raises(ValueError, match=rf"^--device {name}: this machine has 2 cuda device\(s\)$"):
+            resolve_device(name)
+
+
 def test_bench_onnx_is_cpu_float32(capsys):
     assert main(["bench", "--model", "coatnet_pico", "--onnx", "--dtype", "bfloat16"]) == 2
     assert "--onnx times onnxruntime on the CPU in float32" in capsys.readouterr().err

@@ -205,6 +205,77 @@ sys.exit(coatnet.cli.main(["train", "--epochs", "1"]))
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "coatnet: interrupted\n")
 
 
+@pytest.fixture
+def own_signals():
+    """SIGINT as Python sets it, SIGTERM's default; both, and the unraisable hook, put back after the test."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, sys.unraisablehook
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved[0].items():
+        signal.signal(s, handler)
+    sys.unraisablehook = saved[1]
+
+
+def test_a_stop_is_recorded_for_its_command_only_and_the_handlers_are_put_back(own_signals):
+    """A SIGTERM inside a command is its KeyboardInterrupt, and, where that one is dropped (raised in a hook
+    called from C), asked for again at the command's own points; after the command the handlers and the
+    unraisable hook are as they were, and the request is forgotten: the next command in the process runs."""
+    import signal
+
+    from coatnet import interrupt
+
+    hook = sys.unraisablehook
+    with interrupt.stop_on_ctrl_c_and_sigterm():
+        interrupt.raise_if_requested()  # nothing asked yet
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # the first one dropped: asked for again
+            interrupt.raise_if_requested()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.default_int_handler,
+                                                                                   signal.SIG_DFL)
+    assert sys.unraisablehook is hook
+    try:  # the next command is not stopped by this one's request
+        interrupt.raise_if_requested()
+        with interrupt.stop_on_ctrl_c_and_sigterm():
+            interrupt.raise_if_requested()
+    except KeyboardInterrupt:
+        pytest.fail("a stop asked for in a command that ended stopped the next one")
+
+
+def test_a_ctrl_c_that_is_ignored_stays_ignored(own_signals):
+    """A job a shell put in the background ignores Ctrl-C: a command keeps it ignored (SIGTERM still stops it)."""
+    import signal
+
+    from coatnet import interrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with interrupt.stop_on_ctrl_c_and_sigterm():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_only_the_dropped_keyboard_interrupt_goes_unsaid(own_signals):
+    """The "Exception ignored" report of the KeyboardInterrupt a stop raised where it was dropped is not
+    printed (it is raised again); any other unraisable exception is still reported."""
+    import signal
+    from types import SimpleNamespace
+
+    from coatnet import interrupt
+
+    seen = []
+    sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_type)
+    with interrupt.stop_on_ctrl_c_and_sigterm():
+        sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt))  # no stop asked: said
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt))  # the stop's: not said
+        sys.unraisablehook(SimpleNamespace(exc_type=OSError))
+    assert seen == [KeyboardInterrupt, OSError]
+
+
 def test_a_reader_gone_before_the_results_are_written_ends_the_command_quietly():
     """Results small enough to stay in stdout's buffer to the end (`coatnet info --json | true`) are written
     by the command, where a reader gone ends it without a word, status 141, as the reader gone mid-way

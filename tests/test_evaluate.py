@@ -793,6 +793,17 @@ def test_names_are_escaped_only_where_they_would_break_the_line():
         assert shown(name) == name
     assert shown("a\nb\rc\x1bd\u2028e\x85f") == "a\\nb\\rc\\x1bd\\u2028e\\x85f"
     assert shown("bad\udcffname") == "bad\\xffname"  # not UTF-8: as printable() shows it
+    assert shown("bad\ud800name") == "bad\\ud800name"  # a lone surrogate (a hand-written config.json): escaped
+
+
+def test_numbers_that_are_not_finite_are_null_wherever_they_are_and_the_layout_is_kept():
+    """A NaN or infinity anywhere in what is written, in a list, a tuple or a nested dict, is null, and the
+    JSON keeps the layout asked for (indent, sorted keys) also then."""
+    from coatnet.text import json_text
+
+    value = {"b": (1.5, float("nan")), "a": [float("inf"), {"c": -float("inf"), "d": 2}]}
+    expected = {"a": [None, {"c": None, "d": 2}], "b": [1.5, None]}
+    assert json_text(value, indent=2, sort_keys=True) == json.dumps(expected, indent=2, sort_keys=True)
 
 
 def test_eval_matches_classes_by_name(run_dir, tmp_path, capsys):

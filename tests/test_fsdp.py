@@ -186,6 +186,53 @@ def test_a_process_lost_while_writing_the_sharded_optimizer_state_is_not_a_write
         assert e.value is error and list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_sharded_write_names_the_first_process_and_its_error_in_one_line(tmp_path, monkeypatch):
+    """DCP gathers the failure of every process that failed: the line names the first of them (the one whose
+    log to read), and an error without a message by its type (before, it would be an empty parenthesis)."""
+    import torch.distributed.checkpoint as dcp
+
+    from coatnet import sharding
+
+    model = coatnet.create_model("coatnet_pico", num_classes=3)
+    folder = tmp_path / ".shards-00000004.tmp"
+    full, denied = OSError(28, "No space left on device"), PermissionError(13, "Permission denied")
+    for failures, said in (({3: (full, None), 1: (denied, None)}, "process 1: [Errno 13] Permission denied"),
+                           ({2: (RuntimeError(), None)}, "process 2: RuntimeError")):
+        def failing(state, checkpoint_id, failures=failures):
+            raise dcp.api.CheckpointException("save", failures)
+
+        monkeypatch.setattr(dcp, "save", failing)
+        with pytest.raises(CheckpointError) as e:
+            sharding.save_optimizer(model, torch.optim.AdamW(model.parameters()), folder)
+        assert f"cannot write checkpoint {folder} ({said}); no checkpoint was kept" in str(e.value), str(e.value)
+
+
+def test_the_ema_of_a_sharded_model_averages_its_buffers_too():
+    """A sharded model's EMA averages its parameters (DTensors) and its buffers (plain tensors, BatchNorm's
+    statistics) each with the decay: a buffer left out would keep its first value for the whole run."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from coatnet import sharding
+
+    update = sharding.ema_avg_fn(get_ema_multi_avg_fn(0.9))
+    ema, now = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
+    update(ema, now, torch.tensor(1))
+    assert torch.allclose(ema[0], torch.full((3,), 0.1)) and torch.allclose(ema[1], torch.full((2,), 1.2))
+
+
+def test_a_missing_optimizer_folder_is_one_line_saying_so(tmp_path, capfd):
+    """A checkpoint whose optimizer/ folder is gone (deleted, or copied without it) is one line saying so,
+    with nothing else printed (not DCP's traceback of the metadata file it could not read)."""
+    from coatnet import sharding
+
+    model = coatnet.create_model("coatnet_pico", num_classes=3)
+    with pytest.raises(CheckpointError) as e:
+        sharding.load_optimizer(model, torch.optim.AdamW(model.parameters()), tmp_path / "last" / "optimizer")
+    assert str(e.value).startswith(f"the optimizer state in '{tmp_path / 'last' / 'optimizer'}' cannot be read (the "
+                                   f"folder is missing): "), str(e.value)
+    assert capfd.readouterr().err == ""
+
+
 def test_an_output_dir_that_is_each_machines_own_is_refused_at_the_first_save(tmp_path):
     """Two machines (two torchrun agents of one job here, rendezvous on localhost), each in its own working
     directory, given a relative --output-dir: each process writes its optimizer shard into its own

@@ -328,6 +328,24 @@ def test_rmlp_weights_from_the_hub_keep_the_size_their_config_records(hub):
         == (96, 96)  # unless told
 
 
+def test_rmlp_weights_keep_the_size_their_pretrained_cfg_records(hub):
+    """A config.json without model_args (as older timm wrote it) records the size in its pretrained_cfg's
+    input_size, (channels, height, width): rmlp weights loaded into a named network keep that height and width."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    theirs = timm.create_model("coatnet_rmlp_nano_rw_224", img_size=SIZE, num_classes=10)
+    folder = hub("someone/rmlp")
+    save_for_hf(theirs.eval(), folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_args"]
+    config["pretrained_cfg"]["input_size"] = [3, SIZE, SIZE]
+    (folder / "config.json").write_text(json.dumps(config))
+    ours = coatnet.create_model("coatnet_rmlp_nano_rw", pretrained="hf-hub:someone/rmlp")
+    assert ours.config.img_size == (SIZE, SIZE)
+    assert_same_outputs(ours, theirs)
+
+
 def test_a_folder_as_the_model_name(tmp_path):
     """timm's ``create_model("local-dir:PATH", pretrained=...)`` (a repository downloaded with ``hf download
     ORG/NAME --local-dir PATH``): the network its config.json names, with its weights, or freshly initialised

@@ -496,6 +496,8 @@ def test_a_version_1_folder_loads(tmp_path):
     (dict(transformer=dict(head_size=0)), "head_size must be an integer >= 1 and <= 1024, got 0"),
     (dict(drop_path_rate=1.0), "drop_path_rate must be a finite number >= 0 and < 1, got 1.0"),
     (dict(num_classes=-1), "num_classes must be an integer >= 0 and <= 1000000, got -1"),
+    (dict(num_classes=True), "num_classes must be an integer >= 0 and <= 1000000, got True"),  # not 1 class
+    (dict(transformer=dict(layer_scale_init=0.0)), "layer_scale_init must be a finite number > 0, got 0.0"),
     (dict(stages=[dict(block="conv", depth=1, channels=8)]), "block must be one of 'mbconv', 'transformer'"),
     (dict(stages=[dict(block="mbconv")]), "stages option(s) depth, channels missing from {'block': 'mbconv'}"),
     (dict(img_size=32.0), "img_size must be one or two integers"),

@@ -49,6 +49,8 @@ def test_timms_spellings_of_create_models_arguments(tmp_path, monkeypatch):
     for kwargs, message in ((dict(global_pool="max"), "global_pool: CoAtNet's head pools by the average only"),
                             (dict(drop_rate=0.1), "drop_rate: CoAtNet's head has no dropout"),
                             (dict(pretrained=file, checkpoint_path=file), "give the weights once"),
+                            (dict(pretrained=True, checkpoint_path=file, pretrained_cfg_overlay=dict(file=file)),
+                             "give the weights once"),
                             # as in timm, the overlay's weights are pretrained=True's (before: loaded with False)
                             (dict(pretrained_cfg_overlay=dict(file=file)), "are the weights of pretrained=True"),
                             # taken without effect before, a model other than asked for
@@ -160,6 +162,7 @@ def test_list_models_shows_timm_names_with_their_tags():
 @pytest.mark.parametrize("name,message", [
     ("coatnet_0_rw_224.sw_in2k", "unknown pretrained tag 'sw_in2k' for coatnet_0_rw_224; tags published for it: "
                                  "sw_in1k"),
+    ("coatnet_0_224.sw_in1k", "unknown pretrained tag 'sw_in1k' for coatnet_0_224; tags published for it: none"),
     ("coatnet_0.sw_in1k", "a pretrained tag goes with timm's name"),
     ("coatnet_9_224", "unknown model 'coatnet_9_224'; known models: "),  # as near each of coatnet_0..7_224
     ("coatnet_0_rw_244", "unknown model 'coatnet_0_rw_244' (did you mean coatnet_0_rw_224?); known models: "),
@@ -308,6 +311,17 @@ def test_list_models_of_published_weights_takes_a_name_without_its_tag():
     for pattern in ("coatnet_0_rw_224", "coatnet_rmlp_2_rw_384", ["coatnet_3_rw_224", "coatnet_1_rw_224"], "*in12k*"):
         assert sorted(coatnet.list_models(pattern, pretrained=True)) == \
             sorted(n for n in timm.list_models(pattern, pretrained=True) if n.startswith("coatnet")), pattern
+
+
+def test_list_models_of_published_weights_excludes_a_name_without_its_tag():
+    """As timm's: exclude_filters without a tag leaves out each tag of that name's weights, as a filter without
+    one takes each (before: list_models(pretrained=True, exclude_filters="coatnet_2_rw_224") still listed them)."""
+    names = coatnet.list_models("coatnet_*_rw_224", pretrained=True, exclude_filters="coatnet_2_rw_224")
+    assert "coatnet_0_rw_224.sw_in1k" in names and not [n for n in names if n.startswith("coatnet_2_rw_224.")]
+    timm = pytest.importorskip("timm")
+    for pattern, excluded in (("coatnet_*", "coatnet_2_rw_224"), ("*rw_224", ["coatnet_rmlp_2_rw_224", "*nano*"])):
+        assert sorted(coatnet.list_models(pattern, pretrained=True, exclude_filters=excluded)) == sorted(
+            n for n in timm.list_models(pattern, pretrained=True, exclude_filters=excluded) if n.startswith("coatnet"))
 
 
 def test_feature_info_has_timms_accessors():

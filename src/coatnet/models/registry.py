@@ -91,8 +91,9 @@ def list_models(pattern: str | list[str] | None = None, aliases: bool = False, p
     # timm's filter defaults to '': an empty pattern filters nothing (before: it matched no name, [] for all)
     patterns, excluded = ([p for p in ([given] if isinstance(given, str) else list(given or ())) if p]
                           for given in (pattern, exclude_filters))
-    if pretrained:  # as timm's: a pattern without a tag matches the names of its weights, each tag
-        patterns = [p for q in patterns for p in ((q,) if "." in q else (q, f"{q}.*"))]
+    if pretrained:  # as timm's: a pattern without a tag matches the names of its weights, each tag (excluded too)
+        patterns, excluded = ([p for q in given for p in ((q,) if "." in q else (q, f"{q}.*"))]
+                              for given in (patterns, excluded))
     names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)] if patterns else names
     return [n for n in names if not any(fnmatch.fnmatch(n, p) for p in excluded)]
 
