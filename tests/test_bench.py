@@ -317,3 +317,72 @@ def test_timms_model_is_built_with_our_head_and_a_difference_in_work_is_said():
                         "'of matmul' compare the rate")
     result["rows"][1]["gflop_per_image"] = 2 * 4.1419  # the same work: no note
     assert not any(line.startswith("note:") for line in format_table(result).splitlines())
+
+
+class FakeRunner:
+    """A measurement's process that reports fabricated figures: the seconds of each round, FLOP per image
+    (per matmul) and peak memory, so that what run_bench computes from them can be checked exactly."""
+
+    SECONDS = {("coatnet", "inference", False): [0.5, 0.25, 1.0], ("timm", "inference", False): [1.0, 0.5, 2.0],
+               ("coatnet", "train", False): [2.0, 1.0, 4.0], ("timm", "train", False): [2.0, 2.0, 2.0],
+               ("coatnet", "inference", True): [0.2, 0.2, 0.2], ("timm", "inference", True): [0.5, 0.5, 0.5],
+               ("coatnet", "train", True): [1.0, 1.0, 1.0], ("timm", "train", True): [4.0, 4.0, 4.0],
+               ("torch", "matmul", False): [1.0, 2.0, 4.0]}
+
+    def __init__(self, job, context):
+        import types
+
+        self.job, self.error, self.seconds, self.finished = job, None, [], False
+        self.flop = self.peak_mib = 0.0
+        self.process = types.SimpleNamespace(join=lambda timeout=None: None, kill=lambda: None)
+
+    def build(self):
+        pass
+
+    def wait_ready(self):
+        self.flop = 2e9 if self.job.mode == "matmul" else 1e9 * (1 if self.job.mode == "inference" else 3)
+
+    def time_one(self):
+        self.seconds.append(self.SECONDS[self.job.implementation, self.job.mode, self.job.compiled][len(self.seconds)])
+
+    def finish(self):
+        self.peak_mib, self.finished = 100.0, True
+
+
+def test_the_figures_are_computed_from_the_rounds(capsys, monkeypatch):
+    """images/s = batch / seconds, its median and range over the rounds; 'vs timm' the ratio of medians
+    (ours over timm's, of the same mode, compiled or not); GFLOP/s = FLOP per image x images/s; 'of matmul'
+    that over the matmul's median FLOP/s. Fabricated rounds, nothing timed."""
+    from coatnet import bench
+
+    monkeypatch.setattr(bench, "Runner", FakeRunner)
+    monkeypatch.setattr(bench, "_import_timm", lambda: None)  # nothing is built
+    result = _bench(capsys, "--model", "coatnet_nano_rw", "--batch-size", "4", "--repeats", "3", "--compare", "timm",
+                    "--compile")
+    # the matmul: 2 GFLOP in 1, 2 and 4 s
+    assert result["matmul_gflops"] == dict(median=1.0, min=0.5, max=2.0)
+    rows = {(r["implementation"], r["mode"], r["compiled"]): r for r in result["rows"]}
+    ours = rows["coatnet", "inference", False]
+    assert ours["images_per_s"] == dict(median=8.0, min=4.0, max=16.0)  # 4 images in 0.5, 1 and 0.25 s
+    assert ours["vs_timm"] == pytest.approx(2.0)  # timm's median: 4 images/s
+    assert ours["gflop_per_image"] == 1.0 and ours["achieved_gflops"] == 8.0 and ours["matmul_fraction"] == 8.0
+    assert ours["peak_mib"] == 100.0
+    train = rows["coatnet", "train", False]
+    assert train["images_per_s"]["median"] == 2.0 and train["vs_timm"] == pytest.approx(1.0)
+    assert train["gflop_per_image"] == 3.0 and train["achieved_gflops"] == 6.0 and train["matmul_fraction"] == 6.0
+    # compiled rows are compared with timm's compiled rows
+    assert rows["coatnet", "inference", True]["vs_timm"] == pytest.approx(2.5)
+    assert rows["coatnet", "train", True]["vs_timm"] == pytest.approx(4.0)
+    assert rows["timm", "inference", False]["vs_timm"] is None
+    line = next(line for line in bench.format_table(result).splitlines() if line.startswith("coatnet_nano_rw "))
+    assert line.split() == ["coatnet_nano_rw", "inference", "8.00", "(4.00..16.00)", "2.00x", "8.0", "800%", "100"]
+
+
+def test_the_matmuls_work_is_2_n_cubed():
+    """A square n x n product is n^3 multiply-adds, 2 n^3 FLOP: the measure every row is a fraction of."""
+    import torch
+
+    from coatnet.bench import Job, _prepare
+
+    run, flop = _prepare(Job("torch", "mm", "matmul", False, 16, 1, None, "cpu"), torch.device("cpu"))
+    assert flop == 2 * 16**3

@@ -303,3 +303,49 @@ def test_the_package_names_what_it_exports():
     assert set(coatnet.__all__) <= set(dir(coatnet))
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         coatnet.nothing
+
+
+def test_each_train_flag_reaches_its_own_setting(monkeypatch):
+    """Every flag of `coatnet train` lands in the setting it names, its value as given (a flag parsed
+    under another name would be dropped without a word, the recipe's value trained instead)."""
+    import coatnet.train
+
+    given = []
+    monkeypatch.setattr(coatnet.train, "train", lambda config, **kwargs: given.append(config))
+    assert main(["train", "--model", "coatnet_nano", "--img-size", "64", "--epochs", "3", "--batch-size", "24",
+                 "--lr", "0.001", "--min-lr", "3e-6", "--warmup-steps", "7", "--weight-decay", "0.02",
+                 "--drop-path", "0.15", "--clip-grad", "0.5", "--label-smoothing", "0.2",
+                 "--randaugment", "2,9", "--mixup", "0.3", "--cutmix", "0.4", "--ema", "0.99", "--amp",
+                 "--channels-last", "--compile", "--grad-checkpointing", "--grad-accum-steps", "2", "--seed", "5",
+                 "--workers", "1", "--save-every", "11", "--device", "cpu"]) == 0
+    assert main(["train", "--no-aug"]) == 0  # the digits recipe's augmentation turned off
+    c, plain = given
+    assert plain.augment is False
+    assert (c.model, c.img_size, c.epochs, c.batch_size, c.lr, c.min_lr, c.warmup_steps, c.weight_decay) == \
+        ("coatnet_nano", 64, 3, 24, 0.001, 3e-6, 7, 0.02)
+    assert (c.drop_path, c.clip_grad, c.label_smoothing, c.augment, c.randaugment, c.mixup, c.cutmix, c.ema) == \
+        (0.15, 0.5, 0.2, True, (2, 9), 0.3, 0.4, 0.99)  # RandAugment: 2 layers at magnitude 9
+    assert (c.amp, c.channels_last, c.compile, c.grad_checkpointing, c.grad_accum_steps, c.seed, c.workers,
+            c.save_every, c.device) == (True, True, True, True, 2, 5, 1, 11, "cpu")
+
+
+def test_info_signs_its_differences_from_the_paper(capsys):
+    """Above the paper's figure is +, below it -: an unsigned 1.4% would not say which."""
+    assert main(["info", "coatnet_0"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("coatnet_0"))
+    assert line.split() == ["coatnet_0", "C-C-T-T", "224", "25.04M", "25.00M", "+0.1%", "4.14B", "4.20B", "-1.4%"]
+
+
+def test_an_error_raised_in_a_data_loading_worker_is_its_own_line(monkeypatch, capsys):
+    """A DataLoader worker's error comes back with the worker's whole traceback as its message: the
+    command says the error's own last line, not the traceback's first ("Caught DataError in ...")."""
+    message = ("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "worker.py", line 1, in _worker_loop\n    data = fetcher.fetch(index)\n'
+               "coatnet.data.DataError: cannot read image 'a.png' (Permission denied)\n")
+
+    def failing(*args, **kwargs):
+        raise ValueError(message)
+
+    monkeypatch.setattr("coatnet.complexity.measure", failing)
+    assert main(["info", "coatnet_pico"]) == 2
+    assert capsys.readouterr().err == "coatnet info: error: cannot read image 'a.png' (Permission denied)\n"

@@ -275,6 +275,8 @@ WDS_ERRORS = {
         "its file 'img.001.png' has a dot in its key, and a key ends at the first dot"),  # before: "has no image"
     "label outside classes.txt": (_write_then(lambda r: (r / "classes.txt").write_text("a\nb\n")), "",
                                   "classes.txt"),
+    "a class twice in classes.txt": (_write_then(lambda r: (r / "classes.txt").write_text("a\nb\na\n")), "",
+                                     "classes.txt' must list one distinct, non-empty class name per line"),
     "classes.txt not UTF-8": (_write_then(lambda r: (r / "classes.txt").write_bytes(b"caf\xe9\nb\nc\n")), "",
                               "classes.txt' is not UTF-8 text (invalid continuation byte at byte 3); save it as UTF-8"),
     "a sample's files apart": (_write_then(lambda r: _tar(r / "val-000001.tar", [
@@ -318,6 +320,47 @@ def hf_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf") / "saved"
     datasets.DatasetDict(train=hf_split(TRAIN), validation=hf_split(VAL)).save_to_disk(str(root))
     return root
+
+
+def test_webdataset_reads_a_samples_image_by_preference_and_skips_metadata(tmp_path):
+    """A sample's image is its .jpg before its .png (IMAGE_EXTS' order: the .png may be a mask); webdataset's
+    __meta__/ folder is no sample; classes.txt may end in blank lines."""
+    write_shards(tmp_path)
+    _tar(tmp_path / "val-000001.tar", [("__meta__/info.json", b"{}"), ("a.cls", b"2"),
+                                       ("a.jpg", encode((200, 0, 0), "jpg")), ("a.png", encode((0, 200, 0), "png")),
+                                       ("b.cls", b"1"), ("b.png", encode((0, 0, 200), "png"))])
+    (tmp_path / "classes.txt").write_text("\n".join(NAMES) + "\n\n \n")
+    data = build_webdataset(str(tmp_path), to_tensor, to_tensor)
+    assert data.classes == tuple(NAMES)
+    check_by_index(data.val, VAL[:3] + [dict(label=2, rgb=(200, 0, 0)), dict(label=1, rgb=(0, 0, 200))])
+
+
+def test_webdataset_a_shard_cut_short_after_indexing_is_an_error(tmp_path):
+    """A shard shortened since its index was read (re-copied, cut short) is said, not read as a shorter image."""
+    write_shards(tmp_path)
+    val = build_webdataset(str(tmp_path), to_tensor, to_tensor).val
+    shard = tmp_path / "val-000001.tar"
+    end = int(val.offset[-1]) + int(val.size[-1])
+    shard.write_bytes(shard.read_bytes()[:end - 1])
+    with pytest.raises(DataError, match="val-000001.tar' is shorter than when it was indexed; re-create it"):
+        val._read(len(val) - 1)
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_hf_evaluates_on_validation_before_test(tmp_path, layout):
+    """A data set with validation and test splits is evaluated on validation, the first of HF_EVAL_SPLITS
+    (test splits often hold no labels, or are kept for the end)."""
+    root = tmp_path / "d"
+    splits = dict(train=hf_split(TRAIN), test=hf_split(TRAIN[:4]), validation=hf_split(VAL))
+    if layout == "save_to_disk":
+        datasets.DatasetDict(splits).save_to_disk(str(root))
+    else:
+        root.mkdir()
+        for name, split in splits.items():
+            split.to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
+    data = build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache"))
+    assert "'validation'" in data.val.name
+    check_by_index(data.val, VAL)
 
 
 def test_hf_save_to_disk(hf_dir):

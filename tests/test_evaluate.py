@@ -104,6 +104,13 @@ def test_predict_top5_on_images_of_any_size(run_dir, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run_dir), str(files[0]), "--top-k", "3"]) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == str(files[0]) and len(text) == 4 and text[1].strip().startswith("1. ")
+    # each line: rank, label and the probability in percent, as --json gives them
+    assert text[1:] == [f"  {rank}. {t['label']}  {100 * t['probability']:6.2f}%"
+                        for rank, t in enumerate(results[0]["top"][:3], 1)]
+    # --top-k beyond the classes: all of them, not torch's "selected index k out of range"
+    assert main(["predict", "--checkpoint", str(run_dir), str(files[0]), "--top-k", "20", "--json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert sorted(t["label"] for t in r["top"]) == [str(d) for d in range(10)]
 
 
 def test_predict_text_keeps_its_columns_for_long_labels(run_dir, tmp_path, capsys):
@@ -324,6 +331,33 @@ def test_top5_is_drawn_only_where_it_can_be_below_100(tmp_path, monkeypatch, num
     assert [line.get_label() for line in drawn[0].axes[1].get_lines()] == curves
 
 
+def test_curves_draw_each_series_as_its_own_line(tmp_path, monkeypatch):
+    """Losses beside accuracies, each curve from its own column of the history, against its epochs."""
+    drawn = []
+    monkeypatch.setattr(coatnet.plots, "save_figure", lambda fig, path: drawn.append(fig))
+    history = [dict(epoch=e, train_loss=3.0 - e, eval_loss=2.5 - e / 2, train_top1=10 * e, top1=9 * e, top5=20 * e)
+               for e in (1, 2)]
+    plot_curves(history, 10, tmp_path / "c.png")
+    loss, acc = drawn[0].axes[:2]
+    assert [(line.get_label().split()[0], list(line.get_xdata()), list(line.get_ydata()))
+            for line in loss.get_lines()] == [("train", [1, 2], [2.0, 1.0]), ("eval", [1, 2], [2.0, 1.5])]
+    assert [list(line.get_ydata()) for line in acc.get_lines()] == [[10, 20], [9, 18], [20, 40]]
+
+
+def test_confusion_matrix_rows_are_true_classes_and_counts_sit_in_their_cells(tmp_path, monkeypatch):
+    """Row i, column j: true class i predicted as j, its count written there, white where the cell is dark."""
+    figures = []
+    monkeypatch.setattr(coatnet.plots, "save_figure", lambda fig, path, **_: figures.append(fig))
+    matrix = np.array([[6, 1, 0], [0, 2, 4], [0, 0, 3]])
+    plot_confusion(matrix, ["a", "b", "c"], tmp_path / "cm.png")
+    ax = figures[0].axes[0]
+    assert np.array_equal(ax.images[0].get_array(), matrix)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+    cells = {(int(t.get_position()[1]), int(t.get_position()[0])): (t.get_text(), t.get_color()) for t in ax.texts}
+    assert cells == {(0, 0): ("6", "white"), (0, 1): ("1", "black"), (1, 1): ("2", "black"), (1, 2): ("4", "white"),
+                     (2, 2): ("3", "black")}
+
+
 def full_disk(self, fname, *args, **kwargs):
     """Figure.savefig on a disk that fills part way through the PNG."""
     Path(fname).write_bytes(PNG + b" half")
@@ -391,15 +425,17 @@ def test_eval_of_five_classes_or_fewer_leaves_top5_out_of_its_line(run_dir, tmp_
     """With 5 classes or fewer top-5 is every class, 100% whatever the model: the report's line leaves it
     out (before: "top-5 100.00%", of a measure of nothing); eval.json keeps its "top5" key for readers.
     With more classes it is said."""
-    tree = make_tree(tmp_path / "tree")  # 3 classes
-    torch.manual_seed(0)
-    folder = coatnet.create_model("coatnet_pico", num_classes=3, img_size=16).save_pretrained(tmp_path / "three")
-    capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(tree),
-                 "--output-dir", str(tmp_path / "e3")]) == 0
-    line = capsys.readouterr().out.splitlines()[0]
-    assert " top-1 " in line and "top-5" not in line, line
-    assert json.loads((tmp_path / "e3" / "eval.json").read_text())["top5"] == 100.0
+    for count in (3, 5):
+        tree = make_tree(tmp_path / f"tree{count}", classes=tuple("abcde"[:count]), per_class=1)
+        torch.manual_seed(0)
+        folder = coatnet.create_model("coatnet_pico", num_classes=count, img_size=16).save_pretrained(
+            tmp_path / f"model{count}")
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(tree),
+                     "--output-dir", str(tmp_path / f"e{count}")]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        assert " top-1 " in line and "top-5" not in line, line
+        assert json.loads((tmp_path / f"e{count}" / "eval.json").read_text())["top5"] == 100.0
     assert main(["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", str(tmp_path / "e10")]) == 0
     assert " top-5 " in capsys.readouterr().out.splitlines()[0]
 
