@@ -32,8 +32,9 @@ in a cache (``~/.cache/coatnet/webdataset-index``, or under ``$XDG_CACHE_HOME``)
 shard's path, size, modification and change times: later runs, resumes and evaluations read it back
 in milliseconds, and a shard written again is indexed again. A sample is grouped the way
 webdataset groups it (consecutive files with the same key, split with
-``webdataset.tariterators.base_plus_ext``; ``__meta__`` files skipped): ``key.jpg|jpeg|png|webp``
-is the image, ``key.cls`` the label as text; other files are ignored. An item opens its shard, reads
+``webdataset.tariterators.base_plus_ext``; names ``__x__`` and folders ``__x__/`` skipped as metadata,
+as there): ``key.jpg|jpeg|png|webp`` is the image, ``key.cls`` the label as text; other files are
+ignored. An item opens its shard, reads
 the image bytes at the offset and closes it (one ``open`` per image, as ImageFolder does), so
 nothing is open when the dataset is pickled into a worker. Only uncompressed ``.tar`` shards work:
 a compressed one cannot be read at an offset.
