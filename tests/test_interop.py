@@ -609,9 +609,16 @@ def test_checkpoint_path_loads_the_classifier_as_saved_as_timm_does(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-4)
-    # pretrained=FILE (fine-tuning) keeps its way: a classifier of another size is left new, with a warning
+    # pretrained=FILE keeps the file's classifier too, as a folder's (before: the network's 1000 classes,
+    # freshly initialised, with a warning); with num_classes, a new one (fine-tuning), with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_file = coatnet.create_model("coatnet_pico", pretrained=tmp_path / "tuned.pth").eval()
+    with torch.no_grad():
+        assert from_file.num_classes == 10 and torch.equal(from_file(x), tuned(x))
     with pytest.warns(UserWarning, match="does not fit 1000 classes"):
-        assert coatnet.create_model("coatnet_pico", pretrained=tmp_path / "tuned.pth").num_classes == 1000
+        assert coatnet.create_model("coatnet_pico", pretrained=tmp_path / "tuned.pth",
+                                    num_classes=1000).num_classes == 1000
 
 
 def test_pretrained_cfg_reads_as_timms_dict():

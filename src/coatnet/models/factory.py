@@ -48,7 +48,8 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
     (``HF_HOME``, ``HF_HUB_OFFLINE``): ``True`` is timm's repository of ``name``
     (``timm/coatnet_0_rw_224.sw_in1k``), and ``"hf-hub:ORG/NAME"``
     (``@REVISION`` optional) a repository of timm's weights or a ``save_pretrained`` folder. Weights
-    from a folder or the Hub keep their own classifier unless ``num_classes`` is given, and weights whose
+    keep their own classifier unless ``num_classes`` is given (those without one, a file's, the network's
+    default, freshly initialised; a folder's or the Hub's, none), and weights whose
     input size is known (a folder's, the Hub's, a file's with relative-position tables) keep it unless
     ``img_size`` is given. Weights saved at another resolution load with their relative-position
     tables interpolated; a classifier of another size is dropped with a warning and left freshly
@@ -222,8 +223,9 @@ def _create_model(name: str, pretrained, num_classes, in_chans, img_size, drop_p
         weights = None
     else:
         weights = pretrained if isinstance(pretrained, PretrainedWeights) else read_pretrained(pretrained, name)
-    if weights is not None and (weights.whole or features_only):  # their classifier, unless told otherwise
-        num_classes = classifier_size(weights.state) if num_classes is None else num_classes
+    if weights is not None and num_classes is None:  # their classifier, unless told otherwise; weights without
+        theirs = classifier_size(weights.state)  # one, but from a folder or the Hub, still the network's own
+        num_classes = theirs if theirs or weights.whole or features_only else None
     if weights is not None and img_size is None:  # the size they were trained at, where known: a 384 px
         img_size = weights.img_size  # fine-tune is not shrunk to 224 under its 384 px preprocessing
     build = lambda: entry.build(num_classes=num_classes, in_chans=in_chans, img_size=img_size,  # noqa: E731
