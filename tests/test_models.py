@@ -94,12 +94,34 @@ def test_forward_intermediates_are_s1_to_s4():
         model.forward_intermediates(x, output_fmt="NHWC")
 
 
-def test_reset_classifier_takes_timms_global_pool():
-    model = tiny()
+def test_reset_classifier_takes_timms_global_pool(tmp_path):
+    """"avg", the paper's, or, as timm's reset_classifier(0, ''), none: the model gives the last stage's map
+    (dense features; before: refused), and "avg" pools again; a classifier over the unpooled map is refused,
+    and save_pretrained, whose config has no pooling to record, refuses such a head."""
+    from coatnet.models.folder import ModelFolderError
+
+    model = tiny().eval()
+    x = torch.randn(1, 3, 32, 32)
     model.reset_classifier(3, global_pool="avg")
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-    with pytest.raises(ValueError, match="pools by the average only"):
+    assert model(x).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"pools by the average \('avg'\) or not at all"):
         model.reset_classifier(3, global_pool="max")
+    model.reset_classifier(0, "")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x))
+    assert model(x).shape[:2] == (1, model.num_features) and model(x).ndim == 4
+    with pytest.raises(ModelFolderError, match="unpooled"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match="pass num_classes=0, or global_pool='avg' for 3 classes"):
+        model.reset_classifier(3)  # the pooling kept: '' has no classifier
+    model.reset_classifier(3, "avg")
+    assert model(x).shape == (1, 3)
+    dense = coatnet.create_model("coatnet_pico", num_classes=0, global_pool="", img_size=64)
+    side = 64 // dense.feature_info[-1]["reduction"]
+    assert dense(torch.randn(2, 3, 64, 64)).shape == (2, dense.num_features, side, side)
+    with pytest.raises(ValueError, match="pass num_classes=0"):
+        coatnet.create_model("coatnet_pico", global_pool="")
 
 
 def test_coatnet_6_intermediates_skip_the_split_stage():

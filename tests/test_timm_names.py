@@ -46,7 +46,7 @@ def test_timms_spellings_of_create_models_arguments(tmp_path, monkeypatch):
         coatnet.create_model("coatnet_0_rw_224", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="me/tuned"))
     features = coatnet.create_model("coatnet_pico", features_only=True, pretrained_cfg_overlay=dict(crop_pct=0.8))
     assert features.pretrained_cfg.crop_pct == features.model.pretrained_cfg.crop_pct == 0.8
-    for kwargs, message in ((dict(global_pool="max"), "global_pool: CoAtNet's head pools by the average only"),
+    for kwargs, message in ((dict(global_pool="max"), r"global_pool: CoAtNet's head pools by the average \('avg'\) or not"),
                             (dict(drop_rate=0.1), "drop_rate: CoAtNet's head has no dropout"),
                             (dict(pretrained=file, checkpoint_path=file), "give the weights once"),
                             (dict(pretrained=True, checkpoint_path=file, pretrained_cfg_overlay=dict(file=file)),
@@ -253,18 +253,26 @@ def test_prune_intermediate_layers_keeps_what_the_maps_need(tmp_path):
     assert not any(k.startswith(("stages.2.", "stages.3.", "head_norm.", "classifier.")) for k in model.state_dict())
     for got, want in zip(model.forward_intermediates(x, [1, 2], intermediates_only=True), maps, strict=True):
         torch.testing.assert_close(got, want)
-    torch.testing.assert_close(model(x), maps[1].mean(dim=(2, 3)))  # the last kept map, pooled
+    torch.testing.assert_close(model(x), maps[1])  # the last kept map, unpooled as timm's (before: pooled)
     assert model.num_features == model.head_hidden_size == model.feature_info[-1]["num_chs"] == maps[1].shape[1]
+    with pytest.raises(ModelFolderError, match="unpooled|pruned"):
+        model.save_pretrained(tmp_path)
+    model.reset_classifier(3, "avg")  # a new head on the kept stages
+    assert model(x).shape == (2, 3)
     with pytest.raises(ModelFolderError, match="pruned"):
         model.save_pretrained(tmp_path)
-    model.reset_classifier(3)  # a new head on the kept stages
-    assert model(x).shape == (2, 3)
     # the head reads the last stage: it cannot stay without it; the norm alone can go
     with pytest.raises(ValueError, match="prune_head=True"):
         coatnet.create_model("coatnet_pico").prune_intermediate_layers([2], prune_head=False)
     whole = coatnet.create_model("coatnet_pico", num_classes=10)
     assert whole.prune_intermediate_layers(prune_norm=True, prune_head=False) == [4]
     assert whole(x).shape == (2, 10) and isinstance(whole.head_norm, nn.Identity)
+    # timm's model, pruned alike, gives the same: the map of the last stage kept
+    timm = pytest.importorskip("timm")
+    for model in (timm.create_model("coatnet_nano_rw_224", img_size=64),
+                  coatnet.create_model("coatnet_nano_rw_224", img_size=64)):
+        model.eval().prune_intermediate_layers([2])
+        assert model(x).shape == (2, 128, 8, 8)
 
 
 def test_features_plug_into_torchvision_faster_rcnn():

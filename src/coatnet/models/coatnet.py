@@ -720,7 +720,11 @@ class CoAtNet(nn.Module):
             return x
         return self.head_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # channels-last: views, no copy
 
+    global_pool = "avg"  # timm's name; '' (reset_classifier(0, '')): the head gives the map itself
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if not self.global_pool:  # dense features, as timm's unpooled head gives them
+            return x
         x = x.mean(dim=(2, 3))
         if not self.config.head.norm_before_pool:  # else the features are normalised already
             x = self.head_norm(x)
@@ -732,14 +736,20 @@ class CoAtNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier). The head's
-        pooling is the average (timm's ``global_pool="avg"``), the only one the network has."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool {global_pool!r}: CoAtNet's head pools by the average only; pass 'avg' "
-                             f"or nothing")
+        pooling is the average (timm's ``global_pool="avg"``, the paper's), or, as in timm, none
+        (``reset_classifier(0, "")``): the model then gives the last stage's map, as ``forward_features``
+        does; ``None`` keeps the pooling as it is."""
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool not in ("avg", ""):
+            raise ValueError(f"global_pool {global_pool!r}: CoAtNet's head pools by the average ('avg') or not at "
+                             f"all ('')")
+        if not pool and num_classes:
+            raise ValueError(f"global_pool '': the map is given unpooled, without a classifier; pass num_classes=0, "
+                             f"or global_pool='avg' for {num_classes} classes")
         like = next(self.stem.parameters())  # the new head lives where the model does, in its dtype
         num_classes = plain_int(num_classes)  # a numpy int too, as the config holds it
         self.config = replace(self.config, num_classes=num_classes)  # checked first: refused, nothing changes
-        self.num_classes = num_classes
+        self.num_classes, self.global_pool = num_classes, pool
         self.classifier = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
                            if num_classes else nn.Identity())
         self.classifier.apply(_init_weights)
@@ -851,8 +861,8 @@ class CoAtNet(nn.Module):
         indices as :meth:`feature_indices` reads them.
 
         The model is then a backbone: ``forward_intermediates`` and ``forward_features`` give the kept
-        stages' maps, ``forward`` the last one pooled. It no longer fits its config, so
-        ``save_pretrained`` refuses it: save its ``state_dict``.
+        stages' maps, and ``forward`` the last one (as timm's; pooled again after ``reset_classifier(N,
+        "avg")``). It no longer fits its config, so ``save_pretrained`` refuses it: save its ``state_dict``.
         """
         take = self.feature_indices(indices)
         keep = max(take)  # stages S1..S_keep stay; index 0 is the stem
@@ -860,7 +870,7 @@ class CoAtNet(nn.Module):
             raise ValueError(f"feature indices {take} leave out stages that the head reads; pass prune_head=True "
                              f"(the default) to drop the head with them")
         if prune_head:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")
             self.pre_logits = nn.Identity()
         if prune_norm or keep < len(self.stages):
             self.head_norm = nn.Identity()

@@ -89,8 +89,11 @@ def create_model(name: str, pretrained: str | Path | None = None, num_classes: i
             checkpoint, pretrained = pretrained, False  # (the repository's own weights would all be overwritten)
         elif exact:
             pretrained = replace(read_pretrained(pretrained, name), whole=True, exact=True)
+        pool = kwargs.pop("global_pool", None)
         model = _create_model(name, pretrained, num_classes, in_chans, img_size, drop_path_rate, features_only,
                               out_indices, checkpoint=checkpoint, **kwargs)
+    if pool == "" and not features_only:  # timm's create_model(..., num_classes=0, global_pool=''): dense maps
+        model.reset_classifier(model.num_classes, pool)
     if cfg is not None:  # timm's pretrained_cfg dict: the weights' config, replaced before the overlay
         outputs = (model.model if isinstance(model, FeatureExtractor) else model).num_classes
         if cfg.label_names is not None and "num_classes" not in defaults and len(cfg.label_names) != outputs:
@@ -178,12 +181,12 @@ def _timm_arguments(pretrained, kwargs: dict, source: dict | None = None) -> tup
     """timm's create_model arguments that say what ours say otherwise, taken out of ``kwargs``:
     ``checkpoint_path`` is a weights file (``pretrained``), and with ``pretrained=True`` (as in timm)
     so are ``pretrained_cfg_overlay``'s ``file`` and ``hf_hub_id``, over ``source``, the ones of
-    ``pretrained_cfg`` (the overlay replaces its fields, as in timm); ``global_pool="avg"`` is the
-    only pooling the head has, ``drop_rate=0`` its dropout, none; ``exportable`` and ``no_jit`` change
+    ``pretrained_cfg`` (the overlay replaces its fields, as in timm); ``global_pool`` is "avg" (the
+    paper's) or "" (checked here, applied once the model is built), ``drop_rate=0`` the head's dropout, none; ``exportable`` and ``no_jit`` change
     nothing here, and ``scriptable`` only as False. Returns ``pretrained`` and the
     overlay's preprocessing (mean, std, interpolation, crop_pct, crop_mode)."""
-    if kwargs.pop("global_pool", "avg") not in ("avg", None):
-        raise ValueError("global_pool: CoAtNet's head pools by the average only; pass 'avg' or nothing")
+    if kwargs.get("global_pool", "avg") not in ("avg", None, ""):
+        raise ValueError("global_pool: CoAtNet's head pools by the average ('avg') or not at all (''); pass one")
     if kwargs.pop("scriptable", None):  # timm's layer switches, as its train.py and validate.py pass them
         raise ValueError(f"scriptable: {SCRIPT_REFUSED}, or pass scriptable=False")
     kwargs.pop("exportable", None), kwargs.pop("no_jit", None)  # its layers trace and export as they are, unjitted

@@ -86,6 +86,9 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     if not hasattr(model, "forward_head"):  # a feature extractor: no config of its own to rebuild it from
         raise ModelFolderError(f"save_pretrained saves a classifier network; for a {type(model).__name__} save the "
                                f"model it was made from, or its state_dict")
+    if not model.global_pool:  # the config holds no pooling: read back, the model would pool
+        raise ModelFolderError("save_pretrained saves a classifier network, and this one's head was made unpooled "
+                               "(global_pool ''): save its state_dict, or reset_classifier(N, 'avg') first")
     if directory.exists() and not directory.is_dir():
         raise ModelFolderError(f"{str(directory)!r} is a file; give a folder to write {CONFIG} and {WEIGHTS} into")
     # The folder is read back by building model.config and loading the weights into it: a module
