@@ -51,6 +51,24 @@ def test_pretrained_true_loads_timms_repository_with_its_classes(hub):
     assert_same_outputs(ours, theirs)
 
 
+def test_finetuning_names_the_repository_it_reads_and_its_new_classifier(hub, tmp_path, capsys):
+    """`coatnet train --pretrained --model NAME`: the run's line names the repository read, with timm's
+    default tag (before: timm/NAME, a repository that does not exist), and the new classifier, with no
+    warning for what fine-tuning asks (before: "the checkpoint has a classifier that does not fit")."""
+    from coatnet.cli import main
+    from test_data import make_tree
+
+    timm_repo(hub("timm/coatnet_nano_rw_224.sw_in1k"), timm_nano(num_classes=10))
+    photos = make_tree(tmp_path / "photos", per_class=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "the checkpoint has")
+        assert main(["train", "--pretrained", "--model", "coatnet_nano_rw_224", "--data", "imagefolder", "--data-dir",
+                     str(photos), "--img-size", "32", "--epochs", "1", "--batch-size", "3", "--output-dir",
+                     str(tmp_path / "run")]) == 0
+    assert ("fine-tuning from the weights of timm/coatnet_nano_rw_224.sw_in1k, a new classifier for the 3 classes "
+            "(theirs: 10)") in capsys.readouterr().out
+
+
 def test_a_timm_weights_file_keeps_the_size_its_tables_show(tmp_path):
     """Built at the name's 224 before, its tables shrunk and its preprocessing (the 384 px one, for a
     384 px fine-tune) for another size, without a word; the Hub's copy kept its size."""

@@ -651,7 +651,8 @@ def test_local_dir_names_the_folder_to_finetune_from_and_to_resume(tmp_path, cap
     flags = [*TINY, "--epochs", "1", "--lr", "1e-9", "--min-lr", "0"]  # a step too small to move a weight far
     assert main(["train", "--pretrained", f"local-dir:{folder}", *flags, "--output-dir", str(tmp_path / "a")]) == 0
     assert main(["train", "--pretrained", str(folder), *flags, "--output-dir", str(tmp_path / "b")]) == 0
-    assert f"fine-tuning from the weights of local-dir:{folder}" in capsys.readouterr().out
+    assert f"fine-tuning from the weights of local-dir:{folder}, their classifier (10 classes) kept" in \
+        capsys.readouterr().out
     tuned = weights(tmp_path / "a")
     torch.testing.assert_close(tuned["stem.0.0.weight"], given["stem.0.0.weight"], rtol=0, atol=1e-6)
     assert_bitwise_equal(tuned, weights(tmp_path / "b"))

@@ -50,8 +50,9 @@ from .models import create_model, load_weights
 from .models.coatnet import MAX_IMG_SIZE
 from .models.factory import PretrainedWeights, read_pretrained
 from .models.folder import CHECKPOINT_NAME, CONFIG, TRAIN_STATE, WEIGHTS, read_model_meta, read_pretrained_cfg
-from .models.hub import is_hub_reference, local_path
+from .models.hub import hub_repository, is_hub_reference, local_path
 from .models.registry import MODEL_SOURCES, model_entry
+from .models.timm_convert import classifier_size
 from .plan import MIN_MICRO_BATCH
 from .plots import plot_curves
 from .text import json_text
@@ -668,12 +669,18 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
 
     # Keep this order of random draws: an exact resume repeats them.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every run
-    model = create_model(cfg.model, pretrained=weights, num_classes=data.num_classes, img_size=cfg.img_size,
-                         drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
+    with warnings.catch_warnings():  # a new classifier is what fine-tuning asks for: said below, in its line
+        warnings.filterwarnings("ignore", "the checkpoint has (a|no) classifier")
+        model = create_model(cfg.model, pretrained=weights, num_classes=data.num_classes, img_size=cfg.img_size,
+                             drop_path_rate=cfg.drop_path, **(cfg.model_config or {}))
     model.pretrained_cfg = preprocessing.with_classes(data.num_classes, data.classes)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     if weights is not None:
-        _log(d, f"fine-tuning from the weights of {'timm/' + cfg.model if cfg.pretrained is True else cfg.pretrained}")
+        source = hub_repository(True, cfg.model)[0] if cfg.pretrained is True else cfg.pretrained
+        theirs = classifier_size(weights.state)
+        head = (f"their classifier ({theirs} classes) kept" if theirs == data.num_classes else
+                f"a new classifier for the {data.num_classes} classes" + (f" (theirs: {theirs})" if theirs else ""))
+        _log(d, f"fine-tuning from the weights of {source}, {head}")
     # The model computes channels-last (CoAtNet.forward_stem), so its conv weights' gradients come
     # back channels-last: keep the weights so too. Otherwise DDP's buckets, laid out like the weights,
     # do not match the gradients ("Grad strides do not match bucket view strides"), and autograd
