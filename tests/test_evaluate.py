@@ -224,6 +224,29 @@ def test_eval_bad_input(run_dir, tmp_path, capsys):
                    f"{tmp_path / 'ours' / 'eval.json' / 'sub'}")
 
 
+def test_an_evaluation_of_other_settings_does_not_replace_anothers_report(tmp_path, capsys):
+    """The report's folder beside the checkpoint is the evaluation's of these settings: one of another data
+    folder, size or preprocessing goes to the next one (-2, -3, ...), a rerun replaces its own (before: every
+    evaluation of the checkpoint on an imagefolder replaced the last one's eval.json, whatever its data)."""
+    torch.manual_seed(0)
+    folder = coatnet.create_model("coatnet_pico", num_classes=3, img_size=16).save_pretrained(tmp_path / "model")
+    trees = [make_tree(tmp_path / name, per_class=n) for name, n in (("a", 1), ("b", 2))]
+    first = tmp_path / "eval-model-imagefolder"
+    runs = [(trees[0], []), (trees[1], []), (trees[0], []), (trees[0], ["--img-size", "32"]),
+            (trees[0], ["--crop-pct", "0.8"]), (trees[1], [])]
+    for (tree, flags), folder_name in zip(runs, ["", "-2", "", "-3", "-4", "-2"], strict=True):
+        assert main(["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(tree),
+                     *flags]) == 0
+        out = first.with_name(first.name + folder_name)
+        assert f"wrote {out / 'eval.json'}" in capsys.readouterr().out
+        report = json.loads((out / "eval.json").read_text())
+        assert (report["data_dir"], report["count"]) == (str(tree), 3 * (1 + (tree == trees[1])))
+    assert sorted(p.name for p in tmp_path.glob("eval-*")) == [first.name + s for s in ("", "-2", "-3", "-4")]
+    assert json.loads((first.with_name(first.name + "-3") / "eval.json").read_text())["img_size"] == 32
+    assert json.loads((first.with_name(first.name + "-4") / "eval.json").read_text())["preprocessing"][
+        "crop_pct"] == 0.8
+
+
 def test_predict_names_a_file_whose_name_is_not_utf8_as_valid_utf8(run_dir, tmp_path, capsys):
     bad = os.path.join(str(tmp_path).encode(), b"bad\xfe.png")
     with open(bad, "wb") as f:

@@ -277,13 +277,13 @@ def test_pretrained_without_a_recipe_or_img_size_trains_at_the_weights_size(timm
     """timm's way, `coatnet train --model NAME --pretrained WEIGHTS --data-dir DIR`: the weights' input size
     (their tables show SIZE), not the digits recipe's 32 px, their tables shrunk without a word (before)."""
     photos = make_tree(tmp_path / "photos", per_class=1)
-    with pytest.warns(UserWarning, match="classifier"):
-        assert main(["train", "--model", "coatnet_nano_rw_224", "--pretrained", str(timm_file), "--data", "imagefolder",
-                     "--data-dir", str(photos), "--epochs", "1", "--batch-size", "3",
-                     "--output-dir", str(tmp_path / "run")]) == 0
+    assert main(["train", "--model", "coatnet_nano_rw_224", "--pretrained", str(timm_file), "--data", "imagefolder",
+                 "--data-dir", str(photos), "--epochs", "1", "--batch-size", "3",
+                 "--output-dir", str(tmp_path / "run")]) == 0
     meta = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
     assert meta["config"]["img_size"] == [SIZE, SIZE] and meta["train_config"]["img_size"] == SIZE
-    assert f"at {SIZE}x{SIZE}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"at {SIZE}x{SIZE}" in out and "a new classifier for the 3 classes" in out
 
 
 def test_pretrained_naming_the_new_runs_own_output_dir_is_one_line(tmp_path, capsys):
@@ -303,11 +303,11 @@ def test_a_grey_models_weights_are_fine_tuned_on_colour_images(tmp_path, capsys)
     grey = coatnet.create_model("coatnet_pico", in_chans=1, num_classes=4, img_size=32)
     grey.save_pretrained(tmp_path / "grey")
     photos = make_tree(tmp_path / "photos", per_class=1)
-    with pytest.warns(UserWarning, match="classifier"):
-        assert main(["train", "--pretrained", str(tmp_path / "grey"), "--data", "imagefolder", "--data-dir",
-                     str(photos), "--epochs", "1", "--batch-size", "3", "--lr", "1e-9", "--min-lr", "0",
-                     "--output-dir", str(tmp_path / "run")]) == 0
-    assert "1 input channel" in capsys.readouterr().out
+    assert main(["train", "--pretrained", str(tmp_path / "grey"), "--data", "imagefolder", "--data-dir",
+                 str(photos), "--epochs", "1", "--batch-size", "3", "--lr", "1e-9", "--min-lr", "0",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "1 input channel" in out and "a new classifier for the 3 classes (theirs: 4)" in out
     tuned = coatnet.from_pretrained(tmp_path / "run" / "last").state_dict()["stem.0.0.weight"]
     given = grey.state_dict()["stem.0.0.weight"]
     assert tuned.shape[1] == 3  # a third of each grey filter per colour (lr 1e-9: as loaded)

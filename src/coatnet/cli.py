@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=NON_NEGATIVE, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and eval.json go "
-                                                      "(default: RUN_DIR/eval-CHECKPOINT-DATA)")
+                                                      "(default: RUN_DIR/eval-CHECKPOINT-DATA, -2, -3 ... for "
+                                                      "other data or settings)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: as the run evaluated, so its metrics.jsonl's figures come again)")

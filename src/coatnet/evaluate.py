@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -294,7 +295,12 @@ def run_eval(args: argparse.Namespace) -> int:
     # Beside the checkpoint; for a Hub repository, not in the Hub's cache but in the current folder.
     name, run_dir = ((args.checkpoint.removeprefix(HUB_PREFIX).replace("/", "--"), Path.cwd())
                      if is_hub_reference(args.checkpoint) else (ckpt.path.resolve().name, ckpt.path.resolve().parent))
-    out = Path(args.output_dir) if args.output_dir else run_dir / f"eval-{name}-{data_name}"
+    cfg = model.pretrained_cfg
+    amp = _amp(args, ckpt, device)
+    settings = dict(checkpoint=str(ckpt.path), dataset=data_name, data_dir=recorded_place(data_dir), img_size=img_size,
+                    amp=amp, preprocessing=dict(mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation,
+                                                crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode))
+    out = Path(args.output_dir) if args.output_dir else _report_folder(run_dir / f"eval-{name}-{data_name}", settings)
     if str(data_name).lower() == "imagefolder" and (inside := split_holding(out, data_dir)):
         raise ValueError(f"the report's folder {out} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
                          f"eval.json and confusion_matrix.png would be read as a class and an image; give an "
@@ -312,7 +318,6 @@ def run_eval(args: argparse.Namespace) -> int:
     _say_which(ckpt, args)
     model.to(device)
     loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers)
-    amp = _amp(args, ckpt, device)
     try:
         result = evaluate(model, loader, device, data.num_classes, amp=amp)
     except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: no empty folder left that looks like a report's
@@ -323,8 +328,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     confusion = result.pop("confusion")
     names = [printable(c) for c in data.classes]
-    report = dict(checkpoint=str(ckpt.path), model=meta["model"], dataset=data_name, data_dir=recorded_place(data_dir),
-                  img_size=img_size, amp=amp,
+    report = dict(model=meta["model"], **settings,
                   skipped_files=data.skipped_files + getattr(data.val, "skipped_at_load", 0), **result,
                   confusion_matrix=confusion.tolist(), classes=names)
     atomic_write(out / "eval.json", json_text(report, indent=2))
@@ -341,6 +345,24 @@ def run_eval(args: argparse.Namespace) -> int:
               f"top-1 {result['top1']:.2f}%{top5}  loss {result['loss']:.4f}")
         print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return 0
+
+
+def _report_folder(first: Path, settings: dict) -> Path:
+    """The report's folder when none is given: ``first``, unless it holds the evaluation of other
+    settings (another data folder, size, precision or preprocessing), then ``first-2``, ``first-3``, ...,
+    the first that is free or holds an evaluation of these: a new evaluation never replaces another's,
+    only its own earlier run. A folder holding someone else's files is returned, for the check that
+    refuses it."""
+    wanted = json.loads(json_text(settings))  # as eval.json holds them: tuples as lists
+    for n in itertools.count(1):
+        out = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        try:
+            report = json.loads((out / "eval.json").read_text())
+        except (OSError, ValueError):  # none there yet, or not a report (which the check then refuses)
+            return out
+        # an older report lacks the newer keys: read as these settings'
+        if not isinstance(report, dict) or all(report.get(k, v) == v for k, v in wanted.items()):
+            return out
 
 
 def _check_own_report(out: Path) -> None:
