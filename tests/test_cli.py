@@ -62,6 +62,15 @@ def test_info_compares_with_the_paper_only_at_its_sizes(capsys):
     # ... but only with a flag of ours in its place: eval has no --ema
     (["eval", "--model-ema"], "coatnet eval: error: unrecognized arguments: --model-ema; `coatnet eval --help` lists"),
     (["frobnicate"], "coatnet: error: argument COMMAND: invalid choice: 'frobnicate'"),
+    # a mistyped command or choice: the one it most looks like, as for flags
+    (["trian"], "invalid choice: 'trian' (choose from 'info', 'train', 'eval', 'predict', 'bench', 'export', 'plan', "
+                "'convert-timm', 'study'); did you mean train?"),
+    (["study", "layout"], "coatnet study: error: argument STUDY: invalid choice: 'layout' (choose from 'layouts'); "
+                          "did you mean layouts?"),
+    (["predict", "--checkpoint", "x", "--mean", "0.5", "0.5", "cat.jpg"], "argument --mean: takes three numbers, R G "
+                                                                        "B; got 'cat.jpg'"),
+    (["eval", "--crop-mode", "centre"], "argument --crop-mode: invalid choice: 'centre' (choose from 'center', "
+                                        "'squash'); did you mean center?"),
 ])
 def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2

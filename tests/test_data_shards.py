@@ -370,6 +370,26 @@ def test_hf_save_to_disk(hf_dir):
     check_by_index(data.val, VAL)
 
 
+def test_hf_parquet_written_without_datasets_metadata(tmp_path):
+    """Parquet written by pyarrow or pandas holds an image as a struct of bytes and path, the storage of
+    datasets' Image, without the metadata that says so: read as images (before: refused, with advice to
+    cast the column, for someone who only has the files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "pq"
+    root.mkdir()
+    for name, samples in (("train", TRAIN), ("validation", VAL)):
+        table = pa.table({"image": [{"bytes": encode(s["rgb"], s["ext"]), "path": f"{i}.{s['ext']}"}
+                                    for i, s in enumerate(samples)],
+                          "label": [s["label"] for s in samples]})
+        assert table.schema.metadata is None  # none of datasets' features
+        pq.write_table(table, str(root / f"{name}-00000-of-00001.parquet"))
+    data = build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache"))
+    check_by_index(data.train, TRAIN)
+    check_by_index(data.val, VAL)
+
+
 @pytest.mark.parametrize("layout", ["flat", "hub", "in a Hub cache"])
 def test_hf_parquet(tmp_path, layout, monkeypatch):
     """Parquet (flat or the Hub's data/ layout), columns img/labels with plain ints, eval split 'test'.

@@ -281,6 +281,10 @@ def test_layouts_of_other_seed_counts_are_labelled_with_their_own():
     assert "| C-C-T-T | 3 | 1.00M |" in md and "| VIT_REL | 1 | 1.00M |" in md and "| layout | seeds |" in md
     even = study.study_markdown(settings, study.summarise(records[:3]), ["C-C-T-T"], ["C-C-T-T"])
     assert "; 3 seed(s)." in even and "| C-C-T-T | 1.00M |" in even
+    # one seed: each row's own run, no spread said (before: "40.00 ± 0.00 [40.00, 40.00]", as if seeds agreed)
+    assert "| VIT_REL | 1 | 1.00M | 1.0M | 40.00 | 1.0000 |" in md and "± 0.00" not in md.split("VIT_REL |")[1]
+    one = study.study_markdown(settings, study.summarise(records[3:]), ["VIT_REL"], ["VIT_REL"])
+    assert "| VIT_REL | 1.00M | 1.0M | 40.00 | 1.0000 |" in one and "±" not in one
 
 
 def test_the_study_trains_without_augmentation(tmp_path, monkeypatch):

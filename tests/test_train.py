@@ -991,7 +991,7 @@ def test_the_finetune_recipe_holds_table_10s_shared_values():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--batch-size", "5000"], "fewer than --batch-size 5000"),  # found once the data is read
+    (["--batch-size", "5000"], "1437 images, fewer than --batch-size 5000: give a --batch-size of 1437 or less"),
     (["--model", "coatnet_99"], "unknown model 'coatnet_99'"),  # found once the model is built
 ])
 def test_a_run_refused_in_a_users_folder_leaves_it_as_it_was(tmp_path, capsys, argv, message):

@@ -206,9 +206,15 @@ def _preprocessing_flags(p: argparse.ArgumentParser) -> None:
 
     from .models.preprocessing import CropPct, Interpolation
 
+    def channel(text: str) -> float:  # argparse's own "invalid float value: 'cat.jpg'" hides that 3 are taken
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes three numbers, R G B; got {text!r}") from None
+
     g = p.add_argument_group("preprocessing", "default: the checkpoint's own, recorded with its weights")
-    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean")
-    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel standard deviation")
+    g.add_argument("--mean", type=channel, nargs=3, metavar=("R", "G", "B"), help="per-channel mean")
+    g.add_argument("--std", type=channel, nargs=3, metavar=("R", "G", "B"), help="per-channel standard deviation")
     g.add_argument("--interpolation", choices=get_args(Interpolation), help="resize interpolation")
     g.add_argument("--crop-pct", type=flag_type(CropPct), help="centre crop's share of the resized image")
     g.add_argument("--crop-mode", choices=["center", "squash"],
@@ -244,6 +250,10 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str):  # argparse's own: a usage block, then exit
+        # a mistyped command or choice, as a mistyped flag: the one it most looks like (Python 3.14's argparse does so)
+        if (choice := re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)) and (
+                close := difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1, cutoff=0.6)):
+            message += f"; did you mean {close[0]}?"
         raise _FlagError(f"{self.prog}: error: {message}")
 
     def parse_args(self, args=None, namespace=None):

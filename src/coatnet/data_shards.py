@@ -509,7 +509,9 @@ def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
         raise DataError(f"{where} has no image column ('image' or 'img' of type Image); columns: {', '.join(feats)}; "
                         f"rename yours and save the data set again (dd.rename_column('{theirs}', 'image')"
                         f".save_to_disk(DIR))")
-    if not isinstance(feats[image], datasets.Image):  # e.g. parquet written without datasets' metadata
+    # A struct of bytes and path is an Image's storage, as parquet written without datasets' metadata holds it
+    stored = isinstance(feats[image], dict) and set(feats[image]) == {"bytes", "path"}
+    if not isinstance(feats[image], datasets.Image) and not stored:
         raise DataError(f"{where}: column '{image}' is {feats[image]}, not an Image; save the data set with the "
                         f"column cast to one (ds.cast_column('{image}', datasets.Image()))")
     if label is None:  # there is no flag to name another: the data set is saved again

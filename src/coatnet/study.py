@@ -312,7 +312,8 @@ def study_markdown(settings: dict, summary: dict, by_top1: list[str], by_loss: l
     seeds = f"{min(counts)} to {max(counts)} seeds, as each row says" if uneven else f"{max(counts)} seed(s)"
     lines = [f"{MARKDOWN_START}{settings['data']} at {settings['img_size']} px ({settings['size']} layouts), "
              f"{settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']}, no regularisation "
-             f"or augmentation; {seeds}. Mean ± standard deviation over seeds [min, max].", "",
+             f"or augmentation; {seeds}."
+             + (" Mean ± standard deviation over seeds [min, max]." if max(counts) > 1 else ""), "",
              "| layout |" + " seeds |" * uneven + " params | FLOPs | eval top-1 (%) | final train loss |",
              "|---|" + "---:|" * uneven + "---:|---:|---:|---:|"]
     for layout in by_top1:
@@ -320,12 +321,19 @@ def study_markdown(settings: dict, summary: dict, by_top1: list[str], by_loss: l
         t, l = s["top1"], s["train_loss"]
         n = f" {t['n']} |" if uneven else ""
         lines.append(f"| {layout} |{n} {s['params'] / 1e6:.2f}M | {s['flops'] / 1e6:.1f}M | "
-                     f"{t['mean']:.2f} ± {t['std']:.2f} [{t['min']:.2f}, {t['max']:.2f}] | "
-                     f"{l['mean']:.4f} ± {l['std']:.4f} [{l['min']:.4f}, {l['max']:.4f}] |")
+                     f"{_over_seeds(t, 2)} | {_over_seeds(l, 4)} |")
     lines += ["", "| ordering | this study | the paper (Section 2.2) |", "|---|---|---|",
               f"| by eval top-1 (generalisation) | {' > '.join(by_top1)} | {PAPER_GENERALISATION} |",
               f"| by train loss, lowest first (capacity) | {' > '.join(by_loss)} | {PAPER_CAPACITY} (on JFT) |", ""]
     return "\n".join(lines)
+
+
+def _over_seeds(s: dict, digits: int) -> str:
+    """A figure over seeds: its mean ± standard deviation [min, max]; of one seed, its run's alone (a spread
+    of 0.00 would read as seeds that agreed)."""
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
 def plot_study(records: list[dict], path: Path) -> None:

@@ -654,7 +654,8 @@ def start_run(cfg: TrainConfig, d: Dist, run_dir: Path, ckpt: Checkpoint | None 
         raise ValueError(f"the data has {data.num_classes} class ({', '.join(data.classes)}): training a classifier "
                          f"needs at least 2; add the other classes' folders (or samples)")
     if len(data.train) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}")
+        raise ValueError(f"the training set has {len(data.train)} images, fewer than --batch-size {cfg.batch_size}: "
+                         f"give a --batch-size of {len(data.train)} or less, or more images")
     val_indices = list(range(d.rank, len(data.val), d.world_size))
     val_loader = make_loader(data.val, val_indices, local_batch, workers, d.device, drop_last=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
