@@ -14,6 +14,7 @@ import signal
 import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,6 +323,17 @@ def hf_dir(tmp_path_factory):
     return root
 
 
+def write_hf(root: Path, layout: str, **splits) -> Path:
+    """The splits as a save_to_disk folder, or as one parquet file each."""
+    if layout == "save_to_disk":
+        datasets.DatasetDict(splits).save_to_disk(str(root))
+    else:
+        root.mkdir()
+        for name, split in splits.items():
+            split.to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
+    return root
+
+
 def test_webdataset_reads_a_samples_image_by_preference_and_skips_metadata(tmp_path):
     """A sample's image is its .jpg before its .png (IMAGE_EXTS' order: the .png may be a mask); webdataset's
     __meta__/ folder is no sample; classes.txt may end in blank lines."""
@@ -350,14 +362,7 @@ def test_webdataset_a_shard_cut_short_after_indexing_is_an_error(tmp_path):
 def test_hf_evaluates_on_validation_before_test(tmp_path, layout):
     """A data set with validation and test splits is evaluated on validation, the first of HF_EVAL_SPLITS
     (test splits often hold no labels, or are kept for the end)."""
-    root = tmp_path / "d"
-    splits = dict(train=hf_split(TRAIN), test=hf_split(TRAIN[:4]), validation=hf_split(VAL))
-    if layout == "save_to_disk":
-        datasets.DatasetDict(splits).save_to_disk(str(root))
-    else:
-        root.mkdir()
-        for name, split in splits.items():
-            split.to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
+    root = write_hf(tmp_path / "d", layout, train=hf_split(TRAIN), test=hf_split(TRAIN[:4]), validation=hf_split(VAL))
     data = build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache"))
     assert "'validation'" in data.val.name
     check_by_index(data.val, VAL)
@@ -422,14 +427,7 @@ def test_hf_evaluation_alone_names_the_classes_as_training_did(tmp_path, layout)
     """Train split with a ClassLabel, validation split with plain integers: training names the classes by the
     ClassLabel; so does an evaluation, which reads the validation split alone (before: "0", "1", "2", which
     `coatnet eval` then refused as other classes than the checkpoint's)."""
-    root = tmp_path / "ds"
-    splits = dict(train=hf_split(TRAIN), validation=hf_split(VAL, class_label=False))
-    if layout == "save_to_disk":
-        datasets.DatasetDict(splits).save_to_disk(str(root))
-    else:
-        root.mkdir()
-        for name, split in splits.items():
-            split.to_parquet(str(root / f"{name}-00000-of-00001.parquet"))
+    root = write_hf(tmp_path / "ds", layout, train=hf_split(TRAIN), validation=hf_split(VAL, class_label=False))
     assert build_hf(str(root), to_tensor, to_tensor).classes == tuple(NAMES)
     data = build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache"), train=False)
     assert data.train is None and data.classes == tuple(NAMES)
