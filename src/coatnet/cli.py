@@ -250,7 +250,7 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message: str):  # argparse's own: a usage block, then exit
-        # a mistyped command or choice, as a mistyped flag: the one it most looks like (Python 3.14's argparse does so)
+        # a mistyped command or choice, as a mistyped flag: the one it most looks like (as Python 3.14's does)
         if (choice := re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)) and (
                 close := difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1, cutoff=0.6)):
             message += f"; did you mean {close[0]}?"

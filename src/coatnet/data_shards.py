@@ -34,9 +34,8 @@ in milliseconds, and a shard written again is indexed again. A sample is grouped
 webdataset groups it (consecutive files with the same key, split with
 ``webdataset.tariterators.base_plus_ext``; names ``__x__`` and folders ``__x__/`` skipped as metadata,
 as there): ``key.jpg|jpeg|png|webp`` is the image, ``key.cls`` the label as text; other files are
-ignored. An item opens its shard, reads
-the image bytes at the offset and closes it (one ``open`` per image, as ImageFolder does), so
-nothing is open when the dataset is pickled into a worker. Only uncompressed ``.tar`` shards work:
+ignored. An item opens its shard, reads the image bytes at the offset and closes it (one ``open``
+per image, as ImageFolder does), so nothing is open when the dataset is pickled into a worker. Only uncompressed ``.tar`` shards work:
 a compressed one cannot be read at an offset.
 
 Hugging Face: ``datasets.Dataset`` is already random access over memory-mapped Arrow files

@@ -182,9 +182,9 @@ def _timm_arguments(pretrained, kwargs: dict, source: dict | None = None) -> tup
     ``checkpoint_path`` is a weights file (``pretrained``), and with ``pretrained=True`` (as in timm)
     so are ``pretrained_cfg_overlay``'s ``file`` and ``hf_hub_id``, over ``source``, the ones of
     ``pretrained_cfg`` (the overlay replaces its fields, as in timm); ``global_pool`` is "avg" (the
-    paper's) or "" (checked here, applied once the model is built), ``drop_rate=0`` the head's dropout, none; ``exportable`` and ``no_jit`` change
-    nothing here, and ``scriptable`` only as False. Returns ``pretrained`` and the
-    overlay's preprocessing (mean, std, interpolation, crop_pct, crop_mode)."""
+    paper's) or "" (checked here, applied once the model is built), ``drop_rate=0`` the head's dropout,
+    none; ``exportable`` and ``no_jit`` change nothing here, and ``scriptable`` only as False. Returns
+    ``pretrained`` and the overlay's preprocessing (mean, std, interpolation, crop_pct, crop_mode)."""
     if kwargs.get("global_pool", "avg") not in ("avg", None, ""):
         raise ValueError("global_pool: CoAtNet's head pools by the average ('avg') or not at all (''); pass one")
     if kwargs.pop("scriptable", None):  # timm's layer switches, as its train.py and validate.py pass them
