@@ -59,8 +59,18 @@ def test_info_compares_with_the_paper_only_at_its_sizes(capsys):
     (["train", "--aa", "rand-m9-mstd0.5"], "timm's --aa: use --randaugment N,M (rand-m9-n2 is --randaugment 2,9)"),
     (["eval", "--dataset", "torch/cifar10"], "coatnet eval: error: unrecognized arguments: --dataset torch/cifar10; "
                                              "timm's --dataset: use --data (digits, imagefolder, cifar10 ...)"),
+    # ... and a mistyped flag beside one of timm's still says the one it most looks like
+    (["train", "--model-ema", "--batch_size", "8"], "unrecognized arguments: --model-ema --batch_size 8; timm's "
+                                                    "--model-ema: use --ema DECAY; did you mean --batch-size?"),
     # ... but only with a flag of ours in its place: eval has no --ema
     (["eval", "--model-ema"], "coatnet eval: error: unrecognized arguments: --model-ema; `coatnet eval --help` lists"),
+    # timm's --drop, its head's dropout, is refused (before: taken as --drop-path, of which it is a prefix)
+    (["train", "--drop", "0.1"], "coatnet train: error: argument --drop: timm's head dropout: CoAtNet's head has "
+                                 "none; --drop-path RATE is the stochastic depth"),
+    # eval's --pretrained is a switch, which takes no PATH (before: "use --pretrained PATH", then refused)
+    (["train", "--initial-checkpoint", "w.pth"], "timm's --initial-checkpoint: use --pretrained PATH"),
+    (["eval", "--initial-checkpoint", "w.pth"], "coatnet eval: error: unrecognized arguments: --initial-checkpoint "
+                                                "w.pth; `coatnet eval --help` lists"),
     (["frobnicate"], "coatnet: error: argument COMMAND: invalid choice: 'frobnicate'"),
     # a mistyped command or choice: the one it most looks like, as for flags
     (["trian"], "invalid choice: 'trian' (choose from 'info', 'train', 'eval', 'predict', 'bench', 'export', 'plan', "
@@ -76,6 +86,16 @@ def test_info_bad_input_is_one_line_exit_2(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_mistyped_choice_is_named_however_argparse_lists_the_choices():
+    """Python 3.14's argparse lists the choices unquoted (str, not repr): the one a typo most looks like is
+    named there too (before: no hint)."""
+    from coatnet.cli import _FlagError, _Parser
+
+    for choices in ("'info', 'train'", "info, train"):
+        with pytest.raises(_FlagError, match="did you mean train"):
+            _Parser(prog="coatnet").error(f"argument COMMAND: invalid choice: 'trian' (choose from {choices})")
 
 
 def test_console_entry_point_runs():

@@ -510,6 +510,10 @@ HF_ERRORS = {
             lambda row: {"raw": row["image"]["bytes"]}, remove_columns="image").rename_column("raw", "image"),
         validation=hf_split(VAL))),
         "column 'image' is Value('binary'), not an Image; save the data set with the column cast to one"),
+    # a struct of fields named as an Image's storage, of other types: no image (before: pyarrow's traceback)
+    "a struct of bytes and path of other types": (_save(lambda: datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"image": [{"bytes": 1, "path": "x"}] * 2, "label": [0, 1]}) for split in ("train", "validation")})),
+        "column 'image' is {'bytes': Value('int64'), 'path': Value('string')}, not an Image"),
     "a label far beyond the samples": (_save(lambda: datasets.DatasetDict(
         train=hf_split(TRAIN, class_label=False), validation=hf_split([dict(VAL[0], label=10**9)], class_label=False))),
         "would make a 1000000001-class head for 19 samples; check the labels, or give the label column a ClassLabel"),

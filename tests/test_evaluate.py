@@ -247,6 +247,19 @@ def test_an_evaluation_of_other_settings_does_not_replace_anothers_report(tmp_pa
         "crop_pct"] == 0.8
 
 
+def test_a_rerun_naming_the_checkpoint_another_way_replaces_its_own_report(tmp_path, capsys, monkeypatch):
+    """The same evaluation, its checkpoint named relative then absolute: one report, replaced (before: the
+    second went to -2, the path as typed read as another setting)."""
+    torch.manual_seed(0)
+    coatnet.create_model("coatnet_pico", num_classes=3, img_size=16).save_pretrained(tmp_path / "model")
+    tree = make_tree(tmp_path / "a", per_class=1)
+    monkeypatch.chdir(tmp_path)
+    for checkpoint in ("model", str(tmp_path / "model")):
+        assert main(["eval", "--checkpoint", checkpoint, "--data", "imagefolder", "--data-dir", str(tree)]) == 0
+        assert f"wrote {tmp_path / 'eval-model-imagefolder' / 'eval.json'}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.glob("eval-*")] == ["eval-model-imagefolder"]
+
+
 def test_predict_names_a_file_whose_name_is_not_utf8_as_valid_utf8(run_dir, tmp_path, capsys):
     bad = os.path.join(str(tmp_path).encode(), b"bad\xfe.png")
     with open(bad, "wb") as f:

@@ -255,7 +255,7 @@ def test_prune_intermediate_layers_keeps_what_the_maps_need(tmp_path):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(model(x), maps[1])  # the last kept map, unpooled as timm's (before: pooled)
     assert model.num_features == model.head_hidden_size == model.feature_info[-1]["num_chs"] == maps[1].shape[1]
-    with pytest.raises(ModelFolderError, match="unpooled|pruned"):
+    with pytest.raises(ModelFolderError, match="pruned"):  # not "reset_classifier(N, 'avg') first", which is no fix
         model.save_pretrained(tmp_path)
     model.reset_classifier(3, "avg")  # a new head on the kept stages
     assert model(x).shape == (2, 3)

@@ -229,13 +229,18 @@ _TIMM_FLAGS = {
     "--warmup-epochs": ("--warmup-steps", "use --warmup-steps, in optimizer steps"),
     "--aa": ("--randaugment", "use --randaugment N,M (rand-m9-n2 is --randaugment 2,9)"),
     "--torchcompile": ("--compile", "use --compile"),
-    "--initial-checkpoint": ("--pretrained", "use --pretrained PATH"),
+    "--initial-checkpoint": ("--finetune", "use --pretrained PATH"),  # train's: eval's --pretrained takes no PATH
     "--dataset": ("--data", "use --data (digits, imagefolder, cifar10 ...)"),
     "--input-size": ("--img-size", "use --img-size"),
     "--num-classes": ("--data", "the classes of --data make the head"),
     "--opt": ("--weight-decay", "AdamW is the optimizer (Table 10), --weight-decay its decay"),
     "--sched": ("--min-lr", "linear warm-up, then cosine decay to --min-lr, is the schedule (Table 10)"),
 }
+
+
+def _no_head_dropout(text: str):
+    raise argparse.ArgumentTypeError("timm's head dropout: CoAtNet's head has none; --drop-path RATE is the stochastic "
+                                     "depth")
 
 
 class _FlagError(Exception):
@@ -252,7 +257,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own: a usage block, then exit
         # a mistyped command or choice, as a mistyped flag: the one it most looks like (as Python 3.14's does)
         if (choice := re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)) and (
-                close := difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1, cutoff=0.6)):
+                close := difflib.get_close_matches(choice[1], [c.strip("'") for c in choice[2].split(", ")], n=1,
+                                                   cutoff=0.6)):  # quoted (repr) before Python 3.14, str after
             message += f"; did you mean {close[0]}?"
         raise _FlagError(f"{self.prog}: error: {message}")
 
@@ -274,8 +280,8 @@ class _Parser(argparse.ArgumentParser):
                     if flag in _TIMM_FLAGS and _TIMM_FLAGS[flag][0] in flags]
             close = [match for flag in given if flag not in _TIMM_FLAGS
                      for match in difflib.get_close_matches(flag, flags, n=1, cutoff=0.7)]
-            hint = (f"; {'; '.join(timm)}" if timm else f"; did you mean {' '.join(close)}?" if close
-                    else f"; `{parser.prog} --help` lists its flags")
+            hint = "".join(f"; {h}" for h in [*timm, *([f"did you mean {' '.join(close)}?"] if close else [])]) or \
+                f"; `{parser.prog} --help` lists its flags"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
@@ -326,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-path", type=_drop_path, default=None, metavar="RATE",
                    help="stochastic depth rate, or 'model' for the model's own (Table 10: 0.2 for CoAtNet-0), "
                    "as the ImageNet recipes take it")
+    p.add_argument("--drop", type=_no_head_dropout, help=argparse.SUPPRESS)  # else argparse reads it as --drop-path
     p.add_argument("--clip-grad", type=float, default=None, help="gradient norm clipping (0: off)")
     p.add_argument("--label-smoothing", "--smoothing", type=float, default=None,
                    help="label smoothing of the training loss")

@@ -509,7 +509,9 @@ def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
                         f"rename yours and save the data set again (dd.rename_column('{theirs}', 'image')"
                         f".save_to_disk(DIR))")
     # A struct of bytes and path is an Image's storage, as parquet written without datasets' metadata holds it
-    stored = isinstance(feats[image], dict) and set(feats[image]) == {"bytes", "path"}
+    stored = isinstance(feats[image], dict) and set(feats[image]) == {"bytes", "path"} and (
+        getattr(feats[image]["bytes"], "dtype", None) in ("binary", "large_binary")
+        and getattr(feats[image]["path"], "dtype", None) in ("string", "large_string"))  # else a cast's traceback
     if not isinstance(feats[image], datasets.Image) and not stored:
         raise DataError(f"{where}: column '{image}' is {feats[image]}, not an Image; save the data set with the "
                         f"column cast to one (ds.cast_column('{image}', datasets.Image()))")

@@ -300,7 +300,10 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = dict(checkpoint=str(ckpt.path), dataset=data_name, data_dir=recorded_place(data_dir), img_size=img_size,
                     amp=amp, preprocessing=dict(mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation,
                                                 crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode))
-    out = Path(args.output_dir) if args.output_dir else _report_folder(run_dir / f"eval-{name}-{data_name}", settings)
+    # a folder beside the checkpoint is named by it already: its path as typed (relative, absolute) is no setting
+    compared = (settings if is_hub_reference(args.checkpoint) else
+                {k: v for k, v in settings.items() if k != "checkpoint"})
+    out = Path(args.output_dir) if args.output_dir else _report_folder(run_dir / f"eval-{name}-{data_name}", compared)
     if str(data_name).lower() == "imagefolder" and (inside := split_holding(out, data_dir)):
         raise ValueError(f"the report's folder {out} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
                          f"eval.json and confusion_matrix.png would be read as a class and an image; give an "

@@ -86,9 +86,6 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     if not hasattr(model, "forward_head"):  # a feature extractor: no config of its own to rebuild it from
         raise ModelFolderError(f"save_pretrained saves a classifier network; for a {type(model).__name__} save the "
                                f"model it was made from, or its state_dict")
-    if not model.global_pool:  # the config holds no pooling: read back, the model would pool
-        raise ModelFolderError("save_pretrained saves a classifier network, and this one's head was made unpooled "
-                               "(global_pool ''): save its state_dict, or reset_classifier(N, 'avg') first")
     if directory.exists() and not directory.is_dir():
         raise ModelFolderError(f"{str(directory)!r} is a file; give a folder to write {CONFIG} and {WEIGHTS} into")
     # The folder is read back by building model.config and loading the weights into it: a module
@@ -101,6 +98,10 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
                                f"{' ...' if len(differ) > 4 else ''}): a module replaced by hand, or pruned "
                                f"(prune_intermediate_layers), changes the weights but not the config; for a new "
                                f"classifier use model.reset_classifier(N), for a pruned one save its state_dict")
+    # after the check above, which says a pruned model's (unpooled too) is pruned: reset_classifier would not do
+    if not model.global_pool:  # the config holds no pooling: read back, the model would pool
+        raise ModelFolderError("save_pretrained saves a classifier network, and this one's head was made unpooled "
+                               "(global_pool ''): save its state_dict, or reset_classifier(N, 'avg') first")
     refuse_to_replace(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_model_folder(directory, {"model": model.config.name, "config": model.config.to_dict(),
