@@ -222,17 +222,17 @@ def _preprocessing_flags(p: argparse.ArgumentParser) -> None:
 
 
 # timm's train.py and validate.py flags that mean something else here, or are spelt otherwise for a
-# reason: the flag of ours that takes their place, and what to write (those that mean the same, -b, -j
-# and --smoothing, are aliases).
+# reason: a flag of ours that a command must have for the hint to hold there, and what to write (those
+# that mean the same, -b, -j and --smoothing, are aliases).
 _TIMM_FLAGS = {
     "--model-ema": ("--ema", "use --ema DECAY"), "--model-ema-decay": ("--ema", "use --ema DECAY"),
     "--warmup-epochs": ("--warmup-steps", "use --warmup-steps, in optimizer steps"),
     "--aa": ("--randaugment", "use --randaugment N,M (rand-m9-n2 is --randaugment 2,9)"),
     "--torchcompile": ("--compile", "use --compile"),
-    "--initial-checkpoint": ("--finetune", "use --pretrained PATH"),  # train's: eval's --pretrained takes no PATH
+    "--initial-checkpoint": ("--finetune", "use --pretrained PATH"),  # train's; eval's --pretrained takes no PATH
     "--dataset": ("--data", "use --data (digits, imagefolder, cifar10 ...)"),
     "--input-size": ("--img-size", "use --img-size"),
-    "--num-classes": ("--data", "the classes of --data make the head"),
+    "--num-classes": ("--recipe", "the classes of --data make the head"),  # train's; eval's are the checkpoint's
     "--opt": ("--weight-decay", "AdamW is the optimizer (Table 10), --weight-decay its decay"),
     "--sched": ("--min-lr", "linear warm-up, then cosine decay to --min-lr, is the schedule (Table 10)"),
 }
