@@ -1179,8 +1179,9 @@ def test_a_process_killed_under_torchrun_is_one_line_from_the_others(tmp_path, f
     assert len(errors) == 1, stderr[-3000:]
     # gloo's words: "Connection reset by peer", or "Connection closed by peer [ADDR]:PORT"
     assert re.fullmatch(rf"coatnet train: error: process 0: another process of the job stopped \(.*by peer[^)]*\); its "
-                        rf"own error, or torchrun's report, says why; then `coatnet train --resume {out}` continues "
-                        rf"it from its last checkpoint \(step \d+\)", errors[0]), errors[0]
+                        rf"own error, or torchrun's report, says why; then `coatnet train --resume {out}` under "
+                        rf"torchrun, on the job's 2 processes, continues it from its last checkpoint \(step \d+\)",
+                        errors[0]), errors[0]
     assert "[rank0]: Traceback" not in stderr and "free some space" not in stderr
     assert load_checkpoint(out / "last").train_state["step"] > 0
 
@@ -1200,8 +1201,9 @@ def test_ctrl_c_of_torchrun_is_said_once(tmp_path):
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
     said = [line for line in stderr.splitlines() if line.startswith("coatnet train:")]
-    assert len(said) == 1 and said[0].startswith(f"coatnet train: interrupted; `coatnet train --resume {out}` "
-                                                 f"continues it from its last checkpoint (step "), stderr[-3000:]
+    assert len(said) == 1 and said[0].startswith(f"coatnet train: interrupted; `coatnet train --resume {out}` under "
+                                                 f"torchrun, on the job's 2 processes, continues it from its last "
+                                                 f"checkpoint (step "), stderr[-3000:]
 
 
 def test_a_resume_that_cannot_run_on_these_processes_says_what_can(reference_run):

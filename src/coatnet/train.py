@@ -585,23 +585,26 @@ def _said_on_interrupt(run_dir: Path, ckpt: Checkpoint | None, d: Dist):
     except KeyboardInterrupt:
         if not d.main:  # under torchrun every process is stopped: the first one says so
             raise SystemExit(130) from None
-        raise KeyboardInterrupt(_how_to_continue(run_dir, ckpt)) from None
+        raise KeyboardInterrupt(_how_to_continue(run_dir, ckpt, d.world_size)) from None
     except BaseException as e:  # DCP's gathered failures are BaseExceptions
         if d.world_size == 1 or not process_lost(e):
             raise
         # gloo's first sentence, without its source file: "Read error [ADDR]: Connection reset by peer"
         why = re.sub(r"\[[^\]]*\.cc:\d+\]\s*", "", next(iter(str(e).splitlines()), "")).split(". ")[0][:160]
         why = why or type(e).__name__
+        then = _how_to_continue(run_dir, ckpt, d.world_size)
         raise ProcessLost(f"process {d.rank}: another process of the job stopped ({why}); its own error, or "
-                          f"torchrun's report, says why; then {_how_to_continue(run_dir, ckpt)}") from None
+                          f"torchrun's report, says why; then {then}") from None
 
 
-def _how_to_continue(run_dir: Path, ckpt: Checkpoint | None) -> str:
-    """What continues a stopped run, and from which step."""
+def _how_to_continue(run_dir: Path, ckpt: Checkpoint | None, world_size: int) -> str:
+    """What continues a stopped run, and from which step. A torchrun job's is resumed by torchrun on as many
+    processes: on another number it continues too, but its random draws differ from the uninterrupted run's."""
     resumed_at = ckpt.train_state["step"] if ckpt else None
     saved_at = read_model_meta(run_dir)[1].get("step") if (run_dir / "last").exists() else None
     if saved_at is not None and saved_at != resumed_at:
-        return f"`coatnet train --resume {run_dir}` continues it from its last checkpoint (step {saved_at})"
+        under = f" under torchrun, on the job's {world_size} processes," if world_size > 1 else ""
+        return f"`coatnet train --resume {run_dir}`{under} continues it from its last checkpoint (step {saved_at})"
     if ckpt:
         return f"the same command continues it from the checkpoint it resumed (step {resumed_at})"
     return "no checkpoint was written yet: the same command starts it again"
