@@ -375,8 +375,15 @@ def test_curves_draw_each_series_as_its_own_line(tmp_path, monkeypatch):
                for e in (1, 2)]
     plot_curves(history, 10, tmp_path / "c.png")
     loss, acc = drawn[0].axes[:2]
-    assert [(line.get_label().split()[0], list(line.get_xdata()), list(line.get_ydata()))
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
             for line in loss.get_lines()] == [("train", [1, 2], [2.0, 1.0]), ("eval", [1, 2], [2.0, 1.5])]
+    # training's targets named where they are not the labels (before: "smoothed, mixed" whatever the run)
+    for kwargs, said in ((dict(smoothed=True), "train (its smoothed targets)"), (dict(mixed=True), "train (its mixed "
+                         "targets)"), (dict(smoothed=True, mixed=True), "train (its smoothed, mixed targets)")):
+        plot_curves(history, 10, tmp_path / "c.png", **kwargs)
+        assert drawn[-1].axes[0].get_lines()[0].get_label() == said
+    plot_curves(history[:1], 10, tmp_path / "c.png")  # one epoch: whole epochs still (before: 0.945, 0.96, ...)
+    assert all(tick == int(tick) for ax in drawn[-1].axes[:2] for tick in ax.get_xticks())
     assert [list(line.get_ydata()) for line in acc.get_lines()] == [[10, 20], [9, 18], [20, 40]]
 
 

@@ -29,14 +29,18 @@ def save_figure(fig: Figure, path: str | Path, tight: bool = False) -> None:
                      tmp=path.with_name(f".{path.stem}.tmp{path.suffix}"))
 
 
-def plot_curves(history: list[dict], num_classes: int, path: str | Path) -> None:
+def plot_curves(history: list[dict], num_classes: int, path: str | Path, smoothed: bool = False,
+                mixed: bool = False) -> None:
     """Loss (train, eval) and accuracy (train top-1, eval top-1 and top-5) per epoch; top-5 only with
-    more than 5 classes, where it is not 100% whatever the model (as the epoch line)."""
+    more than 5 classes, where it is not 100% whatever the model (as the epoch line). ``smoothed``,
+    ``mixed``: whether training's targets were (label smoothing; Mixup or CutMix), as its legend says."""
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss, acc = fig.subplots(1, 2)
-    # Training's loss is against its own targets (label smoothing, Mixup/CutMix): above eval's, if those are on.
-    loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (its smoothed, mixed targets)")
+    # Training's loss is against its own targets: above eval's where they are smoothed or mixed, which is said.
+    targets = ", ".join(word for word, on in (("smoothed", smoothed), ("mixed", mixed)) if on)
+    loss.plot(epochs, [h["train_loss"] for h in history], "o-",
+              label=f"train (its {targets} targets)" if targets else "train")
     loss.plot(epochs, [h["eval_loss"] for h in history], "s-", label="eval")
     loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc.plot(epochs, [h["train_top1"] for h in history], "o-", label="train top-1")
@@ -47,7 +51,7 @@ def plot_curves(history: list[dict], num_classes: int, path: str | Path) -> None
     for ax in (loss, acc):
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, not 1.25
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, not 1.25; one too
     save_figure(fig, path)
 
 

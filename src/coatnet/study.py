@@ -355,6 +355,6 @@ def plot_study(records: list[dict], path: Path) -> None:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, not 1.25
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, not 1.25; one too
     save_figure(fig, path)
 

@@ -1203,7 +1203,9 @@ def report_epoch(run: Run) -> None:
         return
     history = run.state.history
     atomic_write(run.run_dir / "metrics.jsonl", "".join(json_text(h) + "\n" for h in history))
-    plot_curves(history, run.data.num_classes, run.run_dir / "curves.png")
+    cfg = run.config
+    plot_curves(history, run.data.num_classes, run.run_dir / "curves.png", smoothed=cfg.label_smoothing > 0,
+                mixed=cfg.mixup > 0 or cfg.cutmix > 0)
     print(epoch_line(history[-1], run.config.epochs, run.data.num_classes), flush=True)
 
 
