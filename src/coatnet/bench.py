@@ -416,8 +416,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def format_table(result: dict) -> str:
     mm = result["matmul_gflops"]
+    threads = f"{result['threads']} thread{'s' * (result['threads'] != 1)}"
     lines = [f"coatnet bench: {result['model']}, {result['img_size']}x{result['img_size']}, batch "
-             f"{result['batch_size']}, {result['dtype']}, {result['device']}, {result['threads']} threads, torch "
+             f"{result['batch_size']}, {result['dtype']}, {result['device']}, {threads}, torch "
              f"{result['torch']}; median (min..max) of {result['repeats']} interleaved rounds",
              f"matmul {result['matmul_size']}x{result['matmul_size']}: {mm['median']:.1f} GFLOP/s "
              f"({mm['min']:.1f}..{mm['max']:.1f})", ""]
