@@ -189,6 +189,15 @@ def test_export_records_the_preprocessing(folder, tmp_path, fmt):
     assert recorded["mean"] == [0.5] * 3 and recorded["label_names"] == ["ant", "bee", "cow"]
 
 
+def test_a_cfg_prints_many_class_names_in_short():
+    """ImageNet's 1000 names are said by their count and ends (before: 13 kB of them in every printed cfg);
+    a few are said whole."""
+    many = PretrainedCfg(label_names=tuple(imagenet_class_names()))
+    assert "label_names=<1000 names: 'tench', 'goldfish', 'great white shark', ..., 'toilet tissue'>" in repr(many)
+    assert len(repr(many)) < 300 and repr(many).startswith("PretrainedCfg(mean=(0.485, 0.456, 0.406), ")
+    assert "label_names=('a', 'b')" in repr(PretrainedCfg(label_names=("a", "b")))
+
+
 def test_finetune_on_a_folder_of_photos_from_timm_weights(timm_file, tmp_path, capsys):
     """The README's fine-tuning command, at a tiny size: timm's weights (ImageNet head) in, a model of the
     folder's classes out, preparing images as timm's weights expect; predict prints the folder's names.

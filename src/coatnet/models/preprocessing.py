@@ -83,6 +83,15 @@ class PretrainedCfg:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "input_size"}
 
+    def __repr__(self) -> str:
+        # ImageNet's 1000 class names would fill a screen (13 kB) wherever a model's cfg is printed
+        def shown(name: str, value) -> str:
+            if name == "label_names" and value is not None and len(value) > 6:
+                return f"<{len(value)} names: {', '.join(map(repr, value[:3]))}, ..., {value[-1]!r}>"
+            return repr(value)
+
+        return f"PretrainedCfg({', '.join(f'{f.name}={shown(f.name, getattr(self, f.name))}' for f in fields(self))})"
+
     @classmethod
     def from_dict(cls, data: dict) -> PretrainedCfg:
         """Ours as written by :meth:`to_dict`, or timm's ``pretrained_cfg`` (its other keys ignored)."""
