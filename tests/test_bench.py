@@ -386,3 +386,14 @@ def test_the_matmuls_work_is_2_n_cubed():
 
     run, flop = _prepare(Job("torch", "mm", "matmul", False, 16, 1, None, "cpu"), torch.device("cpu"))
     assert flop == 2 * 16**3
+
+
+def test_the_tables_first_line_says_thread_or_threads():
+    """One thread is "1 thread", more are "N threads" (before: "1 threads")."""
+    from coatnet.bench import format_table
+
+    for threads, said in ((1, ", cpu, 1 thread, torch x;"), (2, ", cpu, 2 threads, torch x;")):
+        first = format_table(dict(model="coatnet_pico", img_size=32, batch_size=2, dtype="float32", device="cpu",
+                                  threads=threads, torch="x", repeats=2, matmul_size=2048,
+                                  matmul_gflops=dict(median=2.0, min=2.0, max=2.0), rows=[])).splitlines()[0]
+        assert said in first, first

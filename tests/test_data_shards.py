@@ -675,3 +675,30 @@ def test_a_shard_rewritten_in_place_with_its_old_size_and_mtime_is_indexed_again
     after = os.stat(path)
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
     assert [row[3] for row in data_shards._cached_index_shard(str(path))] == [2]
+
+
+@pytest.mark.parametrize("fields,taken", [((("bytes", "large_binary"), ("path", "large_string")), True),
+                                          ((("bytes", "binary"),), False),
+                                          ((("bytes", "int64"), ("path", "string")), False)])
+def test_hf_parquet_struct_read_as_images_only_in_images_own_storage(tmp_path, fields, taken):
+    """A struct of bytes and path (binary or large_binary, string or large_string) is an Image's storage: read
+    as images; another struct is refused in one line, not left to a cast's traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = dict(binary=pa.binary(), large_binary=pa.large_binary(), string=pa.string(),
+                 large_string=pa.large_string(), int64=pa.int64())
+    kind = pa.struct([(name, types[t]) for name, t in fields])
+    root = tmp_path / "pq"
+    root.mkdir()
+    for name, samples in (("train", TRAIN), ("validation", VAL)):
+        rows = [{"bytes": encode(s["rgb"], s["ext"]) if fields[0][1] != "int64" else i, "path": f"{i}.{s['ext']}"}
+                for i, s in enumerate(samples)]
+        table = pa.table({"image": pa.array([{k: r[k] for k, _ in fields} for r in rows], type=kind),
+                          "label": [s["label"] for s in samples]})
+        pq.write_table(table, str(root / f"{name}-00000-of-00001.parquet"))
+    if taken:
+        check_by_index(build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache")).train, TRAIN)
+    else:
+        with pytest.raises(DataError, match="column 'image' is .*, not an Image; save the data set with the column"):
+            build_hf(str(root), to_tensor, to_tensor, cache_dir=str(tmp_path / "cache"))

@@ -1230,3 +1230,26 @@ def test_eval_json_records_the_data_folder_it_measured(run_dir, tmp_path, capsys
     assert printed["data_dir"] == written["data_dir"] == str(tmp_path / "tree")
     assert main(["eval", "--checkpoint", str(run_dir / "last"), "--output-dir", "d"]) == 0
     assert json.loads((tmp_path / "d" / "eval.json").read_text())["data_dir"] is None
+
+
+def test_an_older_report_is_replaced_and_a_folder_of_another_eval_json_refused(tmp_path, capsys):
+    """A report written before eval.json held the preprocessing and precision is this evaluation's own:
+    replaced, not passed over for -2; an eval.json that is no report (not JSON, or not an object) leaves the
+    folder to the check that refuses it, in one line (not a traceback, nor a new -2)."""
+    torch.manual_seed(0)
+    folder = coatnet.create_model("coatnet_pico", num_classes=3, img_size=16).save_pretrained(tmp_path / "model")
+    tree = make_tree(tmp_path / "a", per_class=1)
+    first = tmp_path / "eval-model-imagefolder"
+    argv = ["eval", "--checkpoint", str(folder), "--data", "imagefolder", "--data-dir", str(tree)]
+    assert main(argv) == 0
+    older = json.loads((first / "eval.json").read_text())
+    del older["preprocessing"], older["amp"]
+    (first / "eval.json").write_text(json.dumps(older))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"wrote {first / 'eval.json'}" in capsys.readouterr().out
+    assert "preprocessing" in json.loads((first / "eval.json").read_text())
+    for content in ("not a report", "[1, 2]"):
+        (first / "eval.json").write_text(content)
+        one_line_error(capsys, argv, f"{first} holds an eval.json or confusion_matrix.png that no evaluation wrote")
+    assert [p.name for p in tmp_path.glob("eval-*")] == [first.name]

@@ -594,3 +594,36 @@ def test_version_1_weights_of_a_relative_position_mlp_load():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_a_folders_weights_without_a_classifier_build_none(tmp_path):
+    """A save_pretrained folder of a headless model (num_classes=0) is loaded as it was saved: no classifier,
+    and no warning of one left fresh (a file's headless weights, by contrast, get the network's default)."""
+    folder = coatnet.create_model("coatnet_pico", num_classes=0).save_pretrained(tmp_path / "headless")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = coatnet.create_model("coatnet_pico", pretrained=folder)
+    assert model.num_classes == 0 and model(torch.randn(1, 3, 32, 32)).shape == (1, model.num_features)
+
+
+def test_a_feature_extractor_from_headless_weights_or_unpooled_builds_quietly(tmp_path):
+    """features_only from a file of headless weights: no warning of a classifier left fresh (it has none);
+    and timm's global_pool='' with features_only is taken (the extractor has no head to unpool)."""
+    torch.save(coatnet.create_model("coatnet_pico", num_classes=0).state_dict(), tmp_path / "w.pth")
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kwargs in (dict(pretrained=tmp_path / "w.pth"), dict(global_pool="")):
+            extractor = coatnet.create_model("coatnet_pico", features_only=True, **kwargs).eval()
+            assert [m.shape[-1] for m in extractor(x)] == [32 // r for r in extractor.feature_info.reduction()]
+
+
+def test_a_files_weights_keep_their_classifier_when_no_classes_are_given(tmp_path):
+    """create_model(pretrained=FILE) with no num_classes builds the file's classifier and loads it, quietly (before:
+    the network's default 1000, the file's dropped with a warning)."""
+    saved = tiny()
+    torch.save(saved.state_dict(), tmp_path / "w.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = coatnet.create_model("coatnet_pico", pretrained=tmp_path / "w.pth")
+    assert model.num_classes == 10 and torch.equal(model.classifier.weight, saved.classifier.weight)

@@ -198,6 +198,13 @@ def test_a_cfg_prints_many_class_names_in_short():
     assert "label_names=('a', 'b')" in repr(PretrainedCfg(label_names=("a", "b")))
 
 
+def test_a_cfg_prints_up_to_six_class_names_whole():
+    """Up to six names are printed whole; from seven on, in short."""
+    six, seven = (tuple("abcdefg"[:n]) for n in (6, 7))
+    assert f"label_names={six!r}" in repr(PretrainedCfg(label_names=six))
+    assert "label_names=<7 names: 'a', 'b', 'c', ..., 'g'>" in repr(PretrainedCfg(label_names=seven))
+
+
 def test_finetune_on_a_folder_of_photos_from_timm_weights(timm_file, tmp_path, capsys):
     """The README's fine-tuning command, at a tiny size: timm's weights (ImageNet head) in, a model of the
     folder's classes out, preparing images as timm's weights expect; predict prints the folder's names.

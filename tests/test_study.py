@@ -332,3 +332,12 @@ def test_the_orderings_are_best_first_and_the_spread_is_over_seeds(tmp_path):
     assert (top1["min"], top1["max"], top1["n"]) == (60.0, 70.0, 2)
     assert written["summary"]["VIT_REL"]["top1"]["std"] == 0.0
     assert "| by eval top-1 (generalisation) | C-C-C-C > C-T-T-T > VIT_REL |" in (tmp_path / "study.md").read_text()
+
+
+def test_a_one_epoch_studys_figure_ticks_whole_epochs(tmp_path, monkeypatch):
+    """One epoch, one point per layout: the x axis still ticks whole epochs (before: 0.96, 0.98, 1.00 ...)."""
+    drawn = []
+    monkeypatch.setattr(study, "save_figure", lambda fig, path: drawn.append(fig))
+    study.plot_study([_record("c_c_c_c", 0, 60.0, 0.5), _record("vit_rel", 0, 40.0, 0.2)], tmp_path / "s.png")
+    ticks = [tick for ax in drawn[0].axes[:2] for tick in ax.get_xticks()]
+    assert ticks and all(tick == int(tick) for tick in ticks), ticks

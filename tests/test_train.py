@@ -1239,3 +1239,29 @@ def test_each_epoch_is_shuffled_anew_and_the_same_for_a_seed():
     assert epoch_order(50, seed=4, epoch=1, world_size=1) != orders[1]
     padded = epoch_order(50, seed=3, epoch=1, world_size=4)  # 52: the first two repeated
     assert padded == orders[1] + orders[1][:2]
+
+
+def test_the_curves_legend_says_whether_training_targets_were_smoothed_or_mixed(tmp_path, monkeypatch):
+    """curves.png's training loss is named by the run's own targets: plain labels, or smoothed (label
+    smoothing) and mixed (CutMix as Mixup) (before: "smoothed, mixed" whatever the run)."""
+    from coatnet import train as train_module
+
+    drawn = []
+    monkeypatch.setattr(train_module, "plot_curves", lambda *args, **kwargs: drawn.append(kwargs))
+    plain, smoothed_and_cut = (["--label-smoothing", "0", "--mixup", "0", "--cutmix", "0"],
+                               ["--label-smoothing", "0.1", "--mixup", "0", "--cutmix", "1"])
+    for flags, said in ((plain, dict(smoothed=False, mixed=False)),
+                        (smoothed_and_cut, dict(smoothed=True, mixed=True))):
+        out = tmp_path / f"run{len(drawn)}"
+        assert main(["train", *TINY, "--epochs", "1", *flags, "--output-dir", str(out)]) == 0
+        assert drawn[-1] == said
+
+
+def test_finetuning_from_weights_without_a_classifier_says_a_new_one_and_no_theirs(tmp_path, capsys):
+    """Headless weights (num_classes=0): the line says a new classifier for the data's classes, without a
+    "(theirs: 0)" of a classifier they do not have."""
+    folder = create_model("coatnet_pico", num_classes=0, img_size=16).save_pretrained(tmp_path / "w")
+    out = tmp_path / "a"
+    assert main(["train", "--pretrained", str(folder), *TINY, "--epochs", "1", "--output-dir", str(out)]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fine-tuning from")]
+    assert said == [f"fine-tuning from the weights of {folder}, a new classifier for the 10 classes"], said
