@@ -295,11 +295,10 @@ def run_eval(args: argparse.Namespace) -> int:
     # Beside the checkpoint; for a Hub repository, not in the Hub's cache but in the current folder.
     name, run_dir = ((args.checkpoint.removeprefix(HUB_PREFIX).replace("/", "--"), Path.cwd())
                      if is_hub_reference(args.checkpoint) else (ckpt.path.resolve().name, ckpt.path.resolve().parent))
-    cfg = model.pretrained_cfg
     amp = _amp(args, ckpt, device)
+    preprocessing = {k: v for k, v in model.pretrained_cfg.to_dict().items() if k != "label_names"}
     settings = dict(checkpoint=str(ckpt.path), dataset=data_name, data_dir=recorded_place(data_dir), img_size=img_size,
-                    amp=amp, preprocessing=dict(mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation,
-                                                crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode))
+                    amp=amp, preprocessing=preprocessing)
     # a folder beside the checkpoint is named by it already: its path as typed (relative, absolute) is no setting
     compared = (settings if is_hub_reference(args.checkpoint) else
                 {k: v for k, v in settings.items() if k != "checkpoint"})
