@@ -530,6 +530,27 @@ def test_hf_errors(tmp_path, case):
     one_line_error(build_hf, str(tmp_path / "ds"), names=names)
 
 
+@pytest.mark.parametrize("cache", ["new", "the user's"])
+def test_hf_parquet_files_of_a_split_that_cannot_load_together(tmp_path, cache, monkeypatch):
+    """A split's files whose label columns differ in type: one line naming the file and both types (before:
+    datasets' "An error occurred while generating the dataset"), and the Arrow cache the load began is
+    removed from beside the data; a cache folder that was there is left."""
+    root = tmp_path / "pq"
+    root.mkdir()
+    hf_split(TRAIN[:10], class_label=False).to_parquet(str(root / "train-00000-of-00002.parquet"))
+    hf_split(TRAIN[10:], class_label=False).map(lambda row: {"label": NAMES[row["label"]]}).to_parquet(
+        str(root / "train-00001-of-00002.parquet"))  # the class names: no number for datasets to cast
+    hf_split(VAL, class_label=False).to_parquet(str(root / "validation-00000-of-00001.parquet"))
+    cache_dir = tmp_path / ".pq-arrow-cache"
+    if cache == "the user's":
+        cache_dir.mkdir()
+        (cache_dir / "theirs.txt").write_text("kept")
+    one_line_error(build_hf, str(root), names="train-00001-of-00002.parquet' differs: 'label' string there, int64 in")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["pq"] if cache == "new" else [".pq-arrow-cache", "pq"])
+    if cache == "the user's":
+        assert (cache_dir / "theirs.txt").read_text() == "kept"
+
+
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_hf_a_split_of_a_dataset_dict_given_names_its_folder(hf_dir, split):
     """The folder of one split of a saved DatasetDict given for the DatasetDict's (eval --data-dir DIR/validation),

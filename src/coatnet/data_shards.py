@@ -54,6 +54,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import warnings
@@ -489,11 +490,34 @@ def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) 
             pq.read_schema(path)
         except Exception as e:
             raise DataError(f"'{path}' is not a readable parquet file ({_one_line(e)}); re-download it") from None
+    cache = cache_dir or _hf_cache_dir(root)
+    made = not os.path.exists(cache)
     try:
-        dd = datasets.load_dataset("parquet", data_files=wanted, cache_dir=cache_dir or _hf_cache_dir(root))
+        dd = datasets.load_dataset("parquet", data_files=wanted, cache_dir=cache)
     except Exception as e:
-        raise DataError(f"cannot load the parquet files in '{root}' ({_one_line(e)})") from None
+        if made:  # a half-converted cache of ours is not left beside the user's data
+            shutil.rmtree(cache, ignore_errors=True)
+        while e.__cause__ is not None:  # datasets wraps the reason in "An error occurred while generating ..."
+            e = e.__cause__
+        raise DataError(f"cannot load the parquet files in '{root}' ({_one_line(e)}){_schemas_differ(wanted)}") from None
     return dict(dd), eval_split, train_features
+
+
+def _schemas_differ(splits: dict[str, list[str]]) -> str:
+    """Where a split's files have other column types than its first file's, which datasets cannot
+    convert together: the first such file and its columns, said after a failed load (a difference that
+    datasets casts, int32 against int64, loads)."""
+    import pyarrow.parquet as pq
+
+    for paths in splits.values():
+        first = {f.name: f.type for f in pq.read_schema(paths[0])}
+        for path in paths[1:]:
+            other = {f.name: f.type for f in pq.read_schema(path)}
+            if other != first:
+                differ = [f"'{n}' {other.get(n, 'absent')} there, {first.get(n, 'absent')} in '{paths[0]}'"
+                          for n in {**first, **other} if other.get(n) != first.get(n)]
+                return f"; '{path}' differs: {', '.join(differ)}: write a split's files with one schema"
+    return ""
 
 
 def _hf_columns(ds, where: str) -> tuple[str, str, tuple[str, ...] | None]:
