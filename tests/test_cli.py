@@ -67,6 +67,18 @@ def test_info_compares_with_the_paper_only_at_its_sizes(capsys):
     # timm's --drop, its head's dropout, is refused (before: taken as --drop-path, of which it is a prefix)
     (["train", "--drop", "0.1"], "coatnet train: error: argument --drop: timm's head dropout: CoAtNet's head has "
                                  "none; --drop-path RATE is the stochastic depth"),
+    # timm's --output, the parent of each run's folder, is refused (before: taken as --output-dir, the run's files
+    # written among the other runs' folders)
+    (["train", "--output", "runs"], "coatnet train: error: argument --output: timm's --output is the folder each "
+                                    "run's own goes under; --output-dir is the run's own folder here: --output-dir "
+                                    "runs/NAME"),
+    # timm's training flags for what training takes from the weights or the data set (before: did you mean
+    # --drop-path? --ema? --help?)
+    (["train", "--crop-pct", "0.9"], "timm's --crop-pct: training prepares images as the weights it starts from "
+                                     "expect, else as the data set's own; eval and predict take --crop-pct"),
+    (["train", "--mean", "0.5", "0.5", "0.5"], "unrecognized arguments: --mean 0.5 0.5 0.5; timm's --mean: training"),
+    (["train", "--hflip", "0.5"], "timm's --hflip: half the training images are flipped at random, timm's default "
+                                  "0.5 (not digits: a mirrored digit is another symbol); --no-aug for none"),
     # eval's --pretrained is a switch, which takes no PATH (before: "use --pretrained PATH", then refused)
     (["train", "--initial-checkpoint", "w.pth"], "timm's --initial-checkpoint: use --pretrained PATH"),
     (["eval", "--initial-checkpoint", "w.pth"], "coatnet eval: error: unrecognized arguments: --initial-checkpoint "

@@ -520,9 +520,10 @@ def test_imagefolder_bad_directories(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets("imagefolder", tmp_path / "nope")
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="no val/ folder; lay out images as .*/train/<class>/.* and .*/val/<class>/"):
+    with pytest.raises(DataError, match=r"no val/ folder \(nor validation/, valid/, eval/, evaluation/, as timm takes "
+                                        r"it\); lay out images as .*/train/<class>/.* and .*/val/<class>/"):
         build_datasets("imagefolder", tmp_path)
-    with pytest.raises(DataError, match=r"no val/ folder; lay out images as \S*/val/<class>/\*.jpg$"):  # evaluation
+    with pytest.raises(DataError, match=r"no val/ folder .*; lay out images as \S*/val/<class>/\*.jpg$"):  # evaluation
         build_datasets("imagefolder", tmp_path, train=False)
     (tmp_path / "val" / "a").mkdir(parents=True)
     # the split's folder given for the tree's: its parent named (before: "lay out images as .../val/val/<class>/")
@@ -537,6 +538,62 @@ def test_imagefolder_bad_directories(tmp_path):
     write_image(tmp_path / "train" / "a" / "x.png", 0, "PNG")
     with pytest.raises(DataError, match=r"empty data directory.*val"):
         build_datasets("imagefolder", tmp_path)
+
+
+def test_imagefolder_takes_timms_names_of_the_splits(tmp_path, capsys):
+    """training/ and validation/ (or valid/, eval/, evaluation/), as timm's folder data sets take them: read as
+    train/ and val/ by training and evaluation, named as they are in messages, and a run's folder inside one is
+    refused as inside val/ is (before: "has no val/ folder")."""
+    from coatnet.cli import main
+
+    root = make_tree(tmp_path / "data")
+    (root / "train").rename(root / "training")
+    (root / "val").rename(root / "validation")
+    b = build_datasets("imagefolder", root, img_size=16)
+    assert b.classes == ("bird", "cat", "dog") and (len(b.train), len(b.val)) == (9, 9)
+    with pytest.raises(DataError, match=r"has no val/ folder: it is the validation/ folder of .*, which holds "
+                                        r"validation/; pass --data-dir"):
+        build_datasets("imagefolder", root / "validation", img_size=16, train=False)
+    (root / "validation" / "fish").mkdir()
+    write_image(root / "validation" / "fish" / "0.png", 99, "PNG")
+    with pytest.raises(DataError, match=r"training/ and validation/ in .* have different class folders \(only in "
+                                        r"train: \[\], only in val: \['fish'\]\)"):
+        build_datasets("imagefolder", root, img_size=16)
+    shutil.rmtree(root / "validation" / "fish")
+    argv = ["train", "--data-dir", str(root), "--img-size", "16", "--batch-size", "3", "--epochs", "1"]  # no --data
+    assert main([*argv, "--output-dir", str(root / "validation" / "run")]) == 2
+    assert "is inside the data's validation/ folder" in capsys.readouterr().err
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    assert "on imagefolder: 9 train / 9 val images" in capsys.readouterr().out
+
+
+def test_the_kind_of_data_set_a_folder_holds(tmp_path, capsys):
+    """`coatnet train --data-dir DIR` without --data reads DIR as the kind of data set it holds, as timm does."""
+    from coatnet.data import data_kind
+
+    make_tree(tmp_path / "tree", per_class=1)
+    (tmp_path / "timm" / "training").mkdir(parents=True)
+    (tmp_path / "timm" / "valid").mkdir()
+    for folder, file in (("c10/cifar-10-batches-py", "batches.meta"), ("c100", "meta"), ("c10tgz", "cifar-10-python.tar.gz"),
+                         ("shards", "train-000000.tar"), ("hf", "dataset_dict.json"),
+                         ("pq/data", "train-00000-of-00001.parquet"), ("other", "notes.txt")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / file).write_bytes(b"")
+    kinds = {name: data_kind(tmp_path / name) for name in ("tree", "timm", "c10", "c100", "c10tgz", "shards", "hf", "pq",
+                                                          "other", "nowhere")}
+    assert kinds == dict(tree="imagefolder", timm="imagefolder", c10="cifar10", c100="cifar100", c10tgz="cifar10",
+                         shards="webdataset", hf="hf", pq="hf", other=None, nowhere=None)
+    assert data_kind(f"{tmp_path}/train-{{000000..000009}}.tar") == data_kind("/data/train-000000.tar") == "webdataset"
+    from coatnet.cli import main
+
+    for folder, said in (("other", "holds no data set of a kind this can tell (train/ and val/ of images, CIFAR's files, "
+                                   "train-*.tar shards, a Hugging Face dataset); check the folder, or name its kind with "
+                                   "--data imagefolder|cifar10|cifar100|webdataset|hf"),
+                         ("nowhere", "does not exist; check the path")):
+        assert main(["train", "--data-dir", str(tmp_path / folder), "--output-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"coatnet train: error: --data-dir {tmp_path / folder} {said}\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_errors_are_one_line_and_helpful(tmp_path):

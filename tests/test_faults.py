@@ -468,6 +468,24 @@ def test_epochs_below_an_epoch_under_way_are_refused(finished_run, tmp_path, cap
     assert trained == [] and snapshot(out) == before
 
 
+def test_an_unfinished_run_resumed_with_fewer_epochs_than_it_trained_is_refused(tmp_path, capsys, monkeypatch):
+    """A run of 5 epochs stopped after its second, resumed with --epochs 1: refused, naming its 5 (before:
+    "nothing left to do", then its last epoch's line as "epoch 2/1" and "done", as if it had ended)."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--output-dir", str(out)]) == 0
+    config = json.loads((out / "last" / "config.json").read_text())
+    config["train_config"]["epochs"] = 5  # as a run of --epochs 5 stopped after its second has it
+    (out / "last" / "config.json").write_text(json.dumps(config))
+    before = snapshot(out)
+    trained = []
+    monkeypatch.setattr("coatnet.train.train_one_epoch", lambda run: trained.append(1))
+    capsys.readouterr()
+    one_line_exit_2(capsys, ["train", "--resume", "--epochs", "1", "--output-dir", str(out)],
+                    f"{out} has trained 2 of its 5 epochs, more than --epochs 1: nothing to train; drop --epochs to "
+                    f"train on to 5, or use its weights as they are ({out / 'last'})")
+    assert trained == [] and snapshot(out) == before
+
+
 def test_a_finished_run_resumed_into_a_new_folder_with_nothing_to_train_is_refused(finished_run, tmp_path, capsys):
     """`--resume RUN --output-dir NEW` of a finished run, no epochs added: refused, NEW not made (before: a
     summary of no checkpoint there, best_top1 -1, and the same command then refused)."""

@@ -213,6 +213,9 @@ def test_an_unreachable_hub_is_one_line_after_its_first_file(hub, monkeypatch):
         coatnet.create_model("coatnet_0_rw_224.sw_in1k", pretrained=True)
     assert str(e.value).startswith("the Hugging Face Hub could not be reached and its cache (")
     assert "lacks timm/coatnet_0_rw_224.sw_in1k" in str(e.value) and calls == ["config.json"]
+    # where each command takes the folder (before: "--pretrained PATH" to predict, whose --pretrained takes none)
+    assert str(e.value).endswith("give the folder (pretrained=PATH; --pretrained PATH to train, --checkpoint PATH to "
+                                 "eval, predict or export)")
 
 
 @pytest.mark.parametrize("config,message", [("{not json", "is not valid JSON"),

@@ -396,9 +396,15 @@ def test_pretrained_false_is_random_weights_as_in_timm(pretrained):
 
 
 def test_weights_of_another_model_name_the_keys(tmp_path):
+    """Weights of another registered network name it; weights of no registered one (another width here)
+    name the keys that differ."""
     torch.save(coatnet.create_model("coatnet_nano").state_dict(), tmp_path / "nano.pth")
-    with pytest.raises(ValueError, match=r"weights do not fit coatnet_pico: .*(missing|unexpected|wrong shape)"):
+    with pytest.raises(ValueError, match=r"^these weights are not coatnet_pico's: they are coatnet_nano's; load them "
+                                         r"as coatnet_nano \(coatnet train --model coatnet_nano\)$"):
         coatnet.create_model("coatnet_pico", pretrained=tmp_path / "nano.pth")
+    torch.save(coatnet.create_model("coatnet_nano", stem=dict(channels=16)).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"weights do not fit coatnet_pico: .*(missing|unexpected|wrong shape)"):
+        coatnet.create_model("coatnet_pico", pretrained=tmp_path / "other.pth")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])

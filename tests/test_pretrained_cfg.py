@@ -353,6 +353,16 @@ def test_pretrained_weights_of_a_folder_or_repository_bring_their_network(hub, t
                      str(tmp_path / "file")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "(coatnet train --model coatnet_nano_rw)" in err, err
+    else:  # our own weights file of another network, at another size and with other classes (before: 168 keys
+        # said not to fit coatnet_pico, "check the model name")
+        torch.save(coatnet.create_model("coatnet_nano", num_classes=5, img_size=64).state_dict(), tmp_path / "n.pth")
+        assert main(["train", "--pretrained", str(tmp_path / "n.pth"), "--data", "imagefolder", "--data-dir",
+                     str(photos), "--epochs", "1", "--batch-size", "3", "--output-dir", str(tmp_path / "file")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.endswith(
+            "these weights are not coatnet_pico's: they are coatnet_nano's; load them as coatnet_nano (coatnet train "
+            "--model coatnet_nano)\n"), err
+    assert not (tmp_path / "file").exists()
 
 
 def test_training_crops_are_resized_with_the_weights_interpolation():

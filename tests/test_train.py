@@ -315,7 +315,8 @@ def test_finetune_at_a_new_resolution_with_ema_and_augmentation(reference_run, t
     # Table 10's fine-tuning column, from random weights (before: trained from scratch at lr 5e-5 without a word)
     (["--recipe", "imagenet1k-finetune"], "--recipe imagenet1k-finetune fine-tunes pre-trained weights: give them "
                                           "with --pretrained"),
-    (["--data-dir", "/some/dir"], "pass --data imagefolder|cifar10|cifar100"),  # not digits, silently
+    (["--data", "digits", "--data-dir", "/some/dir"], "pass --data imagefolder|cifar10|cifar100"),  # not digits, silently
+    (["--data-dir", "/some/dir"], "--data-dir /some/dir does not exist; check the path"),  # its kind is not known
     # Every setting is checked against the range its field declares, before anything runs.
     (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["--min-lr", "nan"], "--min-lr must be a finite number >= 0, got nan"),

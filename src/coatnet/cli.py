@@ -91,6 +91,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.pretrained is not None and args.recipe is None and args.img_size is None:
         # The weights' own size, as timm fine-tunes them, not the digits recipe's 32 px (their tables shrunk)
         given["img_size"] = None
+    if args.data is None and args.data_dir is not None and not resume:
+        from .data import data_kind
+
+        # The kind of data set the folder holds, as timm reads a folder without --dataset (digits reads none;
+        # a recipe's image folder says what it lacks)
+        if (kind := data_kind(args.data_dir)) is None and base.data == "digits":
+            raise ValueError(f"--data-dir {args.data_dir} " + (
+                "holds no data set of a kind this can tell (train/ and val/ of images, CIFAR's files, train-*.tar "
+                "shards, a Hugging Face dataset); check the folder, or name its kind with --data imagefolder|"
+                "cifar10|cifar100|webdataset|hf" if os.path.isdir(os.path.expanduser(args.data_dir)) else
+                "does not exist; check the path"))
+        given["data"] = kind or base.data
     train(replace(base, **given), output_dir=args.output_dir, resume=resume)
     return 0
 
@@ -235,7 +247,19 @@ _TIMM_FLAGS = {
     "--num-classes": ("--recipe", "the classes of --data make the head"),  # train's; eval's are the checkpoint's
     "--opt": ("--weight-decay", "AdamW is the optimizer (Table 10), --weight-decay its decay"),
     "--sched": ("--min-lr", "linear warm-up, then cosine decay to --min-lr, is the schedule (Table 10)"),
+    "--hflip": ("--aug", "half the training images are flipped at random, timm's default 0.5 (not digits: a "
+                         "mirrored digit is another symbol); --no-aug for none"),
 }
+# Training prepares images as its weights expect (their pretrained_cfg) or as the data set's own; the
+# commands that read a checkpoint take these flags.
+_TIMM_FLAGS |= {flag: ("--recipe", "training prepares images as the weights it starts from expect, else as the "
+                                   f"data set's own; eval and predict take {flag}")
+                for flag in ("--mean", "--std", "--interpolation", "--crop-pct")}
+
+
+def _timm_output(text: str):
+    raise argparse.ArgumentTypeError(f"timm's --output is the folder each run's own goes under; --output-dir is the "
+                                     f"run's own folder here: --output-dir {os.path.join(text, 'NAME')}")
 
 
 def _no_head_dropout(text: str):
@@ -360,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=None, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/DATE-TIME-MODEL-DATA)")
+    p.add_argument("--output", type=_timm_output, help=argparse.SUPPRESS)  # else argparse reads it as --output-dir
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue a run: its checkpoint or run directory, PATH or local-dir:PATH (default: "
                         "--output-dir)")

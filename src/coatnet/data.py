@@ -197,15 +197,26 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+# The names of an image folder's splits, ours first, then those timm's folder data sets take too
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "validation", "valid", "eval", "evaluation")}
+
+
+def split_folder(data_dir: str | Path, split: str) -> Path:
+    """``data_dir``'s folder of ``split`` ("train" or "val") under the first of its names that is a folder
+    (:data:`SPLIT_NAMES`), else under our name."""
+    data_dir = Path(data_dir).expanduser()
+    return next((data_dir / n for n in SPLIT_NAMES[split] if (data_dir / n).is_dir()), data_dir / split)
+
+
 def split_holding(folder: Path, data_dir: str | Path) -> tuple[str, Path] | None:
-    """The split of an image-folder data set (``train`` or ``val``, and its real path) that ``folder`` is in,
-    or None: a folder a command writes there is read as a class, and a file it writes in a class folder as an
-    image of that class, by every later run on the data."""
+    """The split folder of an image-folder data set (its name, as ``val`` or ``validation``, and its real
+    path) that ``folder`` is in, or None: a folder a command writes there is read as a class, and a file it
+    writes in a class folder as an image of that class, by every later run on the data."""
     real = Path(os.path.realpath(folder))
-    for split in ("train", "val"):
-        tree = Path(os.path.realpath(Path(data_dir).expanduser() / split))
+    for split in SPLIT_NAMES:
+        tree = Path(os.path.realpath(split_folder(data_dir, split)))
         if real == tree or tree in real.parents:
-            return split, tree
+            return split_folder(data_dir, split).name, tree
     return None
 
 
@@ -575,6 +586,28 @@ _CIFAR = {
 }
 
 
+def data_kind(data_dir: str | Path) -> str | None:
+    """The data set ``data_dir`` holds, as timm reads a folder given without a data set's name: an image
+    folder (train/ and val/, or timm's names of them), CIFAR's python version (extracted or not), WebDataset
+    shards (a folder of train-*.tar, or a pattern of them) or a Hugging Face dataset (``save_to_disk``,
+    parquet); None for anything else (its builder's error then says what each kind needs)."""
+    if "{" in str(data_dir) or str(data_dir).endswith(".tar"):
+        return "webdataset"
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        return None
+    if all(split_folder(root, s).is_dir() for s in SPLIT_NAMES):
+        return "imagefolder"
+    for name, spec in _CIFAR.items():
+        if any((r / spec["meta"]).is_file() for r in (root, root / spec["folder"])) or (root / spec["archive"]).is_file():
+            return name
+    if any(root.glob("train-*.tar")):
+        return "webdataset"
+    if (root / "dataset_dict.json").is_file() or any(root.glob("*-*.parquet")) or any(root.glob("data/*-*.parquet")):
+        return "hf"
+    return None
+
+
 def _cifar_split(
     root: Path, files: tuple[str, ...], label_key: bytes, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -697,15 +730,18 @@ def _build_imagefolder(
     data_dir: Path, img_size: int, train_tf: v2.Transform, cfg: PretrainedCfg, with_train: bool = True
 ) -> DataBundle:
     # Evaluation alone needs only val/: train/ is neither listed nor required.
-    split_dirs = {s: data_dir / s for s in (("train", "val") if with_train else ("val",))}
+    split_dirs = {s: split_folder(data_dir, s) for s in (("train", "val") if with_train else ("val",))}
     for split, d in split_dirs.items():
-        if not d.is_dir() and data_dir.name in ("train", "val") and (data_dir.parent / split).is_dir():
+        if not d.is_dir() and any(data_dir.name in names for names in SPLIT_NAMES.values()) and (
+                theirs := split_folder(data_dir.parent, split)).is_dir():
             # the split's folder given for the tree's (eval --data-dir tree/val): not tree/val/val/<class>/
             raise DataError(f"'{data_dir}' has no {split}/ folder: it is the {data_dir.name}/ folder of "
-                            f"'{data_dir.parent}', which holds {split}/; pass --data-dir '{data_dir.parent}'")
+                            f"'{data_dir.parent}', which holds {theirs.name}/; pass --data-dir '{data_dir.parent}'")
         if not d.is_dir():
-            raise DataError(f"'{data_dir}' has no {split}/ folder; lay out images as "
+            raise DataError(f"'{data_dir}' has no {split}/ folder (nor {', '.join(f'{n}/' for n in SPLIT_NAMES[split][1:])}, as "
+                            f"timm takes it); lay out images as "
                             + " and ".join(f"{data_dir}/{s}/<class>/*.jpg" for s in split_dirs))
+    train_name, val_name = (f"{split_dirs[s].name}/" if s in split_dirs else "train/" for s in ("train", "val"))
     for split, d in split_dirs.items():  # a class folder linked to a disk not mounted would be left out without a word
         if nothing := sorted(e.name for e in os.scandir(d) if not is_image_file(e.name) and not _is_hidden(e.name)
                              and e.is_symlink() and not os.path.exists(e.path)):
@@ -730,10 +766,10 @@ def _build_imagefolder(
         # ImageNet's validation images come in one folder, not by class: the refusal says so, not only 1000 names
         loose = 0 if val_classes else sum(1 for e in os.scandir(split_dirs["val"]) if is_image_file(e.name))
         raise DataError(
-            f"train/ and val/ in '{data_dir}' have different class folders "
+            f"{train_name} and {val_name} in '{data_dir}' have different class folders "
             f"(only in train: {few(only_train)}, only in val: {few(only_val)}); "
-            + (f"val/ holds {loose} image{'s' if loose > 1 else ''} directly, not in class folders: move each into "
-               f"{split_dirs['val']}/<class>/, as train/ holds them" if loose else "give both the same classes")
+            + (f"{val_name} holds {loose} image{'s' if loose > 1 else ''} directly, not in class folders: move each "
+               f"into {split_dirs['val']}/<class>/, as {train_name} holds them" if loose else "give both the same classes")
             + same_letters(only_train, only_val, "rename one of the two folders")
         )
     # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.
@@ -749,7 +785,7 @@ def _build_imagefolder(
     if train is not None and (shared := train.shared_with(val)):
         # The accuracy would count images trained on, without a word (ln -s train val, for a quick
         # overfitting check, is deliberate: hence a warning, not a refusal).
-        warnings.warn(f"train/ and val/ in '{data_dir}' share images (through '{shared}'): the validation "
+        warnings.warn(f"{train_name} and {val_name} in '{data_dir}' share images (through '{shared}'): the validation "
                       "accuracy counts images trained on; remove the link for a held-out measure", stacklevel=2)
     return DataBundle(train, val, tuple(classes), skipped_files=(train.skipped if train else 0) + val.skipped)
 

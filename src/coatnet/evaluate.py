@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import atomic_write
 from .data import (IGNORED_LABEL, DataError, build_datasets, is_image_file, load_image, recorded_place, same_letters,
-                   split_holding, warn_not_images)
+                   split_folder, split_holding, warn_not_images)
 from .export import check_img_size_flag
 from .interrupt import raise_if_requested
 from .models.factory import create_model, from_pretrained, model_from_folder, read_pretrained
@@ -306,7 +306,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if str(data_name).lower() == "imagefolder" and (inside := split_holding(out, data_dir)):
         raise ValueError(f"the report's folder {out} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
                          f"eval.json and confusion_matrix.png would be read as a class and an image; give an "
-                         f"--output-dir outside {Path(data_dir) / 'train'} and {Path(data_dir) / 'val'}")
+                         f"--output-dir outside {split_folder(data_dir, 'train')} and {split_folder(data_dir, 'val')}")
     _check_own_report(out)
     made = not out.exists()
     try:

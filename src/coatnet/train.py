@@ -43,7 +43,7 @@ from .checkpoint import (LOCK, OPTIMIZER_SHARDS, Checkpoint, CheckpointError, at
                          save_checkpoint)
 from .complexity import count_parameters
 from .data import (MIN_IMG_SIZE, DataBundle, SubstitutesUndecodable, build_datasets, check_randaugment,
-                   default_preprocessing, mixup_cutmix, recorded_place, split_holding)
+                   default_preprocessing, mixup_cutmix, recorded_place, split_folder, split_holding)
 from .evaluate import evaluate
 from .interrupt import raise_if_requested
 from .models import create_model, load_weights
@@ -821,6 +821,11 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
                          f"to start from; give the weights (another run, a folder or a file), or another --output-dir")
     elsewhere = ckpt is None or run_dir.resolve() != ckpt.path.parent.resolve()  # not the resumed run's folder
     behind_last = ckpt and os.path.realpath(run_dir / "last") != os.path.realpath(ckpt.path)
+    if ckpt and not (elsewhere or behind_last) and cfg.epochs < trained < saved.get("epochs", 0):
+        # Its last epoch's line would read "epoch 10/3", and the run was not finished: nothing says it ended
+        raise ValueError(f"{run_dir} has trained {trained} of its {saved['epochs']} epochs, more than --epochs "
+                         f"{cfg.epochs}: nothing to train; drop --epochs to train on to {saved['epochs']}, or use "
+                         f"its weights as they are ({run_dir / 'last'})")
     if ckpt and cfg.epochs <= trained and (elsewhere or behind_last and not (run_dir / "summary.json").exists()):
         # Nothing to train: a report would be of no checkpoint in run_dir (a new folder), or would describe
         # another checkpoint than the run's `last`. A finished run's own report is left as it is.
@@ -845,7 +850,7 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         if inside := split_holding(run_dir, cfg.data_dir):  # the data set spoilt by the run's first save
             raise ValueError(f"--output-dir {run_dir} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
                              f"the run's checkpoints and curves.png would be read as classes and images; choose "
-                             f"a folder outside {Path(cfg.data_dir) / 'train'} and {Path(cfg.data_dir) / 'val'}")
+                             f"a folder outside {split_folder(cfg.data_dir, 'train')} and {split_folder(cfg.data_dir, 'val')}")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")

@@ -513,17 +513,32 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, name: str, new
     :func:`load_weights`."""
     if weights.pretrained_cfg is not None:
         model.pretrained_cfg = weights.pretrained_cfg.with_classes(model.num_classes)
-    state = weights.state
-    if not is_timm_state_dict(state):
-        return load_weights(model, fit_input_channels(state, model), new_classifier)
+    state, timm = weights.state, is_timm_state_dict(weights.state)
     try:
-        return load_weights(model, fit_input_channels(convert_timm_state_dict(state, name), model), new_classifier)
+        return load_weights(model, fit_input_channels(convert_timm_state_dict(state, name) if timm else state, model),
+                            new_classifier)
     except ValueError:
-        match = timm_variant_of(state)
+        match = timm_variant_of(state) if timm else own_variant_of(state)
         if match is None or match == name:
             raise
-        raise ValueError(f"these weights are not {name}'s: they are timm's {match}_224 (ours: {match}); "
-                         f"load them as {match} (coatnet train --model {match})") from None
+        theirs = f"timm's {match}_224 (ours: {match})" if timm else f"{match}'s"
+        raise ValueError(f"these weights are not {name}'s: they are {theirs}; load them as {match} (coatnet train "
+                         f"--model {match})") from None
+
+
+def own_variant_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The registered network whose weights' names and shapes these of ours have, their classifier and
+    relative-position tables aside (any classes, any input size), or None."""
+    def shapes(weights: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in weights.items()
+                if not k.startswith("classifier.") and not k.endswith("relative_position.table")}
+
+    theirs = shapes(upgrade_state_dict(state))
+    for name in list_models():
+        with torch.device("meta"):
+            if shapes(model_entry(name).build().state_dict()) == theirs:
+                return name
+    return None
 
 
 def fit_input_channels(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

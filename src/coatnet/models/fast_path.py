@@ -281,7 +281,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """
     if not compiling() and (transformed() or watched() or (
             q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)))):
-        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias, dim=-1) @ v
+        # The scale on q, not on the scores: a sixth of the elements at S3's 196 tokens of head size 32.
+        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias, dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 

@@ -190,6 +190,10 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE if value is None else value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
+# Where a folder of weights goes, in Python and on each command line
+_GIVE_FOLDER = "pretrained=PATH; --pretrained PATH to train, --checkpoint PATH to eval, predict or export"
+
+
 def _fetch(repo: str, revision: str | None, filename: str) -> Path | None:
     """One file of the repository, or None when the repository (or the cache, offline) lacks it."""
     from huggingface_hub import hf_hub_download
@@ -206,8 +210,8 @@ def _fetch(repo: str, revision: str | None, filename: str) -> Path | None:
         # Online, the Hub could not be reached (huggingface_hub has retried): every other file would
         # wait as long, so the first one's failure is the answer.
         raise ValueError(f"the Hugging Face Hub could not be reached and its cache ({hub_cache()}) lacks {repo}: "
-                         f"check the connection, or download its files where there is one and pass "
-                         f"pretrained=PATH (--pretrained PATH)") from None
+                         f"check the connection, or download its files into a folder where there is one and "
+                         f"give the folder ({_GIVE_FOLDER})") from None
     except EntryNotFoundError:  # not in the repository
         return None
     except RevisionNotFoundError:
@@ -225,7 +229,7 @@ def _missing(repo: str, revision: str | None) -> str:
     if hub_offline():
         return (f"{repo} is not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE is set: download it "
                 f"with {download}, or unset HF_HUB_OFFLINE; or download its files into a folder yourself and give the "
-                f"folder (pretrained=PATH; --pretrained PATH to train, --checkpoint PATH to eval, predict or export)")
+                f"folder ({_GIVE_FOLDER})")
     return (f"{repo} holds neither timm weights ({' or '.join(TIMM_WEIGHTS)}) nor a save_pretrained folder "
             f"({CONFIG} with \"model\" and \"config\", and {WEIGHTS}), or the Hub is unreachable and the "
             f"cache ({hub_cache()}) lacks it: check the name and connection, or download it with {download}")
