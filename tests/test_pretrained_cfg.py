@@ -89,7 +89,7 @@ def test_data_transforms_is_the_torchvision_pipeline_the_cfg_describes(tmp_path)
     by_hand = v2.Compose([v2.ToImage(), v2.Resize(67, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                           v2.CenterCrop(64), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
     torch.testing.assert_close(coatnet.data_transforms(model)(picture), by_hand(picture), rtol=0, atol=0)
-    assert data_transforms(model, training=True)(picture).shape == (3, 64, 64)
+    assert data_transforms(model, is_training=True)(picture).shape == (3, 64, 64)  # create_transform's spelling
     # squash: both sides resized, so a band at the left edge of a wide image survives the crop
     band = np.zeros((30, 90, 3), np.uint8)
     band[:, :3] = 255

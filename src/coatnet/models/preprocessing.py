@@ -322,11 +322,11 @@ def augment(hflip: bool, randaugment: tuple[int, int] | None) -> list[v2.Transfo
     return ops
 
 
-def data_transforms(model: nn.Module, training: bool = False) -> v2.Compose:
+def data_transforms(model: nn.Module, is_training: bool = False) -> v2.Compose:
     """The torchvision transform that prepares images for ``model`` as its weights expect (timm's
-    ``create_transform(**resolve_data_config(model=model))``): evaluation by default, or with
-    ``training`` the random resized crop and flip of fine-tuning, at the model's input size."""
+    ``create_transform(**resolve_data_config(model=model), is_training=...)``): evaluation by default, or
+    with ``is_training`` the random resized crop and flip of fine-tuning, at the model's input size."""
     size, channels = model.config.img_size, model.config.in_chans
-    if training:
+    if is_training:
         return train_transform(size[0] if size[0] == size[1] else size, model.pretrained_cfg, in_chans=channels)
     return eval_transform(size, model.pretrained_cfg, channels)
