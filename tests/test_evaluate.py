@@ -36,6 +36,34 @@ def run_dir(tmp_path_factory):
     return out
 
 
+def test_no_use_ema_evaluates_the_weights_themselves(run_dir, tmp_path, capsys):
+    """`eval --no-use-ema` of a run with an EMA evaluates its weights themselves, as a copy of the checkpoint
+    without its EMA evaluates (timm's validate.py's flag); the default is the EMA, as the run evaluated.
+    The two reports go to two folders, eval.json saying which; a checkpoint without an EMA refuses the flag."""
+    out = tmp_path / "run"
+    assert main(["train", "--img-size", "16", "--epochs", "1", "--batch-size", "128", "--warmup-steps", "3", "--lr",
+                 "0.02", "--ema", "0.5", "--output-dir", str(out)]) == 0
+    recorded = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    shutil.copytree(out / "last", tmp_path / "raw", symlinks=False)
+    (tmp_path / "raw" / "ema.safetensors").unlink()
+    capsys.readouterr()
+    results = {}
+    for name, argv in (("ema", [str(out / "last")]), ("no-ema", [str(out / "last"), "--no-use-ema"]),
+                       ("copy", [str(tmp_path / "raw")])):
+        assert main(["eval", "--checkpoint", *argv, "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["ema"]["loss"] == pytest.approx(recorded["eval_loss"], rel=1e-6)
+    assert results["no-ema"]["loss"] == results["copy"]["loss"] != results["ema"]["loss"]
+    reports = {p.name: json.loads((p / "eval.json").read_text())["ema"] for p in out.glob("eval-*")}
+    ckpt = (out / "last").resolve().name
+    assert reports == {f"eval-{ckpt}-digits": True, f"eval-{ckpt}-digits-2": False}
+    for flag in ("--no-use-ema", "--use-ema"):
+        assert main(["eval", "--checkpoint", str(run_dir / "last"), flag]) == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"error: {flag}: {(run_dir / 'last').resolve()} holds no EMA of its weights (a run's "
+                            f"checkpoint with --ema does): drop {flag}\n") and err.count("\n") == 1, err
+
+
 class FixedLogits(nn.Module):
     """Returns the logits stored with each input (the input's first column is its row index)."""
 

@@ -319,6 +319,9 @@ def _model_flags(p: argparse.ArgumentParser, checkpoint: str) -> None:
                                                  "with --pretrained, hf-hub:ORG/NAME too")
     p.add_argument("--pretrained", action="store_true",
                    help="timm's published weights of --model, from the Hugging Face Hub (its cache)")
+    p.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="the EMA of the weights, where the checkpoint holds one (default, as its run evaluated); "
+                        "--no-use-ema: the weights themselves (timm's validate.py spelling)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -150,6 +150,10 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     folder are then of one checkpoint."""
     _model_flags(args)
     given = _given_folder(args.checkpoint)
+
+    def no_ema(path: Path):
+        flag = f"--{'' if args.use_ema else 'no-'}use-ema"
+        raise ValueError(f"{flag}: {path} holds no EMA of its weights (a run's checkpoint with --ema does): drop {flag}")
     if given.is_file() and _model_folder_of(given):
         # the folder says their network, preprocessing and class names (and holds the EMA's weights, where kept):
         # with --model too, read as a bare file they would be lost without a word (before: indices for names,
@@ -157,6 +161,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
         raise ValueError(f"'{given}' is the weights of the model folder '{given.parent}': give the folder, "
                          f"--checkpoint '{given.parent}'")
     if args.model is not None and given.is_file():  # a weights file, under the network --model names
+        if args.use_ema is not None:
+            no_ema(given)
         weights = dataclasses.replace(read_pretrained(given, args.model), whole=True)  # their classifier, as saved
         model = create_model(args.model, pretrained=weights).eval()
         model.pretrained_cfg = model.pretrained_cfg.override(vars(args))
@@ -173,10 +179,16 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
     if timm_folder_weights(path) is not None:
         # timm's repository downloaded into a folder: its weights as pretrained=PATH reads them, with timm's
         # preprocessing and class names; its config.json records no run (data set, amp), which flags give
+        if args.use_ema is not None:
+            no_ema(path)
         model = from_pretrained(path)
         ckpt = ModelFolder(path, {"model": model.config.name}, model.state_dict(), None)
     else:
         ckpt = read_model_folder(path)
+        if args.use_ema is not None and ckpt.ema_weights is None:
+            no_ema(ckpt.path)
+        if args.use_ema is False:  # the weights themselves, not their EMA (which ModelFolder.eval_weights prefers)
+            ckpt = dataclasses.replace(ckpt, ema_weights=None)
         model = model_from_folder(ckpt)
     if args.model is not None and model_entry(args.model).name != model_entry(model.config.name).name:
         raise ValueError(f"--model {args.model} is not the network of {ckpt.path} ({model.config.name}): leave "
@@ -298,7 +310,7 @@ def run_eval(args: argparse.Namespace) -> int:
     amp = _amp(args, ckpt, device)
     preprocessing = {k: v for k, v in model.pretrained_cfg.to_dict().items() if k != "label_names"}
     settings = dict(checkpoint=str(ckpt.path), dataset=data_name, data_dir=recorded_place(data_dir), img_size=img_size,
-                    amp=amp, preprocessing=preprocessing)
+                    amp=amp, preprocessing=preprocessing, ema=ckpt.ema_weights is not None)
     # a folder beside the checkpoint is named by it already: its path as typed (relative, absolute) is no setting
     compared = (settings if is_hub_reference(args.checkpoint) else
                 {k: v for k, v in settings.items() if k != "checkpoint"})
