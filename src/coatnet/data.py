@@ -599,7 +599,8 @@ def data_kind(data_dir: str | Path) -> str | None:
     if all(split_folder(root, s).is_dir() for s in SPLIT_NAMES):
         return "imagefolder"
     for name, spec in _CIFAR.items():
-        if any((r / spec["meta"]).is_file() for r in (root, root / spec["folder"])) or (root / spec["archive"]).is_file():
+        if (root / spec["archive"]).is_file() or any((r / spec["meta"]).is_file()
+                                                      for r in (root, root / spec["folder"])):
             return name
     if any(root.glob("train-*.tar")):
         return "webdataset"
@@ -738,8 +739,8 @@ def _build_imagefolder(
             raise DataError(f"'{data_dir}' has no {split}/ folder: it is the {data_dir.name}/ folder of "
                             f"'{data_dir.parent}', which holds {theirs.name}/; pass --data-dir '{data_dir.parent}'")
         if not d.is_dir():
-            raise DataError(f"'{data_dir}' has no {split}/ folder (nor {', '.join(f'{n}/' for n in SPLIT_NAMES[split][1:])}, as "
-                            f"timm takes it); lay out images as "
+            others = ", ".join(f"{n}/" for n in SPLIT_NAMES[split][1:])
+            raise DataError(f"'{data_dir}' has no {split}/ folder (nor {others}, as timm takes it); lay out images as "
                             + " and ".join(f"{data_dir}/{s}/<class>/*.jpg" for s in split_dirs))
     train_name, val_name = (f"{split_dirs[s].name}/" if s in split_dirs else "train/" for s in ("train", "val"))
     for split, d in split_dirs.items():  # a class folder linked to a disk not mounted would be left out without a word
@@ -769,7 +770,8 @@ def _build_imagefolder(
             f"{train_name} and {val_name} in '{data_dir}' have different class folders "
             f"(only in train: {few(only_train)}, only in val: {few(only_val)}); "
             + (f"{val_name} holds {loose} image{'s' if loose > 1 else ''} directly, not in class folders: move each "
-               f"into {split_dirs['val']}/<class>/, as {train_name} holds them" if loose else "give both the same classes")
+               f"into {split_dirs['val']}/<class>/, as {train_name} holds them" if loose else
+               "give both the same classes")
             + same_letters(only_train, only_val, "rename one of the two folders")
         )
     # Its file headers are checked one by one (ImageNet: 1.28M), so evaluation leaves it unread.

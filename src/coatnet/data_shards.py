@@ -499,7 +499,8 @@ def _load_hf_splits(root: Path, cache_dir: str | None, with_train: bool = True) 
             shutil.rmtree(cache, ignore_errors=True)
         while e.__cause__ is not None:  # datasets wraps the reason in "An error occurred while generating ..."
             e = e.__cause__
-        raise DataError(f"cannot load the parquet files in '{root}' ({_one_line(e)}){_schemas_differ(wanted)}") from None
+        raise DataError(f"cannot load the parquet files in '{root}' ({_one_line(e)}){_schemas_differ(wanted)}") \
+            from None
     return dict(dd), eval_split, train_features
 
 

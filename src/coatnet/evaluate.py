@@ -153,7 +153,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[ModelFolder, nn.Module
 
     def no_ema(path: Path):
         flag = f"--{'' if args.use_ema else 'no-'}use-ema"
-        raise ValueError(f"{flag}: {path} holds no EMA of its weights (a run's checkpoint with --ema does): drop {flag}")
+        raise ValueError(f"{flag}: {path} holds no EMA of its weights (a run's checkpoint with --ema does): drop "
+                         f"{flag}")
     if given.is_file() and _model_folder_of(given):
         # the folder says their network, preprocessing and class names (and holds the EMA's weights, where kept):
         # with --model too, read as a bare file they would be lost without a word (before: indices for names,

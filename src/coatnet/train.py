@@ -850,7 +850,8 @@ def _check(cfg: TrainConfig, d: Dist, ckpt: Checkpoint | None, run_dir: Path) ->
         if inside := split_holding(run_dir, cfg.data_dir):  # the data set spoilt by the run's first save
             raise ValueError(f"--output-dir {run_dir} is inside the data's {inside[0]}/ folder ({inside[1]}), where "
                              f"the run's checkpoints and curves.png would be read as classes and images; choose "
-                             f"a folder outside {split_folder(cfg.data_dir, 'train')} and {split_folder(cfg.data_dir, 'val')}")
+                             f"a folder outside {split_folder(cfg.data_dir, 'train')} and "
+                             f"{split_folder(cfg.data_dir, 'val')}")
     if cfg.data.lower() == "digits" and cfg.data_dir is not None:
         raise ValueError(f"--data-dir {cfg.data_dir} is given but the data set is digits, which is embedded and "
                          f"reads no folder; pass --data imagefolder|cifar10|cifar100|webdataset|hf")
