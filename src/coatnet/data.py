@@ -214,9 +214,10 @@ def split_holding(folder: Path, data_dir: str | Path) -> tuple[str, Path] | None
     writes in a class folder as an image of that class, by every later run on the data."""
     real = Path(os.path.realpath(folder))
     for split in SPLIT_NAMES:
-        tree = Path(os.path.realpath(split_folder(data_dir, split)))
+        folder = split_folder(data_dir, split)
+        tree = Path(os.path.realpath(folder))
         if real == tree or tree in real.parents:
-            return split_folder(data_dir, split).name, tree
+            return folder.name, tree
     return None
 
 
@@ -742,7 +743,7 @@ def _build_imagefolder(
             others = ", ".join(f"{n}/" for n in SPLIT_NAMES[split][1:])
             raise DataError(f"'{data_dir}' has no {split}/ folder (nor {others}, as timm takes it); lay out images as "
                             + " and ".join(f"{data_dir}/{s}/<class>/*.jpg" for s in split_dirs))
-    train_name, val_name = (f"{split_dirs[s].name}/" if s in split_dirs else "train/" for s in ("train", "val"))
+    train_name, val_name = (f"{split_dirs['train'].name}/" if with_train else "train/"), f"{split_dirs['val'].name}/"
     for split, d in split_dirs.items():  # a class folder linked to a disk not mounted would be left out without a word
         if nothing := sorted(e.name for e in os.scandir(d) if not is_image_file(e.name) and not _is_hidden(e.name)
                              and e.is_symlink() and not os.path.exists(e.path)):
